@@ -1,0 +1,182 @@
+"""Atoms: immutable records in append-only shared-memory segments.
+
+Owns the atom format and the AtomPointer. Only the coordinator appends
+(`ArenaWriter`); every process reads (`AtomReader`), mapping data segments
+read-only, lazily, the first time a pointer names one.
+
+AtomPointer: a 64-bit int, `segment_index << 40 | offset`. Segment indexes
+start at 1 and are never reused, and a segment is only ever appended to, so a
+pointer names one atom forever: every per-process cache keyed by pointer stays
+valid for as long as the atom exists. Pointer 0 is the null pointer.
+
+Atom layout (little-endian), 8-byte aligned inside its segment:
+
+    offset size field
+    0      4    u32 payload length in bytes
+    4      1    u8  kind (VALUE, DICT_LEAF, ... below)
+    5      3    reserved, zero
+    8      n    payload: msgpack (see codec.py for values, btree.py/vector.py for nodes)
+
+Segments grow: the first is 1 MiB, each next one twice the last up to
+`MAX_SEGMENT`, or larger when one atom needs it. There is no size to set up front.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from .errors import CorruptionError
+from .shm import names
+from .shm.segment import Segment
+
+__all__ = [
+    "VALUE", "DICT_LEAF", "DICT_BRANCH", "SET_LEAF", "SET_BRANCH", "LIST_LEAF", "LIST_BRANCH",
+    "KIND_NAMES", "make_pointer", "segment_of", "offset_of", "ArenaWriter", "AtomReader",
+]
+
+VALUE, DICT_LEAF, DICT_BRANCH, SET_LEAF, SET_BRANCH, LIST_LEAF, LIST_BRANCH = range(1, 8)
+KIND_NAMES = {
+    VALUE: "value", DICT_LEAF: "dict leaf", DICT_BRANCH: "dict branch", SET_LEAF: "set leaf",
+    SET_BRANCH: "set branch", LIST_LEAF: "list leaf", LIST_BRANCH: "list branch",
+}
+
+HEADER = struct.Struct("<IB3x")
+OFFSET_BITS = 40
+OFFSET_MASK = (1 << OFFSET_BITS) - 1
+FIRST_SEGMENT = 1 << 20
+MAX_SEGMENT = 256 << 20
+
+
+def make_pointer(segment: int, offset: int) -> int:
+    """The AtomPointer of the atom at `offset` in data segment `segment`."""
+    return segment << OFFSET_BITS | offset
+
+
+def segment_of(ptr: int) -> int:
+    return ptr >> OFFSET_BITS
+
+
+def offset_of(ptr: int) -> int:
+    return ptr & OFFSET_MASK
+
+
+class ArenaWriter:
+    """Appends atoms to the data segments of one instance (coordinator only)."""
+
+    def __init__(self, instance_id: str, on_new_segment: Callable[[int], None] = lambda index: None) -> None:
+        self.instance_id = instance_id
+        self.segments: dict[int, Segment] = {}  # {segment index -> segment, live ones}
+        self.on_new_segment = on_new_segment  # publishes the next segment index
+        self.next_index = 1  # index of the next segment to create; never reused
+        self.current: Segment | None = None  # the segment being appended to
+        self.current_index = 0
+        self.used = 0  # bytes used in the current segment
+        self.allocated_bytes = 0  # payload + header bytes appended since start
+
+    def append(self, kind: int, payload: bytes) -> int:
+        """Write one atom and return its AtomPointer."""
+        need = HEADER.size + len(payload)
+        padded = (need + 7) & ~7
+        if self.current is None or self.used + padded > self.current.size:
+            self._open_segment(padded)
+        offset = self.used
+        buf = self.current.buf
+        HEADER.pack_into(buf, offset, len(payload), kind)
+        buf[offset + HEADER.size: offset + need] = payload
+        self.used += padded
+        self.allocated_bytes += padded
+        return make_pointer(self.current_index, offset)
+
+    def start_generation(self) -> int:
+        """Begin appending in a fresh segment; return its index (compaction copies start there)."""
+        self.current = None
+        return self.next_index
+
+    def _open_segment(self, at_least: int) -> None:
+        last = self.current.size if self.current is not None else FIRST_SEGMENT // 2
+        size = max(min(last * 2, MAX_SEGMENT), FIRST_SEGMENT)
+        while size < at_least:
+            size *= 2
+        index = self.next_index
+        segment = Segment.create(names.data_name(self.instance_id, index), size)
+        self.next_index += 1
+        self.segments[index] = segment
+        self.current, self.current_index, self.used = segment, index, 0
+        self.on_new_segment(self.next_index)
+
+    def release_below(self, index: int) -> int:
+        """Unlink every segment with an index below `index`; return the bytes freed."""
+        freed = 0
+        for old in [i for i in self.segments if i < index]:
+            segment = self.segments.pop(old)
+            freed += segment.size
+            segment.unlink()
+            segment.close()
+        return freed
+
+    def mapped_bytes(self) -> int:
+        return sum(segment.size for segment in self.segments.values())
+
+    def close(self, unlink: bool) -> None:
+        for segment in self.segments.values():
+            if unlink:
+                segment.unlink()
+            segment.close()
+        self.segments.clear()
+        self.current = None
+
+
+class AtomReader:
+    """Reads atoms by pointer from any process, mapping segments read-only on demand."""
+
+    def __init__(self, instance_id: str, *, writer: ArenaWriter | None = None) -> None:
+        self.instance_id = instance_id
+        self.writer = writer  # in the coordinator: read its own writable mappings
+        self.buffers: dict[int, memoryview] = {}  # {segment index -> mapped bytes}
+        self.segments: dict[int, Segment] = {}  # {segment index -> our read-only mapping}
+
+    def atom(self, ptr: int) -> tuple[int, memoryview]:
+        """(kind, payload) of the atom at `ptr`; the payload is a zero-copy view."""
+        index = ptr >> OFFSET_BITS
+        buf = self.buffers.get(index)
+        if buf is None:
+            buf = self._map(index, ptr)
+        offset = ptr & OFFSET_MASK
+        try:
+            length, kind = HEADER.unpack_from(buf, offset)
+        except struct.error:
+            raise CorruptionError(f"atom pointer {ptr:#x} is past the end of segment {index}") from None
+        end = offset + HEADER.size + length
+        if end > len(buf) or not VALUE <= kind <= LIST_BRANCH:
+            raise CorruptionError(
+                f"atom {ptr:#x} has a bad header (length {length}, kind {kind}) in segment {index}"
+            )
+        return kind, buf[offset + HEADER.size: end]
+
+    def _map(self, index: int, ptr: int) -> memoryview:
+        if ptr == 0:
+            raise CorruptionError("null atom pointer dereferenced")
+        if self.writer is not None and index in self.writer.segments:
+            segment = self.writer.segments[index]
+        else:
+            segment = Segment.attach(names.data_name(self.instance_id, index))
+            self.segments[index] = segment
+        self.buffers[index] = segment.buf
+        return segment.buf
+
+    def forget_below(self, index: int) -> bool:
+        """Drop mappings of segments below `index` (they were unlinked); True if any were."""
+        old = [i for i in self.buffers if i < index]
+        for i in old:
+            del self.buffers[i]
+            segment = self.segments.pop(i, None)
+            if segment is not None:
+                segment.close()
+        return bool(old)
+
+    def close(self) -> None:
+        self.buffers.clear()
+        for segment in self.segments.values():
+            segment.close()
+        self.segments.clear()

@@ -1,0 +1,220 @@
+"""The value format: plain Python data to msgpack bytes and back, never pickle.
+
+Owns how a value is written inside an atom. Supported: None, bool, int (any
+size), float, str, bytes, list, tuple, dict, set/frozenset, datetime, date,
+Decimal, UUID, and dataclasses registered with `register_dataclass`. Anything
+else raises `EncodingError` naming the type and where in the value it sits.
+
+Byte format: a msgpack object (bin type for bytes, maps with any key) in which
+the types msgpack lacks are extension types (code: payload):
+
+    1 REF       u64 little-endian AtomPointer + u8 atom kind   (a value stored in its own atom)
+    2 TUPLE     msgpack array of the elements
+    3 SET       msgpack array of the elements
+    4 DATETIME  UTF-8 ISO 8601 text (offset kept when aware)
+    5 DATE      UTF-8 ISO 8601 text
+    6 DECIMAL   UTF-8 text of str(value)
+    7 UUID      16 raw bytes
+    8 DATACLASS msgpack [registered name, {field: value}]
+    9 BIGINT    UTF-8 decimal text, for ints outside msgpack's 64-bit range
+
+Decoding is bounded (buffer, array and map sizes) and every decode failure is
+a `CorruptionError`: bytes from shared memory or disk are never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import struct
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import msgpack
+
+from .errors import CorruptionError, EncodingError, format_path
+from .frozen import FrozenDict, FrozenList, FrozenSet
+
+__all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "MAX_ATOM_BYTES"]
+
+EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
+EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT = 6, 7, 8, 9
+
+#: The largest payload a single atom may hold; bigger containers become trees.
+MAX_ATOM_BYTES = 1 << 30
+
+_REF = struct.Struct("<QB")
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+_dataclasses_by_name: dict[str, type] = {}  # {registered name -> class}
+_names_by_class: dict[type, str] = {}  # {class -> registered name}
+
+
+class Ref:
+    """A reference to a value stored in its own atom: (AtomPointer, atom kind)."""
+
+    __slots__ = ("ptr", "kind")
+
+    def __init__(self, ptr: int, kind: int) -> None:
+        self.ptr = ptr  # AtomPointer of the referenced atom
+        self.kind = kind  # atom kind, so a reader knows the shape without a fetch
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.ptr == self.ptr
+
+    def __hash__(self) -> int:
+        return hash(self.ptr)
+
+    def __repr__(self) -> str:
+        return f"Ref({self.ptr:#x}, kind={self.kind})"
+
+
+def register_dataclass(cls: type, name: str | None = None) -> type:
+    """Allow instances of dataclass `cls` in stored values; usable as a decorator.
+
+    Every process that reads the value must register the class under the same
+    `name` (default: module.qualname) before decoding it.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"register_dataclass() needs a dataclass, got {cls!r}")
+    name = name or f"{cls.__module__}.{cls.__qualname__}"
+    _dataclasses_by_name[name] = cls
+    _names_by_class[cls] = name
+    return cls
+
+
+def _ext_default(value: Any) -> msgpack.ExtType:
+    kind = type(value)
+    if kind is tuple:
+        return msgpack.ExtType(EXT_TUPLE, _pack(list(value)))
+    if kind is set or kind is frozenset or kind is FrozenSet:
+        return msgpack.ExtType(EXT_SET, _pack(list(value)))
+    if kind is FrozenDict:
+        return dict(value)
+    if kind is FrozenList:
+        return list(value)
+    if kind is int:  # only reached when outside msgpack's range
+        return msgpack.ExtType(EXT_BIGINT, str(value).encode())
+    if kind is _dt.datetime:
+        return msgpack.ExtType(EXT_DATETIME, value.isoformat().encode())
+    if kind is _dt.date:
+        return msgpack.ExtType(EXT_DATE, value.isoformat().encode())
+    if kind is Decimal:
+        return msgpack.ExtType(EXT_DECIMAL, str(value).encode())
+    if kind is uuid.UUID:
+        return msgpack.ExtType(EXT_UUID, value.bytes)
+    if kind is Ref:
+        return msgpack.ExtType(EXT_REF, _REF.pack(value.ptr, value.kind))
+    name = _names_by_class.get(kind)
+    if name is not None:
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return msgpack.ExtType(EXT_DATACLASS, _pack([name, fields]))
+    plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
+    if plain is not None:
+        return plain()
+    raise TypeError(kind.__name__)
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, default=_ext_default, use_bin_type=True, strict_types=True)
+
+
+def encode(value: Any) -> bytes:
+    """Encode a value to bytes; raise EncodingError naming the bad type and its path."""
+    try:
+        return _pack(value)
+    except (TypeError, ValueError, OverflowError):
+        validate(value)
+        raise  # validate found nothing: a bug in this module, not in the value
+
+
+def validate(value: Any, path: tuple = ()) -> None:
+    """Raise EncodingError if `value` holds anything the codec cannot store."""
+    kind = type(value)
+    if value is None or kind in (bool, float, str, bytes, Decimal, uuid.UUID, Ref):
+        return
+    if kind in (_dt.datetime, _dt.date, int):
+        return
+    if kind in (dict, FrozenDict):
+        for key, item in value.items():
+            validate(key, path + (key,))
+            validate(item, path + (key,))
+        return
+    if kind in (list, tuple, FrozenList, set, frozenset, FrozenSet):
+        for index, item in enumerate(value):
+            validate(item, path + (index,))
+        return
+    if kind in _names_by_class:
+        for field in dataclasses.fields(value):
+            validate(getattr(value, field.name), path + (field.name,))
+        return
+    plain = getattr(value, "_protobase_plain_", None)
+    if plain is not None:
+        validate(plain(), path)
+        return
+    hint = (
+        "register it with protobase.register_dataclass()"
+        if dataclasses.is_dataclass(value)
+        else "store plain data (None, bool, int, float, str, bytes, list, tuple, dict, set, "
+        "datetime, date, Decimal, UUID) or a registered dataclass"
+    )
+    raise EncodingError(f"cannot store a value of type {kind.__qualname__} at {format_path(path)}: {hint}")
+
+
+def _unpacker_options(frozen: bool, ext_hook: Callable) -> dict:
+    # unpackb bounds every string, array and map by the buffer length, which caps
+    # the memory amplification of crafted input.
+    options = dict(raw=False, strict_map_key=False, ext_hook=ext_hook)
+    if frozen:
+        options.update(object_hook=FrozenDict, list_hook=FrozenList)
+    return options
+
+
+def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None) -> Any:
+    """Decode bytes made by `encode`.
+
+    With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
+    (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
+    embedded Ref into the object to return in its place (default: the Ref).
+    """
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code == EXT_REF:
+            ptr, kind = _REF.unpack(payload)
+            return ref(ptr, kind) if ref is not None else Ref(ptr, kind)
+        if code == EXT_TUPLE:
+            return tuple(msgpack.unpackb(payload, **options))
+        if code == EXT_SET:
+            items = msgpack.unpackb(payload, **options)
+            return FrozenSet(items) if frozen else set(items)
+        if code == EXT_DATETIME:
+            return _dt.datetime.fromisoformat(payload.decode())
+        if code == EXT_DATE:
+            return _dt.date.fromisoformat(payload.decode())
+        if code == EXT_DECIMAL:
+            return Decimal(payload.decode())
+        if code == EXT_UUID:
+            return uuid.UUID(bytes=payload)
+        if code == EXT_BIGINT:
+            return int(payload.decode())
+        if code == EXT_DATACLASS:
+            name, fields = msgpack.unpackb(payload, **options)
+            cls = _dataclasses_by_name.get(name)
+            if cls is None:
+                raise CorruptionError(
+                    f"stored value holds dataclass {name!r}, which this process has not "
+                    f"registered; call protobase.register_dataclass() for it before reading"
+                )
+            return cls(**fields)
+        raise CorruptionError(f"unknown msgpack extension type {code}")
+
+    options = _unpacker_options(frozen, ext_hook)
+    try:
+        return msgpack.unpackb(data, **options)
+    except CorruptionError:
+        raise
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, struct.error,
+            msgpack.UnpackException) as error:
+        raise CorruptionError(f"cannot decode a stored value ({type(error).__name__}: {error})") from error

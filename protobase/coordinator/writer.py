@@ -1,0 +1,322 @@
+"""Applying a commit's operations to the current root (coordinator only).
+
+Owns how logical writes become atoms. A commit is a list of operations at key
+paths (`root['users']['alice']['city'] = 'Paris'` is `SET ('users', 'alice',
+'city')`). Each is applied to an in-memory working copy of the root by path
+copying: containers on the path are copied (tree nodes through TreeAccess,
+small values by decoding their atom), nothing else is touched. `flush` then
+writes the dirty nodes and values bottom-up and returns the new root pointer.
+
+Storage rule for a value: scalars sit inline in their parent; a container
+small enough (`FLAT_LIMIT`) is one VALUE atom holding its nested containers
+inline; a larger dict, set or list becomes a tree whose entries follow the
+same rule. Long strings and bytes get their own atom so leaves stay small.
+
+Invariant: nothing here mutates a clean node or a decoded value another
+commit could see; an operation that fails leaves the published root as it
+was, since the working copy is simply dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .. import codec
+from ..arena import DICT_LEAF, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter
+from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, empty, encode_node
+from ..codec import Ref
+from ..errors import ProtoBaseError
+from ..keyorder import order_key
+from ..store import Store
+
+__all__ = ["Writer", "PathError", "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD"]
+
+# operation codes on the wire: [code, path, argument]
+OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD = 1, 2, 3, 4, 5
+# list operations inside OP_LIST: [code, index, value]
+LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE = 1, 2, 3, 4
+
+FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
+INLINE_BYTES = 512  # longer str/bytes get their own atom
+
+
+class PathError(ProtoBaseError):
+    """An operation's path does not lead to a container in the current root."""
+
+
+class Writer:
+    """Builds new roots from operations and writes their atoms."""
+
+    def __init__(self, arena: ArenaWriter, store: Store) -> None:
+        self.arena = arena
+        self.store = store  # decodes the coordinator's own reads of clean atoms
+        self.access = store.access
+        self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
+        self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
+        self.discarded_bytes = 0  # bytes of atoms that later roots no longer use (an estimate: see retire)
+        self.access.on_discard = self.retire
+
+    def retire(self, ptr: int) -> None:
+        """Count the atom at `ptr` as no longer used by the working root.
+
+        A lower bound of the garbage: a dropped subtree counts only its root.
+        """
+        self.discarded_bytes += (len(self.store.atom(ptr)[1]) + 8 + 7) & ~7
+
+    # -- applying -------------------------------------------------------------
+
+    def apply(self, root: Any, code: int, path: tuple, argument: Any) -> Any:
+        """Apply one operation to the working root; return the new working root."""
+        if not path:
+            raise PathError("an operation needs a non-empty key path")
+        return self._apply_in(root, path, code, argument)
+
+    def _apply_in(self, container: Any, path: tuple, code: int, argument: Any) -> Any:
+        container = self._open(container)
+        key = path[0]
+        if len(path) > 1:
+            child = self._child(container, key, path)
+            return self._assign(container, key, self._apply_in(child, path[1:], code, argument), path)
+        if code == OP_SET:
+            return self._assign(container, key, argument, path)
+        if code == OP_DELETE:
+            return self._delete(container, key, path)
+        target = self._child(container, key, path)
+        if code == OP_LIST:
+            target = self._list_ops(target, argument, path)
+        else:
+            target = self._set_ops(target, argument, code == OP_SET_ADD, path)
+        return self._assign(container, key, target, path)
+
+    def _open(self, slot: Any) -> Any:
+        """The working form of a slot: a Node for trees, a fresh plain copy for values."""
+        if type(slot) is Ref:
+            if slot.kind in TREE_KINDS:
+                return slot.ptr if slot.ptr else _empty_like(slot.kind)
+            kind, payload = self.store.atom(slot.ptr)
+            return codec.decode(payload, frozen=False)
+        return slot
+
+    def _child(self, container: Any, key: Any, path: tuple) -> Any:
+        container = self._open(container)
+        try:
+            if type(container) is Node or type(container) is int:
+                kind = self._leaf_kind(container)
+                if kind == LIST_LEAF:
+                    return self.access.at(container, self._index(container, key, path))
+                return self.access.lookup(container, key, kind)
+            if isinstance(container, (dict, list)):
+                return container[key]
+        except (KeyError, IndexError, TypeError):
+            pass
+        raise PathError(f"no container at {path!r}: the key is missing")
+
+    def _leaf_kind(self, tree: Node | int) -> int:
+        node = self.access.node(tree, DICT_LEAF)
+        return LEAF_OF[node.kind]
+
+    def _index(self, tree: Node | int, index: Any, path: tuple) -> int:
+        length = self.access.count(tree, LIST_LEAF)
+        if type(index) is not int or not -length <= index < length:
+            raise PathError(f"list index {index!r} out of range at {path!r}")
+        return index % length if length else index
+
+    def _assign(self, container: Any, key: Any, value: Any, path: tuple) -> Any:
+        container = self._open(container)
+        if type(container) is Node or type(container) is int:
+            kind = self._leaf_kind(container)
+            if kind == DICT_LEAF:
+                return self.access.assign(container, key, value)[0]
+            if kind == LIST_LEAF:
+                return self.access.set_at(container, self._index(container, key, path), value)
+        elif isinstance(container, dict):
+            container[key] = value
+            return container
+        elif isinstance(container, list):
+            container[key] = value
+            return container
+        raise PathError(f"cannot set a key inside a {type(container).__name__} at {path!r}")
+
+    def _delete(self, container: Any, key: Any, path: tuple) -> Any:
+        container = self._open(container)
+        try:
+            if type(container) is Node or type(container) is int:
+                kind = self._leaf_kind(container)
+                if kind == LIST_LEAF:
+                    return self.access.delete_at(container, self._index(container, key, path))[0]
+                return self.access.remove(container, key, kind)[0]
+            if isinstance(container, (dict, list)):
+                del container[key]
+                return container
+        except KeyError:
+            return container  # already gone: deleting is idempotent
+        raise PathError(f"cannot delete a key inside a {type(container).__name__} at {path!r}")
+
+    def _list_ops(self, target: Any, ops: list, path: tuple) -> Any:
+        target = self._open(target)
+        is_tree = type(target) is Node or type(target) is int
+        if not is_tree and not isinstance(target, list):
+            raise PathError(f"list operation on a {type(target).__name__} at {path!r}")
+        for code, index, value in ops:
+            if is_tree:
+                target = self._tree_list_op(target, code, index, value)
+            elif code == LIST_APPEND:
+                target.append(value)
+            elif code == LIST_SET:
+                target[index] = value
+            elif code == LIST_INSERT:
+                target.insert(index, value)
+            else:
+                del target[index]
+        return target
+
+    def _tree_list_op(self, tree: Any, code: int, index: int, value: Any) -> Node:
+        length = self.access.count(tree, LIST_LEAF)
+        if code == LIST_APPEND:
+            return self.access.insert_at(tree, length, value)
+        if code == LIST_INSERT:
+            return self.access.insert_at(tree, max(0, min(length, index if index >= 0 else length + index)), value)
+        if code == LIST_SET:
+            return self.access.set_at(tree, index % length, value)
+        return self.access.delete_at(tree, index % length)[0]
+
+    def _set_ops(self, target: Any, elements: list, adding: bool, path: tuple) -> Any:
+        target = self._open(target)
+        if type(target) is Node or type(target) is int:
+            for element in elements:
+                if adding:
+                    target = self.access.assign(target, element, None, SET_LEAF)[0]
+                else:
+                    try:
+                        target = self.access.remove(target, element, SET_LEAF)[0]
+                    except KeyError:
+                        pass
+            return target
+        if not isinstance(target, (set, frozenset)):
+            raise PathError(f"set operation on a {type(target).__name__} at {path!r}")
+        target = set(target)
+        if adding:
+            target.update(elements)
+        else:
+            target.difference_update(elements)
+        return target
+
+    # -- writing ----------------------------------------------------------------
+
+    def flush(self, root: Any) -> int:
+        """Write everything dirty under the working root; return the root pointer."""
+        self.flat_written.clear()
+        return self._flush_tree(root)
+
+    def _flush_tree(self, root: Node | int) -> int:
+        return self.access.flush(root, self._write_node, self.write_value)
+
+    def flat_pointer(self, value: Any) -> int | None:
+        """Where the last flush stored `value`, if it became exactly one VALUE atom."""
+        return self.flat_written.get(id(value))
+
+    def _write_node(self, node: Node) -> int:
+        return self.arena.append(node.kind, encode_node(node))
+
+    def write_value(self, value: Any) -> Any:
+        """Store a leaf value: a scalar inline, or a Ref to the atom or tree holding it."""
+        kind = type(value)
+        if kind is Ref:
+            return value
+        if kind is Node:
+            return Ref(self._flush_tree(value), value.kind)
+        if kind in (str, bytes):
+            if len(value) <= INLINE_BYTES:
+                return value
+            return Ref(self.arena.append(VALUE, codec.encode(value)), VALUE)
+        if kind in FLAT_LIMIT or kind is tuple or dataclasses.is_dataclass(value):
+            tree = self._as_tree(value)
+            if tree is not None:
+                return Ref(self._flush_tree(tree), tree.kind)
+            refs_before = self.refs_made
+            payload = codec.encode(self._inline(value))
+            ptr = self.arena.append(VALUE, payload)
+            if self.refs_made == refs_before:
+                self.flat_written[id(value)] = ptr
+            return Ref(ptr, VALUE)
+        return value
+
+    def _inline(self, value: Any) -> Any:
+        """A container ready to encode in one atom: nested trees and big containers as Refs."""
+        kind = type(value)
+        if kind is Node or kind is Ref or (kind in FLAT_LIMIT and len(value) > FLAT_LIMIT[kind]):
+            self.refs_made += 1
+            return self.write_value(value)
+        if kind is dict:
+            return {key: self._inline(item) for key, item in value.items()}
+        if kind is list:
+            return [self._inline(item) for item in value]
+        if kind is tuple:
+            return tuple(self._inline(item) for item in value)
+        return value
+
+    def _as_tree(self, value: Any) -> Node | None:
+        """The value as a tree if it is too large to be one atom, else None."""
+        kind = type(value)
+        limit = FLAT_LIMIT.get(kind)
+        if limit is None or len(value) <= limit:
+            return None
+        if kind is dict:
+            keys = _sorted_keys(value)
+            return self.access.build(DICT_LEAF, keys, [value[key] for key in keys])
+        if kind is list:
+            return self.access.build(LIST_LEAF, None, list(value))
+        return self.access.build(SET_LEAF, _sorted_keys(value), None)
+
+    # -- compaction ---------------------------------------------------------------
+
+    def copy_root(self, root_ptr: int) -> int:
+        """Copy every atom reachable from `root_ptr` into new atoms; return the new root."""
+        return self._copy_tree(root_ptr) if root_ptr else 0
+
+    def _copy_tree(self, ptr: int) -> int:
+        node = self.store.node(ptr)
+        if node.kind in BRANCHES:
+            children = [self._copy_tree(child) for child in node.values]
+            copy = Node(node.kind, node.keys, children, node.sizes)
+        else:
+            values = None if node.values is None else [self._copy_slot(v) for v in node.values]
+            copy = Node(node.kind, node.keys, values)
+        return self._write_node(copy)
+
+    def _copy_slot(self, slot: Any) -> Any:
+        if type(slot) is not Ref:
+            return slot
+        if slot.kind in TREE_KINDS:
+            return Ref(self._copy_tree(slot.ptr) if slot.ptr else 0, slot.kind)
+        kind, payload = self.store.atom(slot.ptr)
+        nested: list[Ref] = []
+        value = codec.decode(payload, frozen=False, ref=lambda ptr, k: nested.append(Ref(ptr, k)) or nested[-1])
+        if not nested:
+            return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
+        return Ref(self.arena.append(VALUE, codec.encode(_replace_refs(value, self._copy_slot))), VALUE)
+
+
+def _replace_refs(value: Any, copy: Any) -> Any:
+    kind = type(value)
+    if kind is Ref:
+        return copy(value)
+    if kind is dict:
+        return {key: _replace_refs(item, copy) for key, item in value.items()}
+    if kind is list:
+        return [_replace_refs(item, copy) for item in value]
+    if kind is tuple:
+        return tuple(_replace_refs(item, copy) for item in value)
+    return value
+
+
+def _empty_like(kind: int) -> Node:
+    return empty(LEAF_OF[kind])
+
+
+def _sorted_keys(keys: Any) -> list:
+    try:
+        return sorted(keys)  # one family compares natively: the canonical order
+    except TypeError:
+        return sorted(keys, key=order_key)

@@ -1,0 +1,348 @@
+"""The Database handle: one process's connection to one data directory.
+
+Owns the client side of an instance: the connection to the coordinator, the
+mapped control segment, this process's reader slot, the Store and its caches,
+and the snapshots and transactions opened through it. Handles form a tree:
+closing the database ends its transactions and snapshots.
+
+Snapshot pinning follows the reader protocol of shm/control.py: the process's
+slot holds the oldest snapshot any of its snapshots or transactions uses, so
+the coordinator never unlinks memory one of them can reach.
+
+A forked child cannot share its parent's connection or reader slot: the
+first use of a Database in a child attaches it anew (with its own slot),
+reusing the inherited read-only mappings and caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import wraps
+from typing import Any, TypeVar
+
+from . import errors as errors_module
+from .arena import AtomReader
+from .coordinator import launcher
+from .datadir import FORMAT_VERSION, DataDir
+from .errors import ConflictError, CoordinatorError, DatabaseClosedError, ProtoBaseError
+from .frozen import freeze
+from .shm import names
+from .shm.control import ControlBlock, full_fence
+from .snapshot import Snapshot
+from .stats import DatabaseStats, ReaderStats, collect_stats
+from .store import DEFAULT_BYTES_CACHE, DEFAULT_OBJECT_CACHE, Store
+from .transaction import Transaction
+
+__all__ = ["Database", "open", "Attempt"]
+
+log = logging.getLogger("protobase")
+T = TypeVar("T")
+_open_databases: weakref.WeakSet = weakref.WeakSet()
+
+
+def open(path: str | os.PathLike, *, create: bool = True, start_coordinator: bool = True,
+         shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
+         compact_min_bytes: int | None = None) -> Database:
+    """Open (and by default create) the database in directory `path`.
+
+    The first open of a directory starts its coordinator; later opens, from
+    any process of the same user, attach to it. The coordinator stops
+    `shutdown_grace` seconds after the last database handle closes.
+
+    Raises DataDirectoryError for a bad directory (a file, another owner,
+    loose permissions, another format version) and CoordinatorError when no
+    coordinator can be reached or started.
+    """
+    return Database(path, create=create, start_coordinator=start_coordinator, shutdown_grace=shutdown_grace,
+                    cache_size=cache_size, compact_min_bytes=compact_min_bytes)
+
+
+class Database:
+    """A handle on one database; a context manager that closes it."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, start_coordinator: bool = True,
+                 shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
+                 compact_min_bytes: int | None = None) -> None:
+        self.datadir = DataDir.open(path, create=create)
+        self.path = self.datadir.path
+        self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes)
+        self._cache_size = cache_size
+        self._lock = threading.RLock()  # guards the connection and the pin counts
+        self._held: Counter = Counter()  # {snapshot seq -> open snapshots and transactions on it}
+        self._transactions: weakref.WeakSet = weakref.WeakSet()
+        self._snapshots: weakref.WeakSet = weakref.WeakSet()
+        self._closed = False
+        self._sock = None
+        self._store: Store | None = None
+        self._attach()
+        _open_databases.add(self)
+
+    # -- attaching -----------------------------------------------------------------
+
+    def _attach(self) -> None:
+        sock = launcher.connect(self.datadir, **self._launch)
+        try:
+            reply = self._exchange(sock, ["hello", FORMAT_VERSION])
+            self.instance_id, self._slot = reply[1], reply[2]
+            if not names.is_instance_id(self.instance_id):
+                raise CoordinatorError(f"coordinator sent a malformed instance id {self.instance_id!r}")
+            self._control = ControlBlock.attach(names.control_name(self.instance_id))
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._pid = os.getpid()
+        if self._store is None or self._store.reader.instance_id != self.instance_id:
+            self._store = Store(AtomReader(self.instance_id), object_cache=self._cache_size,
+                                bytes_cache=min(self._cache_size, DEFAULT_BYTES_CACHE))
+        self._oldest_segment = self._control.oldest_segment
+
+    def _after_fork(self) -> None:
+        # The parent's socket, slot and pins are the parent's; start our own.
+        self._lock = threading.RLock()
+        self._held = Counter()
+        self._transactions = weakref.WeakSet()
+        self._snapshots = weakref.WeakSet()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._control = None
+        self._pid = os.getpid()
+        self._forked = True
+
+    def _ensure_attached(self) -> None:
+        if self._closed:
+            raise DatabaseClosedError(f"database {self.path} is closed; open it again with protobase.open()")
+        if self._sock is None:
+            self._attach()
+
+    # -- talking to the coordinator ---------------------------------------------------
+
+    def _exchange(self, sock: Any, message: list) -> list:
+        from .protocol import receive, send
+
+        try:
+            send(sock, message)
+            reply = receive(sock)
+        except (OSError, CoordinatorError) as error:
+            raise CoordinatorError(
+                f"lost the coordinator of {self.path} ({error}); it died or was stopped. "
+                f"Committed data is kept as its durability mode promises; close this handle "
+                f"and call protobase.open() again") from None
+        if reply[0] == "error":
+            error_class = getattr(errors_module, reply[1], ProtoBaseError)
+            if not (isinstance(error_class, type) and issubclass(error_class, ProtoBaseError)):
+                error_class = ProtoBaseError
+            raise error_class(reply[2])
+        return reply
+
+    def _request(self, message: list) -> list:
+        with self._lock:
+            self._ensure_attached()
+            return self._exchange(self._sock, message)
+
+    def _commit(self, base: int, serializable: bool, ops: list, reads: list,
+                check_encodable: Callable[[list], None]) -> int:
+        from .errors import EncodingError
+
+        try:
+            reply = self._request(["commit", base, serializable, ops, reads])
+        except EncodingError:
+            check_encodable(ops)  # raises with the user's path
+            raise
+        if reply[0] == "conflict":
+            error = ConflictError(tuple(reply[1]), reply[2], reply[3])
+            log.debug("conflict: %s", error)
+            raise error
+        seq, pointers = reply[1], reply[2]
+        for index, ptr in pointers:
+            self._store.write_through(ptr, freeze(ops[index][2]))
+        return seq
+
+    # -- pinning snapshots ------------------------------------------------------------------
+
+    def _pin(self) -> tuple[int, int]:
+        """Take the latest root and pin it in our reader slot; return (seq, root pointer)."""
+        with self._lock:
+            self._ensure_attached()
+            control = self._control
+            floor = min(self._held) if self._held else None
+            while True:
+                seq, root = control.read_root()
+                if floor is not None and floor <= seq:
+                    break  # an older pin of ours already protects this root
+                control.set_reader_snapshot(self._slot, seq)
+                full_fence()
+                if control.read_root()[0] == seq:
+                    break
+            self._held[seq] += 1
+            oldest_segment = control.oldest_segment
+            if oldest_segment != self._oldest_segment:
+                # A compaction moved everything: old pointers are gone, drop them.
+                self._oldest_segment = oldest_segment
+                self._store.reader.forget_below(oldest_segment)
+                self._store.clear()
+            return seq, root
+
+    def _unpin(self, seq: int) -> None:
+        with self._lock:
+            if self._control is None or os.getpid() != self._pid:
+                return
+            self._held[seq] -= 1
+            if self._held[seq] <= 0:
+                del self._held[seq]
+            if not self._control.closed:
+                self._control.set_reader_snapshot(self._slot, min(self._held) if self._held else None)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """A read-only view of the latest commit, pinned until closed (use it in `with`)."""
+        seq, root = self._pin()
+        snapshot = Snapshot(self, seq, self._store.root(root))
+        self._snapshots.add(snapshot)
+        return snapshot
+
+    def transaction(self, isolation: str = "snapshot") -> Transaction:
+        """A new transaction; use it in `with`, which commits on success and aborts on error.
+
+        `isolation="snapshot"` (default) validates the keys written;
+        `"serializable"` also validates the keys read, ruling out write skew.
+        """
+        tx = Transaction(self, isolation)
+        self._transactions.add(tx)
+        return tx
+
+    def attempts(self, retries: int = 5, isolation: str = "snapshot", backoff: float = 0.001) -> Iterator[Attempt]:
+        """Yield attempts until one commits: `for attempt in db.attempts(): with attempt as tx: ...`.
+
+        A ConflictError ends an attempt and starts the next after a short
+        randomised back-off; after `retries` retries the last one is raised.
+        """
+        for number in range(retries + 1):
+            attempt = Attempt(self, isolation, last=number == retries)
+            yield attempt
+            if attempt.committed:
+                return
+            time.sleep(random.uniform(0, backoff * 2 ** min(number, 10)))
+
+    def transactional(self, retries: int = 5,
+                      isolation: str = "snapshot") -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator: `f(*args)` runs `f(tx, *args)` in a transaction, re-run on conflict."""
+
+        def decorate(function: Callable[..., T]) -> Callable[..., T]:
+            @wraps(function)
+            def run(*args: Any, **kwargs: Any) -> T:
+                for attempt in self.attempts(retries, isolation):
+                    with attempt as tx:
+                        result = function(tx, *args, **kwargs)
+                    if attempt.committed:
+                        return result
+                raise AssertionError("unreachable: the last attempt raises")
+
+            return run
+
+        return decorate
+
+    def compact(self) -> int:
+        """Ask the coordinator to compact now; return the sequence number it published."""
+        return self._request(["compact"])[1]
+
+    def check(self) -> None:
+        """Verify every structural invariant reachable from the latest root; CorruptionError if one fails."""
+        from .check import check_database
+
+        with self.snapshot() as snapshot:
+            check_database(self, snapshot)
+
+    def stats(self) -> DatabaseStats:
+        """Frozen statistics: segments, bytes, readers, sequence number, cache hit rates."""
+        counters = self._request(["stats"])[1]
+        return collect_stats(self, counters)
+
+    def readers(self) -> list[ReaderStats]:
+        return self.stats().readers
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def coordinator_pid(self) -> int:
+        self._ensure_attached()
+        return self._control.coordinator_pid
+
+    def close(self) -> None:
+        """End every transaction and snapshot of this handle, then detach. Idempotent."""
+        if self._closed:
+            return
+        with self._lock:
+            for tx in list(self._transactions):
+                tx.abort()
+            for snapshot in list(self._snapshots):
+                snapshot.close()
+            self._closed = True
+            if self._sock is not None:
+                self._sock.close()  # the coordinator frees our reader slot
+                self._sock = None
+            if self._control is not None:
+                self._control.close()
+                self._control = None
+            if self._store is not None:
+                self._store.clear()
+                self._store.reader.close()
+        _open_databases.discard(self)
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Database {self.path} {'closed' if self._closed else 'open'}>"
+
+
+class Attempt:
+    """One try of a retried transaction: a context manager that yields the transaction."""
+
+    def __init__(self, db: Database, isolation: str, last: bool) -> None:
+        self._db = db
+        self._isolation = isolation
+        self._last = last
+        self.committed = False
+        self.tx: Transaction | None = None
+
+    def __enter__(self) -> Transaction:
+        self.tx = self._db.transaction(self._isolation)
+        return self.tx
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            try:
+                self.tx.commit()
+            except ConflictError:
+                if self._last:
+                    raise
+                return False
+            self.committed = True
+            return False
+        self.tx.abort()
+        # swallow a conflict raised by the body (a nested read-modify-write) unless it is the last try
+        return exc_type is not None and issubclass(exc_type, ConflictError) and not self._last
+
+
+def _reattach_children_after_fork() -> None:
+    for db in list(_open_databases):
+        if not db._closed:
+            db._after_fork()
+
+
+os.register_at_fork(after_in_child=_reattach_children_after_fork)

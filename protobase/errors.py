@@ -1,0 +1,85 @@
+"""The one error hierarchy of ProtoBase.
+
+Every error a user can see derives from `ProtoBaseError`. Errors are sorted by
+cause, as trio does: the caller misused a handle (`DatabaseClosedError`,
+`ReadOnlyError`), the data cannot be stored (`EncodingError`), another commit
+won (`ConflictError`, retryable), the other side died (`CoordinatorError`), or
+bytes on disk / in shared memory are wrong (`CorruptionError`).
+
+Every class is picklable with its arguments, so errors cross process
+boundaries (worker pools, the coordinator's replies) unchanged. Messages say
+what happened, with the identifying values, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ProtoBaseError",
+    "ConflictError",
+    "ReadOnlyError",
+    "EncodingError",
+    "DatabaseClosedError",
+    "CorruptionError",
+    "CoordinatorError",
+    "DataDirectoryError",
+]
+
+
+class ProtoBaseError(Exception):
+    """Base class of every error ProtoBase raises on purpose."""
+
+    #: True when running the same transaction again may succeed.
+    retryable: bool = False
+
+
+class ConflictError(ProtoBaseError):
+    """Another transaction committed a change to a key this one wrote (or read).
+
+    Carries the key path, the sequence number the transaction was based on and
+    the sequence number of the commit that changed the key. Retry the whole
+    transaction: `@db.transactional(retries=N)` or `db.attempts(retries=N)`.
+    """
+
+    retryable = True
+
+    def __init__(self, path: tuple, base_seq: int, conflicting_seq: int) -> None:
+        self.path = tuple(path)
+        self.base_seq = base_seq
+        self.conflicting_seq = conflicting_seq
+        super().__init__(path, base_seq, conflicting_seq)
+
+    def __str__(self) -> str:
+        return (
+            f"key {format_path(self.path)} was changed by commit {self.conflicting_seq} "
+            f"after this transaction's snapshot {self.base_seq}; retry the transaction "
+            f"(use @db.transactional(retries=N) or db.attempts(retries=N))"
+        )
+
+
+class ReadOnlyError(ProtoBaseError, TypeError):
+    """A write was attempted on a value read from a snapshot (or a closed transaction)."""
+
+
+class EncodingError(ProtoBaseError, TypeError):
+    """A value cannot be stored: unsupported type, at a given place inside the value."""
+
+
+class DatabaseClosedError(ProtoBaseError):
+    """The database, transaction or snapshot was used after it was closed."""
+
+
+class CorruptionError(ProtoBaseError):
+    """Stored bytes (shared memory, WAL, checkpoint) fail a structural check."""
+
+
+class CoordinatorError(ProtoBaseError):
+    """The coordinator could not be reached, refused us, or died."""
+
+
+class DataDirectoryError(ProtoBaseError):
+    """The data directory is unusable: not a directory, wrong owner or mode, other version."""
+
+
+def format_path(path: tuple) -> str:
+    """Render a key path the way Python would index it: root['users']['alice']."""
+    return "root" + "".join(f"[{key!r}]" for key in path)

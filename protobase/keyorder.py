@@ -1,0 +1,71 @@
+"""The canonical total order of keys, which lays out every persistent tree.
+
+Python's `hash()` is salted per process, so nothing in shared memory may depend
+on it; trees are ordered instead. Keys are grouped into families whose members
+Python compares natively (numbers, str, bytes, datetime, date, UUID, tuples);
+families are ordered by rank, and inside a family by Python's own `<`.
+
+Invariant: for two keys of one family, `order_key(a) < order_key(b)` exactly
+when `a < b`. So a bisect over a node's keys may compare natively (C speed)
+and fall back to `order_key` only when it meets keys of two families, which
+Python refuses to compare with TypeError (see `bisect_left` below).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from .errors import EncodingError, format_path
+
+__all__ = ["order_key", "check_key", "bisect_left", "bisect_right"]
+
+_RANKS = {
+    type(None): 0, bool: 1, int: 1, float: 1, Decimal: 1, str: 2, bytes: 3,
+    _dt.datetime: 4, _dt.date: 5, uuid.UUID: 6, tuple: 7,
+}
+
+
+def order_key(key: Any) -> tuple:
+    """The position of `key` in the canonical order, as a comparable tuple."""
+    rank = _RANKS[type(key)]
+    if rank == 7:
+        return (7, tuple(order_key(item) for item in key))
+    if rank == 0:
+        return (0, 0)
+    return (rank, key)
+
+
+def check_key(key: Any, path: tuple = ()) -> None:
+    """Raise EncodingError unless `key` may be a key of a stored dict or set."""
+    kind = type(key)
+    if kind not in _RANKS:
+        raise EncodingError(
+            f"cannot use a key of type {kind.__qualname__} at {format_path(path)}: keys of stored "
+            f"dicts and elements of stored sets must be None, bool, int, float, Decimal, str, "
+            f"bytes, datetime, date, UUID or tuples of those"
+        )
+    if kind is float and key != key:
+        raise EncodingError(f"cannot use NaN as a key at {format_path(path)}: NaN is not equal to itself")
+    if kind is tuple:
+        for item in key:
+            check_key(item, path)
+
+
+def bisect_left(keys: list, key: Any) -> int:
+    """bisect.bisect_left over keys in canonical order."""
+    try:
+        return bisect.bisect_left(keys, key)
+    except TypeError:
+        return bisect.bisect_left(keys, order_key(key), key=order_key)
+
+
+def bisect_right(keys: list, key: Any) -> int:
+    """bisect.bisect_right over keys in canonical order."""
+    try:
+        return bisect.bisect_right(keys, key)
+    except TypeError:
+        return bisect.bisect_right(keys, order_key(key), key=order_key)

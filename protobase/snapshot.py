@@ -1,0 +1,57 @@
+"""Snapshots: read-only views of the database pinned to one sequence number.
+
+A snapshot is a root pointer and a sequence number; taking one reads the
+control segment's seqlock and writes this process's reader slot, and reading
+through it never takes a lock nor talks to the coordinator. Everything it hands
+out is read-only: writes raise ReadOnlyError.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import DatabaseClosedError
+from .views import TreeDict
+
+if TYPE_CHECKING:
+    from .database import Database
+
+__all__ = ["Snapshot"]
+
+
+class Snapshot:
+    """A consistent read-only view; a context manager that releases it."""
+
+    __slots__ = ("_db", "seq", "_root", "_closed", "__weakref__")
+
+    def __init__(self, db: Database, seq: int, root: TreeDict) -> None:
+        self._db = db
+        self.seq = seq  # sequence number of the commit this snapshot shows
+        self._root = root  # the root dict at that commit
+        self._closed = False
+
+    @property
+    def root(self) -> TreeDict:
+        """The root mapping as of `seq`."""
+        if self._closed:
+            raise DatabaseClosedError(f"snapshot {self.seq} is closed; take a new one with db.snapshot()")
+        return self._root
+
+    def close(self) -> None:
+        """Release the snapshot, letting the coordinator reclaim what only it could reach. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._db._unpin(self.seq)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Snapshot seq={self.seq} {'closed' if self._closed else 'open'}>"

@@ -1,0 +1,73 @@
+"""Statistics of a database as frozen records (`db.stats()`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+
+from .cache import CacheStats
+from .shm import names
+
+if TYPE_CHECKING:
+    from .database import Database
+
+__all__ = ["DatabaseStats", "ReaderStats", "collect_stats"]
+
+
+@dataclass(frozen=True)
+class ReaderStats:
+    """One process in the reader table."""
+
+    slot: int
+    pid: int
+    snapshot_seq: int | None  # oldest snapshot it holds, or None
+    snapshot_age: int | None  # commits since that snapshot
+
+
+@dataclass(frozen=True)
+class DatabaseStats:
+    """What `db.stats()` returns: one consistent reading of counters."""
+
+    path: str
+    seq: int  # sequence number of the latest commit
+    coordinator_pid: int
+    commits: int  # since the coordinator started
+    conflicts: int
+    compactions: int
+    segments: int  # live data segments
+    shared_bytes: int  # bytes of shared memory the instance holds (data + control)
+    data_bytes: int  # bytes of the live data segments
+    allocated_bytes: int  # bytes appended to data segments since the coordinator started
+    live_bytes: int  # reachable from the latest root (an upper estimate between compactions)
+    reclaimable_bytes: int  # data_bytes - live_bytes: garbage, free tails, segments awaiting unlink
+    readers: tuple[ReaderStats, ...]
+    object_cache: CacheStats
+    bytes_cache: CacheStats
+    taken_at: float  # time.time() of the reading
+
+
+def collect_stats(db: Database, counters: dict) -> DatabaseStats:
+    control = db._control
+    seq = counters["seq"]
+    readers = tuple(
+        ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
+        for r in control.readers())
+    shared = sum(os.stat(os.path.join(names.SHM_DIR, entry.lstrip("/"))).st_size
+                 for entry in names.instance_entries(db.instance_id))
+    return DatabaseStats(
+        path=db.path, seq=seq, coordinator_pid=counters["pid"], commits=counters["commits"],
+        conflicts=counters["conflicts"], compactions=counters["compactions"], segments=counters["segments"],
+        shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
+        live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
+        readers=readers, object_cache=db._store.objects.stats(), bytes_cache=db._store.bytes.stats(),
+        taken_at=time.time(),
+    )
+
+
+def process_uss(pid: int | None = None) -> int:
+    """Unique set size of a process: memory only it holds (shared pages excluded)."""
+    return psutil.Process(pid).memory_full_info().uss

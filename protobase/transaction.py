@@ -1,0 +1,508 @@
+"""Transactions: a private, mutable view of one snapshot that records its writes.
+
+Owns how user mutations become operations at key paths. `tx.root` is a
+`TxDict`; reading a container through it hands out a wrapper that records
+every change: dicts at key-addressable paths record key-level writes (so two
+transactions writing different keys of one record do not conflict); small
+lists and sets, and anything inside them, are recorded as a whole new value
+for their path; large (tree) lists and sets record element operations, so the
+coordinator writes O(log n) atoms for them too.
+
+Values are encoded at commit, not at assignment: what a write stores is the
+state of the object when the transaction commits, as with a plain dict.
+Assignments are validated at once, so a bad value fails on the line that
+stored it.
+
+Invariant: the wrappers never change the snapshot's frozen objects, which are
+shared with every other reader of this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence, MutableSet
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .coordinator.writer import (
+    LIST_APPEND,
+    LIST_DELETE,
+    LIST_INSERT,
+    LIST_SET,
+    OP_DELETE,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+    OP_SET_DISCARD,
+)
+from .errors import DatabaseClosedError
+from .frozen import FrozenDict, FrozenList, FrozenSet, thaw
+from .keyorder import check_key
+from .views import TreeDict, TreeList, TreeSet
+
+if TYPE_CHECKING:
+    from .database import Database
+
+__all__ = ["Transaction", "TxDict", "TxList", "TxSet", "ISOLATION_LEVELS"]
+
+ISOLATION_LEVELS = ("snapshot", "serializable")
+_DELETED = object()  # marks a key deleted in this transaction
+_DEFERRED = 0  # op code of a tree list/set wrapper whose ops are collected at commit
+
+
+def _validate(value: Any, path: tuple) -> None:
+    codec.validate(value, path)
+    _check_keys(value, path)
+
+
+def _check_keys(value: Any, path: tuple) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_key(key, path + (key,))
+            _check_keys(item, path + (key,))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_keys(item, path + (index,))
+    elif isinstance(value, (set, frozenset)):
+        for item in value:
+            check_key(item, path)
+
+
+class Transaction:
+    """One transaction: a snapshot, the writes made on top of it, and (serializable) its reads."""
+
+    def __init__(self, db: Database, isolation: str = "snapshot") -> None:
+        if isolation not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, got {isolation!r}")
+        self._db = db
+        self.isolation = isolation
+        self.serializable = isolation == "serializable"
+        self.base_seq, root_ptr = db._pin()
+        self.seq: int | None = None  # sequence number of the commit, once committed
+        self._ops: dict[tuple, list] = {}  # {path -> [code, path, argument]}, in order of last write
+        self._reads: set[tuple] = set()  # paths read (serializable only)
+        self._state = "active"
+        self.root = TxDict(self, (), db._store.root(root_ptr))
+
+    # -- recording (called by the wrappers) --------------------------------------
+
+    def _check_active(self) -> None:
+        if self._state != "active":
+            raise DatabaseClosedError(f"this transaction is {self._state}; start a new one with db.transaction()")
+
+    def _record(self, path: tuple, code: int, argument: Any) -> None:
+        self._check_active()
+        self._ops.pop(path, None)  # re-insert: ops replay in the order of their last write
+        self._ops[path] = [code, path, argument]
+
+    def _read(self, path: tuple) -> None:
+        if self.serializable:
+            self._reads.add(path)
+
+    def _adopt(self, path: tuple, value: Any) -> Any:
+        """The transaction's mutable stand-in for a snapshot value read at `path`."""
+        kind = type(value)
+        if kind is FrozenDict or kind is TreeDict:
+            return TxDict(self, path, value)
+        if kind is FrozenList or kind is FrozenSet:
+            tracked = _track(value, None)
+            tracked._owner = lambda: self._record(path, OP_SET, tracked)
+            return tracked
+        if kind is TreeList:
+            return TxList(self, path, value)
+        if kind is TreeSet:
+            return TxSet(self, path, value)
+        if kind is tuple:
+            return _thaw_tuple(value)
+        if dataclasses.is_dataclass(value):
+            return copy.deepcopy(value)
+        return value
+
+    # -- ending -----------------------------------------------------------------
+
+    def commit(self) -> int:
+        """Send the writes to the coordinator; return the commit's sequence number.
+
+        Raises ConflictError when another commit changed what this one wrote
+        (or, serializable, read) since its snapshot: run it again.
+        """
+        self._check_active()
+        try:
+            ops = self._wire_ops()
+            if not ops:
+                self.seq = self.base_seq
+                return self.seq
+            reads = [list(path) for path in self._reads] if self.serializable else []
+            self.seq = self._db._commit(self.base_seq, self.serializable, ops, reads, self._check_encodable)
+            return self.seq
+        finally:
+            self._finish("committed" if self.seq is not None else "aborted")
+
+    def _wire_ops(self) -> list:
+        ops = []
+        for code, path, argument in self._ops.values():
+            if code == _DEFERRED:
+                ops.extend(argument._wire_ops())
+            else:
+                ops.append([code, list(path), argument])
+        return ops
+
+    def _check_encodable(self, ops: list) -> None:
+        for code, path, argument in ops:
+            if code == OP_SET:
+                _validate(argument, tuple(path))
+
+    def abort(self) -> None:
+        """Drop every write; the transaction ends."""
+        if self._state == "active":
+            self._finish("aborted")
+
+    def _finish(self, state: str) -> None:
+        self._state = state
+        self._db._unpin(self.base_seq)
+        self._db._transactions.discard(self)
+
+    @property
+    def active(self) -> bool:
+        return self._state == "active"
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self._state} base_seq={self.base_seq} writes={len(self._ops)}>"
+
+
+class TxDict(MutableMapping):
+    """A dict inside a transaction: reads its snapshot value, records key-level writes."""
+
+    __slots__ = ("_tx", "_path", "_base", "_local", "_children")
+
+    def __init__(self, tx: Transaction, path: tuple, base: Any) -> None:
+        self._tx = tx
+        self._path = path  # key path from the root
+        self._base = base  # FrozenDict or TreeDict of the snapshot
+        self._local: dict = {}  # {key -> value or _DELETED} written in this transaction
+        self._children: dict = {}  # {key -> wrapper handed out for a snapshot value}
+
+    def __getitem__(self, key: Any) -> Any:
+        tx = self._tx
+        tx._check_active()
+        if tx.serializable:
+            tx._reads.add(self._path + (key,))
+        local = self._local
+        if key in local:
+            value = local[key]
+            if value is _DELETED:
+                raise KeyError(key)
+            return value
+        child = self._children.get(key)
+        if child is not None:
+            return child
+        value = self._base[key]
+        adopted = tx._adopt(self._path + (key,), value)
+        if adopted is not value:
+            self._children[key] = adopted
+        return adopted
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._tx._check_active()
+        path = self._path + (key,)
+        check_key(key, path)
+        _validate(value, path)
+        self._local[key] = value
+        self._children.pop(key, None)
+        self._tx._record(path, OP_SET, value)
+
+    def __delitem__(self, key: Any) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._local[key] = _DELETED
+        self._children.pop(key, None)
+        self._tx._record(self._path + (key,), OP_DELETE, None)
+
+    def __contains__(self, key: object) -> bool:
+        self._tx._check_active()
+        self._tx._read(self._path + (key,))
+        if key in self._local:
+            return self._local[key] is not _DELETED
+        return key in self._base
+
+    def __iter__(self) -> Iterator[Any]:
+        self._tx._check_active()
+        self._tx._read(self._path)
+        local = self._local
+        for key in self._base:
+            if local.get(key, None) is not _DELETED:
+                yield key
+        for key, value in list(local.items()):
+            if value is not _DELETED and key not in self._base:
+                yield key
+
+    def __len__(self) -> int:
+        self._tx._check_active()
+        self._tx._read(self._path)
+        count = len(self._base)
+        for key, value in self._local.items():
+            in_base = key in self._base
+            count += (value is not _DELETED and not in_base) - (value is _DELETED and in_base)
+        return count
+
+    def _protobase_plain_(self) -> dict:
+        return {key: self[key] for key in self}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (dict, MutableMapping, TreeDict)):
+            return dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TxDict({self._protobase_plain_()!r})" if len(self) <= 20 else f"TxDict(<{len(self)} keys>)"
+
+
+# -- small containers: tracked copies, written back whole --------------------------------
+
+
+def _notify(method: Callable) -> Callable:
+    def mutator(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = method(self, *args, **kwargs)
+        owner = self._owner
+        if owner is not None:
+            owner()
+        return result
+
+    mutator.__name__ = method.__name__
+    return mutator
+
+
+class TrackedDict(dict):
+    """A dict inside a small list or set read in a transaction; changes mark the container written."""
+
+    __slots__ = ("_owner",)
+
+    def _protobase_plain_(self) -> dict:
+        return dict(self)
+
+
+class TrackedList(list):
+    """A small list read in a transaction; any change rewrites it whole."""
+
+    __slots__ = ("_owner",)
+
+    def _protobase_plain_(self) -> list:
+        return list(self)
+
+
+class TrackedSet(set):
+    """A small set read in a transaction; any change rewrites it whole."""
+
+    __slots__ = ("_owner",)
+
+    def _protobase_plain_(self) -> set:
+        return set(self)
+
+
+for _cls, _base, _names in (
+    (TrackedDict, dict, "__setitem__ __delitem__ __ior__ clear pop popitem setdefault update"),
+    (TrackedList, list, "__setitem__ __delitem__ __iadd__ __imul__ append extend insert pop remove clear sort reverse"),
+    (TrackedSet, set, "__ior__ __iand__ __isub__ __ixor__ add discard remove pop clear update "
+                      "difference_update intersection_update symmetric_difference_update"),
+):
+    for _name in _names.split():
+        setattr(_cls, _name, _notify(getattr(_base, _name)))
+
+
+def _track(value: Any, owner: Callable[[], None] | None) -> Any:
+    """A tracked mutable deep copy of a frozen small container."""
+    if isinstance(value, dict):
+        tracked: Any = TrackedDict((key, _track(item, owner)) for key, item in value.items())
+    elif isinstance(value, list):
+        tracked = TrackedList(_track(item, owner) for item in value)
+    elif isinstance(value, (set, frozenset)):
+        tracked = TrackedSet(value)
+    elif isinstance(value, tuple):
+        return _thaw_tuple(value)
+    else:
+        return value
+    tracked._owner = owner
+    if owner is None:  # the caller sets the owner of the top container; share it below
+        _share_owner(tracked, lambda: tracked._owner())
+    return tracked
+
+
+def _share_owner(container: Any, owner: Callable[[], None]) -> None:
+    items = container.values() if isinstance(container, dict) else container
+    for item in items:
+        if isinstance(item, (TrackedDict, TrackedList, TrackedSet)):
+            item._owner = owner
+            _share_owner(item, owner)
+
+
+def _thaw_tuple(value: tuple) -> tuple:
+    return thaw(value)
+
+
+# -- large containers: element operations --------------------------------------------------
+
+
+class TxList(MutableSequence):
+    """A large (tree) list in a transaction: records element operations for the coordinator.
+
+    Appends stay lazy; the first other change copies the list locally so this
+    transaction reads its own writes.
+    """
+
+    def __init__(self, tx: Transaction, path: tuple, base: TreeList) -> None:
+        self._tx = tx
+        self._path = path
+        self._base = base  # the snapshot's TreeList
+        self._items: list | None = None  # local copy once a non-append change happened
+        self._tail: list = []  # appended values while there is no local copy
+        self._ops: list = []  # [[LIST_*, index, value]] in order
+
+    def _op(self, code: int, index: Any, value: Any) -> None:
+        self._tx._check_active()
+        self._ops.append([code, index, value])
+        self._tx._record(self._path, _DEFERRED, self)
+
+    def _wire_ops(self) -> list:
+        return [[OP_LIST, list(self._path), self._ops]] if self._ops else []
+
+    def _local(self) -> list:
+        if self._items is None:
+            self._items = [self._tx._adopt(self._path + (i,), v) for i, v in enumerate(self._base)] + self._tail
+            self._tail = []
+        return self._items
+
+    def __len__(self) -> int:
+        self._tx._read(self._path)
+        return len(self._items) if self._items is not None else len(self._base) + len(self._tail)
+
+    def __getitem__(self, index: Any) -> Any:
+        self._tx._read(self._path)
+        if isinstance(index, slice) or self._items is not None:
+            return self._local()[index]
+        length = len(self)
+        if index < 0:
+            index += length
+        if not 0 <= index < length:
+            raise IndexError("list index out of range")
+        if index >= len(self._base):
+            return self._tail[index - len(self._base)]
+        return self._local()[index] if isinstance(self._base[index], (dict, list, set)) else self._base[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            raise TypeError("slice assignment is not supported on large stored lists; assign a new list")
+        _validate(value, self._path + (index,))
+        items = self._local()
+        items[index] = value
+        self._op(LIST_SET, index % len(items), value)
+
+    def __delitem__(self, index: Any) -> None:
+        if isinstance(index, slice):
+            raise TypeError("slice deletion is not supported on large stored lists; assign a new list")
+        items = self._local()
+        del items[index]
+        self._op(LIST_DELETE, index % (len(items) + 1), None)
+
+    def insert(self, index: int, value: Any) -> None:
+        _validate(value, self._path + (index,))
+        items = self._local()
+        length = len(items)
+        position = max(0, min(length, index if index >= 0 else length + index))
+        items.insert(position, value)
+        self._op(LIST_INSERT, position, value)
+
+    def append(self, value: Any) -> None:
+        _validate(value, self._path + (len(self),))
+        (self._items if self._items is not None else self._tail).append(value)
+        self._op(LIST_APPEND, None, value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        for value in values:
+            self.append(value)
+
+    def _protobase_plain_(self) -> list:
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, MutableSequence, TreeList)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TxList(<{len(self)} items>)"
+
+
+class TxSet(MutableSet):
+    """A large (tree) set in a transaction: records additions and removals."""
+
+    def __init__(self, tx: Transaction, path: tuple, base: TreeSet) -> None:
+        self._tx = tx
+        self._path = path
+        self._base = base  # the snapshot's TreeSet
+        self._added: set = set()  # elements added here, not in base
+        self._removed: set = set()  # base elements removed here
+
+    def __contains__(self, item: object) -> bool:
+        self._tx._read(self._path)
+        return item in self._added or (item not in self._removed and item in self._base)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._tx._read(self._path)
+        for item in self._base:
+            if item not in self._removed:
+                yield item
+        yield from list(self._added)
+
+    def __len__(self) -> int:
+        self._tx._read(self._path)
+        return len(self._base) - len(self._removed) + len(self._added)
+
+    def add(self, item: Any) -> None:
+        self._tx._check_active()
+        check_key(item, self._path)
+        if item in self._removed:
+            self._removed.discard(item)
+        elif item not in self._base:
+            self._added.add(item)
+        self._tx._record(self._path, _DEFERRED, self)
+
+    def discard(self, item: Any) -> None:
+        self._tx._check_active()
+        if item in self._added:
+            self._added.discard(item)
+        elif item in self._base:
+            self._removed.add(item)
+        self._tx._record(self._path, _DEFERRED, self)
+
+    def _wire_ops(self) -> list:
+        ops = []
+        if self._removed:
+            ops.append([OP_SET_DISCARD, list(self._path), list(self._removed)])
+        if self._added:
+            ops.append([OP_SET_ADD, list(self._path), list(self._added)])
+        return ops
+
+    @classmethod
+    def _from_iterable(cls, iterable: Iterable[Any]) -> set:
+        return set(iterable)
+
+    def _protobase_plain_(self) -> set:
+        return set(self)
+
+    def __repr__(self) -> str:
+        return f"TxSet(<{len(self)} elements>)"
+
