@@ -216,5 +216,5 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
     except CorruptionError:
         raise
     except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, struct.error,
-            msgpack.UnpackException) as error:
+            ArithmeticError, msgpack.UnpackException) as error:  # ArithmeticError: decimal.InvalidOperation
         raise CorruptionError(f"cannot decode a stored value ({type(error).__name__}: {error})") from error

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from .errors import DataDirectoryError
@@ -106,6 +107,21 @@ class DataDir:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def wait_until_unserved(self, timeout: float = 15.0) -> bool:
+        """Wait until no coordinator serves this directory; True if none does.
+
+        A coordinator holds `coordinator.lock` for its whole life, so the lock
+        being free means it has exited (its shared memory already removed).
+        """
+        lock = FileLock(self.file("coordinator.lock"))
+        deadline = time.monotonic() + timeout
+        while not lock.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        lock.release()
+        return True
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)

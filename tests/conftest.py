@@ -1,0 +1,86 @@
+"""Shared fixtures: every test leaves no process, no /dev/shm entry and no temporary directory.
+
+All data directories live under one session directory. At the end of each
+test using `datadir`, we wait until its coordinator has exited (its flock on
+coordinator.lock is free) and remove the directory. At session end we check
+that no coordinator serving a directory of ours is alive and that /dev/shm
+holds nothing of ours; leftovers fail the session (and are cleaned, by pid and
+by instance).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+
+import psutil
+import pytest
+
+from protobase.datadir import DataDir
+from protobase.shm import names
+
+COORDINATOR_EXIT_TIMEOUT = 15.0
+GRACE = 0.05  # seconds a test coordinator lingers after its last client
+
+
+def wait_for_coordinator_exit(path: str, timeout: float = COORDINATOR_EXIT_TIMEOUT) -> bool:
+    """Wait until no coordinator serves `path`; True if none does."""
+    if not os.path.exists(os.path.join(path, "coordinator.lock")):
+        return True
+    return DataDir(path).wait_until_unserved(timeout)
+
+
+def processes_serving(prefix: str) -> list[psutil.Process]:
+    """Live processes whose command line names a path under `prefix`."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if process.pid != os.getpid() and any(prefix in part for part in cmdline):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="session")
+def session_dir():
+    base = tempfile.mkdtemp(prefix="protobase-test-")
+    shm_before = set(names.instance_entries())
+    yield base
+    problems = []
+    for process in processes_serving(base):
+        problems.append(f"process {process.pid} still serves a test directory: {process.cmdline()}")
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    leaked = set(names.instance_entries()) - shm_before
+    if leaked:
+        problems.append(f"/dev/shm entries leaked: {sorted(leaked)}")
+        for instance in {entry.split(".")[1] for entry in leaked}:
+            names.sweep(instance)
+    shutil.rmtree(base, ignore_errors=True)
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture
+def datadir(session_dir, request):
+    """A fresh data directory path (not yet created), removed after the test once its coordinator exited."""
+    parent = tempfile.mkdtemp(prefix="t", dir=session_dir)
+    path = os.path.join(parent, "db")
+    yield path
+    exited = wait_for_coordinator_exit(path)
+    for process in processes_serving(path):
+        process.send_signal(signal.SIGKILL)
+    shutil.rmtree(parent, ignore_errors=True)
+    assert exited, f"the coordinator of {path} did not exit after the test"
+
+
+@pytest.fixture
+def db(datadir):
+    """An open database on a fresh directory, closed after the test."""
+    import protobase
+
+    database = protobase.open(datadir, shutdown_grace=GRACE)
+    yield database
+    database.close()
