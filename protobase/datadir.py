@@ -22,6 +22,8 @@ import json
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import DataDirectoryError
@@ -55,10 +57,6 @@ class DataDir:
         directory = cls(path)
         directory._check_owner_and_mode()
         directory._check_or_write_stamp()
-        if len(directory.socket_path) > MAX_SOCKET_PATH:
-            raise DataDirectoryError(
-                f"data directory path {path} is too long for a Unix socket "
-                f"({len(directory.socket_path)} > {MAX_SOCKET_PATH} bytes); use a shorter path")
         return directory
 
     def _check_owner_and_mode(self) -> None:
@@ -129,6 +127,22 @@ class DataDir:
     @property
     def socket_path(self) -> str:
         return self.file("coordinator.sock")
+
+    @contextmanager
+    def socket_address(self) -> Iterator[str]:
+        """An address for bind/connect to our socket, even when the path is too long for one.
+
+        sun_path holds 107 bytes; a longer path is reached through a descriptor
+        of the directory (/proc/self/fd/N/coordinator.sock), which Linux resolves.
+        """
+        if len(self.socket_path.encode()) <= MAX_SOCKET_PATH:
+            yield self.socket_path
+            return
+        fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield f"/proc/self/fd/{fd}/coordinator.sock"
+        finally:
+            os.close(fd)
 
     def read_instance(self) -> str | None:
         try:

@@ -92,4 +92,5 @@ def freeze(value: Any) -> Any:
         return FrozenSet(value)
     if kind is tuple:
         return tuple(freeze(item) for item in value)
-    return value
+    plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers, tree views
+    return freeze(plain()) if plain is not None else value

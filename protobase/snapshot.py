@@ -47,6 +47,13 @@ class Snapshot:
     def closed(self) -> bool:
         return self._closed
 
+    def __del__(self) -> None:
+        # A forgotten snapshot must not pin shared memory for the life of the process.
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the database may be gone already
+            pass
+
     def __enter__(self) -> Snapshot:
         return self
 

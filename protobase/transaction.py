@@ -167,6 +167,13 @@ class Transaction:
     def active(self) -> bool:
         return self._state == "active"
 
+    def __del__(self) -> None:
+        # A forgotten transaction must not pin shared memory for the life of the process.
+        try:
+            self.abort()
+        except Exception:  # interpreter shutdown: the database may be gone already
+            pass
+
     def __enter__(self) -> Transaction:
         return self
 

@@ -14,12 +14,15 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 
 import psutil
 import pytest
 
 from protobase.datadir import DataDir
+from protobase.errors import ProtoBaseError
 from protobase.shm import names
+from protobase.shm.control import ControlBlock, process_is_alive
 
 COORDINATOR_EXIT_TIMEOUT = 15.0
 GRACE = 0.05  # seconds a test coordinator lingers after its last client
@@ -42,6 +45,34 @@ def processes_serving(prefix: str) -> list[psutil.Process]:
     return found
 
 
+def instance_is_served(instance: str) -> bool:
+    """True while the coordinator that created `instance` is alive."""
+    try:
+        control = ControlBlock.attach(names.control_name(instance))
+    except ProtoBaseError:
+        return False
+    try:
+        return process_is_alive(control.coordinator_pid, control.coordinator_start)
+    finally:
+        control.close()
+
+
+def orphaned_entries(before: set[str], settle: float = 2.0) -> set[str]:
+    """/dev/shm entries new since `before` whose instance has no live coordinator.
+
+    Other test sessions may run beside this one; their live instances are not
+    ours to judge, and a crash test's orphans are swept by its next start, so
+    an entry must stay orphaned for `settle` seconds to count.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        new = set(names.instance_entries()) - before
+        orphans = {entry for entry in new if not instance_is_served(entry.split(".")[1])}
+        if not orphans or time.monotonic() > deadline:
+            return orphans
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def session_dir():
     base = tempfile.mkdtemp(prefix="protobase-test-")
@@ -54,7 +85,7 @@ def session_dir():
             process.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    leaked = set(names.instance_entries()) - shm_before
+    leaked = orphaned_entries(shm_before)
     if leaked:
         problems.append(f"/dev/shm entries leaked: {sorted(leaked)}")
         for instance in {entry.split(".")[1] for entry in leaked}:

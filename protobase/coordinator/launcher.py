@@ -28,7 +28,8 @@ def try_connect(datadir: DataDir) -> socket.socket | None:
     """A connection to a live coordinator, or None when none listens."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(datadir.socket_path)
+        with datadir.socket_address() as address:
+            sock.connect(address)
     except OSError as error:
         sock.close()
         if error.errno in (errno.ENOENT, errno.ECONNREFUSED):

@@ -130,7 +130,8 @@ class Coordinator:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is born 0600
         try:
-            listener.bind(path)
+            with self.datadir.socket_address() as address:
+                listener.bind(address)
         finally:
             os.umask(old_umask)
         listener.listen(128)
@@ -241,9 +242,11 @@ class Coordinator:
             return ["error", "ProtoBaseError", f"unknown request {verb!r}"]
         except ProtoBaseError as error:
             return ["error", type(error).__name__, str(error)]
-        except (IndexError, TypeError, ValueError) as error:
-            log.exception("malformed request")
-            return ["error", "ProtoBaseError", f"malformed request: {error}"]
+        except Exception as error:  # a bad request or a bug: refuse this request, keep serving
+            log.exception("request %r failed", message[:1])
+            return ["error", "ProtoBaseError",
+                    f"the coordinator could not process the request ({type(error).__name__}: {error}); "
+                    f"nothing was committed. If the request was well formed, please report this bug"]
 
     def _hello(self, client: Client, version: int) -> list:
         if version != FORMAT_VERSION:
@@ -280,15 +283,21 @@ class Coordinator:
         # Tell the client where each SET value now lives, so it can cache the
         # value it already holds (write-through). Only for values nothing later
         # in the commit changed, and only for values stored as one atom.
+        # Walk backwards keeping every prefix of the later paths: one set lookup
+        # per op, not a scan of the later ops (which made a 10k-key commit quadratic).
         pointers = []
-        for index, ((code, _, argument), path) in enumerate(zip(ops, paths)):
-            if code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
-                continue
-            if any(other[:len(path)] == path for other in paths[index + 1:]):
+        later: set[tuple] = set()  # {prefix of a path written later in this commit}
+        for index in range(len(ops) - 1, -1, -1):
+            code, _, argument = ops[index]
+            path = paths[index]
+            changed_later = path in later
+            later.update(path[:end] for end in range(1, len(path) + 1))
+            if changed_later or code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
                 continue
             ptr = self.writer.flat_pointer(argument)
             if ptr:
                 pointers.append([index, ptr])
+        pointers.reverse()
         return pointers
 
     def _publish(self, root: int) -> None:
