@@ -5,14 +5,13 @@ loads nodes on demand through the process's Store and never copies the
 collection. Views are immutable and cached per root pointer, so one view
 serves every snapshot of the process; every write raises ReadOnlyError.
 
-`TreeDict` memoises key -> value per view (so per tree version): a warm
-point read is one dict lookup. The memo is bounded by the object cache's
-capacity and dies with the view.
+`TreeDict` is a dict subclass memoising key -> value per view (so per tree
+version): a warm point read is one C-level dict lookup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, Set, ValuesView
 from typing import TYPE_CHECKING, Any
 
 from .arena import DICT_LEAF, LIST_LEAF, SET_LEAF
@@ -47,64 +46,142 @@ class _TreeView:
         return self.thaw()
 
 
-class TreeDict(_TreeView, Mapping):
-    """A large dict from a snapshot: a Mapping over a dict tree."""
+class TreeDict(dict):
+    """A large dict from a snapshot: reads like a dict, loads entries from its tree on demand.
 
-    __slots__ = ("_memo",)
+    It is a dict subclass whose own storage is a memo of the entries read so
+    far (`__missing__` fills it from the tree), so a warm `view[key]` is a
+    C-level dict lookup. Every other read (len, iteration, `in`, get, items,
+    equality, repr) is overridden to answer from the whole tree, never from the
+    memo; every write raises ReadOnlyError. The memo is bounded by the object
+    cache's capacity and dies with the view.
+    """
+
+    __slots__ = ("_store", "_ptr")
 
     def __init__(self, store: Store, ptr: int) -> None:
-        super().__init__(store, ptr)
-        self._memo: dict = {}  # {key -> resolved value}, filled by reads
+        dict.__init__(self)
+        self._store = store  # the process's Store that loads our nodes
+        self._ptr = ptr  # AtomPointer of the root node; 0 for an empty tree
 
-    def __getitem__(self, key: Any) -> Any:
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
+    @property
+    def ptr(self) -> int:
+        """The AtomPointer of this tree's root (0 when empty)."""
+        return self._ptr
+
+    def __missing__(self, key: Any) -> Any:
         if not self._ptr:
             raise KeyError(key)
         store = self._store
-        value = store.resolve(store.access.lookup(self._ptr, key))
-        if len(self._memo) < store.objects.capacity:
-            self._memo[key] = value
+        try:
+            slot = store.access.lookup(self._ptr, key)
+        except TypeError:  # a key that cannot be stored cannot be found
+            raise KeyError(key) from None
+        value = store.resolve(slot)
+        if dict.__len__(self) < store.objects.capacity:
+            dict.__setitem__(self, key, value)
         return value
 
+    def __len__(self) -> int:
+        return self._store.access.count(self._ptr, DICT_LEAF) if self._ptr else 0
+
+    def __bool__(self) -> bool:
+        return bool(self._ptr) and len(self) > 0
+
     def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
         try:
             self[key]
-        except KeyError:
-            return False
-        except TypeError:  # unhashable or unorderable: cannot be a stored key
+        except (KeyError, TypeError):
             return False
         return True
 
     def __iter__(self) -> Iterator[Any]:
         return self._store.access.keys(self._ptr, DICT_LEAF) if self._ptr else iter(())
 
-    def items(self) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
-        resolve = self._store.resolve
-        return ((key, resolve(slot)) for key, slot in self._raw_items())
+    def __reversed__(self) -> Iterator[Any]:
+        if not self._ptr:
+            return iter(())
+        leaves = self._store.access.leaves(self._ptr, DICT_LEAF, reverse=True)
+        return (key for leaf in leaves for key in reversed(leaf.keys))
 
-    def values(self) -> Iterator[Any]:  # type: ignore[override]
-        resolve = self._store.resolve
-        return (resolve(slot) for _, slot in self._raw_items())
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except (KeyError, TypeError):
+            return default
+
+    def keys(self) -> KeysView:  # type: ignore[override]
+        return KeysView(self)
+
+    def items(self) -> _TreeItems:  # type: ignore[override]
+        return _TreeItems(self)
+
+    def values(self) -> _TreeValues:  # type: ignore[override]
+        return _TreeValues(self)
 
     def _raw_items(self) -> Iterator[tuple[Any, Any]]:
         return self._store.access.items(self._ptr) if self._ptr else iter(())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        if len(self) != len(other):
+            return False
+        return all(key in other and other[key] == value for key, value in self.items())
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> dict:
+        """A shallow plain dict of the whole tree."""
+        return dict(self.items())
+
+    def __or__(self, other: Any) -> dict:
+        return {**self.copy(), **other}
+
+    def __ror__(self, other: Any) -> dict:
+        return {**other, **self.copy()}
+
+    @classmethod
+    def fromkeys(cls, keys: Any, value: Any = None) -> dict:  # type: ignore[override]
+        return dict.fromkeys(keys, value)
 
     def thaw(self) -> dict:
         """A plain, mutable, deep copy."""
         return {key: thaw(value) for key, value in self.items()}
 
-    @staticmethod
-    def _from_plain(value: dict) -> dict:
-        return value
+    def _protobase_plain_(self) -> dict:
+        return self.thaw()
+
+    def __reduce__(self) -> tuple:
+        return (dict, (self.thaw(),))
 
     __setitem__ = __delitem__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
 
     def __repr__(self) -> str:
         return f"TreeDict(<{len(self)} keys at {self._ptr:#x}>)"
+
+
+class _TreeItems(ItemsView):
+    """items() of a TreeDict: iterates the tree in key order."""
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        resolve = self._mapping._store.resolve
+        return ((key, resolve(slot)) for key, slot in self._mapping._raw_items())
+
+
+class _TreeValues(ValuesView):
+    """values() of a TreeDict: iterates the tree in key order."""
+
+    def __iter__(self) -> Iterator[Any]:
+        resolve = self._mapping._store.resolve
+        return (resolve(slot) for _, slot in self._mapping._raw_items())
 
 
 class TreeSet(_TreeView, Set):
