@@ -72,6 +72,8 @@ class ArenaWriter:
         self.current: Segment | None = None  # the segment being appended to
         self.current_index = 0
         self.used = 0  # bytes used in the current segment
+        self.used_of: dict[int, int] = {}  # {segment index -> bytes used}, for finished segments
+        self.generation_start = 1  # first segment of the current generation (see compaction)
         self.allocated_bytes = 0  # payload + header bytes appended since start
 
     def append(self, kind: int, payload: bytes) -> int:
@@ -90,14 +92,38 @@ class ArenaWriter:
 
     def start_generation(self) -> int:
         """Begin appending in a fresh segment; return its index (compaction copies start there)."""
-        self.current = None
+        self._finish_current()
+        self.generation_start = self.next_index
         return self.next_index
+
+    def _finish_current(self) -> None:
+        if self.current is not None:
+            self.used_of[self.current_index] = self.used
+            self.current = None
+
+    def used_bytes(self, index: int) -> int:
+        """Bytes written so far in segment `index`."""
+        return self.used if index == self.current_index and self.current is not None else self.used_of[index]
+
+    def generation(self) -> list[tuple[int, int]]:
+        """(index, used bytes) of every segment of the current generation: what a checkpoint copies."""
+        return [(index, self.used_bytes(index)) for index in sorted(self.segments) if index >= self.generation_start]
+
+    def restore_segment(self, index: int, length: int) -> memoryview:
+        """Create segment `index` of `length` bytes for recovery; return its buffer to fill."""
+        segment = Segment.create(names.data_name(self.instance_id, index), max(length, 8))
+        self.segments[index] = segment
+        self.used_of[index] = length
+        self.next_index = max(self.next_index, index + 1)
+        self.allocated_bytes += length
+        return segment.buf
 
     def _open_segment(self, at_least: int) -> None:
         last = self.current.size if self.current is not None else FIRST_SEGMENT // 2
         size = max(min(last * 2, MAX_SEGMENT), FIRST_SEGMENT)
         while size < at_least:
             size *= 2
+        self._finish_current()
         index = self.next_index
         segment = Segment.create(names.data_name(self.instance_id, index), size)
         self.next_index += 1
@@ -109,6 +135,7 @@ class ArenaWriter:
         """Unlink every segment with an index below `index`; return the bytes freed."""
         freed = 0
         for old in [i for i in self.segments if i < index]:
+            self.used_of.pop(old, None)
             segment = self.segments.pop(old)
             freed += segment.size
             segment.unlink()

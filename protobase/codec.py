@@ -113,7 +113,9 @@ def _ext_default(value: Any) -> msgpack.ExtType:
         return msgpack.ExtType(EXT_DATACLASS, _pack([name, fields]))
     plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
     if plain is not None:
-        return plain()
+        value = plain()
+        # msgpack does not call `default` again on what it returns: a set still needs its extension type
+        return _ext_default(value) if type(value) in (set, frozenset, tuple) else value
     raise TypeError(kind.__name__)
 
 

@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
+from . import codec
 from . import errors as errors_module
 from .arena import AtomReader
 from .coordinator import launcher
 from .datadir import FORMAT_VERSION, DataDir
-from .errors import ConflictError, CoordinatorError, DatabaseClosedError, ProtoBaseError
+from .errors import ConflictError, CoordinatorError, DatabaseClosedError, EncodingError, ProtoBaseError
 from .frozen import freeze
 from .shm import names
 from .shm.control import ControlBlock, full_fence
@@ -47,8 +48,12 @@ T = TypeVar("T")
 _open_databases: weakref.WeakSet = weakref.WeakSet()
 
 
-def open(path: str | os.PathLike, *, create: bool = True, start_coordinator: bool = True,
-         shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
+DURABILITY_MODES = ("sync", "async")
+
+
+def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
+         start_coordinator: bool = True, shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
+         flush_interval: float | None = None, checkpoint_bytes: int | None = None,
          compact_min_bytes: int | None = None) -> Database:
     """Open (and by default create) the database in directory `path`.
 
@@ -56,23 +61,38 @@ def open(path: str | os.PathLike, *, create: bool = True, start_coordinator: boo
     any process of the same user, attach to it. The coordinator stops
     `shutdown_grace` seconds after the last database handle closes.
 
+    `durability="sync"` (default): a commit returns once its write-ahead log
+    record is fsynced (concurrent commits share one fsync); it is never lost.
+    `"async"`: a commit returns once it is published in memory; the log is
+    fsynced within `flush_interval` seconds (default 0.01), which bounds what a
+    crash can lose, as Redis' `appendfsync everysec` does. `flush_interval`,
+    `checkpoint_bytes` and `compact_min_bytes` configure a coordinator this
+    call starts; a running one keeps its settings.
+
     Raises DataDirectoryError for a bad directory (a file, another owner,
-    loose permissions, another format version) and CoordinatorError when no
-    coordinator can be reached or started.
+    loose permissions, another format version), CorruptionError when the
+    log or checkpoint is damaged (run `protobase recover`), and
+    CoordinatorError when no coordinator can be reached or started.
     """
-    return Database(path, create=create, start_coordinator=start_coordinator, shutdown_grace=shutdown_grace,
-                    cache_size=cache_size, compact_min_bytes=compact_min_bytes)
+    return Database(path, durability=durability, create=create, start_coordinator=start_coordinator,
+                    shutdown_grace=shutdown_grace, cache_size=cache_size, flush_interval=flush_interval,
+                    checkpoint_bytes=checkpoint_bytes, compact_min_bytes=compact_min_bytes)
 
 
 class Database:
     """A handle on one database; a context manager that closes it."""
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, start_coordinator: bool = True,
-                 shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
-                 compact_min_bytes: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
+                 start_coordinator: bool = True, shutdown_grace: float = 2.0,
+                 cache_size: int = DEFAULT_OBJECT_CACHE, flush_interval: float | None = None,
+                 checkpoint_bytes: int | None = None, compact_min_bytes: int | None = None) -> None:
+        if durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        self.durability = durability  # default durability of this handle's commits
         self.datadir = DataDir.open(path, create=create)
         self.path = self.datadir.path
-        self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes)
+        self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes,
+                            checkpoint_bytes=checkpoint_bytes, flush_interval=flush_interval)
         self._cache_size = cache_size
         self._lock = threading.RLock()  # guards the connection and the pin counts
         self._held: Counter = Counter()  # {snapshot seq -> open snapshots and transactions on it}
@@ -148,15 +168,14 @@ class Database:
             self._ensure_attached()
             return self._exchange(self._sock, message)
 
-    def _commit(self, base: int, serializable: bool, ops: list, reads: list,
+    def _commit(self, base: int, serializable: bool, durability: str | None, ops: list, reads: list,
                 check_encodable: Callable[[list], None]) -> int:
-        from .errors import EncodingError
-
         try:
-            reply = self._request(["commit", base, serializable, ops, reads])
+            ops_bytes = codec.encode(ops)
         except EncodingError:
             check_encodable(ops)  # raises with the user's path
             raise
+        reply = self._request(["commit", base, serializable, durability or self.durability, ops_bytes, reads])
         if reply[0] == "conflict":
             error = ConflictError(tuple(reply[1]), reply[2], reply[3])
             log.debug("conflict: %s", error)
@@ -210,13 +229,16 @@ class Database:
         self._snapshots.add(snapshot)
         return snapshot
 
-    def transaction(self, isolation: str = "snapshot") -> Transaction:
+    def transaction(self, isolation: str = "snapshot", durability: str | None = None) -> Transaction:
         """A new transaction; use it in `with`, which commits on success and aborts on error.
 
         `isolation="snapshot"` (default) validates the keys written;
         `"serializable"` also validates the keys read, ruling out write skew.
+        `durability` overrides the handle's default ("sync" or "async") for this commit.
         """
-        tx = Transaction(self, isolation)
+        if durability is not None and durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        tx = Transaction(self, isolation, durability)
         self._transactions.add(tx)
         return tx
 
@@ -252,8 +274,12 @@ class Database:
         return decorate
 
     def compact(self) -> int:
-        """Ask the coordinator to compact now; return the sequence number it published."""
+        """Ask the coordinator to compact now; return the sequence number of the compacted root."""
         return self._request(["compact"])[1]
+
+    def checkpoint(self) -> int:
+        """Ask for a checkpoint of the latest commit now (it is written in the background)."""
+        return self._request(["checkpoint"])[1]
 
     def check(self) -> None:
         """Verify every structural invariant reachable from the latest root; CorruptionError if one fails."""

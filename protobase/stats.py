@@ -35,6 +35,11 @@ class DatabaseStats:
     path: str
     seq: int  # sequence number of the latest commit
     coordinator_pid: int
+    persistence_pid: int | None
+    durable_lsn: int  # every commit up to this WAL record is fsynced
+    last_lsn: int  # WAL record of the latest commit (durable_lsn - last_lsn is the lag)
+    checkpoints: int  # written since the coordinator started
+    wal_bytes_since_checkpoint: int
     commits: int  # since the coordinator started
     conflicts: int
     compactions: int
@@ -59,7 +64,9 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
     shared = sum(os.stat(os.path.join(names.SHM_DIR, entry.lstrip("/"))).st_size
                  for entry in names.instance_entries(db.instance_id))
     return DatabaseStats(
-        path=db.path, seq=seq, coordinator_pid=counters["pid"], commits=counters["commits"],
+        path=db.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
+        durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
+        wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], commits=counters["commits"],
         conflicts=counters["conflicts"], compactions=counters["compactions"], segments=counters["segments"],
         shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
         live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],

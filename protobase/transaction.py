@@ -72,12 +72,13 @@ def _check_keys(value: Any, path: tuple) -> None:
 class Transaction:
     """One transaction: a snapshot, the writes made on top of it, and (serializable) its reads."""
 
-    def __init__(self, db: Database, isolation: str = "snapshot") -> None:
+    def __init__(self, db: Database, isolation: str = "snapshot", durability: str | None = None) -> None:
         if isolation not in ISOLATION_LEVELS:
             raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, got {isolation!r}")
         self._db = db
         self.isolation = isolation
         self.serializable = isolation == "serializable"
+        self.durability = durability  # None: the database handle's default
         self.base_seq, root_ptr = db._pin()
         self.seq: int | None = None  # sequence number of the commit, once committed
         self._ops: dict[tuple, list] = {}  # {path -> [code, path, argument]}, in order of last write
@@ -134,7 +135,8 @@ class Transaction:
                 self.seq = self.base_seq
                 return self.seq
             reads = [list(path) for path in self._reads] if self.serializable else []
-            self.seq = self._db._commit(self.base_seq, self.serializable, ops, reads, self._check_encodable)
+            self.seq = self._db._commit(self.base_seq, self.serializable, self.durability, ops, reads,
+                                        self._check_encodable)
             return self.seq
         finally:
             self._finish("committed" if self.seq is not None else "aborted")

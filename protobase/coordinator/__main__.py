@@ -15,7 +15,7 @@ import sys
 
 from ..datadir import DataDir
 from ..errors import ProtoBaseError
-from .server import DEFAULT_COMPACT_MIN_BYTES, Coordinator
+from .server import DEFAULT_CHECKPOINT_BYTES, DEFAULT_COMPACT_MIN_BYTES, DEFAULT_FLUSH_INTERVAL, Coordinator
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +24,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace", type=float, default=2.0,
                         help="seconds to linger once the last client left; negative: serve forever")
     parser.add_argument("--compact-min-bytes", type=int, default=DEFAULT_COMPACT_MIN_BYTES)
+    parser.add_argument("--checkpoint-bytes", type=int, default=DEFAULT_CHECKPOINT_BYTES,
+                        help="WAL bytes after which a checkpoint is written")
+    parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL,
+                        help="longest time an async commit waits for fsync (seconds)")
     parser.add_argument("--daemon", action="store_true", help="detach; exit once serving")
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
@@ -32,7 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> Coordinator:
     datadir = DataDir.open(args.path)
     grace = None if args.grace < 0 else args.grace
-    return Coordinator(datadir, grace=grace, compact_min_bytes=args.compact_min_bytes)
+    return Coordinator(datadir, grace=grace, compact_min_bytes=args.compact_min_bytes,
+                       checkpoint_bytes=args.checkpoint_bytes, flush_interval=args.flush_interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +63,7 @@ def daemonize(args: argparse.Namespace) -> int:
         with os.fdopen(read_end, "rb") as status:
             message = status.read().decode(errors="replace")
         if message != "ok":
-            print(message or "protobase coordinator: died while starting", file=sys.stderr)
+            print(message or "CoordinatorError\nthe coordinator died while starting", file=sys.stderr)
             return 1
         return 0
     os.close(read_end)
@@ -75,7 +80,7 @@ def daemonize(args: argparse.Namespace) -> int:
         os.close(log_fd)
         coordinator.start()
     except BaseException as error:  # report any start-up failure to the launcher, then exit
-        os.write(write_end, f"protobase coordinator: {error}".encode())
+        os.write(write_end, f"{type(error).__name__}\n{error}".encode())
         os._exit(1)
     os.write(write_end, b"ok")
     os.close(write_end)

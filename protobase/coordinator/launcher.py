@@ -16,12 +16,13 @@ import subprocess
 import sys
 import time
 
+from .. import errors
 from ..datadir import DataDir, FileLock
 from ..errors import CoordinatorError
 
 __all__ = ["connect", "try_connect"]
 
-START_TIMEOUT = 30.0
+START_TIMEOUT = 600.0  # recovery of a large database happens before the coordinator listens
 
 
 def try_connect(datadir: DataDir) -> socket.socket | None:
@@ -38,9 +39,12 @@ def try_connect(datadir: DataDir) -> socket.socket | None:
     return sock
 
 
-def connect(datadir: DataDir, *, start: bool = True, grace: float = 2.0,
-            compact_min_bytes: int | None = None) -> socket.socket:
-    """Connect to the coordinator of `datadir`, starting one if none runs and `start`."""
+def connect(datadir: DataDir, *, start: bool = True, grace: float = 2.0, **settings: float | None) -> socket.socket:
+    """Connect to the coordinator of `datadir`, starting one if none runs and `start`.
+
+    `settings` (compact_min_bytes, checkpoint_bytes, flush_interval) configure a
+    coordinator we start; one already running keeps its own.
+    """
     sock = try_connect(datadir)
     if sock is not None:
         return sock
@@ -49,23 +53,27 @@ def connect(datadir: DataDir, *, start: bool = True, grace: float = 2.0,
     with FileLock(datadir.file("launch.lock")):
         sock = try_connect(datadir)
         if sock is None:
-            _spawn(datadir, grace, compact_min_bytes)
+            _spawn(datadir, grace, settings)
             sock = _wait_for_socket(datadir)
     return sock
 
 
-def _spawn(datadir: DataDir, grace: float, compact_min_bytes: int | None) -> None:
+def _spawn(datadir: DataDir, grace: float, settings: dict[str, float | None]) -> None:
     command = [sys.executable, "-m", "protobase.coordinator", datadir.path, "--daemon", "--grace", str(grace)]
-    if compact_min_bytes is not None:
-        command += ["--compact-min-bytes", str(compact_min_bytes)]
+    for name, value in settings.items():
+        if value is not None:
+            command += [f"--{name.replace('_', '-')}", str(value)]
     # Make this very package importable in the child even when it is not installed.
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                             stderr=subprocess.PIPE, timeout=START_TIMEOUT, check=False)
     if result.returncode != 0:
-        detail = result.stderr.decode(errors="replace").strip()
-        raise CoordinatorError(f"could not start a coordinator for {datadir.path}: {detail}")
+        kind, _, detail = result.stderr.decode(errors="replace").strip().partition("\n")
+        error_class = getattr(errors, kind, None)
+        if isinstance(error_class, type) and issubclass(error_class, errors.ProtoBaseError) and detail:
+            raise error_class(detail)  # e.g. CorruptionError naming the damaged WAL file and offset
+        raise CoordinatorError(f"could not start a coordinator for {datadir.path}: {kind} {detail}".strip())
 
 
 def _wait_for_socket(datadir: DataDir) -> socket.socket:

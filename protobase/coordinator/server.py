@@ -5,14 +5,24 @@ published root and the version table. One runs per data directory, guarded by
 an flock on `coordinator.lock`. It serves clients over the Unix socket in a
 single-threaded event loop, which is what serialises commits: each commit is
 validated (conflicts.py), applied by path copying (writer.py), written to
-atoms and published through the control segment's seqlock before the reply.
+atoms, and handed to the persistence process through the commit ring
+(durability.py).
+
+Durability: a "sync" commit is acknowledged, and its root published, only once
+its WAL record is fsynced, so no snapshot ever shows a commit that a crash
+could take back; concurrent sync commits share one fsync. An "async" commit
+is published and acknowledged at once; the persistence process fsyncs it
+within `flush_interval`. On start, the state is recovered from the newest
+checkpoint and the WAL (recovery.py); on a clean stop a final checkpoint is
+written, so the next start replays nothing.
 
 Reclamation is a copying compaction: once the bytes appended since the last
 compaction exceed the live bytes then (and `compact_min_bytes`), every atom
 reachable from the root is copied into fresh segments and the new root is
-published; the old segments are unlinked as soon as no reader's snapshot is
-older than that publish. Readers that die (kill -9) are dropped when their
-socket closes, and their reader slots are reaped by pid and start time.
+published; the old segments are unlinked as soon as the copy is published and
+no reader's snapshot (nor a checkpoint being written) is older than it. Readers
+that die (kill -9) are dropped when their socket closes, and their reader slots
+are reaped by pid and start time.
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
@@ -21,14 +31,18 @@ nothing of the instance is left in /dev/shm.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from .. import codec
 from ..arena import ArenaWriter, AtomReader
 from ..datadir import FORMAT_VERSION, DataDir, FileLock
 from ..errors import CoordinatorError, ProtoBaseError
@@ -37,6 +51,8 @@ from ..shm import names
 from ..shm.control import ControlBlock, process_start_time
 from ..store import Store
 from .conflicts import VersionTable
+from .durability import Durability, DurabilityFailed
+from .recovery import recover
 from .writer import OP_SET, PathError, Writer
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
@@ -44,8 +60,12 @@ __all__ = ["Coordinator", "LOCK_WAIT"]
 log = logging.getLogger("protobase.coordinator")
 
 TICK = 0.2  # seconds between housekeeping passes
-LOCK_WAIT = 10.0  # seconds a new coordinator waits for a stopping one to let go
+LOCK_WAIT = 30.0  # seconds a new coordinator waits for a stopping one to let go
 DEFAULT_COMPACT_MIN_BYTES = 64 << 20
+DEFAULT_CHECKPOINT_BYTES = 64 << 20
+DEFAULT_FLUSH_INTERVAL = 0.01
+DURABILITY_MODES = ("sync", "async")
+STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
 
 
 class Client:
@@ -58,54 +78,71 @@ class Client:
         self.slot: int | None = None  # reader-table slot, once it said hello
 
 
+@dataclass
+class Pending:
+    """A root waiting for its WAL record to be durable before it is published (and acknowledged)."""
+
+    lsn: int
+    seq: int
+    root: int
+    client: Client | None  # whom to answer, None for a compaction
+    reply: list | None
+
+
 class Coordinator:
     """Serves one data directory until the last client has gone (or forever)."""
 
     def __init__(self, datadir: DataDir, *, grace: float | None = 2.0,
-                 compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES) -> None:
+                 compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
+                 checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
         self.datadir = datadir
         self.grace = grace  # seconds to linger with no client; None: serve forever
         self.compact_min_bytes = compact_min_bytes
+        self.checkpoint_bytes = checkpoint_bytes  # WAL bytes that trigger a checkpoint
+        self.flush_interval = flush_interval
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.control: ControlBlock | None = None
         self.arena: ArenaWriter | None = None
         self.writer: Writer | None = None
+        self.durability: Durability | None = None
         self.listener: socket.socket | None = None
         self.selector = selectors.DefaultSelector()
         self.clients: dict[socket.socket, Client] = {}  # {connection -> client}
         self.versions = VersionTable()
-        self.seq = 0  # sequence number of the published root
-        self.root = 0  # AtomPointer of the published root
+        self.seq = 0  # sequence number of the latest commit (maybe not yet published)
+        self.root = 0  # its root pointer
+        self.published_seq = 0  # sequence number of the published root
+        self.pending: collections.deque[Pending] = collections.deque()  # in LSN order
         self.live_after_compaction = 0  # bytes copied by the last compaction
         self.allocated_at_compaction = 0  # arena.allocated_bytes right after it
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
+        self.checkpoint_pin: int | None = None  # seq of a checkpoint being written
+        self.changed_since_checkpoint = False
         self.commits = 0
         self.conflicts = 0
         self.compactions = 0
+        self.checkpoints = 0
+        self.recovered = None
         self.idle_since: float | None = time.monotonic()
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        """Take the directory, sweep a crashed instance, create shared memory, listen."""
-        deadline = time.monotonic() + LOCK_WAIT
-        while not self.lock.acquire(blocking=False):
-            if time.monotonic() > deadline:
-                raise CoordinatorError(
-                    f"another coordinator holds {self.lock.path}; it serves {self.datadir.path} already")
-            time.sleep(0.05)
+        """Take the directory, sweep a crashed instance, recover, start persistence, listen."""
+        self._acquire(self.lock, "another coordinator serves it")
         try:
             self._sweep_previous_instance()
             pid = os.getpid()
             self.control = ControlBlock.create(names.control_name(self.instance_id),
                                                coordinator_pid=pid, coordinator_start=process_start_time(pid))
+            self.datadir.write_instance(self.instance_id)
             self.arena = ArenaWriter(self.instance_id, self._on_new_segment)
             self.writer = Writer(self.arena, Store(AtomReader(self.instance_id, writer=self.arena)))
-            self.control.publish_root(self.seq, self.root)
-            self.datadir.write_instance(self.instance_id)
+            self._recover()
             self._listen()
         except BaseException:
             self._release_shared_memory()
@@ -113,6 +150,30 @@ class Coordinator:
             raise
         self.running = True
         log.info("coordinator %d serving %s (instance %s)", os.getpid(), self.datadir.path, self.instance_id)
+
+    def _acquire(self, lock: FileLock, holder: str) -> None:
+        deadline = time.monotonic() + LOCK_WAIT
+        while not lock.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"{lock.path} is still held after {LOCK_WAIT}s: {holder}")
+            time.sleep(0.02)
+
+    def _recover(self) -> None:
+        wal_lock = FileLock(self.datadir.file("wal.lock"))
+        self._acquire(wal_lock, "a persistence process still writes the WAL")
+        try:
+            self.recovered = recover(self.datadir.path, self.arena, self.writer)
+        finally:
+            wal_lock.release()
+        self.seq, self.root = self.recovered.seq, self.recovered.root
+        self._publish(self.seq, self.root)
+        self.live_after_compaction = self.allocated_at_compaction = self.arena.allocated_bytes
+        self.durability = Durability(self.datadir, self.instance_id, next_lsn=self.recovered.lsn + 1,
+                                     flush_interval=self.flush_interval)
+        self.durability.start()
+        self.control.durable_lsn = self.recovered.lsn
+        self.selector.register(self.durability.sock, selectors.EVENT_READ)
+        self.changed_since_checkpoint = self.recovered.replayed > 0
 
     def _sweep_previous_instance(self) -> None:
         previous = self.datadir.read_instance()
@@ -148,7 +209,9 @@ class Coordinator:
                 for key, _ in self.selector.select(TICK):
                     if key.fileobj is self.listener:
                         self._accept()
-                    else:
+                    elif key.fileobj is self.durability.sock:
+                        self._on_persistence_report()
+                    elif key.fileobj in self.clients:
                         self._read(key.fileobj)
                 self._housekeeping()
         finally:
@@ -158,12 +221,11 @@ class Coordinator:
         self.running = False
 
     def stop(self) -> None:
-        """Close every connection and remove the instance from /dev/shm."""
+        """Checkpoint, stop persistence, close every connection, remove the instance from /dev/shm."""
         self.running = False
-        if self.control is not None:
-            self.control.shutting_down = True
-        for sock in list(self.clients):
-            self._drop(sock)
+        if self.control is None:
+            return
+        self.control.shutting_down = True
         if self.listener is not None:
             self.selector.unregister(self.listener)
             self.listener.close()
@@ -172,10 +234,31 @@ class Coordinator:
                 os.unlink(self.datadir.socket_path)
             except FileNotFoundError:
                 pass
+        self._final_checkpoint()
+        for sock in list(self.clients):
+            self._drop(sock)
+        if self.durability is not None:
+            self.durability.stop()
         self._release_shared_memory()
         self.datadir.write_instance(None)
         self.lock.release()
         log.info("coordinator %d stopped", os.getpid())
+
+    def _final_checkpoint(self) -> None:
+        """On a clean stop: checkpoint, and wait until it and every pending commit are durable."""
+        if self.durability is None or self.durability.failure:
+            return
+        if self.changed_since_checkpoint or self.pending:
+            self._checkpoint()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (self.pending or self.checkpoint_pin is not None) and not self.durability.failure:
+            if time.monotonic() > deadline:
+                log.error("the final checkpoint did not finish in %ss; the WAL still holds every commit",
+                          STOP_TIMEOUT)
+                return
+            if self.durability.sock is not None:
+                select.select([self.durability.sock], [], [], TICK)
+            self._on_persistence_report()
 
     def _release_shared_memory(self) -> None:
         if self.arena is not None:
@@ -212,12 +295,24 @@ class Coordinator:
             if not data:
                 raise ConnectionResetError
             for message in client.reader.feed(data):
-                send(sock, self._handle(client, message))
+                reply = self._handle(client, message)
+                if reply is not None:
+                    send(sock, reply)
         except (OSError, CoordinatorError):
             self._drop(sock)
 
+    def _answer(self, client: Client | None, reply: list | None) -> None:
+        if client is None or reply is None or client.sock not in self.clients:
+            return
+        try:
+            send(client.sock, reply)
+        except OSError:
+            self._drop(client.sock)
+
     def _drop(self, sock: socket.socket) -> None:
-        client = self.clients.pop(sock)
+        client = self.clients.pop(sock, None)
+        if client is None:
+            return
         self.selector.unregister(sock)
         sock.close()
         if client.slot is not None and self.control is not None:
@@ -227,11 +322,11 @@ class Coordinator:
 
     # -- requests -----------------------------------------------------------------
 
-    def _handle(self, client: Client, message: list) -> list:
+    def _handle(self, client: Client, message: list) -> list | None:
         try:
             verb = message[0]
             if verb == "commit":
-                return self.commit(message[1], message[2], message[3], message[4])
+                return self.commit(client, *message[1:6])
             if verb == "hello":
                 return self._hello(client, message[1])
             if verb == "stats":
@@ -239,7 +334,13 @@ class Coordinator:
             if verb == "compact":
                 self.compact()
                 return ["ok", self.seq]
+            if verb == "checkpoint":
+                self._checkpoint()
+                return ["ok", self.seq]
             return ["error", "ProtoBaseError", f"unknown request {verb!r}"]
+        except DurabilityFailed as error:
+            self._fail(str(error))
+            return self._failure_reply()
         except ProtoBaseError as error:
             return ["error", type(error).__name__, str(error)]
         except Exception as error:  # a bad request or a bug: refuse this request, keep serving
@@ -256,8 +357,14 @@ class Coordinator:
             client.slot = self.control.assign_reader(client.pid, process_start_time(client.pid))
         return ["ok", self.instance_id, client.slot]
 
-    def commit(self, base: int, serializable: bool, ops: list, reads: list) -> list:
-        """Validate, apply, write and publish one transaction."""
+    def commit(self, client: Client, base: int, serializable: bool, durability: str, ops_bytes: bytes,
+               reads: list) -> list | None:
+        """Validate, apply, write, log and publish one transaction; None when the reply waits for fsync."""
+        if self.durability.failure:
+            return self._failure_reply()
+        if durability not in DURABILITY_MODES:
+            return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
+        ops = codec.decode(ops_bytes, frozen=False)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
         conflict = self.versions.first_conflict(base, checked)
@@ -272,42 +379,111 @@ class Coordinator:
             new_root = self.writer.flush(root)
         except PathError as error:
             return ["error", "ProtoBaseError", f"commit refused: {error}"]
-        self._publish(new_root)
+        self.seq += 1
+        self.root = new_root
         self.versions.record(self.seq, paths)
         self.commits += 1
-        pointers = self._written_values(ops, paths)
+        self.changed_since_checkpoint = True
+        reply = ["ok", self.seq, self._written_values(ops, paths)]
+        lsn = self.durability.enqueue(codec.encode([self.seq, ops_bytes]), sync=durability == "sync")
+        if durability == "sync":
+            self.pending.append(Pending(lsn, self.seq, new_root, client, reply))
+            reply = None
+        else:
+            self._publish(self.seq, new_root)
         self._maybe_compact()
-        return ["ok", self.seq, pointers]
+        self._maybe_checkpoint()
+        return reply
 
     def _written_values(self, ops: list, paths: list[tuple]) -> list:
         # Tell the client where each SET value now lives, so it can cache the
         # value it already holds (write-through). Only for values nothing later
         # in the commit changed, and only for values stored as one atom.
-        # Walk backwards keeping every prefix of the later paths: one set lookup
-        # per op, not a scan of the later ops (which made a 10k-key commit quadratic).
         pointers = []
-        later: set[tuple] = set()  # {prefix of a path written later in this commit}
-        for index in range(len(ops) - 1, -1, -1):
-            code, _, argument = ops[index]
-            path = paths[index]
-            changed_later = path in later
-            later.update(path[:end] for end in range(1, len(path) + 1))
-            if changed_later or code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
+        for index, ((code, _, argument), path) in enumerate(zip(ops, paths)):
+            if code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
+                continue
+            if any(other[:len(path)] == path for other in paths[index + 1:]):
                 continue
             ptr = self.writer.flat_pointer(argument)
             if ptr:
                 pointers.append([index, ptr])
-        pointers.reverse()
         return pointers
 
-    def _publish(self, root: int) -> None:
-        self.seq += 1
-        self.root = root
-        self.control.publish_root(self.seq, root)
+    def _publish(self, seq: int, root: int) -> None:
+        if seq > self.published_seq or seq == 0:
+            self.published_seq = seq
+            self.control.publish_root(seq, root)
+
+    def _publish_when_durable(self, seq: int, root: int) -> None:
+        lsn = self.durability.next_lsn - 1
+        if lsn <= self.durability.durable_lsn and not self.pending:
+            self._publish(seq, root)
+        else:
+            self.pending.append(Pending(lsn, seq, root, None, None))
 
     def _on_new_segment(self, next_index: int) -> None:
         if self.control is not None:
             self.control.next_segment = next_index
+
+    # -- durability -------------------------------------------------------------------
+
+    def _on_persistence_report(self) -> None:
+        for message in self.durability.read_reports():
+            if message[0] == "checkpointed":
+                self.checkpoint_pin = None
+                self.checkpoints += 1
+        durable = self.durability.durable_lsn
+        self.control.durable_lsn = durable
+        newest = None
+        answered = []
+        while self.pending and self.pending[0].lsn <= durable:
+            newest = self.pending.popleft()
+            answered.append(newest)
+        if newest is not None:
+            self._publish(newest.seq, newest.root)
+        for pending in answered:
+            self._answer(pending.client, pending.reply)
+        if self.durability.failure:
+            self._fail(self.durability.failure)
+        if self.durability.sock is None:  # the child is gone: restart it or fail
+            self._check_persistence()
+
+    def _check_persistence(self) -> None:
+        try:
+            if self.durability.check_child():
+                self.selector.register(self.durability.sock, selectors.EVENT_READ)
+        except DurabilityFailed as error:
+            self._fail(str(error))
+
+    def _failure_reply(self) -> list:
+        return ["error", "CoordinatorError",
+                f"{self.durability.failure}. This commit was NOT made durable and is not committed. "
+                f"Fix the disk (free space, check the device), then open the database again: "
+                f"recovery restores every acknowledged commit from the write-ahead log"]
+
+    def _fail(self, why: str) -> None:
+        """Stop acknowledging: answer every waiting commit with the failure, then stop serving."""
+        if self.durability.failure is None:
+            self.durability.failure = why
+        log.error("durability failed: %s; refusing commits and stopping", why)
+        while self.pending:
+            pending = self.pending.popleft()
+            self._answer(pending.client, self._failure_reply())
+        self.running = False
+
+    def _maybe_checkpoint(self) -> None:
+        if self.durability.wal_bytes >= self.checkpoint_bytes and self.checkpoint_pin is None:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Have the persistence process write the state after the last commit as a checkpoint."""
+        if self.checkpoint_pin is not None:
+            return
+        self.checkpoint_pin = self.seq
+        self.changed_since_checkpoint = False
+        self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=self.arena.generation(),
+                                           next_segment=self.arena.next_index)
 
     # -- reclamation ----------------------------------------------------------------
 
@@ -321,8 +497,9 @@ class Coordinator:
         started = time.monotonic()
         before = self.arena.allocated_bytes
         first_new = self.arena.start_generation()
-        new_root = self.writer.copy_root(self.root)
-        self._publish(new_root)
+        self.root = self.writer.copy_root(self.root)
+        self.seq += 1
+        self._publish_when_durable(self.seq, self.root)
         self.live_after_compaction = self.arena.allocated_bytes - before
         self.allocated_at_compaction = self.arena.allocated_bytes
         self.discarded_at_compaction = self.writer.discarded_bytes
@@ -337,19 +514,26 @@ class Coordinator:
         if not self.retired:
             return
         oldest = self.control.oldest_snapshot()
-        while self.retired and (oldest is None or oldest >= self.retired[0][0]):
-            _, first_live = self.retired.pop(0)
+        for pin in (self.checkpoint_pin,):
+            if pin is not None:
+                oldest = pin if oldest is None else min(oldest, pin)
+        while self.retired:
+            seq, first_live = self.retired[0]
+            if self.published_seq < seq or (oldest is not None and oldest < seq):
+                return
+            self.retired.pop(0)
             self.writer.store.reader.forget_below(first_live)
             self.arena.release_below(first_live)
             self.control.oldest_segment = first_live
 
     def _housekeeping(self) -> None:
         self.control.reap_dead_readers()
+        self._check_persistence()
         self._release_retired()
-        oldest = self.control.oldest_snapshot()
         if len(self.versions) > 100_000:
-            self.versions.prune(self.seq if oldest is None else oldest)
-        if self.grace is not None and self.idle_since is not None:
+            oldest = self.control.oldest_snapshot()
+            self.versions.prune(self.published_seq if oldest is None else oldest)
+        if self.grace is not None and self.idle_since is not None and not self.pending:
             if time.monotonic() - self.idle_since >= self.grace:
                 self.running = False
 
@@ -359,11 +543,14 @@ class Coordinator:
         discarded = self.writer.discarded_bytes - self.discarded_at_compaction
         return self.live_after_compaction + appended - discarded
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         return {
-            "seq": self.seq, "commits": self.commits, "conflicts": self.conflicts,
-            "compactions": self.compactions, "allocated_bytes": self.arena.allocated_bytes,
-            "live_bytes": self.live_bytes(), "mapped_bytes": self.arena.mapped_bytes(),
-            "segments": len(self.arena.segments), "clients": len(self.clients), "pid": os.getpid(),
+            "seq": self.seq, "published_seq": self.published_seq, "commits": self.commits,
+            "conflicts": self.conflicts, "compactions": self.compactions, "checkpoints": self.checkpoints,
+            "allocated_bytes": self.arena.allocated_bytes, "live_bytes": self.live_bytes(),
+            "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
+            "clients": len(self.clients), "pid": os.getpid(), "persistence_pid": self.durability.pid,
+            "durable_lsn": self.durability.durable_lsn, "last_lsn": self.durability.next_lsn - 1,
+            "wal_bytes_since_checkpoint": self.durability.wal_bytes,
+            "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
-

@@ -1,0 +1,188 @@
+"""The coordinator's side of durability: the commit ring and the persistence process.
+
+Owns the producer end of the commit ring, the persistence child process (its
+start, its restart after a crash, its stop) and the socket it reports on.
+`enqueue` hands a commit's WAL payload to the ring and rings the doorbell; the
+persistence process answers with the durable LSN, which the server uses to
+acknowledge "sync" commits (group commit: one fsync answers many).
+
+Invariant: LSNs are handed out consecutively, one per commit, in commit
+order, and the ring carries them in that order. A persistence process killed
+by a signal is restarted and resumes from the ring's tail (it skips records
+already in the WAL); one that reports a disk failure is not restarted: the
+coordinator stops acknowledging instead (never retry after a failed fsync).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .. import codec
+from ..datadir import DataDir
+from ..protocol import FrameReader
+from ..shm import names
+from ..shm.ring import CONTROL, SYNC, CommitRing
+from .persistence import EXIT_DISK_FAILURE
+
+__all__ = ["Durability", "DurabilityFailed"]
+
+log = logging.getLogger("protobase.coordinator")
+
+MAX_RESTARTS = 20
+STOP_TIMEOUT = 60.0
+
+
+class DurabilityFailed(Exception):
+    """The write-ahead log can no longer make commits durable."""
+
+
+class Durability:
+    """Ring producer and persistence supervisor (coordinator only)."""
+
+    def __init__(self, datadir: DataDir, instance_id: str, *, next_lsn: int, flush_interval: float,
+                 ring_capacity: int | None = None) -> None:
+        self.datadir = datadir
+        self.instance_id = instance_id
+        self.flush_interval = flush_interval
+        self.next_lsn = next_lsn  # LSN of the next commit
+        self.durable_lsn = next_lsn - 1  # every commit up to here is fsynced
+        self.ring = CommitRing.create(names.segment_name(instance_id, "ring"),
+                                      **({"capacity": ring_capacity} if ring_capacity else {}))
+        self.process: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None  # our end of the socketpair with the child
+        self.reader = FrameReader()
+        self.restarts = 0
+        self.failure: str | None = None  # why commits can no longer be made durable
+        self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
+
+    # -- the child ----------------------------------------------------------------
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        command = [sys.executable, "-m", "protobase.coordinator.persistence", self.datadir.path,
+                   "--instance", self.instance_id, "--fd", str(theirs.fileno()),
+                   "--flush-interval", str(self.flush_interval), "--next-lsn", str(self.durable_lsn + 1),
+                   "--log-level", logging.getLevelName(logging.getLogger().level)]
+        self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, env=env)
+        theirs.close()
+        self.sock = ours
+        self.reader = FrameReader()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def check_child(self) -> bool:
+        """Restart a persistence process killed by a signal; True if one was restarted.
+
+        Raises DurabilityFailed when it exited on a disk error or keeps dying.
+        """
+        if self.process is None or self.process.poll() is None:
+            return False
+        code = self.process.returncode
+        self._close_socket()
+        if code == EXIT_DISK_FAILURE or self.failure:
+            self.failure = self.failure or "the persistence process stopped on a disk error"
+            raise DurabilityFailed(self.failure)
+        self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            self.failure = f"the persistence process died {self.restarts} times (last exit status {code})"
+            raise DurabilityFailed(self.failure)
+        log.warning("persistence process %d exited with status %s; restarting it", self.process.pid, code)
+        self.start()
+        self.doorbell()
+        return True
+
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # -- producing --------------------------------------------------------------
+
+    def enqueue(self, payload: bytes, sync: bool) -> int:
+        """Hand one commit's WAL payload to the persistence process; return its LSN."""
+        if self.failure:
+            raise DurabilityFailed(self.failure)
+        lsn = self.next_lsn
+        self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
+        self.next_lsn += 1
+        self.wal_bytes += len(payload)
+        self.doorbell()
+        return lsn
+
+    def request_checkpoint(self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int) -> int:
+        """Ask for a checkpoint of the state after the last enqueued commit; return its LSN."""
+        lsn = self.next_lsn - 1
+        payload = codec.encode({"lsn": lsn, "seq": seq, "root": root, "next_segment": next_segment,
+                                "segments": [list(entry) for entry in segments]})
+        self.ring.append(0, CONTROL, payload, wait=self._wait_for_room)
+        self.wal_bytes = 0
+        self.doorbell()
+        return lsn
+
+    def doorbell(self) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send(b"\x01")
+        except BlockingIOError:
+            pass  # the doorbell is already ringing: unread bytes wake it just the same
+        except OSError:
+            pass  # the child is gone; check_child() will notice
+
+    def _wait_for_room(self) -> None:
+        # Back-pressure: the ring is full. The child frees room as it writes.
+        self.check_child()
+        time.sleep(0.0005)
+
+    # -- reports ------------------------------------------------------------------
+
+    def read_reports(self) -> list[list[Any]]:
+        """Messages the child sent: ["durable", lsn], ["checkpointed", lsn], ["failed", why], ["started", lsn]."""
+        if self.sock is None:
+            return []
+        messages = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._close_socket()
+                break
+            messages.extend(self.reader.feed(data))
+        for message in messages:
+            if message[0] == "durable":
+                self.durable_lsn = max(self.durable_lsn, message[1])
+            elif message[0] == "failed":
+                self.failure = f"the write-ahead log failed: {message[1]}"
+        return messages
+
+    # -- stopping -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Close the doorbell; the child drains the ring, syncs and exits. Wait for it."""
+        self._close_socket()
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.error("persistence process %d did not stop; killing it", self.process.pid)
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        self.ring.unlink()
+        self.ring.close()

@@ -1,0 +1,203 @@
+"""The persistence process: drains the commit ring into the WAL, fsyncs in groups.
+
+Started and supervised by the coordinator (`python -m
+protobase.coordinator.persistence DIR ...`, the data directory's absolute
+path on its command line). It holds `wal.lock` for its whole life, so a new
+coordinator never reads a WAL that is still being written.
+
+Loop: wait for the doorbell (a byte on the socket shared with the coordinator)
+or `flush_interval`; take every whole record from the ring; append them to the
+WAL file with one write; advance the ring's tail; fsync once for the batch
+when it holds a "sync" commit (or when `flush_interval` has passed since
+unsynced "async" ones were written); publish the durable LSN in the control
+segment and tell the coordinator. That one fsync per batch is group commit.
+
+Control records in the ring ask for a checkpoint: the WAL is synced first,
+the checkpoint written from the segments the coordinator keeps pinned, then a
+new WAL file is started and the files the checkpoint covers are removed.
+
+Failure: a write or fsync error is never retried (after a failed fsync the
+page cache may have dropped the data). The process reports it and exits with
+status 3; the coordinator stops acknowledging, and a restart recovers from the
+WAL. If the coordinator dies, the ring is drained and synced, then we exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import select
+import socket
+import sys
+import time
+
+from .. import codec, wal
+from ..checkpoint import remove_checkpoints_before, write_checkpoint
+from ..datadir import DataDir, FileLock
+from ..protocol import send
+from ..shm import names
+from ..shm.control import ControlBlock
+from ..shm.ring import CONTROL, SYNC, CommitRing
+from ..shm.segment import Segment
+
+__all__ = ["Persistence", "EXIT_DISK_FAILURE", "main"]
+
+log = logging.getLogger("protobase.persistence")
+
+EXIT_DISK_FAILURE = 3
+LOCK_WAIT = 30.0
+
+
+class Persistence:
+    """The consumer of one instance's commit ring."""
+
+    def __init__(self, datadir: DataDir, instance_id: str, sock: socket.socket, flush_interval: float) -> None:
+        self.datadir = datadir
+        self.instance_id = instance_id
+        self.sock = sock  # doorbell in, reports out
+        self.flush_interval = flush_interval
+        self.lock = FileLock(datadir.file("wal.lock"))
+        self.control: ControlBlock | None = None
+        self.ring: CommitRing | None = None
+        self.writer: wal.WalWriter | None = None
+        self.unsynced_since: float | None = None  # when the oldest unsynced record was written
+        self.coordinator_gone = False
+
+    def run(self, next_lsn: int) -> int:
+        deadline = time.monotonic() + LOCK_WAIT
+        while not self.lock.acquire(blocking=False):
+            if time.monotonic() > deadline:
+                log.error("wal.lock is still held after %ss; another persistence process runs", LOCK_WAIT)
+                return 1
+            time.sleep(0.01)
+        self.control = ControlBlock.attach(names.control_name(self.instance_id))
+        self.ring = CommitRing.attach(names.segment_name(self.instance_id, "ring"))
+        try:
+            self.writer = self._open_wal(next_lsn)
+            self._report(["started", self.writer.last_lsn])
+            while not self.coordinator_gone:
+                self._wait()
+                self._drain()
+            self._drain()  # the coordinator stopped or died: keep what it handed us
+            self._sync()
+            return 0
+        except (wal.WalWriteError, wal.WalSyncError, OSError) as error:
+            log.error("write-ahead log failed: %s", error)
+            self._report(["failed", f"{type(error).__name__}: {error}"])
+            return EXIT_DISK_FAILURE
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            self.ring.close()
+            self.control.close()
+            self.lock.release()
+
+    def _open_wal(self, next_lsn: int) -> wal.WalWriter:
+        files = wal.list_wal_files(self.datadir.path)
+        if files:
+            writer = wal.WalWriter.open_for_append(files[-1][1])
+            if writer.next_lsn == next_lsn or writer.last_lsn >= next_lsn - 1:
+                return writer
+            writer.close()
+        return wal.WalWriter.create(self.datadir.path, next_lsn)
+
+    def _wait(self) -> None:
+        """Block until the doorbell rings, the flush interval passes or the coordinator goes."""
+        timeout = self.flush_interval if self.unsynced_since is not None else 1.0
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if ready:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                self.coordinator_gone = True
+
+    def _drain(self) -> None:
+        records, tail = self.ring.read()
+        batch: list[bytes] = []
+        sync_needed = False
+        for lsn, flags, payload in records:
+            if flags & CONTROL:
+                self._append(batch)
+                batch = []
+                self._sync()
+                self._checkpoint(payload)
+                continue
+            if lsn <= self.writer.last_lsn:
+                continue  # written by our predecessor before it died
+            batch.append(payload)
+            sync_needed |= bool(flags & SYNC)
+        self._append(batch)
+        self.ring.release(tail)
+        overdue = self.unsynced_since is not None and time.monotonic() - self.unsynced_since >= self.flush_interval
+        if sync_needed or overdue:
+            self._sync()
+
+    def _append(self, batch: list[bytes]) -> None:
+        if batch:
+            self.writer.append_many(batch)
+            if self.unsynced_since is None:
+                self.unsynced_since = time.monotonic()
+
+    def _sync(self) -> None:
+        if self.unsynced_since is None:
+            return
+        self.writer.sync()
+        self.unsynced_since = None
+        lsn = self.writer.last_lsn
+        self.control.durable_lsn = lsn
+        self._report(["durable", lsn])
+
+    def _checkpoint(self, payload: bytes) -> None:
+        request = codec.decode(payload, frozen=False)
+        lsn = request["lsn"]
+        wanted = request["segments"]  # [[index, used bytes], ...]
+        segments = [(index, Segment.attach(names.data_name(self.instance_id, index))) for index, _ in wanted]
+        try:
+            views = [(index, segment.buf[:used]) for (index, segment), (_, used) in zip(segments, wanted)]
+            started = time.monotonic()
+            path = write_checkpoint(self.datadir.path, lsn=lsn, seq=request["seq"], root=request["root"],
+                                    next_segment=request["next_segment"], segments=views,
+                                    fsync_directory=wal.fsync_directory)
+            del views
+        finally:
+            for _, segment in segments:
+                segment.close()
+        if self.writer.last_lsn > lsn:
+            raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
+        self.writer.close()
+        self.writer = wal.WalWriter.create(self.datadir.path, lsn + 1)
+        wal.remove_wal_files_before(self.datadir.path, lsn)
+        remove_checkpoints_before(self.datadir.path, lsn, wal.fsync_directory)
+        log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)
+        self._report(["checkpointed", lsn])
+
+    def _report(self, message: list) -> None:
+        if self.coordinator_gone:
+            return
+        try:
+            send(self.sock, message)
+        except OSError:
+            self.coordinator_gone = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m protobase.coordinator.persistence")
+    parser.add_argument("path", help="data directory (absolute path)")
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--fd", type=int, required=True, help="socket shared with the coordinator")
+    parser.add_argument("--flush-interval", type=float, default=0.01)
+    parser.add_argument("--next-lsn", type=int, required=True)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    datadir = DataDir(os.path.abspath(args.path))
+    return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
