@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -78,6 +79,18 @@ class Durability:
         self.sock = ours
         self.reader = FrameReader()
 
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Block until the child holds the WAL open; raise DurabilityFailed if it cannot."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            select.select([self.sock], [], [], 0.05)
+            if any(message[0] == "started" for message in self.read_reports()):
+                return
+            if self.failure or self.sock is None or self.process.poll() is not None:
+                break
+        raise DurabilityFailed(self.failure or f"the persistence process did not start (exit status "
+                                               f"{self.process.poll()}); see {self.datadir.file('coordinator.log')}")
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
@@ -104,6 +117,7 @@ class Durability:
         return True
 
     def _close_socket(self) -> None:
+        # The server unregisters it from its selector when it sees sock is None.
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -167,8 +167,9 @@ class Persistence:
                 segment.close()
         if self.writer.last_lsn > lsn:
             raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
-        self.writer.close()
-        self.writer = wal.WalWriter.create(self.datadir.path, lsn + 1)
+        if self.writer.first_lsn != lsn + 1:  # else the current file already starts after the checkpoint
+            self.writer.close()
+            self.writer = wal.WalWriter.create(self.datadir.path, lsn + 1)
         wal.remove_wal_files_before(self.datadir.path, lsn)
         remove_checkpoints_before(self.datadir.path, lsn, wal.fsync_directory)
         log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)

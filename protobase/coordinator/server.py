@@ -109,6 +109,7 @@ class Coordinator:
         self.durability: Durability | None = None
         self.listener: socket.socket | None = None
         self.selector = selectors.DefaultSelector()
+        self.watched_persistence: socket.socket | None = None  # the persistence socket in the selector
         self.clients: dict[socket.socket, Client] = {}  # {connection -> client}
         self.versions = VersionTable()
         self.seq = 0  # sequence number of the latest commit (maybe not yet published)
@@ -171,8 +172,13 @@ class Coordinator:
         self.durability = Durability(self.datadir, self.instance_id, next_lsn=self.recovered.lsn + 1,
                                      flush_interval=self.flush_interval)
         self.durability.start()
+        try:
+            self.durability.wait_started()
+        except DurabilityFailed as error:
+            self.durability.stop()
+            raise CoordinatorError(f"cannot write the write-ahead log of {self.datadir.path}: {error}") from None
         self.control.durable_lsn = self.recovered.lsn
-        self.selector.register(self.durability.sock, selectors.EVENT_READ)
+        self._watch_persistence()
         self.changed_since_checkpoint = self.recovered.replayed > 0
 
     def _sweep_previous_instance(self) -> None:
@@ -209,11 +215,14 @@ class Coordinator:
                 for key, _ in self.selector.select(TICK):
                     if key.fileobj is self.listener:
                         self._accept()
-                    elif key.fileobj is self.durability.sock:
+                    elif key.fileobj is self.watched_persistence:
                         self._on_persistence_report()
                     elif key.fileobj in self.clients:
                         self._read(key.fileobj)
                 self._housekeeping()
+        except Exception:
+            log.exception("the coordinator's event loop failed; stopping")
+            raise
         finally:
             self.stop()
 
@@ -448,13 +457,25 @@ class Coordinator:
             self._fail(self.durability.failure)
         if self.durability.sock is None:  # the child is gone: restart it or fail
             self._check_persistence()
+        self._watch_persistence()
 
     def _check_persistence(self) -> None:
         try:
-            if self.durability.check_child():
-                self.selector.register(self.durability.sock, selectors.EVENT_READ)
+            self.durability.check_child()
         except DurabilityFailed as error:
             self._fail(str(error))
+        self._watch_persistence()
+
+    def _watch_persistence(self) -> None:
+        """Keep the selector on the current persistence socket (it changes when the child restarts)."""
+        current = self.durability.sock
+        if current is self.watched_persistence:
+            return
+        if self.watched_persistence is not None:
+            self.selector.unregister(self.watched_persistence)
+        if current is not None:
+            self.selector.register(current, selectors.EVENT_READ)
+        self.watched_persistence = current
 
     def _failure_reply(self) -> list:
         return ["error", "CoordinatorError",

@@ -1,0 +1,189 @@
+"""Durability: what was acknowledged survives restarts, crashes and disk errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+import protobase
+from protobase import wal
+from protobase.datadir import DataDir, FileLock
+from protobase.errors import CoordinatorError, CorruptionError
+from tests.conftest import GRACE, wait_for_coordinator_exit
+
+
+def commit_counter(db, key: str, value: int, durability: str | None = None) -> None:
+    with db.transaction(durability=durability) as tx:
+        tx.root[key] = {"value": value}
+
+
+def read(path: str, key: str):
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            value = snap.root.get(key)
+            return None if value is None else value["value"]
+
+
+def kill_and_wait(pid: int) -> None:
+    process = psutil.Process(pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def test_a_clean_restart_keeps_everything_and_replays_nothing(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(20):
+            commit_counter(db, f"k{i % 5}", i)
+        with db.transaction() as tx:
+            tx.root["big"] = {f"u{i}": {"n": i} for i in range(500)}
+    assert wait_for_coordinator_exit(datadir)
+    assert [name for name in os.listdir(datadir) if name.startswith("checkpoint-")], "no final checkpoint"
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert [snap.root[f"k{i}"]["value"] for i in range(5)] == [15, 16, 17, 18, 19]
+            assert snap.root["big"]["u499"] == {"n": 499} and len(snap.root["big"]) == 500
+        db.check()
+        assert db.stats().seq == 21
+
+
+def test_a_killed_coordinator_loses_no_acknowledged_commit(datadir):
+    db = protobase.open(datadir, shutdown_grace=GRACE)
+    for i in range(30):
+        commit_counter(db, "counter", i)
+    with db.transaction() as tx:
+        tx.root["big"] = {f"u{i}": i for i in range(300)}
+        tx.root["big"]["u7"] = -7
+    kill_and_wait(db.coordinator_pid)
+    with pytest.raises(CoordinatorError, match="lost the coordinator"):
+        commit_counter(db, "counter", 99)
+    db.close()
+    assert wait_for_coordinator_exit(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert snap.root["counter"]["value"] == 29
+            assert snap.root["big"]["u7"] == -7 and len(snap.root["big"]) == 300
+        assert db.stats().seq == 31
+        db.check()
+
+
+def test_a_killed_persistence_process_is_restarted_transparently(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        commit_counter(db, "counter", 1)
+        first = db.stats().persistence_pid
+        kill_and_wait(first)
+        for i in range(2, 12):
+            commit_counter(db, "counter", i)  # waits for the restarted process's fsync
+        assert db.stats().persistence_pid not in (None, first)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert snap.root["counter"]["value"] == 11
+
+
+def test_async_commits_are_durable_after_the_flush_interval(datadir):
+    with protobase.open(datadir, durability="async", shutdown_grace=GRACE, flush_interval=0.005) as db:
+        for i in range(100):
+            commit_counter(db, "counter", i)
+        stats = db.stats()
+        assert stats.last_lsn == 100
+    assert wait_for_coordinator_exit(datadir)
+    assert read(datadir, "counter") == 99
+
+
+def test_a_sync_commit_is_durable_when_it_returns(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        commit_counter(db, "counter", 1)
+        stats = db.stats()
+        assert stats.durable_lsn == stats.last_lsn == 1
+        records = list(wal.read_directory(datadir))
+        assert [lsn for lsn, _ in records] == [1]
+
+
+@pytest.mark.parametrize("fault, reason", [("enospc_after=2048", "No space left on device"),
+                                           ("fsync_error_after=1", "fsync")])
+def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(datadir, monkeypatch, fault, reason):
+    monkeypatch.setenv("PROTOBASE_WAL_FAULTS", fault)
+    acknowledged = -1
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
+            for i in range(10_000):
+                commit_counter(db, "counter", i)
+                acknowledged = i
+        assert reason.lower() in str(failure.value).lower()
+    monkeypatch.delenv("PROTOBASE_WAL_FAULTS")
+    assert wait_for_coordinator_exit(datadir)
+    assert read(datadir, "counter") in (acknowledged, acknowledged + 1)  # the failed one may or may not be on disk
+    if fault.startswith("enospc"):
+        assert read(datadir, "counter") == acknowledged  # a failed write is truncated away
+
+
+def test_corruption_before_valid_records_refuses_to_open(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(5):
+            commit_counter(db, "counter", i, durability="sync")
+        pid = db.coordinator_pid
+        kill_and_wait(pid)  # no final checkpoint: the state lives in the WAL
+        db.close()
+    assert wait_for_coordinator_exit(datadir)
+    (_, path), = wal.list_wal_files(datadir)
+    scan = wal.scan(path)
+    offset = scan.records[2].offset + 30  # inside the third record's payload
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(CorruptionError, match=f"WAL file {path} is corrupt at offset {scan.records[2].offset}"):
+        protobase.open(datadir, shutdown_grace=GRACE)
+    assert wait_for_coordinator_exit(datadir)
+
+
+def test_a_torn_tail_recovers_to_the_last_complete_commit(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(5):
+            commit_counter(db, "counter", i)
+        kill_and_wait(db.coordinator_pid)
+        db.close()
+    assert wait_for_coordinator_exit(datadir)
+    (_, path), = wal.list_wal_files(datadir)
+    last = wal.scan(path).records[-1]
+    with open(path, "r+b") as file:
+        file.truncate(last.offset + 10)  # the last record is cut in its header
+    assert read(datadir, "counter") == 3
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:  # and the log goes on from there
+        commit_counter(db, "counter", 42)
+        db.check()
+    assert read(datadir, "counter") == 42
+
+
+def test_recovery_time_and_state_after_many_commits(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE, durability="async") as db:
+        with db.transaction() as tx:
+            tx.root["users"] = {f"u{i}": {"score": 0} for i in range(2000)}
+        for i in range(200):
+            with db.transaction() as tx:
+                tx.root["users"][f"u{i * 7 % 2000}"]["score"] += 1
+        kill_and_wait(db.coordinator_pid)
+        db.close()
+    assert wait_for_coordinator_exit(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert sum(user["score"] for user in snap.root["users"].values()) == 200
+        db.check()
+
+
+def test_the_wal_is_locked_by_the_persistence_process_once_open_returns(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE):
+        probe = FileLock(DataDir(datadir).file("wal.lock"))
+        try:
+            assert not probe.acquire(blocking=False)
+        finally:
+            probe.release()
+
+
+def test_a_wal_that_cannot_be_created_fails_the_open_clearly(datadir, monkeypatch):
+    monkeypatch.setenv("PROTOBASE_WAL_FAULTS", "fsync_error=1")
+    with pytest.raises(CoordinatorError, match="cannot write the write-ahead log of .*: .*cannot create WAL file .*Input/output error"):
+        protobase.open(datadir, shutdown_grace=GRACE)
