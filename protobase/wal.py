@@ -422,6 +422,40 @@ class WalReader:
         return salt, first_lsn
 
 
+def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
+    """Every intact record of a possibly damaged file, and the byte ranges skipped.
+
+    For `protobase recover`: unlike a scan, it does not stop at damage but
+    resumes at the next record that validates under the file's salt. A file
+    whose header is unreadable yields nothing (one skipped range).
+    """
+    with open(path, "rb") as file:
+        data = memoryview(file.read())
+    if len(data) < FILE_HEADER_SIZE:
+        return [], [(0, len(data))] if len(data) else []
+    try:
+        salt, next_lsn = WalReader(path)._check_file_header(bytes(data[:FILE_HEADER_SIZE]))
+    except CorruptionError:
+        return [], [(0, len(data))]
+    records: list[WalRecord] = []
+    skipped: list[tuple[int, int]] = []
+    offset = FILE_HEADER_SIZE
+    while offset < len(data):
+        found = _valid_at(data, offset, salt)
+        if found is None or found[1] < next_lsn:
+            resume = _find_valid_record(data, offset + 1, salt, next_lsn)
+            skipped.append((offset, len(data) if resume is None else resume[0]))
+            if resume is None:
+                break
+            offset = resume[0]
+            continue
+        length, lsn, _ = found
+        start = offset + RECORD_HEADER_SIZE
+        records.append(WalRecord(lsn, bytes(data[start:start + length]), offset))
+        next_lsn, offset = lsn + 1, start + length
+    return records, skipped
+
+
 def _record_crc(salt: int, header_rest: memoryview | bytes, payload: memoryview | bytes) -> int:
     """crc32 of salt (8 bytes LE) + header bytes 4..24 + payload."""
     return zlib.crc32(payload, zlib.crc32(header_rest, zlib.crc32(_SALT.pack(salt))))

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 import protobase
-from protobase import wal
+from protobase import cli, wal
 from protobase.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
 from tests.conftest import GRACE, wait_for_coordinator_exit
@@ -185,5 +185,33 @@ def test_the_wal_is_locked_by_the_persistence_process_once_open_returns(datadir)
 
 def test_a_wal_that_cannot_be_created_fails_the_open_clearly(datadir, monkeypatch):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", "fsync_error=1")
-    with pytest.raises(CoordinatorError, match="cannot write the write-ahead log of .*: .*cannot create WAL file .*Input/output error"):
+    with pytest.raises(CoordinatorError, match="write-ahead log of .*: .*cannot create WAL file .*Input/output error"):
         protobase.open(datadir, shutdown_grace=GRACE)
+
+
+def test_protobase_recover_salvages_every_intact_commit(datadir, session_dir, capsys):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(6):
+            with db.transaction() as tx:
+                tx.root[f"k{i}"] = {"value": i}
+        kill_and_wait(db.coordinator_pid)
+        db.close()
+    assert wait_for_coordinator_exit(datadir)
+    (_, path), = wal.list_wal_files(datadir)
+    damaged = wal.scan(path).records[2]  # the commit of k2
+    with open(path, "r+b") as file:
+        file.seek(damaged.offset + 30)
+        file.write(b"\xff\xff")
+    before = sorted(os.listdir(datadir))
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", datadir, destination]) == 0
+    output = capsys.readouterr().out
+    assert "recovered 5 commits up to seq 6" in output and f"unreadable bytes {damaged.offset}.." in output
+    assert sorted(os.listdir(datadir)) == before  # the damaged directory is only read
+    try:
+        with protobase.open(destination, shutdown_grace=GRACE) as db:
+            with db.snapshot() as snap:
+                assert sorted(snap.root) == ["k0", "k1", "k3", "k4", "k5"]
+            db.check()
+    finally:
+        assert wait_for_coordinator_exit(destination)

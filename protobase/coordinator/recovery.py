@@ -17,6 +17,7 @@ Owns the order of recovery. Run by a starting coordinator, after it holds
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +26,10 @@ from typing import Any
 from .. import codec, wal
 from ..arena import ArenaWriter
 from ..checkpoint import Checkpoint, newest_checkpoint
-from ..errors import CorruptionError
+from ..errors import CorruptionError, DataDirectoryError
 from .writer import PathError, Writer
 
-__all__ = ["Recovered", "recover", "replay", "restore_checkpoint"]
+__all__ = ["Recovered", "SalvageReport", "recover", "replay", "restore_checkpoint", "salvage"]
 
 log = logging.getLogger("protobase.coordinator")
 
@@ -103,3 +104,85 @@ def recover(directory: str, arena: ArenaWriter, writer: Writer) -> Recovered:
         log.warning("recovered %s: checkpoint at LSN %d, %d WAL records replayed, seq %d, in %.3fs",
                     directory, checkpoint_lsn, replayed, seq, recovered.seconds)
     return recovered
+
+
+@dataclass(frozen=True)
+class SalvageReport:
+    """What `salvage` kept and what it had to leave behind."""
+
+    destination: str
+    checkpoint: str | None  # the checkpoint it started from, if one was intact
+    damaged_checkpoints: tuple[str, ...]
+    records_applied: int
+    records_skipped: tuple[tuple[int, str], ...]  # (lsn, why) of records that could not be applied
+    damaged_ranges: tuple[tuple[str, int, int], ...]  # (WAL file, start, end) of unreadable bytes
+    last_lsn: int
+    seq: int
+
+
+def salvage(source: str, destination: str, progress: Callable[[str], None] = lambda line: None) -> SalvageReport:
+    """Rebuild every intact commit of `source` into the new data directory `destination`.
+
+    Reads only: `source` is never changed. Starts from the newest intact
+    checkpoint (falling back to older ones), applies every WAL record that
+    validates, in LSN order, skipping damaged bytes and records that no longer
+    apply, and writes the result to `destination` as a checkpoint.
+    """
+    from ..arena import ArenaWriter, AtomReader
+    from ..checkpoint import checkpoint_files, read_checkpoint, write_checkpoint
+    from ..datadir import DataDir, FileLock
+    from ..shm import names
+    from ..store import Store
+
+    source_dir = DataDir.open(source, create=False)
+    lock = FileLock(source_dir.file("coordinator.lock"))
+    if not lock.acquire(blocking=False):
+        raise DataDirectoryError(f"a coordinator is serving {source_dir.path}; stop it before recovering")
+    try:
+        previous = source_dir.read_instance()
+        if previous and names.is_instance_id(previous):
+            names.sweep(previous)  # what the crashed coordinator left in /dev/shm
+    finally:
+        lock.release()
+    target = DataDir.open(destination)
+    if any(name != "PROTOBASE" for name in os.listdir(target.path)):
+        raise DataDirectoryError(f"{target.path} is not empty; salvage into a new directory")
+    arena = ArenaWriter(names.new_instance_id())
+    writer = Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
+    damaged: list[str] = []
+    skipped: list[tuple[int, str]] = []
+    ranges: list[tuple[str, int, int]] = []
+    used = None
+    seq = root = lsn = 0
+    try:
+        for _, path in reversed(checkpoint_files(source_dir.path)):
+            try:
+                checkpoint = read_checkpoint(path)
+                restore_checkpoint(checkpoint, arena)
+            except CorruptionError as error:
+                damaged.append(path)
+                progress(f"skipping damaged checkpoint: {error}")
+                arena.close(unlink=True)
+                arena = ArenaWriter(names.new_instance_id())
+                writer = Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
+                continue
+            used, seq, root, lsn = path, checkpoint.seq, checkpoint.root, checkpoint.lsn
+            progress(f"checkpoint {path}: seq {seq}, LSN {lsn}")
+            break
+        records = []
+        for _, path in wal.list_wal_files(source_dir.path):
+            found, bad = wal.salvage_records(path)
+            ranges.extend((path, start, end) for start, end in bad)
+            records.extend((record.lsn, record.payload) for record in found if record.lsn > lsn)
+            progress(f"{path}: {len(found)} intact records, {len(bad)} damaged ranges")
+        records.sort(key=lambda record: record[0])
+        seq, root, lsn, applied = replay(iter(records), writer, root, seq, lsn,
+                                         on_error=lambda bad_lsn, error: skipped.append((bad_lsn, str(error))))
+        write_checkpoint(target.path, lsn=lsn, seq=seq, root=root, next_segment=arena.next_index,
+                         segments=[(index, arena.segments[index].buf[:length])
+                                   for index, length in arena.generation()],
+                         fsync_directory=wal.fsync_directory)
+        progress(f"wrote {target.path}: seq {seq}, LSN {lsn}, {applied} records applied, {len(skipped)} skipped")
+    finally:
+        arena.close(unlink=True)
+    return SalvageReport(target.path, used, tuple(damaged), applied, tuple(skipped), tuple(ranges), lsn, seq)
