@@ -1,0 +1,192 @@
+"""Crash test: SIGKILL writers, the coordinator, the persistence process or the whole group.
+
+Writers commit with durability="sync" and append each commit's number to an
+acknowledgement file only after the commit returned. Every round kills one
+victim at a random moment, then every writer; the database is reopened
+(recovering from the checkpoint and WAL if the coordinator died) and checked:
+
+- every acknowledged commit is there (no loss);
+- each writer's record holds exactly entries 0..count, so no commit is
+  half-applied (each commit writes an entry and the count together).
+
+Run the long version with `python -m stress.crash --rounds 200`; the default
+test suite runs a short one (tests/test_crash.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import psutil
+
+import protobase
+
+VICTIMS = ("coordinator", "persistence", "writer", "group")
+GRACE = 0.2
+
+
+def writer_main(path: str, writer: int, ack_path: str) -> None:
+    """Commit forever, acknowledging each commit once it returned."""
+    try:
+        _commit_forever(path, writer, ack_path)
+    except protobase.ProtoBaseError:
+        pass  # the coordinator was killed under us: expected, the round is ending
+
+
+def _commit_forever(path: str, writer: int, ack_path: str) -> None:
+    key = f"w{writer}"
+    with protobase.open(path, shutdown_grace=GRACE) as db, open(ack_path, "a", buffering=1) as acks:
+        with db.snapshot() as snap:
+            record = snap.root.get(key)
+            number = record["count"] + 1 if record is not None else 0
+        while True:
+            with db.transaction() as tx:
+                if number == 0:
+                    tx.root[key] = {"count": 0, "e0": 0}
+                else:
+                    record = tx.root[key]
+                    record[f"e{number}"] = number
+                    record["count"] = number
+            acks.write(f"{number}\n")
+            number += 1
+
+
+def acknowledged(ack_path: str) -> list[int]:
+    if not os.path.exists(ack_path):
+        return []
+    with open(ack_path) as file:
+        return [int(line) for line in file.read().split("\n")[:-1] if line]  # a torn last line is no ack
+
+
+@dataclass
+class Outcome:
+    acknowledged: int  # commits acknowledged so far, all writers
+    lost: int  # acknowledged commits missing after recovery
+    half_applied: int  # records whose entries disagree with their count
+    kills: int
+
+
+def check(path: str, ack_paths: list[str]) -> tuple[int, int, int]:
+    """(acknowledged, lost, half-applied) after reopening the database."""
+    total = lost = broken = 0
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            for writer, ack_path in enumerate(ack_paths):
+                acks = acknowledged(ack_path)
+                total += len(acks)
+                record = snap.root.get(f"w{writer}")
+                count = record["count"] if record is not None else -1
+                lost += sum(1 for number in acks if number > count)
+                if record is not None and set(record) != {"count", *(f"e{i}" for i in range(count + 1))}:
+                    broken += 1
+        db.check()
+    return total, lost, broken
+
+
+def run(rounds: int, writers: int = 2, seed: int | None = None, base: str | None = None,
+        log=print) -> Outcome:
+    """Run `rounds` kill rounds on one database; return what was lost (nothing, we hope)."""
+    seed = random.randrange(1 << 30) if seed is None else seed
+    rng = random.Random(seed)
+    log(f"crash test: {rounds} rounds, {writers} writers, seed {seed}")
+    directory = tempfile.mkdtemp(prefix="protobase-crash-", dir=base)
+    path = os.path.join(directory, "db")
+    ack_paths = [os.path.join(directory, f"acks-{w}") for w in range(writers)]
+    context = multiprocessing.get_context("spawn")
+    outcome = Outcome(0, 0, 0, 0)
+    try:
+        for number in range(rounds):
+            victim = VICTIMS[number % len(VICTIMS)] if number < len(VICTIMS) else rng.choice(VICTIMS)
+            _round(context, path, ack_paths, victim, rng)
+            outcome.kills += 1
+            outcome.acknowledged, outcome.lost, outcome.half_applied = check(path, ack_paths)
+            if outcome.lost or outcome.half_applied:
+                log(f"round {number} ({victim}): LOST {outcome.lost}, half-applied {outcome.half_applied}")
+                break
+        _wait_unserved(path)
+    finally:
+        _kill_everything_serving(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+    log(f"lost acknowledged commits: {outcome.lost}/{outcome.acknowledged} "
+        f"(half-applied records: {outcome.half_applied}, kills: {outcome.kills})")
+    return outcome
+
+
+def _round(context, path: str, ack_paths: list[str], victim: str, rng: random.Random) -> None:
+    before = sum(len(acknowledged(p)) for p in ack_paths)
+    processes = [context.Process(target=writer_main, args=(path, w, p), daemon=True)
+                 for w, p in enumerate(ack_paths)]
+    for process in processes:
+        process.start()
+    try:
+        target = before + rng.randint(1, 20)
+        deadline = time.monotonic() + 60
+        while sum(len(acknowledged(p)) for p in ack_paths) < target and time.monotonic() < deadline:
+            if not any(process.is_alive() for process in processes):
+                raise RuntimeError("every writer died before committing; see the coordinator log")
+            time.sleep(0.005)
+        coordinator, persistence = _server_pids(path)
+        time.sleep(rng.uniform(0, 0.02))  # a random moment in the middle of commits
+        if victim == "coordinator":
+            _kill(coordinator)
+        elif victim == "persistence":
+            _kill(persistence)
+        elif victim == "group":
+            os.killpg(os.getpgid(coordinator), signal.SIGKILL)
+        else:
+            _kill(rng.choice(processes).pid)
+    finally:
+        for process in processes:
+            _kill(process.pid)
+            process.join(timeout=30)
+
+
+def _server_pids(path: str) -> tuple[int, int]:
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        stats = db.stats()
+        return stats.coordinator_pid, stats.persistence_pid
+
+
+def _kill(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_unserved(path: str) -> None:
+    from protobase.datadir import DataDir
+
+    if os.path.exists(os.path.join(path, "coordinator.lock")):
+        DataDir(path).wait_until_unserved(30)
+
+
+def _kill_everything_serving(directory: str) -> None:
+    for process in psutil.process_iter(["cmdline"]):
+        if any(directory in part for part in process.info["cmdline"] or []):
+            _kill(process.pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stress.crash", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    outcome = run(args.rounds, args.writers, args.seed)
+    return 1 if outcome.lost or outcome.half_applied else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
