@@ -31,14 +31,15 @@ from .shm import names
 from .shm.segment import Segment
 
 __all__ = [
-    "VALUE", "DICT_LEAF", "DICT_BRANCH", "SET_LEAF", "SET_BRANCH", "LIST_LEAF", "LIST_BRANCH",
+    "VALUE", "DICT_LEAF", "DICT_BRANCH", "SET_LEAF", "SET_BRANCH", "LIST_LEAF", "LIST_BRANCH", "INDEXED",
+
     "KIND_NAMES", "make_pointer", "segment_of", "offset_of", "ArenaWriter", "AtomReader",
 ]
 
-VALUE, DICT_LEAF, DICT_BRANCH, SET_LEAF, SET_BRANCH, LIST_LEAF, LIST_BRANCH = range(1, 8)
+VALUE, DICT_LEAF, DICT_BRANCH, SET_LEAF, SET_BRANCH, LIST_LEAF, LIST_BRANCH, INDEXED = range(1, 9)
 KIND_NAMES = {
     VALUE: "value", DICT_LEAF: "dict leaf", DICT_BRANCH: "dict branch", SET_LEAF: "set leaf",
-    SET_BRANCH: "set branch", LIST_LEAF: "list leaf", LIST_BRANCH: "list branch",
+    SET_BRANCH: "set branch", LIST_LEAF: "list leaf", LIST_BRANCH: "list branch", INDEXED: "indexed collection",
 }
 
 HEADER = struct.Struct("<IB3x")
@@ -175,7 +176,7 @@ class AtomReader:
         except struct.error:
             raise CorruptionError(f"atom pointer {ptr:#x} is past the end of segment {index}") from None
         end = offset + HEADER.size + length
-        if end > len(buf) or not VALUE <= kind <= LIST_BRANCH:
+        if end > len(buf) or not VALUE <= kind <= INDEXED:
             raise CorruptionError(
                 f"atom {ptr:#x} has a bad header (length {length}, kind {kind}) in segment {index}"
             )

@@ -47,7 +47,8 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
         kind, payload = store.reader.atom(slot.ptr)
         if kind != VALUE:
             raise CorruptionError(f"reference {slot.ptr:#x} expects a value atom, found kind {kind}")
-        codec.decode(payload, frozen=False, ref=lambda ptr, k: visit(Ref(ptr, k)))
+        codec.decode(payload, frozen=False, opaque_dataclasses=True, ref=lambda ptr, k: visit(Ref(ptr, k)))
+
 
     def check_tree(ptr: int, leaf_kind: int) -> None:
         store.access.check_tree(ptr, leaf_kind, visit)

@@ -16,7 +16,8 @@ the types msgpack lacks are extension types (code: payload):
     6 DECIMAL   UTF-8 text of str(value)
     7 UUID      16 raw bytes
     8 DATACLASS msgpack [registered name, {field: value}]
-    9 BIGINT    UTF-8 decimal text, for ints outside msgpack's 64-bit range
+    9 BIGINT    two's complement little-endian bytes, for ints outside msgpack's 64-bit range
+   10 FROZENSET msgpack array of the elements
 
 Decoding is bounded (buffer, array and map sizes) and every decode failure is
 a `CorruptionError`: bytes from shared memory or disk are never trusted.
@@ -40,7 +41,7 @@ from .frozen import FrozenDict, FrozenList, FrozenSet
 __all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "MAX_ATOM_BYTES"]
 
 EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
-EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT = 6, 7, 8, 9
+EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
 
 #: The largest payload a single atom may hold; bigger containers become trees.
 MAX_ATOM_BYTES = 1 << 30
@@ -89,14 +90,16 @@ def _ext_default(value: Any) -> msgpack.ExtType:
     kind = type(value)
     if kind is tuple:
         return msgpack.ExtType(EXT_TUPLE, _pack(list(value)))
-    if kind is set or kind is frozenset or kind is FrozenSet:
+    if kind is set or kind is FrozenSet:
         return msgpack.ExtType(EXT_SET, _pack(list(value)))
+    if kind is frozenset:
+        return msgpack.ExtType(EXT_FROZENSET, _pack(list(value)))
     if kind is FrozenDict:
         return dict(value)
     if kind is FrozenList:
         return list(value)
     if kind is int:  # only reached when outside msgpack's range
-        return msgpack.ExtType(EXT_BIGINT, str(value).encode())
+        return msgpack.ExtType(EXT_BIGINT, value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True))
     if kind is _dt.datetime:
         return msgpack.ExtType(EXT_DATETIME, value.isoformat().encode())
     if kind is _dt.date:
@@ -135,7 +138,8 @@ def encode(value: Any) -> bytes:
 def validate(value: Any, path: tuple = ()) -> None:
     """Raise EncodingError if `value` holds anything the codec cannot store."""
     kind = type(value)
-    if value is None or kind in (bool, float, str, bytes, Decimal, uuid.UUID, Ref):
+    if value is None or kind in (bool, float, str, bytes, bytearray, Decimal, uuid.UUID, Ref):
+
         return
     if kind in (_dt.datetime, _dt.date, int):
         return
@@ -174,12 +178,16 @@ def _unpacker_options(frozen: bool, ext_hook: Callable) -> dict:
     return options
 
 
-def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None) -> Any:
+def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None,
+           opaque_dataclasses: bool = False) -> Any:
     """Decode bytes made by `encode`.
 
     With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
     (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
     embedded Ref into the object to return in its place (default: the Ref).
+    With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
+    was stored as, which `encode` writes back unchanged: the coordinator stores
+    user dataclasses without ever importing or registering them.
     """
 
     def ext_hook(code: int, payload: bytes) -> Any:
@@ -191,6 +199,9 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
         if code == EXT_SET:
             items = msgpack.unpackb(payload, **options)
             return FrozenSet(items) if frozen else set(items)
+        if code == EXT_FROZENSET:
+            items = msgpack.unpackb(payload, **options)
+            return FrozenSet(items) if frozen else frozenset(items)
         if code == EXT_DATETIME:
             return _dt.datetime.fromisoformat(payload.decode())
         if code == EXT_DATE:
@@ -200,8 +211,15 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
         if code == EXT_UUID:
             return uuid.UUID(bytes=payload)
         if code == EXT_BIGINT:
-            return int(payload.decode())
+            value = int.from_bytes(payload, "little", signed=True)
+            if _INT_MIN <= value <= _INT_MAX:  # encode only uses BIGINT outside msgpack's range
+                raise CorruptionError(f"BIGINT extension holds {value}, which msgpack stores natively")
+            return value
+
+        if code == EXT_DATACLASS and opaque_dataclasses:
+            return msgpack.ExtType(code, bytes(payload))
         if code == EXT_DATACLASS:
+
             name, fields = msgpack.unpackb(payload, **options)
             cls = _dataclasses_by_name.get(name)
             if cls is None:

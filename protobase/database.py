@@ -49,6 +49,8 @@ _open_databases: weakref.WeakSet = weakref.WeakSet()
 
 
 DURABILITY_MODES = ("sync", "async")
+ATTACH_TIMEOUT = 60.0  # seconds to keep retrying while a stopping coordinator gives way
+
 
 
 def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
@@ -107,9 +109,20 @@ class Database:
     # -- attaching -----------------------------------------------------------------
 
     def _attach(self) -> None:
-        sock = launcher.connect(self.datadir, **self._launch)
+        deadline = time.monotonic() + ATTACH_TIMEOUT
+        while True:
+            sock = launcher.connect(self.datadir, **self._launch)
+            try:
+                reply = self._exchange(sock, ["hello", FORMAT_VERSION])
+                break
+            except CoordinatorError:
+                # The coordinator was stopping (its grace ran out) as we connected:
+                # once it has gone, the next connect starts a fresh one.
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         try:
-            reply = self._exchange(sock, ["hello", FORMAT_VERSION])
             self.instance_id, self._slot = reply[1], reply[2]
             if not names.is_instance_id(self.instance_id):
                 raise CoordinatorError(f"coordinator sent a malformed instance id {self.instance_id!r}")

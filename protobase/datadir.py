@@ -76,7 +76,11 @@ class DataDir:
             with open(stamp, encoding="utf-8") as file:
                 found = json.load(file).get("format")
         except FileNotFoundError:
-            if os.listdir(self.path):
+            # Another process may be writing the stamp right now (concurrent first opens):
+            # its temporary file does not make the directory foreign.
+            if [entry for entry in os.listdir(self.path) if not entry.startswith(STAMP + ".")]:
+                if os.path.exists(stamp):  # it was written between our read and the listing
+                    return self._check_or_write_stamp()
                 raise DataDirectoryError(
                     f"{self.path} is not empty and has no {STAMP} stamp: it is not a ProtoBase data "
                     f"directory; pass an empty or new directory") from None
@@ -90,7 +94,7 @@ class DataDir:
                 f"{FORMAT_VERSION}: open it with a matching ProtoBase release, or dump and load it")
 
     def _write_stamp(self, stamp: str) -> None:
-        temporary = stamp + ".tmp"
+        temporary = f"{stamp}.{os.getpid()}.tmp"  # per process: concurrent first opens each write their own
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump({"format": FORMAT_VERSION}, file)
             file.flush()

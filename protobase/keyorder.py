@@ -2,8 +2,10 @@
 
 Python's `hash()` is salted per process, so nothing in shared memory may depend
 on it; trees are ordered instead. Keys are grouped into families whose members
-Python compares natively (numbers, str, bytes, datetime, date, UUID, tuples);
-families are ordered by rank, and inside a family by Python's own `<`.
+Python compares natively (numbers, str, bytes, naive datetimes, dates, UUIDs,
+tuples, aware datetimes); families are ordered by rank, and inside a family by
+Python's own `<`.
+
 
 Invariant: for two keys of one family, `order_key(a) < order_key(b)` exactly
 when `a < b`. So a bisect over a node's keys may compare natively (C speed)
@@ -21,12 +23,14 @@ from typing import Any
 
 from .errors import EncodingError, format_path
 
-__all__ = ["order_key", "check_key", "bisect_left", "bisect_right"]
+__all__ = ["order_key", "check_key", "is_key", "family", "bisect_left", "bisect_right"]
+
 
 _RANKS = {
     type(None): 0, bool: 1, int: 1, float: 1, Decimal: 1, str: 2, bytes: 3,
     _dt.datetime: 4, _dt.date: 5, uuid.UUID: 6, tuple: 7,
 }
+_AWARE_DATETIME = 8  # aware datetimes are a family of their own, after every other
 
 
 def order_key(key: Any) -> tuple:
@@ -36,6 +40,8 @@ def order_key(key: Any) -> tuple:
         return (7, tuple(order_key(item) for item in key))
     if rank == 0:
         return (0, 0)
+    if rank == 4 and key.utcoffset() is not None:
+        return (_AWARE_DATETIME, key)  # Python cannot compare aware with naive datetimes
     return (rank, key)
 
 
@@ -53,6 +59,23 @@ def check_key(key: Any, path: tuple = ()) -> None:
     if kind is tuple:
         for item in key:
             check_key(item, path)
+
+
+def is_key(value: Any) -> bool:
+    """True when `value` may be a key (see check_key), without raising."""
+    kind = type(value)
+    if kind not in _RANKS:
+        return False
+    if kind is float:
+        return value == value
+    if kind is tuple:
+        return all(is_key(item) for item in value)
+    return True
+
+
+def family(value: Any) -> int:
+    """The rank of `value`'s family: values of one family compare natively."""
+    return order_key(value)[0]
 
 
 def bisect_left(keys: list, key: Any) -> int:

@@ -61,7 +61,7 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
     readers = tuple(
         ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
         for r in control.readers())
-    shared = sum(os.stat(os.path.join(names.SHM_DIR, entry.lstrip("/"))).st_size
+    shared = sum(_size(os.path.join(names.SHM_DIR, entry.lstrip("/")))
                  for entry in names.instance_entries(db.instance_id))
     return DatabaseStats(
         path=db.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
@@ -75,6 +75,14 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
     )
 
 
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:  # unlinked by a compaction since we listed it
+        return 0
+
+
 def process_uss(pid: int | None = None) -> int:
+
     """Unique set size of a process: memory only it holds (shared pages excluded)."""
     return psutil.Process(pid).memory_full_info().uss

@@ -107,9 +107,9 @@ class Transaction:
         if kind is FrozenDict or kind is TreeDict:
             return TxDict(self, path, value)
         if kind is FrozenList or kind is FrozenSet:
-            tracked = _track(value, None)
-            tracked._owner = lambda: self._record(path, OP_SET, tracked)
-            return tracked
+            owner = _Owner(self, path)
+            owner.container = _track(value, owner, path)
+            return owner.container
         if kind is TreeList:
             return TxList(self, path, value)
         if kind is TreeSet:
@@ -281,12 +281,25 @@ class TxDict(MutableMapping):
 # -- small containers: tracked copies, written back whole --------------------------------
 
 
+class _Owner:
+    """Records a small container as written whole, at its path, when anything inside it changes."""
+
+    __slots__ = ("tx", "path", "container")
+
+    def __init__(self, tx: Transaction, path: tuple) -> None:
+        self.tx = tx
+        self.path = path  # where the container sits in the root
+        self.container: Any = None  # the tracked container, set once built
+
+    def __call__(self) -> None:
+        self.tx._record(self.path, OP_SET, self.container)
+
+
 def _notify(method: Callable) -> Callable:
     def mutator(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = method(self, *args, **kwargs)
-        owner = self._owner
-        if owner is not None:
-            owner()
+        _validate(self, self._path)  # a bad value fails on the line that stored it
+        self._owner()
         return result
 
     mutator.__name__ = method.__name__
@@ -296,7 +309,7 @@ def _notify(method: Callable) -> Callable:
 class TrackedDict(dict):
     """A dict inside a small list or set read in a transaction; changes mark the container written."""
 
-    __slots__ = ("_owner",)
+    __slots__ = ("_owner", "_path")
 
     def _protobase_plain_(self) -> dict:
         return dict(self)
@@ -305,7 +318,7 @@ class TrackedDict(dict):
 class TrackedList(list):
     """A small list read in a transaction; any change rewrites it whole."""
 
-    __slots__ = ("_owner",)
+    __slots__ = ("_owner", "_path")
 
     def _protobase_plain_(self) -> list:
         return list(self)
@@ -314,7 +327,7 @@ class TrackedList(list):
 class TrackedSet(set):
     """A small set read in a transaction; any change rewrites it whole."""
 
-    __slots__ = ("_owner",)
+    __slots__ = ("_owner", "_path")
 
     def _protobase_plain_(self) -> set:
         return set(self)
@@ -330,30 +343,22 @@ for _cls, _base, _names in (
         setattr(_cls, _name, _notify(getattr(_base, _name)))
 
 
-def _track(value: Any, owner: Callable[[], None] | None) -> Any:
-    """A tracked mutable deep copy of a frozen small container."""
-    if isinstance(value, dict):
-        tracked: Any = TrackedDict((key, _track(item, owner)) for key, item in value.items())
-    elif isinstance(value, list):
-        tracked = TrackedList(_track(item, owner) for item in value)
-    elif isinstance(value, (set, frozenset)):
+def _track(value: Any, owner: _Owner, path: tuple) -> Any:
+    """A tracked mutable deep copy of a frozen small container; every part reports to `owner`."""
+    if isinstance(value, dict):  # TreeDict views included: they are dicts
+        tracked: Any = TrackedDict((key, _track(item, owner, path + (key,))) for key, item in value.items())
+    elif isinstance(value, (list, TreeList)):
+        tracked = TrackedList(_track(item, owner, path + (index,)) for index, item in enumerate(value))
+    elif isinstance(value, (set, frozenset, TreeSet)):
+
         tracked = TrackedSet(value)
     elif isinstance(value, tuple):
         return _thaw_tuple(value)
     else:
         return value
     tracked._owner = owner
-    if owner is None:  # the caller sets the owner of the top container; share it below
-        _share_owner(tracked, lambda: tracked._owner())
+    tracked._path = path
     return tracked
-
-
-def _share_owner(container: Any, owner: Callable[[], None]) -> None:
-    items = container.values() if isinstance(container, dict) else container
-    for item in items:
-        if isinstance(item, (TrackedDict, TrackedList, TrackedSet)):
-            item._owner = owner
-            _share_owner(item, owner)
 
 
 def _thaw_tuple(value: tuple) -> tuple:
@@ -377,20 +382,60 @@ class TxList(MutableSequence):
         self._items: list | None = None  # local copy once a non-append change happened
         self._tail: list = []  # appended values while there is no local copy
         self._ops: list = []  # [[LIST_*, index, value]] in order
+        self._whole = False  # True once reordered: the list is written whole at commit
+        self._changed: dict[int, Any] = {}  # {id(element) -> element} of changed container elements
 
     def _op(self, code: int, index: Any, value: Any) -> None:
         self._tx._check_active()
-        self._ops.append([code, index, value])
+        if not self._whole:
+            self._ops.append([code, index, value])
         self._tx._record(self._path, _DEFERRED, self)
 
     def _wire_ops(self) -> list:
-        return [[OP_LIST, list(self._path), self._ops]] if self._ops else []
+        if self._whole:
+            return [[OP_SET, list(self._path), list(self._local())]]
+        ops = list(self._ops)
+        # A changed element is written where it stands after every insert and delete.
+        for element in self._changed.values():
+            index = next((i for i, item in enumerate(self._items) if item is element), None)
+            if index is not None:
+                ops.append([LIST_SET, index, element])
+        return [[OP_LIST, list(self._path), ops]] if ops else []
+
+    def _element_changed(self, element: Any) -> None:
+        self._tx._check_active()
+        self._changed[id(element)] = element
+        self._tx._record(self._path, _DEFERRED, self)
+
+    def sort(self, *, key: Callable[[Any], Any] | None = None, reverse: bool = False) -> None:
+        """Sort in place; every position may move, so the list is written whole at commit."""
+        self._local().sort(key=key, reverse=reverse)
+        self._reordered()
+
+    def reverse(self) -> None:
+        """Reverse in place; the list is written whole at commit."""
+        self._local().reverse()
+        self._reordered()
+
+    def _reordered(self) -> None:
+        self._whole = True
+        self._ops = []
+        self._op(LIST_SET, None, None)
 
     def _local(self) -> list:
         if self._items is None:
-            self._items = [self._tx._adopt(self._path + (i,), v) for i, v in enumerate(self._base)] + self._tail
+            self._items = [self._adopt_element(i, v) for i, v in enumerate(self._base)] + self._tail
             self._tail = []
         return self._items
+
+    def _adopt_element(self, index: int, value: Any) -> Any:
+        # Positions move with inserts and deletes, so an element is not a stable key
+        # path: a container element reports its changes to the list instead.
+        if isinstance(value, (dict, list, set, frozenset)):
+            owner = _ElementOwner(self)
+            owner.element = _track(value, owner, self._path + (index,))
+            return owner.element
+        return self._tx._adopt(self._path + (index,), value)
 
     def __len__(self) -> int:
         self._tx._read(self._path)
@@ -453,6 +498,19 @@ class TxList(MutableSequence):
 
     def __repr__(self) -> str:
         return f"TxList(<{len(self)} items>)"
+
+
+class _ElementOwner:
+    """Tells a TxList that one of its container elements changed."""
+
+    __slots__ = ("txlist", "element")
+
+    def __init__(self, txlist: TxList) -> None:
+        self.txlist = txlist
+        self.element: Any = None  # the tracked element, set once built
+
+    def __call__(self) -> None:
+        self.txlist._element_changed(self.element)
 
 
 class TxSet(MutableSet):

@@ -189,6 +189,7 @@ class TreeSet(_TreeView, Set):
 
     __slots__ = ()
     _leaf_kind = SET_LEAF
+    _index_elements_ = True  # an index holds an entry per element, as for a set
 
     def __contains__(self, item: object) -> bool:
         if not self._ptr:
@@ -226,6 +227,8 @@ class TreeList(_TreeView, Sequence):
 
     __slots__ = ()
     _leaf_kind = LIST_LEAF
+    _index_elements_ = True  # an index holds an entry per element, as for a list
+
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):

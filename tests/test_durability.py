@@ -102,7 +102,7 @@ def test_a_sync_commit_is_durable_when_it_returns(datadir):
 
 
 @pytest.mark.parametrize("fault, reason", [("enospc_after=2048", "No space left on device"),
-                                           ("fsync_error_after=1", "fsync")])
+                                           ("fsync_error_after=2", "fsync")])
 def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(datadir, monkeypatch, fault, reason):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", fault)
     acknowledged = -1

@@ -179,8 +179,9 @@ class Durability:
                 break
             messages.extend(self.reader.feed(data))
         for message in messages:
-            if message[0] == "durable":
+            if message[0] in ("durable", "started"):  # a starting child syncs what it inherited
                 self.durable_lsn = max(self.durable_lsn, message[1])
+
             elif message[0] == "failed":
                 self.failure = f"the write-ahead log failed: {message[1]}"
         return messages

@@ -75,7 +75,12 @@ class Persistence:
         self.ring = CommitRing.attach(names.segment_name(self.instance_id, "ring"))
         try:
             self.writer = self._open_wal(next_lsn)
+            # A predecessor killed between write and fsync left records in the page cache
+            # only: make them durable before anything else, then say so.
+            self.writer.sync()
+            self.control.durable_lsn = self.writer.last_lsn
             self._report(["started", self.writer.last_lsn])
+
             while not self.coordinator_gone:
                 self._wait()
                 self._drain()

@@ -61,6 +61,7 @@ log = logging.getLogger("protobase.coordinator")
 
 TICK = 0.2  # seconds between housekeeping passes
 LOCK_WAIT = 30.0  # seconds a new coordinator waits for a stopping one to let go
+FIRST_CLIENT_WAIT = 10.0  # seconds a new coordinator waits for its first client, whatever its grace
 DEFAULT_COMPACT_MIN_BYTES = 64 << 20
 DEFAULT_CHECKPOINT_BYTES = 64 << 20
 DEFAULT_FLUSH_INTERVAL = 0.01
@@ -128,6 +129,7 @@ class Coordinator:
         self.checkpoints = 0
         self.recovered = None
         self.idle_since: float | None = time.monotonic()
+        self.accepted = 0  # connections accepted since start: the grace only counts once one came
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -296,6 +298,7 @@ class Coordinator:
         self.clients[sock] = Client(sock, pid)
         self.selector.register(sock, selectors.EVENT_READ)
         self.idle_since = None
+        self.accepted += 1
 
     def _read(self, sock: socket.socket) -> None:
         client = self.clients[sock]
@@ -309,6 +312,10 @@ class Coordinator:
                     send(sock, reply)
         except (OSError, CoordinatorError):
             self._drop(sock)
+        except ProtoBaseError as error:  # an undecodable request: drop that client, serve the others
+            log.error("dropping client %d: %s", client.pid, error)
+            self._drop(sock)
+
 
     def _answer(self, client: Client | None, reply: list | None) -> None:
         if client is None or reply is None or client.sock not in self.clients:
@@ -373,7 +380,7 @@ class Coordinator:
             return self._failure_reply()
         if durability not in DURABILITY_MODES:
             return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
-        ops = codec.decode(ops_bytes, frozen=False)
+        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
         conflict = self.versions.first_conflict(base, checked)
@@ -555,7 +562,10 @@ class Coordinator:
             oldest = self.control.oldest_snapshot()
             self.versions.prune(self.published_seq if oldest is None else oldest)
         if self.grace is not None and self.idle_since is not None and not self.pending:
-            if time.monotonic() - self.idle_since >= self.grace:
+            # Before the first client, linger longer: the launcher that started us may be slow
+            # to connect (a loaded host), and must not find us gone.
+            linger = self.grace if self.accepted else max(self.grace, FIRST_CLIENT_WAIT)
+            if time.monotonic() - self.idle_since >= linger:
                 self.running = False
 
     def live_bytes(self) -> int:

@@ -19,25 +19,32 @@ was, since the working copy is simply dropped.
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
+import uuid
+from decimal import Decimal
 from typing import Any
 
+import msgpack
+
 from .. import codec
-from ..arena import DICT_LEAF, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter
+from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter
 from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, empty, encode_node
 from ..codec import Ref
 from ..errors import ProtoBaseError
+from ..index import MISSING, IndexedColl, entries, field_path, field_value
 from ..keyorder import order_key
 from ..store import Store
 
 __all__ = ["Writer", "PathError", "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD"]
 
 # operation codes on the wire: [code, path, argument]
-OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD = 1, 2, 3, 4, 5
+OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD, OP_CREATE_INDEX, OP_DROP_INDEX = 1, 2, 3, 4, 5, 6, 7
 # list operations inside OP_LIST: [code, index, value]
 LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE = 1, 2, 3, 4
 
 FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
+# Leaf values that are already in their stored form (the common case on every flush).
+_STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 INLINE_BYTES = 512  # longer str/bytes get their own atom
 
 
@@ -74,6 +81,8 @@ class Writer:
 
     def _apply_in(self, container: Any, path: tuple, code: int, argument: Any) -> Any:
         container = self._open(container)
+        if type(container) is IndexedColl:
+            return self._apply_indexed(container, path, code, argument)
         key = path[0]
         if len(path) > 1:
             child = self._child(container, key, path)
@@ -85,17 +94,87 @@ class Writer:
         target = self._child(container, key, path)
         if code == OP_LIST:
             target = self._list_ops(target, argument, path)
+        elif code in (OP_CREATE_INDEX, OP_DROP_INDEX):
+            target = self._index_op(target, code == OP_CREATE_INDEX, argument, path)
         else:
             target = self._set_ops(target, argument, code == OP_SET_ADD, path)
         return self._assign(container, key, target, path)
+
+    # -- indexed collections ----------------------------------------------------
+
+    def _apply_indexed(self, collection: IndexedColl, path: tuple, code: int, argument: Any) -> IndexedColl:
+        """Apply an operation inside an indexed collection, keeping its indexes in step."""
+        key = path[0]
+        before = self._record_entries(collection, key)
+        updated = IndexedColl(self._apply_in(collection.data, path, code, argument), dict(collection.indexes))
+        after = self._record_entries(updated, key)
+        for field, root in updated.indexes.items():
+            for kind, value in before[field] - after[field]:
+                root = self.access.remove(root, (kind, value, key), SET_LEAF)[0]
+            for kind, value in after[field] - before[field]:
+                root = self.access.assign(root, (kind, value, key), None, SET_LEAF)[0]
+            updated.indexes[field] = root
+        return updated
+
+    def _record_entries(self, collection: IndexedColl, key: Any) -> dict[str, set]:
+        """{field -> the (kind, value) entries of the record at `key`} (empty sets when absent)."""
+        try:
+            record = self._readable(self.access.lookup(collection.data, key))
+        except KeyError:
+            record = MISSING
+        return {field: entries(field_value(record, field_path(field), self._readable))
+                for field in collection.indexes}
+
+    def _readable(self, slot: Any) -> Any:
+        """A stored slot as something `field_value` and `entries` can read (trees through readers)."""
+        kind = type(slot)
+        if kind is Ref:
+            if slot.kind == VALUE:
+                return codec.decode(self.store.atom(slot.ptr)[1], frozen=False, opaque_dataclasses=True)
+            slot = self._open(slot)  # a tree: its pointer (an int here is a pointer), or an empty Node
+            return _TreeReader(self, slot.data if type(slot) is IndexedColl else slot)
+        if kind is Node:
+            return _TreeReader(self, slot)
+        if kind is IndexedColl:
+            return _TreeReader(self, slot.data)
+        return slot
+
+    def _index_op(self, target: Any, create: bool, field: str, path: tuple) -> Any:
+        target = self._open(target)
+        if type(target) is not IndexedColl:
+            if not create:
+                return target  # no index to drop
+            target = IndexedColl(self._as_dict_tree(target, path), {})
+        indexes = dict(target.indexes)
+        if not create:
+            indexes.pop(field, None)
+            return IndexedColl(target.data, indexes) if indexes else target.data
+        if field not in indexes:
+            segments = field_path(field)
+            found = [(kind, value, key) for key, slot in self.access.items(target.data)
+                     for kind, value in entries(field_value(self._readable(slot), segments, self._readable))]
+            indexes[field] = self.access.build(SET_LEAF, _sorted_keys(found), None)
+        return IndexedColl(target.data, indexes)
+
+    def _as_dict_tree(self, target: Any, path: tuple) -> Node | int:
+        if type(target) is Node or type(target) is int:
+            if self._leaf_kind(target) == DICT_LEAF:
+                return target
+        elif isinstance(target, dict):
+            keys = _sorted_keys(target)
+            return self.access.build(DICT_LEAF, keys, [target[key] for key in keys])
+        raise PathError(f"an index needs a dict of records at {path!r}, found a {type(target).__name__}")
 
     def _open(self, slot: Any) -> Any:
         """The working form of a slot: a Node for trees, a fresh plain copy for values."""
         if type(slot) is Ref:
             if slot.kind in TREE_KINDS:
                 return slot.ptr if slot.ptr else _empty_like(slot.kind)
+            if slot.kind == INDEXED:
+                kind, payload = self.store.atom(slot.ptr)
+                return _decode_indexed(payload)
             kind, payload = self.store.atom(slot.ptr)
-            return codec.decode(payload, frozen=False)
+            return codec.decode(payload, frozen=False, opaque_dataclasses=True)
         return slot
 
     def _child(self, container: Any, key: Any, path: tuple) -> Any:
@@ -217,20 +296,27 @@ class Writer:
         return self.flat_written.get(id(value))
 
     def _write_node(self, node: Node) -> int:
-        return self.arena.append(node.kind, encode_node(node))
+        ptr = self.arena.append(node.kind, encode_node(node))
+        # The node is now clean and holds exactly what a decode would give back:
+        # cache it, so the next commit on this path does not decode it again.
+        node.ptr = ptr
+        self.store.objects.put(ptr, node)
+        return ptr
 
     def write_value(self, value: Any) -> Any:
         """Store a leaf value: a scalar inline, or a Ref to the atom or tree holding it."""
         kind = type(value)
-        if kind is Ref:
+        if kind in _STORED_AS_IS:
             return value
         if kind is Node:
             return Ref(self._flush_tree(value), value.kind)
+        if kind is IndexedColl:
+            return Ref(self.arena.append(INDEXED, self._indexed_payload(value)), INDEXED)
         if kind in (str, bytes):
             if len(value) <= INLINE_BYTES:
                 return value
             return Ref(self.arena.append(VALUE, codec.encode(value)), VALUE)
-        if kind in FLAT_LIMIT or kind is tuple or dataclasses.is_dataclass(value):
+        if kind in FLAT_LIMIT or kind is tuple or kind is msgpack.ExtType:
             tree = self._as_tree(value)
             if tree is not None:
                 return Ref(self._flush_tree(tree), tree.kind)
@@ -242,10 +328,14 @@ class Writer:
             return Ref(ptr, VALUE)
         return value
 
+    def _indexed_payload(self, collection: IndexedColl) -> bytes:
+        return codec.encode({"data": self._flush_tree(collection.data),
+                             "indexes": {field: self._flush_tree(root) for field, root in collection.indexes.items()}})
+
     def _inline(self, value: Any) -> Any:
         """A container ready to encode in one atom: nested trees and big containers as Refs."""
         kind = type(value)
-        if kind is Node or kind is Ref or (kind in FLAT_LIMIT and len(value) > FLAT_LIMIT[kind]):
+        if kind is Node or kind is Ref or kind is IndexedColl or (kind in FLAT_LIMIT and len(value) > FLAT_LIMIT[kind]):
             self.refs_made += 1
             return self.write_value(value)
         if kind is dict:
@@ -290,9 +380,16 @@ class Writer:
             return slot
         if slot.kind in TREE_KINDS:
             return Ref(self._copy_tree(slot.ptr) if slot.ptr else 0, slot.kind)
+        if slot.kind == INDEXED:
+            collection = _decode_indexed(self.store.atom(slot.ptr)[1])
+            copy = {"data": self._copy_tree(collection.data) if collection.data else 0,
+                    "indexes": {field: self._copy_tree(root) if root else 0
+                                for field, root in collection.indexes.items()}}
+            return Ref(self.arena.append(INDEXED, codec.encode(copy)), INDEXED)
         kind, payload = self.store.atom(slot.ptr)
         nested: list[Ref] = []
-        value = codec.decode(payload, frozen=False, ref=lambda ptr, k: nested.append(Ref(ptr, k)) or nested[-1])
+        value = codec.decode(payload, frozen=False, opaque_dataclasses=True,
+                             ref=lambda ptr, k: nested.append(Ref(ptr, k)) or nested[-1])
         if not nested:
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         return Ref(self.arena.append(VALUE, codec.encode(_replace_refs(value, self._copy_slot))), VALUE)
@@ -311,7 +408,41 @@ def _replace_refs(value: Any, copy: Any) -> Any:
     return value
 
 
+class _TreeReader:
+    """Reads a stored tree for index maintenance: `reader[key]`, and iteration for lists and sets."""
+
+    __slots__ = ("writer", "tree", "leaf_kind", "_index_elements_")
+
+    def __init__(self, writer: Writer, tree: Node | int) -> None:
+        self.writer = writer
+        self.tree = tree
+        self.leaf_kind = writer._leaf_kind(tree)
+        self._index_elements_ = self.leaf_kind != DICT_LEAF  # a list or set field: index its elements
+
+    def __getitem__(self, key: Any) -> Any:
+        if self.leaf_kind == LIST_LEAF:
+            try:
+                return self.writer.access.at(self.tree, self.writer._index(self.tree, key, ()))
+            except PathError:
+                raise IndexError(key) from None
+        return self.writer.access.lookup(self.tree, key, self.leaf_kind)
+
+
+    def __iter__(self) -> Any:
+        if self.leaf_kind == LIST_LEAF:
+            return self.writer.access.values(self.tree, LIST_LEAF)
+        return self.writer.access.keys(self.tree, self.leaf_kind)
+
+
+
+def _decode_indexed(payload: Any) -> IndexedColl:
+    """The working form of an INDEXED atom's payload."""
+    fields = codec.decode(payload, frozen=False)
+    return IndexedColl(fields["data"], dict(fields["indexes"]))
+
+
 def _empty_like(kind: int) -> Node:
+
     return empty(LEAF_OF[kind])
 
 

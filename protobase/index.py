@@ -1,0 +1,206 @@
+"""Secondary indexes: what an index holds and how it is searched.
+
+Owns the index entry format, shared by the coordinator (which maintains
+indexes in the same commit as the data) and every reader (which searches
+them). An indexed collection is one atom of kind INDEXED:
+
+    {"data": AtomPointer of the records' dict tree,
+     "indexes": {field: AtomPointer of the index's set tree}}
+
+so its indexes travel with it and change by path copying like everything
+else. A field is a dotted path into each record ("address.city").
+
+An index is a set tree of entries `(kind, value, key)`: kind 0 for the
+field's value itself, kind 1 for each element of a list, tuple or set value
+(what `F.tags.contains(x)` searches). Only values that may be keys (see
+keyorder.is_key) have entries: a record lacking the field, or holding a dict
+there, is simply absent, and values of different types sit in separate
+families of the canonical order, so they never break an index.
+
+Entries are ordered canonically, so one B+tree answers equality, membership
+and ranges, and its subtree sizes count any range in O(log n) for the planner.
+
+Invariant (checked by `db.check()`): an index holds exactly the entries its
+collection's records produce.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Any
+
+from .arena import SET_LEAF
+from .btree import Node, TreeAccess
+from .keyorder import family, is_key, order_key
+
+__all__ = ["IndexedColl", "MISSING", "field_path", "field_value", "entries", "scan_equal", "scan_range",
+           "count_range", "VALUE_ENTRY", "ELEMENT_ENTRY"]
+
+VALUE_ENTRY, ELEMENT_ENTRY = 0, 1
+_COLLECTIONS = (list, tuple, set, frozenset)
+
+
+class _Missing:
+    """The value of a field a record does not have."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING = _Missing()
+
+
+class IndexedColl:
+    """The coordinator's working form of an indexed collection."""
+
+    __slots__ = ("data", "indexes")
+
+    def __init__(self, data: Node | int, indexes: dict[str, Node | int]) -> None:
+        self.data = data  # the records' dict tree
+        self.indexes = indexes  # {field -> index set tree}
+
+
+def field_path(field: str | tuple) -> tuple:
+    """("address", "city") from "address.city" (a tuple passes through)."""
+    if isinstance(field, tuple):
+        return field
+    if not isinstance(field, str) or not field:
+        raise ValueError(f"an index field is a non-empty dotted name like 'address.city', got {field!r}")
+    return tuple(field.split("."))
+
+
+def field_value(record: Any, path: tuple, resolve: Any = None) -> Any:
+    """The value at `path` inside a record (any mapping), or MISSING.
+
+    `resolve(value)`, when given, turns each step's raw value into a readable
+    one (the coordinator reads records in their stored form).
+    """
+    value = record
+    for segment in path:
+        try:
+            value = value[segment]
+        except (KeyError, TypeError, IndexError):
+            return MISSING
+        if resolve is not None:
+            value = resolve(value)
+        if value is MISSING:
+            return MISSING
+    return value
+
+
+def entries(value: Any) -> set[tuple[int, Any]]:
+    """The (kind, value) entries a field value contributes to an index."""
+    found = set()
+    if value is MISSING:
+        return found
+    if is_key(value):
+        found.add((VALUE_ENTRY, value))
+    if isinstance(value, _COLLECTIONS) or getattr(value, "_index_elements_", False):
+        found.update((ELEMENT_ENTRY, item) for item in value if is_key(item))
+    return found
+
+
+
+def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator[list]:
+    """Lists of index entries in order, from the first entry >= `start` (an order key)."""
+    node = access.node(root, SET_LEAF)
+    if node.sizes is None:
+        first = bisect.bisect_left(node.keys, start, key=order_key)
+        if first < len(node.keys):
+            yield node.keys[first:]
+        return
+    position = bisect.bisect_right(node.keys, start, key=order_key)
+    children = node.values
+    yield from _chunks_from(access, children[position], start)
+    for child in children[position + 1:]:
+        yield from (leaf.keys for leaf in access.leaves(child, SET_LEAF))
+
+
+def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list:
+    """Keys of the records whose entry (kind, value) is in the index."""
+    if not root:
+        return []
+    found = []
+    for chunk in _chunks_from(access, root, order_key((kind, value))):
+        for entry_kind, entry_value, key in chunk:
+            if entry_kind != kind or entry_value != value:
+                return found
+            found.append(key)
+    return found
+
+
+def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: bool,
+               include_high: bool) -> list:
+    """Keys of the records whose value lies between `low` and `high` (None: unbounded).
+
+    Only values of the bounds' family compare with them, as in Python, where
+    `5 < "a"` raises: a string never falls in a numeric range.
+    """
+    if not root:
+        return []
+    bound = low if low is not None else high
+    rank = family(bound)
+    start = order_key((VALUE_ENTRY, low)) if low is not None else (7, ((1, VALUE_ENTRY), (rank,)))
+    recheck = rank == 7  # tuples: the canonical order is finer than Python's, which may refuse
+    found = []
+    for chunk in _chunks_from(access, root, start):
+        for entry_kind, value, key in chunk:
+            if entry_kind != VALUE_ENTRY or family(value) != rank:
+                return found
+            if high is not None and (value > high if include_high else value >= high):
+                return found
+            if low is not None and not include_low and value == low:
+                continue
+            if recheck and not _natively_in_range(value, low, high, include_low, include_high):
+                continue
+            found.append(key)
+    return found
+
+
+def _natively_in_range(value: Any, low: Any, high: Any, include_low: bool, include_high: bool) -> bool:
+    try:
+        if low is not None and not (value >= low if include_low else value > low):
+            return False
+        return high is None or (value <= high if include_high else value < high)
+    except TypeError:
+        return False
+
+
+def count_below(access: TreeAccess, root: int, start: tuple) -> int:
+    """How many entries sort before `start` (an order key): O(log n) through subtree sizes."""
+    node = access.node(root, SET_LEAF)
+    below = 0
+    while node.sizes is not None:
+        position = bisect.bisect_right(node.keys, start, key=order_key)
+        below += sum(node.sizes[:position])
+        node = access.node(node.values[position], SET_LEAF)
+    return below + bisect.bisect_left(node.keys, start, key=order_key)
+
+
+def count_range(access: TreeAccess, root: int, start: tuple, stop: tuple) -> int:
+    """How many entries lie in [start, stop) (order keys)."""
+    if not root:
+        return 0
+    return max(0, count_below(access, root, stop) - count_below(access, root, start))
+
+
+def equal_bounds(kind: int, value: Any) -> tuple[tuple, tuple]:
+    """Order keys bracketing every entry (kind, value, *)."""
+    low = order_key((kind, value))
+    return low, (low[0], low[1] + ((99,),))
+
+
+def range_bounds(low: Any, high: Any) -> tuple[tuple, tuple]:
+    """Order keys bracketing the entries a range scan may visit (for estimates)."""
+    bound = low if low is not None else high
+    rank = family(bound)
+    start = order_key((VALUE_ENTRY, low)) if low is not None else (7, ((1, VALUE_ENTRY), (rank,)))
+    stop = (7, ((1, VALUE_ENTRY), order_key(high) + ((99,),))) if high is not None else \
+        (7, ((1, VALUE_ENTRY), (rank + 1,)))
+    return start, stop
