@@ -24,6 +24,7 @@ from .errors import (
     ReadOnlyError,
 )
 from .frozen import FrozenDict, FrozenList, FrozenSet
+from .query import F, Query
 from .snapshot import Snapshot
 from .stats import DatabaseStats, ReaderStats
 from .transaction import Transaction
@@ -34,7 +35,8 @@ __all__ = [
     "ProtoBaseError", "ConflictError", "ReadOnlyError", "EncodingError", "DatabaseClosedError",
     "CorruptionError", "CoordinatorError", "DataDirectoryError",
     "FrozenDict", "FrozenList", "FrozenSet", "TreeDict", "TreeList", "TreeSet",
-    "DatabaseStats", "ReaderStats",
+    "DatabaseStats", "ReaderStats", "F", "Query",
+
 ]
 
 __version__ = "0.1.0"

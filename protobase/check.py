@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import codec
-from .arena import VALUE, segment_of
+from .arena import DICT_LEAF, INDEXED, SET_LEAF, VALUE, segment_of
 from .btree import LEAF_OF, TREE_KINDS
 from .codec import Ref
 from .errors import CorruptionError
+from .index import entries, field_path, field_value
 
 if TYPE_CHECKING:
     from .database import Database
@@ -42,6 +43,9 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
             if slot.ptr:
                 check_tree(slot.ptr, LEAF_OF[slot.kind])
             return
+        if slot.kind == INDEXED:
+            check_indexed(slot.ptr)
+            return
         if slot.kind != VALUE:
             raise CorruptionError(f"reference {slot.ptr:#x} has unknown kind {slot.kind}")
         kind, payload = store.reader.atom(slot.ptr)
@@ -52,6 +56,31 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
 
     def check_tree(ptr: int, leaf_kind: int) -> None:
         store.access.check_tree(ptr, leaf_kind, visit)
+
+    def check_indexed(ptr: int) -> None:
+        kind, payload = store.reader.atom(ptr)
+        if kind != INDEXED:
+            raise CorruptionError(f"reference {ptr:#x} expects an indexed collection, found kind {kind}")
+        collection = store.value(Ref(ptr, INDEXED))
+        if collection.ptr:
+            check_tree(collection.ptr, DICT_LEAF)
+        for field, index_ptr in collection._indexes.items():
+            if index_ptr:
+                check_tree(index_ptr, SET_LEAF)
+            check_index_contents(collection, field, index_ptr)
+
+    def check_index_contents(collection: Any, field: str, index_ptr: int) -> None:
+        path = field_path(field)
+        expected = {(kind, value, key) for key, record in collection.items()
+                    for kind, value in entries(field_value(record, path))}
+        found = set(store.access.keys(index_ptr, SET_LEAF)) if index_ptr else set()
+        if found != expected:
+            missing, extra = expected - found, found - expected
+            raise CorruptionError(
+                f"index on {field!r} of collection {collection.ptr:#x} disagrees with its records: "
+                f"{len(missing)} entries missing (e.g. {sorted(missing, key=repr)[:3]}), "
+                f"{len(extra)} extra (e.g. {sorted(extra, key=repr)[:3]})")
+
 
     root_ptr = snapshot.root.ptr
     if root_ptr:

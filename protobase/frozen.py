@@ -38,8 +38,19 @@ class FrozenDict(dict):
     def __reduce__(self) -> tuple:
         return (FrozenDict, (dict(self),))
 
+    def where(self, expr: Any = None) -> Any:
+        """The records (values) matching `expr`; see protobase.query."""
+        from .query import Query
+
+        return Query(self, expr)
+
+    @property
+    def indexes(self) -> tuple[str, ...]:
+        return ()
+
     def __repr__(self) -> str:
         return f"FrozenDict({dict.__repr__(self)})"
+
 
 
 class FrozenList(list):

@@ -15,11 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import codec
-from .arena import DICT_LEAF, VALUE, AtomReader
+from .arena import DICT_LEAF, INDEXED, VALUE, AtomReader
 from .btree import LEAF_OF, Node, TreeAccess, decode_node
 from .cache import AtomBytesCache, AtomObjectCache
 from .codec import Ref
-from .views import VIEW_OF_LEAF_KIND
+from .views import VIEW_OF_LEAF_KIND, IndexedTreeDict
 
 __all__ = ["Store"]
 
@@ -58,7 +58,14 @@ class Store:
                 kind, payload = self.atom(ref.ptr)
                 value = self.objects.put(ref.ptr, codec.decode(payload, frozen=True, ref=self._ref))
             return value
+        if ref.kind == INDEXED:
+            view = self.objects.get(ref.ptr)
+            if view is None:
+                fields = codec.decode(self.atom(ref.ptr)[1], frozen=False)
+                view = self.objects.put(ref.ptr, IndexedTreeDict(self, fields["data"], fields["indexes"]))
+            return view
         return self.view(ref.ptr, ref.kind)
+
 
     def _ref(self, ptr: int, kind: int) -> Any:
         return self.value(Ref(ptr, kind))

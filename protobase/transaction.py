@@ -30,7 +30,9 @@ from .coordinator.writer import (
     LIST_DELETE,
     LIST_INSERT,
     LIST_SET,
+    OP_CREATE_INDEX,
     OP_DELETE,
+    OP_DROP_INDEX,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -39,7 +41,7 @@ from .coordinator.writer import (
 from .errors import DatabaseClosedError
 from .frozen import FrozenDict, FrozenList, FrozenSet, thaw
 from .keyorder import check_key
-from .views import TreeDict, TreeList, TreeSet
+from .views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 
 if TYPE_CHECKING:
     from .database import Database
@@ -104,7 +106,7 @@ class Transaction:
     def _adopt(self, path: tuple, value: Any) -> Any:
         """The transaction's mutable stand-in for a snapshot value read at `path`."""
         kind = type(value)
-        if kind is FrozenDict or kind is TreeDict:
+        if kind is FrozenDict or kind is TreeDict or kind is IndexedTreeDict:
             return TxDict(self, path, value)
         if kind is FrozenList or kind is FrozenSet:
             owner = _Owner(self, path)
@@ -143,12 +145,15 @@ class Transaction:
 
     def _wire_ops(self) -> list:
         ops = []
-        for code, path, argument in self._ops.values():
+        for key, (code, path, argument) in self._ops.items():
             if code == _DEFERRED:
                 ops.extend(argument._wire_ops())
+            elif key and key[0] is _INDEX_OP:
+                ops.append([code, list(key[1]), argument])
             else:
                 ops.append([code, list(path), argument])
         return ops
+
 
     def _check_encodable(self, ops: list) -> None:
         for code, path, argument in ops:
@@ -211,7 +216,7 @@ class TxDict(MutableMapping):
             value = local[key]
             if value is _DELETED:
                 raise KeyError(key)
-            return value
+            return LocalDict(tx, self._path + (key,), value) if type(value) is dict else value
         child = self._children.get(key)
         if child is not None:
             return child
@@ -276,6 +281,106 @@ class TxDict(MutableMapping):
 
     def __repr__(self) -> str:
         return f"TxDict({self._protobase_plain_()!r})" if len(self) <= 20 else f"TxDict(<{len(self)} keys>)"
+
+    # -- queries and indexes -----------------------------------------------------
+
+    def where(self, expr: Any = None) -> Any:
+        """Records matching `expr` (see protobase.query), seeing this transaction's own writes."""
+        from .query import Query
+
+        self._tx._check_active()
+        return Query(self, expr)
+
+    def create_index(self, field: str) -> None:
+        """Index the records' `field` (dotted for nested: "address.city"); built at commit."""
+        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, field)
+
+    def drop_index(self, field: str) -> None:
+        """Remove the index on `field` at commit."""
+        _record_index_op(self._tx, self._path, OP_DROP_INDEX, field)
+
+    @property
+    def indexes(self) -> tuple[str, ...]:
+        """The fields indexed in the snapshot this transaction reads."""
+        return getattr(self._base, "indexes", ())
+
+    def _changed_keys(self) -> frozenset:
+        """Keys of this mapping that this transaction wrote, or wrote inside."""
+        depth = len(self._path)
+        changed = set(self._local)
+        for path in self._tx._ops:
+            if path and path[0] is not _INDEX_OP and len(path) > depth and path[:depth] == self._path:
+                changed.add(path[depth])
+        return frozenset(changed)
+
+
+_INDEX_OP = object()  # first element of the `_ops` key of an index operation
+
+
+def _record_index_op(tx: Transaction, path: tuple, code: int, field: str) -> None:
+    from .index import field_path
+
+    field_path(field)  # validates the name
+    if not path:
+        raise ValueError("the root itself cannot be indexed; index a collection inside it, e.g. root['users']")
+    tx._record((_INDEX_OP, path, field), code, field)
+
+
+class LocalDict(MutableMapping):
+    """A dict assigned in this transaction, read back through `tx.root`: the dict itself, plus queries.
+
+    Changes go straight into the assigned dict, which the transaction stores
+    whole at commit; `create_index` on it is recorded to run after that.
+    """
+
+    __slots__ = ("_tx", "_path", "_dict")
+
+    def __init__(self, tx: Transaction, path: tuple, value: dict) -> None:
+        self._tx = tx
+        self._path = path
+        self._dict = value  # the user's dict, stored at commit
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self._dict[key]
+        return LocalDict(self._tx, self._path + (key,), value) if type(value) is dict else value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._tx._check_active()
+        check_key(key, self._path + (key,))
+        _validate(value, self._path + (key,))
+        self._dict[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        self._tx._check_active()
+        del self._dict[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
+
+    def where(self, expr: Any = None) -> Any:
+        from .query import Query
+
+        return Query(self, expr)
+
+    def create_index(self, field: str) -> None:
+        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, field)
+
+    def drop_index(self, field: str) -> None:
+        _record_index_op(self._tx, self._path, OP_DROP_INDEX, field)
+
+    def _protobase_plain_(self) -> dict:
+        return self._dict
+
+    def __eq__(self, other: object) -> bool:
+        return self._dict == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._dict)
 
 
 # -- small containers: tracked copies, written back whole --------------------------------

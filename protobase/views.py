@@ -20,7 +20,7 @@ from .frozen import _read_only, thaw
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["TreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND"]
+__all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND"]
 
 
 class _TreeView:
@@ -155,8 +155,20 @@ class TreeDict(dict):
         """A plain, mutable, deep copy."""
         return {key: thaw(value) for key, value in self.items()}
 
+    def where(self, expr: Any = None) -> Any:
+        """The records (values) matching `expr`, through indexes when there are some; see protobase.query."""
+        from .query import Query
+
+        return Query(self, expr)
+
+    @property
+    def indexes(self) -> tuple[str, ...]:
+        """The indexed fields (none for a plain TreeDict)."""
+        return ()
+
     def _protobase_plain_(self) -> dict:
         return self.thaw()
+
 
     def __reduce__(self) -> tuple:
         return (dict, (self.thaw(),))
@@ -168,7 +180,27 @@ class TreeDict(dict):
         return f"TreeDict(<{len(self)} keys at {self._ptr:#x}>)"
 
 
+class IndexedTreeDict(TreeDict):
+    """A TreeDict of records with secondary indexes (see index.py); `where` uses them."""
+
+    __slots__ = ("_indexes", "_postings")
+
+    def __init__(self, store: Store, ptr: int, indexes: dict[str, int]) -> None:
+        super().__init__(store, ptr)
+        self._indexes = indexes  # {field -> AtomPointer of its index set tree}
+        self._postings: dict = {}  # {(field, kind, value) -> keys}, memoised equality searches
+
+    @property
+    def indexes(self) -> tuple[str, ...]:
+        """The indexed fields."""
+        return tuple(sorted(self._indexes))
+
+    def __repr__(self) -> str:
+        return f"IndexedTreeDict(<{len(self)} keys at {self._ptr:#x}, indexes {list(self.indexes)}>)"
+
+
 class _TreeItems(ItemsView):
+
     """items() of a TreeDict: iterates the tree in key order."""
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
