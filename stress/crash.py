@@ -38,8 +38,9 @@ def writer_main(path: str, writer: int, ack_path: str) -> None:
     """Commit forever, acknowledging each commit once it returned."""
     try:
         _commit_forever(path, writer, ack_path)
-    except protobase.ProtoBaseError:
-        pass  # the coordinator was killed under us: expected, the round is ending
+    except protobase.ProtoBaseError as error:  # expected when the coordinator is killed under us
+        with open(f"{ack_path}.errors", "a") as file:
+            file.write(f"{type(error).__name__}: {error}\n")
 
 
 def _commit_forever(path: str, writer: int, ack_path: str) -> None:
@@ -132,7 +133,7 @@ def _round(context, path: str, ack_paths: list[str], victim: str, rng: random.Ra
         deadline = time.monotonic() + 60
         while sum(len(acknowledged(p)) for p in ack_paths) < target and time.monotonic() < deadline:
             if not any(process.is_alive() for process in processes):
-                raise RuntimeError("every writer died before committing; see the coordinator log")
+                raise RuntimeError(f"every writer died before committing:\n{_evidence(path, ack_paths)}")
             time.sleep(0.005)
         coordinator, persistence = _server_pids(path)
         time.sleep(rng.uniform(0, 0.02))  # a random moment in the middle of commits
@@ -141,13 +142,31 @@ def _round(context, path: str, ack_paths: list[str], victim: str, rng: random.Ra
         elif victim == "persistence":
             _kill(persistence)
         elif victim == "group":
-            os.killpg(os.getpgid(coordinator), signal.SIGKILL)
+            group = os.getpgid(coordinator)
+            if group == os.getpgid(0):  # never our own group: the coordinator has its own session
+                raise RuntimeError(f"coordinator {coordinator} is in the test's process group {group}")
+            os.killpg(group, signal.SIGKILL)
+
         else:
             _kill(rng.choice(processes).pid)
     finally:
         for process in processes:
             _kill(process.pid)
             process.join(timeout=30)
+
+
+def _evidence(path: str, ack_paths: list[str]) -> str:
+    """The writers' last errors and the coordinator's log, for a failure report."""
+    lines = []
+    for ack_path in ack_paths:
+        if os.path.exists(f"{ack_path}.errors"):
+            with open(f"{ack_path}.errors") as file:
+                lines += file.read().splitlines()[-2:]
+    log_path = os.path.join(path, "coordinator.log")
+    if os.path.exists(log_path):
+        with open(log_path) as file:
+            lines += ["coordinator.log:"] + file.read().splitlines()[-15:]
+    return "\n".join(lines)
 
 
 def _server_pids(path: str) -> tuple[int, int]:

@@ -1,0 +1,206 @@
+"""Reclamation: compaction frees shared memory, snapshots pin it, dead readers stop pinning it.
+
+The coordinator compacts by copying live atoms into fresh segments and unlinks
+the old ones once no reader's snapshot can reach them (server.py). These tests
+watch that from outside, through `db.stats()` (reader table, data bytes) and
+the instance's entries in /dev/shm:
+
+- a reader killed with SIGKILL while it holds a snapshot is dropped from the
+  reader table and its pinned segments are unlinked;
+- a live snapshot keeps its segments (and reads correct data) across
+  compactions, and they go once it closes;
+- sustained updates on a fixed key set keep memory bounded.
+
+Databases are opened with a small `compact_min_bytes` so compactions happen
+after about a megabyte of garbage, and with async durability: the WAL is not
+what these tests are about. Waits poll a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import re
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import protobase
+from protobase.shm import names
+from tests.conftest import GRACE
+
+SPAWN = multiprocessing.get_context("spawn")
+DEADLINE = 60.0  # seconds any one wait may take before the test fails
+COMPACT_MIN = 1 << 20
+SPACE_FACTOR = 8  # peak data bytes stay under this multiple of max(live bytes, COMPACT_MIN)
+DATA_SEGMENT = re.compile(r"\.d[0-9]+$")
+
+
+def open_db(path: str) -> protobase.Database:
+    return protobase.open(path, shutdown_grace=GRACE, compact_min_bytes=COMPACT_MIN, durability="async")
+
+
+def data_segments(db: protobase.Database) -> set[str]:
+    """The names of the instance's data segments present in /dev/shm."""
+    return {entry for entry in names.instance_entries(db.instance_id) if DATA_SEGMENT.search(entry)}
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def fill(db: protobase.Database, count: int) -> dict:
+    records = {f"key{i:05d}": {"n": 0, "v": i} for i in range(count)}
+    with db.transaction() as tx:
+        tx.root["d"] = records
+    return records
+
+
+def update_round(db: protobase.Database, keys: list[str], rng: random.Random, number: int, count: int = 200) -> None:
+    with db.transaction() as tx:
+        records = tx.root["d"]
+        for key in rng.sample(keys, count):
+            records[key] = {"n": number, "v": key}
+
+
+def update_until_compacted(db: protobase.Database, keys: list[str], rng: random.Random, compactions: int) -> int:
+    """Run update rounds until `compactions` more compactions happened; return the rounds run."""
+    target = db.stats().compactions + compactions
+    rounds = 0
+    deadline = time.monotonic() + DEADLINE
+    while db.stats().compactions < target:
+        assert time.monotonic() < deadline, "no compaction happened under sustained updates"
+        update_round(db, keys, rng, rounds)
+        rounds += 1
+    return rounds
+
+
+# -- children ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def children() -> Iterator[Callable[..., Any]]:
+    """start(target, *args): a spawned child, killed (if needed) and joined afterwards."""
+    started: list[Any] = []
+
+    def start(target: Callable[..., Any], *args: Any) -> Any:
+        process = SPAWN.Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.is_alive():
+                process.kill()
+            process.join(DEADLINE)
+            assert not process.is_alive()
+
+
+def _pin_until_killed(path: str, reports: Any) -> None:
+    try:
+        db = open_db(path)
+        snapshot = db.snapshot()
+        reports.put(("ok", os.getpid(), snapshot.seq))
+    except BaseException:
+        reports.put(("error", os.getpid(), traceback.format_exc()))
+        raise
+    time.sleep(10 * DEADLINE)  # the parent kills us with SIGKILL, snapshot held
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+
+
+def test_reader_killed_while_holding_a_snapshot_stops_pinning(datadir, children):
+    rng = random.Random(1)
+    with open_db(datadir) as db:
+        keys = sorted(fill(db, 2000))
+        reports = SPAWN.Queue()
+        child = children(_pin_until_killed, datadir, reports)
+        status, pid, seq = reports.get(timeout=DEADLINE)
+        assert status == "ok", seq
+        assert any(r.pid == pid and r.snapshot_seq == seq for r in db.stats().readers)
+        pinned = data_segments(db)
+
+        update_until_compacted(db, keys, rng, 2)
+        assert pinned <= data_segments(db), "segments a live snapshot can reach were unlinked"
+
+        os.kill(pid, signal.SIGKILL)  # our own child
+        child.join(DEADLINE)
+        assert child.exitcode == -signal.SIGKILL
+
+        wait_until(lambda: all(r.pid != pid for r in db.stats().readers), "the dead reader to leave the table")
+        update_until_compacted(db, keys, rng, 1)
+        wait_until(lambda: not pinned & data_segments(db), "the segments the dead reader pinned to be unlinked")
+        db.compact()
+        stats = db.stats()
+        assert stats.data_bytes <= SPACE_FACTOR * max(stats.live_bytes, COMPACT_MIN), stats
+        db.check()
+
+
+def test_live_snapshot_pins_segments_until_closed(datadir):
+    rng = random.Random(2)
+    with open_db(datadir) as db:
+        records = fill(db, 2000)
+        keys = sorted(records)
+        snapshot = db.snapshot()
+        pinned = data_segments(db)
+        assert pinned
+
+        update_until_compacted(db, keys, rng, 3)
+        db.compact()
+        assert pinned <= data_segments(db), "segments a live snapshot can reach were unlinked"
+        # The old snapshot still reads its own version, through the old segments.
+        assert snapshot.root["d"]["key00007"] == {"n": 0, "v": 7}
+        assert snapshot.root.thaw() == {"d": records}
+        db.check()
+
+        snapshot.close()
+        wait_until(lambda: not pinned & data_segments(db), "the unpinned segments to be unlinked")
+        with db.snapshot() as fresh:
+            assert len(fresh.root["d"]) == len(keys)
+            assert any(record["n"] > 0 for record in fresh.root["d"].values())
+        db.check()
+
+
+def test_sustained_updates_keep_memory_bounded(datadir):
+    rng = random.Random(3)
+    rounds = 320
+    with open_db(datadir) as db:
+        keys = sorted(fill(db, 10_000))
+        data_peaks, shared_peaks = [], []
+        for number in range(rounds):
+            update_round(db, keys, rng, number)
+            stats = db.stats()
+            data_peaks.append(stats.data_bytes)
+            shared_peaks.append(stats.shared_bytes)
+        db.compact()
+        wait_until(lambda: db.stats().segments == len(data_segments(db)), "retired segments to be unlinked")
+        stats = db.stats()
+        assert stats.compactions > 0
+        overhead = stats.shared_bytes - stats.data_bytes  # control block and other fixed segments
+        bound = SPACE_FACTOR * max(stats.live_bytes, COMPACT_MIN)
+        assert max(data_peaks) <= bound, (max(data_peaks), stats)
+        assert max(shared_peaks) - overhead <= bound, (max(shared_peaks), overhead, stats)
+        # No growth with the number of rounds: the second half peaks no higher than the first.
+        half = rounds // 2
+        assert max(data_peaks[half:]) <= 1.5 * max(data_peaks[:half]), (data_peaks[:half], data_peaks[half:])
+        assert max(shared_peaks[half:]) <= 1.5 * max(shared_peaks[:half])
+        with db.snapshot() as snapshot:
+            assert len(snapshot.root["d"]) == len(keys)
+        db.check()
+
