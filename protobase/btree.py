@@ -203,7 +203,22 @@ class TreeAccess:
             yield from self.leaves(child if type(child) is Node else self.load(child), leaf_kind,
                                    start if i == first else None, reverse)
 
+    def keys_at(self, root: Node | int, leaf_kind: int, start: int, stop: int) -> Iterator[Any]:
+        """Keys at positions [start, stop) of a dict or set tree, found through subtree sizes."""
+        node = self.node(root, leaf_kind)
+        if node.sizes is None:
+            yield from node.keys[start:stop]
+            return
+        offset = 0
+        for child, size in zip(node.values, node.sizes):
+            if offset >= stop:
+                return
+            if offset + size > start:
+                yield from self.keys_at(child, leaf_kind, max(0, start - offset), stop - offset)
+            offset += size
+
     def items(self, root: Node | int, leaf_kind: int = DICT_LEAF) -> Iterator[tuple[Any, Any]]:
+
         for leaf in self.leaves(root, leaf_kind):
             yield from zip(leaf.keys, leaf.values)
 

@@ -215,15 +215,44 @@ class Database:
                 if control.read_root()[0] == seq:
                     break
             self._held[seq] += 1
-            oldest_segment = control.oldest_segment
-            if oldest_segment != self._oldest_segment:
-                # A compaction moved everything: old pointers are gone, drop them.
-                self._oldest_segment = oldest_segment
-                self._store.reader.forget_below(oldest_segment)
-                self._store.clear()
+            self._notice_compaction()
             return seq, root
 
+    def _notice_compaction(self) -> None:
+        """After a compaction moved everything, drop the mappings and caches of the old segments."""
+        oldest_segment = self._control.oldest_segment
+        if oldest_segment != self._oldest_segment:
+            self._oldest_segment = oldest_segment
+            self._store.reader.forget_below(oldest_segment)
+            self._store.clear()
+
+    def _adopt_snapshot(self, seq: int, root: int) -> Snapshot:
+        """A snapshot of (seq, root) that another process of this database has pinned.
+
+        For worker pools: the parent's pin keeps every atom of that root alive,
+        so we only add our own pin (the coordinator then sees both) without
+        re-reading the published root.
+        """
+        with self._lock:
+            self._ensure_attached()
+            floor = min(self._held) if self._held else None
+            if floor is None or seq < floor:
+                self._control.set_reader_snapshot(self._slot, seq)
+            self._held[seq] += 1
+            self._notice_compaction()
+        snapshot = Snapshot(self, seq, self._store.root(root))
+
+        self._snapshots.add(snapshot)
+        return snapshot
+
+    def pool(self, processes: int | None = None, *, context: str = "spawn") -> Any:
+        """A pool of worker processes that all read the same snapshot per call; see protobase.pool."""
+        from .pool import Pool
+
+        return Pool(self, processes, context=context)
+
     def _unpin(self, seq: int) -> None:
+
         with self._lock:
             if self._control is None or os.getpid() != self._pid:
                 return

@@ -1,0 +1,88 @@
+"""The worker pool: one snapshot per call, in order, errors and dead workers reported."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import protobase
+from protobase.pool import RemoteTraceback, WorkerDiedError
+from tests.conftest import GRACE
+
+
+def seq_and_total(snapshot, item):
+    """What a worker sees: its snapshot's seq and the counter, plus the item."""
+    return snapshot.seq, snapshot.root["counter"], item
+
+
+def score_of(snapshot, key):
+    return key, snapshot.root["users"][key]["score"]
+
+
+def fail_on_three(snapshot, item):
+    if item == 3:
+        raise ValueError(f"item {item} is bad")
+    return item
+
+
+def die_on_three(snapshot, item):
+    if item == 3:
+        os._exit(7)
+    return item
+
+
+def pid_of_worker(snapshot, item):
+    return os.getpid()
+
+
+@pytest.fixture
+def pooled(datadir):
+    db = protobase.open(datadir, shutdown_grace=GRACE, durability="async")
+    with db.transaction() as tx:
+        tx.root["counter"] = 0
+        tx.root["users"] = {f"u{i:04}": {"score": i} for i in range(1000)}
+    pool = db.pool(processes=2)
+    yield db, pool
+    pool.close()
+    db.close()
+
+
+def test_every_item_of_a_call_reads_the_same_snapshot_while_others_commit(pooled):
+    db, pool = pooled
+    results = pool.imap(seq_and_total, range(40), chunksize=2)
+    first = next(results)
+    for value in range(1, 6):  # commits land while the call is running
+        with db.transaction() as tx:
+            tx.root["counter"] = value
+    rest = list(results)
+    assert [item for _, _, item in [first, *rest]] == list(range(40))  # in order
+    assert {(seq, total) for seq, total, _ in [first, *rest]} == {(first[0], 0)}
+    assert pool.map(seq_and_total, [0])[0][1] == 5  # the next call sees the new state
+
+
+def test_map_keys_reads_the_keys_in_the_workers(pooled):
+    _, pool = pooled
+    results = pool.map_keys(score_of, "users", chunksize=64)
+    assert results == [(f"u{i:04}", i) for i in range(1000)]
+
+
+def test_an_exception_reaches_the_caller_with_the_worker_traceback(pooled):
+    _, pool = pooled
+    with pytest.raises(ValueError, match="item 3 is bad") as raised:
+        pool.map(fail_on_three, range(8), chunksize=1)
+    assert isinstance(raised.value.__cause__, RemoteTraceback)
+    assert "fail_on_three" in str(raised.value.__cause__)
+    assert pool.map(fail_on_three, [1, 2]) == [1, 2]  # the pool is still usable
+
+
+def test_a_dead_worker_is_reported_and_replaced(pooled):
+    _, pool = pooled
+    before = {worker.process.pid for worker in pool._workers}
+    with pytest.raises(WorkerDiedError, match="died \\(exit code 7\\)"):
+        pool.map(die_on_three, range(8), chunksize=1)
+    after = {worker.process.pid for worker in pool._workers}
+    assert pool.replaced == 1 and pool.processes == 2
+    assert len(before - after) == 1 and len(after - before) == 1
+    assert pool.map(die_on_three, [1, 2]) == [1, 2]  # the replacement works
+
