@@ -319,7 +319,16 @@ class Database:
         """Ask the coordinator to compact now; return the sequence number of the compacted root."""
         return self._request(["compact"])[1]
 
+    def backup(self, destination: str | os.PathLike) -> str:
+        """Hot, consistent backup of the latest commit into the new directory `destination`.
+
+        Commits go on meanwhile; the backup is the state at one commit. Returns
+        the backup's checkpoint file; `protobase.open(destination)` opens it.
+        """
+        return self._request(["backup", os.path.abspath(os.fspath(destination))])[2]
+
     def checkpoint(self) -> int:
+
         """Ask for a checkpoint of the latest commit now (it is written in the background)."""
         return self._request(["checkpoint"])[1]
 

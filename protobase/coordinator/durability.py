@@ -135,13 +135,19 @@ class Durability:
         self.doorbell()
         return lsn
 
-    def request_checkpoint(self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int) -> int:
-        """Ask for a checkpoint of the state after the last enqueued commit; return its LSN."""
+    def request_checkpoint(self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int,
+                           directory: str | None = None) -> int:
+        """Ask for a checkpoint of the state after the last enqueued commit; return its LSN.
+
+        With `directory` it is a backup written there; the WAL is not touched.
+        """
         lsn = self.next_lsn - 1
         payload = codec.encode({"lsn": lsn, "seq": seq, "root": root, "next_segment": next_segment,
-                                "segments": [list(entry) for entry in segments]})
+                                "segments": [list(entry) for entry in segments], "directory": directory})
         self.ring.append(0, CONTROL, payload, wait=self._wait_for_room)
-        self.wal_bytes = 0
+        if directory is None:
+            self.wal_bytes = 0
+
         self.doorbell()
         return lsn
 

@@ -158,18 +158,23 @@ class Persistence:
     def _checkpoint(self, payload: bytes) -> None:
         request = codec.decode(payload, frozen=False)
         lsn = request["lsn"]
+        backup = request.get("directory")  # a backup: written elsewhere, our WAL untouched
         wanted = request["segments"]  # [[index, used bytes], ...]
         segments = [(index, Segment.attach(names.data_name(self.instance_id, index))) for index, _ in wanted]
         try:
             views = [(index, segment.buf[:used]) for (index, segment), (_, used) in zip(segments, wanted)]
             started = time.monotonic()
-            path = write_checkpoint(self.datadir.path, lsn=lsn, seq=request["seq"], root=request["root"],
+            path = write_checkpoint(backup or self.datadir.path, lsn=lsn, seq=request["seq"], root=request["root"],
                                     next_segment=request["next_segment"], segments=views,
                                     fsync_directory=wal.fsync_directory)
             del views
         finally:
             for _, segment in segments:
                 segment.close()
+        if backup is not None:
+            log.info("backup %s written in %.3fs", path, time.monotonic() - started)
+            self._report(["checkpointed", lsn, path])
+            return
         if self.writer.last_lsn > lsn:
             raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
         if self.writer.first_lsn != lsn + 1:  # else the current file already starts after the checkpoint
@@ -178,7 +183,8 @@ class Persistence:
         wal.remove_wal_files_before(self.datadir.path, lsn)
         remove_checkpoints_before(self.datadir.path, lsn, wal.fsync_directory)
         log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)
-        self._report(["checkpointed", lsn])
+        self._report(["checkpointed", lsn, path])
+
 
     def _report(self, message: list) -> None:
         if self.coordinator_gone:

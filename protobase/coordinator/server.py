@@ -44,8 +44,8 @@ from typing import Any
 
 from .. import codec
 from ..arena import ArenaWriter, AtomReader
-from ..datadir import FORMAT_VERSION, DataDir, FileLock
-from ..errors import CoordinatorError, ProtoBaseError
+from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
+from ..errors import CoordinatorError, DataDirectoryError, ProtoBaseError
 from ..protocol import FrameReader, peer_credentials, send
 from ..shm import names
 from ..shm.control import ControlBlock, process_start_time
@@ -121,7 +121,9 @@ class Coordinator:
         self.allocated_at_compaction = 0  # arena.allocated_bytes right after it
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
-        self.checkpoint_pin: int | None = None  # seq of a checkpoint being written
+        # Checkpoints (and backups) asked of the persistence process, in ring order:
+        # [(seq it pins, client to answer or None)]; their segments must stay alive.
+        self.checkpoint_requests: collections.deque[tuple[int, Client | None]] = collections.deque()
         self.changed_since_checkpoint = False
         self.commits = 0
         self.conflicts = 0
@@ -262,7 +264,7 @@ class Coordinator:
         if self.changed_since_checkpoint or self.pending:
             self._checkpoint()
         deadline = time.monotonic() + STOP_TIMEOUT
-        while (self.pending or self.checkpoint_pin is not None) and not self.durability.failure:
+        while (self.pending or self.checkpoint_requests) and not self.durability.failure:
             if time.monotonic() > deadline:
                 log.error("the final checkpoint did not finish in %ss; the WAL still holds every commit",
                           STOP_TIMEOUT)
@@ -353,6 +355,9 @@ class Coordinator:
             if verb == "checkpoint":
                 self._checkpoint()
                 return ["ok", self.seq]
+            if verb == "backup":
+                self._backup(client, message[1])
+                return None  # answered once the backup is on disk
             return ["error", "ProtoBaseError", f"unknown request {verb!r}"]
         except DurabilityFailed as error:
             self._fail(str(error))
@@ -446,9 +451,12 @@ class Coordinator:
 
     def _on_persistence_report(self) -> None:
         for message in self.durability.read_reports():
-            if message[0] == "checkpointed":
-                self.checkpoint_pin = None
-                self.checkpoints += 1
+            if message[0] == "checkpointed" and self.checkpoint_requests:
+                seq, client = self.checkpoint_requests.popleft()
+                if client is None:
+                    self.checkpoints += 1
+                else:
+                    self._answer(client, ["ok", seq, message[2]])
         durable = self.durability.durable_lsn
         self.control.durable_lsn = durable
         newest = None
@@ -501,17 +509,34 @@ class Coordinator:
         self.running = False
 
     def _maybe_checkpoint(self) -> None:
-        if self.durability.wal_bytes >= self.checkpoint_bytes and self.checkpoint_pin is None:
+        if self.durability.wal_bytes >= self.checkpoint_bytes and not self._checkpoint_pending():
             self._checkpoint()
 
-    def _checkpoint(self) -> None:
-        """Have the persistence process write the state after the last commit as a checkpoint."""
-        if self.checkpoint_pin is not None:
+    def _checkpoint_pending(self) -> bool:
+        return any(client is None for _, client in self.checkpoint_requests)
+
+    def _checkpoint(self, client: Client | None = None, directory: str | None = None) -> None:
+        """Have the persistence process write the state after the last commit as a checkpoint.
+
+        With `directory`, it is a backup: the checkpoint goes there, the WAL is
+        left alone, and `client` is answered once it is on disk.
+        """
+        if directory is None and self._checkpoint_pending():
             return
-        self.checkpoint_pin = self.seq
-        self.changed_since_checkpoint = False
+        self.checkpoint_requests.append((self.seq, client))
+        if directory is None:
+            self.changed_since_checkpoint = False
         self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=self.arena.generation(),
-                                           next_segment=self.arena.next_index)
+                                           next_segment=self.arena.next_index, directory=directory)
+
+    def _backup(self, client: Client, destination: str) -> None:
+        """Start a hot, consistent backup of the latest commit into a new data directory."""
+        target = DataDir.open(destination)
+        if any(name != STAMP for name in os.listdir(target.path)):
+            raise DataDirectoryError(f"backup destination {target.path} is not empty; pass a new directory")
+        if self.durability.failure:
+            raise CoordinatorError(self._failure_reply()[2])
+        self._checkpoint(client, target.path)
 
     # -- reclamation ----------------------------------------------------------------
 
@@ -542,9 +567,8 @@ class Coordinator:
         if not self.retired:
             return
         oldest = self.control.oldest_snapshot()
-        for pin in (self.checkpoint_pin,):
-            if pin is not None:
-                oldest = pin if oldest is None else min(oldest, pin)
+        for pin, _ in self.checkpoint_requests:
+            oldest = pin if oldest is None else min(oldest, pin)
         while self.retired:
             seq, first_live = self.retired[0]
             if self.published_seq < seq or (oldest is not None and oldest < seq):
