@@ -245,7 +245,20 @@ class Database:
         self._snapshots.add(snapshot)
         return snapshot
 
+    def watch(self, *prefixes: Any) -> Any:
+        """A Watcher of commits touching the key-path prefixes (all commits when none given).
+
+        `for change in db.watch("carts"): ...` blocks until a commit writing under
+        root["carts"] is published; `change.seq` says which. A prefix is a key of
+        the root or a tuple of keys: ("carts", "u1").
+        """
+        from .watch import Watcher
+
+        self._ensure_attached()
+        return Watcher(self, prefixes or [()])
+
     def pool(self, processes: int | None = None, *, context: str = "spawn") -> Any:
+
         """A pool of worker processes that all read the same snapshot per call; see protobase.pool."""
         from .pool import Pool
 

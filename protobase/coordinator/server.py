@@ -39,7 +39,7 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
@@ -77,6 +77,7 @@ class Client:
         self.pid = pid  # from SO_PEERCRED
         self.reader = FrameReader()
         self.slot: int | None = None  # reader-table slot, once it said hello
+        self.watching: list[tuple] | None = None  # key-path prefixes it watches, if it is a watcher
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Pending:
     root: int
     client: Client | None  # whom to answer, None for a compaction
     reply: list | None
+    paths: list[tuple] = field(default_factory=list)  # what the commit wrote, for watchers
 
 
 class Coordinator:
@@ -347,6 +349,9 @@ class Coordinator:
                 return self.commit(client, *message[1:6])
             if verb == "hello":
                 return self._hello(client, message[1])
+            if verb == "watch":
+                client.watching = [tuple(prefix) for prefix in message[2]]
+                return ["ok", self.published_seq]
             if verb == "stats":
                 return ["ok", self.counters()]
             if verb == "compact":
@@ -408,10 +413,11 @@ class Coordinator:
         reply = ["ok", self.seq, self._written_values(ops, paths)]
         lsn = self.durability.enqueue(codec.encode([self.seq, ops_bytes]), sync=durability == "sync")
         if durability == "sync":
-            self.pending.append(Pending(lsn, self.seq, new_root, client, reply))
+            self.pending.append(Pending(lsn, self.seq, new_root, client, reply, paths))
             reply = None
         else:
             self._publish(self.seq, new_root)
+            self._notify(self.seq, paths)
         self._maybe_compact()
         self._maybe_checkpoint()
         return reply
@@ -443,6 +449,16 @@ class Coordinator:
         else:
             self.pending.append(Pending(lsn, seq, root, None, None))
 
+    def _notify(self, seq: int, paths: list[tuple]) -> None:
+        """Tell every watcher whose prefixes a published commit touched."""
+        for client in list(self.clients.values()):
+            if client.watching is None or not paths:
+                continue
+            touched = [list(path) for path in paths
+                       if any(path[:len(prefix)] == prefix or prefix[:len(path)] == path for prefix in client.watching)]
+            if touched:
+                self._answer(client, ["changed", seq, touched])
+
     def _on_new_segment(self, next_index: int) -> None:
         if self.control is not None:
             self.control.next_segment = next_index
@@ -467,6 +483,7 @@ class Coordinator:
         if newest is not None:
             self._publish(newest.seq, newest.root)
         for pending in answered:
+            self._notify(pending.seq, pending.paths)
             self._answer(pending.client, pending.reply)
         if self.durability.failure:
             self._fail(self.durability.failure)
