@@ -9,16 +9,18 @@ start at 1 and are never reused, and a segment is only ever appended to, so a
 pointer names one atom forever: every per-process cache keyed by pointer stays
 valid for as long as the atom exists. Pointer 0 is the null pointer.
 
-Atom layout (little-endian), 8-byte aligned inside its segment:
+Atom layout (little-endian), 4-byte aligned inside its segment:
 
     offset size field
-    0      4    u32 payload length in bytes
-    4      1    u8  kind (VALUE, DICT_LEAF, ... below)
-    5      3    reserved, zero
-    8      n    payload: msgpack (see codec.py for values, btree.py/vector.py for nodes)
+    0      4    u32: kind (VALUE, DICT_LEAF, ... below) in the top 4 bits, payload length in the low 28
+    4      n    payload: msgpack (see codec.py for values, btree.py for nodes, index.py for INDEXED)
 
-Segments grow: the first is 1 MiB, each next one twice the last up to
-`MAX_SEGMENT`, or larger when one atom needs it. There is no size to set up front.
+so an atom holds at most 256 MiB (larger containers are trees of atoms).
+
+Segments grow: the first is 1 MiB, each next one a quarter of what is mapped
+(up to `MAX_SEGMENT`, or larger when one atom needs it), so reserved memory
+exceeds the data by at most about 25%. There is no size to set up front.
+
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from .errors import CorruptionError
+from .errors import CorruptionError, EncodingError, ProtoBaseError
 from .shm import names
 from .shm.segment import Segment
 
@@ -42,11 +44,20 @@ KIND_NAMES = {
     SET_BRANCH: "set branch", LIST_LEAF: "list leaf", LIST_BRANCH: "list branch", INDEXED: "indexed collection",
 }
 
-HEADER = struct.Struct("<IB3x")
+HEADER = struct.Struct("<I")
+LENGTH_BITS = 28
+MAX_PAYLOAD = (1 << LENGTH_BITS) - 1
+ALIGN = 4
 OFFSET_BITS = 40
 OFFSET_MASK = (1 << OFFSET_BITS) - 1
+MAX_SEGMENTS = 1 << 20  # segment index bits left once a Ref folds the kind into a pointer (codec.py)
 FIRST_SEGMENT = 1 << 20
 MAX_SEGMENT = 256 << 20
+
+
+def atom_size(payload_length: int) -> int:
+    """Bytes an atom with this payload takes in its segment, header and alignment included."""
+    return (HEADER.size + payload_length + ALIGN - 1) & ~(ALIGN - 1)
 
 
 def make_pointer(segment: int, offset: int) -> int:
@@ -75,26 +86,36 @@ class ArenaWriter:
         self.used = 0  # bytes used in the current segment
         self.used_of: dict[int, int] = {}  # {segment index -> bytes used}, for finished segments
         self.generation_start = 1  # first segment of the current generation (see compaction)
+        self.size_hint = 0  # bytes the next segment should hold (set by start_generation), 0: none
+
         self.allocated_bytes = 0  # payload + header bytes appended since start
 
     def append(self, kind: int, payload: bytes) -> int:
         """Write one atom and return its AtomPointer."""
+        if len(payload) > MAX_PAYLOAD:
+            raise EncodingError(f"a single stored value of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte "
+                                f"atom limit; split it (large dicts, lists and sets are split for you)")
         need = HEADER.size + len(payload)
-        padded = (need + 7) & ~7
+        padded = atom_size(len(payload))
         if self.current is None or self.used + padded > self.current.size:
             self._open_segment(padded)
         offset = self.used
         buf = self.current.buf
-        HEADER.pack_into(buf, offset, len(payload), kind)
+        HEADER.pack_into(buf, offset, kind << LENGTH_BITS | len(payload))
         buf[offset + HEADER.size: offset + need] = payload
         self.used += padded
         self.allocated_bytes += padded
         return make_pointer(self.current_index, offset)
 
-    def start_generation(self) -> int:
-        """Begin appending in a fresh segment; return its index (compaction copies start there)."""
+    def start_generation(self, expected_bytes: int = 0) -> int:
+        """Begin appending in a fresh segment sized for `expected_bytes`; return its index.
+
+        Compaction copies the live data there: sized to it, the copy fits in one
+        segment without reserving a quarter of the old generation as well.
+        """
         self._finish_current()
         self.generation_start = self.next_index
+        self.size_hint = expected_bytes
         return self.next_index
 
     def _finish_current(self) -> None:
@@ -120,12 +141,19 @@ class ArenaWriter:
         return segment.buf
 
     def _open_segment(self, at_least: int) -> None:
-        last = self.current.size if self.current is not None else FIRST_SEGMENT // 2
-        size = max(min(last * 2, MAX_SEGMENT), FIRST_SEGMENT)
-        while size < at_least:
-            size *= 2
+        # A quarter of what is mapped already: geometric growth (few segments) that
+        # reserves at most 25% more than the data needs (segments are fallocated:
+        # every byte reserved is memory).
+        size = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.mapped_bytes() // 4))
+        if self.size_hint:
+            size, self.size_hint = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.size_hint)), 0
+        size = max(size, at_least + 4096)
+        size = (size + FIRST_SEGMENT - 1) // FIRST_SEGMENT * FIRST_SEGMENT
         self._finish_current()
         index = self.next_index
+        if index >= MAX_SEGMENTS:
+            raise ProtoBaseError(f"this instance has used all {MAX_SEGMENTS} segment numbers; restart the "
+                                 f"database (a restart starts numbering again from its checkpoint)")
         segment = Segment.create(names.data_name(self.instance_id, index), size)
         self.next_index += 1
         self.segments[index] = segment
@@ -172,7 +200,8 @@ class AtomReader:
             buf = self._map(index, ptr)
         offset = ptr & OFFSET_MASK
         try:
-            length, kind = HEADER.unpack_from(buf, offset)
+            (word,) = HEADER.unpack_from(buf, offset)
+            kind, length = word >> LENGTH_BITS, word & MAX_PAYLOAD
         except struct.error:
             raise CorruptionError(f"atom pointer {ptr:#x} is past the end of segment {index}") from None
         end = offset + HEADER.size + length

@@ -205,17 +205,27 @@ class TreeAccess:
 
     def keys_at(self, root: Node | int, leaf_kind: int, start: int, stop: int) -> Iterator[Any]:
         """Keys at positions [start, stop) of a dict or set tree, found through subtree sizes."""
+        for leaf, first, last in self._leaves_at(root, leaf_kind, start, stop):
+            yield from leaf.keys[first:last]
+
+    def values_at(self, root: Node | int, leaf_kind: int, start: int, stop: int) -> Iterator[Any]:
+        """Values at positions [start, stop) of a list (or dict) tree, leaf by leaf."""
+        for leaf, first, last in self._leaves_at(root, leaf_kind, start, stop):
+            yield from leaf.values[first:last]
+
+    def _leaves_at(self, root: Node | int, leaf_kind: int, start: int, stop: int) -> Iterator[tuple[Node, int, int]]:
         node = self.node(root, leaf_kind)
         if node.sizes is None:
-            yield from node.keys[start:stop]
+            yield node, start, stop
             return
         offset = 0
         for child, size in zip(node.values, node.sizes):
             if offset >= stop:
                 return
             if offset + size > start:
-                yield from self.keys_at(child, leaf_kind, max(0, start - offset), stop - offset)
+                yield from self._leaves_at(child, leaf_kind, max(0, start - offset), stop - offset)
             offset += size
+
 
     def items(self, root: Node | int, leaf_kind: int = DICT_LEAF) -> Iterator[tuple[Any, Any]]:
 
@@ -322,8 +332,11 @@ class TreeAccess:
         return removed
 
     def _discard_value(self, value: Any) -> None:
-        if type(value) is Ref and value.ptr and self.on_discard is not None:
+        # Only one-atom values: a replaced tree's root node is counted by `mutable`
+        # when the tree was changed in place (counting it here too would count it twice).
+        if type(value) is Ref and value.ptr and value.kind not in TREE_KINDS and self.on_discard is not None:
             self.on_discard(value.ptr)
+
 
     # positional (list trees)
 

@@ -8,7 +8,8 @@ else raises `EncodingError` naming the type and where in the value it sits.
 Byte format: a msgpack object (bin type for bytes, maps with any key) in which
 the types msgpack lacks are extension types (code: payload):
 
-    1 REF       u64 little-endian AtomPointer + u8 atom kind   (a value stored in its own atom)
+    1 REF       u64 little-endian: atom kind << 60 | AtomPointer   (a value stored in its own atom)
+
     2 TUPLE     msgpack array of the elements
     3 SET       msgpack array of the elements
     4 DATETIME  UTF-8 ISO 8601 text (offset kept when aware)
@@ -46,7 +47,9 @@ EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
 #: The largest payload a single atom may hold; bigger containers become trees.
 MAX_ATOM_BYTES = 1 << 30
 
-_REF = struct.Struct("<QB")
+_REF = struct.Struct("<Q")  # kind << 60 | AtomPointer: a fixext8, 10 bytes in a node
+_REF_KIND_SHIFT = 60
+_REF_POINTER_MASK = (1 << _REF_KIND_SHIFT) - 1
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
 
 _dataclasses_by_name: dict[str, type] = {}  # {registered name -> class}
@@ -109,7 +112,7 @@ def _ext_default(value: Any) -> msgpack.ExtType:
     if kind is uuid.UUID:
         return msgpack.ExtType(EXT_UUID, value.bytes)
     if kind is Ref:
-        return msgpack.ExtType(EXT_REF, _REF.pack(value.ptr, value.kind))
+        return msgpack.ExtType(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
     name = _names_by_class.get(kind)
     if name is not None:
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
@@ -192,7 +195,8 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
 
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_REF:
-            ptr, kind = _REF.unpack(payload)
+            (word,) = _REF.unpack(payload)
+            ptr, kind = word & _REF_POINTER_MASK, word >> _REF_KIND_SHIFT
             return ref(ptr, kind) if ref is not None else Ref(ptr, kind)
         if code == EXT_TUPLE:
             return tuple(msgpack.unpackb(payload, **options))

@@ -147,7 +147,8 @@ def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: 
     bound = low if low is not None else high
     rank = family(bound)
     start = order_key((VALUE_ENTRY, low)) if low is not None else (7, ((1, VALUE_ENTRY), (rank,)))
-    recheck = rank == 7  # tuples: the canonical order is finer than Python's, which may refuse
+    if rank == 7:  # tuples: Python may refuse to compare them, so walk by canonical order, recheck natively
+        return _scan_tuple_range(access, root, start, low, high, include_low, include_high)
     found = []
     for chunk in _chunks_from(access, root, start):
         for entry_kind, value, key in chunk:
@@ -157,9 +158,22 @@ def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: 
                 return found
             if low is not None and not include_low and value == low:
                 continue
-            if recheck and not _natively_in_range(value, low, high, include_low, include_high):
-                continue
             found.append(key)
+    return found
+
+
+def _scan_tuple_range(access: TreeAccess, root: int, start: tuple, low: Any, high: Any, include_low: bool,
+                      include_high: bool) -> list:
+    high_key = order_key(high) if high is not None else None
+    found = []
+    for chunk in _chunks_from(access, root, start):
+        for entry_kind, value, key in chunk:
+            if entry_kind != VALUE_ENTRY or family(value) != 7:
+                return found
+            if high_key is not None and order_key(value) > high_key:
+                return found
+            if _natively_in_range(value, low, high, include_low, include_high):
+                found.append(key)
     return found
 
 
@@ -196,11 +210,17 @@ def equal_bounds(kind: int, value: Any) -> tuple[tuple, tuple]:
     return low, (low[0], low[1] + ((99,),))
 
 
-def range_bounds(low: Any, high: Any) -> tuple[tuple, tuple]:
-    """Order keys bracketing the entries a range scan may visit (for estimates)."""
+def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bool = True) -> tuple[tuple, tuple]:
+    """Order keys bracketing exactly the entries with low <(=) value <(=) high (None: open)."""
     bound = low if low is not None else high
     rank = family(bound)
-    start = order_key((VALUE_ENTRY, low)) if low is not None else (7, ((1, VALUE_ENTRY), (rank,)))
-    stop = (7, ((1, VALUE_ENTRY), order_key(high) + ((99,),))) if high is not None else \
-        (7, ((1, VALUE_ENTRY), (rank + 1,)))
+    if low is None:
+        start = (7, ((1, VALUE_ENTRY), (rank,)))
+    else:
+        start = order_key((VALUE_ENTRY, low)) if include_low else equal_bounds(VALUE_ENTRY, low)[1]
+    if high is None:
+        stop = (7, ((1, VALUE_ENTRY), (rank + 1,)))
+    else:
+        stop = equal_bounds(VALUE_ENTRY, high)[1] if include_high else order_key((VALUE_ENTRY, high))
     return start, stop
+

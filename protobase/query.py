@@ -104,8 +104,18 @@ class Compare(Expr):
         return f"{_name(self.path)} {self.op} {self.value!r}"
 
 
+class _Open:
+    """An open side of a range (None is a value: `F.x > None` matches nothing, as in Python)."""
+
+    def __repr__(self) -> str:
+        return "OPEN"
+
+
+OPEN = _Open()
+
+
 class Range(Expr):
-    """low <(=) field <(=) high; a missing bound is open."""
+    """low <(=) field <(=) high; an OPEN side is unbounded."""
 
     def __init__(self, path: tuple, low: Any, high: Any, include_low: bool, include_high: bool) -> None:
         self.path, self.low, self.high = path, low, high
@@ -116,15 +126,19 @@ class Range(Expr):
         if found is MISSING:
             return False
         try:
-            if self.low is not None and not (found >= self.low if self.include_low else found > self.low):
+            if self.low is not OPEN and not (found >= self.low if self.include_low else found > self.low):
                 return False
-            return self.high is None or bool(found <= self.high if self.include_high else found < self.high)
+            return self.high is OPEN or bool(found <= self.high if self.include_high else found < self.high)
         except TypeError:
             return False
 
+    def bounds(self) -> tuple[Any, Any]:
+        """(low, high) with None for an open side, as index.py takes them."""
+        return (None if self.low is OPEN else self.low), (None if self.high is OPEN else self.high)
+
     def __repr__(self) -> str:
-        low = "" if self.low is None else f"{self.low!r} {'<=' if self.include_low else '<'} "
-        high = "" if self.high is None else f" {'<=' if self.include_high else '<'} {self.high!r}"
+        low = "" if self.low is OPEN else f"{self.low!r} {'<=' if self.include_low else '<'} "
+        high = "" if self.high is OPEN else f" {'<=' if self.include_high else '<'} {self.high!r}"
         return f"{low}{_name(self.path)}{high}"
 
 
@@ -236,20 +250,21 @@ class Field:
         return Compare(self.path, "!=", value)
 
     def __lt__(self, value: Any) -> Expr:
-        return Range(self.path, None, value, False, False)
+        return Range(self.path, OPEN, value, False, False)
 
     def __le__(self, value: Any) -> Expr:
-        return Range(self.path, None, value, False, True)
+        return Range(self.path, OPEN, value, False, True)
 
     def __gt__(self, value: Any) -> Expr:
-        return Range(self.path, value, None, False, False)
+        return Range(self.path, value, OPEN, False, False)
 
     def __ge__(self, value: Any) -> Expr:
-        return Range(self.path, value, None, True, False)
+        return Range(self.path, value, OPEN, True, False)
 
     def between(self, low: Any, high: Any) -> Expr:
-        """low <= field <= high."""
+        """low <= field <= high (a None bound matches nothing, as Python cannot compare with None)."""
         return Range(self.path, low, high, True, True)
+
 
     def isin(self, values: Iterable[Any]) -> Expr:
         """field equals one of `values`."""
@@ -376,11 +391,14 @@ class IndexedRangeSearchPlan(Plan):
 
     def __init__(self, source: Source, expr: Range) -> None:
         self.expr = expr
-        super().__init__(count_range(source.access, source.indexes[expr.path], *range_bounds(expr.low, expr.high)))
+        low, high = expr.bounds()
+        bounds = range_bounds(low, high, expr.include_low, expr.include_high)
+        super().__init__(count_range(source.access, source.indexes[expr.path], *bounds))
 
     def keys(self, source: Source) -> set:
         expr = self.expr
-        return set(scan_range(source.access, source.indexes[expr.path], expr.low, expr.high,
+        low, high = expr.bounds()
+        return set(scan_range(source.access, source.indexes[expr.path], low, high,
                               expr.include_low, expr.include_high))
 
     def describe(self) -> str:
@@ -523,7 +541,7 @@ def _distinct(values: tuple) -> tuple:
 
 
 def _range_indexable(expr: Range) -> bool:
-    bounds = [bound for bound in (expr.low, expr.high) if bound is not None]
+    bounds = [bound for bound in (expr.low, expr.high) if bound is not OPEN]
     if not bounds or not all(is_key(bound) for bound in bounds) or any(type(b) is bool for b in bounds):
         return False
     return len({order_key(bound)[0] for bound in bounds}) == 1 and order_key(bounds[0])[0] != 0
@@ -571,7 +589,11 @@ class Query:
         if self._order is not None:
             path, descending = self._order
             value = source.value
-            keys.sort(key=lambda key: _sort_key(field_value(value(key), path)), reverse=descending)
+            ranked = [(_sort_key(field_value(value(key), path)), key) for key in keys]
+            # Records lacking the field (or with an unorderable value) come last either way.
+            present = [pair for pair in ranked if pair[0][0] == 0]
+            present.sort(key=lambda pair: pair[0], reverse=descending)
+            keys = [key for _, key in present] + [key for rank, key in ranked if rank[0] != 0]
         if self._limit is not None:
             keys = keys[:self._limit]
         return keys

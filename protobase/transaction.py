@@ -480,6 +480,8 @@ class TxList(MutableSequence):
     transaction reads its own writes.
     """
 
+    _index_elements_ = True  # queries and indexes see its elements, as for a list
+
     def __init__(self, tx: Transaction, path: tuple, base: TreeList) -> None:
         self._tx = tx
         self._path = path
@@ -620,6 +622,9 @@ class _ElementOwner:
 
 class TxSet(MutableSet):
     """A large (tree) set in a transaction: records additions and removals."""
+
+    _index_elements_ = True  # queries and indexes see its elements, as for a set
+
 
     def __init__(self, tx: Transaction, path: tuple, base: TreeSet) -> None:
         self._tx = tx

@@ -264,7 +264,12 @@ class TreeList(_TreeView, Sequence):
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            start, stop, step = index.indices(len(self))
+            if step != 1 or not self._ptr:
+                return [self[i] for i in range(start, stop, step)]
+            store = self._store
+            return [store.resolve(slot) for slot in store.access.values_at(self._ptr, LIST_LEAF, start, stop)]
+
         length = len(self)
         if index < 0:
             index += length

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from .. import codec
-from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter
+from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
 from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, empty, encode_node
 from ..codec import Ref
 from ..errors import ProtoBaseError
@@ -43,6 +43,7 @@ OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD, OP_CREATE_INDEX, OP_DROP
 LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE = 1, 2, 3, 4
 
 FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
+FLAT_MAX_BYTES = 16 << 10  # a container whose atom would be larger becomes a tree, however few entries
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 INLINE_BYTES = 512  # longer str/bytes get their own atom
@@ -69,7 +70,7 @@ class Writer:
 
         A lower bound of the garbage: a dropped subtree counts only its root.
         """
-        self.discarded_bytes += (len(self.store.atom(ptr)[1]) + 8 + 7) & ~7
+        self.discarded_bytes += atom_size(len(self.store.atom(ptr)[1]))
 
     # -- applying -------------------------------------------------------------
 
@@ -322,6 +323,10 @@ class Writer:
                 return Ref(self._flush_tree(tree), tree.kind)
             refs_before = self.refs_made
             payload = codec.encode(self._inline(value))
+            if len(payload) > FLAT_MAX_BYTES and kind in FLAT_LIMIT and len(value) > 1:
+                # Few but large entries: as one atom, every change would rewrite all of it.
+                tree = self._as_tree(value, force=True)
+                return Ref(self._flush_tree(tree), tree.kind)
             ptr = self.arena.append(VALUE, payload)
             if self.refs_made == refs_before:
                 self.flat_written[id(value)] = ptr
@@ -346,12 +351,13 @@ class Writer:
             return tuple(self._inline(item) for item in value)
         return value
 
-    def _as_tree(self, value: Any) -> Node | None:
-        """The value as a tree if it is too large to be one atom, else None."""
+    def _as_tree(self, value: Any, force: bool = False) -> Node | None:
+        """The value as a tree if it has too many entries to be one atom (or `force`), else None."""
         kind = type(value)
         limit = FLAT_LIMIT.get(kind)
-        if limit is None or len(value) <= limit:
+        if limit is None or (len(value) <= limit and not force):
             return None
+
         if kind is dict:
             keys = _sorted_keys(value)
             return self.access.build(DICT_LEAF, keys, [value[key] for key in keys])

@@ -54,7 +54,7 @@ HEAD_OFFSET = 64
 TAIL_OFFSET = 128
 SYNC, MORE, CONTROL = 1, 2, 4
 WRAP = 0xFFFFFFFF
-DEFAULT_CAPACITY = 16 << 20
+DEFAULT_CAPACITY = 4 << 20  # large commits are fragmented, so this only bounds the backlog
 
 _IDENT = struct.Struct("<8sI4xQ")
 _U64 = struct.Struct("<Q")

@@ -1,0 +1,43 @@
+"""`python -m benchmarks core [--records N] [--no-doc]`: run a benchmark and report it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from . import core
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    core_parser = commands.add_parser("core", help="core engine: reads vs LMDB and dict, commits, memory")
+    core_parser.add_argument("--records", type=int, default=None,
+                             help="records for every part (default: "
+                                  f"{core.DEFAULT_READ_RECORDS:,} for reads and commits, "
+                                  f"{core.DEFAULT_MEMORY_RECORDS:,} for memory)")
+    core_parser.add_argument("--read-records", type=int, default=None, help="records for reads and commits")
+    core_parser.add_argument("--memory-records", type=int, default=None, help="records for the memory part")
+    core_parser.add_argument("--repeats", type=int, default=9, help="timed read passes per store (median)")
+    core_parser.add_argument("--commits", type=int, default=5000, help="timed commits of each kind")
+    core_parser.add_argument("--doc", default=DOC, help="markdown file to write the results into")
+    core_parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
+    core_parser.add_argument("--profile", action="store_true",
+                             help="print a cProfile of the warm read loop even when the targets are met")
+    args = parser.parse_args(argv)
+
+    read_records = args.read_records or args.records or core.DEFAULT_READ_RECORDS
+    memory_records = args.memory_records or args.records or core.DEFAULT_MEMORY_RECORDS
+    command = shlex.join(["python", "-m", "benchmarks", *argv])
+    return core.run(read_records=read_records, memory_records=memory_records, repeats=args.repeats,
+                    commits=args.commits, command=command, doc=None if args.no_doc else args.doc,
+                    show_profile=args.profile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

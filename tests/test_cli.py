@@ -1,0 +1,331 @@
+"""The `protobase` command line: status, stats, check, dump/load, backup, bench and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from decimal import Decimal
+
+import pytest
+
+import protobase
+from protobase import cli
+from protobase.checkpoint import checkpoint_files
+from protobase.datadir import DataDir
+from tests.conftest import GRACE, wait_for_coordinator_exit
+
+G = ["--grace", str(GRACE)]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("protobase: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def make_closed_database(path: str) -> None:
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["users"] = {f"u{i}": {"n": i} for i in range(200)}
+            tx.root["small"] = [1, 2, 3]
+    assert wait_for_coordinator_exit(path)
+
+
+def is_served(path: str) -> bool:
+    return not DataDir(path).wait_until_unserved(timeout=0)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_of_a_stopped_database_shows_the_files_and_starts_nothing(datadir, capsys):
+    make_closed_database(datadir)
+    status, out, _ = run(capsys, "status", datadir)
+    assert status == 0
+    assert f"no coordinator serves {os.path.abspath(datadir)} (not running)" in out
+    assert "checkpoint-" in out and "on disk:" in out
+    assert not is_served(datadir) and not os.path.exists(os.path.join(datadir, "coordinator.sock"))
+
+
+def test_status_of_a_running_database(datadir, capsys):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["counter"] = 0
+        with db.snapshot():
+            for _ in range(3):
+                with db.transaction() as tx:
+                    tx.root["counter"] += 1
+            status, out, _ = run(capsys, "status", datadir, "--interval", "0.1")
+        reading = db.stats()
+    assert status == 0
+    assert f"coordinator pid {reading.coordinator_pid}, persistence pid {reading.persistence_pid}" in out
+    assert f"seq {reading.seq}," in out and "durable LSN" in out and "lag 0 records" in out
+    assert "commit rate:" in out and "commits/s" in out and "reclaimable" in out
+    assert f"pid {os.getpid()}" in out and "3 commits old" in out  # our pinned snapshot, not the command's slot
+    assert "wal-" in out
+
+
+def test_status_in_a_real_subprocess(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["k"] = 1
+        result = subprocess.run([sys.executable, "-m", "protobase", "status", datadir, "--interval", "0.1"],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        assert f"coordinator pid {db.coordinator_pid}" in result.stdout
+        assert f"pid {os.getpid()}" in result.stdout  # this process is a reader
+    missing = os.path.join(os.path.dirname(datadir), "missing")
+    result = subprocess.run([sys.executable, "-m", "protobase", "status", missing],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "does not exist")
+
+
+# -- stats and check --------------------------------------------------------------------------
+
+
+def test_stats_is_json(datadir, capsys):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["k"] = {"v": 1}
+        status, out, _ = run(capsys, "stats", datadir)
+        assert status == 0
+        reading = json.loads(out)
+        assert reading["coordinator_pid"] == db.coordinator_pid and reading["seq"] == 1
+        assert reading["durable_lsn"] <= reading["last_lsn"]
+        assert any(reader["pid"] == os.getpid() for reader in reading["readers"])
+        assert {"snapshot_age", "slot"} <= set(reading["readers"][0]) and "hits" in reading["object_cache"]
+
+
+def test_stats_never_starts_a_coordinator(datadir, capsys):
+    make_closed_database(datadir)
+    status, _, err = run(capsys, "stats", datadir)
+    assert status == 1
+    assert_one_line_error(err, "no coordinator serves")
+    assert not is_served(datadir)
+
+
+def test_check_ok(datadir, capsys):
+    make_closed_database(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["users"].create_index("n")
+    status, out, _ = run(capsys, "check", datadir, *G)
+    assert status == 0 and out.startswith("ok: ") and "every invariant holds" in out
+    assert wait_for_coordinator_exit(datadir)
+
+
+def test_check_of_a_damaged_checkpoint_fails_clearly(datadir, capsys):
+    make_closed_database(datadir)
+    (_, checkpoint), = checkpoint_files(datadir)
+    size = os.path.getsize(checkpoint)
+    with open(checkpoint, "r+b") as file:  # a byte inside the last segment's data
+        file.seek(size - 16)
+        byte = file.read(1)
+        file.seek(size - 16)
+        file.write(bytes([byte[0] ^ 0x40]))
+    status, out, err = run(capsys, "check", datadir, *G)
+    assert status == 1 and not out.startswith("ok")
+    assert_one_line_error(err, "corrupt", checkpoint, "checksum")
+    assert wait_for_coordinator_exit(datadir)
+
+
+# -- dump and load -------------------------------------------------------------------------------
+
+
+def typed(value):
+    """A hashable, type-revealing form of a snapshot value (NaN-safe, keeps datetime offsets, indexes)."""
+    if isinstance(value, Mapping):
+        items = frozenset((typed(key), typed(item)) for key, item in value.items())
+        return ("dict", tuple(sorted(getattr(value, "indexes", ()))), items)
+    if isinstance(value, tuple):
+        return ("tuple", tuple(typed(item) for item in value))
+    if isinstance(value, AbstractSet):
+        return ("set", frozenset(typed(item) for item in value))
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return ("list", tuple(typed(item) for item in value))
+    if isinstance(value, float) and math.isnan(value):
+        return ("float", "nan")
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return ("int", hex(value))
+    if isinstance(value, Decimal):
+        return ("Decimal", str(value))  # Decimal("NaN") != itself
+    if isinstance(value, dt.datetime):
+        return ("datetime", value.isoformat())
+    return (type(value).__name__, value)
+
+
+def sample_root() -> dict:
+    return {
+        "scalars": {"none": None, "t": True, "f": False, "int": -(2 ** 70), "float": 1.5, "nan": math.nan,
+                    "inf": -math.inf, "str": "héllo \"quoted\"\n", "empty": ""},
+        "huge": [7 ** 9000, -(3 ** 20000)],  # beyond int <-> str limits
+        "tuple": (1, "a", (2, (3,)), None),
+        "set": {1, "b", (1, 2), b"x", 2.5},
+        "frozen": frozenset({1, 2}),
+        "bytes": bytes(range(256)),
+        "aware": dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=-3))),
+        "naive": dt.datetime(1999, 12, 31, 23, 59, 59),
+        "date": dt.date(2020, 2, 29),
+        "decimal": [Decimal("1.10"), Decimal("-0"), Decimal("1E+3"), Decimal("NaN")],
+        "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "odd keys": {1: "int", (1, "t"): "tuple", None: "none", "$dollar": "d", b"k": "bytes",
+                     dt.date(2020, 1, 1): "date", 2.5: "float"},
+        ("tuple", 1): "a tuple key at the root",
+        7: "an int key at the root",
+        "$set": {"$set": [1, 2]},  # looks like a tag: must stay a dict
+        "nested": {"a": [{"b": ({"c": {1, 2}},)}], "deep": {"x": {"y": {"z": [dt.date(2001, 1, 1)]}}}},
+        "big dict": {f"u{i}": {"n": i, "tags": [i % 3], "when": dt.date(2020, 1, 1 + i % 28)} for i in range(300)},
+        "big set": {i * 3 for i in range(250)},
+        "big list": [{"i": i} if i % 2 else (i, str(i)) for i in range(600)],
+        "big odd keys": {(i, "k"): i for i in range(100)},
+        "indexed": {f"p{i}": {"age": i % 7, "city": ["x", "y"][i % 2]} for i in range(120)},
+        "empty": {"d": {}, "l": [], "s": set(), "t": ()},
+    }
+
+
+def test_dump_then_load_round_trips_every_type(datadir, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", 50)  # big collections load over several transactions
+    original = sample_root()
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            for key, value in original.items():
+                tx.root[key] = value
+        with db.transaction() as tx:
+            tx.root["indexed"].create_index("age")
+            tx.root["indexed"].create_index("city")
+        with db.snapshot() as snap:
+            expected = typed(snap.root)
+    assert wait_for_coordinator_exit(datadir)
+    dump_file = os.path.join(os.path.dirname(datadir), "dump.jsonl")
+    status, _, err = run(capsys, "dump", datadir, "--output", dump_file, *G)
+    assert status == 0 and "top-level keys written" in err
+    with open(dump_file, encoding="utf-8") as file:
+        lines = [json.loads(line) for line in file]
+    assert len(lines) == len(original) and all(set(line) == {"key", "value"} for line in lines)
+    assert {"key": "$set", "value": {"$dict": [["$set", [1, 2]]]}} in lines
+
+    fresh = os.path.join(os.path.dirname(datadir), "fresh")
+    try:
+        status, _, err = run(capsys, "load", fresh, dump_file, *G)
+        assert status == 0 and f"{len(original)} lines loaded" in err
+        with protobase.open(fresh, shutdown_grace=GRACE) as db:
+            with db.snapshot() as snap:
+                got = typed(snap.root)
+                assert got == expected, sorted(repr(item)[:200] for item in expected[2] ^ got[2])
+                assert snap.root["indexed"].indexes == ("age", "city")
+                assert sorted(snap.root["big dict"].keys())[:2] == ["u0", "u1"]
+            db.check()
+        again = os.path.join(os.path.dirname(datadir), "again.jsonl")
+        assert run(capsys, "dump", fresh, "--output", again, *G)[0] == 0
+        with open(dump_file, "rb") as first, open(again, "rb") as second:
+            assert first.read() == second.read()  # dumps are reproducible
+    finally:
+        assert wait_for_coordinator_exit(fresh)
+        assert wait_for_coordinator_exit(datadir)
+
+
+def test_encoding_round_trips_directly():
+    for value in sample_root().values():
+        assert typed(cli.decode_value(cli.encode_value(value))) == typed(value)
+
+
+def test_dump_to_stdout(datadir, capsys):
+    make_closed_database(datadir)
+    status, out, _ = run(capsys, "dump", datadir, *G)
+    assert status == 0
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["small", "users"]
+    assert wait_for_coordinator_exit(datadir)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+def test_dump_names_a_value_it_cannot_encode(datadir, capsys):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["shapes"] = {"a": [1, Point(3)]}
+        status, _, err = run(capsys, "dump", datadir, *G)
+    assert status == 1
+    assert_one_line_error(err, "cannot dump root['shapes']['a'][1]", "Point")
+
+
+def test_load_reports_a_bad_line(datadir, capsys):
+    bad = os.path.join(os.path.dirname(datadir), "bad.jsonl")
+    with open(bad, "w", encoding="utf-8") as file:
+        file.write('{"key": "a", "value": 1}\n{"key": "b", "value": {"$nope": 1}}\n')
+    status, _, err = run(capsys, "load", datadir, bad, *G)
+    assert status == 1
+    assert_one_line_error(err, "line 2", "$nope")
+
+
+# -- backup, bench, errors ---------------------------------------------------------------------------
+
+
+def test_backup_then_open_the_backup(datadir, capsys):
+    destination = os.path.join(os.path.dirname(datadir), "backup")
+    try:
+        with protobase.open(datadir, shutdown_grace=GRACE) as db:
+            with db.transaction() as tx:
+                tx.root["users"] = {f"u{i}": i for i in range(100)}
+            status, out, err = run(capsys, "backup", datadir, destination, *G)
+            with db.transaction() as tx:
+                tx.root["after"] = True  # not in the backup
+        assert status == 0 and "backing up" in err
+        assert f"written to {destination}" in out and f"protobase.open({destination!r})" in out
+        with protobase.open(destination, shutdown_grace=GRACE) as backup:
+            with backup.snapshot() as snap:
+                assert dict(snap.root["users"]) == {f"u{i}": i for i in range(100)} and "after" not in snap.root
+            backup.check()
+        status, _, err = run(capsys, "backup", datadir, destination, *G)  # not empty any more
+        assert status == 1
+        assert_one_line_error(err, "not an empty directory")
+    finally:
+        assert wait_for_coordinator_exit(destination)
+
+
+def test_bench_runs_and_cleans_up(capsys):
+    status, out, _ = run(capsys, "bench", "--seconds", "0.2", "--keys", "500")
+    assert status == 0
+    assert "x a plain dict" in out and "commits, sync" in out and "x sync" in out
+
+
+@pytest.mark.parametrize("command", ["status", "stats", "check", "dump", "backup"])
+def test_bad_directories_are_one_line_errors(datadir, capsys, command):
+    parent = os.path.dirname(datadir)
+    extra = [os.path.join(parent, "destination")] if command == "backup" else []
+    status, _, err = run(capsys, command, os.path.join(parent, "missing"), *extra)
+    assert status == 1
+    assert_one_line_error(err, "does not exist")
+    file_path = os.path.join(parent, "a file")
+    with open(file_path, "w") as file:
+        file.write("x")
+    status, _, err = run(capsys, command, file_path, *extra)
+    assert status == 1
+    assert_one_line_error(err, "not a directory")
+    os.makedirs(datadir, mode=0o700)
+    with open(os.path.join(datadir, "PROTOBASE"), "w") as file:
+        json.dump({"format": 99}, file)
+    status, _, err = run(capsys, command, datadir, *extra)
+    assert status == 1
+    assert_one_line_error(err, "format version 99")
+    assert not os.path.exists(os.path.join(parent, "destination"))
