@@ -16,7 +16,7 @@ from .arena import DICT_LEAF, INDEXED, SET_LEAF, VALUE, segment_of
 from .btree import LEAF_OF, TREE_KINDS
 from .codec import Ref
 from .errors import CorruptionError
-from .index import entries, field_path, field_value
+from .index import index_entries
 
 if TYPE_CHECKING:
     from .database import Database
@@ -70,9 +70,8 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
             check_index_contents(collection, field, index_ptr)
 
     def check_index_contents(collection: Any, field: str, index_ptr: int) -> None:
-        path = field_path(field)
         expected = {(kind, value, key) for key, record in collection.items()
-                    for kind, value in entries(field_value(record, path))}
+                    for kind, value in index_entries(record, field)}
         found = set(store.access.keys(index_ptr, SET_LEAF)) if index_ptr else set()
         if found != expected:
             missing, extra = expected - found, found - expected

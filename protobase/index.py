@@ -34,8 +34,9 @@ from .arena import SET_LEAF
 from .btree import Node, TreeAccess
 from .keyorder import family, is_key, order_key
 
-__all__ = ["IndexedColl", "MISSING", "field_path", "field_value", "entries", "scan_equal", "scan_range",
-           "count_range", "VALUE_ENTRY", "ELEMENT_ENTRY"]
+__all__ = ["IndexedColl", "MISSING", "field_path", "field_value", "entries", "index_entries", "scan_between",
+           "scan_equal", "scan_range", "count_range", "composite_bounds", "VALUE_ENTRY", "ELEMENT_ENTRY"]
+
 
 VALUE_ENTRY, ELEMENT_ENTRY = 0, 1
 _COLLECTIONS = (list, tuple, set, frozenset)
@@ -122,17 +123,22 @@ def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator
         yield from (leaf.keys for leaf in access.leaves(child, SET_LEAF))
 
 
-def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list:
-    """Keys of the records whose entry (kind, value) is in the index."""
+def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> list:
+    """Record keys of the entries in [start, stop) (order keys): bisected per leaf, no per-entry test."""
     if not root:
         return []
-    found = []
-    for chunk in _chunks_from(access, root, order_key((kind, value))):
-        for entry_kind, entry_value, key in chunk:
-            if entry_kind != kind or entry_value != value:
-                return found
-            found.append(key)
+    found: list = []
+    for chunk in _chunks_from(access, root, start):
+        end = bisect.bisect_left(chunk, stop, key=order_key)
+        found.extend(entry[2] for entry in chunk[:end])
+        if end < len(chunk):
+            break
     return found
+
+
+def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list:
+    """Keys of the records whose entry (kind, value) is in the index."""
+    return scan_between(access, root, *equal_bounds(kind, value))
 
 
 def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: bool,
@@ -149,17 +155,9 @@ def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: 
     start = order_key((VALUE_ENTRY, low)) if low is not None else (7, ((1, VALUE_ENTRY), (rank,)))
     if rank == 7:  # tuples: Python may refuse to compare them, so walk by canonical order, recheck natively
         return _scan_tuple_range(access, root, start, low, high, include_low, include_high)
-    found = []
-    for chunk in _chunks_from(access, root, start):
-        for entry_kind, value, key in chunk:
-            if entry_kind != VALUE_ENTRY or family(value) != rank:
-                return found
-            if high is not None and (value > high if include_high else value >= high):
-                return found
-            if low is not None and not include_low and value == low:
-                continue
-            found.append(key)
-    return found
+    # Inside one family the canonical order is Python's: the range is one slice.
+    return scan_between(access, root, *range_bounds(low, high, include_low, include_high))
+
 
 
 def _scan_tuple_range(access: TreeAccess, root: int, start: tuple, low: Any, high: Any, include_low: bool,
@@ -224,3 +222,48 @@ def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bo
         stop = equal_bounds(VALUE_ENTRY, high)[1] if include_high else order_key((VALUE_ENTRY, high))
     return start, stop
 
+
+
+# -- composite indexes --------------------------------------------------------------------
+#
+# An index on several fields, `create_index("city", "score")`, is named by the
+# tuple of its fields and holds one entry (0, (city, score), key) per record
+# that has every field with a key-able value. Its entries sort by city, then
+# score, so equalities on a prefix of the fields plus a range on the next field
+# select one contiguous slice: the work is the size of the result.
+
+
+def index_entries(record: Any, field: str | tuple, resolve: Any = None) -> set[tuple[int, Any]]:
+    """The (kind, value) entries `record` contributes to the index named `field`."""
+    if isinstance(field, str):
+        return entries(field_value(record, field_path(field), resolve))
+    values = tuple(field_value(record, field_path(part), resolve) for part in field)
+    if any(value is MISSING for value in values) or not is_key(values):
+        return set()
+    return {(VALUE_ENTRY, values)}
+
+
+def _entry_bound(value_key: tuple) -> tuple:
+    """The order key of an entry position, from the order key of its value part."""
+    return (7, ((1, VALUE_ENTRY), value_key))
+
+
+def composite_bounds(prefix: tuple, low: Any = None, high: Any = None, include_low: bool = True,
+                     include_high: bool = True, ranged: bool = False) -> tuple[tuple, tuple]:
+    """Order keys bracketing the entries whose fields start with `prefix` (equalities),
+    then, when `ranged`, whose next field lies in the range (None: an open side)."""
+    head = tuple(order_key(value) for value in prefix)
+    if not ranged:
+        return _entry_bound((7, head)), _entry_bound((7, head + ((99,),)))
+    rank = family(low if low is not None else high)
+    if low is None:
+        start = _entry_bound((7, head + ((rank,),)))
+    else:
+        low_key = order_key(low)
+        start = _entry_bound((7, head + (low_key if include_low else low_key + ((99,),),)))
+    if high is None:
+        stop = _entry_bound((7, head + ((rank + 1,),)))
+    else:
+        high_key = order_key(high)
+        stop = _entry_bound((7, head + (high_key + ((99,),) if include_high else high_key,)))
+    return start, stop

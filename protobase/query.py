@@ -37,11 +37,13 @@ from .index import (
     ELEMENT_ENTRY,
     MISSING,
     VALUE_ENTRY,
+    composite_bounds,
     count_range,
     equal_bounds,
     field_path,
     field_value,
     range_bounds,
+    scan_between,
     scan_equal,
     scan_range,
 )
@@ -317,10 +319,15 @@ class Source:
         elif isinstance(collection, LocalDict):
             base = None
         self.indexes: dict[tuple, int] = {}  # {field path -> index tree pointer}
+        self.composites: dict[tuple, tuple[int, tuple]] = {}  # {(field path, ...) -> (pointer, index name)}
         self.index_view = base if isinstance(base, IndexedTreeDict) else None
         if self.index_view is not None:
             self.access = base._store.access
-            self.indexes = {field_path(field): ptr for field, ptr in base._indexes.items()}
+            for name, ptr in base._indexes.items():
+                if isinstance(name, tuple):
+                    self.composites[tuple(field_path(part) for part in name)] = (ptr, name)
+                else:
+                    self.indexes[field_path(name)] = ptr
 
     def size(self) -> int:
         return len(self.collection)
@@ -403,6 +410,30 @@ class IndexedRangeSearchPlan(Plan):
 
     def describe(self) -> str:
         return repr(self.expr)
+
+
+class CompositeSearchPlan(Plan):
+    """Equalities on the first fields of a composite index, and maybe a range on the next one:
+    one contiguous slice of the index, so exactly the matching keys are read."""
+
+    def __init__(self, source: Source, name: tuple, prefix: list[Compare], ranged: Range | None) -> None:
+        self.index_name, self.prefix, self.ranged = name, prefix, ranged
+        self.name = "IndexedRangeSearchPlan" if ranged is not None else "IndexedSearchPlan"
+        values = tuple(term.value for term in prefix)
+        if ranged is None:
+            self.bounds = composite_bounds(values)
+        else:
+            low, high = ranged.bounds()
+            self.bounds = composite_bounds(values, low, high, ranged.include_low, ranged.include_high, ranged=True)
+        self.root = source.composites[tuple(field_path(part) for part in name)][0]
+        super().__init__(count_range(source.access, self.root, *self.bounds))
+
+    def keys(self, source: Source) -> set:
+        return set(scan_between(source.access, self.root, *self.bounds))
+
+    def describe(self) -> str:
+        terms = [repr(term) for term in self.prefix] + ([repr(self.ranged)] if self.ranged is not None else [])
+        return f"{' & '.join(terms)} on index ({', '.join(self.index_name)})"
 
 
 class AndMerge(Plan):
@@ -492,6 +523,9 @@ def plan(expr: Expr, source: Source) -> Plan:
     indexed = _index_term(expr, source)
     if indexed is not None:
         return indexed
+    composite = _composite_term([expr], source)
+    if composite is not None:
+        return composite[0]
     if isinstance(expr, And):
         return _plan_and(expr, source)
     if isinstance(expr, Or):
@@ -502,7 +536,14 @@ def plan(expr: Expr, source: Source) -> Plan:
 
 
 def _plan_and(expr: And, source: Source) -> Plan:
-    planned = [(part, plan(part, source)) for part in expr.parts]
+    parts = list(expr.parts)
+    planned = []
+    composite = _composite_term(parts, source)
+    if composite is not None:
+        subplan, used = composite
+        planned.append((used[0] if len(used) == 1 else And(used), subplan))
+        parts = [part for part in parts if not any(part is other for other in used)]
+    planned += [(part, plan(part, source)) for part in parts]
     keyed = sorted((pair for pair in planned if pair[1].uses_index), key=lambda pair: pair[1].estimate)
     rest = [part for part, subplan in planned if not subplan.uses_index]
     if not keyed:
@@ -532,7 +573,36 @@ def _index_term(expr: Expr, source: Source) -> Plan | None:
     return None
 
 
+def _composite_term(parts: list[Expr], source: Source) -> tuple[Plan, list[Expr]] | None:
+    """A composite index whose every field the terms constrain (equalities, the last maybe a range), or None."""
+
+    best: tuple[tuple, list[Compare], Range | None] | None = None
+    for fields, (_, name) in source.composites.items():
+        prefix: list[Compare] = []
+        ranged = None
+        for path in fields:
+            equal = next((part for part in parts if isinstance(part, Compare) and part.op == "=="
+                          and part.path == path and is_key(part.value)), None)
+            if equal is not None:
+                prefix.append(equal)
+                continue
+            ranged = next((part for part in parts if isinstance(part, Range) and part.path == path
+                           and _range_indexable(part)), None)
+            break
+        # A record lacking any field of the index has no entry in it, yet may match a
+        # query that leaves that field free: only a query constraining every field may use it.
+        covered = len(prefix) + (ranged is not None)
+        if covered == len(fields) and (best is None or covered > len(best[1]) + (best[2] is not None)):
+            best = (name, prefix, ranged)
+    if best is None:
+        return None
+    name, prefix, ranged = best
+    used: list[Expr] = [*prefix, *([ranged] if ranged is not None else [])]
+    return CompositeSearchPlan(source, name, prefix, ranged), used
+
+
 def _distinct(values: tuple) -> tuple:
+
     seen: list = []
     for value in values:
         if not any(_equal(value, other) for other in seen):

@@ -291,13 +291,18 @@ class TxDict(MutableMapping):
         self._tx._check_active()
         return Query(self, expr)
 
-    def create_index(self, field: str) -> None:
-        """Index the records' `field` (dotted for nested: "address.city"); built at commit."""
-        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, field)
+    def create_index(self, *fields: str) -> None:
+        """Index the records' `field` (dotted for nested: "address.city"); built at commit.
 
-    def drop_index(self, field: str) -> None:
-        """Remove the index on `field` at commit."""
-        _record_index_op(self._tx, self._path, OP_DROP_INDEX, field)
+        Several fields make one composite index, ordered by the first field, then
+        the next: `create_index("city", "score")` answers `(F.city == X) & (F.score > Y)`
+        by reading exactly the matching entries.
+        """
+        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, _index_name(fields))
+
+    def drop_index(self, *fields: str) -> None:
+        """Remove the index on `fields` (as given to create_index) at commit."""
+        _record_index_op(self._tx, self._path, OP_DROP_INDEX, _index_name(fields))
 
     @property
     def indexes(self) -> tuple[str, ...]:
@@ -317,10 +322,20 @@ class TxDict(MutableMapping):
 _INDEX_OP = object()  # first element of the `_ops` key of an index operation
 
 
-def _record_index_op(tx: Transaction, path: tuple, code: int, field: str) -> None:
+def _index_name(fields: tuple) -> str | tuple:
+    """"city" for one field, ("city", "score") for a composite index."""
     from .index import field_path
 
-    field_path(field)  # validates the name
+    if not fields:
+        raise TypeError("create_index() needs at least one field name, e.g. create_index('city')")
+    for field in fields:
+        if not isinstance(field, str):
+            raise TypeError(f"index fields are dotted names like 'address.city', got {field!r}")
+        field_path(field)  # validates the name
+    return fields[0] if len(fields) == 1 else tuple(fields)
+
+
+def _record_index_op(tx: Transaction, path: tuple, code: int, field: str | tuple) -> None:
     if not path:
         raise ValueError("the root itself cannot be indexed; index a collection inside it, e.g. root['users']")
     tx._record((_INDEX_OP, path, field), code, field)
@@ -365,11 +380,12 @@ class LocalDict(MutableMapping):
 
         return Query(self, expr)
 
-    def create_index(self, field: str) -> None:
-        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, field)
+    def create_index(self, *fields: str) -> None:
+        _record_index_op(self._tx, self._path, OP_CREATE_INDEX, _index_name(fields))
 
-    def drop_index(self, field: str) -> None:
-        _record_index_op(self._tx, self._path, OP_DROP_INDEX, field)
+    def drop_index(self, *fields: str) -> None:
+        _record_index_op(self._tx, self._path, OP_DROP_INDEX, _index_name(fields))
+
 
     def _protobase_plain_(self) -> dict:
         return self._dict

@@ -191,9 +191,10 @@ class IndexedTreeDict(TreeDict):
         self._postings: dict = {}  # {(field, kind, value) -> keys}, memoised equality searches
 
     @property
-    def indexes(self) -> tuple[str, ...]:
-        """The indexed fields."""
-        return tuple(sorted(self._indexes))
+    def indexes(self) -> tuple[str | tuple, ...]:
+        """The indexed fields (a tuple of fields for a composite index)."""
+        return tuple(sorted(self._indexes, key=lambda name: (isinstance(name, tuple), name)))
+
 
     def __repr__(self) -> str:
         return f"IndexedTreeDict(<{len(self)} keys at {self._ptr:#x}, indexes {list(self.indexes)}>)"

@@ -31,7 +31,7 @@ from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter,
 from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, empty, encode_node
 from ..codec import Ref
 from ..errors import ProtoBaseError
-from ..index import MISSING, IndexedColl, entries, field_path, field_value
+from ..index import MISSING, IndexedColl, index_entries
 from ..keyorder import order_key
 from ..store import Store
 
@@ -123,8 +123,7 @@ class Writer:
             record = self._readable(self.access.lookup(collection.data, key))
         except KeyError:
             record = MISSING
-        return {field: entries(field_value(record, field_path(field), self._readable))
-                for field in collection.indexes}
+        return {field: index_entries(record, field, self._readable) for field in collection.indexes}
 
     def _readable(self, slot: Any) -> Any:
         """A stored slot as something `field_value` and `entries` can read (trees through readers)."""
@@ -149,11 +148,12 @@ class Writer:
         indexes = dict(target.indexes)
         if not create:
             indexes.pop(field, None)
-            return IndexedColl(target.data, indexes) if indexes else target.data
+            # Without indexes it is a plain dict tree again: a Node, since an int in a slot is a number.
+            return IndexedColl(target.data, indexes) if indexes else self.access.node(target.data, DICT_LEAF)
+
         if field not in indexes:
-            segments = field_path(field)
             found = [(kind, value, key) for key, slot in self.access.items(target.data)
-                     for kind, value in entries(field_value(self._readable(slot), segments, self._readable))]
+                     for kind, value in index_entries(self._readable(slot), field, self._readable)]
             indexes[field] = self.access.build(SET_LEAF, _sorted_keys(found), None)
         return IndexedColl(target.data, indexes)
 
