@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import struct
 import uuid
 from collections.abc import Callable
@@ -172,26 +173,9 @@ def validate(value: Any, path: tuple = ()) -> None:
     raise EncodingError(f"cannot store a value of type {kind.__qualname__} at {format_path(path)}: {hint}")
 
 
-def _unpacker_options(frozen: bool, ext_hook: Callable) -> dict:
-    # unpackb bounds every string, array and map by the buffer length, which caps
-    # the memory amplification of crafted input.
-    options = dict(raw=False, strict_map_key=False, ext_hook=ext_hook)
-    if frozen:
-        options.update(object_hook=FrozenDict, list_hook=FrozenList)
-    return options
-
-
-def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None,
-           opaque_dataclasses: bool = False) -> Any:
-    """Decode bytes made by `encode`.
-
-    With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
-    (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
-    embedded Ref into the object to return in its place (default: the Ref).
-    With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
-    was stored as, which `encode` writes back unchanged: the coordinator stores
-    user dataclasses without ever importing or registering them.
-    """
+@functools.lru_cache(maxsize=64)
+def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool) -> dict:
+    """unpackb options for one way of decoding, built once: decoding is on the cold read path."""
 
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_REF:
@@ -234,7 +218,27 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
             return cls(**fields)
         raise CorruptionError(f"unknown msgpack extension type {code}")
 
-    options = _unpacker_options(frozen, ext_hook)
+    # unpackb bounds every string, array and map by the buffer length, which caps
+    # the memory amplification of crafted input.
+    options = dict(raw=False, strict_map_key=False, ext_hook=ext_hook)
+    if frozen:
+        options.update(object_hook=FrozenDict, list_hook=FrozenList)
+    return options
+
+
+def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None,
+           opaque_dataclasses: bool = False) -> Any:
+    """Decode bytes made by `encode`.
+
+    With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
+    (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
+    embedded Ref into the object to return in its place (default: the Ref).
+    With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
+    was stored as, which `encode` writes back unchanged: the coordinator stores
+    user dataclasses without ever importing or registering them.
+    """
+
+    options = _options(frozen, ref, opaque_dataclasses)
     try:
         return msgpack.unpackb(data, **options)
     except CorruptionError:

@@ -23,7 +23,7 @@ from .views import VIEW_OF_LEAF_KIND, IndexedTreeDict
 
 __all__ = ["Store"]
 
-DEFAULT_OBJECT_CACHE = 1 << 20
+DEFAULT_OBJECT_CACHE = 1 << 18  # entries: ~150 MB of small decoded records at most; raise with cache_size=
 DEFAULT_BYTES_CACHE = 1 << 16
 
 
@@ -36,6 +36,7 @@ class Store:
         self.objects = AtomObjectCache(object_cache)
         self.bytes = AtomBytesCache(bytes_cache)
         self.access = TreeAccess(self.node)
+        self._ref_hook = self._ref  # one bound method, so the codec's decoder cache hits
 
     def atom(self, ptr: int) -> tuple[int, memoryview]:
         cached = self.bytes.get(ptr)
@@ -56,7 +57,8 @@ class Store:
             value = self.objects.get(ref.ptr)
             if value is None:
                 kind, payload = self.atom(ref.ptr)
-                value = self.objects.put(ref.ptr, codec.decode(payload, frozen=True, ref=self._ref))
+                value = self.objects.put(ref.ptr, codec.decode(payload, frozen=True, ref=self._ref_hook))
+
             return value
         if ref.kind == INDEXED:
             view = self.objects.get(ref.ptr)
