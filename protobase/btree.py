@@ -59,7 +59,7 @@ TREE_KINDS = frozenset(BRANCH_OF) | BRANCHES
 class Node:
     """One decoded tree node; clean when `ptr` is set, dirty (being built) when None."""
 
-    __slots__ = ("kind", "keys", "values", "sizes", "ptr", "ends")
+    __slots__ = ("kind", "keys", "values", "sizes", "ptr", "ends", "order_keys")
 
     def __init__(self, kind: int, keys: list | None, values: list | None,
                  sizes: list | None = None, ptr: int | None = None) -> None:
@@ -69,6 +69,8 @@ class Node:
         self.sizes = sizes  # branches: entry count of each child's subtree; leaves: None
         self.ptr = ptr  # AtomPointer once written
         self.ends = None  # list branches: cumulative sizes, computed on first positional lookup
+        self.order_keys = None  # clean nodes: order_key of each key, computed on first range search
+
 
     @property
     def is_branch(self) -> bool:

@@ -108,15 +108,25 @@ def entries(value: Any) -> set[tuple[int, Any]]:
 
 
 
+def _order_keys(node: Node) -> list:
+    """The order keys of a node's keys; cached on clean nodes, which never change."""
+    cached = node.order_keys
+    if cached is None:
+        cached = [order_key(key) for key in node.keys]
+        if node.ptr is not None:
+            node.order_keys = cached
+    return cached
+
+
 def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator[list]:
     """Lists of index entries in order, from the first entry >= `start` (an order key)."""
     node = access.node(root, SET_LEAF)
     if node.sizes is None:
-        first = bisect.bisect_left(node.keys, start, key=order_key)
+        first = bisect.bisect_left(_order_keys(node), start)
         if first < len(node.keys):
             yield node.keys[first:]
         return
-    position = bisect.bisect_right(node.keys, start, key=order_key)
+    position = bisect.bisect_right(_order_keys(node), start)
     children = node.values
     yield from _chunks_from(access, children[position], start)
     for child in children[position + 1:]:
@@ -129,7 +139,7 @@ def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> li
         return []
     found: list = []
     for chunk in _chunks_from(access, root, start):
-        end = bisect.bisect_left(chunk, stop, key=order_key)
+        end = bisect.bisect_left(chunk, stop, key=order_key)  # O(log) order keys per leaf
         found.extend(entry[2] for entry in chunk[:end])
         if end < len(chunk):
             break
@@ -189,10 +199,11 @@ def count_below(access: TreeAccess, root: int, start: tuple) -> int:
     node = access.node(root, SET_LEAF)
     below = 0
     while node.sizes is not None:
-        position = bisect.bisect_right(node.keys, start, key=order_key)
+        position = bisect.bisect_right(_order_keys(node), start)
         below += sum(node.sizes[:position])
         node = access.node(node.values[position], SET_LEAF)
-    return below + bisect.bisect_left(node.keys, start, key=order_key)
+    return below + bisect.bisect_left(_order_keys(node), start)
+
 
 
 def count_range(access: TreeAccess, root: int, start: tuple, stop: tuple) -> int:
