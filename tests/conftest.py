@@ -10,6 +10,7 @@ by instance).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,6 +27,8 @@ from protobase.shm.control import ControlBlock, process_is_alive
 
 COORDINATOR_EXIT_TIMEOUT = 15.0
 GRACE = 0.05  # seconds a test coordinator lingers after its last client
+CHILD_JOIN_TIMEOUT = 60.0
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def wait_for_coordinator_exit(path: str, timeout: float = COORDINATOR_EXIT_TIMEOUT) -> bool:
@@ -105,6 +108,27 @@ def datadir(session_dir, request):
         process.send_signal(signal.SIGKILL)
     shutil.rmtree(parent, ignore_errors=True)
     assert exited, f"the coordinator of {path} did not exit after the test"
+
+
+@pytest.fixture
+def spawn_process():
+    """start(target, *args, context=SPAWN): a child process, killed if still alive and joined after the test."""
+    started = []
+
+    def start(target, *args, context=SPAWN):
+        process = context.Process(target=target, args=args, daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.is_alive():
+                process.kill()
+            process.join(CHILD_JOIN_TIMEOUT)
+            assert not process.is_alive(), f"child process {process.pid} could not be joined"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -39,24 +39,13 @@ RETRIES = 100_000
 
 
 @pytest.fixture
-def children() -> Iterator[Callable[..., Any]]:
+def children(spawn_process) -> Callable[..., Any]:
     """start(target, results, *args): run target(*args) in a spawned child that reports to `results`."""
-    started: list[Any] = []
 
     def start(target: Callable[..., Any], results: Any, *args: Any, context: Any = SPAWN) -> Any:
-        process = context.Process(target=_report, args=(target, results, *args), daemon=True)
-        process.start()
-        started.append(process)
-        return process
+        return spawn_process(_report, target, results, *args, context=context)
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(DEADLINE)
-            assert not process.is_alive()
+    return start
 
 
 def _report(target: Callable[..., Any], results: Any, *args: Any) -> None:

@@ -25,7 +25,7 @@ import re
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -91,24 +91,9 @@ def update_until_compacted(db: protobase.Database, keys: list[str], rng: random.
 
 
 @pytest.fixture
-def children() -> Iterator[Callable[..., Any]]:
+def children(spawn_process) -> Callable[..., Any]:
     """start(target, *args): a spawned child, killed (if needed) and joined afterwards."""
-    started: list[Any] = []
-
-    def start(target: Callable[..., Any], *args: Any) -> Any:
-        process = SPAWN.Process(target=target, args=args, daemon=True)
-        process.start()
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(DEADLINE)
-            assert not process.is_alive()
+    return spawn_process
 
 
 def _pin_until_killed(path: str, reports: Any) -> None:

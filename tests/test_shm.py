@@ -58,24 +58,13 @@ def iid() -> Iterator[str]:
 
 
 @pytest.fixture
-def start_process() -> Iterator[Callable[..., Any]]:
-    """Start spawn-context processes; each is killed (if needed) and joined afterwards."""
-    started: list[Any] = []
+def start_process(spawn_process) -> Callable[..., Any]:
+    """Start spawn-context processes in their own process group; each is killed (if needed) and joined afterwards."""
 
     def start(target: Callable[..., None], *args: object) -> Any:
-        process = SPAWN.Process(target=_in_own_group, args=(target, *args), daemon=True)
-        process.start()
-        started.append(process)
-        return process
+        return spawn_process(_in_own_group, target, *args)
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(10)
-            assert not process.is_alive()
+    return start
 
 
 def _in_own_group(target: Callable[..., None], *args: object) -> None:
