@@ -215,3 +215,16 @@ def test_protobase_recover_salvages_every_intact_commit(datadir, session_dir, ca
             db.check()
     finally:
         assert wait_for_coordinator_exit(destination)
+
+
+def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir):
+    big = {f"u{i}": {"name": "x" * 200, "n": i} for i in range(30_000)}  # ~7 MB of WAL: more than the ring
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["big"] = big
+        kill_and_wait(db.coordinator_pid)  # no final checkpoint: it must come back from the WAL
+        db.close()
+    assert wait_for_coordinator_exit(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert len(snap.root["big"]) == 30_000 and snap.root["big"]["u29999"]["n"] == 29_999

@@ -35,6 +35,7 @@ import time
 from .. import codec, wal
 from ..checkpoint import remove_checkpoints_before, write_checkpoint
 from ..datadir import DataDir, FileLock
+from ..errors import CorruptionError
 from ..protocol import send
 from ..shm import names
 from ..shm.control import ControlBlock
@@ -87,7 +88,7 @@ class Persistence:
             self._drain()  # the coordinator stopped or died: keep what it handed us
             self._sync()
             return 0
-        except (wal.WalWriteError, wal.WalSyncError, OSError) as error:
+        except (wal.WalWriteError, wal.WalSyncError, OSError, CorruptionError) as error:
             log.error("write-ahead log failed: %s", error)
             self._report(["failed", f"{type(error).__name__}: {error}"])
             return EXIT_DISK_FAILURE

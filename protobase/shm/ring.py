@@ -25,15 +25,19 @@ A record starts at `position % capacity`, 8-byte aligned, and never wraps:
 
     0  4  u32 payload length (WRAP = 0xFFFFFFFF: skip to the start of the data area)
     4  1  u8  flags (SYNC: the committer waits for it to be durable; MORE: a fragment,
-              the payload continues in the next record; CONTROL: not a commit)
+              the payload continues in the next record; CONT: this fragment continues
+              the previous one; CONTROL: not a commit)
     5  3  reserved
     8  8  u64 LSN of the commit (0 for a CONTROL record)
     16 n  payload
 
 Ordering: the producer writes a record, then advances head; the consumer reads
 head, then the record, and advances tail only after it has written the record
-to the WAL file (so a consumer killed mid-way finds it again). On x86-64 the
-store order this relies on holds for plain stores.
+to the WAL file (so a consumer killed mid-way finds it again). Fragments of a
+record larger than the ring are the exception: they are released as they are
+copied out, since such a record could never fit whole. On x86-64 the store
+order this relies on holds for plain stores.
+
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ VERSION = 1
 DATA_OFFSET = 192
 HEAD_OFFSET = 64
 TAIL_OFFSET = 128
-SYNC, MORE, CONTROL = 1, 2, 4
+SYNC, MORE, CONTROL, CONT = 1, 2, 4, 8
 WRAP = 0xFFFFFFFF
 DEFAULT_CAPACITY = 4 << 20  # large commits are fragmented, so this only bounds the backlog
 
@@ -87,6 +91,7 @@ class CommitRing:
         self.buf = segment.buf
         self.capacity = capacity  # bytes in the data area
         self.max_fragment = capacity // 4 - _RECORD.size  # larger payloads are split
+        self.partial: list[bytes] = []  # consumer: fragments of a record not yet whole
 
     @classmethod
     def create(cls, name: str, capacity: int = DEFAULT_CAPACITY) -> CommitRing:
@@ -123,12 +128,14 @@ class CommitRing:
         it may raise to give up, e.g. when the consumer died.
         """
         view = memoryview(payload)
+        continuation = 0
         while True:
             fragment, view = view[:self.max_fragment], view[self.max_fragment:]
             more = MORE if len(view) else 0
-            self._append_one(lsn, flags | more, fragment, wait)
+            self._append_one(lsn, flags | more | continuation, fragment, wait)
             if not more:
                 return
+            continuation = CONT
 
     def _append_one(self, lsn: int, flags: int, payload: memoryview, wait: Callable[[], None] | None) -> None:
         size = (_RECORD.size + len(payload) + 7) & ~7
@@ -154,11 +161,15 @@ class CommitRing:
     def read(self, limit: int = 1 << 30) -> tuple[list[RingRecord], int]:
         """Whole records available now (about `limit` payload bytes at most) and the tail after them.
 
-        Call `release(tail)` once they are safely written.
+        Call `release(tail)` once they are safely written. Fragments of a record
+        larger than the ring are copied into this consumer's memory and their
+        room released at once, or a record bigger than the ring could never
+        complete. A consumer that starts in the middle of such a record (its
+        predecessor died holding the first fragments) cannot rebuild it and
+        raises CorruptionError: the database must stop and recover.
         """
         records: list[RingRecord] = []
         position, head = self.tail, self.head
-        pending: list[bytes] = []
         consumed = position
         total = 0
         while position < head and total < limit:
@@ -170,13 +181,17 @@ class CommitRing:
             start = DATA_OFFSET + offset + _RECORD.size
             if start + length > DATA_OFFSET + self.capacity:
                 raise CorruptionError(f"commit ring record at {position} overruns the ring")
-            pending.append(bytes(self.buf[start:start + length]))
+            if bool(flags & CONT) != bool(self.partial):
+                raise CorruptionError(
+                    f"commit ring: a fragment of commit {lsn} arrived without its beginning (the previous "
+                    f"persistence process died inside a large commit); the database must restart to recover")
+            self.partial.append(bytes(self.buf[start:start + length]))
             position += (_RECORD.size + length + 7) & ~7
             total += length
+            consumed = position
             if not flags & MORE:
-                records.append(RingRecord((lsn, flags, b"".join(pending))))
-                pending = []
-                consumed = position
+                records.append(RingRecord((lsn, flags & ~CONT, b"".join(self.partial))))
+                self.partial = []
         return records, consumed
 
     def release(self, tail: int) -> None:

@@ -1,0 +1,66 @@
+"""The commit ring: records arrive whole and in order, whatever their size; a lost beginning is refused."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from protobase.errors import CorruptionError
+from protobase.shm import names
+from protobase.shm.ring import CONTROL, SYNC, CommitRing
+
+
+@pytest.fixture
+def ring_name():
+    instance = names.new_instance_id()
+    yield names.segment_name(instance, "ring")
+    names.sweep(instance)
+
+
+def test_random_records_arrive_whole_and_in_order_even_larger_than_the_ring(ring_name):
+    rng = random.Random(7)
+    producer = CommitRing.create(ring_name, 8192)
+    consumer = CommitRing.attach(ring_name)
+    sent, received = [], []
+
+    def drain(limit: int = 1 << 30) -> None:
+        records, tail = consumer.read(limit)
+        received.extend(tuple(record) for record in records)
+        consumer.release(tail)
+
+    try:
+        for lsn in range(1, 400):
+            size = rng.choice([0, 10, 500, 3000, 20_000])  # 20 kB: more than twice the ring
+            record = (lsn, rng.choice([0, SYNC, CONTROL]), os.urandom(size))
+            producer.append(*record, wait=drain)  # a full ring waits for the consumer
+            sent.append(record)
+            if rng.random() < 0.3:
+                drain(rng.randrange(1, 20_000))
+        drain()
+        assert received == sent
+        assert producer.head == producer.tail
+    finally:
+        producer.unlink()
+        producer.close()
+        consumer.close()
+
+
+def test_a_consumer_starting_inside_a_large_record_refuses_it(ring_name):
+    producer = CommitRing.create(ring_name, 8192)
+    first = CommitRing.attach(ring_name)
+    successor = CommitRing.attach(ring_name)
+    try:
+        def first_reads_a_little() -> None:
+            _, tail = first.read()  # copies fragments out, then "dies" holding them
+            first.release(tail)
+
+        producer.append(1, SYNC, os.urandom(20_000), wait=first_reads_a_little)
+        with pytest.raises(CorruptionError, match="arrived without its beginning"):
+            successor.read()
+    finally:
+        producer.unlink()
+        producer.close()
+        first.close()
+        successor.close()
