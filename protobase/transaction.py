@@ -117,7 +117,7 @@ class Transaction:
         if kind is TreeSet:
             return TxSet(self, path, value)
         if kind is tuple:
-            return _thaw_tuple(value)
+            return thaw(value)
         if dataclasses.is_dataclass(value):
             return copy.deepcopy(value)
         return value
@@ -474,16 +474,12 @@ def _track(value: Any, owner: _Owner, path: tuple) -> Any:
 
         tracked = TrackedSet(value)
     elif isinstance(value, tuple):
-        return _thaw_tuple(value)
+        return thaw(value)
     else:
         return value
     tracked._owner = owner
     tracked._path = path
     return tracked
-
-
-def _thaw_tuple(value: tuple) -> tuple:
-    return thaw(value)
 
 
 # -- large containers: element operations --------------------------------------------------
