@@ -46,19 +46,21 @@ def writer_main(path: str, writer: int, ack_path: str) -> None:
 def _commit_forever(path: str, writer: int, ack_path: str) -> None:
     key = f"w{writer}"
     with protobase.open(path, shutdown_grace=GRACE) as db, open(ack_path, "a", buffering=1) as acks:
-        with db.snapshot() as snap:
-            record = snap.root.get(key)
-            number = record["count"] + 1 if record is not None else 0
         while True:
-            with db.transaction() as tx:
-                if number == 0:
-                    tx.root[key] = {"count": 0, "e0": 0}
-                else:
-                    record = tx.root[key]
-                    record[f"e{number}"] = number
-                    record["count"] = number
+            # The count is read inside each attempt: a commit of the previous round whose
+            # fsync was in flight when its writer was killed is published a little later,
+            # and writing over it conflicts; the retry then sees it.
+            for attempt in db.attempts(retries=1000, backoff=0.002):
+                with attempt as tx:
+                    record = tx.root.get(key)
+                    number = record["count"] + 1 if record is not None else 0
+                    if number == 0:
+                        tx.root[key] = {"count": 0, "e0": 0}
+                    else:
+                        record[f"e{number}"] = number
+                        record["count"] = number
             acks.write(f"{number}\n")
-            number += 1
+
 
 
 def acknowledged(ack_path: str) -> list[int]:
