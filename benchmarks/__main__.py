@@ -1,4 +1,4 @@
-"""`python -m benchmarks core [--records N] [--no-doc]`: run a benchmark and report it."""
+"""`python -m benchmarks core|suite [options]`: run a benchmark and report it."""
 
 from __future__ import annotations
 
@@ -29,11 +29,27 @@ def main(argv: list[str] | None = None) -> int:
     core_parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
     core_parser.add_argument("--profile", action="store_true",
                              help="print a cProfile of the warm read loop even when the targets are met")
+    suite_parser = commands.add_parser("suite", help="every store side by side (docs/benchmarks.md)")
+    suite_parser.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
+    suite_parser.add_argument("--records", type=int, default=None, help="records for W1-W5")
+    suite_parser.add_argument("--memory-records", type=int, default=None, help="records for W6 (memory)")
+    suite_parser.add_argument("--only", nargs="+", default=None, help="only these stores (names or classes)")
+    suite_parser.add_argument("--no-memory", action="store_true", help="skip W6")
+    suite_parser.add_argument("--doc", default=None, help="markdown file to write the results into")
+    suite_parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks", *argv])
+    if args.benchmark == "suite":
+        from . import suite
+
+        cfg = dict(suite.QUICK if args.quick else suite.FULL)
+        cfg["records"] = args.records or cfg["records"]
+        cfg["memory_records"] = args.memory_records or cfg["memory_records"]
+        return suite.run(cfg=cfg, only=args.only, command=command, memory=not args.no_memory,
+                         doc=None if args.no_doc else (args.doc or suite.DOC))
 
     read_records = args.read_records or args.records or core.DEFAULT_READ_RECORDS
     memory_records = args.memory_records or args.records or core.DEFAULT_MEMORY_RECORDS
-    command = shlex.join(["python", "-m", "benchmarks", *argv])
     return core.run(read_records=read_records, memory_records=memory_records, repeats=args.repeats,
                     commits=args.commits, command=command, doc=None if args.no_doc else args.doc,
                     show_profile=args.profile)
