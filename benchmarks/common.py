@@ -119,3 +119,49 @@ def replace_section(path: str, name: str, body: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as doc:
         doc.write(text)
+
+
+def expect(conn: Any, process: Any, status: str, timeout: float) -> Any:
+    """The payload of the next (status, payload) a worker sends; RuntimeError if it fails, dies or is silent."""
+    try:
+        if not conn.poll(timeout):
+            raise RuntimeError(f"worker {process.name} sent nothing in {timeout:.0f}s")
+        got, payload = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"worker {process.name} died (exit code {process.exitcode})") from None
+    if got != status:
+        raise RuntimeError(f"worker {process.name} failed:\n{payload}")
+    return payload
+
+
+def run_released_together(target: Any, args_per_worker: list[tuple], names: list[str], ready_timeout: float,
+                          timeout: float, exit_timeout: float = 60.0) -> list:
+    """Start one spawned worker per args tuple, release them at once, return their results; always joins them.
+
+    Each worker runs `target(conn, start, *args)`: it sends ("ready", None) once
+    set up, waits for `start`, then sends ("ok", result) or ("error", traceback).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    workers = []
+    try:
+        for args, name in zip(args_per_worker, names):
+            parent_end, child_end = context.Pipe(duplex=False)
+            process = context.Process(target=target, name=name, args=(child_end, start, *args))
+            process.start()
+            child_end.close()
+            workers.append((process, parent_end))
+        for process, conn in workers:
+            expect(conn, process, "ready", ready_timeout)
+        start.set()
+        return [expect(conn, process, "ok", timeout) for process, conn in workers]
+    finally:
+        start.set()  # never leave a worker waiting
+        for process, conn in workers:
+            conn.close()
+            process.join(exit_timeout)
+            if process.is_alive():
+                process.terminate()
+                process.join()

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import multiprocessing
 import os
 import pstats
 import shlex
@@ -57,7 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .common import key_of, machine, median, percentile, record, replace_section
+from .common import key_of, machine, median, percentile, record, replace_section, run_released_together
 
 __all__ = ["main", "run", "DEFAULT_RECORDS"]
 
@@ -325,30 +324,11 @@ def _commit_worker(conn: Any, start: Any, store: str, path: str, mode: str, clie
 def commit_round(store: str, path: str, mode: str, clients: int, seconds: float, keys_per_commit: int = 1,
                  profile: bool = False) -> dict:
     """`clients` worker processes commit at once for `seconds`; their aggregate rate and latencies."""
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    workers = []
-    try:
-        for client in range(clients):
-            parent_end, child_end = context.Pipe(duplex=False)
-            process = context.Process(target=_commit_worker, name=f"bench-{store}-{mode}-{client}",
-                                      args=(child_end, start, store, path, mode, client, clients,
-                                            keys_per_commit, seconds, profile))
-            process.start()
-            child_end.close()
-            workers.append((process, parent_end))
-        for process, conn in workers:
-            _expect(conn, process, "ready", READY_TIMEOUT)
-        start.set()
-        results = [_expect(conn, process, "ok", seconds + READY_TIMEOUT) for process, conn in workers]
-    finally:
-        start.set()  # never leave a worker waiting
-        for process, conn in workers:
-            conn.close()
-            process.join(EXIT_TIMEOUT)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+    results = run_released_together(
+        _commit_worker,
+        [(store, path, mode, client, clients, keys_per_commit, seconds, profile) for client in range(clients)],
+        [f"bench-{store}-{mode}-{client}" for client in range(clients)], READY_TIMEOUT, seconds + READY_TIMEOUT,
+        EXIT_TIMEOUT)
     return {
         "rate": sum(r["commits"] / r["seconds"] for r in results),
         "commits": sum(r["commits"] for r in results),
@@ -356,18 +336,6 @@ def commit_round(store: str, path: str, mode: str, clients: int, seconds: float,
         "conflicts": sum(r["conflicts"] for r in results),
         "profile": results[0]["profile"],
     }
-
-
-def _expect(conn: Any, process: Any, status: str, timeout: float) -> Any:
-    try:
-        if not conn.poll(timeout):
-            raise RuntimeError(f"worker {process.name} sent nothing in {timeout:.0f}s")
-        got, payload = conn.recv()
-    except EOFError:
-        raise RuntimeError(f"worker {process.name} died (exit code {process.exitcode})") from None
-    if got != status:
-        raise RuntimeError(f"worker {process.name} failed:\n{payload}")
-    return payload
 
 
 # -- 1 and 2: commit rates ----------------------------------------------------------------------

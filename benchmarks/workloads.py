@@ -9,14 +9,13 @@ time (a few seconds), not by count, so slow stores do not stretch the run.
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import random
 import time
 import traceback
 from typing import Any
 
 from .adapters import load_store
-from .durability import _expect
+from .common import run_released_together
 from .queries import PAIRS
 
 __all__ = ["run_workers", "TASKS"]
@@ -169,26 +168,7 @@ def _worker(conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str
 def run_workers(store: tuple[str, str], spec: dict, mode: str, task: str, processes: int, timeout: float,
                 **kwargs: Any) -> list[dict]:
     """Run `task` in `processes` spawned workers released together; their results. Always joins them."""
-    context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    workers = []
-    try:
-        for client_id in range(processes):
-            parent_end, child_end = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, name=f"suite-{store[1]}-{task}-{client_id}",
-                                      args=(child_end, start, store, spec, mode, task, client_id, kwargs))
-            process.start()
-            child_end.close()
-            workers.append((process, parent_end))
-        for process, conn in workers:
-            _expect(conn, process, "ready", READY_TIMEOUT)
-        start.set()
-        return [_expect(conn, process, "ok", timeout) for process, conn in workers]
-    finally:
-        start.set()  # never leave a worker waiting
-        for process, conn in workers:
-            conn.close()
-            process.join(EXIT_TIMEOUT)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+    return run_released_together(
+        _worker, [(store, spec, mode, task, client_id, kwargs) for client_id in range(processes)],
+        [f"suite-{store[1]}-{task}-{client_id}" for client_id in range(processes)], READY_TIMEOUT, timeout,
+        EXIT_TIMEOUT)
