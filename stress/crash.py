@@ -194,9 +194,21 @@ def _wait_unserved(path: str) -> None:
 
 
 def _kill_everything_serving(directory: str) -> None:
+    """End every process serving `directory` (ours), then remove what a killed coordinator left in /dev/shm."""
     for process in psutil.process_iter(["cmdline"]):
         if any(directory in part for part in process.info["cmdline"] or []):
             _kill(process.pid)
+            try:
+                process.wait(10)
+            except psutil.Error:
+                pass
+    from protobase.datadir import DataDir
+    from protobase.shm import names
+
+    instance = DataDir(os.path.join(directory, "db")).read_instance() if os.path.isdir(directory) else None
+    if instance and names.is_instance_id(instance):
+        names.sweep(instance)  # no later start will, since the directory goes with us
+
 
 
 def main(argv: list[str] | None = None) -> int:
