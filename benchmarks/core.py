@@ -53,7 +53,7 @@ BATCH = 10_000  # records per loading transaction
 DURABILITIES = ("async", "sync")
 GRACE = 0.2  # seconds the benchmark's coordinators linger after the last client
 WORKER_TIMEOUT = 1800.0  # seconds a worker process may take before we give up on it
-SMALL_CACHE = 1024  # object cache entries of the "zero-copy floor" reader
+SMALL_CACHE = 256  # object cache entries of the "zero-copy floor" reader: a few hundred decoded records (~0.3 MB)
 SEED = 20240601
 
 # targets: (metric, comparison, bound)
