@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the coordinator of a data directory in the foreground")
     serve.add_argument("path", help="data directory (created if missing)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--flush-interval", type=float, default=None, metavar="SECONDS",
+                       help="longest time an async commit waits for its fsync (default 0.01)")
+    serve.add_argument("--checkpoint-bytes", type=int, default=None, metavar="BYTES",
+                       help="WAL bytes after which a checkpoint is written (default 64 MiB)")
+    serve.add_argument("--compact-min-bytes", type=int, default=None, metavar="BYTES",
+                       help="garbage below which no compaction runs (default 64 MiB)")
 
     status = commands.add_parser("status", help="what serves a data directory, and what is on disk")
     status.add_argument("path")
@@ -259,7 +265,10 @@ def serve(args: argparse.Namespace) -> int:
     from .datadir import DataDir
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    coordinator = Coordinator(DataDir.open(args.path), grace=None)
+    settings = {name: getattr(args, name) for name in ("flush_interval", "checkpoint_bytes", "compact_min_bytes")
+                if getattr(args, name) is not None}
+    coordinator = Coordinator(DataDir.open(args.path), grace=None, **settings)
+
     coordinator.start()
     print(f"protobase: serving {coordinator.datadir.path} (pid {os.getpid()}); Ctrl-C to stop", flush=True)
     coordinator.serve_forever()

@@ -329,3 +329,32 @@ def test_bad_directories_are_one_line_errors(datadir, capsys, command):
     assert status == 1
     assert_one_line_error(err, "format version 99")
     assert not os.path.exists(os.path.join(parent, "destination"))
+
+
+def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir):
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--flush-interval", "0.05",
+                               "--checkpoint-bytes", "1000000", "--log-level", "WARNING"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        with protobase.open(datadir, start_coordinator=False, durability="async") as db:
+            assert db.coordinator_pid == server.pid
+            with db.transaction() as tx:
+                tx.root["served"] = {"n": 1}
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0  # a final checkpoint, then a clean exit
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    assert wait_for_coordinator_exit(datadir)
+    assert any(name.startswith("checkpoint-") for name in os.listdir(datadir))
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert snap.root["served"] == {"n": 1}
