@@ -34,6 +34,7 @@ from .coordinator import launcher
 from .datadir import FORMAT_VERSION, DataDir
 from .errors import ConflictError, CoordinatorError, DatabaseClosedError, EncodingError, ProtoBaseError
 from .frozen import freeze
+from .protocol import receive, send
 from .shm import names
 from .shm.control import ControlBlock, full_fence
 from .snapshot import Snapshot
@@ -159,8 +160,6 @@ class Database:
     # -- talking to the coordinator ---------------------------------------------------
 
     def _exchange(self, sock: Any, message: list) -> list:
-        from .protocol import receive, send
-
         try:
             send(sock, message)
             reply = receive(sock)

@@ -48,6 +48,8 @@ from .index import (
     scan_range,
 )
 from .keyorder import is_key, order_key
+from .transaction import LocalDict, TxDict
+from .views import IndexedTreeDict
 
 __all__ = ["F", "Expr", "Query", "Plan", "IndexedSearchPlan", "IndexedRangeSearchPlan", "AndMerge", "OrMerge",
            "FilterPlan", "FullScanPlan", "Grouped"]
@@ -307,9 +309,6 @@ class Source:
     """A collection as the planner sees it: records, indexes, and keys changed in a transaction."""
 
     def __init__(self, collection: Any) -> None:
-        from .transaction import LocalDict, TxDict
-        from .views import IndexedTreeDict
-
         self.collection = collection  # where records are read (TxDict: with this transaction's writes)
         base = collection
         self.changed: frozenset = frozenset()

@@ -38,6 +38,18 @@ def wait_for_coordinator_exit(path: str, timeout: float = COORDINATOR_EXIT_TIMEO
     return DataDir(path).wait_until_unserved(timeout)
 
 
+def wait_until(condition, what: str, timeout: float = 60.0):
+    """The first truthy value of `condition()`, polled until `timeout`; AssertionError naming `what` after it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
 def processes_serving(prefix: str) -> list[psutil.Process]:
     """Live processes whose command line names a path under `prefix`."""
     found = []

@@ -16,7 +16,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 import protobase
 from protobase.errors import CoordinatorError
 from protobase.shm import names
-from tests.conftest import GRACE, processes_serving, wait_for_coordinator_exit
+from tests.conftest import GRACE, processes_serving, wait_for_coordinator_exit, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
@@ -71,17 +70,6 @@ def join_all(processes: list[Any]) -> None:
     for process in processes:
         process.join(DEADLINE)
         assert process.exitcode == 0, f"child {process.pid} exited with {process.exitcode}"
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def coordinators_of(path: str) -> list[psutil.Process]:

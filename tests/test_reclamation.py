@@ -32,7 +32,7 @@ import pytest
 
 import protobase
 from protobase.shm import names
-from tests.conftest import GRACE
+from tests.conftest import GRACE, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
@@ -48,17 +48,6 @@ def open_db(path: str) -> protobase.Database:
 def data_segments(db: protobase.Database) -> set[str]:
     """The names of the instance's data segments present in /dev/shm."""
     return {entry for entry in names.instance_entries(db.instance_id) if DATA_SEGMENT.search(entry)}
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def fill(db: protobase.Database, count: int) -> dict:
