@@ -98,9 +98,11 @@ def filesystem_of(path: str) -> str:
 
 
 def wal_file_bytes(path: str) -> int:
-    """Total size of the wal-*.log files of data directory `path`."""
-    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
-               if name.startswith("wal-") and name.endswith(".log"))
+    """Bytes of header and records in the wal-*.log files of `path` (not the zeros preallocated after them)."""
+    from protobase import wal
+
+    return sum(wal.scan(file).good_end for _, file in wal.list_wal_files(path))
+
 
 
 def checkpoint_file_bytes(path: str) -> int:

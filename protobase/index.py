@@ -118,19 +118,34 @@ def _order_keys(node: Node) -> list:
     return cached
 
 
-def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator[list]:
-    """Lists of index entries in order, from the first entry >= `start` (an order key)."""
+def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator[tuple[Node, int]]:
+    """(leaf, position of its first entry to read), in order, from the first entry >= `start` (an order key).
+
+    Iterative, with the path from the root on a stack: a query reading one
+    leaf pays no chain of nested generators.
+    """
     node = access.node(root, SET_LEAF)
-    if node.sizes is None:
-        first = bisect.bisect_left(_order_keys(node), start)
+    path: list[tuple[list, int]] = []  # (children of a branch on the way down, the next one to visit)
+    while node.sizes is not None:
+        position = bisect.bisect_right(_order_keys(node), start)
+        path.append((node.values, position + 1))
+        node = access.node(node.values[position], SET_LEAF)
+    first = bisect.bisect_left(_order_keys(node), start)
+    while True:
         if first < len(node.keys):
-            yield node.keys[first:]
-        return
-    position = bisect.bisect_right(_order_keys(node), start)
-    children = node.values
-    yield from _chunks_from(access, children[position], start)
-    for child in children[position + 1:]:
-        yield from (leaf.keys for leaf in access.leaves(child, SET_LEAF))
+            yield node, first
+        while path and path[-1][1] >= len(path[-1][0]):
+            path.pop()
+        if not path:
+            return
+        children, position = path.pop()
+        path.append((children, position + 1))
+        node = access.node(children[position], SET_LEAF)
+        while node.sizes is not None:  # down the leftmost edge of the next subtree
+            path.append((node.values, 1))
+            node = access.node(node.values[0], SET_LEAF)
+        first = 0
+
 
 
 def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> list:
@@ -138,12 +153,17 @@ def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> li
     if not root:
         return []
     found: list = []
-    for chunk in _chunks_from(access, root, start):
-        end = bisect.bisect_left(chunk, stop, key=order_key)  # O(log) order keys per leaf
-        found.extend(entry[2] for entry in chunk[:end])
-        if end < len(chunk):
+    for leaf, first in _chunks_from(access, root, start):
+        keys = leaf.keys
+        if leaf.order_keys is None and order_key(keys[-1]) < stop:
+            end = len(keys)  # the whole leaf is in range: no need to compute its order keys
+        else:
+            end = bisect.bisect_left(_order_keys(leaf), stop, first)
+        found.extend(entry[2] for entry in keys[first:end])
+        if end < len(keys):
             break
     return found
+
 
 
 def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list:
@@ -174,8 +194,9 @@ def _scan_tuple_range(access: TreeAccess, root: int, start: tuple, low: Any, hig
                       include_high: bool) -> list:
     high_key = order_key(high) if high is not None else None
     found = []
-    for chunk in _chunks_from(access, root, start):
-        for entry_kind, value, key in chunk:
+    for leaf, first in _chunks_from(access, root, start):
+        for entry_kind, value, key in leaf.keys[first:]:
+
             if entry_kind != VALUE_ENTRY or family(value) != 7:
                 return found
             if high_key is not None and order_key(value) > high_key:

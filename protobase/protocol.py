@@ -19,8 +19,10 @@ paths. The peer's pid and uid come from SO_PEERCRED, never from the message.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
 from typing import Any
 
 from . import codec
@@ -30,16 +32,38 @@ __all__ = ["send", "receive", "FrameReader", "peer_credentials", "MAX_FRAME"]
 
 LENGTH = struct.Struct("<I")
 MAX_FRAME = 1 << 30
+STALL_TIMEOUT = 10.0  # seconds a non-blocking send waits for a peer that reads nothing
+
 _PEERCRED = struct.Struct("3i")
 
 
-def send(sock: socket.socket, message: Any) -> None:
-    """Encode and send one message (blocking)."""
+def send(sock: socket.socket, message: Any, stall_timeout: float = STALL_TIMEOUT) -> None:
+    """Encode and send one whole message.
+
+    On a non-blocking socket (the coordinator's side: it never sleeps in a
+    syscall it could avoid) it waits for room only when the peer's buffer is
+    full, and raises TimeoutError (an OSError) if the peer reads nothing for
+    `stall_timeout` seconds, so a client that stops reading cannot stall the
+    coordinator.
+    """
     body = codec.encode(message)
     if len(body) > MAX_FRAME:
         raise CoordinatorError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit; "
                                f"split the transaction")
-    sock.sendall(LENGTH.pack(len(body)) + body)
+    frame = LENGTH.pack(len(body)) + body
+    if sock.gettimeout() != 0.0:
+        sock.sendall(frame)
+        return
+    view = memoryview(frame)
+    deadline = None
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            deadline = deadline or time.monotonic() + stall_timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([], [sock], [], remaining)[1]:
+                raise TimeoutError(f"the peer read nothing for {stall_timeout}s") from None
 
 
 def receive(sock: socket.socket) -> Any:

@@ -29,7 +29,9 @@ checked against their current values instead of the snapshot's index.
 
 from __future__ import annotations
 
+import functools
 import operator
+
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -339,13 +341,22 @@ class Source:
 
 
 class Plan:
-    """A step of a query plan: it yields record keys and estimates how many."""
+    """A step of a query plan: it yields record keys and estimates how many.
+
+    The estimate is computed when first asked for (by the planner choosing
+    between plans, or by explain()): a query with one candidate plan never
+    pays for counting.
+    """
 
     name = "Plan"
     uses_index = True  # False when the plan reads every record
 
-    def __init__(self, estimate: int) -> None:
-        self.estimate = estimate
+    @functools.cached_property
+    def estimate(self) -> int:
+        return self._count()
+
+    def _count(self) -> int:
+        raise NotImplementedError
 
     def keys(self, source: Source) -> set:
         raise NotImplementedError
@@ -370,8 +381,10 @@ class IndexedSearchPlan(Plan):
 
     def __init__(self, source: Source, path: tuple, values: tuple, kind: int) -> None:
         self.path, self.values, self.kind = path, values, kind
-        root = source.indexes[path]
-        super().__init__(sum(count_range(source.access, root, *equal_bounds(kind, value)) for value in values))
+        self.access, self.root = source.access, source.indexes[path]
+
+    def _count(self) -> int:
+        return sum(count_range(self.access, self.root, *equal_bounds(self.kind, value)) for value in self.values)
 
     def keys(self, source: Source) -> set:
         view, root = source.index_view, source.indexes[self.path]
@@ -397,9 +410,12 @@ class IndexedRangeSearchPlan(Plan):
 
     def __init__(self, source: Source, expr: Range) -> None:
         self.expr = expr
+        self.access, self.root = source.access, source.indexes[expr.path]
+
+    def _count(self) -> int:
+        expr = self.expr
         low, high = expr.bounds()
-        bounds = range_bounds(low, high, expr.include_low, expr.include_high)
-        super().__init__(count_range(source.access, source.indexes[expr.path], *bounds))
+        return count_range(self.access, self.root, *range_bounds(low, high, expr.include_low, expr.include_high))
 
     def keys(self, source: Source) -> set:
         expr = self.expr
@@ -415,7 +431,7 @@ class CompositeSearchPlan(Plan):
     """Equalities on the first fields of a composite index, and maybe a range on the next one:
     one contiguous slice of the index, so exactly the matching keys are read."""
 
-    def __init__(self, source: Source, name: tuple, prefix: list[Compare], ranged: Range | None) -> None:
+    def __init__(self, source: Source, name: tuple, root: int, prefix: list[Compare], ranged: Range | None) -> None:
         self.index_name, self.prefix, self.ranged = name, prefix, ranged
         self.name = "IndexedRangeSearchPlan" if ranged is not None else "IndexedSearchPlan"
         values = tuple(term.value for term in prefix)
@@ -424,8 +440,10 @@ class CompositeSearchPlan(Plan):
         else:
             low, high = ranged.bounds()
             self.bounds = composite_bounds(values, low, high, ranged.include_low, ranged.include_high, ranged=True)
-        self.root = source.composites[tuple(field_path(part) for part in name)][0]
-        super().__init__(count_range(source.access, self.root, *self.bounds))
+        self.root, self.access = root, source.access
+
+    def _count(self) -> int:
+        return count_range(self.access, self.root, *self.bounds)
 
     def keys(self, source: Source) -> set:
         return set(scan_between(source.access, self.root, *self.bounds))
@@ -442,7 +460,9 @@ class AndMerge(Plan):
 
     def __init__(self, parts: list[Plan]) -> None:
         self.parts = sorted(parts, key=lambda plan: plan.estimate)
-        super().__init__(self.parts[0].estimate)
+
+    def _count(self) -> int:
+        return self.parts[0].estimate
 
     def keys(self, source: Source) -> set:
         result = set(self.parts[0].keys(source))
@@ -462,8 +482,10 @@ class OrMerge(Plan):
     name = "OrMerge"
 
     def __init__(self, parts: list[Plan], size: int) -> None:
-        self.parts = parts
-        super().__init__(min(size, sum(part.estimate for part in parts)))
+        self.parts, self.size = parts, size
+
+    def _count(self) -> int:
+        return min(self.size, sum(part.estimate for part in self.parts))
 
     def keys(self, source: Source) -> set:
         result: set = set()
@@ -483,7 +505,9 @@ class FilterPlan(Plan):
     def __init__(self, base: Plan, predicate: Expr) -> None:
         self.base, self.predicate = base, predicate
         self.uses_index = base.uses_index
-        super().__init__(base.estimate)
+
+    def _count(self) -> int:
+        return self.base.estimate
 
     def keys(self, source: Source) -> set:
         predicate = self.predicate
@@ -506,7 +530,10 @@ class FullScanPlan(Plan):
     uses_index = False
 
     def __init__(self, source: Source) -> None:
-        super().__init__(source.size())
+        self.source = source
+
+    def _count(self) -> int:
+        return self.source.size()
 
     def keys(self, source: Source) -> set:
         return set(source.collection.keys())
@@ -522,9 +549,7 @@ def plan(expr: Expr, source: Source) -> Plan:
     indexed = _index_term(expr, source)
     if indexed is not None:
         return indexed
-    composite = _composite_term([expr], source)
-    if composite is not None:
-        return composite[0]
+    # (A lone term never covers a composite index: those have two fields or more.)
     if isinstance(expr, And):
         return _plan_and(expr, source)
     if isinstance(expr, Or):
@@ -543,13 +568,17 @@ def _plan_and(expr: And, source: Source) -> Plan:
         planned.append((used[0] if len(used) == 1 else And(used), subplan))
         parts = [part for part in parts if not any(part is other for other in used)]
     planned += [(part, plan(part, source)) for part in parts]
-    keyed = sorted((pair for pair in planned if pair[1].uses_index), key=lambda pair: pair[1].estimate)
+    keyed = [pair for pair in planned if pair[1].uses_index]
     rest = [part for part, subplan in planned if not subplan.uses_index]
     if not keyed:
         return FilterPlan(FullScanPlan(source), expr)
-    limit = PROBE_FACTOR * max(keyed[0][1].estimate, 1)
-    merged = [subplan for _, subplan in keyed if subplan.estimate <= limit]
-    rest += [part for part, subplan in keyed if subplan.estimate > limit]
+    merged = [keyed[0][1]]
+    if len(keyed) > 1:  # only now are the estimates worth counting
+        keyed.sort(key=lambda pair: pair[1].estimate)
+        limit = PROBE_FACTOR * max(keyed[0][1].estimate, 1)
+        merged = [subplan for _, subplan in keyed if subplan.estimate <= limit]
+        rest += [part for part, subplan in keyed if subplan.estimate > limit]
+
     base = merged[0] if len(merged) == 1 else AndMerge(merged)
     if not rest:
         return base
@@ -575,8 +604,8 @@ def _index_term(expr: Expr, source: Source) -> Plan | None:
 def _composite_term(parts: list[Expr], source: Source) -> tuple[Plan, list[Expr]] | None:
     """A composite index whose every field the terms constrain (equalities, the last maybe a range), or None."""
 
-    best: tuple[tuple, list[Compare], Range | None] | None = None
-    for fields, (_, name) in source.composites.items():
+    best: tuple[tuple, int, list[Compare], Range | None] | None = None
+    for fields, (root, name) in source.composites.items():
         prefix: list[Compare] = []
         ranged = None
         for path in fields:
@@ -591,13 +620,14 @@ def _composite_term(parts: list[Expr], source: Source) -> tuple[Plan, list[Expr]
         # A record lacking any field of the index has no entry in it, yet may match a
         # query that leaves that field free: only a query constraining every field may use it.
         covered = len(prefix) + (ranged is not None)
-        if covered == len(fields) and (best is None or covered > len(best[1]) + (best[2] is not None)):
-            best = (name, prefix, ranged)
+        if covered == len(fields) and (best is None or covered > len(best[2]) + (best[3] is not None)):
+            best = (name, root, prefix, ranged)
     if best is None:
         return None
-    name, prefix, ranged = best
+    name, root, prefix, ranged = best
     used: list[Expr] = [*prefix, *([ranged] if ranged is not None else [])]
-    return CompositeSearchPlan(source, name, prefix, ranged), used
+    return CompositeSearchPlan(source, name, root, prefix, ranged), used
+
 
 
 def _distinct(values: tuple) -> tuple:

@@ -41,6 +41,10 @@ Invariants the writer keeps and the reader checks:
   failed write is cut back with ``ftruncate`` to the end of the last good
   record before the error is raised. Only a crash can leave a torn tail, and
   the reader ends at the last good record; `WalWriter.open_for_append` cuts it.
+- While a writer has a file open, the file goes on past the last record with
+  zeros the writer preallocated (`PREALLOCATE_BYTES` at a time, so that an
+  fdatasync need not commit a new file length). Zeros read as a torn tail;
+  `close` cuts them, and after a crash `open_for_append` does.
 - A bad record *followed* by a valid one is not a torn tail but damage in the
   middle of the log: it is reported (`ScanResult.corrupt_offset`, and
   `CorruptionError` in strict reads), never skipped.
@@ -102,6 +106,8 @@ FILE_HEADER_SIZE = FILE_HEADER.size  # 32
 RECORD_HEADER_SIZE = RECORD_HEADER.size  # 24
 MAX_PAYLOAD = 1 << 30  # bytes; a larger payload is refused by the writer and is damage to the reader
 MAX_LSN = (1 << 64) - 1
+PREALLOCATE_BYTES = 1 << 20  # a writer grows its file by this many zeros at a time
+
 FAULTS_ENV = "PROTOBASE_WAL_FAULTS"
 
 _SALT = struct.Struct("<Q")
@@ -156,16 +162,16 @@ _faults = _Faults()
 _env_faults_applied: str | None = None  # the PROTOBASE_WAL_FAULTS value already applied
 
 
-def _write(fd: int, data: memoryview | bytes) -> int:
-    """os.write, unless a fault is injected: then a short write, then ENOSPC."""
+def _write(fd: int, data: memoryview | bytes, offset: int) -> int:
+    """os.pwrite, unless a fault is injected: then a short write, then ENOSPC."""
     budget = _faults.write_budget
     if budget is None:
-        return os.write(fd, data)
+        return os.pwrite(fd, data, offset)
     if budget <= 0:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
     if len(data) > budget:
         data = data[:budget]
-    written = os.write(fd, data)
+    written = os.pwrite(fd, data, offset)
     _faults.write_budget = budget - written
     return written
 
@@ -442,8 +448,11 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
     offset = FILE_HEADER_SIZE
     while offset < len(data):
         found = _valid_at(data, offset, salt)
+        if found is None and data[offset:] == bytes(len(data) - offset):
+            break  # zeros a writer preallocated: the end of the log, not damage
         if found is None or found[1] < next_lsn:
             resume = _find_valid_record(data, offset + 1, salt, next_lsn)
+
             skipped.append((offset, len(data) if resume is None else resume[0]))
             if resume is None:
                 break
@@ -653,10 +662,11 @@ class WalWriter:
                  last_offset: int | None) -> None:
         """Wrap an open descriptor. Internal: use `create` or `open_for_append`."""
         self._path = path  # the file, absolute if the directory given was
-        self._fd: int | None = fd  # O_WRONLY | O_APPEND | O_CLOEXEC; None once closed
+        self._fd: int | None = fd  # O_WRONLY | O_CLOEXEC, written with pwrite; None once closed
         self._salt = salt  # u64 from the file header
         self._first_lsn = first_lsn  # lsn of the file's first record
-        self._size = size  # bytes in the file, always at a record boundary
+        self._size = size  # bytes of records (and header) in the file, always at a record boundary
+        self._allocated = size  # the file's length: _size plus the zeros preallocated after it
         self._next_lsn = next_lsn  # lsn the next appended record gets
         self._last_offset = last_offset  # offset of the last record's header; None while the file has none
         self._synced_lsn = next_lsn - 1  # every record <= this is on disk (as of the last successful sync)
@@ -679,14 +689,14 @@ class WalWriter:
         _apply_env_faults()
         path = os.path.join(directory, wal_file_name(first_lsn))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise WalWriteError(f"cannot create WAL file {path}: {error.strerror}", error.errno) from error
         salt = _SALT.unpack(os.urandom(8))[0]
         error_class: type[WalError] = WalWriteError
         try:
             os.fchmod(fd, 0o600)  # whatever the umask
-            _write_all(fd, FILE_HEADER.pack(MAGIC, VERSION, 0, salt, first_lsn))
+            _write_all(fd, FILE_HEADER.pack(MAGIC, VERSION, 0, salt, first_lsn), 0)
             error_class = WalSyncError
             _sync(fd)
             fsync_directory(directory)
@@ -711,7 +721,7 @@ class WalWriter:
         if result.corrupt:
             raise result.corruption_error()
         _apply_env_faults()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         error_class: type[WalError] = WalWriteError
         try:
             if result.header_torn:
@@ -723,7 +733,7 @@ class WalWriter:
                     )
                 salt = _SALT.unpack(os.urandom(8))[0]
                 os.ftruncate(fd, 0)
-                _write_all(fd, FILE_HEADER.pack(MAGIC, VERSION, 0, salt, first_lsn))
+                _write_all(fd, FILE_HEADER.pack(MAGIC, VERSION, 0, salt, first_lsn), 0)
                 error_class = WalSyncError
                 _sync(fd)
                 return cls(path, fd, salt, first_lsn, FILE_HEADER_SIZE, first_lsn, None)
@@ -811,8 +821,9 @@ class WalWriter:
             rest = RECORD_HEADER.pack(0, length, lsn, self._salt if prev is None else prev)[4:]
             chunks += [struct.pack("<I", _record_crc(self._salt, rest, payload)), rest, payload]
             prev, offset, lsn = offset, offset + RECORD_HEADER_SIZE + length, lsn + 1
+        self._preallocate(fd, offset)
         try:
-            _write_all(fd, b"".join(chunks))
+            _write_all(fd, b"".join(chunks), self._size)
         except OSError as error:
             self._cut_back(fd, error, len(payloads))
         self._size, self._next_lsn, self._last_offset = offset, lsn, prev
@@ -836,8 +847,11 @@ class WalWriter:
         self._synced_lsn = self.last_lsn
 
     def close(self) -> None:
-        """Close the descriptor. Does not sync. Closing twice is harmless."""
+        """Cut the preallocated zeros off and close the descriptor. Does not sync. Closing twice is harmless."""
         if self._fd is not None and self._pid == os.getpid():
+            if self._allocated > self._size:
+                with contextlib.suppress(OSError):  # the zeros would only read as a torn tail
+                    os.ftruncate(self._fd, self._size)
             os.close(self._fd)
         self._fd = None
 
@@ -862,11 +876,31 @@ class WalWriter:
             raise self._failed
         return self._fd
 
+    def _preallocate(self, fd: int, end: int) -> None:
+        """Make the file at least `end` bytes long, in PREALLOCATE_BYTES steps of zeros.
+
+        Why: fdatasync after a write that grows the file must also commit the
+        new length to the filesystem journal; within already allocated blocks
+        it flushes only the data (measured 1.3x faster on ext4, see
+        docs/performance-durability.md). The zeros read as a torn tail, which
+        recovery cuts. If the disk refuses (full, or no fallocate support) the
+        write itself extends the file, and reports ENOSPC if it must.
+        """
+        if end <= self._allocated:
+            return
+        target = -(-end // PREALLOCATE_BYTES) * PREALLOCATE_BYTES
+        try:
+            os.posix_fallocate(fd, self._allocated, target - self._allocated)
+        except OSError:
+            return
+        self._allocated = target
+
     def _cut_back(self, fd: int, error: OSError, count: int) -> None:
         """After a failed write: cut the file to the last good record and raise WalWriteError."""
         what = f"cannot write {count} record(s) from lsn {self._next_lsn} to WAL file {self._path} ({error.strerror})"
         try:
             os.ftruncate(fd, self._size)
+            self._allocated = self._size
         except OSError as cut_error:
             self._failed = WalWriteError(
                 f"{what}, and cutting the partial record off failed too ({cut_error.strerror}); this writer is "
@@ -879,11 +913,11 @@ class WalWriter:
         raise WalWriteError(message + hint, error.errno) from error
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` through `_write`, looping over short writes; OSError if the disk refuses."""
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of `data` at `offset` through `_write`, looping over short writes; OSError if the disk refuses."""
     view = memoryview(data)
     while view:
-        written = _write(fd, view)
+        written = _write(fd, view, offset)
         if written <= 0:
             raise OSError(errno.ENOSPC, "write wrote nothing")
-        view = view[written:]
+        view, offset = view[written:], offset + written

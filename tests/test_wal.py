@@ -120,8 +120,13 @@ def test_round_trip_across_two_files(tmp_path):
     assert writer.append_many([]) == 43
     writer.sync()
     assert (writer.last_lsn, writer.next_lsn, writer.synced_lsn) == (43, 44, 43)
-    assert writer.size == os.path.getsize(writer.path)
+    # While open, the file runs on in preallocated zeros, which read as a torn tail ...
+    assert os.path.getsize(writer.path) == wal.PREALLOCATE_BYTES > writer.size
+    open_scan = scan(writer.path)
+    assert (open_scan.good_end, open_scan.torn, open_scan.corrupt, open_scan.last_lsn) == (writer.size, True, False, 43)
     writer.close()
+    assert os.path.getsize(writer.path) == writer.size  # ... and closing cuts them
+
 
     rotated = WalWriter.create(str(tmp_path), writer.next_lsn)  # rotation: a new file at next_lsn
     for lsn in range(44, 61):
@@ -143,7 +148,36 @@ def test_round_trip_across_two_files(tmp_path):
     assert [(record.lsn, record.payload) for record in result.records] == [(n, written[n]) for n in range(1, 44)]
 
 
+def test_preallocated_zeros_after_a_crash_are_cut_and_never_taken_for_damage(tmp_path):
+    writer = WalWriter.create(str(tmp_path), 1)
+    big = b"b" * (wal.PREALLOCATE_BYTES * 2 + 10)  # a record past one step grows the file by whole steps
+    writer.append_many([b"one", big])
+    writer.sync()
+    assert os.path.getsize(writer.path) == 3 * wal.PREALLOCATE_BYTES
+    os.close(writer._fd)  # the process dies: no close, the zeros stay
+    writer._fd = None
+
+    records, skipped = wal.salvage_records(writer.path)
+    assert [(r.lsn, r.payload) for r in records] == [(1, b"one"), (2, big)] and skipped == []
+    with WalWriter.open_for_append(writer.path) as reopened:
+        assert os.path.getsize(writer.path) == reopened.size == writer.size
+        assert reopened.append(b"three") == 3
+    assert [lsn for lsn, _ in read_records(writer.path)] == [1, 2, 3]
+
+
+def test_without_preallocation_the_write_extends_the_file(tmp_path, monkeypatch):
+    def refuse(fd, offset, length):
+        raise OSError(errno.ENOSPC, "no room to preallocate")
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    with WalWriter.create(str(tmp_path), 1) as writer:
+        writer.append_many([b"one", b"two"])
+        assert os.path.getsize(writer.path) == writer.size
+    assert list(read_records(writer.path)) == [(1, b"one"), (2, b"two")]
+
+
 def test_reopened_writer_continues_the_chain(tmp_path):
+
     path, payloads, _ = write_wal(tmp_path, 5, 3)
     with WalWriter.open_for_append(path) as writer:
         assert (writer.first_lsn, writer.next_lsn, writer.size) == (5, 8, os.path.getsize(path))

@@ -37,6 +37,8 @@ log = logging.getLogger("protobase.coordinator")
 
 MAX_RESTARTS = 20
 STOP_TIMEOUT = 60.0
+REPORT_CHUNK = 1 << 16  # bytes read from the persistence socket at a time
+
 
 
 class DurabilityFailed(Exception):
@@ -175,7 +177,7 @@ class Durability:
         messages = []
         while True:
             try:
-                data = self.sock.recv(1 << 16)
+                data = self.sock.recv(REPORT_CHUNK)
             except BlockingIOError:
                 break
             except OSError:
@@ -184,6 +186,9 @@ class Durability:
                 self._close_socket()
                 break
             messages.extend(self.reader.feed(data))
+            if len(data) < REPORT_CHUNK:
+                break  # drained: more later wakes the selector again, no need for a recv that fails
+
         for message in messages:
             if message[0] in ("durable", "started"):  # a starting child syncs what it inherited
                 self.durable_lsn = max(self.durable_lsn, message[1])
