@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import operator
-
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
