@@ -46,7 +46,9 @@ import pstats
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
+
 import subprocess
 import sys
 import tempfile
@@ -276,7 +278,35 @@ class RawFsyncClient:
         os.unlink(self.path)
 
 
-STORES = {"protobase": ProtoBaseClient, "sqlite": SQLiteClient, "raw": RawFsyncClient}
+class RawRoundTripClient:
+    """One byte to an echo process and back over a Unix socket pair: the floor of one process hop.
+
+    A ProtoBase commit crosses processes at least twice (client -> coordinator
+    -> client); a sync one also goes to the persistence process and back.
+    The echo child is forked here, does nothing but echo, and exits at EOF.
+    """
+
+    def __init__(self, path: str, mode: str, client: int, clients: int, keys_per_commit: int) -> None:
+        self.conflict_error = ()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.echo_pid = os.fork()
+        if self.echo_pid == 0:  # the echo child
+            self.sock.close()
+            while data := theirs.recv(64):
+                theirs.sendall(data)
+            os._exit(0)
+        theirs.close()
+
+    def commit(self, i: int) -> None:
+        self.sock.sendall(b"x")
+        self.sock.recv(64)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.waitpid(self.echo_pid, 0)
+
+
+STORES = {"protobase": ProtoBaseClient, "sqlite": SQLiteClient, "raw": RawFsyncClient, "echo": RawRoundTripClient}
 
 
 def _commit_worker(conn: Any, start: Any, store: str, path: str, mode: str, client: int, clients: int,
@@ -351,6 +381,7 @@ COMMIT_CONFIGS = [
     ("pb-async-1", "protobase", "async", 1),
     ("raw-append", "raw", "append", 1),
     ("raw-overwrite", "raw", "overwrite", 1),
+    ("raw-round-trip", "echo", "-", 1),
 ]
 
 
@@ -376,7 +407,7 @@ def bench_commits(tmp: str, seconds: float, repeats: int) -> dict:
         with db.transaction() as tx:
             tx.root["counters"] = {f"k{i}": 0 for i in range(KEYS)}
         before = db.stats()
-        paths = {"protobase": pb_path, "sqlite": sqlite_path, "raw": raw_path}
+        paths = {"protobase": pb_path, "sqlite": sqlite_path, "raw": raw_path, "echo": raw_path}
         rounds: dict[str, list[dict]] = {name: [] for name, *_ in COMMIT_CONFIGS}
         for repeat in range(repeats):
             shift = repeat % len(COMMIT_CONFIGS)
@@ -652,11 +683,15 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
                          f"reference; {ratio('sqlite-2', 'sqlite-1'):.2f}x SQLite 1"),
             "pb-async-1": ('ProtoBase `durability="async"`, 1 client', f"**{fast:.2f}x** ProtoBase sync 1 "
                            f"(target >= {ASYNC_TARGET:g}x: {_verdict(fast >= ASYNC_TARGET)})"),
-            "raw-append": (f"raw loop: append {RAW_RECORD} B + `fdatasync` (as the WAL writes)",
+            "raw-append": (f"raw loop: append {RAW_RECORD} B + `fdatasync` (as the WAL wrote until 2026-11-27)",
+
                            f"floor; ProtoBase sync 1 = {ratio('pb-sync-1', 'raw-append'):.2f}x of it"),
-            "raw-overwrite": (f"raw loop: overwrite {RAW_RECORD} B in a preallocated file + `fdatasync`",
-                              f"{ratio('raw-overwrite', 'raw-append'):.2f}x the append loop"),
+            "raw-overwrite": (f"raw loop: overwrite {RAW_RECORD} B in a preallocated file + `fdatasync` "
+                              f"(as the WAL writes)", f"{ratio('raw-overwrite', 'raw-append'):.2f}x the append loop"),
+            "raw-round-trip": ("raw loop: 1 byte to an echo process and back (Unix socket pair)",
+                               "floor of one process round trip"),
         }
+
         lines += [
             f"### Single-key commits ({commits['repeats']} interleaved repeats of {commits['seconds']:g} s "
             "per configuration, each client in its own process)",
@@ -671,7 +706,20 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
             latencies = [latency for r in rounds[name] for latency in r["latencies"]]
             lines.append(f"| {label} | {median(rate[name]):,.0f} | {note} | {_ms(percentile(latencies, 0.5))} | "
                          f"{_ms(percentile(latencies, 0.99))} |")
+        # What the process design costs before any Python work: two round trips and one fsync.
+        round_trip, fsync = 1 / median(rate["raw-round-trip"]), 1 / median(rate["raw-overwrite"])
+        floor = 2 * round_trip + fsync
+        lines += ["", f"Floor of this design on this machine: a sync commit crosses processes twice "
+                  f"(client -> coordinator -> client, coordinator -> persistence -> coordinator) around one "
+                  f"write + `fdatasync` into the preallocated WAL: "
+                  f"2 x {round_trip * 1e3:.3f} + {fsync * 1e3:.3f} = {floor * 1e3:.3f} ms, "
+
+                  f"at most {1 / floor:,.0f} commits/s for one client, "
+                  f"{1 / floor / median(rate['sqlite-1']):.2f}x SQLite 1, before any Python work; "
+                  f"an async commit's floor is one round trip ({1 / round_trip:,.0f}/s), "
+                  f"{(1 / round_trip) / (1 / floor):.1f}x the sync floor."]
         conflicts = sum(r["conflicts"] for results in rounds.values() for r in results)
+
         groups = {name: [r["group"] for r in results if "group" in r] for name, results in rounds.items()}
         lines += ["", "Per-repeat commits/s: " + "; ".join(
             f"{name} " + ", ".join(f"{x:,.0f}" for x in rate[name]) for name in rounds) + ".  ",

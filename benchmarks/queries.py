@@ -304,7 +304,9 @@ def _progress(message: str) -> None:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
+    milliseconds = seconds * 1000
+    return f"{milliseconds:.2f}" if milliseconds >= 0.1 else f"{milliseconds:.4f}"
+
 
 
 def _check(results: dict[str, list[int]], pair: tuple[str, int]) -> None:
