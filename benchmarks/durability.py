@@ -48,7 +48,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-
 import subprocess
 import sys
 import tempfile
@@ -104,7 +103,6 @@ def wal_file_bytes(path: str) -> int:
     from protobase import wal
 
     return sum(wal.scan(file).good_end for _, file in wal.list_wal_files(path))
-
 
 
 def checkpoint_file_bytes(path: str) -> int:

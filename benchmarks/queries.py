@@ -92,7 +92,6 @@ ZODB_TARGET = 1.0  # ProtoBase at least as fast as ZODB
 SAMPLE_SECONDS = 0.02  # one warm sample: back-to-back calls for this long, time per call
 
 
-
 # -- the data set -------------------------------------------------------------------------
 
 
@@ -131,7 +130,6 @@ def load_protobase(path: str, records: dict[str, dict]) -> protobase.Database:
         # (city, score, id) key: the planner takes it for `city == X & score > Y`.
         tx.root["users"].create_index("city", "score")
     return db
-
 
 
 def pb_query(users: Any, city: str, score: int) -> list:
@@ -279,7 +277,6 @@ def timed_per_call(fn: Callable[..., Any], *args: Any) -> float:
             return elapsed / calls
 
 
-
 def profile_query(users: Any, city: str, score: int, rounds: int) -> str:
     """cProfile of the warm ProtoBase query (memo cleared): the top functions by own time."""
     profiler = cProfile.Profile()
@@ -306,7 +303,6 @@ def _progress(message: str) -> None:
 def _ms(seconds: float) -> str:
     milliseconds = seconds * 1000
     return f"{milliseconds:.2f}" if milliseconds >= 0.1 else f"{milliseconds:.4f}"
-
 
 
 def _check(results: dict[str, list[int]], pair: tuple[str, int]) -> None:

@@ -230,7 +230,6 @@ class TreeAccess:
 
 
     def items(self, root: Node | int, leaf_kind: int = DICT_LEAF) -> Iterator[tuple[Any, Any]]:
-
         for leaf in self.leaves(root, leaf_kind):
             yield from zip(leaf.keys, leaf.values)
 

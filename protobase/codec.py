@@ -143,7 +143,6 @@ def validate(value: Any, path: tuple = ()) -> None:
     """Raise EncodingError if `value` holds anything the codec cannot store."""
     kind = type(value)
     if value is None or kind in (bool, float, str, bytes, bytearray, Decimal, uuid.UUID, Ref):
-
         return
     if kind in (_dt.datetime, _dt.date, int):
         return
@@ -207,7 +206,6 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
         if code == EXT_DATACLASS and opaque_dataclasses:
             return msgpack.ExtType(code, bytes(payload))
         if code == EXT_DATACLASS:
-
             name, fields = msgpack.unpackb(payload, **options)
             cls = _dataclasses_by_name.get(name)
             if cls is None:

@@ -53,7 +53,6 @@ DURABILITY_MODES = ("sync", "async")
 ATTACH_TIMEOUT = 60.0  # seconds to keep retrying while a stopping coordinator gives way
 
 
-
 def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
          start_coordinator: bool = True, shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
          flush_interval: float | None = None, checkpoint_bytes: int | None = None,
@@ -257,14 +256,12 @@ class Database:
         return Watcher(self, prefixes or [()])
 
     def pool(self, processes: int | None = None, *, context: str = "spawn") -> Any:
-
         """A pool of worker processes that all read the same snapshot per call; see protobase.pool."""
         from .pool import Pool
 
         return Pool(self, processes, context=context)
 
     def _unpin(self, seq: int) -> None:
-
         with self._lock:
             if self._control is None or os.getpid() != self._pid:
                 return
@@ -340,7 +337,6 @@ class Database:
         return self._request(["backup", os.path.abspath(os.fspath(destination))])[2]
 
     def checkpoint(self) -> int:
-
         """Ask for a checkpoint of the latest commit now (it is written in the background)."""
         return self._request(["checkpoint"])[1]
 

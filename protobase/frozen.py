@@ -52,7 +52,6 @@ class FrozenDict(dict):
         return f"FrozenDict({dict.__repr__(self)})"
 
 
-
 class FrozenList(list):
     """A list from a snapshot: reads like a list, refuses every write."""
 

@@ -107,7 +107,6 @@ def entries(value: Any) -> set[tuple[int, Any]]:
     return found
 
 
-
 def _order_keys(node: Node) -> list:
     """The order keys of a node's keys; cached on clean nodes, which never change."""
     cached = node.order_keys
@@ -147,7 +146,6 @@ def _chunks_from(access: TreeAccess, root: int | Node, start: tuple) -> Iterator
         first = 0
 
 
-
 def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> list:
     """Record keys of the entries in [start, stop) (order keys): bisected per leaf, no per-entry test."""
     if not root:
@@ -163,7 +161,6 @@ def scan_between(access: TreeAccess, root: int, start: tuple, stop: tuple) -> li
         if end < len(keys):
             break
     return found
-
 
 
 def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list:
@@ -189,14 +186,12 @@ def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: 
     return scan_between(access, root, *range_bounds(low, high, include_low, include_high))
 
 
-
 def _scan_tuple_range(access: TreeAccess, root: int, start: tuple, low: Any, high: Any, include_low: bool,
                       include_high: bool) -> list:
     high_key = order_key(high) if high is not None else None
     found = []
     for leaf, first in _chunks_from(access, root, start):
         for entry_kind, value, key in leaf.keys[first:]:
-
             if entry_kind != VALUE_ENTRY or family(value) != 7:
                 return found
             if high_key is not None and order_key(value) > high_key:
@@ -226,7 +221,6 @@ def count_below(access: TreeAccess, root: int, start: tuple) -> int:
     return below + bisect.bisect_left(_order_keys(node), start)
 
 
-
 def count_range(access: TreeAccess, root: int, start: tuple, stop: tuple) -> int:
     """How many entries lie in [start, stop) (order keys)."""
     if not root:
@@ -253,7 +247,6 @@ def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bo
     else:
         stop = equal_bounds(VALUE_ENTRY, high)[1] if include_high else order_key((VALUE_ENTRY, high))
     return start, stop
-
 
 
 # -- composite indexes --------------------------------------------------------------------

@@ -628,9 +628,7 @@ def _composite_term(parts: list[Expr], source: Source) -> tuple[Plan, list[Expr]
     return CompositeSearchPlan(source, name, root, prefix, ranged), used
 
 
-
 def _distinct(values: tuple) -> tuple:
-
     seen: list = []
     for value in values:
         if not any(_equal(value, other) for other in seen):

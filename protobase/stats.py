@@ -83,6 +83,5 @@ def _size(path: str) -> int:
 
 
 def process_uss(pid: int | None = None) -> int:
-
     """Unique set size of a process: memory only it holds (shared pages excluded)."""
     return psutil.Process(pid).memory_full_info().uss

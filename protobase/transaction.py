@@ -471,7 +471,6 @@ def _track(value: Any, owner: _Owner, path: tuple) -> Any:
     elif isinstance(value, (list, TreeList)):
         tracked = TrackedList(_track(item, owner, path + (index,)) for index, item in enumerate(value))
     elif isinstance(value, (set, frozenset, TreeSet)):
-
         tracked = TrackedSet(value)
     elif isinstance(value, tuple):
         return thaw(value)

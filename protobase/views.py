@@ -201,7 +201,6 @@ class IndexedTreeDict(TreeDict):
 
 
 class _TreeItems(ItemsView):
-
     """items() of a TreeDict: iterates the tree in key order."""
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:

@@ -62,7 +62,6 @@ def _commit_forever(path: str, writer: int, ack_path: str) -> None:
             acks.write(f"{number}\n")
 
 
-
 def acknowledged(ack_path: str) -> list[int]:
     if not os.path.exists(ack_path):
         return []
@@ -208,7 +207,6 @@ def _kill_everything_serving(directory: str) -> None:
     instance = DataDir(os.path.join(directory, "db")).read_instance() if os.path.isdir(directory) else None
     if instance and names.is_instance_id(instance):
         names.sweep(instance)  # no later start will, since the directory goes with us
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ GRACE = 0.1  # seconds the coordinator lingers once every process closed the dat
 def worker(path: str, name: str, increments: int, seconds: float, barrier, results) -> None:
     try:
         with protobase.open(path, shutdown_grace=GRACE) as db:
-
             @db.transactional(retries=RETRIES)
             def bump(tx: protobase.Transaction) -> None:
                 tx.root["counters"]["total"] += 1

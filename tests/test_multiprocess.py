@@ -90,7 +90,6 @@ def coordinators_of(path: str) -> list[psutil.Process]:
 
 def _increment_shared(path: str, barrier: Any, increments: int) -> int:
     with protobase.open(path, shutdown_grace=GRACE) as db:
-
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["counters"]["total"] += 1
@@ -123,7 +122,6 @@ def test_counter_race_loses_no_increment(db, children):
 
 def _increment_own_key(path: str, barrier: Any, key: str, increments: int) -> int:
     with protobase.open(path, shutdown_grace=GRACE) as db:
-
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["per_process"][key] += 1

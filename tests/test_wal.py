@@ -177,7 +177,6 @@ def test_without_preallocation_the_write_extends_the_file(tmp_path, monkeypatch)
 
 
 def test_reopened_writer_continues_the_chain(tmp_path):
-
     path, payloads, _ = write_wal(tmp_path, 5, 3)
     with WalWriter.open_for_append(path) as writer:
         assert (writer.first_lsn, writer.next_lsn, writer.size) == (5, 8, os.path.getsize(path))

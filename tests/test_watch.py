@@ -39,7 +39,6 @@ def test_a_watcher_sees_matching_commits_from_other_processes(db):
         assert change is not None and change.paths == (("carts",),)
 
 
-
 def test_watching_everything_and_nested_prefixes(db):
     with db.watch() as everything, db.watch(("a", "x")) as nested:
         with db.transaction() as tx:

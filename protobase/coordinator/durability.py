@@ -40,7 +40,6 @@ STOP_TIMEOUT = 60.0
 REPORT_CHUNK = 1 << 16  # bytes read from the persistence socket at a time
 
 
-
 class DurabilityFailed(Exception):
     """The write-ahead log can no longer make commits durable."""
 

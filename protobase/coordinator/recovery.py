@@ -70,7 +70,6 @@ def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq:
             record_seq, ops_bytes = codec.decode(payload, frozen=False)
             working = root
             for code, path, argument in codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True):
-
                 working = writer.apply(working, code, tuple(path), argument)
         except (PathError, CorruptionError, ValueError, TypeError) as error:
             if on_error is None:

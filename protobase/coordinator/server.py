@@ -70,7 +70,6 @@ STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
 RECEIVE_BYTES = 1 << 20  # read from a client at a time
 
 
-
 class Client:
     """One connected client process."""
 
@@ -321,7 +320,6 @@ class Coordinator:
             except BlockingIOError:
                 return
             if not received:
-
                 raise ConnectionResetError
             for message in client.reader.feed(self.receive_view[:received]):
                 reply = self._handle(client, message)

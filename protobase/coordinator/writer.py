@@ -440,7 +440,6 @@ class _TreeReader:
         return self.writer.access.keys(self.tree, self.leaf_kind)
 
 
-
 def _decode_indexed(payload: Any) -> IndexedColl:
     """The working form of an INDEXED atom's payload."""
     fields = codec.decode(payload, frozen=False)
@@ -448,7 +447,6 @@ def _decode_indexed(payload: Any) -> IndexedColl:
 
 
 def _empty_like(kind: int) -> Node:
-
     return empty(LEAF_OF[kind])
 
 
