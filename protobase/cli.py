@@ -326,7 +326,7 @@ def status(args: argparse.Namespace) -> int:
     print(f"  seq {latest.seq}, {latest.commits} commits and {latest.conflicts} conflicts since it started, "
           f"{latest.compactions} compactions, {latest.checkpoints} checkpoints")
     print(f"  WAL: last LSN {latest.last_lsn}, durable LSN {latest.durable_lsn}, "
-          f"lag {latest.last_lsn - latest.durable_lsn} records; "
+          f"lag {latest.last_lsn - latest.durable_lsn} records; {latest.wal_syncs} fsyncs; "
           f"{human_bytes(latest.wal_bytes_since_checkpoint)} since the last checkpoint")
     print(f"  memory: {latest.segments} segments, {human_bytes(latest.shared_bytes)} shared, "
           f"{human_bytes(latest.data_bytes)} data, {human_bytes(latest.live_bytes)} live, "

@@ -40,6 +40,7 @@ class DatabaseStats:
     last_lsn: int  # WAL record of the latest commit (durable_lsn - last_lsn is the lag)
     checkpoints: int  # written since the coordinator started
     wal_bytes_since_checkpoint: int
+    wal_syncs: int  # fdatasyncs of the WAL since the coordinator started; commits per sync = group commit
     commits: int  # since the coordinator started
     conflicts: int
     compactions: int
@@ -66,7 +67,8 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
     return DatabaseStats(
         path=db.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
         durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
-        wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], commits=counters["commits"],
+        wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], wal_syncs=counters["wal_syncs"],
+        commits=counters["commits"],
         conflicts=counters["conflicts"], compactions=counters["compactions"], segments=counters["segments"],
         shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
         live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],

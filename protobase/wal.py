@@ -66,6 +66,7 @@ import errno
 import os
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class _Faults:
 
     write_budget: int | None = None  # bytes `_write` may still write before ENOSPC; None: no limit
     sync_budget: int | None = None  # syncs `_sync` may still do before EIO; None: no limit
+    sync_delay: float = 0.0  # seconds each sync takes first: a slow disk
 
 
 _faults = _Faults()
@@ -177,7 +179,9 @@ def _write(fd: int, data: memoryview | bytes, offset: int) -> int:
 
 
 def _sync(fd: int) -> None:
-    """os.fdatasync, unless a fault is injected: then EIO."""
+    """os.fdatasync, unless a fault is injected: then EIO (or first a delay, as on a slow disk)."""
+    if _faults.sync_delay:
+        time.sleep(_faults.sync_delay)
     budget = _faults.sync_budget
     if budget is not None:
         if budget <= 0:
@@ -219,8 +223,9 @@ def _apply_env_faults() -> None:
 
     Keys: ``enospc_after=N`` (bytes, file headers included),
     ``fsync_error=1`` (every sync fails), ``fsync_error_after=N`` (N syncs
-    succeed first). Budgets run across the writers of the process, so a
-    rotation does not reset them.
+    succeed first), ``fsync_delay_ms=N`` (every sync takes N ms more: a slow
+    disk). Budgets run across the writers of the process, so a rotation does
+    not reset them.
     """
     global _env_faults_applied
     value = os.environ.get(FAULTS_ENV, "")
@@ -229,10 +234,11 @@ def _apply_env_faults() -> None:
     settings: dict[str, int] = {}
     for item in value.split(","):
         key, sep, number = item.strip().partition("=")
-        if key not in ("enospc_after", "fsync_error", "fsync_error_after") or not sep or not number.isdigit():
+        if key not in ("enospc_after", "fsync_error", "fsync_error_after", "fsync_delay_ms") or not sep \
+                or not number.isdigit():
             raise ValueError(
-                f"{FAULTS_ENV}={value!r}: cannot parse {item!r}; "
-                f"use enospc_after=N, fsync_error=1 or fsync_error_after=N, separated by commas"
+                f"{FAULTS_ENV}={value!r}: cannot parse {item!r}; use enospc_after=N, fsync_error=1, "
+                f"fsync_error_after=N or fsync_delay_ms=N, separated by commas"
             )
         settings[key] = int(number)
     if "enospc_after" in settings:
@@ -241,6 +247,8 @@ def _apply_env_faults() -> None:
         _faults.sync_budget = 0
     if "fsync_error_after" in settings:
         _faults.sync_budget = settings["fsync_error_after"]
+    if "fsync_delay_ms" in settings:
+        _faults.sync_delay = settings["fsync_delay_ms"] / 1000
     _env_faults_applied = value
 
 

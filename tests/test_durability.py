@@ -228,3 +228,29 @@ def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir)
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         with db.snapshot() as snap:
             assert len(snap.root["big"]) == 30_000 and snap.root["big"]["u29999"]["n"] == 29_999
+
+
+def _commit_sync_many(path: str, writer: int, commits: int) -> None:
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        for i in range(commits):
+            commit_counter(db, f"w{writer}", i)
+
+
+def test_concurrent_sync_commits_share_fsyncs(datadir, monkeypatch, spawn_process):
+    # A slow disk (every fdatasync takes 20 ms more): while one sync runs, the other
+    # writers' commits queue in the ring, and the next batch makes them all durable at once.
+    monkeypatch.setenv("PROTOBASE_WAL_FAULTS", "fsync_delay_ms=20")
+    writers, commits = 4, 15
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        before = db.stats()
+        processes = [spawn_process(_commit_sync_many, datadir, writer, commits) for writer in range(writers)]
+        for process in processes:
+            process.join(timeout=120)
+            assert process.exitcode == 0
+        after = db.stats()
+        with db.snapshot() as snap:
+            assert [snap.root[f"w{writer}"]["value"] for writer in range(writers)] == [commits - 1] * writers
+    made = after.commits - before.commits
+    syncs = after.wal_syncs - before.wal_syncs
+    assert made == writers * commits
+    assert syncs <= made * 0.75, f"{made} sync commits took {syncs} fsyncs: group commit did not group"

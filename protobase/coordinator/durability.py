@@ -62,6 +62,7 @@ class Durability:
         self.restarts = 0
         self.failure: str | None = None  # why commits can no longer be made durable
         self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
+        self.syncs = 0  # fdatasyncs the persistence processes reported (one "durable" report each)
 
     # -- the child ----------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Durability:
         for message in messages:
             if message[0] in ("durable", "started"):  # a starting child syncs what it inherited
                 self.durable_lsn = max(self.durable_lsn, message[1])
-
+                self.syncs += 1
             elif message[0] == "failed":
                 self.failure = f"the write-ahead log failed: {message[1]}"
         return messages

@@ -642,6 +642,6 @@ class Coordinator:
             "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
             "clients": len(self.clients), "pid": os.getpid(), "persistence_pid": self.durability.pid,
             "durable_lsn": self.durability.durable_lsn, "last_lsn": self.durability.next_lsn - 1,
-            "wal_bytes_since_checkpoint": self.durability.wal_bytes,
+            "wal_bytes_since_checkpoint": self.durability.wal_bytes, "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
