@@ -122,9 +122,21 @@ def _checked(ok: bool, node: Node, ptr: int) -> Node:
     return node
 
 
-def encode_node(node: Node) -> bytes:
-    """Payload of a node whose children and values are all written (ints and Refs)."""
+def encode_node(node: Node, encode_keys: Callable[[list], bytes] | None = None) -> bytes:
+    """Payload of a node whose children and values are all written (ints and Refs).
+
+    `encode_keys(keys)`, when given, returns the encoding of the keys list
+    (the writer's `codec.KeyMemo`, which remembers index entries); the
+    payload is byte for byte what encoding the whole node gives.
+    """
     kind = node.kind
+    if encode_keys is not None and node.keys and kind != LIST_BRANCH:
+        keys = encode_keys(node.keys)
+        if kind == SET_LEAF:
+            return codec.array_header(1) + keys
+        if kind == DICT_LEAF:
+            return codec.array_header(2) + keys + codec.encode(node.values)
+        return codec.array_header(3) + keys + codec.encode(node.values) + codec.encode(node.sizes)
     if kind == DICT_LEAF:
         return codec.encode([node.keys, node.values])
     if kind == SET_LEAF:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
+import re
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -40,7 +42,8 @@ import msgpack
 from .errors import CorruptionError, EncodingError, format_path
 from .frozen import FrozenDict, FrozenList, FrozenSet
 
-__all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "MAX_ATOM_BYTES"]
+__all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
+           "MAX_ATOM_BYTES"]
 
 EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
 EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
@@ -49,6 +52,7 @@ EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
 MAX_ATOM_BYTES = 1 << 30
 
 _REF = struct.Struct("<Q")  # kind << 60 | AtomPointer: a fixext8, 10 bytes in a node
+_REF_MARKER_PATTERN = re.compile(re.escape(bytes([0xD7, EXT_REF])))  # how every encoded Ref starts: fixext8, its type
 _REF_KIND_SHIFT = 60
 _REF_POINTER_MASK = (1 << _REF_KIND_SHIFT) - 1
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
@@ -90,34 +94,43 @@ def register_dataclass(cls: type, name: str | None = None) -> type:
     return cls
 
 
+def _ext(code: int, data: bytes) -> msgpack.ExtType:
+    # msgpack.ExtType checks its fields in Python on every construction (0.66 us, and an
+    # index leaf holds hundreds of tuples); ours are valid by construction.
+    return _new_tuple(msgpack.ExtType, (code, data))
+
+
+_new_tuple = tuple.__new__
+
+
 def _ext_default(value: Any) -> msgpack.ExtType:
     kind = type(value)
     if kind is tuple:
-        return msgpack.ExtType(EXT_TUPLE, _pack(list(value)))
+        return _ext(EXT_TUPLE, _pack(list(value)))
     if kind is set or kind is FrozenSet:
-        return msgpack.ExtType(EXT_SET, _pack(list(value)))
+        return _ext(EXT_SET, _pack(list(value)))
     if kind is frozenset:
-        return msgpack.ExtType(EXT_FROZENSET, _pack(list(value)))
+        return _ext(EXT_FROZENSET, _pack(list(value)))
     if kind is FrozenDict:
         return dict(value)
     if kind is FrozenList:
         return list(value)
     if kind is int:  # only reached when outside msgpack's range
-        return msgpack.ExtType(EXT_BIGINT, value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True))
+        return _ext(EXT_BIGINT, value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True))
     if kind is _dt.datetime:
-        return msgpack.ExtType(EXT_DATETIME, value.isoformat().encode())
+        return _ext(EXT_DATETIME, value.isoformat().encode())
     if kind is _dt.date:
-        return msgpack.ExtType(EXT_DATE, value.isoformat().encode())
+        return _ext(EXT_DATE, value.isoformat().encode())
     if kind is Decimal:
-        return msgpack.ExtType(EXT_DECIMAL, str(value).encode())
+        return _ext(EXT_DECIMAL, str(value).encode())
     if kind is uuid.UUID:
-        return msgpack.ExtType(EXT_UUID, value.bytes)
+        return _ext(EXT_UUID, value.bytes)
     if kind is Ref:
-        return msgpack.ExtType(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
+        return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
     name = _names_by_class.get(kind)
     if name is not None:
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return msgpack.ExtType(EXT_DATACLASS, _pack([name, fields]))
+        return _ext(EXT_DATACLASS, _pack([name, fields]))
     plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
     if plain is not None:
         value = plain()
@@ -126,8 +139,68 @@ def _ext_default(value: Any) -> msgpack.ExtType:
     raise TypeError(kind.__name__)
 
 
+_packers = threading.local()  # .stack: one Packer per nesting depth of extension payloads, per thread
+
+
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_ext_default, use_bin_type=True, strict_types=True)
+    # msgpack.packb builds a new Packer per call, and extension payloads (a tuple's
+    # items, say) are packed inside the packing of their parent: an index leaf of 64
+    # nested tuples made hundreds of Packers. Reuse one Packer per depth instead
+    # (a Packer is not re-entrant, hence the stack; not shared, hence per thread).
+    local = _packers.__dict__
+    stack = local.setdefault("stack", [])
+    depth = local.get("depth", 0)
+    if depth == len(stack):
+        stack.append(msgpack.Packer(default=_ext_default, use_bin_type=True, strict_types=True))
+    local["depth"] = depth + 1
+    try:
+        return stack[depth].pack(value)
+    finally:
+        local["depth"] = depth
+
+
+def array_header(length: int) -> bytes:
+    """The msgpack header of an array of `length` items (their encodings follow it)."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+class KeyMemo:
+    """Encodes lists of keys, remembering the encodings of the tuple keys it has seen.
+
+    For the coordinator: a copied tree node re-encodes every key it holds, and
+    index entries such as (0, ("Paris", 7), "user1") cost microseconds each
+    (every tuple is an extension type encoded through Python). A copy shares
+    its keys with the original, so the memo is keyed by the key object itself
+    (its id, the object kept alive in the memo): the very same object has the
+    very same bytes, whereas merely equal keys may not (1 == 1.0 == True).
+    Bounded: the memo starts afresh once it holds `limit` keys.
+    """
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self.encoded: dict[int, tuple[tuple, bytes]] = {}  # {id(key) -> (key, its encoding)}
+
+    def __call__(self, keys: list) -> bytes:
+        if not keys or type(keys[0]) is not tuple:
+            return _pack(keys)  # plain keys: one call encodes them all faster than any memo
+        memo = self.encoded
+        parts = []
+        for key in keys:
+            entry = memo.get(id(key))
+            if entry is not None and entry[0] is key:
+                parts.append(entry[1])
+                continue
+            encoded = _pack(key)
+            if type(key) is tuple:
+                if len(memo) >= self.limit:
+                    memo.clear()
+                memo[id(key)] = (key, encoded)
+            parts.append(encoded)
+        return array_header(len(keys)) + b"".join(parts)
 
 
 def encode(value: Any) -> bytes:
@@ -222,6 +295,16 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
     if frozen:
         options.update(object_hook=FrozenDict, list_hook=FrozenList)
     return options
+
+
+def may_hold_refs(data: bytes | memoryview) -> bool:
+    """False only if `data` (an encoded value) certainly holds no Ref; True may be a false alarm.
+
+    A byte search, no decoding: every encoded Ref, however deeply nested
+    (ext payloads embed their items' encodings), starts with the same two
+    bytes. Those bytes inside a string or a number only cost a decode.
+    """
+    return _REF_MARKER_PATTERN.search(data) is not None  # a pattern searches a memoryview in place
 
 
 def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None,

@@ -332,3 +332,47 @@ def test_round_trip_property(value):
     assert same(codec.decode(data, frozen=False), value)
     assert same(codec.decode(data, frozen=True), value)
     assert same(codec.decode(codec.encode(codec.decode(data, frozen=True)), frozen=False), value)
+
+
+# -- what the coordinator's writer relies on ---------------------------------------------
+
+SCALAR_KEYS = st.one_of(st.integers(-3, 3), st.sampled_from(["a", "é", ""]), st.sampled_from([1.0, -0.0, 0.5]),
+                        st.booleans(), st.none(), st.just(Decimal("1.5")), st.just(2**70))
+KEYS = st.recursive(SCALAR_KEYS, lambda inner: st.tuples(inner, inner) | st.tuples(inner, inner, inner), max_leaves=6)
+
+
+@given(st.lists(st.lists(KEYS, max_size=20), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_key_memo_encodes_exactly_like_encode(key_lists):
+    memo = codec.KeyMemo(limit=8)  # small: the memo also restarts along the way
+    for keys in key_lists:
+        assert memo(keys) == codec.encode(keys)
+
+
+def test_key_memo_never_confuses_equal_keys_of_other_types():
+    memo = codec.KeyMemo()
+    for keys in ([(0, 1, "k")], [(0, 1.0, "k")], [(0, True, "k")], [(0, (1,), "k")], [(0, (1.0,), "k")]) * 2:
+        assert memo(keys) == codec.encode(keys)
+        assert codec.decode(memo(keys), frozen=False) == keys
+
+
+def test_key_memo_answers_a_copied_node_from_memory():
+    memo = codec.KeyMemo()
+    keys = [(0, ("city", i), f"user{i}") for i in range(64)]
+    first = memo(keys)
+    copy = keys[:]  # what copying a node does: a new list, the same key objects
+    copy.insert(10, (0, ("city", 99), "new"))
+    assert memo(copy) == codec.encode(copy) and first == codec.encode(keys)
+    assert len(memo.encoded) == 65
+
+
+@pytest.mark.parametrize("length", [0, 1, 15, 16, 65_535, 65_536])
+def test_array_header_is_msgpack_s(length):
+    assert codec.array_header(length) + b"\xc0" * length == codec.encode([None] * length)
+
+
+@given(st.lists(st.one_of(SCALAR_KEYS, st.text(max_size=5), st.binary(max_size=5)), max_size=8))
+def test_may_hold_refs_never_misses_a_ref(items):
+    with_ref = codec.encode([*items, {"deep": (1, [Ref(7, 2)])}])
+    assert codec.may_hold_refs(with_ref) and codec.may_hold_refs(memoryview(with_ref))
+    assert not codec.may_hold_refs(codec.encode([1, "a", (2, None)]))  # no marker, no alarm

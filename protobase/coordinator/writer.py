@@ -62,6 +62,7 @@ class Writer:
         self.access = store.access
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
+        self.key_memo = codec.KeyMemo()  # encodings of index entries, which every copy of their node repeats
         self.discarded_bytes = 0  # bytes of atoms that later roots no longer use (an estimate: see retire)
         self.access.on_discard = self.retire
 
@@ -297,7 +298,7 @@ class Writer:
         return self.flat_written.get(id(value))
 
     def _write_node(self, node: Node) -> int:
-        ptr = self.arena.append(node.kind, encode_node(node))
+        ptr = self.arena.append(node.kind, encode_node(node, self.key_memo))
         # The node is now clean and holds exactly what a decode would give back:
         # cache it, so the next commit on this path does not decode it again.
         node.ptr = ptr
@@ -372,6 +373,11 @@ class Writer:
         return self._copy_tree(root_ptr) if root_ptr else 0
 
     def _copy_tree(self, ptr: int) -> int:
+        kind, payload = self.store.reader.atom(ptr)
+        if kind not in BRANCHES and not codec.may_hold_refs(payload):
+            # A leaf of scalars (every index leaf, most small dicts): no pointer to
+            # rewrite, so its bytes are the copy. Branches always point at children.
+            return self.arena.append(kind, bytes(payload))
         node = self.store.node(ptr)
         if node.kind in BRANCHES:
             children = [self._copy_tree(child) for child in node.values]
@@ -392,7 +398,9 @@ class Writer:
                     "indexes": {field: self._copy_tree(root) if root else 0
                                 for field, root in collection.indexes.items()}}
             return Ref(self.arena.append(INDEXED, codec.encode(copy)), INDEXED)
-        kind, payload = self.store.atom(slot.ptr)
+        kind, payload = self.store.reader.atom(slot.ptr)  # read once: not worth a place in the cache
+        if not codec.may_hold_refs(payload):
+            return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         nested: list[Ref] = []
         value = codec.decode(payload, frozen=False, opaque_dataclasses=True,
                              ref=lambda ptr, k: nested.append(Ref(ptr, k)) or nested[-1])
