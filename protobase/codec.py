@@ -94,13 +94,13 @@ def register_dataclass(cls: type, name: str | None = None) -> type:
     return cls
 
 
+_new_tuple = tuple.__new__
+
+
 def _ext(code: int, data: bytes) -> msgpack.ExtType:
     # msgpack.ExtType checks its fields in Python on every construction (0.66 us, and an
     # index leaf holds hundreds of tuples); ours are valid by construction.
     return _new_tuple(msgpack.ExtType, (code, data))
-
-
-_new_tuple = tuple.__new__
 
 
 def _ext_default(value: Any) -> msgpack.ExtType:
