@@ -12,7 +12,7 @@ import protobase
 from protobase import cli, wal
 from protobase.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
 
 
 def commit_counter(db, key: str, value: int, durability: str | None = None) -> None:
@@ -254,3 +254,24 @@ def test_concurrent_sync_commits_share_fsyncs(datadir, monkeypatch, spawn_proces
     syncs = after.wal_syncs - before.wal_syncs
     assert made == writers * commits
     assert syncs <= made * 0.75, f"{made} sync commits took {syncs} fsyncs: group commit did not group"
+
+
+def _write_calls(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("syscw:"))
+
+
+def test_async_commits_do_not_wake_the_persistence_process_one_by_one(datadir):
+    with protobase.open(datadir, durability="async", shutdown_grace=GRACE, flush_interval=0.05) as db:
+        commit_counter(db, "counter", 0)
+        wait_until(lambda: db.stats().durable_lsn == 1, "the first commit to be fsynced")
+        pid = db.stats().persistence_pid
+        before = _write_calls(pid)
+        for i in range(1, 301):
+            commit_counter(db, "counter", i)
+        wait_until(lambda: db.stats().durable_lsn == 301, "the async commits to be fsynced")
+        writes = _write_calls(pid) - before
+        assert db.stats().persistence_pid == pid
+    # Waking it per commit wrote one batch per commit (300); it now drains on its flush timer.
+    assert writes < 100, f"300 async commits took {writes} writes of the persistence process"
+    assert read(datadir, "counter") == 300

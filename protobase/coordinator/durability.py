@@ -4,7 +4,11 @@ Owns the producer end of the commit ring, the persistence child process (its
 start, its restart after a crash, its stop) and the socket it reports on.
 `enqueue` hands a commit's WAL payload to the ring and rings the doorbell; the
 persistence process answers with the durable LSN, which the server uses to
-acknowledge "sync" commits (group commit: one fsync answers many).
+acknowledge "sync" commits (group commit: one fsync answers many). An "async"
+commit rings only when the persistence process may be asleep, that is when
+every record before it is durable; otherwise the process is due back within
+`flush_interval` anyway, and waking it per commit only took CPU from the
+committers.
 
 Invariant: LSNs are handed out consecutively, one per commit, in commit
 order, and the ring carries them in that order. A persistence process killed
@@ -28,6 +32,7 @@ from .. import codec
 from ..datadir import DataDir
 from ..protocol import FrameReader
 from ..shm import names
+from ..shm.control import ControlBlock, full_fence
 from ..shm.ring import CONTROL, SYNC, CommitRing
 from .persistence import EXIT_DISK_FAILURE
 
@@ -47,10 +52,11 @@ class DurabilityFailed(Exception):
 class Durability:
     """Ring producer and persistence supervisor (coordinator only)."""
 
-    def __init__(self, datadir: DataDir, instance_id: str, *, next_lsn: int, flush_interval: float,
-                 ring_capacity: int | None = None) -> None:
+    def __init__(self, datadir: DataDir, instance_id: str, control: ControlBlock, *, next_lsn: int,
+                 flush_interval: float, ring_capacity: int | None = None) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
+        self.control = control  # where the persistence process publishes the durable LSN
         self.flush_interval = flush_interval
         self.next_lsn = next_lsn  # LSN of the next commit
         self.durable_lsn = next_lsn - 1  # every commit up to here is fsynced
@@ -134,8 +140,22 @@ class Durability:
         self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
         self.next_lsn += 1
         self.wal_bytes += len(payload)
-        self.doorbell()
+        if sync or self._persistence_may_sleep(lsn) or self.ring.head - self.ring.tail > self.ring.capacity // 2:
+            self.doorbell()
         return lsn
+
+    def _persistence_may_sleep(self, lsn: int) -> bool:
+        """False while records before `lsn` are not yet durable: the persistence process then
+        syncs within flush_interval and drains ours on the way.
+
+        It sleeps long only once everything it wrote is durable, and it looks at the ring
+        after publishing durable_lsn and before sleeping (persistence.py). We published our
+        record (the ring's head) before reading durable_lsn; with a full fence on both
+        sides, one of the two reads sees the other's write, so a record is never left
+        waiting for a sleeper.
+        """
+        full_fence()
+        return self.control.durable_lsn >= lsn - 1
 
     def request_checkpoint(self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int,
                            directory: str | None = None) -> int:

@@ -38,7 +38,7 @@ from ..datadir import DataDir, FileLock
 from ..errors import CorruptionError
 from ..protocol import send
 from ..shm import names
-from ..shm.control import ControlBlock
+from ..shm.control import ControlBlock, full_fence
 from ..shm.ring import CONTROL, SYNC, CommitRing
 from ..shm.segment import Segment
 
@@ -110,7 +110,16 @@ class Persistence:
 
     def _wait(self) -> None:
         """Block until the doorbell rings, the flush interval passes or the coordinator goes."""
-        timeout = self.flush_interval if self.unsynced_since is not None else 1.0
+        if self.unsynced_since is not None:
+            timeout = self.flush_interval  # async records wait for their fsync: back in time for it
+        else:
+            # Everything written is durable, and durable_lsn says so. An async commit rings
+            # only when it sees that (durability.py), so one that did not see it yet is
+            # already in the ring: look before a long sleep, after a full fence.
+            full_fence()
+            if self.ring.head != self.ring.tail:
+                return
+            timeout = 1.0
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if ready:
             try:

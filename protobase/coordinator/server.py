@@ -180,7 +180,7 @@ class Coordinator:
         self.seq, self.root = self.recovered.seq, self.recovered.root
         self._publish(self.seq, self.root)
         self.live_after_compaction = self.allocated_at_compaction = self.arena.allocated_bytes
-        self.durability = Durability(self.datadir, self.instance_id, next_lsn=self.recovered.lsn + 1,
+        self.durability = Durability(self.datadir, self.instance_id, self.control, next_lsn=self.recovered.lsn + 1,
                                      flush_interval=self.flush_interval)
         self.durability.start()
         try:
@@ -188,7 +188,6 @@ class Coordinator:
         except DurabilityFailed as error:
             self.durability.stop()
             raise CoordinatorError(f"cannot write the write-ahead log of {self.datadir.path}: {error}") from None
-        self.control.durable_lsn = self.recovered.lsn
         self._watch_persistence()
         self.changed_since_checkpoint = self.recovered.replayed > 0
 
@@ -491,8 +490,7 @@ class Coordinator:
                     self.checkpoints += 1
                 else:
                     self._answer(client, ["ok", seq, message[2]])
-        durable = self.durability.durable_lsn
-        self.control.durable_lsn = durable
+        durable = self.durability.durable_lsn  # (the persistence process publishes it in the control block)
         newest = None
         answered = []
         while self.pending and self.pending[0].lsn <= durable:

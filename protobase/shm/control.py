@@ -422,7 +422,7 @@ class ControlBlock:
 
     @property
     def durable_lsn(self) -> int:
-        """LSN up to which the WAL is fsynced. Set by the coordinator only."""
+        """LSN up to which the WAL is fsynced. Set by the persistence process only, after each fsync."""
         return self._get_u64(_OFF_DURABLE_LSN)
 
     @durable_lsn.setter
