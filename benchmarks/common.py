@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import functools
 import os
 import platform
 import re
@@ -15,13 +16,14 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
     "record", "key_of", "median", "percentile", "machine", "wait_for_coordinator_exit",
-    "temporary_directory", "replace_section",
+    "temporary_directory", "replace_section", "released_worker", "run_released_together",
 ]
 
 COORDINATOR_EXIT_TIMEOUT = 30.0
@@ -134,12 +136,32 @@ def expect(conn: Any, process: Any, status: str, timeout: float) -> Any:
     return payload
 
 
+def released_worker(body: Callable[..., Any]) -> Callable[..., None]:
+    """Make `body(conn, start, *args) -> result` a worker of `run_released_together`.
+
+    The body sends ("ready", ...) itself once set up; this sends ("ok", its
+    result), or ("error", traceback) for anything it raises, and closes the pipe.
+    """
+
+    @functools.wraps(body)
+    def worker(conn: Any, start: Any, *args: Any) -> None:
+        try:
+            conn.send(("ok", body(conn, start, *args)))
+        except BaseException:  # report anything to the parent, which raises it
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            conn.close()
+
+    return worker
+
+
 def run_released_together(target: Any, args_per_worker: list[tuple], names: list[str], ready_timeout: float,
                           timeout: float, exit_timeout: float = 60.0) -> list:
     """Start one spawned worker per args tuple, release them at once, return their results; always joins them.
 
     Each worker runs `target(conn, start, *args)`: it sends ("ready", None) once
-    set up, waits for `start`, then sends ("ok", result) or ("error", traceback).
+    set up, waits for `start`, then sends ("ok", result) or ("error", traceback)
+    (`released_worker` does the latter).
     """
     import multiprocessing
 

@@ -52,12 +52,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .common import key_of, machine, median, percentile, record, replace_section, run_released_together
+from .common import key_of, machine, median, percentile, record, released_worker, replace_section, run_released_together
 
 __all__ = ["main", "run", "DEFAULT_RECORDS"]
 
@@ -307,48 +306,44 @@ class RawRoundTripClient:
 STORES = {"protobase": ProtoBaseClient, "sqlite": SQLiteClient, "raw": RawFsyncClient, "echo": RawRoundTripClient}
 
 
+@released_worker
 def _commit_worker(conn: Any, start: Any, store: str, path: str, mode: str, client: int, clients: int,
-                   keys_per_commit: int, seconds: float, profile: bool) -> None:
-    """Open the store, warm up, say "ready", wait for `start`, commit for `seconds`, send the result."""
+                   keys_per_commit: int, seconds: float, profile: bool) -> dict:
+    """Open the store, warm up, say "ready", wait for `start`, commit for `seconds`; the result."""
+    handle = STORES[store](path, mode, client, clients, keys_per_commit)
     try:
-        handle = STORES[store](path, mode, client, clients, keys_per_commit)
-        try:
-            for i in range(WARMUP):
+        for i in range(WARMUP):
+            handle.commit(i)
+        conn.send(("ready", None))
+        if not start.wait(READY_TIMEOUT):
+            raise RuntimeError("the round never started")
+        profiler = cProfile.Profile() if profile else None
+        latencies = []
+        conflicts = 0
+        clock = time.perf_counter
+        i = WARMUP
+        if profiler:
+            profiler.enable()
+        began = clock()
+        deadline = began + seconds
+        now = began
+        while now < deadline:
+            try:
                 handle.commit(i)
-            conn.send(("ready", None))
-            if not start.wait(READY_TIMEOUT):
-                raise RuntimeError("the round never started")
-            profiler = cProfile.Profile() if profile else None
-            latencies = []
-            conflicts = 0
-            clock = time.perf_counter
-            i = WARMUP
-            if profiler:
-                profiler.enable()
-            began = clock()
-            deadline = began + seconds
-            now = began
-            while now < deadline:
-                try:
-                    handle.commit(i)
-                except handle.conflict_error:
-                    conflicts += 1
-                else:
-                    latencies.append(clock() - now)
-                i += 1
-                now = clock()
-            if profiler:
-                profiler.disable()
-            result = {"commits": len(latencies), "seconds": now - began, "latencies": latencies,
-                      "conflicts": conflicts,
-                      "profile": top_functions(profiler, "tottime", 14) if profiler else None}
-        finally:
-            handle.close()
-        conn.send(("ok", result))
-    except BaseException:  # report anything to the parent, which raises it
-        conn.send(("error", traceback.format_exc()))
+            except handle.conflict_error:
+                conflicts += 1
+            else:
+                latencies.append(clock() - now)
+            i += 1
+            now = clock()
+        if profiler:
+            profiler.disable()
+        result = {"commits": len(latencies), "seconds": now - began, "latencies": latencies,
+                  "conflicts": conflicts,
+                  "profile": top_functions(profiler, "tottime", 14) if profiler else None}
     finally:
-        conn.close()
+        handle.close()
+    return result
 
 
 def commit_round(store: str, path: str, mode: str, clients: int, seconds: float, keys_per_commit: int = 1,

@@ -11,11 +11,10 @@ from __future__ import annotations
 import gc
 import random
 import time
-import traceback
 from typing import Any
 
 from .adapters import load_store
-from .common import run_released_together
+from .common import released_worker, run_released_together
 from .queries import PAIRS
 
 __all__ = ["run_workers", "TASKS"]
@@ -142,27 +141,23 @@ def _memory(client: Any, start: Any, records: int, uss_before: int, **_: Any) ->
 TASKS = {"reads": _reads, "commits": _commits, "transfers": _transfers, "query": _query, "memory": _memory}
 
 
+@released_worker
 def _worker(conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str, task: str, client_id: int,
-            kwargs: dict) -> None:
-    try:
-        from protobase.stats import process_uss
+            kwargs: dict) -> Any:
+    from protobase.stats import process_uss
 
-        gc.collect()
-        uss_before = process_uss()
-        client = load_store(*store).connect(spec, mode)
-        try:
-            steps = TASKS[task](client, start, client_id=client_id, uss_before=uss_before, **kwargs)
-            conn.send(("ready", next(steps)))
-            if not start.wait(READY_TIMEOUT):
-                raise RuntimeError("the round never started")
-            result = next(steps)
-        finally:
-            client.close()
-        conn.send(("ok", result))
-    except BaseException:  # report anything to the parent, which raises it
-        conn.send(("error", traceback.format_exc()))
+    gc.collect()
+    uss_before = process_uss()
+    client = load_store(*store).connect(spec, mode)
+    try:
+        steps = TASKS[task](client, start, client_id=client_id, uss_before=uss_before, **kwargs)
+        conn.send(("ready", next(steps)))
+        if not start.wait(READY_TIMEOUT):
+            raise RuntimeError("the round never started")
+        result = next(steps)
     finally:
-        conn.close()
+        client.close()
+    return result
 
 
 def run_workers(store: tuple[str, str], spec: dict, mode: str, task: str, processes: int, timeout: float,

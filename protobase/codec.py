@@ -139,7 +139,15 @@ def _ext_default(value: Any) -> msgpack.ExtType:
     raise TypeError(kind.__name__)
 
 
-_packers = threading.local()  # .stack: one Packer per nesting depth of extension payloads, per thread
+class _Packers(threading.local):
+    """One msgpack Packer per nesting depth of extension payloads, per thread."""
+
+    def __init__(self) -> None:
+        self.stack: list[msgpack.Packer] = []
+        self.depth = 0
+
+
+_packers = _Packers()
 
 
 def _pack(value: Any) -> bytes:
@@ -147,16 +155,15 @@ def _pack(value: Any) -> bytes:
     # items, say) are packed inside the packing of their parent: an index leaf of 64
     # nested tuples made hundreds of Packers. Reuse one Packer per depth instead
     # (a Packer is not re-entrant, hence the stack; not shared, hence per thread).
-    local = _packers.__dict__
-    stack = local.setdefault("stack", [])
-    depth = local.get("depth", 0)
-    if depth == len(stack):
-        stack.append(msgpack.Packer(default=_ext_default, use_bin_type=True, strict_types=True))
-    local["depth"] = depth + 1
+    packers = _packers
+    depth = packers.depth
+    if depth == len(packers.stack):
+        packers.stack.append(msgpack.Packer(default=_ext_default, use_bin_type=True, strict_types=True))
+    packers.depth = depth + 1
     try:
-        return stack[depth].pack(value)
+        return packers.stack[depth].pack(value)
     finally:
-        local["depth"] = depth
+        packers.depth = depth
 
 
 def array_header(length: int) -> bytes:

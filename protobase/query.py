@@ -386,13 +386,13 @@ class IndexedSearchPlan(Plan):
         return sum(count_range(self.access, self.root, *equal_bounds(self.kind, value)) for value in self.values)
 
     def keys(self, source: Source) -> set:
-        view, root = source.index_view, source.indexes[self.path]
+        view = source.index_view
         found: set = set()
         for value in self.values:
             memo_key = (self.path, self.kind, value)
             keys = view._postings.get(memo_key)
             if keys is None:
-                keys = view._postings[memo_key] = frozenset(scan_equal(source.access, root, self.kind, value))
+                keys = view._postings[memo_key] = frozenset(scan_equal(self.access, self.root, self.kind, value))
             found |= keys
         return found
 
@@ -419,8 +419,7 @@ class IndexedRangeSearchPlan(Plan):
     def keys(self, source: Source) -> set:
         expr = self.expr
         low, high = expr.bounds()
-        return set(scan_range(source.access, source.indexes[expr.path], low, high,
-                              expr.include_low, expr.include_high))
+        return set(scan_range(self.access, self.root, low, high, expr.include_low, expr.include_high))
 
     def describe(self) -> str:
         return repr(self.expr)
@@ -445,7 +444,7 @@ class CompositeSearchPlan(Plan):
         return count_range(self.access, self.root, *self.bounds)
 
     def keys(self, source: Source) -> set:
-        return set(scan_between(source.access, self.root, *self.bounds))
+        return set(scan_between(self.access, self.root, *self.bounds))
 
     def describe(self) -> str:
         terms = [repr(term) for term in self.prefix] + ([repr(self.ranged)] if self.ranged is not None else [])

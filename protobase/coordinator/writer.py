@@ -28,7 +28,7 @@ import msgpack
 
 from .. import codec
 from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
-from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, empty, encode_node
+from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
 from ..codec import Ref
 from ..errors import ProtoBaseError
 from ..index import MISSING, IndexedColl, index_entries
@@ -378,7 +378,9 @@ class Writer:
             # A leaf of scalars (every index leaf, most small dicts): no pointer to
             # rewrite, so its bytes are the copy. Branches always point at children.
             return self.arena.append(kind, bytes(payload))
-        node = self.store.node(ptr)
+        node = self.store.objects.get(ptr)
+        if node is None:  # decode the bytes already read; not worth caching, a compaction reads it once
+            node = decode_node(kind, payload, ptr)
         if node.kind in BRANCHES:
             children = [self._copy_tree(child) for child in node.values]
             copy = Node(node.kind, node.keys, children, node.sizes)
