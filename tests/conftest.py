@@ -1,11 +1,13 @@
 """Shared fixtures: every test leaves no process, no /dev/shm entry and no temporary directory.
 
-All data directories live under one session directory. At the end of each
-test using `datadir`, we wait until its coordinator has exited (its flock on
-coordinator.lock is free) and remove the directory. At session end we check
-that no coordinator serving a directory of ours is alive and that /dev/shm
-holds nothing of ours; leftovers fail the session (and are cleaned, by pid and
-by instance).
+All data directories live under one session directory. A directory of test
+databases is removed through `remove_test_directory`: it waits until their
+coordinators have exited (the flock on coordinator.lock is free), and fails
+the test if a coordinator still serves it or if /dev/shm still holds segments
+of an instance that one of its coordinators created (the `instance` file of a
+data directory names it). Only those instances are judged: on a shared host,
+other databases' segments, and other test sessions', are never counted as
+ours, nor removed.
 """
 
 from __future__ import annotations
@@ -72,40 +74,76 @@ def instance_is_served(instance: str) -> bool:
         control.close()
 
 
-def orphaned_entries(before: set[str], settle: float = 2.0) -> set[str]:
-    """/dev/shm entries new since `before` whose instance has no live coordinator.
+def instances_under(root: str) -> set[str]:
+    """Ids of the instances that coordinators created in the data directories under `root`.
 
-    Other test sessions may run beside this one; their live instances are not
-    ours to judge, and a crash test's orphans are swept by its next start, so
-    an entry must stay orphaned for `settle` seconds to count.
+    A coordinator writes its instance id into its directory's `instance` file
+    when it starts and removes the file after a clean stop, once its segments
+    are gone; a crashed one leaves it, naming the instance whose segments the
+    next start would sweep.
+    """
+    found = set()
+    for folder, _, files in os.walk(root):
+        if "instance" in files:
+            instance = DataDir(folder).read_instance()
+            if names.is_instance_id(instance):
+                found.add(instance)
+    return found
+
+
+def orphaned_entries(instances: set[str], settle: float = 2.0) -> set[str]:
+    """/dev/shm entries of `instances` whose coordinator is not alive.
+
+    An entry must stay orphaned for `settle` seconds to count: a coordinator
+    that is stopping removes its segments just before it exits.
     """
     deadline = time.monotonic() + settle
     while True:
-        new = set(names.instance_entries()) - before
-        orphans = {entry for entry in new if not instance_is_served(entry.split(".")[1])}
+        orphans = {entry for instance in instances if not instance_is_served(instance)
+                   for entry in names.instance_entries(instance)}
         if not orphans or time.monotonic() > deadline:
             return orphans
         time.sleep(0.1)
 
 
+def remove_test_directory(root: str, timeout: float = COORDINATOR_EXIT_TIMEOUT) -> list[str]:
+    """Remove `root` once its coordinators have exited; return what they left behind, cleaned up.
+
+    Problems are a coordinator still serving a directory under `root` after
+    `timeout` (it is killed), and /dev/shm entries of the instances created
+    under `root` (they are swept).
+    """
+    problems = []
+    for folder in data_directories(root):
+        if not wait_for_coordinator_exit(folder, timeout):
+            problems.append(f"the coordinator of {folder} did not exit")
+    for process in processes_serving(root):
+        try:
+            problems.append(f"process {process.pid} still serves a test directory: {process.cmdline()}")
+            process.send_signal(signal.SIGKILL)
+            process.wait(COORDINATOR_EXIT_TIMEOUT)
+        except psutil.NoSuchProcess:
+            pass
+    instances = instances_under(root)
+    leaked = orphaned_entries(instances)
+    if leaked:
+        problems.append(f"/dev/shm entries leaked: {sorted(leaked)}")
+        for instance in instances:
+            names.sweep(instance)
+    shutil.rmtree(root, ignore_errors=True)
+    return problems
+
+
+def data_directories(root: str) -> list[str]:
+    """Every directory under `root` that a coordinator served (it holds coordinator.lock)."""
+    return [folder for folder, _, files in os.walk(root) if "coordinator.lock" in files]
+
+
 @pytest.fixture(scope="session")
 def session_dir():
     base = tempfile.mkdtemp(prefix="protobase-test-")
-    shm_before = set(names.instance_entries())
     yield base
-    problems = []
-    for process in processes_serving(base):
-        problems.append(f"process {process.pid} still serves a test directory: {process.cmdline()}")
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    leaked = orphaned_entries(shm_before)
-    if leaked:
-        problems.append(f"/dev/shm entries leaked: {sorted(leaked)}")
-        for instance in {entry.split(".")[1] for entry in leaked}:
-            names.sweep(instance)
-    shutil.rmtree(base, ignore_errors=True)
+    problems = remove_test_directory(base)
     assert not problems, "; ".join(problems)
 
 
@@ -115,11 +153,8 @@ def datadir(session_dir, request):
     parent = tempfile.mkdtemp(prefix="t", dir=session_dir)
     path = os.path.join(parent, "db")
     yield path
-    exited = wait_for_coordinator_exit(path)
-    for process in processes_serving(path):
-        process.send_signal(signal.SIGKILL)
-    shutil.rmtree(parent, ignore_errors=True)
-    assert exited, f"the coordinator of {path} did not exit after the test"
+    problems = remove_test_directory(parent)
+    assert not problems, "; ".join(problems)
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import doctest
 import inspect
-import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import pytest
 
 import protobase
 from protobase import database
-from tests.conftest import processes_serving, wait_for_coordinator_exit
+from tests.conftest import remove_test_directory
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -46,11 +44,6 @@ def doctest_blocks(text: str) -> list[tuple[int, str]]:
 
 def pages_with_doctests() -> list[Path]:
     return sorted(page for page in DOCS.glob("*.md") if doctest_blocks(page.read_text()))
-
-
-def data_directories(root: str) -> list[str]:
-    """Every directory under `root` that a coordinator served (it holds coordinator.lock)."""
-    return [folder for folder, _, files in os.walk(root) if "coordinator.lock" in files]
 
 
 def run_page(page: Path, workdir: str) -> doctest.TestResults:
@@ -82,11 +75,8 @@ def workdir(session_dir):
     for db in list(database._open_databases):
         if db.path.startswith(path):
             db.close()
-    unserved = [folder for folder in data_directories(path) if not wait_for_coordinator_exit(folder)]
-    for process in processes_serving(path):
-        process.kill()
-    shutil.rmtree(path, ignore_errors=True)
-    assert not unserved, f"coordinators did not exit: {unserved}"
+    problems = remove_test_directory(path)
+    assert not problems, "; ".join(problems)
 
 
 @pytest.mark.parametrize("page", pages_with_doctests(), ids=lambda page: page.name)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -31,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import protobase
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import GRACE, remove_test_directory
 
 TOP_KEYS = [f"k{i}" for i in range(6)]
 CHECK_EVERY = 5  # steps between two db.check() calls
@@ -269,9 +268,8 @@ class DatabaseMachine(RuleBasedStateMachine):
             self.db.check()
         finally:
             self.db.close()
-            exited = wait_for_coordinator_exit(self.path)
-            shutil.rmtree(self.parent, ignore_errors=True)
-        assert exited, f"the coordinator of {self.path} did not exit"
+            problems = remove_test_directory(self.parent)
+        assert not problems, "; ".join(problems)
 
 
 def test_database_against_model(session_dir):

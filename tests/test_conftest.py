@@ -1,0 +1,46 @@
+"""The test harness judges only what the test session created.
+
+Regression (issue 10, item 21): the session check used to count every
+/dev/shm entry new since the session started, whose coordinator was dead, as
+its own leak, and swept it: on a shared host it failed for other databases'
+orphans and removed them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from protobase.datadir import DataDir
+from protobase.shm import names
+from protobase.shm.control import ControlBlock
+from tests.conftest import remove_test_directory
+
+
+def orphan_instance() -> str:
+    """A fresh instance whose control segment names a coordinator that is not alive."""
+    instance = names.new_instance_id()
+    # Our own pid with another start time: a process that is not (any more) alive.
+    block = ControlBlock.create(names.control_name(instance), coordinator_pid=os.getpid(), coordinator_start=1.0)
+    block.close()
+    return instance
+
+
+def test_another_databases_orphans_are_neither_counted_nor_removed(session_dir):
+    foreign = orphan_instance()
+    try:
+        root = tempfile.mkdtemp(prefix="judge", dir=session_dir)
+        assert remove_test_directory(root) == []
+        assert names.instance_entries(foreign) == [names.control_name(foreign)]
+    finally:
+        names.sweep(foreign)
+
+
+def test_orphans_of_an_instance_created_in_the_directory_are_reported_and_swept(session_dir):
+    root = tempfile.mkdtemp(prefix="judge", dir=session_dir)
+    ours = orphan_instance()
+    DataDir.open(os.path.join(root, "db")).write_instance(ours)  # as a crashed coordinator leaves it
+    problems = remove_test_directory(root)
+    assert problems == [f"/dev/shm entries leaked: {[names.control_name(ours)]}"]
+    assert names.instance_entries(ours) == []
+    assert not os.path.exists(root)
