@@ -64,7 +64,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Self
 
 import psutil
 
@@ -465,7 +464,7 @@ class ControlBlock:
         """Remove the control segment's name. Coordinator only; False if already gone."""
         return self._segment.unlink()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ControlBlock:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Self
 
 import posix_ipc
 
@@ -166,7 +165,7 @@ class Segment:
         """
         return _unlink_quietly(self.name)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Segment:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
