@@ -16,6 +16,7 @@ reusing the inherited read-only mappings and caches.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -24,17 +25,25 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
 from . import codec
-from . import errors as errors_module
 from .arena import AtomReader
+from .connection import Connection, error_from_reply
 from .coordinator import launcher
 from .datadir import FORMAT_VERSION, DataDir
-from .errors import ConflictError, CoordinatorError, DatabaseClosedError, EncodingError, ProtoBaseError
+from .errors import (
+    ConflictError,
+    CoordinatorError,
+    CoordinatorRestartedError,
+    DatabaseClosedError,
+    EncodingError,
+    OutcomeUnknownError,
+    ProtoBaseError,
+)
 from .frozen import freeze
-from .protocol import receive, send
 from .shm import names
 from .shm.control import ControlBlock, full_fence
 from .snapshot import Snapshot
@@ -101,41 +110,70 @@ class Database:
         self._transactions: weakref.WeakSet = weakref.WeakSet()
         self._snapshots: weakref.WeakSet = weakref.WeakSet()
         self._closed = False
-        self._sock = None
+        self._connection: Connection | None = None
+        self._control: ControlBlock | None = None
         self._store: Store | None = None
+        self._epoch = 0  # bumped when we attach to a new coordinator instance: older pins are void
         self._attach()
         _open_databases.add(self)
 
     # -- attaching -----------------------------------------------------------------
 
     def _attach(self) -> None:
+        """Connect to the coordinator (starting one if allowed) and map its control block.
+
+        Also how a handle recovers: after an interrupted exchange broke the
+        connection, or after the coordinator stopped or restarted. On the same
+        instance our pins move to the new reader slot before the old slot is
+        given up (with the old connection), so no snapshot of ours is
+        unprotected for a moment; on a new instance they are void, and the
+        snapshots and transactions that held them fail with
+        CoordinatorRestartedError when next used.
+        """
         deadline = time.monotonic() + ATTACH_TIMEOUT
         while True:
-            sock = launcher.connect(self.datadir, **self._launch)
+            connection = Connection(launcher.connect(self.datadir, **self._launch))
             try:
-                reply = self._exchange(sock, ["hello", FORMAT_VERSION])
+                reply = self._exchange(connection, ["hello", FORMAT_VERSION])
                 break
             except CoordinatorError:
                 # The coordinator was stopping (its grace ran out) as we connected:
                 # once it has gone, the next connect starts a fresh one.
-                sock.close()
+                connection.close()
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
         try:
-            self.instance_id, self._slot = reply[1], reply[2]
-            if not names.is_instance_id(self.instance_id):
-                raise CoordinatorError(f"coordinator sent a malformed instance id {self.instance_id!r}")
-            self._control = ControlBlock.attach(names.control_name(self.instance_id))
+            instance_id, slot = reply[1], reply[2]
+            if not names.is_instance_id(instance_id):
+                raise CoordinatorError(f"coordinator sent a malformed instance id {instance_id!r}")
+            control = ControlBlock.attach(names.control_name(instance_id))
         except BaseException:
-            sock.close()
+            connection.close()
             raise
-        self._sock = sock
+        same_instance = self._store is not None and self._store.reader.instance_id == instance_id
+        if same_instance and self._held:
+            control.set_reader_snapshot(slot, min(self._held))
+            full_fence()  # our pin is visible before the old slot is released
+        self._detach()
+        self.instance_id = instance_id
+        self._connection, self._control, self._slot = connection, control, slot
         self._pid = os.getpid()
-        if self._store is None or self._store.reader.instance_id != self.instance_id:
+        if not same_instance:
+            self._epoch += 1
+            self._held.clear()
             self._store = Store(AtomReader(self.instance_id), object_cache=self._cache_size,
                                 bytes_cache=min(self._cache_size, DEFAULT_BYTES_CACHE))
         self._oldest_segment = self._control.oldest_segment
+
+    def _detach(self) -> None:
+        """Close our connection (the coordinator frees our reader slot) and unmap the control block."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     def _after_fork(self) -> None:
         # The parent's socket, slot and pins are the parent's; start our own.
@@ -143,63 +181,101 @@ class Database:
         self._held = Counter()
         self._transactions = weakref.WeakSet()
         self._snapshots = weakref.WeakSet()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._connection is not None:
+            self._connection.close()  # our copy of the descriptor only: the parent's stays open
+            self._connection = None
         self._control = None
         self._pid = os.getpid()
-        self._forked = True
 
     def _ensure_attached(self) -> None:
+        """Raise if closed; (re)attach if we have no connection, it broke, or the coordinator went away."""
         if self._closed:
             raise DatabaseClosedError(f"database {self.path} is closed; open it again with protobase.open()")
-        if self._sock is None:
+        if self._connection is None or not self._connection.peer_alive():
             self._attach()
 
     # -- talking to the coordinator ---------------------------------------------------
 
-    def _exchange(self, sock: Any, message: list) -> list:
+    def _exchange(self, connection: Connection, message: list) -> list:
+        """One request and its reply; a reply of "error" is raised as the error it names."""
         try:
-            send(sock, message)
-            reply = receive(sock)
+            reply = connection.request(message)
         except (OSError, CoordinatorError) as error:
-            raise CoordinatorError(
-                f"lost the coordinator of {self.path} ({error}); it died or was stopped. "
-                f"Committed data is kept as its durability mode promises; close this handle "
-                f"and call protobase.open() again") from None
+            raise self._lost(error) from None
         if reply[0] == "error":
-            error_class = getattr(errors_module, reply[1], ProtoBaseError)
-            if not (isinstance(error_class, type) and issubclass(error_class, ProtoBaseError)):
-                error_class = ProtoBaseError
-            raise error_class(reply[2])
+            raise error_from_reply(reply)
         return reply
+
+    def _lost(self, error: BaseException, outcome: str = "") -> CoordinatorError:
+        return CoordinatorError(
+            f"lost the coordinator of {self.path} ({error}): it stopped or died.{outcome} Committed data is "
+            f"kept as its durability mode promises; the next snapshot or transaction of this handle reconnects")
 
     def _request(self, message: list) -> list:
         with self._lock:
             self._ensure_attached()
-            return self._exchange(self._sock, message)
+            return self._exchange(self._connection, message)
 
-    def _commit(self, base: int, serializable: bool, durability: str | None, ops: list, reads: list,
-                check_encodable: Callable[[list], None]) -> int:
+    def _prepare_commit(self, epoch: int, base: int, serializable: bool, durability: str | None, ops: list,
+                        reads: list, check_encodable: Callable[[list], None]) -> CommitRequest:
+        """The commit request of a transaction, encoded; EncodingError names the user's path."""
         try:
             ops_bytes = codec.encode(ops)
         except EncodingError:
             check_encodable(ops)  # raises with the user's path
             raise
-        reply = self._request(["commit", base, serializable, durability or self.durability, ops_bytes, reads])
-        if reply[0] == "conflict":
-            error = ConflictError(tuple(reply[1]), reply[2], reply[3])
-            log.debug("conflict: %s", error)
-            raise error
-        seq, pointers = reply[1], reply[2]
-        for index, ptr in pointers:
-            self._store.write_through(ptr, freeze(ops[index][2]))
-        return seq
+        message = ["commit", base, serializable, durability or self.durability, ops_bytes, reads]
+        return CommitRequest(message, epoch, ops)
+
+    def _send_commit(self, request: CommitRequest) -> None:
+        """Send a commit request whole; raises, with nothing committed, if it cannot go out."""
+        with self._lock:
+            self._ensure_attached()
+            if request.epoch != self._epoch:
+                raise CoordinatorRestartedError(
+                    f"the coordinator of {self.path} restarted while this transaction was open (it read "
+                    f"snapshot {request.message[1]} of the previous instance); nothing was committed. Run it "
+                    f"again: @db.transactional(retries=N) and db.attempts(retries=N) do")
+            connection = request.connection = self._connection
+            request.request_id = connection.reserve()
+            try:
+                connection.send(request.request_id, request.message)
+            except OSError as error:
+                raise self._lost(error, " Nothing was committed.") from None
+
+    def _await_commit(self, request: CommitRequest, timeout: float | None = None) -> int | None:
+        """The seq a sent commit committed as; None if no answer came within `timeout`.
+
+        Raises ConflictError or the error the coordinator answered (nothing was
+        committed), and OutcomeUnknownError when the connection was lost before
+        the answer.
+        """
+        with self._lock:
+            try:
+                reply = request.connection.wait_reply(request.request_id, timeout)
+            except (OSError, CoordinatorError) as error:
+                raise OutcomeUnknownError(
+                    f"lost the coordinator of {self.path} ({error}) after commit request {request.request_id} was "
+                    f"sent: it may or may not have committed. Take a new snapshot to see whether its writes are "
+                    f"there before running it again") from None
+            if reply is None:
+                return None
+            if reply[0] == "error":
+                raise error_from_reply(reply)
+            if reply[0] == "conflict":
+                error = ConflictError(tuple(reply[1]), reply[2], reply[3])
+                log.debug("conflict: %s", error)
+                raise error
+            seq, pointers = reply[1], reply[2]
+            if request.epoch == self._epoch:
+                for index, ptr in pointers:
+                    self._store.write_through(ptr, freeze(request.ops[index][2]))
+            return seq
 
     # -- pinning snapshots ------------------------------------------------------------------
 
-    def _pin(self) -> tuple[int, int]:
-        """Take the latest root and pin it in our reader slot; return (seq, root pointer)."""
+    def _pin(self) -> tuple[int, int, int]:
+        """Take the latest root and pin it in our reader slot; return (seq, root pointer, epoch)."""
         with self._lock:
             self._ensure_attached()
             control = self._control
@@ -214,7 +290,7 @@ class Database:
                     break
             self._held[seq] += 1
             self._notice_compaction()
-            return seq, root
+            return seq, root, self._epoch
 
     def _notice_compaction(self) -> None:
         """After a compaction moved everything, drop the mappings and caches of the old segments."""
@@ -238,8 +314,7 @@ class Database:
                 self._control.set_reader_snapshot(self._slot, seq)
             self._held[seq] += 1
             self._notice_compaction()
-        snapshot = Snapshot(self, seq, self._store.root(root))
-
+            snapshot = Snapshot(self, seq, self._store.root(root), self._epoch)
         self._snapshots.add(snapshot)
         return snapshot
 
@@ -261,10 +336,10 @@ class Database:
 
         return Pool(self, processes, context=context)
 
-    def _unpin(self, seq: int) -> None:
+    def _unpin(self, seq: int, epoch: int) -> None:
         with self._lock:
-            if self._control is None or os.getpid() != self._pid:
-                return
+            if self._control is None or os.getpid() != self._pid or epoch != self._epoch:
+                return  # a pin of the parent process, or of a coordinator instance that is gone
             self._held[seq] -= 1
             if self._held[seq] <= 0:
                 del self._held[seq]
@@ -275,8 +350,8 @@ class Database:
 
     def snapshot(self) -> Snapshot:
         """A read-only view of the latest commit, pinned until closed (use it in `with`)."""
-        seq, root = self._pin()
-        snapshot = Snapshot(self, seq, self._store.root(root))
+        seq, root, epoch = self._pin()
+        snapshot = Snapshot(self, seq, self._store.root(root), epoch)
         self._snapshots.add(snapshot)
         return snapshot
 
@@ -308,14 +383,25 @@ class Database:
 
     def transactional(self, retries: int = 5,
                       isolation: str = "snapshot") -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """Decorator: `f(*args)` runs `f(tx, *args)` in a transaction, re-run on conflict."""
+        """Decorator: `f(*args)` runs `f(tx, *args)` in a transaction, re-run on conflict.
+
+        The function runs to its end inside the transaction, so it must be a
+        plain function: an `async def` (whose body would only run after the
+        transaction committed, empty) is refused with TypeError.
+        """
 
         def decorate(function: Callable[..., T]) -> Callable[..., T]:
+            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+                raise TypeError(_ASYNC_HINT.format(name=getattr(function, "__qualname__", function)))
+
             @wraps(function)
             def run(*args: Any, **kwargs: Any) -> T:
                 for attempt in self.attempts(retries, isolation):
                     with attempt as tx:
                         result = function(tx, *args, **kwargs)
+                        if inspect.isawaitable(result):  # e.g. a partial of an async function
+                            _close_awaitable(result)
+                            raise TypeError(_ASYNC_HINT.format(name=getattr(function, "__qualname__", function)))
                     if attempt.committed:
                         return result
                 raise AssertionError("unreachable: the last attempt raises")
@@ -374,12 +460,7 @@ class Database:
             for snapshot in list(self._snapshots):
                 snapshot.close()
             self._closed = True
-            if self._sock is not None:
-                self._sock.close()  # the coordinator frees our reader slot
-                self._sock = None
-            if self._control is not None:
-                self._control.close()
-                self._control = None
+            self._detach()
             if self._store is not None:
                 self._store.clear()
                 self._store.reader.close()
@@ -413,15 +494,50 @@ class Attempt:
         if exc_type is None:
             try:
                 self.tx.commit()
-            except ConflictError:
-                if self._last:
+            except ProtoBaseError as error:
+                if self._last or not error.retryable:
                     raise
                 return False
             self.committed = True
             return False
         self.tx.abort()
-        # swallow a conflict raised by the body (a nested read-modify-write) unless it is the last try
-        return exc_type is not None and issubclass(exc_type, ConflictError) and not self._last
+        # swallow a retryable error raised by the body (a conflict of a nested
+        # read-modify-write, a coordinator restart) unless it is the last try
+        return issubclass(exc_type, ProtoBaseError) and exc_type.retryable and not self._last
+
+
+_ASYNC_HINT = (
+    "@db.transactional cannot run {name}: it is asynchronous, so its body would run after the transaction "
+    "ended. Use a plain function, and call it from your event loop with "
+    "`await loop.run_in_executor(None, function, ...)`")
+
+
+def _close_awaitable(awaitable: Any) -> None:
+    close = getattr(awaitable, "close", None)  # a coroutine never awaited warns unless closed
+    if close is not None:
+        close()
+
+
+@dataclass
+class CommitRequest:
+    """A transaction's commit request, and once sent, where to collect its answer."""
+
+    message: list  # the request, without its id
+    epoch: int  # the handle's epoch of the transaction's snapshot
+    ops: list  # the ops sent, for write-through
+    connection: Connection | None = None  # the connection it goes out on: its reply comes back there
+    request_id: int | None = None  # set just before it is sent
+
+    def release(self) -> None:
+        """Forget its answer, once the transaction has recorded it."""
+        if self.connection is not None and self.request_id is not None:
+            self.connection.release(self.request_id)
+
+    @property
+    def may_have_been_sent(self) -> bool:
+        """False only if it certainly never reached the coordinator (interrupted before it went out)."""
+        return (self.connection is not None and self.request_id is not None
+                and self.connection.may_have_sent(self.request_id))
 
 
 def _reattach_children_after_fork() -> None:

@@ -21,6 +21,9 @@ __all__ = [
     "DatabaseClosedError",
     "CorruptionError",
     "CoordinatorError",
+    "CoordinatorRestartedError",
+    "OutcomeUnknownError",
+    "ProtocolError",
     "DataDirectoryError",
 ]
 
@@ -74,6 +77,30 @@ class CorruptionError(ProtoBaseError):
 
 class CoordinatorError(ProtoBaseError):
     """The coordinator could not be reached, refused us, or died."""
+
+
+class CoordinatorRestartedError(CoordinatorError):
+    """The coordinator restarted while a transaction or snapshot of the previous one was open.
+
+    Nothing of the transaction was committed: the new coordinator cannot
+    check it for conflicts against history it never saw. Retryable: run the
+    transaction again (`@db.transactional` and `db.attempts` do), or take a new
+    snapshot; the database handle has already reattached.
+    """
+
+    retryable = True
+
+
+class OutcomeUnknownError(CoordinatorError):
+    """A commit was sent, but the connection was lost before its answer came: it may or may not have committed.
+
+    Not retryable blindly (running it again could apply it twice): read the
+    data in a new snapshot to see whether it is there.
+    """
+
+
+class ProtocolError(ProtoBaseError):
+    """A message on the coordinator's socket broke the wire protocol (a foreign client, or a bug)."""
 
 
 class DataDirectoryError(ProtoBaseError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import DatabaseClosedError
+from .errors import CoordinatorRestartedError, DatabaseClosedError
 from .views import TreeDict
 
 if TYPE_CHECKING:
@@ -22,26 +22,35 @@ __all__ = ["Snapshot"]
 class Snapshot:
     """A consistent read-only view; a context manager that releases it."""
 
-    __slots__ = ("_db", "seq", "_root", "_closed", "__weakref__")
+    __slots__ = ("_db", "seq", "_root", "_epoch", "_closed", "__weakref__")
 
-    def __init__(self, db: Database, seq: int, root: TreeDict) -> None:
+    def __init__(self, db: Database, seq: int, root: TreeDict, epoch: int) -> None:
         self._db = db
         self.seq = seq  # sequence number of the commit this snapshot shows
         self._root = root  # the root dict at that commit
+        self._epoch = epoch  # the handle's epoch when pinned (see Database._attach)
         self._closed = False
 
     @property
     def root(self) -> TreeDict:
-        """The root mapping as of `seq`."""
+        """The root mapping as of `seq`.
+
+        Raises DatabaseClosedError once closed, CoordinatorRestartedError if the
+        coordinator restarted since the snapshot was taken (its memory is gone).
+        """
         if self._closed:
             raise DatabaseClosedError(f"snapshot {self.seq} is closed; take a new one with db.snapshot()")
+        if self._epoch != self._db._epoch:
+            raise CoordinatorRestartedError(
+                f"snapshot {self.seq} was taken before the coordinator of {self._db.path} restarted, and its "
+                f"shared memory is gone; take a new snapshot with db.snapshot()")
         return self._root
 
     def close(self) -> None:
         """Release the snapshot, letting the coordinator reclaim what only it could reach. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._db._unpin(self.seq)
+            self._db._unpin(self.seq, self._epoch)
 
     @property
     def closed(self) -> bool:

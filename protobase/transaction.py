@@ -38,13 +38,13 @@ from .coordinator.writer import (
     OP_SET_ADD,
     OP_SET_DISCARD,
 )
-from .errors import DatabaseClosedError
+from .errors import DatabaseClosedError, OutcomeUnknownError, ProtoBaseError
 from .frozen import FrozenDict, FrozenList, FrozenSet, thaw
 from .keyorder import check_key
 from .views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 
 if TYPE_CHECKING:
-    from .database import Database
+    from .database import CommitRequest, Database
 
 __all__ = ["Transaction", "TxDict", "TxList", "TxSet", "ISOLATION_LEVELS"]
 
@@ -81,8 +81,9 @@ class Transaction:
         self.isolation = isolation
         self.serializable = isolation == "serializable"
         self.durability = durability  # None: the database handle's default
-        self.base_seq, root_ptr = db._pin()
+        self.base_seq, root_ptr, self._epoch = db._pin()
         self.seq: int | None = None  # sequence number of the commit, once committed
+        self._request: CommitRequest | None = None  # the commit sent, while its answer is unknown
         self._ops: dict[tuple, list] = {}  # {path -> [code, path, argument]}, in order of last write
         self._reads: set[tuple] = set()  # paths read (serializable only)
         self._state = "active"
@@ -128,7 +129,11 @@ class Transaction:
         """Send the writes to the coordinator; return the commit's sequence number.
 
         Raises ConflictError when another commit changed what this one wrote
-        (or, serializable, read) since its snapshot: run it again.
+        (or, serializable, read) since its snapshot: run it again. If the wait
+        for the answer is interrupted (Ctrl-C), the transaction is left in
+        state "unknown": the coordinator may still commit it, and `outcome()`
+        tells. OutcomeUnknownError means the connection was lost before the
+        answer came.
         """
         self._check_active()
         try:
@@ -137,11 +142,61 @@ class Transaction:
                 self.seq = self.base_seq
                 return self.seq
             reads = [list(path) for path in self._reads] if self.serializable else []
-            self.seq = self._db._commit(self.base_seq, self.serializable, self.durability, ops, reads,
-                                        self._check_encodable)
-            return self.seq
+            request = self._db._prepare_commit(self._epoch, self.base_seq, self.serializable, self.durability,
+                                               ops, reads, self._check_encodable)
+            self._request = request  # from here on, the coordinator may commit it
+            self._db._send_commit(request)
+            return self._await(None)
+        except (OSError, ProtoBaseError) as error:
+            if not isinstance(error, OutcomeUnknownError):
+                self._forget_request()  # it was refused, or never sent: nothing was committed
+            raise
         finally:
-            self._finish("committed" if self.seq is not None else "aborted")
+            self._settle()
+
+    def outcome(self, timeout: float | None = None) -> int | None:
+        """The sequence number this transaction committed as, once the coordinator's answer is known.
+
+        For a commit whose wait was interrupted (state "unknown"): waits up to
+        `timeout` seconds (None: until it comes) for the answer the coordinator
+        still sends, and returns the seq, or None if none came in time. Raises
+        the ConflictError (or other error) the commit got, and
+        OutcomeUnknownError if the connection it went out on is lost. For a
+        committed transaction it is `seq`; an active or aborted one raises
+        DatabaseClosedError.
+        """
+        if self._state == "committed":
+            return self.seq
+        if self._state != "unknown":
+            raise DatabaseClosedError(f"this transaction is {self._state}: it has no commit outcome")
+        try:
+            return self._await(timeout)
+        except ProtoBaseError as error:
+            if not isinstance(error, OutcomeUnknownError):
+                self._forget_request()
+            raise
+        finally:
+            self._settle()
+
+    def _await(self, timeout: float | None) -> int | None:
+        self.seq = self._db._await_commit(self._request, timeout)
+        return self.seq
+
+    def _settle(self) -> None:
+        """Committed, aborted, or (a commit sent whose answer is still to come) unknown."""
+        if self.seq is not None:
+            self._forget_request()
+            self._finish("committed")
+        elif self._request is not None and self._request.may_have_been_sent:
+            self._finish("unknown")
+        else:
+            self._forget_request()
+            self._finish("aborted")
+
+    def _forget_request(self) -> None:
+        if self._request is not None:
+            self._request.release()
+            self._request = None
 
     def _wire_ops(self) -> list:
         ops = []
@@ -166,13 +221,24 @@ class Transaction:
             self._finish("aborted")
 
     def _finish(self, state: str) -> None:
+        if self._state in ("active", "unknown") and state != self._state:
+            if self._state == "active":
+                self._db._unpin(self.base_seq, self._epoch)  # what it read no longer matters
+            self._db._transactions.discard(self)
         self._state = state
-        self._db._unpin(self.base_seq)
-        self._db._transactions.discard(self)
 
     @property
     def active(self) -> bool:
         return self._state == "active"
+
+    @property
+    def state(self) -> str:
+        """"active", "committed", "aborted", or "unknown": its commit was sent and the answer has not come.
+
+        A commit whose wait was interrupted (Ctrl-C) is "unknown" until
+        `outcome()` collects the coordinator's answer.
+        """
+        return self._state
 
     def __del__(self) -> None:
         # A forgotten transaction must not pin shared memory for the life of the process.

@@ -8,25 +8,29 @@ A path touches a prefix when one starts with the other: watching ("users",)
 sees `root["users"]["alice"]["city"] = ...` and `root["users"] = {}` alike.
 
 Notifications are hints to re-read: take a snapshot at or after `seq`. A
-watcher that falls behind is not dropped; the socket buffers its backlog.
+watcher that falls behind is not dropped; the socket buffers its backlog. A
+watcher outlives a coordinator restart: it subscribes again and reports the
+gap as a change of the whole root.
 """
 
 from __future__ import annotations
 
-import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .connection import Connection
 from .coordinator import launcher
 from .datadir import FORMAT_VERSION
 from .errors import CoordinatorError, DatabaseClosedError
-from .protocol import receive, send
 
 if TYPE_CHECKING:
     from .database import Database
 
 __all__ = ["Change", "Watcher"]
+
+RESUBSCRIBE_INTERVAL = 0.1  # seconds between attempts to reach a restarting coordinator
 
 
 @dataclass(frozen=True)
@@ -38,34 +42,61 @@ class Change:
 
 
 class Watcher:
-    """An iterator of Change; `wait(timeout)` for one with a deadline. Close it (or use `with`)."""
+    """An iterator of Change; `wait(timeout)` for one with a deadline. Close it (or use `with`).
+
+    If the coordinator restarts, the watcher subscribes again by itself and
+    yields one Change whose paths are `((),)` (the whole root): commits may
+    have been published while it was away, so re-read what you watch.
+    """
 
     def __init__(self, db: Database, prefixes: Iterable[Any]) -> None:
+        self._datadir = db.datadir
         self._prefixes = [_prefix(prefix) for prefix in prefixes]
-        self._sock: socket.socket | None = launcher.connect(db.datadir, start=False)
+        self._connection: Connection | None = None
+        self._closed = False
+        self.seq = self._subscribe()  # the published seq when watching began
+
+    def _subscribe(self) -> int:
+        """Connect and subscribe; return the published seq at that moment."""
+        connection = Connection(launcher.connect(self._datadir, start=False))
         try:
-            send(self._sock, ["watch", FORMAT_VERSION, [list(prefix) for prefix in self._prefixes]])
-            reply = receive(self._sock)
+            reply = connection.request(["watch", FORMAT_VERSION, [list(prefix) for prefix in self._prefixes]])
         except BaseException:
-            self.close()
+            connection.close()
             raise
         if reply[0] != "ok":
-            self.close()
+            connection.close()
             raise CoordinatorError(f"the coordinator refused to watch: {reply}")
-        self.seq = reply[1]  # the published seq when watching began
+        self._connection = connection
+        return reply[1]
 
     def wait(self, timeout: float | None = None) -> Change | None:
         """The next change, or None after `timeout` seconds without one."""
-        if self._sock is None:
-            raise DatabaseClosedError("this watcher is closed")
-        self._sock.settimeout(timeout)
+        if self._closed:
+            raise DatabaseClosedError("this watcher is closed; start a new one with db.watch()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._connection is None or self._connection.broken:
+            return self._resubscribe(deadline)
         try:
-            message = receive(self._sock)
-        except TimeoutError:
+            message = self._connection.wait_push(None if deadline is None else deadline - time.monotonic())
+        except (OSError, CoordinatorError):
+            return self._resubscribe(deadline)
+        if message is None:
             return None
-        except OSError as error:
-            raise CoordinatorError(f"lost the coordinator while watching ({error})") from None
         return Change(message[1], tuple(tuple(path) for path in message[2]))
+
+    def _resubscribe(self, deadline: float | None) -> Change | None:
+        """After the connection was lost: subscribe again once a coordinator serves (or None at `deadline`)."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        while True:
+            try:
+                return Change(self._subscribe(), ((),))
+            except CoordinatorError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                time.sleep(RESUBSCRIBE_INTERVAL)
 
     def __iter__(self) -> Iterator[Change]:
         while True:
@@ -74,9 +105,10 @@ class Watcher:
                 yield change
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._closed = True
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def __enter__(self) -> Watcher:
         return self

@@ -45,15 +45,30 @@ from typing import Any
 from .. import codec
 from ..arena import ArenaWriter, AtomReader
 from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
-from ..errors import CoordinatorError, DataDirectoryError, ProtoBaseError
-from ..protocol import FrameReader, peer_credentials, send
+from ..errors import CoordinatorError, CorruptionError, DataDirectoryError, ProtoBaseError, ProtocolError
+from ..keyorder import check_key
+from ..protocol import PUSH, FrameReader, MalformedRequest, parse_request, peer_credentials, send
 from ..shm import names
 from ..shm.control import ControlBlock, process_start_time
 from ..store import Store
 from .conflicts import VersionTable
 from .durability import Durability, DurabilityFailed
 from .recovery import recover
-from .writer import OP_SET, PathError, Writer
+from .writer import (
+    LIST_APPEND,
+    LIST_DELETE,
+    LIST_INSERT,
+    LIST_SET,
+    OP_CREATE_INDEX,
+    OP_DELETE,
+    OP_DROP_INDEX,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+    OP_SET_DISCARD,
+    PathError,
+    Writer,
+)
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
 
@@ -68,6 +83,42 @@ DEFAULT_FLUSH_INTERVAL = 0.01
 DURABILITY_MODES = ("sync", "async")
 STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
 RECEIVE_BYTES = 1 << 20  # read from a client at a time
+MAX_BUFFERED_BYTES = 512 << 20  # incomplete requests held for all clients together
+PARTIAL_FRAME_TIMEOUT = 30.0  # seconds a client may leave a request half-sent before we hang up
+
+
+_OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argument may be}
+    OP_SET: (object,), OP_DELETE: (type(None),), OP_LIST: (list,), OP_SET_ADD: (list,), OP_SET_DISCARD: (list,),
+    OP_CREATE_INDEX: (str, tuple), OP_DROP_INDEX: (str, tuple),
+}
+_LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
+
+
+def parse_ops(ops_bytes: bytes) -> list[list]:
+    """A commit's ops, decoded, each checked to be [known code, key path, argument of that code's type].
+
+    Raises ProtocolError (nothing applied) for ops no client of ours sends,
+    EncodingError for a key no stored dict may have.
+    """
+    try:
+        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
+    except CorruptionError as error:
+        raise ProtocolError(f"malformed request: the commit's ops cannot be decoded ({error})") from None
+    if type(ops) is not list or not ops:
+        raise ProtocolError("malformed request: a commit's ops are a non-empty array")
+    for op in ops:
+        if type(op) is not list or len(op) != 3 or type(op[0]) is not int or type(op[1]) is not list:
+            raise ProtocolError("malformed request: an op is [code, key path, argument]")
+        code, path, argument = op
+        if code not in _OP_ARGUMENT_TYPES or not isinstance(argument, _OP_ARGUMENT_TYPES[code]):
+            raise ProtocolError(f"malformed request: op code {code} with an argument of type "
+                                f"{type(argument).__name__} is not an operation")
+        for key in path:
+            check_key(key, tuple(path))
+        if code == OP_LIST and not all(type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES
+                                       for item in argument):
+            raise ProtocolError("malformed request: a list operation is [code, index, value]")
+    return ops
 
 
 class Client:
@@ -77,8 +128,17 @@ class Client:
         self.sock = sock
         self.pid = pid  # from SO_PEERCRED
         self.reader = FrameReader()
+        self.partial_since = 0.0  # time.monotonic() when its incomplete request began
         self.slot: int | None = None  # reader-table slot, once it said hello
         self.watching: list[tuple] | None = None  # key-path prefixes it watches, if it is a watcher
+
+
+@dataclass(frozen=True)
+class Asker:
+    """Whom to answer: a client, and the id of its request (PUSH for what we send unasked)."""
+
+    client: Client
+    request_id: int
 
 
 @dataclass
@@ -88,7 +148,7 @@ class Pending:
     lsn: int
     seq: int
     root: int
-    client: Client | None  # whom to answer, None for a compaction
+    asker: Asker | None  # whom to answer, None for a compaction
     reply: list | None
     paths: list[tuple] = field(default_factory=list)  # what the commit wrote, for watchers
 
@@ -117,6 +177,7 @@ class Coordinator:
         self.receive_view = memoryview(self.receive_buffer)
         self.watched_persistence: socket.socket | None = None  # the persistence socket in the selector
         self.clients: dict[socket.socket, Client] = {}  # {connection -> client}
+        self.buffered_bytes = 0  # bytes of incomplete requests held for all clients
         self.versions = VersionTable()
         self.seq = 0  # sequence number of the latest commit (maybe not yet published)
         self.root = 0  # its root pointer
@@ -127,8 +188,8 @@ class Coordinator:
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
         # Checkpoints (and backups) asked of the persistence process, in ring order:
-        # [(seq it pins, client to answer or None)]; their segments must stay alive.
-        self.checkpoint_requests: collections.deque[tuple[int, Client | None]] = collections.deque()
+        # [(seq it pins, asker to answer or None)]; their segments must stay alive.
+        self.checkpoint_requests: collections.deque[tuple[int, Asker | None]] = collections.deque()
         self.changed_since_checkpoint = False
         self.commits = 0
         self.conflicts = 0
@@ -178,6 +239,9 @@ class Coordinator:
         finally:
             wal_lock.release()
         self.seq, self.root = self.recovered.seq, self.recovered.root
+        # Commits before the restart are not in the version table: a transaction
+        # based on one of them cannot be checked, so it is refused as a conflict.
+        self.versions.horizon = self.seq
         self._publish(self.seq, self.root)
         self.live_after_compaction = self.allocated_at_compaction = self.arena.allocated_bytes
         self.durability = Durability(self.datadir, self.instance_id, self.control, next_lsn=self.recovered.lsn + 1,
@@ -311,6 +375,7 @@ class Coordinator:
         self.accepted += 1
 
     def _read(self, sock: socket.socket) -> None:
+        """Serve what a client sent. Nothing it sends can stop the loop: at worst its connection is closed."""
         client = self.clients[sock]
         try:
             # Into one reused buffer: a fresh 1 MiB bytes per recv costs mmap, mremap and munmap.
@@ -320,29 +385,65 @@ class Coordinator:
                 return
             if not received:
                 raise ConnectionResetError
-            for message in client.reader.feed(self.receive_view[:received]):
-                reply = self._handle(client, message)
-                if reply is not None:
-                    send(sock, reply)
+            bodies = self._take_frames(client, self.receive_view[:received])
         except (OSError, CoordinatorError):
             self._drop(sock)
-        except ProtoBaseError as error:  # an undecodable request: drop that client, serve the others
-            log.error("dropping client %d: %s", client.pid, error)
+            return
+        except ProtocolError as error:  # a frame we cannot skip, or a client over its memory bound
+            log.warning("closing the connection of client %d: %s", client.pid, error)
+            self._answer(Asker(client, PUSH), ["error", "ProtocolError", str(error)])
             self._drop(sock)
+            return
+        for body in bodies:
+            self._serve(client, body)
 
+    def _take_frames(self, client: Client, data: memoryview) -> list[bytes]:
+        """The frames `data` completes; ProtocolError if buffering the rest would pass our memory bounds."""
+        before = client.reader.buffered
+        try:
+            bodies = client.reader.feed_bodies(data)
+        finally:
+            self.buffered_bytes += client.reader.buffered - before
+        if client.reader.buffered and not before:
+            client.partial_since = time.monotonic()
+        if self.buffered_bytes > MAX_BUFFERED_BYTES and client.reader.buffered:
+            raise ProtocolError(
+                f"the coordinator holds {self.buffered_bytes} bytes of incomplete requests, over its "
+                f"{MAX_BUFFERED_BYTES}-byte bound; send smaller commits (split the transaction)")
+        return bodies
 
-    def _answer(self, client: Client | None, reply: list | None) -> None:
-        if client is None or reply is None or client.sock not in self.clients:
+    def _serve(self, client: Client, body: bytes) -> None:
+        """Parse and handle one request, and answer it (now, or later for what waits on the disk)."""
+        try:
+            request_id, verb, arguments = parse_request(body)
+        except MalformedRequest as error:
+            log.warning("client %d: %s", client.pid, error)
+            self._answer(Asker(client, error.request_id), ["error", "ProtocolError", str(error)])
+            return
+        asker = Asker(client, request_id)
+        try:
+            reply = self._handle(asker, verb, arguments)
+        except Exception as error:  # a bug: refuse this request, keep serving
+            log.exception("request %r of client %d failed", verb, client.pid)
+            reply = ["error", "ProtoBaseError",
+                     f"the coordinator could not process the {verb!r} request ({type(error).__name__}: {error}); "
+                     f"nothing was committed. Please report this bug"]
+        if reply is not None:
+            self._answer(asker, reply)
+
+    def _answer(self, asker: Asker | None, reply: list | None) -> None:
+        if asker is None or reply is None or asker.client.sock not in self.clients:
             return
         try:
-            send(client.sock, reply)
+            send(asker.client.sock, [asker.request_id, *reply])
         except OSError:
-            self._drop(client.sock)
+            self._drop(asker.client.sock)
 
     def _drop(self, sock: socket.socket) -> None:
         client = self.clients.pop(sock, None)
         if client is None:
             return
+        self.buffered_bytes -= client.reader.buffered
         self.selector.unregister(sock)
         sock.close()
         if client.slot is not None and self.control is not None:
@@ -352,16 +453,15 @@ class Coordinator:
 
     # -- requests -----------------------------------------------------------------
 
-    def _handle(self, client: Client, message: list) -> list | None:
+    def _handle(self, asker: Asker, verb: str, arguments: list) -> list | None:
+        """The reply to one well-formed request; None when it is answered later."""
         try:
-            verb = message[0]
             if verb == "commit":
-                return self.commit(client, *message[1:6])
+                return self.commit(asker, *arguments)
             if verb == "hello":
-                return self._hello(client, message[1])
+                return self._hello(asker.client, *arguments)
             if verb == "watch":
-                client.watching = [tuple(prefix) for prefix in message[2]]
-                return ["ok", self.published_seq]
+                return self._watch(asker.client, *arguments)
             if verb == "stats":
                 return ["ok", self.counters()]
             if verb == "compact":
@@ -371,19 +471,14 @@ class Coordinator:
                 self._checkpoint()
                 return ["ok", self.seq]
             if verb == "backup":
-                self._backup(client, message[1])
+                self._backup(asker, *arguments)
                 return None  # answered once the backup is on disk
-            return ["error", "ProtoBaseError", f"unknown request {verb!r}"]
+            raise AssertionError(f"parse_request let the unknown verb {verb!r} through")
         except DurabilityFailed as error:
             self._fail(str(error))
             return self._failure_reply()
         except ProtoBaseError as error:
             return ["error", type(error).__name__, str(error)]
-        except Exception as error:  # a bad request or a bug: refuse this request, keep serving
-            log.exception("request %r failed", message[:1])
-            return ["error", "ProtoBaseError",
-                    f"the coordinator could not process the request ({type(error).__name__}: {error}); "
-                    f"nothing was committed. If the request was well formed, please report this bug"]
 
     def _hello(self, client: Client, version: int) -> list:
         if version != FORMAT_VERSION:
@@ -393,14 +488,23 @@ class Coordinator:
             client.slot = self.control.assign_reader(client.pid, process_start_time(client.pid))
         return ["ok", self.instance_id, client.slot]
 
-    def commit(self, client: Client, base: int, serializable: bool, durability: str, ops_bytes: bytes,
+    def _watch(self, client: Client, version: int, prefixes: list) -> list:
+        if version != FORMAT_VERSION:
+            return ["error", "ProtoBaseError",
+                    f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"]
+        if not all(type(prefix) is list for prefix in prefixes):
+            raise ProtocolError("malformed request: watch prefixes are lists of keys")
+        client.watching = [tuple(prefix) for prefix in prefixes]
+        return ["ok", self.published_seq]
+
+    def commit(self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes,
                reads: list) -> list | None:
         """Validate, apply, write, log and publish one transaction; None when the reply waits for fsync."""
         if self.durability.failure:
             return self._failure_reply()
         if durability not in DURABILITY_MODES:
             return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
-        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
+        ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
         conflict = self.versions.first_conflict(base, checked)
@@ -424,7 +528,7 @@ class Coordinator:
         reply = ["ok", self.seq, self._written_values(ops, paths)]  # while the persistence process writes
 
         if durability == "sync":
-            self.pending.append(Pending(lsn, self.seq, new_root, client, reply, paths))
+            self.pending.append(Pending(lsn, self.seq, new_root, asker, reply, paths))
             reply = None
         else:
             self._publish(self.seq, new_root)
@@ -474,7 +578,7 @@ class Coordinator:
             touched = [list(path) for path in paths
                        if any(path[:len(prefix)] == prefix or prefix[:len(path)] == path for prefix in client.watching)]
             if touched:
-                self._answer(client, ["changed", seq, touched])
+                self._answer(Asker(client, PUSH), ["changed", seq, touched])
 
     def _on_new_segment(self, next_index: int) -> None:
         if self.control is not None:
@@ -485,11 +589,11 @@ class Coordinator:
     def _on_persistence_report(self) -> None:
         for message in self.durability.read_reports():
             if message[0] == "checkpointed" and self.checkpoint_requests:
-                seq, client = self.checkpoint_requests.popleft()
-                if client is None:
+                seq, asker = self.checkpoint_requests.popleft()
+                if asker is None:
                     self.checkpoints += 1
                 else:
-                    self._answer(client, ["ok", seq, message[2]])
+                    self._answer(asker, ["ok", seq, message[2]])
         durable = self.durability.durable_lsn  # (the persistence process publishes it in the control block)
         newest = None
         answered = []
@@ -500,7 +604,7 @@ class Coordinator:
             self._publish(newest.seq, newest.root)
         for pending in answered:
             self._notify(pending.seq, pending.paths)
-            self._answer(pending.client, pending.reply)
+            self._answer(pending.asker, pending.reply)
         if self.durability.failure:
             self._fail(self.durability.failure)
         if self.durability.sock is None:  # the child is gone: restart it or fail
@@ -538,7 +642,7 @@ class Coordinator:
         log.error("durability failed: %s; refusing commits and stopping", why)
         while self.pending:
             pending = self.pending.popleft()
-            self._answer(pending.client, self._failure_reply())
+            self._answer(pending.asker, self._failure_reply())
         self.running = False
 
     def _maybe_checkpoint(self) -> None:
@@ -546,30 +650,30 @@ class Coordinator:
             self._checkpoint()
 
     def _checkpoint_pending(self) -> bool:
-        return any(client is None for _, client in self.checkpoint_requests)
+        return any(asker is None for _, asker in self.checkpoint_requests)
 
-    def _checkpoint(self, client: Client | None = None, directory: str | None = None) -> None:
+    def _checkpoint(self, asker: Asker | None = None, directory: str | None = None) -> None:
         """Have the persistence process write the state after the last commit as a checkpoint.
 
         With `directory`, it is a backup: the checkpoint goes there, the WAL is
-        left alone, and `client` is answered once it is on disk.
+        left alone, and `asker` is answered once it is on disk.
         """
         if directory is None and self._checkpoint_pending():
             return
-        self.checkpoint_requests.append((self.seq, client))
+        self.checkpoint_requests.append((self.seq, asker))
         if directory is None:
             self.changed_since_checkpoint = False
         self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=self.arena.generation(),
                                            next_segment=self.arena.next_index, directory=directory)
 
-    def _backup(self, client: Client, destination: str) -> None:
+    def _backup(self, asker: Asker, destination: str) -> None:
         """Start a hot, consistent backup of the latest commit into a new data directory."""
         target = DataDir.open(destination)
         if any(name != STAMP for name in os.listdir(target.path)):
             raise DataDirectoryError(f"backup destination {target.path} is not empty; pass a new directory")
         if self.durability.failure:
             raise CoordinatorError(self._failure_reply()[2])
-        self._checkpoint(client, target.path)
+        self._checkpoint(asker, target.path)
 
     # -- reclamation ----------------------------------------------------------------
 
@@ -614,6 +718,7 @@ class Coordinator:
 
     def _housekeeping(self) -> None:
         self.control.reap_dead_readers()
+        self._drop_stalled_senders()
         self._check_persistence()
         self._release_retired()
         if len(self.versions) > 100_000:
@@ -625,6 +730,15 @@ class Coordinator:
             linger = self.grace if self.accepted else max(self.grace, FIRST_CLIENT_WAIT)
             if time.monotonic() - self.idle_since >= linger:
                 self.running = False
+
+    def _drop_stalled_senders(self) -> None:
+        """Hang up on clients that left a request half-sent for too long: they hold our memory."""
+        now = time.monotonic()
+        for client in list(self.clients.values()):
+            if client.reader.buffered and now - client.partial_since > PARTIAL_FRAME_TIMEOUT:
+                log.warning("closing the connection of client %d: it left %d bytes of a request unfinished "
+                            "for %ss", client.pid, client.reader.buffered, PARTIAL_FRAME_TIMEOUT)
+                self._drop(client.sock)
 
     def live_bytes(self) -> int:
         """Estimated bytes reachable from the root (exact right after a compaction)."""

@@ -1,0 +1,177 @@
+"""A client's connection to its coordinator: exchanges that an interruption cannot desynchronise.
+
+Owns one Unix socket of a client process (a Database handle's, or a
+Watcher's) and the state of the stream on it: the next request id, the bytes
+of a reply received in part, and the replies that arrived for requests whose
+caller stopped waiting. Runs in client processes; a Database calls it under
+its lock, one exchange at a time.
+
+Invariant: the connection is *settled* (every request frame went out whole,
+every byte received is filed: a whole reply parked under its request id, a
+partial one kept for later) or it is *broken* and never used again. An
+exception that lands while a caller waits for a reply (Ctrl-C, a timeout
+signal) leaves it settled: that reply is filed when it comes, by its request
+id, and `wait_reply` can still collect it, so no caller ever takes another
+request's reply for its own. An exception inside a send, or between a recv
+and the filing of its bytes, breaks it; the owner then opens a new one.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from . import codec
+from . import errors as errors_module
+from .errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
+from .protocol import PUSH, FrameReader, encode_frame
+
+__all__ = ["Connection", "error_from_reply"]
+
+RECEIVE_BYTES = 1 << 16  # read at a time
+MAX_PARKED = 1024  # replies kept for callers that stopped waiting; the oldest go first
+
+
+class Connection:
+    """Requests and replies over one socket to the coordinator, matched by request id."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock  # blocking; we poll before every recv
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
+        self._reader = FrameReader()  # holds a reply frame received in part
+        self._chunk = bytearray(RECEIVE_BYTES)  # recv_into target, reused
+        self._next_id = 1
+        self._last_sent = 0  # id of the last request sent whole
+        self._parked: dict[int, list] = {}  # {request id -> reply fields}, in arrival order
+        self.pushes: deque[list] = deque()  # messages the coordinator sent unasked, in order
+        self._settled = True  # False from a send or recv until its bytes are accounted for
+        self._closed = False
+
+    @property
+    def broken(self) -> bool:
+        """True once the stream may be out of step, or the peer closed it: open a new connection."""
+        return self._closed or not self._settled
+
+    def request(self, message: list) -> list:
+        """Send a request and wait for its reply; return the reply's fields ([status, ...])."""
+        request_id = self.reserve()
+        self.send(request_id, message)
+        reply = self.wait_reply(request_id)
+        self.release(request_id)
+        return reply
+
+    def reserve(self) -> int:
+        """A fresh request id, for a request about to be sent with `send`."""
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        return request_id
+
+    def send(self, request_id: int, message: list) -> None:
+        """Send `[request_id, *message]` whole; its reply will carry `request_id`."""
+        frame = encode_frame([request_id, *message])  # raises before anything is sent
+        self._settled = False  # an interrupted sendall leaves part of the frame on the wire
+        self._sock.sendall(frame)
+        self._last_sent = request_id
+        self._settled = True
+
+    def may_have_sent(self, request_id: int) -> bool:
+        """False only if request `request_id` certainly never reached the wire (its send was interrupted first)."""
+        return request_id <= self._last_sent or not self._settled
+
+    def wait_reply(self, request_id: int, timeout: float | None = None) -> Any:
+        """The reply to `request_id`, waiting up to `timeout` seconds (None: for ever); None on timeout.
+
+        Replies to other requests that arrive meanwhile are parked for their
+        own callers. The reply stays parked until `release`: a caller
+        interrupted before it recorded what the reply says can wait for it
+        again. Raises CoordinatorError when the connection is lost first.
+        """
+        if not self.may_have_sent(request_id):
+            raise ValueError(f"request {request_id} was never sent: no reply will come")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            reply = self._parked.get(request_id)
+            if reply is not None:
+                return reply
+            if not self._receive(deadline):
+                return None
+
+    def release(self, request_id: int) -> None:
+        """Forget the reply to `request_id`: its caller has recorded it."""
+        self._parked.pop(request_id, None)
+
+    def wait_push(self, timeout: float | None = None) -> list | None:
+        """The next message the coordinator sent unasked, waiting up to `timeout`; None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.pushes:
+            if not self._receive(deadline):
+                return None
+        return self.pushes.popleft()
+
+    def peer_alive(self) -> bool:
+        """False if the coordinator has closed its end (it stopped or died); files what has arrived meanwhile."""
+        try:
+            while not self.broken and self._poll.poll(0):
+                self._receive(deadline=0.0)
+        except (OSError, ProtoBaseError):
+            return False
+        return not self.broken
+
+    def _receive(self, deadline: float | None) -> bool:
+        """Wait until bytes arrive (or `deadline`), read and file them; False if the deadline passed."""
+        if self.broken:
+            raise CoordinatorError("this connection to the coordinator is closed")
+        # Wait where an interruption costs nothing: no byte has been taken off the socket yet.
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._poll.poll(None if remaining is None else remaining * 1000):
+            return False
+        self._settled = False  # until what recv_into returns is filed
+        try:
+            received = self._sock.recv_into(self._chunk)
+        except OSError as error:
+            self._closed = True
+            raise CoordinatorError(f"the connection to the coordinator failed: {error.strerror}") from None
+        if not received:
+            self._closed = True
+            raise CoordinatorError("the coordinator closed the connection")
+        for body in self._reader.feed_bodies(memoryview(self._chunk)[:received]):
+            self._file(body)
+        self._settled = True
+        return True
+
+    def _file(self, body: bytes) -> None:
+        try:
+            message = codec.decode(body, frozen=False)
+        except CorruptionError as error:
+            raise ProtocolError(f"the coordinator sent an undecodable message ({error})") from None
+        if not isinstance(message, list) or len(message) < 2 or type(message[0]) is not int:
+            raise ProtocolError(f"the coordinator sent a message without a request id: {message!r:.80}")
+        if message[0] == PUSH:
+            self.pushes.append(message[1:])
+            return
+        if len(self._parked) >= MAX_PARKED:
+            del self._parked[next(iter(self._parked))]
+        self._parked[message[0]] = message[1:]
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+
+
+def error_from_reply(reply: list) -> ProtoBaseError:
+    """The exception an ["error", class name, message] reply stands for.
+
+    Only ProtoBaseError subclasses of errors.py are built: the peer cannot
+    make us instantiate an arbitrary class.
+    """
+    error_class = getattr(errors_module, str(reply[1]), ProtoBaseError)
+    if not (isinstance(error_class, type) and issubclass(error_class, ProtoBaseError)):
+        error_class = ProtoBaseError
+    try:
+        return error_class(reply[2])
+    except TypeError:  # a class whose constructor takes other arguments (ConflictError)
+        return ProtoBaseError(reply[2])

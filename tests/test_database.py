@@ -1,0 +1,87 @@
+"""The Database handle: retried transactions, and a handle that outlives its coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import psutil
+import pytest
+
+import protobase
+from protobase.errors import CoordinatorRestartedError
+from tests.conftest import GRACE
+
+
+def kill_coordinator(db: protobase.Database) -> None:
+    """SIGKILL the coordinator this test's open() started, and wait until it is gone."""
+    process = psutil.Process(db.coordinator_pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_transactional_refuses_an_async_function_at_decoration(db):
+    # Regression (issue 10, item 17): it committed an empty transaction and returned a coroutine.
+    async def add(tx, item):
+        tx.root["items"] = [item]
+
+    with pytest.raises(TypeError, match=r"@db.transactional cannot run .*add: it is asynchronous, so its body"):
+        db.transactional()(add)
+
+
+def test_transactional_refuses_a_function_that_returns_an_awaitable(db):
+    async def add(tx, item):
+        tx.root["items"] = [item]
+
+    add_later = db.transactional()(lambda tx, item: add(tx, item))
+    with pytest.raises(TypeError, match="it is asynchronous"):
+        add_later("x")
+    with db.snapshot() as snap:
+        assert "items" not in snap.root
+    assert db.stats().commits == 0
+
+
+def test_transactional_works_from_an_event_loop_through_an_executor(db):
+    @db.transactional()
+    def add(tx, item):
+        tx.root["items"] = tx.root.get("items", ()) + (item,)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, add, n) for n in range(4)))
+
+    asyncio.run(main())
+    with db.snapshot() as snap:
+        assert sorted(snap.root["items"]) == [0, 1, 2, 3]
+
+
+def test_a_transaction_open_across_a_coordinator_restart_is_run_again(datadir):
+    runs = []
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.transaction() as tx:
+            tx.root["counter"] = 0
+
+        @db.transactional(retries=3)
+        def increment(tx):
+            runs.append(tx.base_seq)
+            tx.root["counter"] += 1
+            if len(runs) == 1:
+                kill_coordinator(db)  # the first run commits into a restarted coordinator
+
+        increment()
+        assert len(runs) == 2
+        with db.snapshot() as snap:
+            assert snap.root["counter"] == 1
+
+
+def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        @db.transactional(retries=0)
+        def doomed(tx):
+            tx.root["k"] = 1
+            kill_coordinator(db)
+
+        with pytest.raises(CoordinatorRestartedError, match="restarted while this transaction was open"):
+            doomed()
+        with db.snapshot() as snap:
+            assert "k" not in snap.root
