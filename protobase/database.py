@@ -300,15 +300,20 @@ class Database:
             self._store.reader.forget_below(oldest_segment)
             self._store.clear()
 
-    def _adopt_snapshot(self, seq: int, root: int) -> Snapshot:
+    def _adopt_snapshot(self, instance_id: str, seq: int, root: int) -> Snapshot:
         """A snapshot of (seq, root) that another process of this database has pinned.
 
         For worker pools: the parent's pin keeps every atom of that root alive,
         so we only add our own pin (the coordinator then sees both) without
-        re-reading the published root.
+        re-reading the published root. CoordinatorRestartedError if the
+        parent's pin is of another coordinator instance than ours (a restart
+        in between): its pointers mean nothing here.
         """
         with self._lock:
             self._ensure_attached()
+            if instance_id != self.instance_id:
+                raise CoordinatorRestartedError(
+                    f"the coordinator of {self.path} restarted during this pool call; run the call again")
             floor = min(self._held) if self._held else None
             if floor is None or seq < floor:
                 self._control.set_reader_snapshot(self._slot, seq)

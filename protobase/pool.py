@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
     from .database import Database
     from .snapshot import Snapshot
 
-__all__ = ["Pool", "WorkerDiedError", "RemoteTraceback"]
+__all__ = ["Pool", "WorkerDiedError", "RemoteTraceback", "chunk_sizes"]
+
+READY = "ready"  # a worker's first message: it has attached to the database
+START_TIMEOUT = 120.0  # seconds a worker may take to start and attach (a loaded host, a cold import)
+MAX_CHUNK = 10_000  # items per task at most: bounds a task's pickled size and the tail of a call
 
 
 class WorkerDiedError(ProtoBaseError):
@@ -45,21 +50,27 @@ class RemoteTraceback(Exception):
 
 
 def _worker_main(path: str, conn: Any) -> None:
-    """A worker: attach, then run tasks until told to stop (None)."""
+    """A worker: attach, say it is ready, then run tasks until told to stop (None)."""
     import protobase
 
     db = protobase.open(path, create=False)
     snapshot: Snapshot | None = None
     try:
+        conn.send(READY)
         while True:
             message = conn.recv()
             if message is None:
                 return
-            task_id, seq, root, func, work = message
-            if snapshot is None or snapshot.seq != seq:
+            task_id, instance_id, seq, root, func, work = message
+            if snapshot is None or snapshot.seq != seq or db.instance_id != instance_id:
                 if snapshot is not None:
                     snapshot.close()
-                snapshot = db._adopt_snapshot(seq, root)
+                    snapshot = None
+                try:
+                    snapshot = db._adopt_snapshot(instance_id, seq, root)
+                except ProtoBaseError as error:
+                    conn.send(("error", task_id, (error, traceback.format_exc())))
+                    continue
             conn.send(_run_task(task_id, snapshot, func, work))
     except (EOFError, KeyboardInterrupt):
         return
@@ -110,6 +121,20 @@ class _Worker:
         self.process.start()
         child.close()
         self.task: int | None = None  # the task it holds
+        self.ready = False  # it has said it attached
+
+    def wait_ready(self, deadline: float) -> None:
+        """Return once the worker has attached; WorkerDiedError if it exits or hangs first."""
+        if self.ready:
+            return
+        if wait([self.conn, self.process.sentinel], max(0.0, deadline - time.monotonic())) and self.conn.poll():
+            try:
+                self.ready = self.conn.recv() == READY
+            except (EOFError, OSError):
+                pass
+        if not self.ready:
+            self.process.join(timeout=1.0)
+            raise WorkerDiedError(_start_failure(self.process.pid, self.process.exitcode))
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -123,6 +148,34 @@ class _Worker:
         self.conn.close()
 
 
+def _start_failure(pid: int | None, exitcode: int | None) -> str:
+    return (f"pool worker {pid} did not start (exit code {exitcode}; its error is on standard error). "
+            f"The usual cause: with the 'spawn' start method every worker imports the main script again, so "
+            f"a script that opens the pool must do so under `if __name__ == \"__main__\":`")
+
+
+def _refuse_while_bootstrapping() -> None:
+    # A spawned child is importing the main script again: a pool here would spawn
+    # workers of its own, recursively. multiprocessing's own error says less.
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError("db.pool() was called while this process was starting as a pool worker: the main "
+                           "script runs again in every worker under the 'spawn' start method. Put the code that "
+                           "opens the pool under `if __name__ == \"__main__\":`")
+
+
+def chunk_sizes(count: int | None, processes: int) -> Iterator[int]:
+    """Items per task for `count` items on `processes` workers (None: a count not known in advance).
+
+    About four tasks per worker, so that all of them start at once and a slow
+    task leaves little tail; with an unknown count, tasks grow from 1 item by
+    doubling up to 64, so a few items still spread over every worker.
+    """
+    if count is not None:
+        size = max(1, min(MAX_CHUNK, -(-count // (4 * processes))))
+        return itertools.repeat(size)
+    return itertools.chain((1 << step for step in range(6)), itertools.repeat(64))
+
+
 class Pool:
     """`with db.pool(processes=N) as pool:` N worker processes attached to the database."""
 
@@ -130,25 +183,41 @@ class Pool:
         count = processes or os.cpu_count() or 1
         if count < 1:
             raise ValueError(f"a pool needs at least one process, got {processes}")
+        _refuse_while_bootstrapping()
         self._db = db
         self._context = multiprocessing.get_context(context)
         self._workers = [_Worker(self._context, db.path) for _ in range(count)]
         self._closed = False
         self.replaced = 0  # workers that died and were replaced
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            for worker in self._workers:
+                worker.wait_ready(deadline)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def processes(self) -> int:
         return len(self._workers)
 
     def map(self, func: Callable[[Snapshot, Any], Any], iterable: Iterable[Any], chunksize: int | None = None) -> list:
-        """[func(snapshot, item) for item in iterable], in N processes, one snapshot for all items."""
+        """[func(snapshot, item) for item in iterable], in N processes, one snapshot for all items.
+
+        Items go to the workers `chunksize` at a time; by default the size
+        comes from the item count (see `chunk_sizes`), so even a few items
+        spread over every worker.
+        """
         return list(self.imap(func, iterable, chunksize))
 
     def imap(self, func: Callable[[Snapshot, Any], Any], iterable: Iterable[Any],
              chunksize: int | None = None) -> Iterator[Any]:
         """Like map, lazily and in order."""
-        size = chunksize or 64
-        chunks = (("items", chunk) for chunk in _chunked(iterable, size))
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+        count = len(iterable) if isinstance(iterable, Sized) else None
+        sizes = itertools.repeat(chunksize) if chunksize else chunk_sizes(count, self.processes)
+        chunks = (("items", chunk) for chunk in _chunked(iterable, sizes))
         return self._results(func, chunks)
 
     def map_keys(self, func: Callable[[Snapshot, Any], Any], path: str | tuple,
@@ -161,7 +230,7 @@ class Pool:
         path = path if isinstance(path, tuple) else (path,)
         with self._db.snapshot() as snapshot:
             total = len(_resolve(snapshot, path))
-            size = chunksize or max(1, min(10_000, -(-total // (4 * self.processes))))
+            size = chunksize or next(chunk_sizes(total, self.processes))
             work = (("keys", path, start, min(total, start + size)) for start in range(0, total, size))
             return list(self._run(func, snapshot, work))
 
@@ -172,7 +241,7 @@ class Pool:
     def _run(self, func: Callable, snapshot: Snapshot, work: Iterator[tuple]) -> Iterator[Any]:
         if self._closed:
             raise DatabaseClosedError("this pool is closed; create another with db.pool()")
-        seq, root = snapshot.seq, snapshot.root.ptr
+        seq, root, instance_id = snapshot.seq, snapshot.root.ptr, self._db.instance_id
         ids = itertools.count()
         done: dict[int, list] = {}  # {task id -> results}, waiting to be yielded in order
         next_out = 0
@@ -185,8 +254,9 @@ class Pool:
                         if item is None:
                             exhausted = True
                             break
+                        worker.wait_ready(time.monotonic() + START_TIMEOUT)  # a replacement may be starting
                         worker.task = next(ids)
-                        worker.conn.send((worker.task, seq, root, func, item))
+                        worker.conn.send((worker.task, instance_id, seq, root, func, item))
                 busy = [worker for worker in self._workers if worker.task is not None]
                 if not busy:
                     break
@@ -268,9 +338,9 @@ class Pool:
         return f"<Pool {len(self._workers)} processes {'closed' if self._closed else 'open'}>"
 
 
-def _chunked(iterable: Iterable[Any], size: int) -> Iterator[list]:
+def _chunked(iterable: Iterable[Any], sizes: Iterator[int]) -> Iterator[list]:
     iterator = iter(iterable)
-    while True:
+    for size in sizes:
         chunk = list(itertools.islice(iterator, size))
         if not chunk:
             return

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 import protobase
-from protobase.pool import RemoteTraceback, WorkerDiedError
+from protobase.pool import RemoteTraceback, WorkerDiedError, chunk_sizes
 from tests.conftest import GRACE
 
 
@@ -86,3 +90,55 @@ def test_a_dead_worker_is_reported_and_replaced(pooled):
     assert len(before - after) == 1 and len(after - before) == 1
     assert pool.map(die_on_three, [1, 2]) == [1, 2]  # the replacement works
 
+
+
+def test_a_few_items_spread_over_every_worker(pooled):
+    # Regression (issue 10, item 18): chunks of 64 put any call of fewer items on one worker.
+    _, pool = pooled
+    assert len(set(pool.map(pid_of_worker, range(4)))) == 2
+    assert len(set(pool.map(pid_of_worker, iter(range(4))))) == 2  # a count not known in advance too
+
+
+def test_chunk_sizes_follow_the_item_count_and_the_workers():
+    assert next(chunk_sizes(8, 4)) == 1
+    assert next(chunk_sizes(1000, 4)) == 63  # about four tasks per worker
+    assert next(chunk_sizes(10**9, 2)) == 10_000  # bounded
+    assert list(itertools.islice(chunk_sizes(None, 4), 8)) == [1, 2, 4, 8, 16, 32, 64, 64]
+
+
+UNGUARDED_SCRIPT = """
+import sys
+import protobase
+
+def double(snapshot, item):
+    return 2 * item
+
+db = protobase.open(sys.argv[1], create=False)
+with db.pool(processes=2) as pool:  # no `if __name__ == "__main__":` guard
+    print(pool.map(double, range(4)))
+db.close()
+"""
+
+
+def test_a_pool_opened_by_an_unguarded_script_fails_with_a_clear_error(datadir, tmp_path):
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        script = tmp_path / "unguarded.py"
+        script.write_text(UNGUARDED_SCRIPT)
+        result = subprocess.run([sys.executable, str(script), datadir], capture_output=True, text=True,
+                                timeout=180, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert result.returncode != 0
+        assert "did not start" in result.stderr and 'under `if __name__ == "__main__":`' in result.stderr
+        assert "db.pool() was called while this process was starting as a pool worker" in result.stderr
+        db.check()
+
+
+def test_a_pool_keeps_working_after_the_coordinator_restarts(pooled):
+    # Regression (issue 10, item 19): handles held across a restart failed for good.
+    db, pool = pooled
+    assert pool.map(seq_and_total, [1]) == [(db.stats().seq, 0, 1)]
+    coordinator = psutil.Process(db.coordinator_pid)
+    coordinator.kill()
+    coordinator.wait(30)
+    with db.transaction() as tx:  # reattaches, starting a new coordinator (async: the last commits may be gone)
+        tx.root["counter"] = 7
+    assert [total for _, total, _ in pool.map(seq_and_total, range(6))] == [7] * 6

@@ -224,8 +224,9 @@ def test_attach_missing_segment_says_coordinator_is_gone(iid: str) -> None:
     with pytest.raises(CoordinatorError) as info:
         Segment.attach(name)
     assert str(info.value) == (
-        f"shared memory segment {name} is gone: the coordinator has exited or restarted; "
-        f"reopen the database"
+        f"shared memory segment {name} is gone: the coordinator has exited or restarted, or compacted "
+        f"it away after the snapshot that read this value was closed; take a new snapshot (a database "
+        f"handle reattaches by itself)"
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 
+import psutil
+
 import protobase
 from tests.conftest import GRACE
 
@@ -50,3 +52,21 @@ def test_watching_everything_and_nested_prefixes(db):
         assert (first.paths, second.paths) == ((("a",),), (("a", "y"),))
         assert nested.wait(timeout=10).paths == (("a",),)  # replacing root["a"] touches a/x
         assert nested.wait(timeout=0.3) is None  # a/y does not
+
+
+def test_a_watcher_outlives_a_coordinator_restart(db):
+    # Regression (issue 10, item 19): a watcher held across a restart failed for good.
+    with db.transaction() as tx:
+        tx.root["k"] = 0
+    with db.watch("k") as watcher:
+        coordinator = psutil.Process(db.coordinator_pid)
+        coordinator.kill()
+        coordinator.wait(30)
+        with db.transaction() as tx:  # reattaches: starts the coordinator the watcher waits for
+            tx.root["other"] = 1
+        resubscribed = watcher.wait(timeout=60)
+        assert resubscribed is not None and resubscribed.paths == ((),)  # re-read: changes may be missed
+        with db.transaction() as tx:
+            tx.root["k"] = 1
+        change = watcher.wait(timeout=60)
+        assert change is not None and change.paths == (("k",),) and change.seq == tx.seq

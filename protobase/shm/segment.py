@@ -106,7 +106,8 @@ class Segment:
         except posix_ipc.ExistentialError:
             raise CoordinatorError(
                 f"shared memory segment {name} is gone: the coordinator has exited or "
-                f"restarted; reopen the database"
+                f"restarted, or compacted it away after the snapshot that read this value was closed; "
+                f"take a new snapshot (a database handle reattaches by itself)"
             ) from None
         except posix_ipc.PermissionsError:
             raise CoordinatorError(
