@@ -83,7 +83,9 @@ class Transaction:
         self.durability = durability  # None: the database handle's default
         self.base_seq, root_ptr, self._epoch = db._pin()
         self.seq: int | None = None  # sequence number of the commit, once committed
-        self._request: CommitRequest | None = None  # the commit sent, while its answer is unknown
+        self._request: CommitRequest | None = None  # the commit sent, until its answer is recorded
+        self._refusal: BaseException | None = None  # why the commit was refused (nothing committed)
+        self._pinned = True  # base_seq is pinned in the handle's reader slot
         self._ops: dict[tuple, list] = {}  # {path -> [code, path, argument]}, in order of last write
         self._reads: set[tuple] = set()  # paths read (serializable only)
         self._state = "active"
@@ -92,7 +94,8 @@ class Transaction:
     # -- recording (called by the wrappers) --------------------------------------
 
     def _check_active(self) -> None:
-        if self._state != "active":
+        # "committing": the commit reads its own values back (write-through), nothing else runs then.
+        if self._state != "active" and self._state != "committing":
             raise DatabaseClosedError(f"this transaction is {self._state}; start a new one with db.transaction()")
 
     def _record(self, path: tuple, code: int, argument: Any) -> None:
@@ -144,12 +147,13 @@ class Transaction:
             reads = [list(path) for path in self._reads] if self.serializable else []
             request = self._db._prepare_commit(self._epoch, self.base_seq, self.serializable, self.durability,
                                                ops, reads, self._check_encodable)
-            self._request = request  # from here on, the coordinator may commit it
+            self._request = request
+            self._state = "committing"  # from here on, the coordinator may commit it
             self._db._send_commit(request)
             return self._await(None)
         except (OSError, ProtoBaseError) as error:
             if not isinstance(error, OutcomeUnknownError):
-                self._forget_request()  # it was refused, or never sent: nothing was committed
+                self._refusal = error  # refused, or never sent: nothing was committed
             raise
         finally:
             self._settle()
@@ -162,41 +166,50 @@ class Transaction:
         still sends, and returns the seq, or None if none came in time. Raises
         the ConflictError (or other error) the commit got, and
         OutcomeUnknownError if the connection it went out on is lost. For a
-        committed transaction it is `seq`; an active or aborted one raises
-        DatabaseClosedError.
+        committed transaction it is `seq`; for a refused one, the error it got
+        is raised again; an active one, or one aborted before its commit went
+        out, raises DatabaseClosedError.
         """
+        if self._state in ("committing", "unknown") and self._answer_may_come():
+            try:
+                self._await(timeout)
+            except ProtoBaseError as error:
+                if not isinstance(error, OutcomeUnknownError):
+                    self._refusal = error
+                raise
+            finally:
+                self._settle()
+        elif self._state in ("committing", "unknown"):
+            self._settle()  # an interruption came between learning the answer and recording it
         if self._state == "committed":
             return self.seq
-        if self._state != "unknown":
-            raise DatabaseClosedError(f"this transaction is {self._state}: it has no commit outcome")
-        try:
-            return self._await(timeout)
-        except ProtoBaseError as error:
-            if not isinstance(error, OutcomeUnknownError):
-                self._forget_request()
-            raise
-        finally:
-            self._settle()
+        if self._state == "unknown":
+            return None
+        if self._refusal is not None:
+            raise self._refusal
+        raise DatabaseClosedError(f"this transaction is {self._state}: nothing of it was committed")
 
     def _await(self, timeout: float | None) -> int | None:
         self.seq = self._db._await_commit(self._request, timeout)
         return self.seq
 
+    def _answer_may_come(self) -> bool:
+        return (self.seq is None and self._refusal is None and self._request is not None
+                and self._request.may_have_been_sent)
+
     def _settle(self) -> None:
-        """Committed, aborted, or (a commit sent whose answer is still to come) unknown."""
+        """Committed, aborted, or (a commit sent whose answer is still to come) unknown.
+
+        Decided from facts recorded as they are learnt (`seq`, `_refusal`,
+        what was sent), so an interruption at any point leaves a state that
+        `outcome()` can finish.
+        """
         if self.seq is not None:
-            self._forget_request()
             self._finish("committed")
-        elif self._request is not None and self._request.may_have_been_sent:
+        elif self._answer_may_come():
             self._finish("unknown")
         else:
-            self._forget_request()
             self._finish("aborted")
-
-    def _forget_request(self) -> None:
-        if self._request is not None:
-            self._request.release()
-            self._request = None
 
     def _wire_ops(self) -> list:
         ops = []
@@ -221,11 +234,17 @@ class Transaction:
             self._finish("aborted")
 
     def _finish(self, state: str) -> None:
-        if self._state in ("active", "unknown") and state != self._state:
-            if self._state == "active":
-                self._db._unpin(self.base_seq, self._epoch)  # what it read no longer matters
-            self._db._transactions.discard(self)
         self._state = state
+        if self._pinned:
+            # Flag first: an interruption between the two leaks a pin (memory held a
+            # while longer), never unpins twice (which could free another snapshot's).
+            self._pinned = False
+            self._db._unpin(self.base_seq, self._epoch)  # what it read no longer matters
+        if state != "unknown":
+            self._db._transactions.discard(self)
+            request, self._request = self._request, None
+            if request is not None:
+                request.release()  # last: interrupted before it, the answer just stays parked a while
 
     @property
     def active(self) -> bool:
@@ -238,7 +257,7 @@ class Transaction:
         A commit whose wait was interrupted (Ctrl-C) is "unknown" until
         `outcome()` collects the coordinator's answer.
         """
-        return self._state
+        return "unknown" if self._state == "committing" else self._state
 
     def __del__(self) -> None:
         # A forgotten transaction must not pin shared memory for the life of the process.

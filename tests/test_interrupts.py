@@ -1,0 +1,12 @@
+"""Short interrupt test: Ctrl-C and kill -9 clients mid-commit; every acknowledged commit is there exactly once."""
+
+from __future__ import annotations
+
+from stress.interrupts import run
+
+
+def test_interrupted_and_killed_clients_lose_and_duplicate_nothing(session_dir):
+    outcome = run(seconds=8, clients=3, kill_every=10, base=session_dir)
+    assert outcome.interrupts > 50 and outcome.kills > 0
+    assert outcome.acknowledged > 50
+    assert outcome.ok, outcome
