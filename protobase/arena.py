@@ -87,6 +87,9 @@ class ArenaWriter:
         self.used_of: dict[int, int] = {}  # {segment index -> bytes used}, for finished segments
         self.generation_start = 1  # first segment of the current generation (see compaction)
         self.size_hint = 0  # bytes the next segment should hold (set by start_generation), 0: none
+        # Where to go back to if the generation being built is abandoned:
+        # (generation_start, segment index being appended to or 0, allocated_bytes), as before start_generation.
+        self.resume_point: tuple[int, int, int] | None = None
 
         self.allocated_bytes = 0  # payload + header bytes appended since start
 
@@ -112,11 +115,33 @@ class ArenaWriter:
 
         Compaction copies the live data there: sized to it, the copy fits in one
         segment without reserving a quarter of the old generation as well.
+        Until the copy is published, `abandon_generation` can take it back.
         """
+        self.resume_point = (self.generation_start, self.current_index if self.current is not None else 0,
+                             self.allocated_bytes)
         self._finish_current()
         self.generation_start = self.next_index
         self.size_hint = expected_bytes
         return self.next_index
+
+    def abandon_generation(self) -> int:
+        """Undo `start_generation`: unlink the segments made since, append to the previous generation again.
+
+        For a compaction that failed half way (/dev/shm full, or any error):
+        the previous generation is whole, `generation()` lists it again and
+        the next atom goes where it would have gone. Segment indexes are not
+        reused. Returns the bytes freed.
+        """
+        assert self.resume_point is not None, "abandon_generation() without start_generation()"
+        generation_start, resume_index, allocated = self.resume_point
+        freed = sum(self._drop_segment(index) for index in [i for i in self.segments if i >= self.generation_start])
+        self.current = None
+        self.generation_start, self.allocated_bytes, self.size_hint = generation_start, allocated, 0
+        if resume_index:
+            self.current, self.current_index = self.segments[resume_index], resume_index
+            self.used = self.used_of.pop(resume_index)
+        self.resume_point = None
+        return freed
 
     def _finish_current(self) -> None:
         if self.current is not None:
@@ -162,14 +187,15 @@ class ArenaWriter:
 
     def release_below(self, index: int) -> int:
         """Unlink every segment with an index below `index`; return the bytes freed."""
-        freed = 0
-        for old in [i for i in self.segments if i < index]:
-            self.used_of.pop(old, None)
-            segment = self.segments.pop(old)
-            freed += segment.size
-            segment.unlink()
-            segment.close()
-        return freed
+        return sum(self._drop_segment(old) for old in [i for i in self.segments if i < index])
+
+    def _drop_segment(self, index: int) -> int:
+        """Unlink and unmap segment `index`; return its size."""
+        self.used_of.pop(index, None)
+        segment = self.segments.pop(index)
+        segment.unlink()
+        segment.close()
+        return segment.size
 
     def mapped_bytes(self) -> int:
         return sum(segment.size for segment in self.segments.values())

@@ -44,6 +44,7 @@ class DatabaseStats:
     commits: int  # since the coordinator started
     conflicts: int
     compactions: int
+    compaction_failures: int  # compactions undone (/dev/shm full, ...): the data stayed as it was
     segments: int  # live data segments
     shared_bytes: int  # bytes of shared memory the instance holds (data + control)
     data_bytes: int  # bytes of the live data segments
@@ -69,7 +70,8 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
         durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
         wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], wal_syncs=counters["wal_syncs"],
         commits=counters["commits"],
-        conflicts=counters["conflicts"], compactions=counters["compactions"], segments=counters["segments"],
+        conflicts=counters["conflicts"], compactions=counters["compactions"],
+        compaction_failures=counters["compaction_failures"], segments=counters["segments"],
         shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
         live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
         readers=readers, object_cache=db._store.objects.stats(), bytes_cache=db._store.bytes.stats(),

@@ -20,9 +20,11 @@ Reclamation is a copying compaction: once the bytes appended since the last
 compaction exceed the live bytes then (and `compact_min_bytes`), every atom
 reachable from the root is copied into fresh segments and the new root is
 published; the old segments are unlinked as soon as the copy is published and
-no reader's snapshot (nor a checkpoint being written) is older than it. Readers
-that die (kill -9) are dropped when their socket closes, and their reader slots
-are reaped by pid and start time.
+no reader's snapshot (nor a checkpoint being written) is older than it. A
+compaction is all or nothing: one that fails (/dev/shm full) unlinks its
+half-built copy and leaves the root, the generation and the retired segments
+as they were. Readers that die (kill -9) are dropped when their socket
+closes, and their reader slots are reaped by pid and start time.
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
-from ..arena import ArenaWriter, AtomReader
+from ..arena import ArenaWriter, AtomReader, segment_of
 from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
 from ..errors import CoordinatorError, DataDirectoryError, ProtoBaseError
 from ..protocol import FrameReader, peer_credentials, send
@@ -125,6 +127,7 @@ class Coordinator:
         self.live_after_compaction = 0  # bytes copied by the last compaction
         self.allocated_at_compaction = 0  # arena.allocated_bytes right after it
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
+        self.next_compaction_attempt = 0  # arena.allocated_bytes before which no automatic compaction is tried
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
         # Checkpoints (and backups) asked of the persistence process, in ring order:
         # [(seq it pins, client to answer or None)]; their segments must stay alive.
@@ -133,6 +136,7 @@ class Coordinator:
         self.commits = 0
         self.conflicts = 0
         self.compactions = 0
+        self.compaction_failures = 0  # compactions undone (/dev/shm full, ...) since start
         self.checkpoints = 0
         self.recovered = None
         self.idle_since: float | None = time.monotonic()
@@ -556,10 +560,13 @@ class Coordinator:
         """
         if directory is None and self._checkpoint_pending():
             return
+        segments = self.arena.generation()
+        assert not self.root or segment_of(self.root) >= self.arena.generation_start, \
+            f"root {self.root:#x} lies outside the generation {segments} a checkpoint copies"
         self.checkpoint_requests.append((self.seq, client))
         if directory is None:
             self.changed_since_checkpoint = False
-        self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=self.arena.generation(),
+        self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=segments,
                                            next_segment=self.arena.next_index, directory=directory)
 
     def _backup(self, client: Client, destination: str) -> None:
@@ -574,17 +581,43 @@ class Coordinator:
     # -- reclamation ----------------------------------------------------------------
 
     def _maybe_compact(self) -> None:
-        garbage_estimate = self.arena.allocated_bytes - self.allocated_at_compaction
-        if garbage_estimate > max(self.live_after_compaction, self.compact_min_bytes):
+        """Compact once the garbage outweighs the live data. Never fails the commit that called it.
+
+        After a failed compaction, wait for as many bytes again before the next attempt.
+        """
+        threshold = max(self.live_after_compaction, self.compact_min_bytes)
+        allocated = self.arena.allocated_bytes
+        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt:
+            return
+        try:
             self.compact()
+        except Exception as error:  # the commit is applied and queued: its client gets "ok", whatever happens here
+            self.next_compaction_attempt = allocated + threshold
+            log.error("compaction failed and was undone; serving the uncompacted data, next attempt after %d more "
+                      "bytes: %s", threshold, error, exc_info=not isinstance(error, ProtoBaseError))
 
     def compact(self) -> None:
-        """Copy the live data into fresh segments and publish it; old segments go once unpinned."""
+        """Copy the live data into fresh segments and publish it; old segments go once unpinned.
+
+        All or nothing: if the copy fails (/dev/shm full, or any error), its
+        segments are unlinked and the root, the generation and the retired
+        segments stay as they were; the error is raised, as ProtoBaseError
+        saying so when it is one.
+        """
         started = time.monotonic()
         before = self.arena.allocated_bytes
         first_new = self.arena.start_generation(self.live_bytes() + self.live_bytes() // 16)
-
-        self.root = self.writer.copy_root(self.root)
+        try:
+            root = self.writer.copy_root(self.root)
+        except BaseException as error:
+            self.compaction_failures += 1
+            self.arena.abandon_generation()
+            self.writer.store.clear()  # it caches nodes of the abandoned copy
+            if isinstance(error, ProtoBaseError):
+                raise ProtoBaseError(f"compaction failed and was undone, the database is unchanged: {error}") \
+                    from error
+            raise
+        self.root = root
         self.seq += 1
         self._publish_when_durable(self.seq, self.root)
         self.live_after_compaction = self.arena.allocated_bytes - before
@@ -636,6 +669,7 @@ class Coordinator:
         return {
             "seq": self.seq, "published_seq": self.published_seq, "commits": self.commits,
             "conflicts": self.conflicts, "compactions": self.compactions, "checkpoints": self.checkpoints,
+            "compaction_failures": self.compaction_failures,
             "allocated_bytes": self.arena.allocated_bytes, "live_bytes": self.live_bytes(),
             "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
             "clients": len(self.clients), "pid": os.getpid(), "persistence_pid": self.durability.pid,
@@ -643,3 +677,4 @@ class Coordinator:
             "wal_bytes_since_checkpoint": self.durability.wal_bytes, "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
+
