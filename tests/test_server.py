@@ -2,21 +2,36 @@
 
 - a compaction that finds /dev/shm full is undone: the commit that triggered it
   gets one reply, "ok"; checkpoints and backups name the segments the root
-  lives in; every acknowledged commit survives a restart.
+  lives in; every acknowledged commit survives a restart;
+- requests from the socket are data: a commit holding an internal reference,
+  or based on a snapshot that does not exist yet, is refused and changes
+  nothing.
 
-Coordinators are real processes, started by `protobase.open`; the /dev/shm
-fault comes through the environment they inherit (shm/segment.py).
+Raw requests go through `request`, the one place that knows the request
+layout of protocol.py. Coordinators are real processes, started by
+`protobase.open`; the /dev/shm fault comes through the environment they
+inherit (shm/segment.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import msgpack
 import pytest
 
 import protobase
-from protobase.arena import FIRST_SEGMENT, segment_of
+from protobase import codec, protocol
+from protobase.arena import FIRST_SEGMENT, VALUE, segment_of
 from protobase.checkpoint import read_checkpoint
+from protobase.codec import Ref
+from protobase.coordinator import launcher
+from protobase.coordinator.writer import OP_SET
 from protobase.errors import ProtoBaseError
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
@@ -25,6 +40,24 @@ from tests.conftest import GRACE, wait_for_coordinator_exit
 
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
 COMPACT_MIN = 1 << 20
+
+
+def request(sock: socket.socket, verb: str, *fields: object) -> list:
+    """Send one request as protocol.py lays it out and return the reply."""
+    protocol.send(sock, [verb, *fields])
+    return protocol.receive(sock)
+
+
+@contextmanager
+def connection(db: protobase.Database) -> Iterator[socket.socket]:
+    """A raw connection to the coordinator of `db`, closed afterwards."""
+    sock = launcher.try_connect(db.datadir)
+    assert sock is not None, "no coordinator listens"
+    sock.settimeout(DEADLINE)
+    try:
+        yield sock
+    finally:
+        sock.close()
 
 
 # -- a compaction on a full /dev/shm ---------------------------------------------------------------
@@ -77,3 +110,76 @@ def test_a_compaction_on_full_shm_is_undone_and_its_commit_answered_ok_once(data
         with protobase.open(path, shutdown_grace=GRACE) as db:
             assert_holds(db, acknowledged)
         assert wait_for_coordinator_exit(path)
+
+
+# -- requests are data -----------------------------------------------------------------------------
+
+
+def ops_holding(value: object) -> bytes:
+    return codec.encode([[OP_SET, ["evil"], value]])
+
+
+def ops_with_a_reference_as_ext8(ptr: int) -> bytes:
+    # The same Ref as ext 8 (length, type, payload) instead of fixext 8: msgpack decodes both.
+    word = struct.pack("<Q", VALUE << 60 | ptr)
+    return b"\x91\x93" + msgpack.packb(OP_SET) + msgpack.packb(["evil"]) + b"\xc7\x08" + bytes([codec.EXT_REF]) + word
+
+
+def opaque_dataclass(fields: dict) -> msgpack.ExtType:
+    return msgpack.ExtType(codec.EXT_DATACLASS, codec.encode(["tests.Point", fields]))
+
+
+REFUSED_REFERENCE = r"commit refused, nothing was applied: .*internal reference types cannot be stored"
+BAD_REQUESTS = {  # name -> (ops bytes made from a pointer to a live atom, error class, message)
+    "a reference as the value": (lambda ptr: ops_holding(Ref(ptr, VALUE)), "EncodingError", REFUSED_REFERENCE),
+    "a reference deep inside": (lambda ptr: ops_holding({"a": [(1, Ref(ptr, VALUE))]}), "EncodingError",
+                                REFUSED_REFERENCE),
+    "a reference as a key": (lambda ptr: ops_holding({Ref(ptr, VALUE): 1}), "EncodingError", REFUSED_REFERENCE),
+    "a reference in a set": (lambda ptr: ops_holding({Ref(ptr, VALUE)}), "EncodingError", REFUSED_REFERENCE),
+    "a reference in a dataclass": (lambda ptr: ops_holding(opaque_dataclass({"x": (Ref(ptr, VALUE),)})),
+                                   "EncodingError", REFUSED_REFERENCE),
+    "a reference in a nested dataclass": (
+        lambda ptr: ops_holding([opaque_dataclass({"inner": opaque_dataclass({"x": Ref(ptr, VALUE)})})]),
+        "EncodingError", REFUSED_REFERENCE),
+    "a reference encoded as ext 8": (ops_with_a_reference_as_ext8, "EncodingError", REFUSED_REFERENCE),
+    "a malformed dataclass": (lambda ptr: ops_holding(msgpack.ExtType(codec.EXT_DATACLASS, b"\xc1")),
+                              "EncodingError", r"commit refused, nothing was applied: a dataclass value in it is "
+                                               r"malformed"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_commit_holding_an_internal_reference_is_refused_and_changes_nothing(db, case):
+    make_ops, error_class, message = BAD_REQUESTS[case]
+    with db.transaction() as tx:
+        tx.root["users"] = {f"u{i}": {"name": "x" * 600, "n": i} for i in range(100)}
+    with db.snapshot() as snap:
+        seq, target = snap.seq, snap.root["users"].ptr
+    with connection(db) as sock:
+        reply = request(sock, "commit", seq, False, "sync", make_ops(target), [])
+        assert reply[:2] == ["error", error_class], reply
+        assert re.search(message, reply[2]), reply[2]
+        assert request(sock, "stats")[1]["seq"] == seq  # in step, and nothing was committed
+    with db.snapshot() as snap:
+        assert "evil" not in snap.root
+    db.check()
+    db.compact()
+    db.check()
+    with db.transaction() as tx:
+        tx.root["after"] = 1
+    with db.snapshot() as snap:
+        assert snap.root["after"] == 1 and len(snap.root["users"]) == 100
+
+
+def test_a_commit_based_on_a_future_snapshot_is_refused(db):
+    with db.transaction() as tx:
+        tx.root["k"] = 1
+    seq = db.stats().seq
+    with connection(db) as sock:
+        reply = request(sock, "commit", seq + 5, False, "sync", ops_holding(2), [])
+        assert reply == ["error", "ProtoBaseError",
+                         f"commit refused, nothing was applied: it is based on snapshot seq {seq + 5}, but the "
+                         f"latest commit is seq {seq}; a transaction is based on the seq of the snapshot it read"]
+    assert db.stats().seq == seq
+    with db.snapshot() as snap:
+        assert "evil" not in snap.root

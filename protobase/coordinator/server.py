@@ -55,7 +55,7 @@ from ..store import Store
 from .conflicts import VersionTable
 from .durability import Durability, DurabilityFailed
 from .recovery import recover
-from .writer import OP_SET, PathError, Writer
+from .writer import OP_SET, PathError, Writer, decode_ops
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
 
@@ -404,7 +404,11 @@ class Coordinator:
             return self._failure_reply()
         if durability not in DURABILITY_MODES:
             return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
-        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
+        if type(base) is not int or not 0 <= base <= self.seq:
+            raise ProtoBaseError(f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
+                                 f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
+                                 f"snapshot it read")
+        ops = decode_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
         conflict = self.versions.first_conflict(base, checked)
