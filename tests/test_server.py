@@ -5,24 +5,32 @@
   lives in; every acknowledged commit survives a restart;
 - requests from the socket are data: a commit holding an internal reference,
   or based on a snapshot that does not exist yet, is refused and changes
-  nothing.
+  nothing;
+- out of file descriptors, the coordinator refuses connections and keeps
+  serving; the reader table is sized with `protobase serve --reader-slots`.
 
 Raw requests go through `request`, the one place that knows the request
-layout of protocol.py. Coordinators are real processes, started by
-`protobase.open`; the /dev/shm fault comes through the environment they
-inherit (shm/segment.py).
+layout of protocol.py. Coordinators are real processes: started by
+`protobase.open` (the /dev/shm fault comes through the environment they
+inherit, shm/segment.py) or by `protobase serve`; limits are lowered on the
+coordinator process itself with prlimit.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import struct
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import msgpack
+import psutil
 import pytest
 
 import protobase
@@ -32,6 +40,7 @@ from protobase.checkpoint import read_checkpoint
 from protobase.codec import Ref
 from protobase.coordinator import launcher
 from protobase.coordinator.writer import OP_SET
+from protobase.datadir import FORMAT_VERSION
 from protobase.errors import ProtoBaseError
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
@@ -183,3 +192,104 @@ def test_a_commit_based_on_a_future_snapshot_is_refused(db):
     assert db.stats().seq == seq
     with db.snapshot() as snap:
         assert "evil" not in snap.root
+
+
+# -- file descriptors and reader slots ---------------------------------------------------------------
+
+
+def lowest_free_descriptor(pid: int) -> int:
+    """The descriptor number process `pid` would get next: with RLIMIT_NOFILE there, every one below is in use."""
+    in_use = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(in_use) + 1)) - in_use)
+
+
+@contextmanager
+def descriptor_limit(pid: int, limit: int) -> Iterator[Callable[[], None]]:
+    """Lower process `pid`'s soft RLIMIT_NOFILE to `limit` (it caps descriptor numbers, not their count).
+
+    Yields the function that restores the limit, which leaving the block calls too.
+    """
+    process = psutil.Process(pid)
+    soft, hard = process.rlimit(psutil.RLIMIT_NOFILE)
+    process.rlimit(psutil.RLIMIT_NOFILE, (limit, hard))
+
+    def restore() -> None:
+        process.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+def commit_for(db: protobase.Database, seconds: float) -> int:
+    """Commit small transactions for `seconds` (several housekeeping passes); return how many."""
+    until = time.monotonic() + seconds
+    count = 0
+    while time.monotonic() < until:
+        with db.transaction() as tx:
+            tx.root["n"] = count
+        count += 1
+    return count
+
+
+def test_out_of_file_descriptors_a_connection_is_refused_and_the_coordinator_keeps_serving(db):
+    with db.transaction() as tx:
+        tx.root["n"] = -1
+    pid = db.coordinator_pid
+    with descriptor_limit(pid, lowest_free_descriptor(pid)):  # every descriptor it may have is in use
+        for _ in range(3):
+            with connection(db) as sock:
+                reply = protocol.receive(sock)  # unasked: the coordinator answers, then hangs up
+            assert reply[:2] == ["error", "CoordinatorError"], reply
+            assert re.search(r"\(pid \d+\) is out of file descriptors \(Too many open files\) and refused this "
+                             r"connection; close idle database handles, or raise its limit", reply[2]), reply[2]
+        count = commit_for(db, 1.0)
+    with db.snapshot() as snap:
+        assert snap.root["n"] == count - 1
+    with protobase.open(db.path, shutdown_grace=GRACE) as other:
+        with other.transaction() as tx:
+            tx.root["other"] = True
+    with db.snapshot() as snap:
+        assert snap.root["other"] is True
+
+
+def test_out_of_file_descriptors_even_without_the_spare_a_connection_waits_and_is_served(db):
+    with db.transaction() as tx:
+        tx.root["n"] = -1
+    # Below every descriptor but stdin, stdout and stderr: even its spare descriptor is over the limit.
+    with descriptor_limit(db.coordinator_pid, 3) as restore, connection(db) as sock:
+        protocol.send(sock, ["hello", FORMAT_VERSION])
+        count = commit_for(db, 1.0)  # the listener waits; the clients it has are served
+        restore()
+        reply = protocol.receive(sock)  # accepted once descriptors are free again
+        assert reply[0] == "ok", reply
+    with db.snapshot() as snap:
+        assert snap.root["n"] == count - 1
+
+
+def test_serve_with_more_or_fewer_reader_slots(datadir):
+    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--reader-slots", "2",
+                               "--log-level", "WARNING"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        with protobase.open(datadir, start_coordinator=False) as first, \
+                protobase.open(datadir, start_coordinator=False) as second:
+            assert first.coordinator_pid == second.coordinator_pid == server.pid
+            with pytest.raises(ProtoBaseError, match=r"reader table full \(2 slots\): every slot is held by an "
+                                                     r"open database handle .*close idle handles, or serve the "
+                                                     r"database with more slots: protobase serve DIR "
+                                                     r"--reader-slots N"):
+                protobase.open(datadir, start_coordinator=False)
+        with protobase.open(datadir, start_coordinator=False):  # their slots are free again
+            pass
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=DEADLINE) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    assert wait_for_coordinator_exit(datadir)

@@ -26,6 +26,9 @@ half-built copy and leaves the root, the generation and the retired segments
 as they were. Readers that die (kill -9) are dropped when their socket
 closes, and their reader slots are reaped by pid and start time.
 
+Running out of file descriptors refuses connections (with an error reply when
+a spare descriptor allows it) and never stops the coordinator.
+
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
 nothing of the instance is left in /dev/shm.
@@ -34,6 +37,7 @@ nothing of the instance is left in /dev/shm.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -50,7 +54,7 @@ from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
 from ..errors import CoordinatorError, DataDirectoryError, ProtoBaseError
 from ..protocol import FrameReader, peer_credentials, send
 from ..shm import names
-from ..shm.control import ControlBlock, process_start_time
+from ..shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
 from ..store import Store
 from .conflicts import VersionTable
 from .durability import Durability, DurabilityFailed
@@ -70,6 +74,7 @@ DEFAULT_FLUSH_INTERVAL = 0.01
 DURABILITY_MODES = ("sync", "async")
 STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
 RECEIVE_BYTES = 1 << 20  # read from a client at a time
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept errors that refuse
 
 
 class Client:
@@ -101,12 +106,13 @@ class Coordinator:
     def __init__(self, datadir: DataDir, *, grace: float | None = 2.0,
                  compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
                  checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
-                 flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, reader_slots: int = DEFAULT_READER_SLOTS) -> None:
         self.datadir = datadir
         self.grace = grace  # seconds to linger with no client; None: serve forever
         self.compact_min_bytes = compact_min_bytes
         self.checkpoint_bytes = checkpoint_bytes  # WAL bytes that trigger a checkpoint
         self.flush_interval = flush_interval
+        self.reader_slots = reader_slots  # database handles that can be attached at once
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.control: ControlBlock | None = None
@@ -143,6 +149,10 @@ class Coordinator:
         self.housekept_at = 0.0  # time.monotonic() of the last housekeeping pass
 
         self.accepted = 0  # connections accepted since start: the grace only counts once one came
+        # A descriptor held in reserve: out of them, closing it lets us accept a connection just to refuse it.
+        self.spare_fd: int | None = None
+        self.accept_paused = False  # True while the listener is out of the selector (out of descriptors)
+        self.short_of_descriptors = False  # True from a failed accept to the next successful one
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -153,7 +163,7 @@ class Coordinator:
         try:
             self._sweep_previous_instance()
             pid = os.getpid()
-            self.control = ControlBlock.create(names.control_name(self.instance_id),
+            self.control = ControlBlock.create(names.control_name(self.instance_id), reader_slots=self.reader_slots,
                                                coordinator_pid=pid, coordinator_start=process_start_time(pid))
             self.datadir.write_instance(self.instance_id)
             self.arena = ArenaWriter(self.instance_id, self._on_new_segment)
@@ -219,6 +229,7 @@ class Coordinator:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ)
         self.listener = listener
+        self.spare_fd = _spare_descriptor()
 
     def serve_forever(self) -> None:
         """Run the event loop until stopped, then release everything."""
@@ -253,13 +264,17 @@ class Coordinator:
             return
         self.control.shutting_down = True
         if self.listener is not None:
-            self.selector.unregister(self.listener)
+            if not self.accept_paused:
+                self.selector.unregister(self.listener)
             self.listener.close()
             self.listener = None
             try:
                 os.unlink(self.datadir.socket_path)
             except FileNotFoundError:
                 pass
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
         self._final_checkpoint()
         for sock in list(self.clients):
             self._drop(sock)
@@ -299,20 +314,75 @@ class Coordinator:
     # -- connections --------------------------------------------------------------
 
     def _accept(self) -> None:
+        """Take one connection; out of descriptors (or any accept error), refuse it and keep serving."""
         try:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        pid, uid, _ = peer_credentials(sock)
+        except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:
+                self._refuse_for_lack_of_descriptors(error)
+            else:  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, the next ones are not
+                log.warning("could not accept a connection (%s); still serving", error)
+            return
+        try:
+            pid, uid, _ = peer_credentials(sock)
+        except OSError as error:  # it hung up already
+            log.warning("dropped a connection whose peer could not be identified (%s)", error)
+            sock.close()
+            return
         if uid != os.getuid():
             log.warning("refused a connection from uid %d (pid %d)", uid, pid)
             sock.close()
             return
+        self.short_of_descriptors = False
         sock.setblocking(False)  # no poll before each recv and send; `send` bounds a stalled client
         self.clients[sock] = Client(sock, pid)
         self.selector.register(sock, selectors.EVENT_READ)
         self.idle_since = None
         self.accepted += 1
+
+    def _refuse_for_lack_of_descriptors(self, error: OSError) -> None:
+        """Accept with the spare descriptor just to answer and close; else stop accepting for one tick.
+
+        The refused connection stays in the listen backlog and keeps the
+        listener readable: without taking it off, the loop would spin.
+        """
+        refused = None
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+            try:
+                refused, _ = self.listener.accept()
+            except OSError:
+                refused = None
+        if refused is not None:
+            message = (f"the coordinator of {self.datadir.path} (pid {os.getpid()}) is out of file descriptors "
+                       f"({error.strerror}) and refused this connection; close idle database handles, or raise "
+                       f"its limit (ulimit -n, LimitNOFILE= for systemd), then open the database again")
+            try:
+                refused.setblocking(False)
+                send(refused, ["error", "CoordinatorError", message])
+            except OSError:
+                pass  # it is refused either way
+            refused.close()
+            log.error("refused a connection: out of file descriptors (%s); still serving %d clients",
+                      error.strerror, len(self.clients))
+        else:
+            self.selector.unregister(self.listener)
+            self.accept_paused = True
+            if not self.short_of_descriptors:  # once, not on every retry
+                log.error("out of file descriptors (%s), even with the spare one closed: new connections wait "
+                          "until some are free; still serving %d clients", error.strerror, len(self.clients))
+        self.short_of_descriptors = True
+        self.spare_fd = _spare_descriptor()
+
+    def _resume_accepting(self) -> None:
+        if self.accept_paused and self.listener is not None:
+            self.accept_paused = False
+            self.selector.register(self.listener, selectors.EVENT_READ)
+        if self.spare_fd is None:
+            self.spare_fd = _spare_descriptor()
 
     def _read(self, sock: socket.socket) -> None:
         client = self.clients[sock]
@@ -650,6 +720,7 @@ class Coordinator:
             self.control.oldest_segment = first_live
 
     def _housekeeping(self) -> None:
+        self._resume_accepting()
         self.control.reap_dead_readers()
         self._check_persistence()
         self._release_retired()
@@ -682,3 +753,10 @@ class Coordinator:
             "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
 
+
+def _spare_descriptor() -> int | None:
+    """A descriptor to give back when out of them (`_refuse_for_lack_of_descriptors`); None if none is left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
