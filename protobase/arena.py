@@ -17,9 +17,11 @@ Atom layout (little-endian), 4-byte aligned inside its segment:
 
 so an atom holds at most 256 MiB (larger containers are trees of atoms).
 
-Segments grow: the first is 1 MiB, each next one a quarter of what is mapped
-(up to `MAX_SEGMENT`, or larger when one atom needs it), so reserved memory
-exceeds the data by at most about 25%. There is no size to set up front.
+Segments grow: the first is 1 MiB, each next one a quarter of the current
+generation (up to `MAX_SEGMENT`, or larger when one atom needs it), so reserved
+memory exceeds the data by at most about 25%. There is no size to set up front.
+A generation is what one compaction copied plus what was appended since;
+older generations wait for unlinking (server.py) and do not count.
 
 """
 
@@ -166,10 +168,13 @@ class ArenaWriter:
         return segment.buf
 
     def _open_segment(self, at_least: int) -> None:
-        # A quarter of what is mapped already: geometric growth (few segments) that
+        # A quarter of the current generation: geometric growth (few segments) that
         # reserves at most 25% more than the data needs (segments are fallocated:
-        # every byte reserved is memory).
-        size = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.mapped_bytes() // 4))
+        # every byte reserved is memory). Not a quarter of everything mapped: retired
+        # generations that a stopped reader pins would make every new segment bigger,
+        # and compaction abandons the mostly empty tail of each, so memory grew
+        # geometrically with the number of compactions, not with the bytes written.
+        size = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.generation_bytes() // 4))
         if self.size_hint:
             size, self.size_hint = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.size_hint)), 0
         size = max(size, at_least + 4096)
@@ -198,7 +203,16 @@ class ArenaWriter:
         return segment.size
 
     def mapped_bytes(self) -> int:
+        """Bytes of every live segment, retired generations awaiting unlink included."""
         return sum(segment.size for segment in self.segments.values())
+
+    def bytes_below(self, index: int) -> int:
+        """Bytes of the live segments with an index below `index` (those `release_below(index)` would free)."""
+        return sum(segment.size for i, segment in self.segments.items() if i < index)
+
+    def generation_bytes(self) -> int:
+        """Bytes of the segments of the current generation."""
+        return sum(segment.size for index, segment in self.segments.items() if index >= self.generation_start)
 
     def close(self, unlink: bool) -> None:
         for segment in self.segments.values():

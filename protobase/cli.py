@@ -348,6 +348,14 @@ def status(args: argparse.Namespace) -> int:
         held = ("no snapshot" if reader.snapshot_seq is None
                 else f"snapshot seq {reader.snapshot_seq}, {reader.snapshot_age} commits old")
         print(f"    pid {reader.pid} (slot {reader.slot}): {held}")
+    oldest = latest.oldest_reader
+    if oldest is not None and oldest.slot != mine:
+        print(f"  oldest snapshot: pid {oldest.pid} (slot {oldest.slot}) has held seq {oldest.snapshot_seq} for "
+              f"{oldest.held_seconds:.1f}s, keeping {human_bytes(oldest.retained_bytes)} of retired segments "
+              f"in shared memory")
+    if latest.compaction_failures:
+        print(f"  compactions that failed and were undone: {latest.compaction_failures} "
+              f"(see the coordinator's log; /dev/shm may be full)")
     print_disk(path)
     return 0
 

@@ -1,4 +1,4 @@
-"""Tests of protobase.arena's writer: how a generation is taken back.
+"""Tests of protobase.arena's writer: how segments are sized, and how a generation is taken back.
 
 Real segments in /dev/shm, under a fresh instance id that is swept (and
 checked empty) after each test.
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from protobase.arena import VALUE, ArenaWriter, AtomReader, segment_of
+from protobase.arena import FIRST_SEGMENT, VALUE, ArenaWriter, AtomReader, segment_of
 from protobase.shm import instance_entries, new_instance_id, sweep
 
 ATOM = b"x" * ((64 << 10) - 4)  # the payload of a 64 KiB atom (its header is 4 bytes)
@@ -41,6 +41,15 @@ def fill(arena: ArenaWriter, total: int) -> list[int]:
 
 def sizes(arena: ArenaWriter, first: int) -> list[int]:
     return [arena.segments[index].size for index in sorted(arena.segments) if index >= first]
+
+
+def test_new_segments_are_sized_by_the_current_generation_not_by_retired_ones(arena):
+    fill(arena, 24 << 20)  # the old generation, pinned by a reader: 24 MiB mapped
+    first_new = arena.start_generation(1 << 20)
+    fill(arena, 4 << 20)
+    # A quarter of this generation (at least 1 MiB), not a quarter of the ~28 MiB mapped.
+    assert sizes(arena, first_new) == [FIRST_SEGMENT] * 4
+    assert arena.generation_bytes() == 4 * FIRST_SEGMENT
 
 
 def test_an_abandoned_generation_is_unlinked_and_appending_resumes_where_it_was(arena):

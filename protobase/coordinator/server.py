@@ -23,8 +23,11 @@ published; the old segments are unlinked as soon as the copy is published and
 no reader's snapshot (nor a checkpoint being written) is older than it. A
 compaction is all or nothing: one that fails (/dev/shm full) unlinks its
 half-built copy and leaves the root, the generation and the retired segments
-as they were. Readers that die (kill -9) are dropped when their socket
-closes, and their reader slots are reaped by pid and start time.
+as they were. While a reader still pins the previous compaction's segments, no
+automatic compaction starts (it could free nothing). Readers that die (kill -9)
+are dropped when their socket closes, and their reader slots are reaped by pid
+and start time; a reader that is alive but stopped is named by `stats()`
+(`oldest_reader`).
 
 Running out of file descriptors refuses connections (with an error reply when
 a spare descriptor allows it) and never stops the coordinator.
@@ -135,6 +138,8 @@ class Coordinator:
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
         self.next_compaction_attempt = 0  # arena.allocated_bytes before which no automatic compaction is tried
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
+        # {reader slot -> (pid, snapshot seq, time.monotonic() we first saw it hold that snapshot)}
+        self.pins_seen: dict[int, tuple[int, int, float]] = {}
         # Checkpoints (and backups) asked of the persistence process, in ring order:
         # [(seq it pins, client to answer or None)]; their segments must stay alive.
         self.checkpoint_requests: collections.deque[tuple[int, Client | None]] = collections.deque()
@@ -657,11 +662,16 @@ class Coordinator:
     def _maybe_compact(self) -> None:
         """Compact once the garbage outweighs the live data. Never fails the commit that called it.
 
-        After a failed compaction, wait for as many bytes again before the next attempt.
+        Not while the previous compaction's segments still wait for a reader to
+        let go: another copy could not free them either, it would only add one
+        more generation for that reader to pin (a stopped reader made memory
+        grow with every compaction). After a failed compaction, wait for as
+        many bytes again before the next attempt.
         """
         threshold = max(self.live_after_compaction, self.compact_min_bytes)
         allocated = self.arena.allocated_bytes
-        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt:
+        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt \
+                or self.retired:
             return
         try:
             self.compact()
@@ -722,6 +732,7 @@ class Coordinator:
     def _housekeeping(self) -> None:
         self._resume_accepting()
         self.control.reap_dead_readers()
+        self._observe_pins()
         self._check_persistence()
         self._release_retired()
         if len(self.versions) > 100_000:
@@ -734,6 +745,33 @@ class Coordinator:
             if time.monotonic() - self.idle_since >= linger:
                 self.running = False
 
+    def _observe_pins(self) -> None:
+        """Note when each reader was first seen holding its current snapshot (to within a TICK)."""
+        now = time.monotonic()
+        seen = {}
+        for reader in self.control.readers():
+            if reader.snapshot_seq is None:
+                continue
+            before = self.pins_seen.get(reader.slot)
+            unchanged = before is not None and before[:2] == (reader.pid, reader.snapshot_seq)
+            seen[reader.slot] = before if unchanged else (reader.pid, reader.snapshot_seq, now)
+        self.pins_seen = seen
+
+    def oldest_reader(self) -> dict[str, Any] | None:
+        """The reader holding the oldest snapshot: slot, pid, seq, seconds held, retired bytes it keeps alive.
+
+        What pins memory when a reader stops (SIGSTOP, a debugger, a hung
+        worker): it is alive, so it is not reaped, and every segment retired
+        after its snapshot waits for it. None when no reader holds a snapshot.
+        """
+        self._observe_pins()
+        if not self.pins_seen:
+            return None
+        slot, (pid, seq, since) = min(self.pins_seen.items(), key=lambda item: item[1][1])
+        kept_below = max((first_live for retired_seq, first_live in self.retired if retired_seq > seq), default=0)
+        return {"slot": slot, "pid": pid, "snapshot_seq": seq, "held_seconds": time.monotonic() - since,
+                "retained_bytes": self.arena.bytes_below(kept_below)}
+
     def live_bytes(self) -> int:
         """Estimated bytes reachable from the root (exact right after a compaction)."""
         appended = self.arena.allocated_bytes - self.allocated_at_compaction
@@ -744,7 +782,7 @@ class Coordinator:
         return {
             "seq": self.seq, "published_seq": self.published_seq, "commits": self.commits,
             "conflicts": self.conflicts, "compactions": self.compactions, "checkpoints": self.checkpoints,
-            "compaction_failures": self.compaction_failures,
+            "compaction_failures": self.compaction_failures, "oldest_reader": self.oldest_reader(),
             "allocated_bytes": self.arena.allocated_bytes, "live_bytes": self.live_bytes(),
             "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
             "clients": len(self.clients), "pid": os.getpid(), "persistence_pid": self.durability.pid,
