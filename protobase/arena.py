@@ -17,9 +17,11 @@ Atom layout (little-endian), 4-byte aligned inside its segment:
 
 so an atom holds at most 256 MiB (larger containers are trees of atoms).
 
-Segments grow: the first is 1 MiB, each next one a quarter of what is mapped
-(up to `MAX_SEGMENT`, or larger when one atom needs it), so reserved memory
-exceeds the data by at most about 25%. There is no size to set up front.
+Segments grow: the first is 1 MiB, each next one a quarter of the current
+generation (up to `MAX_SEGMENT`, or larger when one atom needs it), so reserved
+memory exceeds the data by at most about 25%. There is no size to set up front.
+A generation is what one compaction copied plus what was appended since;
+older generations wait for unlinking (server.py) and do not count.
 
 """
 
@@ -87,6 +89,9 @@ class ArenaWriter:
         self.used_of: dict[int, int] = {}  # {segment index -> bytes used}, for finished segments
         self.generation_start = 1  # first segment of the current generation (see compaction)
         self.size_hint = 0  # bytes the next segment should hold (set by start_generation), 0: none
+        # Where to go back to if the generation being built is abandoned:
+        # (generation_start, segment index being appended to or 0, allocated_bytes), as before start_generation.
+        self.resume_point: tuple[int, int, int] | None = None
 
         self.allocated_bytes = 0  # payload + header bytes appended since start
 
@@ -112,11 +117,33 @@ class ArenaWriter:
 
         Compaction copies the live data there: sized to it, the copy fits in one
         segment without reserving a quarter of the old generation as well.
+        Until the copy is published, `abandon_generation` can take it back.
         """
+        self.resume_point = (self.generation_start, self.current_index if self.current is not None else 0,
+                             self.allocated_bytes)
         self._finish_current()
         self.generation_start = self.next_index
         self.size_hint = expected_bytes
         return self.next_index
+
+    def abandon_generation(self) -> int:
+        """Undo `start_generation`: unlink the segments made since, append to the previous generation again.
+
+        For a compaction that failed half way (/dev/shm full, or any error):
+        the previous generation is whole, `generation()` lists it again and
+        the next atom goes where it would have gone. Segment indexes are not
+        reused. Returns the bytes freed.
+        """
+        assert self.resume_point is not None, "abandon_generation() without start_generation()"
+        generation_start, resume_index, allocated = self.resume_point
+        freed = sum(self._drop_segment(index) for index in [i for i in self.segments if i >= self.generation_start])
+        self.current = None
+        self.generation_start, self.allocated_bytes, self.size_hint = generation_start, allocated, 0
+        if resume_index:
+            self.current, self.current_index = self.segments[resume_index], resume_index
+            self.used = self.used_of.pop(resume_index)
+        self.resume_point = None
+        return freed
 
     def _finish_current(self) -> None:
         if self.current is not None:
@@ -141,10 +168,13 @@ class ArenaWriter:
         return segment.buf
 
     def _open_segment(self, at_least: int) -> None:
-        # A quarter of what is mapped already: geometric growth (few segments) that
+        # A quarter of the current generation: geometric growth (few segments) that
         # reserves at most 25% more than the data needs (segments are fallocated:
-        # every byte reserved is memory).
-        size = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.mapped_bytes() // 4))
+        # every byte reserved is memory). Not a quarter of everything mapped: retired
+        # generations that a stopped reader pins would make every new segment bigger,
+        # and compaction abandons the mostly empty tail of each, so memory grew
+        # geometrically with the number of compactions, not with the bytes written.
+        size = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.generation_bytes() // 4))
         if self.size_hint:
             size, self.size_hint = min(MAX_SEGMENT, max(FIRST_SEGMENT, self.size_hint)), 0
         size = max(size, at_least + 4096)
@@ -162,17 +192,27 @@ class ArenaWriter:
 
     def release_below(self, index: int) -> int:
         """Unlink every segment with an index below `index`; return the bytes freed."""
-        freed = 0
-        for old in [i for i in self.segments if i < index]:
-            self.used_of.pop(old, None)
-            segment = self.segments.pop(old)
-            freed += segment.size
-            segment.unlink()
-            segment.close()
-        return freed
+        return sum(self._drop_segment(old) for old in [i for i in self.segments if i < index])
+
+    def _drop_segment(self, index: int) -> int:
+        """Unlink and unmap segment `index`; return its size."""
+        self.used_of.pop(index, None)
+        segment = self.segments.pop(index)
+        segment.unlink()
+        segment.close()
+        return segment.size
 
     def mapped_bytes(self) -> int:
+        """Bytes of every live segment, retired generations awaiting unlink included."""
         return sum(segment.size for segment in self.segments.values())
+
+    def bytes_below(self, index: int) -> int:
+        """Bytes of the live segments with an index below `index` (those `release_below(index)` would free)."""
+        return sum(segment.size for i, segment in self.segments.items() if i < index)
+
+    def generation_bytes(self) -> int:
+        """Bytes of the segments of the current generation."""
+        return sum(segment.size for index, segment in self.segments.items() if index >= self.generation_start)
 
     def close(self, unlink: bool) -> None:
         for segment in self.segments.values():

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="WAL bytes after which a checkpoint is written (default 64 MiB)")
     serve.add_argument("--compact-min-bytes", type=int, default=None, metavar="BYTES",
                        help="garbage below which no compaction runs (default 64 MiB)")
+    serve.add_argument("--reader-slots", type=reader_slot_count, default=None, metavar="N",
+                       help="database handles that can be open at once, one per protobase.open() (default 1024)")
 
     status = commands.add_parser("status", help="what serves a data directory, and what is on disk")
     status.add_argument("path")
@@ -164,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def reader_slot_count(text: str) -> int:
+    """`--reader-slots N`: a positive count that fits the control segment's u32."""
+    if not text.isdigit() or not 1 <= int(text) < 2**32:
+        raise argparse.ArgumentTypeError(f"--reader-slots takes a whole number from 1 to {2**32 - 1}, got {text!r}")
+    return int(text)
 
 
 def existing_datadir(path: str) -> str:
@@ -265,7 +274,8 @@ def serve(args: argparse.Namespace) -> int:
     from .datadir import DataDir
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    settings = {name: getattr(args, name) for name in ("flush_interval", "checkpoint_bytes", "compact_min_bytes")
+    settings = {name: getattr(args, name)
+                for name in ("flush_interval", "checkpoint_bytes", "compact_min_bytes", "reader_slots")
                 if getattr(args, name) is not None}
     coordinator = Coordinator(DataDir.open(args.path), grace=None, **settings)
 
@@ -338,6 +348,14 @@ def status(args: argparse.Namespace) -> int:
         held = ("no snapshot" if reader.snapshot_seq is None
                 else f"snapshot seq {reader.snapshot_seq}, {reader.snapshot_age} commits old")
         print(f"    pid {reader.pid} (slot {reader.slot}): {held}")
+    oldest = latest.oldest_reader
+    if oldest is not None and oldest.slot != mine:
+        print(f"  oldest snapshot: pid {oldest.pid} (slot {oldest.slot}) has held seq {oldest.snapshot_seq} for "
+              f"{oldest.held_seconds:.1f}s, keeping {human_bytes(oldest.retained_bytes)} of retired segments "
+              f"in shared memory")
+    if latest.compaction_failures:
+        print(f"  compactions that failed and were undone: {latest.compaction_failures} "
+              f"(see the coordinator's log; /dev/shm may be full)")
     print_disk(path)
     return 0
 

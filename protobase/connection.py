@@ -29,10 +29,18 @@ from . import errors as errors_module
 from .errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
 from .protocol import PUSH, FrameReader, encode_frame
 
-__all__ = ["Connection", "error_from_reply"]
+__all__ = ["Connection", "Refusal", "error_from_reply"]
 
 RECEIVE_BYTES = 1 << 16  # read at a time
 MAX_PARKED = 1024  # replies kept for callers that stopped waiting; the oldest go first
+
+
+class Refusal(CoordinatorError):
+    """The coordinator refused this connection and hung up; `error` is what it said."""
+
+    def __init__(self, error: ProtoBaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Connection:
@@ -74,7 +82,12 @@ class Connection:
         """Send `[request_id, *message]` whole; its reply will carry `request_id`."""
         frame = encode_frame([request_id, *message])  # raises before anything is sent
         self._settled = False  # an interrupted sendall leaves part of the frame on the wire
-        self._sock.sendall(frame)
+        try:
+            self._sock.sendall(frame)
+        except OSError:
+            self._closed = True
+            self._raise_refusal()  # the coordinator may have said why it hung up
+            raise
         self._last_sent = request_id
         self._settled = True
 
@@ -137,11 +150,31 @@ class Connection:
             raise CoordinatorError(f"the connection to the coordinator failed: {error.strerror}") from None
         if not received:
             self._closed = True
+            self._raise_refusal()
             raise CoordinatorError("the coordinator closed the connection")
         for body in self._reader.feed_bodies(memoryview(self._chunk)[:received]):
             self._file(body)
         self._settled = True
         return True
+
+    def _raise_refusal(self) -> None:
+        """Raise the error the coordinator sent unasked before it hung up (it refused us), if it did.
+
+        Reads what is left on the socket without waiting: a refusal is
+        written before the close.
+        """
+        try:
+            while True:
+                data = self._sock.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
+                if not data:
+                    break
+                for body in self._reader.feed_bodies(data):
+                    self._file(body)
+        except (OSError, ProtoBaseError):
+            pass
+        for push in self.pushes:
+            if push and push[0] == "error":
+                raise Refusal(error_from_reply(push))
 
     def _file(self, body: bytes) -> None:
         try:

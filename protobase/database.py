@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from . import codec
 from .arena import AtomReader
-from .connection import Connection, error_from_reply
+from .connection import Connection, Refusal, error_from_reply
 from .coordinator import launcher
 from .datadir import FORMAT_VERSION, DataDir
 from .errors import (
@@ -65,7 +65,7 @@ ATTACH_TIMEOUT = 60.0  # seconds to keep retrying while a stopping coordinator g
 def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
          start_coordinator: bool = True, shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
          flush_interval: float | None = None, checkpoint_bytes: int | None = None,
-         compact_min_bytes: int | None = None) -> Database:
+         compact_min_bytes: int | None = None, reader_slots: int | None = None) -> Database:
     """Open (and by default create) the database in directory `path`.
 
     The first open of a directory starts its coordinator; later opens, from
@@ -78,7 +78,8 @@ def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = Tr
     fsynced within `flush_interval` seconds (default 0.01), which bounds what a
     crash can lose, as Redis' `appendfsync everysec` does. `flush_interval`,
     `checkpoint_bytes` and `compact_min_bytes` configure a coordinator this
-    call starts; a running one keeps its settings.
+    call starts; a running one keeps its settings. So does `reader_slots`: how
+    many processes may have the database open at once (default 1024).
 
     Raises DataDirectoryError for a bad directory (a file, another owner,
     loose permissions, another format version), CorruptionError when the
@@ -87,7 +88,8 @@ def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = Tr
     """
     return Database(path, durability=durability, create=create, start_coordinator=start_coordinator,
                     shutdown_grace=shutdown_grace, cache_size=cache_size, flush_interval=flush_interval,
-                    checkpoint_bytes=checkpoint_bytes, compact_min_bytes=compact_min_bytes)
+                    checkpoint_bytes=checkpoint_bytes, compact_min_bytes=compact_min_bytes,
+                    reader_slots=reader_slots)
 
 
 class Database:
@@ -96,14 +98,18 @@ class Database:
     def __init__(self, path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
                  start_coordinator: bool = True, shutdown_grace: float = 2.0,
                  cache_size: int = DEFAULT_OBJECT_CACHE, flush_interval: float | None = None,
-                 checkpoint_bytes: int | None = None, compact_min_bytes: int | None = None) -> None:
+                 checkpoint_bytes: int | None = None, compact_min_bytes: int | None = None,
+                 reader_slots: int | None = None) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        if reader_slots is not None and not (type(reader_slots) is int and 1 <= reader_slots < 2**32):
+            raise ValueError(f"reader_slots must be a whole number from 1 to {2**32 - 1}, got {reader_slots!r}")
         self.durability = durability  # default durability of this handle's commits
         self.datadir = DataDir.open(path, create=create)
         self.path = self.datadir.path
         self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes,
-                            checkpoint_bytes=checkpoint_bytes, flush_interval=flush_interval)
+                            checkpoint_bytes=checkpoint_bytes, flush_interval=flush_interval,
+                            reader_slots=reader_slots)
         self._cache_size = cache_size
         self._lock = threading.RLock()  # guards the connection and the pin counts
         self._held: Counter = Counter()  # {snapshot seq -> open snapshots and transactions on it}
@@ -136,6 +142,9 @@ class Database:
             try:
                 reply = self._exchange(connection, ["hello", FORMAT_VERSION])
                 break
+            except Refusal as refusal:  # e.g. out of file descriptors: its message says what to do
+                connection.close()
+                raise refusal.error from None
             except CoordinatorError:
                 # The coordinator was stopping (its grace ran out) as we connected:
                 # once it has gone, the next connect starts a fresh one.
@@ -200,6 +209,8 @@ class Database:
         """One request and its reply; a reply of "error" is raised as the error it names."""
         try:
             reply = connection.request(message)
+        except Refusal:
+            raise  # it says why, and what to do
         except (OSError, CoordinatorError) as error:
             raise self._lost(error) from None
         if reply[0] == "error":

@@ -15,7 +15,7 @@ from .shm import names
 if TYPE_CHECKING:
     from .database import Database
 
-__all__ = ["DatabaseStats", "ReaderStats", "collect_stats"]
+__all__ = ["DatabaseStats", "ReaderStats", "OldestReader", "collect_stats"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,21 @@ class ReaderStats:
     pid: int
     snapshot_seq: int | None  # oldest snapshot it holds, or None
     snapshot_age: int | None  # commits since that snapshot
+
+
+@dataclass(frozen=True)
+class OldestReader:
+    """The reader holding the oldest snapshot: the one that keeps retired memory from being unlinked.
+
+    A reader that stopped (SIGSTOP, a debugger, a hung worker) is alive, so it
+    is never reaped: this names it. LMDB's `mdb_reader_list` plays this part.
+    """
+
+    slot: int
+    pid: int
+    snapshot_seq: int
+    held_seconds: float  # since the coordinator first saw it hold that snapshot (to within 0.2 s)
+    retained_bytes: int  # bytes of segments retired after its snapshot, unlinked once it lets go
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,7 @@ class DatabaseStats:
     commits: int  # since the coordinator started
     conflicts: int
     compactions: int
+    compaction_failures: int  # compactions undone (/dev/shm full, ...): the data stayed as it was
     segments: int  # live data segments
     shared_bytes: int  # bytes of shared memory the instance holds (data + control)
     data_bytes: int  # bytes of the live data segments
@@ -51,6 +67,7 @@ class DatabaseStats:
     live_bytes: int  # reachable from the latest root (an upper estimate between compactions)
     reclaimable_bytes: int  # data_bytes - live_bytes: garbage, free tails, segments awaiting unlink
     readers: tuple[ReaderStats, ...]
+    oldest_reader: OldestReader | None  # None when no reader holds a snapshot
     object_cache: CacheStats
     bytes_cache: CacheStats
     taken_at: float  # time.time() of the reading
@@ -62,6 +79,10 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
     readers = tuple(
         ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
         for r in control.readers())
+    oldest = counters["oldest_reader"]
+    if oldest is not None:
+        oldest = OldestReader(slot=oldest["slot"], pid=oldest["pid"], snapshot_seq=oldest["snapshot_seq"],
+                              held_seconds=oldest["held_seconds"], retained_bytes=oldest["retained_bytes"])
     shared = sum(_size(os.path.join(names.SHM_DIR, entry.lstrip("/")))
                  for entry in names.instance_entries(db.instance_id))
     return DatabaseStats(
@@ -69,10 +90,12 @@ def collect_stats(db: Database, counters: dict) -> DatabaseStats:
         durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
         wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], wal_syncs=counters["wal_syncs"],
         commits=counters["commits"],
-        conflicts=counters["conflicts"], compactions=counters["compactions"], segments=counters["segments"],
+        conflicts=counters["conflicts"], compactions=counters["compactions"],
+        compaction_failures=counters["compaction_failures"], segments=counters["segments"],
         shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
         live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
-        readers=readers, object_cache=db._store.objects.stats(), bytes_cache=db._store.bytes.stats(),
+        readers=readers, oldest_reader=oldest, object_cache=db._store.objects.stats(),
+        bytes_cache=db._store.bytes.stats(),
         taken_at=time.time(),
     )
 

@@ -85,3 +85,19 @@ def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
             doomed()
         with db.snapshot() as snap:
             assert "k" not in snap.root
+
+
+def test_reader_slots_bounds_the_handles_attached_at_once(datadir):
+    # Regression (issue 10, item 12): the reader-table-full error advised "more reader slots",
+    # which no option of protobase.open set.
+    with protobase.open(datadir, shutdown_grace=GRACE, reader_slots=2) as first, \
+            protobase.open(datadir, shutdown_grace=GRACE):
+        with pytest.raises(protobase.ProtoBaseError, match=r"reader table full \(2 slots\)"):
+            protobase.open(datadir, shutdown_grace=GRACE)
+        with first.transaction() as tx:
+            tx.root["ok"] = True
+
+
+def test_reader_slots_must_be_a_positive_count(datadir):
+    with pytest.raises(ValueError, match="reader_slots must be a whole number from 1 to"):
+        protobase.open(datadir, reader_slots=0)

@@ -9,7 +9,9 @@ the instance's entries in /dev/shm:
   reader table and its pinned segments are unlinked;
 - a live snapshot keeps its segments (and reads correct data) across
   compactions, and they go once it closes;
-- sustained updates on a fixed key set keep memory bounded.
+- sustained updates on a fixed key set keep memory bounded;
+- a stopped reader (SIGSTOP) that pins a snapshot makes memory grow with the
+  bytes written, no faster, and `stats().oldest_reader` names it.
 
 Databases are opened with a small `compact_min_bytes` so compactions happen
 after about a megabyte of garbage, and with async durability: the WAL is not
@@ -31,6 +33,7 @@ from typing import Any
 import pytest
 
 import protobase
+from protobase import cli
 from protobase.shm import names
 from tests.conftest import GRACE, wait_until
 
@@ -96,6 +99,19 @@ def _pin_until_killed(path: str, reports: Any) -> None:
     time.sleep(10 * DEADLINE)  # the parent kills us with SIGKILL, snapshot held
 
 
+def _pin_until_released(path: str, reports: Any, release: Any) -> None:
+    try:
+        db = open_db(path)
+        snapshot = db.snapshot()
+        reports.put(("ok", os.getpid(), snapshot.seq))
+    except BaseException:
+        reports.put(("error", os.getpid(), traceback.format_exc()))
+        raise
+    assert release.wait(10 * DEADLINE), "the parent never released us"
+    snapshot.close()
+    db.close()
+
+
 # -- tests ---------------------------------------------------------------------------------------------
 
 
@@ -110,7 +126,8 @@ def test_reader_killed_while_holding_a_snapshot_stops_pinning(datadir, children)
         assert any(r.pid == pid and r.snapshot_seq == seq for r in db.stats().readers)
         pinned = data_segments(db)
 
-        update_until_compacted(db, keys, rng, 2)
+        update_until_compacted(db, keys, rng, 1)
+        db.compact()  # automatic compactions wait for the snapshot to let go; an explicit one runs
         assert pinned <= data_segments(db), "segments a live snapshot can reach were unlinked"
 
         os.kill(pid, signal.SIGKILL)  # our own child
@@ -135,7 +152,8 @@ def test_live_snapshot_pins_segments_until_closed(datadir):
         pinned = data_segments(db)
         assert pinned
 
-        update_until_compacted(db, keys, rng, 3)
+        update_until_compacted(db, keys, rng, 1)
+        db.compact()  # automatic compactions wait for the snapshot to let go; explicit ones run
         db.compact()
         assert pinned <= data_segments(db), "segments a live snapshot can reach were unlinked"
         # The old snapshot still reads its own version, through the old segments.
@@ -178,3 +196,61 @@ def test_sustained_updates_keep_memory_bounded(datadir):
             assert len(snapshot.root["d"]) == len(keys)
         db.check()
 
+
+REWRITTEN = 16 << 20  # bytes of values the parent writes while a stopped reader pins a snapshot
+GROWTH_FACTOR = 2  # shared memory may grow by at most this multiple of them
+VALUE_BYTES = 8 << 10
+
+
+def rewrite(db: protobase.Database, keys: list[str], number: int) -> int:
+    """Replace an eighth of the values under "d" (64 kB); return the bytes written."""
+    with db.transaction() as tx:
+        for key in keys[number % 8::8]:
+            tx.root["d"][key] = f"{number}".ljust(VALUE_BYTES, "x")
+    return len(keys) // 8 * VALUE_BYTES
+
+
+def test_a_stopped_reader_makes_memory_grow_with_the_bytes_written_and_is_named(datadir, children, capsys):
+    keys = [f"key{i:02d}" for i in range(64)]
+    with open_db(datadir) as db:
+        with db.transaction() as tx:
+            tx.root["d"] = {key: "0" * VALUE_BYTES for key in keys}
+        reports, release = SPAWN.Queue(), SPAWN.Event()
+        child = children(_pin_until_released, datadir, reports, release)
+        status, pid, seq = reports.get(timeout=DEADLINE)
+        assert status == "ok", seq
+        before = db.stats().shared_bytes
+        os.kill(pid, signal.SIGSTOP)  # alive, so never reaped: its snapshot stays pinned
+        try:
+            written, peak, number = 0, before, 0
+            while written < REWRITTEN:
+                number += 1
+                written += rewrite(db, keys, number)
+                peak = max(peak, db.stats().shared_bytes)
+            stats = db.stats()
+            assert cli.main(["status", datadir, "--interval", "0"]) == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert peak - before <= GROWTH_FACTOR * written, (peak - before, written, stats)
+        oldest = stats.oldest_reader
+        assert (oldest.pid, oldest.snapshot_seq) == (pid, seq), stats
+        assert oldest.held_seconds > 0 and oldest.retained_bytes >= COMPACT_MIN, oldest
+        assert re.search(rf"oldest snapshot: pid {pid} \(slot \d+\) has held seq {seq} for \d+\.\ds, keeping "
+                         rf"\d+\.\d MiB of retired segments in shared memory", capsys.readouterr().out)
+
+        release.set()
+        child.join(DEADLINE)
+        assert child.exitcode == 0
+        wait_until(lambda: db.stats().oldest_reader is None, "the reader to let go of its snapshot")
+        compactions = db.stats().compactions
+        while db.stats().compactions == compactions:  # automatic compactions resume
+            number += 1
+            rewrite(db, keys, number)
+            assert number < 10_000, "no compaction once the reader let go"
+        wait_until(lambda: small(db.stats()), "the segments the reader pinned to be unlinked")
+        db.check()
+
+
+def small(stats: protobase.DatabaseStats) -> bool:
+    """True when the data segments hold little more than the live data."""
+    return stats.data_bytes <= SPACE_FACTOR * max(stats.live_bytes, COMPACT_MIN)

@@ -40,6 +40,7 @@ from protobase.shm import (
     segment_name,
     sweep,
 )
+from protobase.shm.segment import FAULTS_ENV
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -190,6 +191,23 @@ def test_create_on_full_shm_fails_cleanly(iid: str) -> None:
     assert f"{size} bytes" in str(info.value)
     assert "raise the tmpfs size" in str(info.value)
     assert instance_entries(iid) == []
+
+
+def test_an_injected_full_shm_refuses_reservations_past_its_budget(iid: str, monkeypatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, f"enospc_after={3 << 16}")
+    first = Segment.create(data_name(iid, 1), 2 << 16)
+    try:
+        with pytest.raises(ProtoBaseError, match=r"shared memory \(/dev/shm\) is full: could not reserve 131072 "
+                                                 r"bytes .*\(injected\)"):
+            Segment.create(data_name(iid, 2), 2 << 16)
+        assert instance_entries(iid) == [first.name]
+        Segment.create(data_name(iid, 3), 1 << 16).unlink()  # what is left of the budget
+        monkeypatch.setenv(FAULTS_ENV, "enospc_after")
+        with pytest.raises(ValueError, match=f"{FAULTS_ENV}='enospc_after': cannot parse it"):
+            Segment.create(data_name(iid, 4), 1 << 16)
+    finally:
+        first.close()
+        first.unlink()
 
 
 def test_attach_read_only_cannot_write(iid: str) -> None:

@@ -15,6 +15,7 @@ import sys
 
 from ..datadir import DataDir
 from ..errors import ProtoBaseError
+from ..shm.control import DEFAULT_READER_SLOTS
 from .server import DEFAULT_CHECKPOINT_BYTES, DEFAULT_COMPACT_MIN_BYTES, DEFAULT_FLUSH_INTERVAL, Coordinator
 
 
@@ -28,6 +29,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="WAL bytes after which a checkpoint is written")
     parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL,
                         help="longest time an async commit waits for fsync (seconds)")
+    parser.add_argument("--reader-slots", type=int, default=DEFAULT_READER_SLOTS,
+                        help="processes that may have the database open at once")
     parser.add_argument("--daemon", action="store_true", help="detach; exit once serving")
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
@@ -37,7 +40,8 @@ def build(args: argparse.Namespace) -> Coordinator:
     datadir = DataDir.open(args.path)
     grace = None if args.grace < 0 else args.grace
     return Coordinator(datadir, grace=grace, compact_min_bytes=args.compact_min_bytes,
-                       checkpoint_bytes=args.checkpoint_bytes, flush_interval=args.flush_interval)
+                       checkpoint_bytes=args.checkpoint_bytes, flush_interval=args.flush_interval,
+                       reader_slots=args.reader_slots)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,17 @@ Reclamation is a copying compaction: once the bytes appended since the last
 compaction exceed the live bytes then (and `compact_min_bytes`), every atom
 reachable from the root is copied into fresh segments and the new root is
 published; the old segments are unlinked as soon as the copy is published and
-no reader's snapshot (nor a checkpoint being written) is older than it. Readers
-that die (kill -9) are dropped when their socket closes, and their reader slots
-are reaped by pid and start time.
+no reader's snapshot (nor a checkpoint being written) is older than it. A
+compaction is all or nothing: one that fails (/dev/shm full) unlinks its
+half-built copy and leaves the root, the generation and the retired segments
+as they were. While a reader still pins the previous compaction's segments, no
+automatic compaction starts (it could free nothing). Readers that die (kill -9)
+are dropped when their socket closes, and their reader slots are reaped by pid
+and start time; a reader that is alive but stopped is named by `stats()`
+(`oldest_reader`).
+
+Running out of file descriptors refuses connections (with an error reply when
+a spare descriptor allows it) and never stops the coordinator.
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
@@ -32,6 +40,7 @@ nothing of the instance is left in /dev/shm.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import select
@@ -43,13 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
-from ..arena import ArenaWriter, AtomReader
+from ..arena import ArenaWriter, AtomReader, segment_of
 from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
 from ..errors import CoordinatorError, CorruptionError, DataDirectoryError, ProtoBaseError, ProtocolError
 from ..keyorder import check_key
 from ..protocol import PUSH, FrameReader, MalformedRequest, parse_request, peer_credentials, send
 from ..shm import names
-from ..shm.control import ControlBlock, process_start_time
+from ..shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
 from ..store import Store
 from .conflicts import VersionTable
 from .durability import Durability, DurabilityFailed
@@ -68,6 +77,7 @@ from .writer import (
     OP_SET_DISCARD,
     PathError,
     Writer,
+    decode_ops,
 )
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
@@ -85,6 +95,7 @@ STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
 RECEIVE_BYTES = 1 << 20  # read from a client at a time
 MAX_BUFFERED_BYTES = 512 << 20  # incomplete requests held for all clients together
 PARTIAL_FRAME_TIMEOUT = 30.0  # seconds a client may leave a request half-sent before we hang up
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept errors that refuse
 
 
 _OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argument may be}
@@ -98,10 +109,11 @@ def parse_ops(ops_bytes: bytes) -> list[list]:
     """A commit's ops, decoded, each checked to be [known code, key path, argument of that code's type].
 
     Raises ProtocolError (nothing applied) for ops no client of ours sends,
-    EncodingError for a key no stored dict may have.
+    EncodingError for a key no stored dict may have and for an internal
+    reference (see `decode_ops`).
     """
     try:
-        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
+        ops = decode_ops(ops_bytes)
     except CorruptionError as error:
         raise ProtocolError(f"malformed request: the commit's ops cannot be decoded ({error})") from None
     if type(ops) is not list or not ops:
@@ -159,12 +171,13 @@ class Coordinator:
     def __init__(self, datadir: DataDir, *, grace: float | None = 2.0,
                  compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
                  checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
-                 flush_interval: float = DEFAULT_FLUSH_INTERVAL) -> None:
+                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, reader_slots: int = DEFAULT_READER_SLOTS) -> None:
         self.datadir = datadir
         self.grace = grace  # seconds to linger with no client; None: serve forever
         self.compact_min_bytes = compact_min_bytes
         self.checkpoint_bytes = checkpoint_bytes  # WAL bytes that trigger a checkpoint
         self.flush_interval = flush_interval
+        self.reader_slots = reader_slots  # database handles that can be attached at once
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.control: ControlBlock | None = None
@@ -186,7 +199,10 @@ class Coordinator:
         self.live_after_compaction = 0  # bytes copied by the last compaction
         self.allocated_at_compaction = 0  # arena.allocated_bytes right after it
         self.discarded_at_compaction = 0  # writer.discarded_bytes right after it
+        self.next_compaction_attempt = 0  # arena.allocated_bytes before which no automatic compaction is tried
         self.retired: list[tuple[int, int]] = []  # [(publish seq, first live segment)] awaiting unlink
+        # {reader slot -> (pid, snapshot seq, time.monotonic() we first saw it hold that snapshot)}
+        self.pins_seen: dict[int, tuple[int, int, float]] = {}
         # Checkpoints (and backups) asked of the persistence process, in ring order:
         # [(seq it pins, asker to answer or None)]; their segments must stay alive.
         self.checkpoint_requests: collections.deque[tuple[int, Asker | None]] = collections.deque()
@@ -194,12 +210,17 @@ class Coordinator:
         self.commits = 0
         self.conflicts = 0
         self.compactions = 0
+        self.compaction_failures = 0  # compactions undone (/dev/shm full, ...) since start
         self.checkpoints = 0
         self.recovered = None
         self.idle_since: float | None = time.monotonic()
         self.housekept_at = 0.0  # time.monotonic() of the last housekeeping pass
 
         self.accepted = 0  # connections accepted since start: the grace only counts once one came
+        # A descriptor held in reserve: out of them, closing it lets us accept a connection just to refuse it.
+        self.spare_fd: int | None = None
+        self.accept_paused = False  # True while the listener is out of the selector (out of descriptors)
+        self.short_of_descriptors = False  # True from a failed accept to the next successful one
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -210,7 +231,7 @@ class Coordinator:
         try:
             self._sweep_previous_instance()
             pid = os.getpid()
-            self.control = ControlBlock.create(names.control_name(self.instance_id),
+            self.control = ControlBlock.create(names.control_name(self.instance_id), reader_slots=self.reader_slots,
                                                coordinator_pid=pid, coordinator_start=process_start_time(pid))
             self.datadir.write_instance(self.instance_id)
             self.arena = ArenaWriter(self.instance_id, self._on_new_segment)
@@ -279,6 +300,7 @@ class Coordinator:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ)
         self.listener = listener
+        self.spare_fd = _spare_descriptor()
 
     def serve_forever(self) -> None:
         """Run the event loop until stopped, then release everything."""
@@ -313,13 +335,17 @@ class Coordinator:
             return
         self.control.shutting_down = True
         if self.listener is not None:
-            self.selector.unregister(self.listener)
+            if not self.accept_paused:
+                self.selector.unregister(self.listener)
             self.listener.close()
             self.listener = None
             try:
                 os.unlink(self.datadir.socket_path)
             except FileNotFoundError:
                 pass
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
         self._final_checkpoint()
         for sock in list(self.clients):
             self._drop(sock)
@@ -359,20 +385,75 @@ class Coordinator:
     # -- connections --------------------------------------------------------------
 
     def _accept(self) -> None:
+        """Take one connection; out of descriptors (or any accept error), refuse it and keep serving."""
         try:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        pid, uid, _ = peer_credentials(sock)
+        except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:
+                self._refuse_for_lack_of_descriptors(error)
+            else:  # ECONNABORTED, EPROTO, EPERM...: that connection is gone, the next ones are not
+                log.warning("could not accept a connection (%s); still serving", error)
+            return
+        try:
+            pid, uid, _ = peer_credentials(sock)
+        except OSError as error:  # it hung up already
+            log.warning("dropped a connection whose peer could not be identified (%s)", error)
+            sock.close()
+            return
         if uid != os.getuid():
             log.warning("refused a connection from uid %d (pid %d)", uid, pid)
             sock.close()
             return
+        self.short_of_descriptors = False
         sock.setblocking(False)  # no poll before each recv and send; `send` bounds a stalled client
         self.clients[sock] = Client(sock, pid)
         self.selector.register(sock, selectors.EVENT_READ)
         self.idle_since = None
         self.accepted += 1
+
+    def _refuse_for_lack_of_descriptors(self, error: OSError) -> None:
+        """Accept with the spare descriptor just to answer and close; else stop accepting for one tick.
+
+        The refused connection stays in the listen backlog and keeps the
+        listener readable: without taking it off, the loop would spin.
+        """
+        refused = None
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+            try:
+                refused, _ = self.listener.accept()
+            except OSError:
+                refused = None
+        if refused is not None:
+            message = (f"the coordinator of {self.datadir.path} (pid {os.getpid()}) is out of file descriptors "
+                       f"({error.strerror}) and refused this connection; close idle database handles, or raise "
+                       f"its limit (ulimit -n, LimitNOFILE= for systemd), then open the database again")
+            try:
+                refused.setblocking(False)
+                send(refused, [PUSH, "error", "CoordinatorError", message])
+            except OSError:
+                pass  # it is refused either way
+            refused.close()
+            log.error("refused a connection: out of file descriptors (%s); still serving %d clients",
+                      error.strerror, len(self.clients))
+        else:
+            self.selector.unregister(self.listener)
+            self.accept_paused = True
+            if not self.short_of_descriptors:  # once, not on every retry
+                log.error("out of file descriptors (%s), even with the spare one closed: new connections wait "
+                          "until some are free; still serving %d clients", error.strerror, len(self.clients))
+        self.short_of_descriptors = True
+        self.spare_fd = _spare_descriptor()
+
+    def _resume_accepting(self) -> None:
+        if self.accept_paused and self.listener is not None:
+            self.accept_paused = False
+            self.selector.register(self.listener, selectors.EVENT_READ)
+        if self.spare_fd is None:
+            self.spare_fd = _spare_descriptor()
 
     def _read(self, sock: socket.socket) -> None:
         """Serve what a client sent. Nothing it sends can stop the loop: at worst its connection is closed."""
@@ -504,6 +585,10 @@ class Coordinator:
             return self._failure_reply()
         if durability not in DURABILITY_MODES:
             return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
+        if type(base) is not int or not 0 <= base <= self.seq:
+            raise ProtoBaseError(f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
+                                 f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
+                                 f"snapshot it read")
         ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
@@ -660,10 +745,13 @@ class Coordinator:
         """
         if directory is None and self._checkpoint_pending():
             return
+        segments = self.arena.generation()
+        assert not self.root or segment_of(self.root) >= self.arena.generation_start, \
+            f"root {self.root:#x} lies outside the generation {segments} a checkpoint copies"
         self.checkpoint_requests.append((self.seq, asker))
         if directory is None:
             self.changed_since_checkpoint = False
-        self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=self.arena.generation(),
+        self.durability.request_checkpoint(seq=self.seq, root=self.root, segments=segments,
                                            next_segment=self.arena.next_index, directory=directory)
 
     def _backup(self, asker: Asker, destination: str) -> None:
@@ -678,17 +766,48 @@ class Coordinator:
     # -- reclamation ----------------------------------------------------------------
 
     def _maybe_compact(self) -> None:
-        garbage_estimate = self.arena.allocated_bytes - self.allocated_at_compaction
-        if garbage_estimate > max(self.live_after_compaction, self.compact_min_bytes):
+        """Compact once the garbage outweighs the live data. Never fails the commit that called it.
+
+        Not while the previous compaction's segments still wait for a reader to
+        let go: another copy could not free them either, it would only add one
+        more generation for that reader to pin (a stopped reader made memory
+        grow with every compaction). After a failed compaction, wait for as
+        many bytes again before the next attempt.
+        """
+        threshold = max(self.live_after_compaction, self.compact_min_bytes)
+        allocated = self.arena.allocated_bytes
+        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt \
+                or self.retired:
+            return
+        try:
             self.compact()
+        except Exception as error:  # the commit is applied and queued: its client gets "ok", whatever happens here
+            self.next_compaction_attempt = allocated + threshold
+            log.error("compaction failed and was undone; serving the uncompacted data, next attempt after %d more "
+                      "bytes: %s", threshold, error, exc_info=not isinstance(error, ProtoBaseError))
 
     def compact(self) -> None:
-        """Copy the live data into fresh segments and publish it; old segments go once unpinned."""
+        """Copy the live data into fresh segments and publish it; old segments go once unpinned.
+
+        All or nothing: if the copy fails (/dev/shm full, or any error), its
+        segments are unlinked and the root, the generation and the retired
+        segments stay as they were; the error is raised, as ProtoBaseError
+        saying so when it is one.
+        """
         started = time.monotonic()
         before = self.arena.allocated_bytes
         first_new = self.arena.start_generation(self.live_bytes() + self.live_bytes() // 16)
-
-        self.root = self.writer.copy_root(self.root)
+        try:
+            root = self.writer.copy_root(self.root)
+        except BaseException as error:
+            self.compaction_failures += 1
+            self.arena.abandon_generation()
+            self.writer.store.clear()  # it caches nodes of the abandoned copy
+            if isinstance(error, ProtoBaseError):
+                raise ProtoBaseError(f"compaction failed and was undone, the database is unchanged: {error}") \
+                    from error
+            raise
+        self.root = root
         self.seq += 1
         self._publish_when_durable(self.seq, self.root)
         self.live_after_compaction = self.arena.allocated_bytes - before
@@ -717,8 +836,10 @@ class Coordinator:
             self.control.oldest_segment = first_live
 
     def _housekeeping(self) -> None:
+        self._resume_accepting()
         self.control.reap_dead_readers()
         self._drop_stalled_senders()
+        self._observe_pins()
         self._check_persistence()
         self._release_retired()
         if len(self.versions) > 100_000:
@@ -740,6 +861,33 @@ class Coordinator:
                             "for %ss", client.pid, client.reader.buffered, PARTIAL_FRAME_TIMEOUT)
                 self._drop(client.sock)
 
+    def _observe_pins(self) -> None:
+        """Note when each reader was first seen holding its current snapshot (to within a TICK)."""
+        now = time.monotonic()
+        seen = {}
+        for reader in self.control.readers():
+            if reader.snapshot_seq is None:
+                continue
+            before = self.pins_seen.get(reader.slot)
+            unchanged = before is not None and before[:2] == (reader.pid, reader.snapshot_seq)
+            seen[reader.slot] = before if unchanged else (reader.pid, reader.snapshot_seq, now)
+        self.pins_seen = seen
+
+    def oldest_reader(self) -> dict[str, Any] | None:
+        """The reader holding the oldest snapshot: slot, pid, seq, seconds held, retired bytes it keeps alive.
+
+        What pins memory when a reader stops (SIGSTOP, a debugger, a hung
+        worker): it is alive, so it is not reaped, and every segment retired
+        after its snapshot waits for it. None when no reader holds a snapshot.
+        """
+        self._observe_pins()
+        if not self.pins_seen:
+            return None
+        slot, (pid, seq, since) = min(self.pins_seen.items(), key=lambda item: item[1][1])
+        kept_below = max((first_live for retired_seq, first_live in self.retired if retired_seq > seq), default=0)
+        return {"slot": slot, "pid": pid, "snapshot_seq": seq, "held_seconds": time.monotonic() - since,
+                "retained_bytes": self.arena.bytes_below(kept_below)}
+
     def live_bytes(self) -> int:
         """Estimated bytes reachable from the root (exact right after a compaction)."""
         appended = self.arena.allocated_bytes - self.allocated_at_compaction
@@ -750,6 +898,7 @@ class Coordinator:
         return {
             "seq": self.seq, "published_seq": self.published_seq, "commits": self.commits,
             "conflicts": self.conflicts, "compactions": self.compactions, "checkpoints": self.checkpoints,
+            "compaction_failures": self.compaction_failures, "oldest_reader": self.oldest_reader(),
             "allocated_bytes": self.arena.allocated_bytes, "live_bytes": self.live_bytes(),
             "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
             "clients": len(self.clients), "pid": os.getpid(), "persistence_pid": self.durability.pid,
@@ -757,3 +906,11 @@ class Coordinator:
             "wal_bytes_since_checkpoint": self.durability.wal_bytes, "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
+
+
+def _spare_descriptor() -> int | None:
+    """A descriptor to give back when out of them (`_refuse_for_lack_of_descriptors`); None if none is left."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None

@@ -12,6 +12,10 @@ small enough (`FLAT_LIMIT`) is one VALUE atom holding its nested containers
 inline; a larger dict, set or list becomes a tree whose entries follow the
 same rule. Long strings and bytes get their own atom so leaves stay small.
 
+Operations arrive from clients as bytes and are data: `decode_ops` refuses
+any internal reference in them (the Ref extension type, which only this
+module writes), so a client can never make the coordinator store a pointer.
+
 Invariant: nothing here mutates a clean node or a decoded value another
 commit could see; an operation that fails leaves the published root as it
 was, since the working copy is simply dropped.
@@ -20,6 +24,7 @@ was, since the working copy is simply dropped.
 from __future__ import annotations
 
 import datetime
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -30,12 +35,12 @@ from .. import codec
 from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
 from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
 from ..codec import Ref
-from ..errors import ProtoBaseError
+from ..errors import CorruptionError, EncodingError, ProtoBaseError
 from ..index import MISSING, IndexedColl, index_entries
 from ..keyorder import order_key
 from ..store import Store
 
-__all__ = ["Writer", "PathError", "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD"]
+__all__ = ["Writer", "PathError", "decode_ops", "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD"]
 
 # operation codes on the wire: [code, path, argument]
 OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD, OP_CREATE_INDEX, OP_DROP_INDEX = 1, 2, 3, 4, 5, 6, 7
@@ -51,6 +56,68 @@ INLINE_BYTES = 512  # longer str/bytes get their own atom
 
 class PathError(ProtoBaseError):
     """An operation's path does not lead to a container in the current root."""
+
+
+# Where an extension of type DATACLASS may start, in any of msgpack's ext encodings
+# (fixext 1-16, ext 8/16/32), at any depth: a nested payload's bytes are embedded as they are.
+_MAY_HOLD_DATACLASS = re.compile(rb"[\xd4-\xd8]\x08|\xc7.\x08|\xc8..\x08|\xc9....\x08", re.DOTALL)
+_CONTAINER_EXTS = frozenset({codec.EXT_TUPLE, codec.EXT_SET, codec.EXT_FROZENSET})
+
+
+class _ReferenceFromClient(Exception):
+    """Raised inside decoding when a client's bytes hold a Ref; `decode_ops` turns it into EncodingError."""
+
+
+def decode_ops(ops_bytes: bytes) -> list:
+    """A commit's operations as a client sent them, [[code, path, argument], ...]: data only.
+
+    The coordinator stores what comes back, so a Ref in it would be a pointer
+    the coordinator never wrote: dangling after a compaction, or into any
+    atom at all. A Ref however encoded (msgpack has several encodings for one
+    extension) and wherever nested, inside the bytes of a dataclass (which
+    the coordinator keeps opaque) too, fails the whole commit here, before
+    anything is applied. Raises EncodingError for that and for a malformed
+    dataclass, CorruptionError for bytes that are not msgpack at all.
+    """
+    try:
+        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True, ref=_refuse_reference)
+        if _MAY_HOLD_DATACLASS.search(ops_bytes):
+            _check_dataclasses(ops_bytes)
+    except _ReferenceFromClient:
+        raise EncodingError(
+            f"commit refused, nothing was applied: a value in it holds an internal reference (msgpack extension "
+            f"type {codec.EXT_REF}, which only the coordinator writes); internal reference types cannot be "
+            f"stored: send plain values") from None
+    return ops
+
+
+def _refuse_reference(ptr: int, kind: int) -> Any:
+    raise _ReferenceFromClient
+
+
+def _check_dataclasses(data: bytes | memoryview) -> None:
+    """Check every dataclass payload in `data` (bytes that decode), at any depth."""
+    msgpack.unpackb(data, ext_hook=_check_extension, raw=False, strict_map_key=False)
+
+
+def _check_extension(code: int, payload: bytes) -> None:
+    if code in _CONTAINER_EXTS:
+        _check_dataclasses(payload)
+    elif code == codec.EXT_DATACLASS:
+        _check_dataclass(payload)
+
+
+def _check_dataclass(payload: bytes) -> None:
+    """A dataclass payload must be [registered name, {field: value}] with plain values (their Refs refused)."""
+    try:
+        fields = codec.decode(payload, frozen=False, opaque_dataclasses=True, ref=_refuse_reference)
+    except CorruptionError:
+        fields = None
+    if type(fields) is not list or len(fields) != 2 or type(fields[0]) is not str or type(fields[1]) is not dict:
+        raise EncodingError("commit refused, nothing was applied: a dataclass value in it is malformed (its "
+                            "payload must be [registered name, {field: value}] in protobase's value format); "
+                            "send values encoded by protobase")
+    _check_dataclasses(payload)  # the dataclasses inside this one
 
 
 class Writer:

@@ -162,8 +162,9 @@ def process_is_alive(pid: int, start_time: float) -> bool:
     Pids are reused, so the pid alone does not identify a process: a process
     with the same pid but another start time is a different one, and the
     reader it stood for is dead. A zombie is dead. When we are not allowed to
-    look, we say alive: wrongly freeing a live reader's slot would free
-    memory under it, wrongly keeping a dead one only delays reclaim.
+    look, or cannot (out of file descriptors to read /proc with), we say
+    alive: wrongly freeing a live reader's slot would free memory under it,
+    wrongly keeping a dead one only delays reclaim.
     Note the start time is wall-clock based; a clock step of a second or more
     between record and check would misjudge (psutil derives it from boot time).
     """
@@ -174,7 +175,7 @@ def process_is_alive(pid: int, start_time: float) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
-    except psutil.AccessDenied:
+    except (psutil.AccessDenied, OSError):
         return True
 
 
@@ -323,8 +324,10 @@ class ControlBlock:
                 _U64.pack_into(buf, offset + _SLOT_PID, pid)  # pid last: it marks the slot taken
                 return slot
         raise ProtoBaseError(
-            f"reader table full ({self._slots} slots): too many processes have the database "
-            f"open; close some, or recreate the database with more reader slots"
+            f"reader table full ({self._slots} slots): every slot is held by an open database "
+            f"handle (one per protobase.open() in each process; slots of dead processes are "
+            f"freed within a second); close idle handles, or start the coordinator with more "
+            f"slots: protobase serve DIR --reader-slots N, or protobase.open(DIR, reader_slots=N)"
         )
 
     def release_reader(self, slot: int) -> None:

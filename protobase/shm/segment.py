@@ -19,6 +19,13 @@ Invariants:
 
 Callers: the coordinator creates (read-write) and unlinks; workers attach,
 read-only unless they have a reason to write (the control segment).
+
+Fault injection for tests goes through the real code path: every reservation
+passes through `_fallocate`, which the environment variable
+``PROTOBASE_SHM_FAULTS=enospc_after=N`` (read in the process that creates
+segments, so a coordinator started by the test inherits it) makes fail with
+ENOSPC once the segments this process reserved would exceed N bytes: a
+/dev/shm that is full.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ from protobase.errors import (
     ProtoBaseError,
 )
 
-__all__ = ["Segment"]
+__all__ = ["Segment", "FAULTS_ENV"]
 
 _MODE = 0o600
+FAULTS_ENV = "PROTOBASE_SHM_FAULTS"
 
 
 class Segment:
@@ -181,7 +189,7 @@ def _reserve(fd: int, name: str, size: int) -> None:
     # ftruncate alone would make a sparse file; tmpfs then allocates a page at
     # first touch and, when full, kills us with SIGBUS. fallocate allocates now.
     try:
-        os.posix_fallocate(fd, 0, size)
+        _fallocate(fd, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
             raise ProtoBaseError(
@@ -192,6 +200,35 @@ def _reserve(fd: int, name: str, size: int) -> None:
         raise ProtoBaseError(
             f"could not reserve {size} bytes for shared memory segment {name}: {exc}"
         ) from exc
+
+
+class _Faults:
+    """The reservation budget `FAULTS_ENV` sets for this process (tests only)."""
+
+    def __init__(self) -> None:
+        self.applied = ""  # the FAULTS_ENV value the budget comes from
+        self.budget: int | None = None  # bytes `_fallocate` may still reserve; None: no limit
+
+    def apply(self, value: str) -> None:
+        if value == self.applied:
+            return
+        key, _, number = value.partition("=")
+        if value and (key != "enospc_after" or not number.isdigit()):
+            raise ValueError(f"{FAULTS_ENV}={value!r}: cannot parse it; use enospc_after=N (bytes)")
+        self.applied, self.budget = value, int(number) if value else None
+
+
+_faults = _Faults()
+
+
+def _fallocate(fd: int, size: int) -> None:
+    """os.posix_fallocate of the whole segment, unless `FAULTS_ENV` says /dev/shm is full."""
+    _faults.apply(os.environ.get(FAULTS_ENV, ""))
+    if _faults.budget is not None:
+        if size > _faults.budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+        _faults.budget -= size
+    os.posix_fallocate(fd, 0, size)
 
 
 def _unlink_quietly(name: str) -> bool:
