@@ -616,40 +616,57 @@ def read_records(path: str, after_lsn: int = 0, *, strict: bool = True) -> Itera
     return WalReader(path).records(after_lsn, strict=strict)
 
 
-def read_directory(directory: str, after_lsn: int = 0, *, strict: bool = True) -> Iterator[tuple[int, bytes]]:
+def read_directory(directory: str, after_lsn: int = 0, *, strict: bool = True,
+                   origin: str | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield (lsn, payload) with lsn > after_lsn from all WAL files of `directory`, in order.
 
-    This is what recovery replays after loading a checkpoint at `after_lsn`.
+    This is what recovery replays after loading a checkpoint at `after_lsn`;
+    `origin` names that state in error messages (e.g. the checkpoint file).
     Files wholly at or before after_lsn are not read. Besides the checks of
     `read_records`, the LSNs must continue from one file to the next and the
     first record replayed must be after_lsn + 1: a gap means records were lost
     and raises CorruptionError with ``strict`` (else the iteration stops
-    before the gap). A torn tail is allowed in any file whose successor starts
-    right after its last good record (the writer moved on after a crash).
+    before the gap). A file's name proves where it starts even when its
+    header is torn, so such a file is checked for a gap too. A torn tail is
+    allowed in any file whose successor starts right after its last good
+    record (the writer moved on after a crash).
     """
     files = list_wal_files(directory)
     expected = after_lsn + 1
+    previous_path: str | None = None  # the file holding record expected - 1; None while that is the start state
     for index, (first_lsn, path) in enumerate(files):
         if index + 1 < len(files) and files[index + 1][0] <= expected:
             continue  # every record of this file is <= after_lsn
+        if first_lsn > expected:
+            if not strict:
+                return
+            if previous_path is not None:
+                before = f"the WAL file {previous_path} ends at lsn {expected - 1}, but the next one"
+            else:
+                start = origin or f"the state at lsn {after_lsn}"
+                before = f"recovery starts from {start}, but the {'next' if index else 'first'} WAL file"
+            raise _gap_error(directory, expected, first_lsn, path, before)
         result = scan(path)
         if result.header_torn:
             continue
         if strict and result.corrupt:
             raise result.corruption_error()
-        if first_lsn > expected:
-            if not strict:
-                return
-            raise CorruptionError(
-                f"WAL records {expected}..{first_lsn - 1} are missing: the next WAL file, {path}, starts at lsn "
-                f"{first_lsn}; {_RECOVER_HINT}"
-            )
         for record in result.records:
             if record.lsn >= expected:
                 yield record.lsn, record.payload
-                expected = record.lsn + 1
+                expected, previous_path = record.lsn + 1, path
         if result.corrupt:
             return
+
+
+def _gap_error(directory: str, expected: int, first_lsn: int, path: str, before: str) -> CorruptionError:
+    """The CorruptionError for WAL records expected..first_lsn-1 missing before the file `path`."""
+    return CorruptionError(
+        f"WAL records {expected}..{first_lsn - 1} are missing: {before}, {path}, starts at lsn {first_lsn}. "
+        f"A checkpoint-*.pb or wal-*.log file moved or deleted does this: put it back and open again; "
+        f"otherwise `protobase recover {directory} NEW_DIR` salvages the commits before the gap "
+        f"(and `--past-gaps` those after it)"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import psutil
 import pytest
 
 import protobase
 from protobase import cli, wal
+from protobase.coordinator.persistence import EXIT_DISK_FAILURE, Persistence
 from protobase.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
+from protobase.protocol import FrameReader
+from protobase.shm import names
+from protobase.shm.control import ControlBlock, process_start_time
+from protobase.shm.ring import SYNC, CommitRing
 from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
 
 
@@ -272,3 +278,98 @@ def test_async_commits_do_not_wake_the_persistence_process_one_by_one(datadir):
     # Waking it per commit wrote one batch per commit (300); it now drains on its flush timer.
     assert writes < 100, f"300 async commits took {writes} writes of the persistence process"
     assert read(datadir, "counter") == 300
+
+
+def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(datadir):
+    # The clean stop checkpoints at lsn 50 and starts wal-51; without the checkpoint the
+    # WAL's LSNs are ahead of the state. This opened an empty database, and the next sync
+    # commit hung: the persistence process skipped every new record as already written.
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(50):
+            commit_counter(db, f"k{i}", i)
+    assert wait_for_coordinator_exit(datadir)
+    (checkpoint,) = [name for name in os.listdir(datadir) if name.startswith("checkpoint-")]
+    os.unlink(os.path.join(datadir, checkpoint))
+    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.50 are missing: recovery starts from an empty "
+                                              r"database \(there is no checkpoint\), but the first WAL file, "
+                                              r".*wal-0000000000000033\.log, starts at lsn 51.* put it back"):
+        protobase.open(datadir, shutdown_grace=GRACE)
+    assert wait_for_coordinator_exit(datadir)
+
+
+# -- the persistence process's start-up, run in this process against a real ring and WAL ------------
+
+
+@pytest.fixture
+def instance(datadir):
+    """(data directory, instance id, commit ring) as a coordinator makes them before it starts persistence."""
+    directory = DataDir.open(datadir)
+    instance_id = names.new_instance_id()
+    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
+                                  coordinator_start=process_start_time())
+    ring = CommitRing.create(names.segment_name(instance_id, "ring"))
+    try:
+        yield directory, instance_id, ring
+    finally:
+        ring.unlink()
+        ring.close()
+        control.unlink()
+        control.close()
+        names.sweep(instance_id)
+
+
+def write_history(directory: DataDir, payloads: list[bytes]) -> str:
+    """A WAL file of these records from lsn 1, as a persistence process leaves it; its path."""
+    with wal.WalWriter.create(directory.path, 1) as writer:
+        writer.append_many(payloads)
+        writer.sync()
+        return writer.path
+
+
+def run_persistence(directory: DataDir, instance_id: str, *, next_lsn: int, last_lsn: int) -> tuple[int, list]:
+    """Run a persistence process's main loop here until it drained the ring; (exit status, its reports)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        ours.shutdown(socket.SHUT_WR)  # the coordinator is gone: drain the ring, sync and exit
+        status = Persistence(directory, instance_id, theirs, flush_interval=0.01).run(next_lsn, last_lsn)
+        theirs.shutdown(socket.SHUT_WR)
+        data = b"".join(iter(lambda: ours.recv(65536), b""))
+    return status, FrameReader().feed(data)
+
+
+def test_persistence_refuses_a_wal_ahead_of_the_state_instead_of_skipping_new_commits(instance):
+    # The WAL of another history ends at lsn 5, the coordinator has handed out lsn 1 only:
+    # skipping ring record 1 "as already written" lost it, and reporting lsn 5 durable
+    # acknowledged it.
+    directory, instance_id, ring = instance
+    path = write_history(directory, [b"theirs %d" % lsn for lsn in range(1, 6)])
+    ring.append(1, SYNC, b"ours 1")
+    status, reports = run_persistence(directory, instance_id, next_lsn=1, last_lsn=1)
+    assert status == EXIT_DISK_FAILURE
+    assert reports == [["failed", f"CorruptionError: WAL file {path} ends at lsn 5, past lsn 1, the last commit of "
+                                  f"the state being served: the WAL belongs to a later state (was a "
+                                  f"checkpoint-*.pb file moved or deleted?); put the missing file back, or salvage "
+                                  f"with `protobase recover {directory.path} NEW_DIR`"]]
+    assert list(wal.read_records(path)) == [(lsn, b"theirs %d" % lsn) for lsn in range(1, 6)]
+
+
+def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(instance):
+    # A predecessor wrote lsn 3 and died before its fsync was reported: the ring's copy is
+    # skipped only once it matches the record read back, and a different one stops us.
+    directory, instance_id, ring = instance
+    path = write_history(directory, [b"commit 1", b"commit 2", b"commit 3"])
+    ring.append(3, SYNC, b"commit 3")
+    ring.append(4, SYNC, b"commit 4")
+    status, reports = run_persistence(directory, instance_id, next_lsn=3, last_lsn=4)
+    assert (status, reports) == (0, [["started", 3], ["durable", 4]])
+    assert [payload for _, payload in wal.read_records(path)] == [b"commit 1", b"commit 2", b"commit 3", b"commit 4"]
+
+    ring.append(5, SYNC, b"commit 5")
+    with wal.WalWriter.open_for_append(path) as writer:  # what another history put there meanwhile
+        writer.append(b"not commit 5")
+        writer.sync()
+    status, reports = run_persistence(directory, instance_id, next_lsn=5, last_lsn=5)
+    assert status == EXIT_DISK_FAILURE
+    assert reports[-1] == ["failed", f"CorruptionError: WAL file {path} holds a record 5 that is not the commit 5 "
+                                     f"being written: the WAL belongs to another history; the database must stop "
+                                     f"and recover (`protobase recover`)"]

@@ -487,15 +487,32 @@ def test_missing_records_between_files_are_reported(tmp_path):
     write_wal(tmp_path, 1, 5)
     write_wal(tmp_path, 9, 2)
     (tmp_path / "wal-notes.txt").write_text("ignored")
-    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing"):
+    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: the WAL file .*wal-0+1\.log ends "
+                                              r"at lsn 5, but the next one, .*wal-0+9\.log, starts at lsn 9\. "
+                                              r".*put it back"):
         list(read_directory(str(tmp_path)))
     assert [lsn for lsn, _ in read_directory(str(tmp_path), strict=False)] == [1, 2, 3, 4, 5]
     with pytest.raises(CorruptionError, match=r"WAL records 7\.\.8 are missing"):
         list(read_directory(str(tmp_path), 6))
     os.unlink(os.path.join(str(tmp_path), wal.wal_file_name(1)))
-    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: the next WAL file, .*wal-0+9\.log"):
+    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: recovery starts from the state at "
+                                              r"lsn 0, but the first WAL file, .*wal-0+9\.log, starts at lsn 9"):
         list(read_directory(str(tmp_path)))
+    with pytest.raises(CorruptionError, match=r"starts from checkpoint X \(lsn 0\), but the first WAL file"):
+        list(read_directory(str(tmp_path), origin="checkpoint X (lsn 0)"))
     assert [lsn for lsn, _ in read_directory(str(tmp_path), 8)] == [9, 10]
+
+
+def test_a_gap_before_a_file_with_a_torn_header_is_reported(tmp_path):
+    # A file shorter than its header holds no records, but its name proves where the log
+    # went on: records 6..8 were lost before it, and skipping the file hid that.
+    write_wal(tmp_path, 1, 5)
+    path, _, _ = write_wal(tmp_path, 9, 2)
+    os.truncate(path, FILE_HEADER_SIZE - 1)
+    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: .*wal-0+9\.log, starts at lsn 9"):
+        list(read_directory(str(tmp_path)))
+    os.rename(path, os.path.join(str(tmp_path), wal.wal_file_name(6)))  # where the writer would have started it
+    assert [lsn for lsn, _ in read_directory(str(tmp_path))] == [1, 2, 3, 4, 5]
 
 
 # --- misuse --------------------------------------------------------------

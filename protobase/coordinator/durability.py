@@ -12,8 +12,9 @@ committers.
 
 Invariant: LSNs are handed out consecutively, one per commit, in commit
 order, and the ring carries them in that order. A persistence process killed
-by a signal is restarted and resumes from the ring's tail (it skips records
-already in the WAL); one that reports a disk failure is not restarted: the
+by a signal is restarted and resumes from the ring's tail (it skips a record
+only if the WAL holds that very record, and refuses a WAL that goes past the
+last LSN handed out); one that reports a disk failure is not restarted: the
 coordinator stops acknowledging instead (never retry after a failed fsync).
 """
 
@@ -80,6 +81,7 @@ class Durability:
         command = [sys.executable, "-m", "protobase.coordinator.persistence", self.datadir.path,
                    "--instance", self.instance_id, "--fd", str(theirs.fileno()),
                    "--flush-interval", str(self.flush_interval), "--next-lsn", str(self.durable_lsn + 1),
+                   "--last-lsn", str(self.next_lsn - 1),
                    "--log-level", logging.getLevelName(logging.getLogger().level)]
         self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, env=env)

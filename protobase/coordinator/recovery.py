@@ -11,7 +11,9 @@ Owns the order of recovery. Run by a starting coordinator, after it holds
 3. the result is the state after the last complete commit. A torn tail ends
    the replay (the persistence process cuts it off when it reopens the file);
    corruption followed by valid records raises CorruptionError naming the
-   file and offset, and `protobase recover` salvages what is intact.
+   file and offset, and so does a gap in the LSNs (between the checkpoint and
+   the WAL, or between two WAL files: a checkpoint or WAL file moved away).
+   `protobase recover` salvages what is intact.
 """
 
 from __future__ import annotations
@@ -83,22 +85,24 @@ def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq:
     return seq, writer.flush(root), lsn, applied
 
 
-def wal_records(directory: str, after_lsn: int) -> Iterator[tuple[int, bytes]]:
-    """Every valid WAL record after `after_lsn`, across files, strictly checked."""
-    for _, path in wal.list_wal_files(directory):
-        yield from wal.read_records(path, after_lsn, strict=True)
-
-
 def recover(directory: str, arena: ArenaWriter, writer: Writer) -> Recovered:
-    """Rebuild the newest state of `directory` into `arena`."""
+    """Rebuild the newest state of `directory` into `arena`.
+
+    The WAL must continue the checkpoint without a gap, and its files each
+    other (`wal.read_directory`): a missing record raises CorruptionError
+    naming the LSNs, the files and the remedy, since replaying the commits
+    after it onto a state without it would build a state that never was.
+    """
     started = time.monotonic()
     checkpoint = newest_checkpoint(directory)
     seq = root = lsn = 0
+    origin = "an empty database (there is no checkpoint)"
     if checkpoint is not None:
         restore_checkpoint(checkpoint, arena)
         seq, root, lsn = checkpoint.seq, checkpoint.root, checkpoint.lsn
+        origin = f"checkpoint {checkpoint.path} (lsn {lsn})"
     checkpoint_lsn = lsn
-    seq, root, lsn, replayed = replay(wal_records(directory, lsn), writer, root, seq, lsn)
+    seq, root, lsn, replayed = replay(wal.read_directory(directory, lsn, origin=origin), writer, root, seq, lsn)
     recovered = Recovered(seq, root, lsn, checkpoint_lsn, replayed, time.monotonic() - started)
     if checkpoint is not None or replayed:
         log.warning("recovered %s: checkpoint at LSN %d, %d WAL records replayed, seq %d, in %.3fs",
