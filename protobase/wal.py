@@ -440,19 +440,23 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
     """Every intact record of a possibly damaged file, and the byte ranges skipped.
 
     For `protobase recover`: unlike a scan, it does not stop at damage but
-    resumes at the next record that validates under the file's salt. A file
-    whose header is unreadable yields nothing (one skipped range).
+    resumes at the next record that validates under the file's salt. The file
+    header is trusted only as far as the records prove it (`_proven_salt`): a
+    damaged header field costs the header (one skipped range), not the
+    records. A file in which no record proves a salt yields nothing.
     """
     with open(path, "rb") as file:
         data = memoryview(file.read())
     if len(data) < FILE_HEADER_SIZE:
         return [], [(0, len(data))] if len(data) else []
-    try:
-        salt, next_lsn = WalReader(path)._check_file_header(bytes(data[:FILE_HEADER_SIZE]))
-    except CorruptionError:
+    header = bytes(data[:FILE_HEADER_SIZE])
+    named_lsn = parse_wal_file_name(path)
+    next_lsn = named_lsn if named_lsn is not None else FILE_HEADER.unpack(header)[4]
+    salt = _proven_salt(data, next_lsn)
+    if salt is None:
         return [], [(0, len(data))]
     records: list[WalRecord] = []
-    skipped: list[tuple[int, int]] = []
+    skipped: list[tuple[int, int]] = [] if _header_is_intact(path, header, salt) else [(0, FILE_HEADER_SIZE)]
     offset = FILE_HEADER_SIZE
     while offset < len(data):
         found = _valid_at(data, offset, salt)
@@ -471,6 +475,36 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
         records.append(WalRecord(lsn, bytes(data[start:start + length]), offset))
         next_lsn, offset = lsn + 1, start + length
     return records, skipped
+
+
+def _proven_salt(data: memoryview, first_lsn: int) -> int | None:
+    """The salt a record of `data` validates under: the header's, or the one its first record names.
+
+    The first record's prev field holds the salt, so a damaged header salt is
+    found there; a damaged first record leaves the header's salt, proven by
+    any later record. A match needs a crc collision under a random salt to be
+    wrong. None when neither candidate is proven by a record.
+    """
+    header_salt = FILE_HEADER.unpack_from(data)[3]
+    candidates = [header_salt]
+    if len(data) >= FILE_HEADER_SIZE + RECORD_HEADER_SIZE:
+        candidates.append(RECORD_HEADER.unpack_from(data, FILE_HEADER_SIZE)[3])
+    for salt in candidates:
+        if _valid_at(data, FILE_HEADER_SIZE, salt) is not None:
+            return salt
+    for salt in candidates:
+        if _find_valid_record(data, FILE_HEADER_SIZE, salt, first_lsn) is not None:
+            return salt
+    return None
+
+
+def _header_is_intact(path: str, header: bytes, salt: int) -> bool:
+    """True when every field of the file header is as the writer left it, `salt` included."""
+    try:
+        header_salt, _ = WalReader(path)._check_file_header(header)
+    except CorruptionError:
+        return False
+    return header_salt == salt
 
 
 def _record_crc(salt: int, header_rest: memoryview | bytes, payload: memoryview | bytes) -> int:

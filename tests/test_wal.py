@@ -262,6 +262,38 @@ def test_every_single_bit_flip_is_detected(tmp_path):
             assert (result.corrupt_offset, result.torn) == (None, True), bit
 
 
+def test_salvage_keeps_every_record_of_a_file_whose_header_has_a_bit_flip(tmp_path):
+    # The records prove the salt (the first one names it, and each validates under it) and
+    # their LSNs: a damaged header field (magic, version, reserved, salt, first lsn) costs
+    # nothing but the header. Salvage used to give up on the whole file.
+    path, payloads, _ = write_wal(tmp_path / "src", 1, 100)
+    original = read(path)
+    for bit in range(FILE_HEADER_SIZE * 8):
+        data = bytearray(original)
+        data[bit // 8] ^= 1 << (bit % 8)
+        copy = copy_with(path, bytes(data), tmp_path / "flip")
+        records, skipped = wal.salvage_records(copy)
+        assert [(record.lsn, record.payload) for record in records] == list(zip(range(1, 101), payloads)), bit
+        assert skipped == [(0, FILE_HEADER_SIZE)], bit
+
+
+def test_salvage_of_a_file_whose_header_and_first_record_are_damaged(tmp_path):
+    path, payloads, offsets = write_wal(tmp_path / "src", 1, 5, size=40)
+    data = bytearray(read(path))
+    data[0] ^= 1  # the magic: the salt field is still right, and proves itself on record 2
+    data[offsets[0] + 30] ^= 1
+    copy = copy_with(path, bytes(data), tmp_path / "magic")
+    records, skipped = wal.salvage_records(copy)
+    assert [record.lsn for record in records] == [2, 3, 4, 5]
+    assert skipped == [(0, FILE_HEADER_SIZE), (offsets[0], offsets[1])]
+    data[16] ^= 1  # the salt too: the first record still names it in its prev field
+    copy = copy_with(path, bytes(data), tmp_path / "salt")
+    assert wal.salvage_records(copy) == (records, skipped)
+    data[offsets[0] + 16] ^= 1  # and that field: nothing left proves the salt
+    copy = copy_with(path, bytes(data), tmp_path / "prev")
+    assert wal.salvage_records(copy) == ([], [(0, len(data))])
+
+
 @pytest.mark.parametrize("damage", ["payload", "length", "zeros", "garbage"])
 def test_bad_record_followed_by_good_ones_is_reported(tmp_path, damage):
     path, payloads, offsets = write_wal(tmp_path, 1, 5, size=40)
