@@ -9,7 +9,8 @@ Commands:
     dump PATH [--output F]  the root as JSON lines, one per top-level key
     load PATH FILE          commit the lines of a dump (into a new or an existing database)
     backup PATH DEST        hot, consistent backup into the new directory DEST
-    recover PATH DEST       salvage every intact commit of a damaged database
+    recover PATH DEST       salvage the commits of a damaged database up to the first lost one
+                            (--past-gaps: every intact commit, listing each WAL record skipped)
     bench [--seconds N]     a quick benchmark in a temporary directory
     demo                    several processes sharing one database
 
@@ -127,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path")
     backup.add_argument("destination")
 
-    recover = commands.add_parser("recover", help="salvage every intact commit of a damaged database")
+    recover = commands.add_parser("recover", help="salvage the commits of a damaged database up to the first lost one")
     recover.add_argument("path", help="the damaged data directory (only read)")
     recover.add_argument("destination", help="a new directory to write the salvaged database to")
+    recover.add_argument("--past-gaps", action="store_true",
+                         help="also apply the intact commits after a lost one (they may depend on it); "
+                              "every WAL record skipped is listed")
 
     bench = commands.add_parser("bench", help="a quick benchmark in a temporary directory")
     bench.add_argument("--seconds", type=float, default=1.0, help="duration of each measurement")
@@ -279,16 +283,30 @@ def recover(args: argparse.Namespace) -> int:
     """Salvage into a new directory; print what was kept and what was lost."""
     from .coordinator.recovery import salvage
 
-    report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True))
-    print(f"recovered {report.records_applied} commits up to seq {report.seq} into {report.destination}")
-    for lsn, why in report.records_skipped:
-        print(f"  skipped WAL record {lsn}: {why}")
+    report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True),
+                     past_gaps=args.past_gaps)
+    past = " (past gaps)" if report.past_gaps else ""
+    print(f"recovered {report.records_applied} commits up to seq {report.seq}{past} into {report.destination}")
     for path, start, end in report.damaged_ranges:
         print(f"  unreadable bytes {start}..{end} of {path}")
     for path in report.damaged_checkpoints:
         print(f"  damaged checkpoint {path} was not used")
+    if report.past_gaps:
+        for first, last, why in report.records_skipped:
+            print(f"  skipped WAL record{'s' if last > first else ''} {_lsn_range(first, last)}: {why}")
+    elif report.records_skipped:
+        first, last, why = report.records_skipped[0]
+        print(f"LOST: WAL record{'s' if last > first else ''} {_lsn_range(first, last)} ({why}), the commit "
+              f"after seq {report.seq}; recovery stopped there, since a later commit may depend on a lost one: "
+              f"{report.records_left} intact WAL records after it were not applied. To apply them anyway, run "
+              f"`protobase recover --past-gaps {os.path.abspath(args.path)} ANOTHER_NEW_DIR` (it lists every "
+              f"record it skips)")
     print(f"open it with protobase.open({report.destination!r}); the damaged directory was not changed")
     return 0
+
+
+def _lsn_range(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}..{last}"
 
 
 def demo(args: argparse.Namespace) -> int:

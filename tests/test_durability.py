@@ -192,32 +192,82 @@ def test_a_wal_that_cannot_be_created_fails_the_open_clearly(datadir, monkeypatc
         protobase.open(datadir, shutdown_grace=GRACE)
 
 
-def test_protobase_recover_salvages_every_intact_commit(datadir, session_dir, capsys):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
-        for i in range(6):
+def crash_after_commits(path: str, count: int) -> str:
+    """Commit k0..k{count-1} (seq and LSN 1..count), kill the coordinator (no final checkpoint); the WAL file."""
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        for i in range(count):
             with db.transaction() as tx:
                 tx.root[f"k{i}"] = {"value": i}
         kill_and_wait(db.coordinator_pid)
         db.close()
-    assert wait_for_coordinator_exit(datadir)
-    (_, path), = wal.list_wal_files(datadir)
-    damaged = wal.scan(path).records[2]  # the commit of k2
-    with open(path, "r+b") as file:
-        file.seek(damaged.offset + 30)
-        file.write(b"\xff\xff")
+    assert wait_for_coordinator_exit(path)
+    (_, wal_path), = wal.list_wal_files(path)
+    return wal_path
+
+
+def damage_records(wal_path: str, *indexes: int) -> list[wal.WalRecord]:
+    """Flip bytes inside the payloads of these records (0 = the first) of a WAL file; those records."""
+    records = wal.scan(wal_path).records
+    with open(wal_path, "r+b") as file:
+        for index in indexes:
+            file.seek(records[index].offset + 30)
+            file.write(b"\xff\xff")
+    return [records[index] for index in indexes]
+
+
+def salvaged_keys(destination: str) -> list[str]:
+    try:
+        with protobase.open(destination, shutdown_grace=GRACE) as db:
+            with db.snapshot() as snap:
+                keys = sorted(snap.root, key=lambda key: int(key[1:]))
+            db.check()
+    finally:
+        assert wait_for_coordinator_exit(destination)
+    return keys
+
+
+def test_protobase_recover_stops_at_the_first_lost_commit_and_names_it(datadir, capsys):
+    # Applying commits 26..50 over a state without commit 25 builds a state that never was
+    # (a later commit may depend on it); recover did that and said "0 skipped".
+    (damaged,) = damage_records(crash_after_commits(datadir, 50), 24)  # the commit of k24: seq and LSN 25
     before = sorted(os.listdir(datadir))
     destination = os.path.join(os.path.dirname(datadir), "salvaged")
     assert cli.main(["recover", datadir, destination]) == 0
     output = capsys.readouterr().out
-    assert "recovered 5 commits up to seq 6" in output and f"unreadable bytes {damaged.offset}.." in output
+    assert "recovered 24 commits up to seq 24 into" in output and f"unreadable bytes {damaged.offset}.." in output
+    assert (f"LOST: WAL record 25 (damaged or missing), the commit after seq 24; recovery stopped there, since a "
+            f"later commit may depend on a lost one: 25 intact WAL records after it were not applied. To apply "
+            f"them anyway, run `protobase recover --past-gaps {datadir} ANOTHER_NEW_DIR`") in output
     assert sorted(os.listdir(datadir)) == before  # the damaged directory is only read
-    try:
-        with protobase.open(destination, shutdown_grace=GRACE) as db:
-            with db.snapshot() as snap:
-                assert sorted(snap.root) == ["k0", "k1", "k3", "k4", "k5"]
-            db.check()
-    finally:
-        assert wait_for_coordinator_exit(destination)
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(24)]
+
+
+def test_protobase_recover_past_gaps_applies_every_intact_commit_and_lists_each_skipped(datadir, capsys):
+    damage_records(crash_after_commits(datadir, 50), 24, 30, 31, 32)  # LSN 25 and 31..33
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", "--past-gaps", datadir, destination]) == 0
+    output = capsys.readouterr().out
+    assert "recovered 46 commits up to seq 50 (past gaps) into" in output
+    assert "skipped WAL record 25: damaged or missing\n" in output
+    assert "skipped WAL records 31..33: damaged or missing\n" in output and "LOST" not in output
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(50) if i not in (24, 30, 31, 32)]
+
+
+def test_protobase_recover_salvages_the_records_of_a_wal_file_with_a_damaged_header(datadir, capsys):
+    wal_path = crash_after_commits(datadir, 100)
+    with open(wal_path, "r+b") as file:
+        file.seek(20)  # inside the salt
+        byte = file.read(1)
+        file.seek(20)
+        file.write(bytes([byte[0] ^ 0x08]))
+    with pytest.raises(CorruptionError, match="damaged file header"):
+        protobase.open(datadir, shutdown_grace=GRACE)
+    assert wait_for_coordinator_exit(datadir)
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", datadir, destination]) == 0
+    output = capsys.readouterr().out
+    assert "recovered 100 commits up to seq 100 into" in output and f"unreadable bytes 0..32 of {wal_path}" in output
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(100)]
 
 
 def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir):
@@ -280,7 +330,7 @@ def test_async_commits_do_not_wake_the_persistence_process_one_by_one(datadir):
     assert read(datadir, "counter") == 300
 
 
-def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(datadir):
+def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(datadir, capsys):
     # The clean stop checkpoints at lsn 50 and starts wal-51; without the checkpoint the
     # WAL's LSNs are ahead of the state. This opened an empty database, and the next sync
     # commit hung: the persistence process skipped every new record as already written.
@@ -289,12 +339,25 @@ def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(
             commit_counter(db, f"k{i}", i)
     assert wait_for_coordinator_exit(datadir)
     (checkpoint,) = [name for name in os.listdir(datadir) if name.startswith("checkpoint-")]
-    os.unlink(os.path.join(datadir, checkpoint))
+    aside = os.path.join(os.path.dirname(datadir), checkpoint)
+    os.rename(os.path.join(datadir, checkpoint), aside)
     with pytest.raises(CorruptionError, match=r"WAL records 1\.\.50 are missing: recovery starts from an empty "
                                               r"database \(there is no checkpoint\), but the first WAL file, "
-                                              r".*wal-0000000000000033\.log, starts at lsn 51.* put it back"):
+                                              r".*wal-0000000000000033\.log, starts at lsn 51\. A checkpoint-\*\.pb "
+                                              r"or wal-\*\.log file moved or deleted does this: put it back"):
         protobase.open(datadir, shutdown_grace=GRACE)
     assert wait_for_coordinator_exit(datadir)
+
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", datadir, destination]) == 0
+    assert "LOST: WAL records 1..50 (damaged or missing), the commit after seq 0;" in capsys.readouterr().out
+    assert salvaged_keys(destination) == []
+
+    os.rename(aside, os.path.join(datadir, checkpoint))  # the remedy the error names
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        commit_counter(db, "k50", 50)  # a sync commit: it returned, so it is durable
+        with db.snapshot() as snap:
+            assert sorted(snap.root, key=lambda key: int(key[1:])) == [f"k{i}" for i in range(51)]
 
 
 # -- the persistence process's start-up, run in this process against a real ring and WAL ------------
