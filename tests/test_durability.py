@@ -11,6 +11,7 @@ import pytest
 
 import protobase
 from protobase import cli, wal
+from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.persistence import EXIT_DISK_FAILURE, Persistence
 from protobase.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
@@ -120,6 +121,31 @@ def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(dat
     assert read(datadir, "counter") in (acknowledged, acknowledged + 1)  # the failed one may or may not be on disk
     if fault.startswith("enospc"):
         assert read(datadir, "counter") == acknowledged  # a failed write is truncated away
+
+
+def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, monkeypatch):
+    # Once the WAL write failed, the coordinator stopped: the next commit got "lost the
+    # coordinator" (a broken pipe), which says nothing of the disk or of what was kept.
+    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=8192")
+    acknowledged = 0
+    with protobase.open(datadir, durability="async", shutdown_grace=GRACE) as db:
+        with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
+            for i in range(100_000):
+                commit_counter(db, f"k{i}", i)
+                acknowledged += 1
+        assert "No space left on device" in str(failure.value)
+        for durability in ("async", "sync", "async"):
+            with pytest.raises(CoordinatorError, match="No space left on device.*NOT made durable.*nor is any later"):
+                commit_counter(db, "later", 0, durability=durability)
+    monkeypatch.delenv(wal.FAULTS_ENV)
+    assert wait_for_coordinator_exit(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            kept = len(snap.root)
+            # What a full disk takes is the async commits acknowledged after the last record
+            # written, never one before it, and never a refused commit.
+            assert sorted(snap.root, key=lambda key: int(key[1:])) == [f"k{i}" for i in range(kept)]
+    assert 0 < kept <= acknowledged
 
 
 def test_corruption_before_valid_records_refuses_to_open(datadir):
@@ -436,3 +462,42 @@ def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(
     assert reports[-1] == ["failed", f"CorruptionError: WAL file {path} holds a record 5 that is not the commit 5 "
                                      f"being written: the WAL belongs to another history; the database must stop "
                                      f"and recover (`protobase recover`)"]
+
+
+# -- the coordinator's side: Durability with a real persistence process ------------------------------------
+
+
+@pytest.fixture
+def durability(datadir):
+    """A started Durability (ring and persistence process) on a fresh directory, as a coordinator has it."""
+    directory = DataDir.open(datadir)
+    instance_id = names.new_instance_id()
+    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
+                                  coordinator_start=process_start_time())
+    supervisor = Durability(directory, instance_id, control, next_lsn=1, flush_interval=0.01)
+    try:
+        supervisor.start()
+        supervisor.wait_started()
+        yield supervisor
+    finally:
+        supervisor.stop()
+        control.unlink()
+        control.close()
+        names.sweep(instance_id)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """The persistence processes started from now on find room for 100 bytes of WAL (its header included)."""
+    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=100")
+
+
+def test_a_failed_wal_write_refuses_the_next_async_commit_before_its_report_is_read(full_disk, durability):
+    # An async commit is acknowledged once handed over: until the coordinator's event loop got
+    # to the persistence process's report, every commit handed over was acknowledged and lost.
+    durability.enqueue(b"x" * 4096, sync=False)  # everything before it is durable: it rings the doorbell
+    wait_until(lambda: durability.process.poll() is not None, "the persistence process to stop on the full disk")
+    with pytest.raises(DurabilityFailed, match="the write-ahead log failed: WalWriteError: cannot write 1 record"
+                                               r"\(s\) from lsn 1 .*No space left on device"):
+        durability.enqueue(b"y", sync=False)
+    assert durability.next_lsn == 2  # the refused commit got no LSN

@@ -66,6 +66,7 @@ class Durability:
         self.process: subprocess.Popen | None = None
         self.sock: socket.socket | None = None  # our end of the socketpair with the child
         self.reader = FrameReader()
+        self.inbox: list[list[Any]] = []  # reports received and not yet handed to read_reports' caller
         self.restarts = 0
         self.failure: str | None = None  # why commits can no longer be made durable
         self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
@@ -110,11 +111,12 @@ class Durability:
 
         Raises DurabilityFailed when it exited on a disk error or keeps dying.
         """
-        if self.process is None or self.process.poll() is None:
-            return False
+        if self.process is None or self.process.poll() is None or self.failure is not None:
+            return False  # alive; or failed already, and not to be restarted
         code = self.process.returncode
+        self._receive()  # its last reports: the reason of a failure among them
         self._close_socket()
-        if code == EXIT_DISK_FAILURE or self.failure:
+        if self.failure is not None or code == EXIT_DISK_FAILURE:
             self.failure = self.failure or "the persistence process stopped on a disk error"
             raise DurabilityFailed(self.failure)
         self.restarts += 1
@@ -135,9 +137,15 @@ class Durability:
     # -- producing --------------------------------------------------------------
 
     def enqueue(self, payload: bytes, sync: bool) -> int:
-        """Hand one commit's WAL payload to the persistence process; return its LSN."""
-        if self.failure:
-            raise DurabilityFailed(self.failure)
+        """Hand one commit's WAL payload to the persistence process; return its LSN.
+
+        Raises DurabilityFailed once the WAL failed, which the persistence
+        process flags in the control segment the moment it happens: an
+        "async" commit is acknowledged as soon as it is handed over, so
+        waiting for the report to be read would acknowledge commits that
+        will never reach the disk.
+        """
+        self._check_not_failed()
         lsn = self.next_lsn
         self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
         self.next_lsn += 1
@@ -145,6 +153,13 @@ class Durability:
         if sync or self._persistence_may_sleep(lsn) or self.ring.head - self.ring.tail > self.ring.capacity // 2:
             self.doorbell()
         return lsn
+
+    def _check_not_failed(self) -> None:
+        if self.failure is None and self.control.wal_failed:
+            self._receive()  # the persistence process sent its reason before raising the flag
+            self.failure = self.failure or "the write-ahead log failed (see coordinator.log)"
+        if self.failure is not None:
+            raise DurabilityFailed(self.failure)
 
     def _persistence_may_sleep(self, lsn: int) -> bool:
         """False while records before `lsn` are not yet durable: the persistence process then
@@ -164,7 +179,9 @@ class Durability:
         """Ask for a checkpoint of the state after the last enqueued commit; return its LSN.
 
         With `directory` it is a backup written there; the WAL is not touched.
+        Raises DurabilityFailed once the WAL failed: no one would write it.
         """
+        self._check_not_failed()
         lsn = self.next_lsn - 1
         payload = codec.encode({"lsn": lsn, "seq": seq, "root": root, "next_segment": next_segment,
                                 "segments": [list(entry) for entry in segments], "directory": directory})
@@ -186,7 +203,8 @@ class Durability:
             pass  # the child is gone; check_child() will notice
 
     def _wait_for_room(self) -> None:
-        # Back-pressure: the ring is full. The child frees room as it writes.
+        # Back-pressure: the ring is full. The child frees room as it writes, unless it failed.
+        self._check_not_failed()
         self.check_child()
         time.sleep(0.0005)
 
@@ -194,8 +212,14 @@ class Durability:
 
     def read_reports(self) -> list[list[Any]]:
         """Messages the child sent: ["durable", lsn], ["checkpointed", lsn], ["failed", why], ["started", lsn]."""
+        self._receive()
+        messages, self.inbox = self.inbox, []
+        return messages
+
+    def _receive(self) -> None:
+        """Move what the child sent into `inbox`, taking note of durable LSNs and failures."""
         if self.sock is None:
-            return []
+            return
         messages = []
         while True:
             try:
@@ -217,7 +241,7 @@ class Durability:
                 self.syncs += 1
             elif message[0] == "failed":
                 self.failure = f"the write-ahead log failed: {message[1]}"
-        return messages
+        self.inbox.extend(messages)
 
     # -- stopping -----------------------------------------------------------------
 

@@ -24,8 +24,10 @@ the checkpoint written from the segments the coordinator keeps pinned, then a
 new WAL file is started and the files the checkpoint covers are removed.
 
 Failure: a write or fsync error is never retried (after a failed fsync the
-page cache may have dropped the data). The process reports it and exits with
-status 3; the coordinator stops acknowledging, and a restart recovers from the
+page cache may have dropped the data). The process reports it, raises the
+control segment's WAL-failed flag (the coordinator checks it before handing
+over each commit, so it stops acknowledging at once), syncs what it wrote
+before a failed write, and exits with status 3; a restart recovers from the
 WAL. If the coordinator dies, the ring is drained and synced, then we exit.
 """
 
@@ -104,7 +106,11 @@ class Persistence:
             return 0
         except (wal.WalWriteError, wal.WalSyncError, OSError, CorruptionError) as error:
             log.error("write-ahead log failed: %s", error)
+            # The report first: a coordinator that sees the flag finds the reason already sent.
             self._report(["failed", f"{type(error).__name__}: {error}"])
+            self.control.wal_failed = True
+            if isinstance(error, wal.WalWriteError):
+                self._sync_written()
             return EXIT_DISK_FAILURE
         finally:
             if self.writer is not None:
@@ -245,6 +251,20 @@ class Persistence:
         lsn = self.writer.last_lsn
         self.control.durable_lsn = lsn
         self._report(["durable", lsn])
+
+    def _sync_written(self) -> None:
+        """After a failed write: make durable what was written before it, if the disk still lets us.
+
+        A failed write is cut back to the last good record, and the async
+        commits before it were acknowledged: syncing them keeps them through
+        a later crash. A failed sync here changes nothing: we are stopping.
+        """
+        if self.writer is None or self.writer.failed is not None:
+            return
+        try:
+            self._sync()
+        except (wal.WalSyncError, OSError) as error:
+            log.error("could not sync the records written before the failure either: %s", error)
 
     def _checkpoint(self, payload: bytes) -> None:
         request = codec.decode(payload, frozen=False)

@@ -200,6 +200,7 @@ class Coordinator:
         self.housekept_at = 0.0  # time.monotonic() of the last housekeeping pass
 
         self.accepted = 0  # connections accepted since start: the grace only counts once one came
+        self.refusing_commits = False  # True once durability failed: every commit is refused from then on
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -631,19 +632,27 @@ class Coordinator:
 
     def _failure_reply(self) -> list:
         return ["error", "CoordinatorError",
-                f"{self.durability.failure}. This commit was NOT made durable and is not committed. "
-                f"Fix the disk (free space, check the device), then open the database again: "
-                f"recovery restores every acknowledged commit from the write-ahead log"]
+                f"{self.durability.failure}. This commit was NOT made durable and is not committed, nor is any "
+                f"later one. Fix the disk (free space, check the device), close every handle on "
+                f"{self.datadir.path} (its coordinator stops once the last one is closed), then open it again: "
+                f"recovery restores every commit whose WAL record reached the disk, which includes every "
+                f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)"]
 
     def _fail(self, why: str) -> None:
-        """Stop acknowledging: answer every waiting commit with the failure, then stop serving."""
+        """Stop acknowledging: answer every waiting commit with the failure, and refuse all later ones.
+
+        The coordinator serves on, so that every commit gets the failure as its
+        answer rather than a lost connection, until its last client has gone
+        (`_housekeeping`); readers keep their snapshots meanwhile.
+        """
         if self.durability.failure is None:
             self.durability.failure = why
-        log.error("durability failed: %s; refusing commits and stopping", why)
+        if not self.refusing_commits:
+            log.error("durability failed: %s; refusing commits, stopping once the last client has gone", why)
+            self.refusing_commits = True
         while self.pending:
             pending = self.pending.popleft()
             self._answer(pending.asker, self._failure_reply())
-        self.running = False
 
     def _maybe_checkpoint(self) -> None:
         if self.durability.wal_bytes >= self.checkpoint_bytes and not self._checkpoint_pending():
@@ -720,6 +729,8 @@ class Coordinator:
         self.control.reap_dead_readers()
         self._drop_stalled_senders()
         self._check_persistence()
+        if self.refusing_commits and not self.clients:
+            self.running = False  # whatever the grace: only a restart recovers from the WAL
         self._release_retired()
         if len(self.versions) > 100_000:
             oldest = self.control.oldest_snapshot()
