@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
 import protobase
 from protobase import cli, wal
+from protobase.coordinator import durability as durability_module
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.persistence import EXIT_DISK_FAILURE, Persistence
 from protobase.datadir import DataDir, FileLock
@@ -134,9 +137,9 @@ def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, mo
                 commit_counter(db, f"k{i}", i)
                 acknowledged += 1
         assert "No space left on device" in str(failure.value)
-        for durability in ("async", "sync", "async"):
+        for mode in ("async", "sync", "async"):
             with pytest.raises(CoordinatorError, match="No space left on device.*NOT made durable.*nor is any later"):
-                commit_counter(db, "later", 0, durability=durability)
+                commit_counter(db, "later", 0, durability=mode)
     monkeypatch.delenv(wal.FAULTS_ENV)
     assert wait_for_coordinator_exit(datadir)
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
@@ -467,14 +470,14 @@ def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(
 # -- the coordinator's side: Durability with a real persistence process ------------------------------------
 
 
-@pytest.fixture
-def durability(datadir):
+@contextlib.contextmanager
+def started_durability(path: str, **options) -> Iterator[Durability]:
     """A started Durability (ring and persistence process) on a fresh directory, as a coordinator has it."""
-    directory = DataDir.open(datadir)
+    directory = DataDir.open(path)
     instance_id = names.new_instance_id()
     control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
                                   coordinator_start=process_start_time())
-    supervisor = Durability(directory, instance_id, control, next_lsn=1, flush_interval=0.01)
+    supervisor = Durability(directory, instance_id, control, next_lsn=1, flush_interval=0.01, **options)
     try:
         supervisor.start()
         supervisor.wait_started()
@@ -484,6 +487,12 @@ def durability(datadir):
         control.unlink()
         control.close()
         names.sweep(instance_id)
+
+
+@pytest.fixture
+def durability(datadir):
+    with started_durability(datadir) as supervisor:
+        yield supervisor
 
 
 @pytest.fixture
@@ -501,3 +510,31 @@ def test_a_failed_wal_write_refuses_the_next_async_commit_before_its_report_is_r
                                                r"\(s\) from lsn 1 .*No space left on device"):
         durability.enqueue(b"y", sync=False)
     assert durability.next_lsn == 2  # the refused commit got no LSN
+
+
+def kill_persistence(supervisor: Durability) -> None:
+    supervisor.process.kill()
+    supervisor.process.wait(timeout=10)
+
+
+def test_persistence_restarts_are_limited_within_a_window_not_over_a_lifetime(datadir, monkeypatch):
+    # The cap counted every death of a coordinator's life: deaths months apart stopped the
+    # database at the 21st. A fake clock stands in for the months.
+    monkeypatch.setattr(durability_module, "RESTART_LIMIT", 2)
+    now = [0.0]
+    with started_durability(datadir, clock=lambda: now[0]) as supervisor:
+        for _ in range(4):  # twice the limit, a day apart
+            kill_persistence(supervisor)
+            assert supervisor.check_child()
+            supervisor.wait_started()
+            now[0] += 86_400
+        for _ in range(2):  # a crash loop: the limit within the window...
+            kill_persistence(supervisor)
+            assert supervisor.check_child()
+            supervisor.wait_started()
+            now[0] += 1
+        kill_persistence(supervisor)  # ...and one more
+        with pytest.raises(DurabilityFailed, match=r"the persistence process died 3 times within 300s \(last exit "
+                                                   r"status -9\); see .*coordinator\.log"):
+            supervisor.check_child()
+        assert not supervisor.check_child()  # failed for good: no restart, no second report

@@ -20,6 +20,7 @@ coordinator stops acknowledging instead (never retry after a failed fsync).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import codec
@@ -41,7 +43,14 @@ __all__ = ["Durability", "DurabilityFailed"]
 
 log = logging.getLogger("protobase.coordinator")
 
-MAX_RESTARTS = 20
+# A persistence process that keeps dying (a bug or a disk that kills it at once, an OOM killer
+# that keeps choosing it) must stop the database rather than be restarted forever, while deaths
+# far apart (an operator's kill -9, one OOM kill a month) each deserve a restart: so only the
+# restarts of the last RESTART_WINDOW seconds count, never a lifetime total. A crash loop
+# restarts about every 0.2 s (one interpreter start-up) and reaches RESTART_LIMIT in seconds;
+# no sporadic cause comes near 10 deaths in 5 minutes.
+RESTART_LIMIT = 10
+RESTART_WINDOW = 300.0
 STOP_TIMEOUT = 60.0
 REPORT_CHUNK = 1 << 16  # bytes read from the persistence socket at a time
 
@@ -54,7 +63,8 @@ class Durability:
     """Ring producer and persistence supervisor (coordinator only)."""
 
     def __init__(self, datadir: DataDir, instance_id: str, control: ControlBlock, *, next_lsn: int,
-                 flush_interval: float, ring_capacity: int | None = None) -> None:
+                 flush_interval: float, ring_capacity: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
         self.control = control  # where the persistence process publishes the durable LSN
@@ -67,7 +77,8 @@ class Durability:
         self.sock: socket.socket | None = None  # our end of the socketpair with the child
         self.reader = FrameReader()
         self.inbox: list[list[Any]] = []  # reports received and not yet handed to read_reports' caller
-        self.restarts = 0
+        self.clock = clock  # seconds, for the restart window (a fake one in tests)
+        self.restart_times: collections.deque[float] = collections.deque()  # clock() of recent restarts
         self.failure: str | None = None  # why commits can no longer be made durable
         self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
         self.syncs = 0  # fdatasyncs the persistence processes reported (one "durable" report each)
@@ -109,7 +120,8 @@ class Durability:
     def check_child(self) -> bool:
         """Restart a persistence process killed by a signal; True if one was restarted.
 
-        Raises DurabilityFailed when it exited on a disk error or keeps dying.
+        Raises DurabilityFailed when it exited on a disk error, or when it died
+        more than RESTART_LIMIT times within RESTART_WINDOW seconds.
         """
         if self.process is None or self.process.poll() is None or self.failure is not None:
             return False  # alive; or failed already, and not to be restarted
@@ -119,10 +131,14 @@ class Durability:
         if self.failure is not None or code == EXIT_DISK_FAILURE:
             self.failure = self.failure or "the persistence process stopped on a disk error"
             raise DurabilityFailed(self.failure)
-        self.restarts += 1
-        if self.restarts > MAX_RESTARTS:
-            self.failure = f"the persistence process died {self.restarts} times (last exit status {code})"
+        now = self.clock()
+        while self.restart_times and self.restart_times[0] <= now - RESTART_WINDOW:
+            self.restart_times.popleft()
+        if len(self.restart_times) >= RESTART_LIMIT:
+            self.failure = (f"the persistence process died {RESTART_LIMIT + 1} times within {RESTART_WINDOW:.0f}s "
+                            f"(last exit status {code}); see {self.datadir.file('coordinator.log')}")
             raise DurabilityFailed(self.failure)
+        self.restart_times.append(now)
         log.warning("persistence process %d exited with status %s; restarting it", self.process.pid, code)
         self.start()
         self.doorbell()
