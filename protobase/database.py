@@ -100,7 +100,9 @@ class Database:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         self.durability = durability  # default durability of this handle's commits
-        self.datadir = DataDir.open(path, create=create)
+        # An open that may not start a coordinator writes nothing: no coordinator can serve a
+        # directory it would have to create (or stamp), so it fails on one before touching it.
+        self.datadir = DataDir.open(path, create=create and start_coordinator)
         self.path = self.datadir.path
         self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes,
                             checkpoint_bytes=checkpoint_bytes, flush_interval=flush_interval)
