@@ -7,7 +7,8 @@ Commands:
     stats PATH              db.stats() as JSON
     check PATH              verify every invariant (exit 0 "ok: ...", exit 1 on corruption)
     dump PATH [--output F]  the root as JSON lines, one per top-level key
-    load PATH FILE          commit the lines of a dump (into a new or an existing database)
+    load PATH FILE          commit the lines of a dump (into an existing database, or a new one
+                            that appears only once complete)
     backup PATH DEST        hot, consistent backup into the new directory DEST
     recover PATH DEST       salvage the commits of a damaged database up to the first lost one
                             (--past-gaps: every intact commit, listing each WAL record skipped)
