@@ -144,8 +144,9 @@ class Persistence:
         except BaseException:
             writer.close()
             raise
-        if writer.last_lsn < next_lsn - 1:  # a checkpoint covers the rest: start the file after it
+        if writer.last_lsn < next_lsn - 1:  # a checkpoint must hold the rest: start the file after it
             writer.close()
+            self._check_covered(next_lsn - 1, writer)
             return wal.WalWriter.create(self.datadir.path, next_lsn)
         if writer.last_lsn >= next_lsn:
             self.inherited = {lsn: zlib.crc32(data) for lsn, data in wal.read_records(writer.path, next_lsn - 1)}
@@ -163,8 +164,6 @@ class Persistence:
             raise CorruptionError(
                 f"WAL records {next_lsn}..{writer.first_lsn - 1} are in no WAL file: {writer.path} starts at lsn "
                 f"{writer.first_lsn}; the database must stop and recover (`protobase recover`)")
-        if writer.last_lsn < next_lsn - 1:
-            self._check_covered(next_lsn - 1, writer)
 
     def _check_covered(self, lsn: int, writer: wal.WalWriter | None) -> None:
         """CorruptionError unless a checkpoint holds the state up to `lsn` (which no WAL file we read holds)."""

@@ -595,6 +595,15 @@ class Coordinator:
                     self.checkpoints += 1
                 else:
                     self._answer(asker, ["ok", seq, message[2]])
+        self._answer_durable()
+        if self.durability.failure:
+            self._fail(self.durability.failure)
+        if self.durability.sock is None:  # the child is gone: restart it or fail
+            self._check_persistence()
+        self._watch_persistence()
+
+    def _answer_durable(self) -> None:
+        """Publish and acknowledge the waiting commits the durable LSN now covers."""
         durable = self.durability.durable_lsn  # (the persistence process publishes it in the control block)
         newest = None
         answered = []
@@ -606,11 +615,6 @@ class Coordinator:
         for pending in answered:
             self._notify(pending.seq, pending.paths)
             self._answer(pending.asker, pending.reply)
-        if self.durability.failure:
-            self._fail(self.durability.failure)
-        if self.durability.sock is None:  # the child is gone: restart it or fail
-            self._check_persistence()
-        self._watch_persistence()
 
     def _check_persistence(self) -> None:
         try:
@@ -650,6 +654,7 @@ class Coordinator:
         if not self.refusing_commits:
             log.error("durability failed: %s; refusing commits, stopping once the last client has gone", why)
             self.refusing_commits = True
+        self._answer_durable()  # those the WAL holds did commit: only the others failed
         while self.pending:
             pending = self.pending.popleft()
             self._answer(pending.asker, self._failure_reply())
