@@ -57,13 +57,13 @@ def restore_checkpoint(checkpoint: Checkpoint, arena: ArenaWriter) -> None:
     arena.generation_start = min((index for index, _, _ in checkpoint.segments), default=arena.next_index)
 
 
-REPLAY_ERRORS = (PathError, CorruptionError, ValueError, TypeError)  # what a record that cannot apply raises
+_REPLAY_ERRORS = (PathError, CorruptionError, ValueError, TypeError)  # what a record that cannot apply raises
 
 
-def apply_record(writer: Writer, root: Any, payload: bytes) -> tuple[int, Any]:
+def _apply_record(writer: Writer, root: Any, payload: bytes) -> tuple[int, Any]:
     """Apply one WAL record's operations to `root`: (its commit's seq, the new root).
 
-    Raises one of REPLAY_ERRORS for a record that cannot be applied; `root`
+    Raises one of _REPLAY_ERRORS for a record that cannot be applied; `root`
     itself is never changed (path copying), so the caller may go on without it.
     """
     record_seq, ops_bytes = codec.decode(payload, frozen=False)
@@ -84,8 +84,8 @@ def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq:
         if record_lsn != lsn + 1:
             raise CorruptionError(f"the WAL jumps from LSN {lsn} to {record_lsn}: a WAL file is missing")
         try:
-            seq, root = apply_record(writer, root, payload)
-        except REPLAY_ERRORS as error:
+            seq, root = _apply_record(writer, root, payload)
+        except _REPLAY_ERRORS as error:
             raise CorruptionError(f"WAL record {record_lsn} cannot be replayed: {error}") from error
         lsn = record_lsn
         applied += 1
@@ -139,11 +139,6 @@ class SalvageReport:
     last_lsn: int
     seq: int
     past_gaps: bool  # whether records after a lost one were applied
-
-    @property
-    def first_lost_lsn(self) -> int | None:
-        """The first LSN after the starting checkpoint that is not in the result; None if none."""
-        return self.records_skipped[0][0] if self.records_skipped else None
 
 
 def salvage(source: str, destination: str, progress: Callable[[str], None] = lambda line: None, *,
@@ -244,8 +239,8 @@ def _apply_in_order(records: list[tuple[int, bytes]], known_end: int, writer: Wr
                 return seq, writer.flush(root), lsn, applied, skipped, len(records) - index
         expected = record_lsn + 1
         try:
-            record_seq, working = apply_record(writer, root, payload)
-        except REPLAY_ERRORS as error:
+            record_seq, working = _apply_record(writer, root, payload)
+        except _REPLAY_ERRORS as error:
             skipped.append((record_lsn, record_lsn, f"cannot be applied: {error}"))
             if not past_gaps:
                 return seq, writer.flush(root), lsn, applied, skipped, len(records) - index - 1
