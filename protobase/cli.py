@@ -7,9 +7,11 @@ Commands:
     stats PATH              db.stats() as JSON
     check PATH              verify every invariant (exit 0 "ok: ...", exit 1 on corruption)
     dump PATH [--output F]  the root as JSON lines, one per top-level key
-    load PATH FILE          commit the lines of a dump (into a new or an existing database)
+    load PATH FILE          commit the lines of a dump (into an existing database, or a new one
+                            that appears only once complete)
     backup PATH DEST        hot, consistent backup into the new directory DEST
-    recover PATH DEST       salvage every intact commit of a damaged database
+    recover PATH DEST       salvage the commits of a damaged database up to the first lost one
+                            (--past-gaps: every intact commit, listing each WAL record skipped)
     bench [--seconds N]     a quick benchmark in a temporary directory
     demo                    several processes sharing one database
 
@@ -77,6 +79,7 @@ __all__ = ["main", "build_parser", "encode_value", "decode_value", "dump_lines"]
 DEFAULT_GRACE = 2.0
 LOAD_BATCH_ITEMS = 5_000  # top-level keys, or elements of one big collection, per load transaction
 LOAD_BATCH_BYTES = 8 << 20  # bytes of dump text per load transaction
+STAGING_STOP_TIMEOUT = 300.0  # seconds (after the grace) for a loaded copy's final checkpoint and stop
 BIG_INT_BITS = 10_000  # beyond this, ints are written in hex (int <-> decimal str is limited)
 
 
@@ -129,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path")
     backup.add_argument("destination")
 
-    recover = commands.add_parser("recover", help="salvage every intact commit of a damaged database")
+    recover = commands.add_parser("recover", help="salvage the commits of a damaged database up to the first lost one")
     recover.add_argument("path", help="the damaged data directory (only read)")
     recover.add_argument("destination", help="a new directory to write the salvaged database to")
+    recover.add_argument("--past-gaps", action="store_true",
+                         help="also apply the intact commits after a lost one (they may depend on it); "
+                              "every WAL record skipped is listed")
 
     bench = commands.add_parser("bench", help="a quick benchmark in a temporary directory")
     bench.add_argument("--seconds", type=float, default=1.0, help="duration of each measurement")
@@ -289,16 +295,30 @@ def recover(args: argparse.Namespace) -> int:
     """Salvage into a new directory; print what was kept and what was lost."""
     from .coordinator.recovery import salvage
 
-    report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True))
-    print(f"recovered {report.records_applied} commits up to seq {report.seq} into {report.destination}")
-    for lsn, why in report.records_skipped:
-        print(f"  skipped WAL record {lsn}: {why}")
+    report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True),
+                     past_gaps=args.past_gaps)
+    past = " (past gaps)" if report.past_gaps else ""
+    print(f"recovered {report.records_applied} commits up to seq {report.seq}{past} into {report.destination}")
     for path, start, end in report.damaged_ranges:
         print(f"  unreadable bytes {start}..{end} of {path}")
     for path in report.damaged_checkpoints:
         print(f"  damaged checkpoint {path} was not used")
+    if report.past_gaps:
+        for first, last, why in report.records_skipped:
+            print(f"  skipped WAL record{'s' if last > first else ''} {_lsn_range(first, last)}: {why}")
+    elif report.records_skipped:
+        first, last, why = report.records_skipped[0]
+        print(f"LOST: WAL record{'s' if last > first else ''} {_lsn_range(first, last)} ({why}), the commit "
+              f"after seq {report.seq}; recovery stopped there, since a later commit may depend on a lost one: "
+              f"{report.records_left} intact WAL records after it were not applied. To apply them anyway, run "
+              f"`protobase recover --past-gaps {os.path.abspath(args.path)} ANOTHER_NEW_DIR` (it lists every "
+              f"record it skips)")
     print(f"open it with protobase.open({report.destination!r}); the damaged directory was not changed")
     return 0
+
+
+def _lsn_range(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}..{last}"
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -716,48 +736,117 @@ def _create_indexes(db: Any, key: Any, indexes: list[tuple[tuple, tuple[str, ...
 
 
 def load(args: argparse.Namespace) -> int:
+    """Commit the lines of a dump; a new database is built aside and appears only once complete.
+
+    A load into a missing or empty directory goes into a staging directory
+    beside it, renamed into place once its coordinator has stopped: a load
+    that fails (a bad line, Ctrl-C, a full disk) leaves nothing behind. A load
+    into an existing database commits batch by batch into it.
+    """
     name = "stdin" if args.file == "-" else os.path.abspath(args.file)
     source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    target = os.path.abspath(args.path)
+    staging = f"{target}.loading-{os.getpid()}" if _holds_no_database(target) else None
+    created = _missing_ancestors(target)  # made for the staging directory: removed again if the load fails
     progress = Progress(f"load {name}")
     try:
-        with source, open_database(args.path, args) as db:
-            batch: list[tuple[Any, Any, list]] = []
-            batch_bytes = 0
-
-            def commit() -> None:
-                nonlocal batch, batch_bytes
-                if batch:
-                    with db.transaction() as tx:
-                        for key, value, _ in batch:
-                            tx.root[key] = value
-                    for key, _, indexes in batch:
-                        _create_indexes(db, key, indexes)
-                    progress.add(len(batch), "lines committed")
-                batch, batch_bytes = [], 0
-
-            for _, key, value, indexes, size in _read_dump(source, name):
-                big = isinstance(value, (dict, set, list)) and len(value) > LOAD_BATCH_ITEMS
-                if big or size > LOAD_BATCH_BYTES:
-                    commit()
-                    if big:
-                        _load_big(db, key, value, progress)
-                        _create_indexes(db, key, indexes)
-                        progress.add(1, "lines committed")
-                    else:
-                        batch = [(key, value, indexes)]
-                        commit()
-                    continue
-                batch.append((key, value, indexes))
-                batch_bytes += size
-                if len(batch) >= LOAD_BATCH_ITEMS or batch_bytes >= LOAD_BATCH_BYTES:
-                    commit()
-            commit()
+        with source, open_database(staging or target, args) as db:
+            _commit_lines(db, source, name, progress)
             seq = db.stats().seq
+    except BaseException:
+        if staging is not None:
+            _discard_staging(staging, created, args.grace)
+        raise
     finally:
         if source is not sys.stdin:
             source.close()
-    progress.done(f"lines loaded into {os.path.abspath(args.path)} (now at seq {seq})")
+    if staging is not None:
+        _move_into_place(staging, target, args.grace)
+    progress.done(f"lines loaded into {target} (now at seq {seq})")
     return 0
+
+
+def _commit_lines(db: Any, source: TextIO, name: str, progress: Progress) -> None:
+    batch: list[tuple[Any, Any, list]] = []
+    batch_bytes = 0
+
+    def commit() -> None:
+        nonlocal batch, batch_bytes
+        if batch:
+            with db.transaction() as tx:
+                for key, value, _ in batch:
+                    tx.root[key] = value
+            for key, _, indexes in batch:
+                _create_indexes(db, key, indexes)
+            progress.add(len(batch), "lines committed")
+        batch, batch_bytes = [], 0
+
+    for _, key, value, indexes, size in _read_dump(source, name):
+        big = isinstance(value, (dict, set, list)) and len(value) > LOAD_BATCH_ITEMS
+        if big or size > LOAD_BATCH_BYTES:
+            commit()
+            if big:
+                _load_big(db, key, value, progress)
+                _create_indexes(db, key, indexes)
+                progress.add(1, "lines committed")
+            else:
+                batch = [(key, value, indexes)]
+                commit()
+            continue
+        batch.append((key, value, indexes))
+        batch_bytes += size
+        if len(batch) >= LOAD_BATCH_ITEMS or batch_bytes >= LOAD_BATCH_BYTES:
+            commit()
+    commit()
+
+
+def _holds_no_database(path: str) -> bool:
+    """True for a path a load creates the database at: missing, or an empty directory."""
+    return not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
+def _move_into_place(staging: str, target: str, grace: float) -> None:
+    """Rename a loaded staging directory to `target` once its coordinator has stopped."""
+    from .datadir import DataDir
+    from .wal import fsync_directory
+
+    if not DataDir(staging).wait_until_unserved(grace + STAGING_STOP_TIMEOUT):
+        raise CommandError(f"the load is complete in {staging}, but its coordinator has not stopped after "
+                           f"{grace + STAGING_STOP_TIMEOUT:.0f}s; once it has, rename {staging} to {target}")
+    try:
+        os.rename(staging, target)  # replaces an empty directory
+    except OSError as error:
+        raise CommandError(f"the load is complete in {staging}, but it cannot be renamed to {target} "
+                           f"({error.strerror}); rename it yourself") from None
+    fsync_directory(os.path.dirname(target))
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """The directories above `path` that do not exist yet, deepest first."""
+    missing = []
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing
+
+
+def _discard_staging(staging: str, created: list[str], grace: float) -> None:
+    """Remove what a failed load made (its staging directory and its parents), once its coordinator has stopped."""
+    import shutil
+
+    from .datadir import DataDir
+
+    if os.path.isdir(staging) and DataDir(staging).wait_until_unserved(grace + STAGING_STOP_TIMEOUT):
+        shutil.rmtree(staging, ignore_errors=True)
+    if os.path.lexists(staging):
+        print(f"protobase: the partial load in {staging} could not be removed; remove it", file=sys.stderr)
+        return
+    for directory in created:
+        try:
+            os.rmdir(directory)  # only if still empty: someone else may have put something there
+        except OSError:
+            return
 
 
 # -- backup --------------------------------------------------------------------------------

@@ -105,7 +105,9 @@ class Database:
         if reader_slots is not None and not (type(reader_slots) is int and 1 <= reader_slots < 2**32):
             raise ValueError(f"reader_slots must be a whole number from 1 to {2**32 - 1}, got {reader_slots!r}")
         self.durability = durability  # default durability of this handle's commits
-        self.datadir = DataDir.open(path, create=create)
+        # An open that may not start a coordinator writes nothing: no coordinator can serve a
+        # directory it would have to create (or stamp), so it fails on one before touching it.
+        self.datadir = DataDir.open(path, create=create and start_coordinator)
         self.path = self.datadir.path
         self._launch = dict(start=start_coordinator, grace=shutdown_grace, compact_min_bytes=compact_min_bytes,
                             checkpoint_bytes=checkpoint_bytes, flush_interval=flush_interval,

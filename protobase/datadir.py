@@ -16,6 +16,7 @@ before anything in it is touched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -43,21 +44,46 @@ class DataDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, create: bool = True) -> DataDir:
-        """Validate (creating when allowed) the data directory at `path`."""
+        """Validate the data directory at `path`; with `create`, make it one if it is missing or empty.
+
+        Without `create` nothing is written: the directory must exist and
+        carry the stamp. Raises DataDirectoryError for an empty path (never
+        taken to mean the current directory), a file, a directory that cannot
+        be created or written, another owner, loose permissions, or another
+        format version, saying what to do.
+        """
+        if not os.fspath(path):
+            raise DataDirectoryError("the data directory path is empty; pass the directory's path (for the "
+                                     "current directory, pass '.')")
         path = os.path.abspath(os.fspath(path))
         if os.path.lexists(path) and not os.path.isdir(path):
             raise DataDirectoryError(f"{path} exists and is not a directory; pass a directory path")
         if not os.path.exists(path):
             if not create:
-                raise DataDirectoryError(f"{path} does not exist")
+                raise DataDirectoryError(f"data directory {path} does not exist; check the path (only an open "
+                                         f"that may create it and start its coordinator makes one)")
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
             except OSError as error:
-                raise DataDirectoryError(f"cannot create data directory {path}: {error.strerror}") from None
+                parent = os.path.dirname(error.filename or path)  # the first ancestor makedirs could not make
+                raise _write_error(parent, error, f"create data directory {path}") from None
         directory = cls(path)
         directory._check_owner_and_mode()
-        directory._check_or_write_stamp()
+        if create:
+            directory._check_writable()
+        directory._check_or_write_stamp(create)
         return directory
+
+    def _check_writable(self) -> None:
+        """Refuse a directory we cannot create files in: its coordinator could not even take its lock.
+
+        Checked up front, where the user named the directory; a coordinator
+        started on it would fail later with a bare permission error.
+        """
+        if os.access(self.path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+            return
+        code = errno.EROFS if os.statvfs(self.path).f_flag & os.ST_RDONLY else errno.EACCES
+        raise _write_error(self.path, OSError(code, os.strerror(code)), f"write in data directory {self.path}")
 
     def _check_owner_and_mode(self) -> None:
         info = os.stat(self.path)
@@ -70,7 +96,7 @@ class DataDir:
                 f"data directory {self.path} has mode {stat.S_IMODE(info.st_mode):o}, open to other users; "
                 f"run `chmod 700 {self.path}`")
 
-    def _check_or_write_stamp(self) -> None:
+    def _check_or_write_stamp(self, create: bool) -> None:
         stamp = os.path.join(self.path, STAMP)
         try:
             with open(stamp, encoding="utf-8") as file:
@@ -80,10 +106,14 @@ class DataDir:
             # its temporary file does not make the directory foreign.
             if [entry for entry in os.listdir(self.path) if not entry.startswith(STAMP + ".")]:
                 if os.path.exists(stamp):  # it was written between our read and the listing
-                    return self._check_or_write_stamp()
+                    return self._check_or_write_stamp(create)
                 raise DataDirectoryError(
                     f"{self.path} is not empty and has no {STAMP} stamp: it is not a ProtoBase data "
                     f"directory; pass an empty or new directory") from None
+            if not create:
+                raise DataDirectoryError(
+                    f"{self.path} is not a ProtoBase data directory (it has no {STAMP} stamp); check the path "
+                    f"(only an open that may create it and start its coordinator makes one)") from None
             self._write_stamp(stamp)
             return
         except (ValueError, AttributeError, OSError) as error:
@@ -95,11 +125,16 @@ class DataDir:
 
     def _write_stamp(self, stamp: str) -> None:
         temporary = f"{stamp}.{os.getpid()}.tmp"  # per process: concurrent first opens each write their own
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump({"format": FORMAT_VERSION}, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, stamp)
+        try:
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump({"format": FORMAT_VERSION}, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, stamp)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise _write_error(self.path, error, f"write {stamp}") from None
         self.fsync()
 
     def fsync(self) -> None:
@@ -169,6 +204,19 @@ class DataDir:
         os.replace(temporary, path)
 
 
+def _write_error(directory: str, error: OSError, action: str) -> DataDirectoryError:
+    """The DataDirectoryError for failing to `action` in `directory`: what failed, and what to do about it."""
+    if error.errno == errno.EROFS:
+        remedy = (f"{directory} is on a read-only filesystem: remount it read-write, or copy the database to a "
+                  f"writable filesystem and open the copy")
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        remedy = f"make {directory} writable for you (`chmod u+w {directory}`), or open a copy in a writable place"
+    else:
+        remedy = "free space on its filesystem (or check the device), then open it again"
+    return DataDirectoryError(f"cannot {action} ({error.strerror}): ProtoBase writes its lock files, socket and "
+                              f"write-ahead log in the data directory, even to read it; {remedy}")
+
+
 class FileLock:
     """An flock on a file in the data directory, released by the kernel if we die.
 
@@ -180,7 +228,15 @@ class FileLock:
         self.fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Take the lock; False if `blocking` is off and another process holds it.
+
+        Raises DataDirectoryError when the lock file cannot be opened (a
+        read-only directory or filesystem).
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise _write_error(os.path.dirname(self.path), error, f"open the lock file {self.path}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except OSError as error:

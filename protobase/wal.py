@@ -440,19 +440,23 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
     """Every intact record of a possibly damaged file, and the byte ranges skipped.
 
     For `protobase recover`: unlike a scan, it does not stop at damage but
-    resumes at the next record that validates under the file's salt. A file
-    whose header is unreadable yields nothing (one skipped range).
+    resumes at the next record that validates under the file's salt. The file
+    header is trusted only as far as the records prove it (`_proven_salt`): a
+    damaged header field costs the header (one skipped range), not the
+    records. A file in which no record proves a salt yields nothing.
     """
     with open(path, "rb") as file:
         data = memoryview(file.read())
     if len(data) < FILE_HEADER_SIZE:
         return [], [(0, len(data))] if len(data) else []
-    try:
-        salt, next_lsn = WalReader(path)._check_file_header(bytes(data[:FILE_HEADER_SIZE]))
-    except CorruptionError:
+    header = bytes(data[:FILE_HEADER_SIZE])
+    named_lsn = parse_wal_file_name(path)
+    next_lsn = named_lsn if named_lsn is not None else FILE_HEADER.unpack(header)[4]
+    salt = _proven_salt(data, next_lsn)
+    if salt is None:
         return [], [(0, len(data))]
     records: list[WalRecord] = []
-    skipped: list[tuple[int, int]] = []
+    skipped: list[tuple[int, int]] = [] if _header_is_intact(path, header, salt) else [(0, FILE_HEADER_SIZE)]
     offset = FILE_HEADER_SIZE
     while offset < len(data):
         found = _valid_at(data, offset, salt)
@@ -471,6 +475,36 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
         records.append(WalRecord(lsn, bytes(data[start:start + length]), offset))
         next_lsn, offset = lsn + 1, start + length
     return records, skipped
+
+
+def _proven_salt(data: memoryview, first_lsn: int) -> int | None:
+    """The salt a record of `data` validates under: the header's, or the one its first record names.
+
+    The first record's prev field holds the salt, so a damaged header salt is
+    found there; a damaged first record leaves the header's salt, proven by
+    any later record. A match needs a crc collision under a random salt to be
+    wrong. None when neither candidate is proven by a record.
+    """
+    header_salt = FILE_HEADER.unpack_from(data)[3]
+    candidates = [header_salt]
+    if len(data) >= FILE_HEADER_SIZE + RECORD_HEADER_SIZE:
+        candidates.append(RECORD_HEADER.unpack_from(data, FILE_HEADER_SIZE)[3])
+    for salt in candidates:
+        if _valid_at(data, FILE_HEADER_SIZE, salt) is not None:
+            return salt
+    for salt in candidates:
+        if _find_valid_record(data, FILE_HEADER_SIZE, salt, first_lsn) is not None:
+            return salt
+    return None
+
+
+def _header_is_intact(path: str, header: bytes, salt: int) -> bool:
+    """True when every field of the file header is as the writer left it, `salt` included."""
+    try:
+        header_salt, _ = WalReader(path)._check_file_header(header)
+    except CorruptionError:
+        return False
+    return header_salt == salt
 
 
 def _record_crc(salt: int, header_rest: memoryview | bytes, payload: memoryview | bytes) -> int:
@@ -616,40 +650,57 @@ def read_records(path: str, after_lsn: int = 0, *, strict: bool = True) -> Itera
     return WalReader(path).records(after_lsn, strict=strict)
 
 
-def read_directory(directory: str, after_lsn: int = 0, *, strict: bool = True) -> Iterator[tuple[int, bytes]]:
+def read_directory(directory: str, after_lsn: int = 0, *, strict: bool = True,
+                   origin: str | None = None) -> Iterator[tuple[int, bytes]]:
     """Yield (lsn, payload) with lsn > after_lsn from all WAL files of `directory`, in order.
 
-    This is what recovery replays after loading a checkpoint at `after_lsn`.
+    This is what recovery replays after loading a checkpoint at `after_lsn`;
+    `origin` names that state in error messages (e.g. the checkpoint file).
     Files wholly at or before after_lsn are not read. Besides the checks of
     `read_records`, the LSNs must continue from one file to the next and the
     first record replayed must be after_lsn + 1: a gap means records were lost
     and raises CorruptionError with ``strict`` (else the iteration stops
-    before the gap). A torn tail is allowed in any file whose successor starts
-    right after its last good record (the writer moved on after a crash).
+    before the gap). A file's name proves where it starts even when its
+    header is torn, so such a file is checked for a gap too. A torn tail is
+    allowed in any file whose successor starts right after its last good
+    record (the writer moved on after a crash).
     """
     files = list_wal_files(directory)
     expected = after_lsn + 1
+    previous_path: str | None = None  # the file holding record expected - 1; None while that is the start state
     for index, (first_lsn, path) in enumerate(files):
         if index + 1 < len(files) and files[index + 1][0] <= expected:
             continue  # every record of this file is <= after_lsn
+        if first_lsn > expected:
+            if not strict:
+                return
+            if previous_path is not None:
+                before = f"the WAL file {previous_path} ends at lsn {expected - 1}, but the next one"
+            else:
+                start = origin or f"the state at lsn {after_lsn}"
+                before = f"recovery starts from {start}, but the {'next' if index else 'first'} WAL file"
+            raise _gap_error(directory, expected, first_lsn, path, before)
         result = scan(path)
         if result.header_torn:
             continue
         if strict and result.corrupt:
             raise result.corruption_error()
-        if first_lsn > expected:
-            if not strict:
-                return
-            raise CorruptionError(
-                f"WAL records {expected}..{first_lsn - 1} are missing: the next WAL file, {path}, starts at lsn "
-                f"{first_lsn}; {_RECOVER_HINT}"
-            )
         for record in result.records:
             if record.lsn >= expected:
                 yield record.lsn, record.payload
-                expected = record.lsn + 1
+                expected, previous_path = record.lsn + 1, path
         if result.corrupt:
             return
+
+
+def _gap_error(directory: str, expected: int, first_lsn: int, path: str, before: str) -> CorruptionError:
+    """The CorruptionError for WAL records expected..first_lsn-1 missing before the file `path`."""
+    return CorruptionError(
+        f"WAL records {expected}..{first_lsn - 1} are missing: {before}, {path}, starts at lsn {first_lsn}. "
+        f"A checkpoint-*.pb or wal-*.log file moved or deleted does this: put it back and open again; "
+        f"otherwise `protobase recover {directory} NEW_DIR` salvages the commits before the gap "
+        f"(and `--past-gaps` those after it)"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -278,6 +278,36 @@ def test_load_reports_a_bad_line(datadir, capsys):
     assert_one_line_error(err, "line 2", "$nope")
 
 
+@pytest.mark.parametrize("batch_items", [5_000, 1])  # the bad line in the first batch, or after commits
+def test_load_of_a_bad_file_into_a_new_directory_creates_nothing(datadir, capsys, monkeypatch, batch_items):
+    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", batch_items)
+    parent = os.path.dirname(datadir)
+    bad = os.path.join(parent, "bad.jsonl")
+    with open(bad, "w", encoding="utf-8") as file:
+        file.write('{"key": "a", "value": 1}\n{"key": "b", "value": 2}\nnot json\n')
+    before = sorted(os.listdir(parent))
+    target = os.path.join(datadir, "deeper", "db")  # its parents are made for it, and removed with it
+    status, _, err = run(capsys, "load", target, bad, *G)
+    assert status == 1
+    assert_one_line_error(err, "line 3 is not a dump line")
+    assert sorted(os.listdir(parent)) == before and not os.path.lexists(datadir)
+
+
+def test_load_into_a_new_directory_appears_only_once_complete(datadir, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", 1)
+    good = os.path.join(os.path.dirname(datadir), "good.jsonl")
+    with open(good, "w", encoding="utf-8") as file:
+        file.write('{"key": "a", "value": 1}\n{"key": "b", "value": [2]}\n')
+    os.makedirs(datadir, mode=0o700)  # an empty directory is a new database's place too
+    status, _, err = run(capsys, "load", datadir, good, *G)
+    assert status == 0 and f"2 lines loaded into {datadir}" in err
+    assert sorted(os.listdir(os.path.dirname(datadir))) == ["db", "good.jsonl"]  # no staging directory left
+    assert not is_served(datadir)  # it was moved in after its coordinator stopped
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            assert snap.root["a"] == 1 and list(snap.root["b"]) == [2]
+
+
 # -- backup, bench, errors ---------------------------------------------------------------------------
 
 

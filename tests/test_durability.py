@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+from collections.abc import Iterator
 
 import psutil
 import pytest
 
 import protobase
 from protobase import cli, wal
+from protobase.coordinator import durability as durability_module
+from protobase.coordinator.durability import Durability, DurabilityFailed
+from protobase.coordinator.persistence import EXIT_DISK_FAILURE, Persistence
 from protobase.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
+from protobase.protocol import FrameReader
+from protobase.shm import names
+from protobase.shm.control import ControlBlock, process_start_time
+from protobase.shm.ring import SYNC, CommitRing
 from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
 
 
@@ -116,6 +126,31 @@ def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(dat
         assert read(datadir, "counter") == acknowledged  # a failed write is truncated away
 
 
+def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, monkeypatch):
+    # Once the WAL write failed, the coordinator stopped: the next commit got "lost the
+    # coordinator" (a broken pipe), which says nothing of the disk or of what was kept.
+    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=8192")
+    acknowledged = 0
+    with protobase.open(datadir, durability="async", shutdown_grace=GRACE) as db:
+        with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
+            for i in range(100_000):
+                commit_counter(db, f"k{i}", i)
+                acknowledged += 1
+        assert "No space left on device" in str(failure.value)
+        for mode in ("async", "sync", "async"):
+            with pytest.raises(CoordinatorError, match="No space left on device.*NOT made durable.*nor is any later"):
+                commit_counter(db, "later", 0, durability=mode)
+    monkeypatch.delenv(wal.FAULTS_ENV)
+    assert wait_for_coordinator_exit(datadir)
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with db.snapshot() as snap:
+            kept = len(snap.root)
+            # What a full disk takes is the async commits acknowledged after the last record
+            # written, never one before it, and never a refused commit.
+            assert sorted(snap.root, key=lambda key: int(key[1:])) == [f"k{i}" for i in range(kept)]
+    assert 0 < kept <= acknowledged
+
+
 def test_corruption_before_valid_records_refuses_to_open(datadir):
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         for i in range(5):
@@ -186,32 +221,82 @@ def test_a_wal_that_cannot_be_created_fails_the_open_clearly(datadir, monkeypatc
         protobase.open(datadir, shutdown_grace=GRACE)
 
 
-def test_protobase_recover_salvages_every_intact_commit(datadir, session_dir, capsys):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
-        for i in range(6):
+def crash_after_commits(path: str, count: int) -> str:
+    """Commit k0..k{count-1} (seq and LSN 1..count), kill the coordinator (no final checkpoint); the WAL file."""
+    with protobase.open(path, shutdown_grace=GRACE) as db:
+        for i in range(count):
             with db.transaction() as tx:
                 tx.root[f"k{i}"] = {"value": i}
         kill_and_wait(db.coordinator_pid)
         db.close()
-    assert wait_for_coordinator_exit(datadir)
-    (_, path), = wal.list_wal_files(datadir)
-    damaged = wal.scan(path).records[2]  # the commit of k2
-    with open(path, "r+b") as file:
-        file.seek(damaged.offset + 30)
-        file.write(b"\xff\xff")
+    assert wait_for_coordinator_exit(path)
+    (_, wal_path), = wal.list_wal_files(path)
+    return wal_path
+
+
+def damage_records(wal_path: str, *indexes: int) -> list[wal.WalRecord]:
+    """Flip bytes inside the payloads of these records (0 = the first) of a WAL file; those records."""
+    records = wal.scan(wal_path).records
+    with open(wal_path, "r+b") as file:
+        for index in indexes:
+            file.seek(records[index].offset + 30)
+            file.write(b"\xff\xff")
+    return [records[index] for index in indexes]
+
+
+def salvaged_keys(destination: str) -> list[str]:
+    try:
+        with protobase.open(destination, shutdown_grace=GRACE) as db:
+            with db.snapshot() as snap:
+                keys = sorted(snap.root, key=lambda key: int(key[1:]))
+            db.check()
+    finally:
+        assert wait_for_coordinator_exit(destination)
+    return keys
+
+
+def test_protobase_recover_stops_at_the_first_lost_commit_and_names_it(datadir, capsys):
+    # Applying commits 26..50 over a state without commit 25 builds a state that never was
+    # (a later commit may depend on it); recover did that and said "0 skipped".
+    (damaged,) = damage_records(crash_after_commits(datadir, 50), 24)  # the commit of k24: seq and LSN 25
     before = sorted(os.listdir(datadir))
     destination = os.path.join(os.path.dirname(datadir), "salvaged")
     assert cli.main(["recover", datadir, destination]) == 0
     output = capsys.readouterr().out
-    assert "recovered 5 commits up to seq 6" in output and f"unreadable bytes {damaged.offset}.." in output
+    assert "recovered 24 commits up to seq 24 into" in output and f"unreadable bytes {damaged.offset}.." in output
+    assert (f"LOST: WAL record 25 (damaged or missing), the commit after seq 24; recovery stopped there, since a "
+            f"later commit may depend on a lost one: 25 intact WAL records after it were not applied. To apply "
+            f"them anyway, run `protobase recover --past-gaps {datadir} ANOTHER_NEW_DIR`") in output
     assert sorted(os.listdir(datadir)) == before  # the damaged directory is only read
-    try:
-        with protobase.open(destination, shutdown_grace=GRACE) as db:
-            with db.snapshot() as snap:
-                assert sorted(snap.root) == ["k0", "k1", "k3", "k4", "k5"]
-            db.check()
-    finally:
-        assert wait_for_coordinator_exit(destination)
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(24)]
+
+
+def test_protobase_recover_past_gaps_applies_every_intact_commit_and_lists_each_skipped(datadir, capsys):
+    damage_records(crash_after_commits(datadir, 50), 24, 30, 31, 32)  # LSN 25 and 31..33
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", "--past-gaps", datadir, destination]) == 0
+    output = capsys.readouterr().out
+    assert "recovered 46 commits up to seq 50 (past gaps) into" in output
+    assert "skipped WAL record 25: damaged or missing\n" in output
+    assert "skipped WAL records 31..33: damaged or missing\n" in output and "LOST" not in output
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(50) if i not in (24, 30, 31, 32)]
+
+
+def test_protobase_recover_salvages_the_records_of_a_wal_file_with_a_damaged_header(datadir, capsys):
+    wal_path = crash_after_commits(datadir, 100)
+    with open(wal_path, "r+b") as file:
+        file.seek(20)  # inside the salt
+        byte = file.read(1)
+        file.seek(20)
+        file.write(bytes([byte[0] ^ 0x08]))
+    with pytest.raises(CorruptionError, match="damaged file header"):
+        protobase.open(datadir, shutdown_grace=GRACE)
+    assert wait_for_coordinator_exit(datadir)
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", datadir, destination]) == 0
+    output = capsys.readouterr().out
+    assert "recovered 100 commits up to seq 100 into" in output and f"unreadable bytes 0..32 of {wal_path}" in output
+    assert salvaged_keys(destination) == [f"k{i}" for i in range(100)]
 
 
 def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir):
@@ -272,3 +357,184 @@ def test_async_commits_do_not_wake_the_persistence_process_one_by_one(datadir):
     # Waking it per commit wrote one batch per commit (300); it now drains on its flush timer.
     assert writes < 100, f"300 async commits took {writes} writes of the persistence process"
     assert read(datadir, "counter") == 300
+
+
+def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(datadir, capsys):
+    # The clean stop checkpoints at lsn 50 and starts wal-51; without the checkpoint the
+    # WAL's LSNs are ahead of the state. This opened an empty database, and the next sync
+    # commit hung: the persistence process skipped every new record as already written.
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        for i in range(50):
+            commit_counter(db, f"k{i}", i)
+    assert wait_for_coordinator_exit(datadir)
+    (checkpoint,) = [name for name in os.listdir(datadir) if name.startswith("checkpoint-")]
+    aside = os.path.join(os.path.dirname(datadir), checkpoint)
+    os.rename(os.path.join(datadir, checkpoint), aside)
+    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.50 are missing: recovery starts from an empty "
+                                              r"database \(there is no checkpoint\), but the first WAL file, "
+                                              r".*wal-0000000000000033\.log, starts at lsn 51\. A checkpoint-\*\.pb "
+                                              r"or wal-\*\.log file moved or deleted does this: put it back"):
+        protobase.open(datadir, shutdown_grace=GRACE)
+    assert wait_for_coordinator_exit(datadir)
+
+    destination = os.path.join(os.path.dirname(datadir), "salvaged")
+    assert cli.main(["recover", datadir, destination]) == 0
+    assert "LOST: WAL records 1..50 (damaged or missing), the commit after seq 0;" in capsys.readouterr().out
+    assert salvaged_keys(destination) == []
+
+    os.rename(aside, os.path.join(datadir, checkpoint))  # the remedy the error names
+    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        commit_counter(db, "k50", 50)  # a sync commit: it returned, so it is durable
+        with db.snapshot() as snap:
+            assert sorted(snap.root, key=lambda key: int(key[1:])) == [f"k{i}" for i in range(51)]
+
+
+# -- the persistence process's start-up, run in this process against a real ring and WAL ------------
+
+
+@pytest.fixture
+def instance(datadir):
+    """(data directory, instance id, commit ring) as a coordinator makes them before it starts persistence."""
+    directory = DataDir.open(datadir)
+    instance_id = names.new_instance_id()
+    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
+                                  coordinator_start=process_start_time())
+    ring = CommitRing.create(names.segment_name(instance_id, "ring"))
+    try:
+        yield directory, instance_id, ring
+    finally:
+        ring.unlink()
+        ring.close()
+        control.unlink()
+        control.close()
+        names.sweep(instance_id)
+
+
+def write_history(directory: DataDir, payloads: list[bytes]) -> str:
+    """A WAL file of these records from lsn 1, as a persistence process leaves it; its path."""
+    with wal.WalWriter.create(directory.path, 1) as writer:
+        writer.append_many(payloads)
+        writer.sync()
+        return writer.path
+
+
+def run_persistence(directory: DataDir, instance_id: str, *, next_lsn: int, last_lsn: int) -> tuple[int, list]:
+    """Run a persistence process's main loop here until it drained the ring; (exit status, its reports)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        ours.shutdown(socket.SHUT_WR)  # the coordinator is gone: drain the ring, sync and exit
+        status = Persistence(directory, instance_id, theirs, flush_interval=0.01).run(next_lsn, last_lsn)
+        theirs.shutdown(socket.SHUT_WR)
+        data = b"".join(iter(lambda: ours.recv(65536), b""))
+    return status, FrameReader().feed(data)
+
+
+def test_persistence_refuses_a_wal_ahead_of_the_state_instead_of_skipping_new_commits(instance):
+    # The WAL of another history ends at lsn 5, the coordinator has handed out lsn 1 only:
+    # skipping ring record 1 "as already written" lost it, and reporting lsn 5 durable
+    # acknowledged it.
+    directory, instance_id, ring = instance
+    path = write_history(directory, [b"theirs %d" % lsn for lsn in range(1, 6)])
+    ring.append(1, SYNC, b"ours 1")
+    status, reports = run_persistence(directory, instance_id, next_lsn=1, last_lsn=1)
+    assert status == EXIT_DISK_FAILURE
+    assert reports == [["failed", f"CorruptionError: WAL file {path} ends at lsn 5, past lsn 1, the last commit of "
+                                  f"the state being served: the WAL belongs to a later state (was a "
+                                  f"checkpoint-*.pb file moved or deleted?); put the missing file back, or salvage "
+                                  f"with `protobase recover {directory.path} NEW_DIR`"]]
+    assert list(wal.read_records(path)) == [(lsn, b"theirs %d" % lsn) for lsn in range(1, 6)]
+
+
+def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(instance):
+    # A predecessor wrote lsn 3 and died before its fsync was reported: the ring's copy is
+    # skipped only once it matches the record read back, and a different one stops us.
+    directory, instance_id, ring = instance
+    path = write_history(directory, [b"commit 1", b"commit 2", b"commit 3"])
+    ring.append(3, SYNC, b"commit 3")
+    ring.append(4, SYNC, b"commit 4")
+    status, reports = run_persistence(directory, instance_id, next_lsn=3, last_lsn=4)
+    assert (status, reports) == (0, [["started", 3], ["durable", 4]])
+    assert [payload for _, payload in wal.read_records(path)] == [b"commit 1", b"commit 2", b"commit 3", b"commit 4"]
+
+    ring.append(5, SYNC, b"commit 5")
+    with wal.WalWriter.open_for_append(path) as writer:  # what another history put there meanwhile
+        writer.append(b"not commit 5")
+        writer.sync()
+    status, reports = run_persistence(directory, instance_id, next_lsn=5, last_lsn=5)
+    assert status == EXIT_DISK_FAILURE
+    assert reports[-1] == ["failed", f"CorruptionError: WAL file {path} holds a record 5 that is not the commit 5 "
+                                     f"being written: the WAL belongs to another history; the database must stop "
+                                     f"and recover (`protobase recover`)"]
+
+
+# -- the coordinator's side: Durability with a real persistence process ------------------------------------
+
+
+@contextlib.contextmanager
+def started_durability(path: str, **options) -> Iterator[Durability]:
+    """A started Durability (ring and persistence process) on a fresh directory, as a coordinator has it."""
+    directory = DataDir.open(path)
+    instance_id = names.new_instance_id()
+    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
+                                  coordinator_start=process_start_time())
+    supervisor = Durability(directory, instance_id, control, next_lsn=1, flush_interval=0.01, **options)
+    try:
+        supervisor.start()
+        supervisor.wait_started()
+        yield supervisor
+    finally:
+        supervisor.stop()
+        control.unlink()
+        control.close()
+        names.sweep(instance_id)
+
+
+@pytest.fixture
+def durability(datadir):
+    with started_durability(datadir) as supervisor:
+        yield supervisor
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """The persistence processes started from now on find room for 100 bytes of WAL (its header included)."""
+    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=100")
+
+
+def test_a_failed_wal_write_refuses_the_next_async_commit_before_its_report_is_read(full_disk, durability):
+    # An async commit is acknowledged once handed over: until the coordinator's event loop got
+    # to the persistence process's report, every commit handed over was acknowledged and lost.
+    durability.enqueue(b"x" * 4096, sync=False)  # everything before it is durable: it rings the doorbell
+    wait_until(lambda: durability.process.poll() is not None, "the persistence process to stop on the full disk")
+    with pytest.raises(DurabilityFailed, match="the write-ahead log failed: WalWriteError: cannot write 1 record"
+                                               r"\(s\) from lsn 1 .*No space left on device"):
+        durability.enqueue(b"y", sync=False)
+    assert durability.next_lsn == 2  # the refused commit got no LSN
+
+
+def kill_persistence(supervisor: Durability) -> None:
+    supervisor.process.kill()
+    supervisor.process.wait(timeout=10)
+
+
+def test_persistence_restarts_are_limited_within_a_window_not_over_a_lifetime(datadir, monkeypatch):
+    # The cap counted every death of a coordinator's life: deaths months apart stopped the
+    # database at the 21st. A fake clock stands in for the months.
+    monkeypatch.setattr(durability_module, "RESTART_LIMIT", 2)
+    now = [0.0]
+    with started_durability(datadir, clock=lambda: now[0]) as supervisor:
+        for _ in range(4):  # twice the limit, a day apart
+            kill_persistence(supervisor)
+            assert supervisor.check_child()
+            supervisor.wait_started()
+            now[0] += 86_400
+        for _ in range(2):  # a crash loop: the limit within the window...
+            kill_persistence(supervisor)
+            assert supervisor.check_child()
+            supervisor.wait_started()
+            now[0] += 1
+        kill_persistence(supervisor)  # ...and one more
+        with pytest.raises(DurabilityFailed, match=r"the persistence process died 3 times within 300s \(last exit "
+                                                   r"status -9\); see .*coordinator\.log"):
+            supervisor.check_child()
+        assert not supervisor.check_child()  # failed for good: no restart, no second report

@@ -262,6 +262,38 @@ def test_every_single_bit_flip_is_detected(tmp_path):
             assert (result.corrupt_offset, result.torn) == (None, True), bit
 
 
+def test_salvage_keeps_every_record_of_a_file_whose_header_has_a_bit_flip(tmp_path):
+    # The records prove the salt (the first one names it, and each validates under it) and
+    # their LSNs: a damaged header field (magic, version, reserved, salt, first lsn) costs
+    # nothing but the header. Salvage used to give up on the whole file.
+    path, payloads, _ = write_wal(tmp_path / "src", 1, 100)
+    original = read(path)
+    for bit in range(FILE_HEADER_SIZE * 8):
+        data = bytearray(original)
+        data[bit // 8] ^= 1 << (bit % 8)
+        copy = copy_with(path, bytes(data), tmp_path / "flip")
+        records, skipped = wal.salvage_records(copy)
+        assert [(record.lsn, record.payload) for record in records] == list(zip(range(1, 101), payloads)), bit
+        assert skipped == [(0, FILE_HEADER_SIZE)], bit
+
+
+def test_salvage_of_a_file_whose_header_and_first_record_are_damaged(tmp_path):
+    path, payloads, offsets = write_wal(tmp_path / "src", 1, 5, size=40)
+    data = bytearray(read(path))
+    data[0] ^= 1  # the magic: the salt field is still right, and proves itself on record 2
+    data[offsets[0] + 30] ^= 1
+    copy = copy_with(path, bytes(data), tmp_path / "magic")
+    records, skipped = wal.salvage_records(copy)
+    assert [record.lsn for record in records] == [2, 3, 4, 5]
+    assert skipped == [(0, FILE_HEADER_SIZE), (offsets[0], offsets[1])]
+    data[16] ^= 1  # the salt too: the first record still names it in its prev field
+    copy = copy_with(path, bytes(data), tmp_path / "salt")
+    assert wal.salvage_records(copy) == (records, skipped)
+    data[offsets[0] + 16] ^= 1  # and that field: nothing left proves the salt
+    copy = copy_with(path, bytes(data), tmp_path / "prev")
+    assert wal.salvage_records(copy) == ([], [(0, len(data))])
+
+
 @pytest.mark.parametrize("damage", ["payload", "length", "zeros", "garbage"])
 def test_bad_record_followed_by_good_ones_is_reported(tmp_path, damage):
     path, payloads, offsets = write_wal(tmp_path, 1, 5, size=40)
@@ -487,15 +519,32 @@ def test_missing_records_between_files_are_reported(tmp_path):
     write_wal(tmp_path, 1, 5)
     write_wal(tmp_path, 9, 2)
     (tmp_path / "wal-notes.txt").write_text("ignored")
-    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing"):
+    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: the WAL file .*wal-0+1\.log ends "
+                                              r"at lsn 5, but the next one, .*wal-0+9\.log, starts at lsn 9\. "
+                                              r".*put it back"):
         list(read_directory(str(tmp_path)))
     assert [lsn for lsn, _ in read_directory(str(tmp_path), strict=False)] == [1, 2, 3, 4, 5]
     with pytest.raises(CorruptionError, match=r"WAL records 7\.\.8 are missing"):
         list(read_directory(str(tmp_path), 6))
     os.unlink(os.path.join(str(tmp_path), wal.wal_file_name(1)))
-    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: the next WAL file, .*wal-0+9\.log"):
+    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: recovery starts from the state at "
+                                              r"lsn 0, but the first WAL file, .*wal-0+9\.log, starts at lsn 9"):
         list(read_directory(str(tmp_path)))
+    with pytest.raises(CorruptionError, match=r"starts from checkpoint X \(lsn 0\), but the first WAL file"):
+        list(read_directory(str(tmp_path), origin="checkpoint X (lsn 0)"))
     assert [lsn for lsn, _ in read_directory(str(tmp_path), 8)] == [9, 10]
+
+
+def test_a_gap_before_a_file_with_a_torn_header_is_reported(tmp_path):
+    # A file shorter than its header holds no records, but its name proves where the log
+    # went on: records 6..8 were lost before it, and skipping the file hid that.
+    write_wal(tmp_path, 1, 5)
+    path, _, _ = write_wal(tmp_path, 9, 2)
+    os.truncate(path, FILE_HEADER_SIZE - 1)
+    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: .*wal-0+9\.log, starts at lsn 9"):
+        list(read_directory(str(tmp_path)))
+    os.rename(path, os.path.join(str(tmp_path), wal.wal_file_name(6)))  # where the writer would have started it
+    assert [lsn for lsn, _ in read_directory(str(tmp_path))] == [1, 2, 3, 4, 5]
 
 
 # --- misuse --------------------------------------------------------------

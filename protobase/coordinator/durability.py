@@ -12,13 +12,15 @@ committers.
 
 Invariant: LSNs are handed out consecutively, one per commit, in commit
 order, and the ring carries them in that order. A persistence process killed
-by a signal is restarted and resumes from the ring's tail (it skips records
-already in the WAL); one that reports a disk failure is not restarted: the
+by a signal is restarted and resumes from the ring's tail (it skips a record
+only if the WAL holds that very record, and refuses a WAL that goes past the
+last LSN handed out); one that reports a disk failure is not restarted: the
 coordinator stops acknowledging instead (never retry after a failed fsync).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -26,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import codec
@@ -40,7 +43,14 @@ __all__ = ["Durability", "DurabilityFailed"]
 
 log = logging.getLogger("protobase.coordinator")
 
-MAX_RESTARTS = 20
+# A persistence process that keeps dying (a bug or a disk that kills it at once, an OOM killer
+# that keeps choosing it) must stop the database rather than be restarted forever, while deaths
+# far apart (an operator's kill -9, one OOM kill a month) each deserve a restart: so only the
+# restarts of the last RESTART_WINDOW seconds count, never a lifetime total. A crash loop
+# restarts about every 0.2 s (one interpreter start-up) and reaches RESTART_LIMIT in seconds;
+# no sporadic cause comes near 10 deaths in 5 minutes.
+RESTART_LIMIT = 10
+RESTART_WINDOW = 300.0
 STOP_TIMEOUT = 60.0
 REPORT_CHUNK = 1 << 16  # bytes read from the persistence socket at a time
 
@@ -53,7 +63,8 @@ class Durability:
     """Ring producer and persistence supervisor (coordinator only)."""
 
     def __init__(self, datadir: DataDir, instance_id: str, control: ControlBlock, *, next_lsn: int,
-                 flush_interval: float, ring_capacity: int | None = None) -> None:
+                 flush_interval: float, ring_capacity: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
         self.control = control  # where the persistence process publishes the durable LSN
@@ -65,7 +76,9 @@ class Durability:
         self.process: subprocess.Popen | None = None
         self.sock: socket.socket | None = None  # our end of the socketpair with the child
         self.reader = FrameReader()
-        self.restarts = 0
+        self.inbox: list[list[Any]] = []  # reports received and not yet handed to read_reports' caller
+        self.clock = clock  # seconds, for the restart window (a fake one in tests)
+        self.restart_times: collections.deque[float] = collections.deque()  # clock() of recent restarts
         self.failure: str | None = None  # why commits can no longer be made durable
         self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
         self.syncs = 0  # fdatasyncs the persistence processes reported (one "durable" report each)
@@ -80,6 +93,7 @@ class Durability:
         command = [sys.executable, "-m", "protobase.coordinator.persistence", self.datadir.path,
                    "--instance", self.instance_id, "--fd", str(theirs.fileno()),
                    "--flush-interval", str(self.flush_interval), "--next-lsn", str(self.durable_lsn + 1),
+                   "--last-lsn", str(self.next_lsn - 1),
                    "--log-level", logging.getLevelName(logging.getLogger().level)]
         self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, env=env)
@@ -106,19 +120,25 @@ class Durability:
     def check_child(self) -> bool:
         """Restart a persistence process killed by a signal; True if one was restarted.
 
-        Raises DurabilityFailed when it exited on a disk error or keeps dying.
+        Raises DurabilityFailed when it exited on a disk error, or when it died
+        more than RESTART_LIMIT times within RESTART_WINDOW seconds.
         """
-        if self.process is None or self.process.poll() is None:
-            return False
+        if self.process is None or self.process.poll() is None or self.failure is not None:
+            return False  # alive; or failed already, and not to be restarted
         code = self.process.returncode
+        self._receive()  # its last reports: the reason of a failure among them
         self._close_socket()
-        if code == EXIT_DISK_FAILURE or self.failure:
+        if self.failure is not None or code == EXIT_DISK_FAILURE:
             self.failure = self.failure or "the persistence process stopped on a disk error"
             raise DurabilityFailed(self.failure)
-        self.restarts += 1
-        if self.restarts > MAX_RESTARTS:
-            self.failure = f"the persistence process died {self.restarts} times (last exit status {code})"
+        now = self.clock()
+        while self.restart_times and self.restart_times[0] <= now - RESTART_WINDOW:
+            self.restart_times.popleft()
+        if len(self.restart_times) >= RESTART_LIMIT:
+            self.failure = (f"the persistence process died {RESTART_LIMIT + 1} times within {RESTART_WINDOW:.0f}s "
+                            f"(last exit status {code}); see {self.datadir.file('coordinator.log')}")
             raise DurabilityFailed(self.failure)
+        self.restart_times.append(now)
         log.warning("persistence process %d exited with status %s; restarting it", self.process.pid, code)
         self.start()
         self.doorbell()
@@ -133,9 +153,15 @@ class Durability:
     # -- producing --------------------------------------------------------------
 
     def enqueue(self, payload: bytes, sync: bool) -> int:
-        """Hand one commit's WAL payload to the persistence process; return its LSN."""
-        if self.failure:
-            raise DurabilityFailed(self.failure)
+        """Hand one commit's WAL payload to the persistence process; return its LSN.
+
+        Raises DurabilityFailed once the WAL failed, which the persistence
+        process flags in the control segment the moment it happens: an
+        "async" commit is acknowledged as soon as it is handed over, so
+        waiting for the report to be read would acknowledge commits that
+        will never reach the disk.
+        """
+        self._check_not_failed()
         lsn = self.next_lsn
         self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
         self.next_lsn += 1
@@ -143,6 +169,13 @@ class Durability:
         if sync or self._persistence_may_sleep(lsn) or self.ring.head - self.ring.tail > self.ring.capacity // 2:
             self.doorbell()
         return lsn
+
+    def _check_not_failed(self) -> None:
+        if self.failure is None and self.control.wal_failed:
+            self._receive()  # the persistence process sent its reason before raising the flag
+            self.failure = self.failure or "the write-ahead log failed (see coordinator.log)"
+        if self.failure is not None:
+            raise DurabilityFailed(self.failure)
 
     def _persistence_may_sleep(self, lsn: int) -> bool:
         """False while records before `lsn` are not yet durable: the persistence process then
@@ -162,7 +195,9 @@ class Durability:
         """Ask for a checkpoint of the state after the last enqueued commit; return its LSN.
 
         With `directory` it is a backup written there; the WAL is not touched.
+        Raises DurabilityFailed once the WAL failed: no one would write it.
         """
+        self._check_not_failed()
         lsn = self.next_lsn - 1
         payload = codec.encode({"lsn": lsn, "seq": seq, "root": root, "next_segment": next_segment,
                                 "segments": [list(entry) for entry in segments], "directory": directory})
@@ -184,7 +219,8 @@ class Durability:
             pass  # the child is gone; check_child() will notice
 
     def _wait_for_room(self) -> None:
-        # Back-pressure: the ring is full. The child frees room as it writes.
+        # Back-pressure: the ring is full. The child frees room as it writes, unless it failed.
+        self._check_not_failed()
         self.check_child()
         time.sleep(0.0005)
 
@@ -192,8 +228,14 @@ class Durability:
 
     def read_reports(self) -> list[list[Any]]:
         """Messages the child sent: ["durable", lsn], ["checkpointed", lsn], ["failed", why], ["started", lsn]."""
+        self._receive()
+        messages, self.inbox = self.inbox, []
+        return messages
+
+    def _receive(self) -> None:
+        """Move what the child sent into `inbox`, taking note of durable LSNs and failures."""
         if self.sock is None:
-            return []
+            return
         messages = []
         while True:
             try:
@@ -215,7 +257,7 @@ class Durability:
                 self.syncs += 1
             elif message[0] == "failed":
                 self.failure = f"the write-ahead log failed: {message[1]}"
-        return messages
+        self.inbox.extend(messages)
 
     # -- stopping -----------------------------------------------------------------
 

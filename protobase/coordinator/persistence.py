@@ -12,13 +12,22 @@ when it holds a "sync" commit (or when `flush_interval` has passed since
 unsynced "async" ones were written); publish the durable LSN in the control
 segment and tell the coordinator. That one fsync per batch is group commit.
 
+Start-up: the coordinator passes the first LSN it does not hold durable and
+the last LSN it has handed out; the WAL must fit between them (`_open_wal`),
+and a ring record is skipped as already written only if the WAL holds that
+very record, read back and compared by checksum. A WAL of another history
+(a checkpoint deleted after a clean stop leaves it ahead of the state) stops
+us with CorruptionError instead of swallowing new commits.
+
 Control records in the ring ask for a checkpoint: the WAL is synced first,
 the checkpoint written from the segments the coordinator keeps pinned, then a
 new WAL file is started and the files the checkpoint covers are removed.
 
 Failure: a write or fsync error is never retried (after a failed fsync the
-page cache may have dropped the data). The process reports it and exits with
-status 3; the coordinator stops acknowledging, and a restart recovers from the
+page cache may have dropped the data). The process reports it, raises the
+control segment's WAL-failed flag (the coordinator checks it before handing
+over each commit, so it stops acknowledging at once), syncs what it wrote
+before a failed write, and exits with status 3; a restart recovers from the
 WAL. If the coordinator dies, the ring is drained and synced, then we exit.
 """
 
@@ -31,9 +40,10 @@ import select
 import socket
 import sys
 import time
+import zlib
 
 from .. import codec, wal
-from ..checkpoint import remove_checkpoints_before, write_checkpoint
+from ..checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
 from ..datadir import DataDir, FileLock
 from ..errors import CorruptionError
 from ..protocol import send
@@ -62,10 +72,16 @@ class Persistence:
         self.control: ControlBlock | None = None
         self.ring: CommitRing | None = None
         self.writer: wal.WalWriter | None = None
+        self.inherited: dict[int, int] = {}  # {lsn -> crc32 of the payload} of records a predecessor wrote
         self.unsynced_since: float | None = None  # when the oldest unsynced record was written
         self.coordinator_gone = False
 
-    def run(self, next_lsn: int) -> int:
+    def run(self, next_lsn: int, last_lsn: int) -> int:
+        """Serve until the coordinator goes; return the exit status.
+
+        `next_lsn` is the first LSN the coordinator does not hold durable,
+        `last_lsn` the last one it has handed out (see `_open_wal`).
+        """
         deadline = time.monotonic() + LOCK_WAIT
         while not self.lock.acquire(blocking=False):
             if time.monotonic() > deadline:
@@ -75,7 +91,7 @@ class Persistence:
         self.control = ControlBlock.attach(names.control_name(self.instance_id))
         self.ring = CommitRing.attach(names.segment_name(self.instance_id, "ring"))
         try:
-            self.writer = self._open_wal(next_lsn)
+            self.writer = self._open_wal(next_lsn, last_lsn)
             # A predecessor killed between write and fsync left records in the page cache
             # only: make them durable before anything else, then say so.
             self.writer.sync()
@@ -90,7 +106,11 @@ class Persistence:
             return 0
         except (wal.WalWriteError, wal.WalSyncError, OSError, CorruptionError) as error:
             log.error("write-ahead log failed: %s", error)
+            # The report first: a coordinator that sees the flag finds the reason already sent.
             self._report(["failed", f"{type(error).__name__}: {error}"])
+            self.control.wal_failed = True
+            if isinstance(error, wal.WalWriteError):
+                self._sync_written()
             return EXIT_DISK_FAILURE
         finally:
             if self.writer is not None:
@@ -99,14 +119,77 @@ class Persistence:
             self.control.close()
             self.lock.release()
 
-    def _open_wal(self, next_lsn: int) -> wal.WalWriter:
+    def _open_wal(self, next_lsn: int, last_lsn: int) -> wal.WalWriter:
+        """Open the WAL file to continue, after checking it against the coordinator's LSNs.
+
+        The coordinator holds every LSN < next_lsn durable (recovered from
+        disk, or reported fsynced by a predecessor of ours) and has handed out
+        LSNs up to last_lsn. The last WAL file may go on past next_lsn - 1
+        only with records of a predecessor killed between write and fsync:
+        those we read back here and remember by checksum, and we skip their
+        copies in the ring only if they match (`_already_written`). Anything
+        else is another history, and appending would mix the two: a file
+        ending past last_lsn (a checkpoint deleted after a clean stop leaves
+        the WAL ahead of the recovered state), a file starting after next_lsn
+        (the records between are in no file we read), or one ending before
+        next_lsn - 1 with no checkpoint covering the rest.
+        """
         files = wal.list_wal_files(self.datadir.path)
-        if files:
-            writer = wal.WalWriter.open_for_append(files[-1][1])
-            if writer.next_lsn == next_lsn or writer.last_lsn >= next_lsn - 1:
-                return writer
+        if not files:
+            self._check_covered(next_lsn - 1, None)
+            return wal.WalWriter.create(self.datadir.path, next_lsn)
+        writer = wal.WalWriter.open_for_append(files[-1][1])
+        try:
+            self._check_continues(writer, next_lsn, last_lsn)
+        except BaseException:
             writer.close()
-        return wal.WalWriter.create(self.datadir.path, next_lsn)
+            raise
+        if writer.last_lsn < next_lsn - 1:  # a checkpoint must hold the rest: start the file after it
+            writer.close()
+            self._check_covered(next_lsn - 1, writer)
+            return wal.WalWriter.create(self.datadir.path, next_lsn)
+        if writer.last_lsn >= next_lsn:
+            self.inherited = {lsn: zlib.crc32(data) for lsn, data in wal.read_records(writer.path, next_lsn - 1)}
+        return writer
+
+    def _check_continues(self, writer: wal.WalWriter, next_lsn: int, last_lsn: int) -> None:
+        """CorruptionError unless the WAL file of `writer` fits the coordinator's LSNs; see `_open_wal`."""
+        if writer.last_lsn > last_lsn:
+            raise CorruptionError(
+                f"WAL file {writer.path} ends at lsn {writer.last_lsn}, past lsn {last_lsn}, the last commit of the "
+                f"state being served: the WAL belongs to a later state (was a checkpoint-*.pb file moved or "
+                f"deleted?); put the missing file back, or salvage with `protobase recover {self.datadir.path} "
+                f"NEW_DIR`")
+        if writer.last_lsn >= next_lsn and writer.first_lsn > next_lsn:
+            raise CorruptionError(
+                f"WAL records {next_lsn}..{writer.first_lsn - 1} are in no WAL file: {writer.path} starts at lsn "
+                f"{writer.first_lsn}; the database must stop and recover (`protobase recover`)")
+
+    def _check_covered(self, lsn: int, writer: wal.WalWriter | None) -> None:
+        """CorruptionError unless a checkpoint holds the state up to `lsn` (which no WAL file we read holds)."""
+        if lsn == 0 or any(covered >= lsn for covered, _ in checkpoint_files(self.datadir.path)):
+            return
+        where = f"the last WAL file, {writer.path}, ends at lsn {writer.last_lsn}" if writer else "there is no WAL file"
+        raise CorruptionError(
+            f"the state being served goes up to lsn {lsn}, but {where} and no checkpoint covers lsn {lsn}: records "
+            f"are missing; the database must stop and recover (`protobase recover`)")
+
+    def _already_written(self, lsn: int, payload: bytes) -> bool:
+        """True if the ring record `lsn` is in the WAL already (we skip it); CorruptionError if another record is.
+
+        Below the first LSN the coordinator did not hold durable, a record is
+        in the WAL (or in a checkpoint) by the coordinator's own account. Above
+        it, the WAL holds it only if a predecessor wrote it, and then we read
+        it back in `_open_wal`: it must be the same record.
+        """
+        if lsn > self.writer.last_lsn:
+            return False
+        expected = self.inherited.pop(lsn, None)
+        if expected is not None and expected != zlib.crc32(payload):
+            raise CorruptionError(
+                f"WAL file {self.writer.path} holds a record {lsn} that is not the commit {lsn} being written: the "
+                f"WAL belongs to another history; the database must stop and recover (`protobase recover`)")
+        return True
 
     def _wait(self) -> None:
         """Block until the doorbell rings, the flush interval passes or the coordinator goes."""
@@ -140,8 +223,11 @@ class Persistence:
                 self._sync()
                 self._checkpoint(payload)
                 continue
-            if lsn <= self.writer.last_lsn:
+            if self._already_written(lsn, payload):
                 continue  # written by our predecessor before it died
+            if lsn != self.writer.next_lsn + len(batch):
+                raise CorruptionError(f"the commit ring hands over lsn {lsn}, but the WAL continues at lsn "
+                                      f"{self.writer.next_lsn + len(batch)}; the database must stop and recover")
             batch.append(payload)
             sync_needed |= bool(flags & SYNC)
         self._append(batch)
@@ -164,6 +250,20 @@ class Persistence:
         lsn = self.writer.last_lsn
         self.control.durable_lsn = lsn
         self._report(["durable", lsn])
+
+    def _sync_written(self) -> None:
+        """After a failed write: make durable what was written before it, if the disk still lets us.
+
+        A failed write is cut back to the last good record, and the async
+        commits before it were acknowledged: syncing them keeps them through
+        a later crash. A failed sync here changes nothing: we are stopping.
+        """
+        if self.writer is None or self.writer.failed is not None:
+            return
+        try:
+            self._sync()
+        except (wal.WalSyncError, OSError) as error:
+            log.error("could not sync the records written before the failure either: %s", error)
 
     def _checkpoint(self, payload: bytes) -> None:
         request = codec.decode(payload, frozen=False)
@@ -211,14 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--fd", type=int, required=True, help="socket shared with the coordinator")
     parser.add_argument("--flush-interval", type=float, default=0.01)
-    parser.add_argument("--next-lsn", type=int, required=True)
+    parser.add_argument("--next-lsn", type=int, required=True, help="first LSN the coordinator does not hold durable")
+    parser.add_argument("--last-lsn", type=int, required=True, help="last LSN the coordinator has handed out")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(message)s")
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     datadir = DataDir(os.path.abspath(args.path))
-    return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn)
+    return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn, args.last_lsn)
 
 
 if __name__ == "__main__":

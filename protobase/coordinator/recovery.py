@@ -11,7 +11,9 @@ Owns the order of recovery. Run by a starting coordinator, after it holds
 3. the result is the state after the last complete commit. A torn tail ends
    the replay (the persistence process cuts it off when it reopens the file);
    corruption followed by valid records raises CorruptionError naming the
-   file and offset, and `protobase recover` salvages what is intact.
+   file and offset, and so does a gap in the LSNs (between the checkpoint and
+   the WAL, or between two WAL files: a checkpoint or WAL file moved away).
+   `protobase recover` salvages what is intact.
 """
 
 from __future__ import annotations
@@ -55,55 +57,69 @@ def restore_checkpoint(checkpoint: Checkpoint, arena: ArenaWriter) -> None:
     arena.generation_start = min((index for index, _, _ in checkpoint.segments), default=arena.next_index)
 
 
-def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq: int, lsn: int,
-           on_error: Callable[[int, Exception], None] | None = None) -> tuple[int, int, int, int]:
+_REPLAY_ERRORS = (PathError, CorruptionError, ValueError, TypeError)  # what a record that cannot apply raises
+
+
+def _apply_record(writer: Writer, root: Any, payload: bytes) -> tuple[int, Any]:
+    """Apply one WAL record's operations to `root`: (its commit's seq, the new root).
+
+    Raises one of _REPLAY_ERRORS for a record that cannot be applied; `root`
+    itself is never changed (path copying), so the caller may go on without it.
+    """
+    record_seq, ops_bytes = codec.decode(payload, frozen=False)
+    for code, path, argument in codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True):
+        root = writer.apply(root, code, tuple(path), argument)
+    return record_seq, root
+
+
+def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq: int,
+           lsn: int) -> tuple[int, int, int, int]:
     """Apply WAL records in order; return (seq, root pointer, last lsn, records applied).
 
-    Records must follow `lsn` without a gap. `on_error(lsn, error)`, when given,
-    skips a record that cannot be applied (salvage); otherwise it is corruption.
+    Records must follow `lsn` without a gap, and each must apply: anything
+    else is CorruptionError.
     """
     applied = 0
     for record_lsn, payload in records:
-        if on_error is None and record_lsn != lsn + 1:
+        if record_lsn != lsn + 1:
             raise CorruptionError(f"the WAL jumps from LSN {lsn} to {record_lsn}: a WAL file is missing")
         try:
-            record_seq, ops_bytes = codec.decode(payload, frozen=False)
-            working = root
-            for code, path, argument in codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True):
-                working = writer.apply(working, code, tuple(path), argument)
-        except (PathError, CorruptionError, ValueError, TypeError) as error:
-            if on_error is None:
-                raise CorruptionError(f"WAL record {record_lsn} cannot be replayed: {error}") from error
-            on_error(record_lsn, error)
-            continue
-        root, seq, lsn = working, record_seq, record_lsn
+            seq, root = _apply_record(writer, root, payload)
+        except _REPLAY_ERRORS as error:
+            raise CorruptionError(f"WAL record {record_lsn} cannot be replayed: {error}") from error
+        lsn = record_lsn
         applied += 1
         if applied % FLUSH_EVERY == 0:
             root = writer.flush(root)
     return seq, writer.flush(root), lsn, applied
 
 
-def wal_records(directory: str, after_lsn: int) -> Iterator[tuple[int, bytes]]:
-    """Every valid WAL record after `after_lsn`, across files, strictly checked."""
-    for _, path in wal.list_wal_files(directory):
-        yield from wal.read_records(path, after_lsn, strict=True)
-
-
 def recover(directory: str, arena: ArenaWriter, writer: Writer) -> Recovered:
-    """Rebuild the newest state of `directory` into `arena`."""
+    """Rebuild the newest state of `directory` into `arena`.
+
+    The WAL must continue the checkpoint without a gap, and its files each
+    other (`wal.read_directory`): a missing record raises CorruptionError
+    naming the LSNs, the files and the remedy, since replaying the commits
+    after it onto a state without it would build a state that never was.
+    """
     started = time.monotonic()
     checkpoint = newest_checkpoint(directory)
     seq = root = lsn = 0
+    origin = "an empty database (there is no checkpoint)"
     if checkpoint is not None:
         restore_checkpoint(checkpoint, arena)
         seq, root, lsn = checkpoint.seq, checkpoint.root, checkpoint.lsn
+        origin = f"checkpoint {checkpoint.path} (lsn {lsn})"
     checkpoint_lsn = lsn
-    seq, root, lsn, replayed = replay(wal_records(directory, lsn), writer, root, seq, lsn)
+    seq, root, lsn, replayed = replay(wal.read_directory(directory, lsn, origin=origin), writer, root, seq, lsn)
     recovered = Recovered(seq, root, lsn, checkpoint_lsn, replayed, time.monotonic() - started)
     if checkpoint is not None or replayed:
         log.warning("recovered %s: checkpoint at LSN %d, %d WAL records replayed, seq %d, in %.3fs",
                     directory, checkpoint_lsn, replayed, seq, recovered.seconds)
     return recovered
+
+
+MISSING = "damaged or missing"  # why a salvage skips an LSN that no intact WAL record holds
 
 
 @dataclass(frozen=True)
@@ -114,19 +130,30 @@ class SalvageReport:
     checkpoint: str | None  # the checkpoint it started from, if one was intact
     damaged_checkpoints: tuple[str, ...]
     records_applied: int
-    records_skipped: tuple[tuple[int, str], ...]  # (lsn, why) of records that could not be applied
+    # (first lsn, last lsn, why) of every LSN range not applied, in order: no intact record
+    # holds it (MISSING), or its record could not be applied. Without past_gaps, only the
+    # first: the salvage stopped there.
+    records_skipped: tuple[tuple[int, int, str], ...]
+    records_left: int  # intact records after the first lost one, not applied (without past_gaps)
     damaged_ranges: tuple[tuple[str, int, int], ...]  # (WAL file, start, end) of unreadable bytes
     last_lsn: int
     seq: int
+    past_gaps: bool  # whether records after a lost one were applied
 
 
-def salvage(source: str, destination: str, progress: Callable[[str], None] = lambda line: None) -> SalvageReport:
-    """Rebuild every intact commit of `source` into the new data directory `destination`.
+def salvage(source: str, destination: str, progress: Callable[[str], None] = lambda line: None, *,
+            past_gaps: bool = False) -> SalvageReport:
+    """Rebuild the intact commits of `source` into the new data directory `destination`.
 
     Reads only: `source` is never changed. Starts from the newest intact
-    checkpoint (falling back to older ones), applies every WAL record that
-    validates, in LSN order, skipping damaged bytes and records that no longer
-    apply, and writes the result to `destination` as a checkpoint.
+    checkpoint (falling back to older ones), then applies the WAL records that
+    validate, in LSN order, skipping damaged bytes. By default it stops at the
+    first LSN it cannot apply (a record damaged, missing, or not applicable):
+    a later commit may depend on the lost one, so the result is the state
+    after the last commit before it, a state that really was. With
+    `past_gaps`, it applies every intact record after a lost one too, and
+    reports every LSN it skipped. The result is written to `destination` as a
+    checkpoint.
     """
     from ..arena import ArenaWriter, AtomReader
     from ..checkpoint import checkpoint_files, read_checkpoint, write_checkpoint
@@ -150,7 +177,6 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
     arena = ArenaWriter(names.new_instance_id())
     writer = Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
     damaged: list[str] = []
-    skipped: list[tuple[int, str]] = []
     ranges: list[tuple[str, int, int]] = []
     used = None
     seq = root = lsn = 0
@@ -170,19 +196,59 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
             progress(f"checkpoint {path}: seq {seq}, LSN {lsn}")
             break
         records = []
-        for _, path in wal.list_wal_files(source_dir.path):
+        known_end = lsn  # the last LSN the WAL proves was written
+        for first_lsn, path in wal.list_wal_files(source_dir.path):
             found, bad = wal.salvage_records(path)
             ranges.extend((path, start, end) for start, end in bad)
             records.extend((record.lsn, record.payload) for record in found if record.lsn > lsn)
+            known_end = max([known_end, first_lsn - 1, *(record.lsn for record in found)])
             progress(f"{path}: {len(found)} intact records, {len(bad)} damaged ranges")
         records.sort(key=lambda record: record[0])
-        seq, root, lsn, applied = replay(iter(records), writer, root, seq, lsn,
-                                         on_error=lambda bad_lsn, error: skipped.append((bad_lsn, str(error))))
+        seq, root, lsn, applied, skipped, left = _apply_in_order(records, known_end, writer, root, seq, lsn,
+                                                                 past_gaps)
         write_checkpoint(target.path, lsn=lsn, seq=seq, root=root, next_segment=arena.next_index,
                          segments=[(index, arena.segments[index].buf[:length])
                                    for index, length in arena.generation()],
                          fsync_directory=wal.fsync_directory)
-        progress(f"wrote {target.path}: seq {seq}, LSN {lsn}, {applied} records applied, {len(skipped)} skipped")
+        lost = sum(last - first + 1 for first, last, _ in skipped)
+        progress(f"wrote {target.path}: seq {seq}, LSN {lsn}, {applied} records applied, {lost} skipped")
     finally:
         arena.close(unlink=True)
-    return SalvageReport(target.path, used, tuple(damaged), applied, tuple(skipped), tuple(ranges), lsn, seq)
+    return SalvageReport(target.path, used, tuple(damaged), applied, tuple(skipped), left, tuple(ranges), lsn, seq,
+                         past_gaps)
+
+
+def _apply_in_order(records: list[tuple[int, bytes]], known_end: int, writer: Writer, root: Any, seq: int, lsn: int,
+                    past_gaps: bool) -> tuple[int, int, int, int, list[tuple[int, int, str]], int]:
+    """Apply salvaged records after `lsn`; (seq, root pointer, last lsn, applied, skipped ranges, records left).
+
+    `records` are the intact records, sorted by LSN; LSNs up to `known_end`
+    that none of them holds were written once and are lost. Without
+    `past_gaps` the first LSN lost (or whose record does not apply) ends the
+    salvage, and the intact records after it are counted as left.
+    """
+    skipped: list[tuple[int, int, str]] = []
+    applied = 0
+    expected = lsn + 1
+    for index, (record_lsn, payload) in enumerate(records):
+        if record_lsn < expected:
+            continue  # a second copy of a record already applied
+        if record_lsn > expected:
+            skipped.append((expected, record_lsn - 1, MISSING))
+            if not past_gaps:
+                return seq, writer.flush(root), lsn, applied, skipped, len(records) - index
+        expected = record_lsn + 1
+        try:
+            record_seq, working = _apply_record(writer, root, payload)
+        except _REPLAY_ERRORS as error:
+            skipped.append((record_lsn, record_lsn, f"cannot be applied: {error}"))
+            if not past_gaps:
+                return seq, writer.flush(root), lsn, applied, skipped, len(records) - index - 1
+            continue
+        seq, root, lsn = record_seq, working, record_lsn
+        applied += 1
+        if applied % FLUSH_EVERY == 0:
+            root = writer.flush(root)
+    if known_end >= expected:
+        skipped.append((expected, known_end, MISSING))
+    return seq, writer.flush(root), lsn, applied, skipped, 0

@@ -221,6 +221,7 @@ class Coordinator:
         self.spare_fd: int | None = None
         self.accept_paused = False  # True while the listener is out of the selector (out of descriptors)
         self.short_of_descriptors = False  # True from a failed accept to the next successful one
+        self.refusing_commits = False  # True once durability failed: every commit is refused from then on
         self.running = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -679,6 +680,15 @@ class Coordinator:
                     self.checkpoints += 1
                 else:
                     self._answer(asker, ["ok", seq, message[2]])
+        self._answer_durable()
+        if self.durability.failure:
+            self._fail(self.durability.failure)
+        if self.durability.sock is None:  # the child is gone: restart it or fail
+            self._check_persistence()
+        self._watch_persistence()
+
+    def _answer_durable(self) -> None:
+        """Publish and acknowledge the waiting commits the durable LSN now covers."""
         durable = self.durability.durable_lsn  # (the persistence process publishes it in the control block)
         newest = None
         answered = []
@@ -690,11 +700,6 @@ class Coordinator:
         for pending in answered:
             self._notify(pending.seq, pending.paths)
             self._answer(pending.asker, pending.reply)
-        if self.durability.failure:
-            self._fail(self.durability.failure)
-        if self.durability.sock is None:  # the child is gone: restart it or fail
-            self._check_persistence()
-        self._watch_persistence()
 
     def _check_persistence(self) -> None:
         try:
@@ -716,19 +721,28 @@ class Coordinator:
 
     def _failure_reply(self) -> list:
         return ["error", "CoordinatorError",
-                f"{self.durability.failure}. This commit was NOT made durable and is not committed. "
-                f"Fix the disk (free space, check the device), then open the database again: "
-                f"recovery restores every acknowledged commit from the write-ahead log"]
+                f"{self.durability.failure}. This commit was NOT made durable and is not committed, nor is any "
+                f"later one. Fix the disk (free space, check the device), close every handle on "
+                f"{self.datadir.path} (its coordinator stops once the last one is closed), then open it again: "
+                f"recovery restores every commit whose WAL record reached the disk, which includes every "
+                f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)"]
 
     def _fail(self, why: str) -> None:
-        """Stop acknowledging: answer every waiting commit with the failure, then stop serving."""
+        """Stop acknowledging: answer every waiting commit with the failure, and refuse all later ones.
+
+        The coordinator serves on, so that every commit gets the failure as its
+        answer rather than a lost connection, until its last client has gone
+        (`_housekeeping`); readers keep their snapshots meanwhile.
+        """
         if self.durability.failure is None:
             self.durability.failure = why
-        log.error("durability failed: %s; refusing commits and stopping", why)
+        if not self.refusing_commits:
+            log.error("durability failed: %s; refusing commits, stopping once the last client has gone", why)
+            self.refusing_commits = True
+        self._answer_durable()  # those the WAL holds did commit: only the others failed
         while self.pending:
             pending = self.pending.popleft()
             self._answer(pending.asker, self._failure_reply())
-        self.running = False
 
     def _maybe_checkpoint(self) -> None:
         if self.durability.wal_bytes >= self.checkpoint_bytes and not self._checkpoint_pending():
@@ -841,6 +855,8 @@ class Coordinator:
         self._drop_stalled_senders()
         self._observe_pins()
         self._check_persistence()
+        if self.refusing_commits and not self.clients:
+            self.running = False  # whatever the grace: only a restart recovers from the WAL
         self._release_retired()
         if len(self.versions) > 100_000:
             oldest = self.control.oldest_snapshot()

@@ -18,7 +18,8 @@ Byte format, all integers and floats little-endian, every field 8-byte aligned::
     64     8    u64 durable LSN
     72     8    u64 oldest live data segment index (segments below are unlinked)
     80     8    u64 flags (bit 0: shutting down)
-    88     40   reserved (zero)
+    88     8    u64 WAL failed: nonzero once the persistence process could not write or sync the WAL
+    96     32   reserved (zero)
     128    N*32 reader table, one 32-byte slot per reader:
                   +0  u64 pid (0 = free slot)
                   +8  f64 process start time
@@ -29,8 +30,9 @@ The segment is HEADER_SIZE + N * SLOT_SIZE bytes. A fresh block has root
 seq 0 and root pointer 0 (nothing published yet) and every slot free.
 
 Who writes what (single writer per field, so no field needs a lock):
-- the coordinator writes the whole header and the pid and start time of
-  every slot (`assign_reader`, `release_reader`, `reap_dead_readers`);
+- the coordinator writes the whole header (but for the durable LSN and
+  the WAL-failed field, which the persistence process writes) and the pid
+  and start time of every slot (`assign_reader`, `release_reader`, `reap_dead_readers`);
 - a worker writes only the snapshot field of the slot it was assigned
   (`set_reader_snapshot`, `pin_snapshot`). Workers map the segment writable
   for that one field; data segments they map read-only.
@@ -106,6 +108,7 @@ _OFF_NEXT_SEGMENT = 56
 _OFF_DURABLE_LSN = 64
 _OFF_OLDEST_SEGMENT = 72
 _OFF_FLAGS = 80
+_OFF_WAL_FAILED = 88
 # Slot field offsets, relative to the slot.
 _SLOT_PID = 0
 _SLOT_START = 8
@@ -430,6 +433,20 @@ class ControlBlock:
     @durable_lsn.setter
     def durable_lsn(self, value: int) -> None:
         self._set_u64(_OFF_DURABLE_LSN, value)
+
+    @property
+    def wal_failed(self) -> bool:
+        """True once writing or syncing the WAL failed. Set by the persistence process only, never cleared.
+
+        The coordinator reads it before it hands over each commit, so that it
+        stops acknowledging the moment the disk fails, not when it gets to
+        the persistence process's report.
+        """
+        return bool(self._get_u64(_OFF_WAL_FAILED))
+
+    @wal_failed.setter
+    def wal_failed(self, value: bool) -> None:
+        self._set_u64(_OFF_WAL_FAILED, int(value))
 
     @property
     def oldest_segment(self) -> int:
