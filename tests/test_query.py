@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import operator
 import random
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -500,3 +501,18 @@ def test_indexed_tuple_range_with_mixed_elements(db: protobase.Database) -> None
     with db.snapshot() as snap:
         users = snap.root["users"]
         assert users.where(F.tags < (2,)).keys() == ["b"]
+
+
+@pytest.mark.parametrize("membership", [lambda: F.score in [1, 2], lambda: F.score not in (1, 2),
+                                        lambda: F.score in {1, 2}, lambda: F.address.city in ["Paris"]],
+                         ids=["list", "not-in-tuple", "set", "nested-field"])
+def test_membership_with_in_points_to_isin(membership: Callable[[], bool]) -> None:
+    with pytest.raises(TypeError, match=r"to test membership use F\.(score|address\.city)\.isin\(values\)"):
+        membership()
+
+
+def test_and_or_between_conditions_still_points_to_the_operators() -> None:
+    with pytest.raises(TypeError, match=re.escape("to combine conditions use & | ~, not and / or / not")):
+        _ = (F.city == "Paris") and (F.score > 5)
+    with pytest.raises(TypeError, match=re.escape("use & | ~ to combine query conditions, not and / or / not")):
+        _ = (F.score > 5) or (F.city == "Paris")
