@@ -22,6 +22,7 @@ import operator
 import random
 import re
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -501,6 +502,21 @@ def test_indexed_tuple_range_with_mixed_elements(db: protobase.Database) -> None
     with db.snapshot() as snap:
         users = snap.root["users"]
         assert users.where(F.tags < (2,)).keys() == ["b"]
+
+
+def test_decimal_nan_values_are_left_out_of_an_index(db: protobase.Database) -> None:
+    """A NaN cannot be ordered: indexed, it broke the index's order (and the coordinator, with InvalidOperation)."""
+    with db.transaction() as tx:
+        tx.root["prices"] = {f"p{i}": {"price": Decimal(i)} for i in range(100)}
+        tx.root["prices"]["nan"] = {"price": Decimal("NaN")}
+        tx.root["prices"]["snan"] = {"price": Decimal("sNaN")}
+    with db.transaction() as tx:
+        tx.root["prices"].create_index("price")
+    db.check()
+    with db.snapshot() as snap:
+        query = snap.root["prices"].where((F.price >= 50) & (F.price < 53))
+        assert "IndexedRangeSearchPlan" in query.explain() and sorted(query.keys()) == ["p50", "p51", "p52"]
+        assert snap.root["prices"].where(F.price == Decimal(7)).keys() == ["p7"]
 
 
 @pytest.mark.parametrize("membership", [lambda: F.score in [1, 2], lambda: F.score not in (1, 2),
