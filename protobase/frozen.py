@@ -1,10 +1,15 @@
-"""Read-only values handed out by snapshots.
+"""Read-only values handed out by snapshots, and their plain copies.
 
 A snapshot returns `FrozenDict`, `FrozenList` and `FrozenSet`: subclasses of the
 builtins, so reads run at C speed and `isinstance(v, dict)` holds, whose every
-mutating method raises `ReadOnlyError`. The decoded objects live in the
-per-process `AtomObjectCache` and are shared by every snapshot of the process,
-so nothing a user does through the public methods may change them.
+mutating method raises `ReadOnlyError`. Their storage is their whole contents,
+so C consumers (json, `**`, `dict()`) see everything. The decoded objects live
+in the per-process `AtomObjectCache` and are shared by every snapshot of the
+process, so nothing a user does through the public methods may change them.
+
+`thaw` makes a deep plain mutable copy of any of them (and of tree views and
+transaction wrappers); `json_default` is the `default=` that lets json.dumps
+write them.
 
 Invariant: a frozen container only ever holds frozen containers, tuples,
 scalars, or lazy views of persistent trees (themselves read-only).
@@ -12,11 +17,13 @@ scalars, or lazy views of persistent trees (themselves read-only).
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from typing import Any, NoReturn
 
 from .errors import ReadOnlyError
+from .keyorder import is_key, order_key
 
-__all__ = ["FrozenDict", "FrozenList", "FrozenSet", "freeze", "thaw", "READ_ONLY_HINT"]
+__all__ = ["FrozenDict", "FrozenList", "FrozenSet", "freeze", "thaw", "json_default", "READ_ONLY_HINT"]
 
 READ_ONLY_HINT = (
     "values read from a snapshot are read-only; change them inside "
@@ -77,8 +84,18 @@ class FrozenSet(frozenset):
         return f"FrozenSet({set(self)!r})" if self else "FrozenSet()"
 
 
+# -- plain copies -----------------------------------------------------------------------------
+
+
 def thaw(value: Any) -> Any:
-    """A deep, plain, mutable copy of a frozen value (dict, list, set; tuples stay tuples)."""
+    """A deep, plain, mutable copy of a value read from a snapshot or a transaction.
+
+    Frozen containers and tree views become dict, list and set (tuples stay
+    tuples), transaction wrappers their current contents. For code that wants
+    builtins, or to change a copy outside any transaction.
+
+        plain = protobase.thaw(snap.root["carts"])
+    """
     if isinstance(value, dict):
         return {key: thaw(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -87,8 +104,30 @@ def thaw(value: Any) -> Any:
         return set(value)
     if isinstance(value, tuple):
         return tuple(thaw(item) for item in value)
-    thaw_method = getattr(value, "thaw", None)
-    return thaw_method() if thaw_method is not None else value
+    plain = getattr(value, "_protobase_plain_", None)  # tree views, transaction wrappers
+    return thaw(plain()) if plain is not None else value
+
+
+def json_default(value: Any) -> Any:
+    """The `default=` for json.dumps that writes values of snapshots and transactions whole.
+
+    json encodes FrozenDict and FrozenList itself (they are a dict and a list)
+    and calls this for the rest: a tree view or transaction wrapper becomes
+    the dict or list of its whole contents, a set (JSON has none) a list in
+    canonical key order (a TreeSet's order, the same in every process).
+    Anything else raises TypeError, as json does: a `default` of your own
+    handles its types, then returns `json_default(value)`.
+
+        json.dumps(snap.root["carts"], default=protobase.json_default)
+    """
+    if isinstance(value, AbstractSet):
+        return sorted(value, key=order_key) if all(is_key(item) for item in value) else list(value)
+    plain = getattr(value, "_protobase_plain_", None)  # tree views, transaction wrappers
+    if plain is not None:
+        return plain()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable; protobase.json_default "
+                    f"writes ProtoBase's containers and sets: convert other types in a default= of your own, "
+                    f"which then returns protobase.json_default(value)")
 
 
 def freeze(value: Any) -> Any:

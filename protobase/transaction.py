@@ -466,7 +466,7 @@ for _cls, _base, _names in (
 
 def _track(value: Any, owner: _Owner, path: tuple) -> Any:
     """A tracked mutable deep copy of a frozen small container; every part reports to `owner`."""
-    if isinstance(value, dict):  # TreeDict views included: they are dicts
+    if isinstance(value, (dict, TreeDict)):
         tracked: Any = TrackedDict((key, _track(item, owner, path + (key,))) for key, item in value.items())
     elif isinstance(value, (list, TreeList)):
         tracked = TrackedList(_track(item, owner, path + (index,)) for index, item in enumerate(value))
@@ -479,6 +479,11 @@ def _track(value: Any, owner: _Owner, path: tuple) -> Any:
     tracked._owner = owner
     tracked._path = path
     return tracked
+
+
+def _tracked_whole(value: Any) -> bool:
+    """True for an element a TxList copies tracked, so that a change inside it rewrites the element."""
+    return isinstance(value, (dict, list, set, frozenset, TreeDict))
 
 
 # -- large containers: element operations --------------------------------------------------
@@ -549,7 +554,7 @@ class TxList(MutableSequence):
     def _adopt_element(self, index: int, value: Any) -> Any:
         # Positions move with inserts and deletes, so an element is not a stable key
         # path: a container element reports its changes to the list instead.
-        if isinstance(value, (dict, list, set, frozenset)):
+        if _tracked_whole(value):
             owner = _ElementOwner(self)
             owner.element = _track(value, owner, self._path + (index,))
             return owner.element
@@ -570,7 +575,7 @@ class TxList(MutableSequence):
             raise IndexError("list index out of range")
         if index >= len(self._base):
             return self._tail[index - len(self._base)]
-        return self._local()[index] if isinstance(self._base[index], (dict, list, set)) else self._base[index]
+        return self._local()[index] if _tracked_whole(self._base[index]) else self._base[index]
 
     def __setitem__(self, index: Any, value: Any) -> None:
         if isinstance(index, slice):

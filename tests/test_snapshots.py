@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import csv
+import datetime as dt
+import io
+import json
 import pickle
+import pprint
+from collections.abc import Mapping
 
 import pytest
 
+import protobase
 from protobase import DatabaseClosedError, FrozenDict, FrozenList, FrozenSet, ReadOnlyError, TreeDict, TreeList, TreeSet
 from protobase.frozen import thaw
 
@@ -206,7 +214,7 @@ def test_thaw_gives_an_independent_mutable_copy(filled):
 def test_tree_dict_reads_like_a_dict(filled):
     with filled.snapshot() as snap:
         view = snap.root["bd"]
-        assert isinstance(view, dict)
+        assert isinstance(view, Mapping) and not isinstance(view, dict)  # its storage is the tree, not a dict's
         assert len(view) == len(BIG_DICT) and bool(view)
         assert view == BIG_DICT and BIG_DICT == view and not (view != BIG_DICT)
         assert view != {**BIG_DICT, 0: None}
@@ -328,3 +336,80 @@ def test_snapshot_open_across_a_compaction_still_reads(filled):
     with db.snapshot() as snap:
         assert snap.root["bd"][1] == "changed"
     db.check()
+
+
+# -- what C-level and stdlib consumers see ---------------------------------------------------------
+
+CARTS = {f"u{i:03}": {"items": [f"sku{i}", f"sku{i + 1}"], "total": i} for i in range(100)}
+ROWS = [{"n": i} for i in range(300)]
+WIDE = {f"c{i:03}": i for i in range(100)}
+
+
+@pytest.fixture
+def web(db):
+    """What a web app stores: tree dicts and lists, also nested in a small dict, and sets."""
+    with db.transaction() as tx:
+        tx.root["carts"] = CARTS
+        tx.root["rows"] = ROWS
+        tx.root["wide"] = WIDE
+        tx.root["page"] = {"carts": CARTS, "rows": ROWS, "tags": {3, 1, 2}, "ids": set(range(100, 0, -1)),
+                           "mixed": {"b", 1, None}}
+    return db
+
+
+def test_json_dumps_of_a_tree_dict_or_list_refuses_instead_of_writing_nothing(web):
+    with web.snapshot() as snap:
+        carts, rows = snap.root["carts"], snap.root["rows"]
+        carts["u005"]  # a partly filled memo must not show through either
+        for view in (carts, rows):
+            with pytest.raises(TypeError, match=f"Object of type {type(view).__name__} is not JSON serializable"):
+                json.dumps(view)
+        assert json.loads(json.dumps(carts, default=protobase.json_default)) == CARTS
+        assert json.loads(json.dumps(rows, default=protobase.json_default)) == ROWS
+
+
+def test_json_default_writes_views_nested_in_frozen_dicts_and_sets_in_key_order(web):
+    with web.snapshot() as snap:
+        page = snap.root["page"]
+        kinds = {key: type(value) for key, value in page.items()}
+        assert kinds == {"carts": TreeDict, "rows": TreeList, "tags": FrozenSet, "ids": TreeSet, "mixed": FrozenSet}
+        written = json.loads(json.dumps(page, default=protobase.json_default))
+    assert written == {"carts": CARTS, "rows": ROWS, "tags": [1, 2, 3], "ids": list(range(1, 101)),
+                       "mixed": [None, 1, "b"]}
+
+
+def test_json_default_refuses_other_types_naming_them(web):
+    with pytest.raises(TypeError, match="Object of type datetime is not JSON serializable; protobase.json_default "
+                                        "writes ProtoBase's containers"):
+        json.dumps({"when": dt.datetime(2024, 1, 1)}, default=protobase.json_default)
+
+
+def test_stdlib_consumers_see_the_whole_tree_dict_and_list(web):
+    with web.snapshot() as snap:
+        carts, rows, wide = snap.root["carts"], snap.root["rows"], snap.root["wide"]
+        carts["u005"], wide["c001"]  # partly filled memos
+        assert copy.copy(carts) == CARTS and copy.deepcopy(carts) == CARTS and type(copy.copy(carts)) is dict
+        assert copy.copy(rows) == ROWS and copy.deepcopy(rows) == ROWS and type(copy.copy(rows)) is list
+        assert pickle.loads(pickle.dumps(carts)) == CARTS and pickle.loads(pickle.dumps(rows)) == ROWS
+        assert {**carts} == CARTS and dict(carts) == CARTS and list(carts) == sorted(CARTS)
+        assert list(rows) == ROWS and [*rows] == ROWS
+        assert "{u042[total]} {u099[items][1]}".format_map(carts) == "42 sku100"
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=sorted(WIDE))
+        writer.writeheader()
+        writer.writerow(wide)
+        assert list(csv.DictReader(io.StringIO(out.getvalue()))) == [{key: str(v) for key, v in WIDE.items()}]
+        assert pprint.pformat(carts) == repr(carts) == f"TreeDict(<100 keys at {carts.ptr:#x}>)"  # a summary
+        assert ast.literal_eval(pprint.pformat(protobase.thaw(carts))) == CARTS
+
+
+def test_thaw_copies_views_nested_in_frozen_dicts_to_builtins(web):
+    with web.snapshot() as snap:
+        plain = protobase.thaw(snap.root["page"])
+    assert plain == {"carts": CARTS, "rows": ROWS, "tags": {1, 2, 3}, "ids": set(range(1, 101)),
+                     "mixed": {"b", 1, None}}
+    assert [type(plain[key]) for key in ("carts", "rows", "tags", "ids")] == [dict, list, set, set]
+    assert type(plain["carts"]["u001"]) is dict and type(plain["carts"]["u001"]["items"]) is list
+    plain["carts"]["u001"]["items"].append("x")  # its own copy
+    with web.snapshot() as snap:
+        assert snap.root["carts"]["u001"] == CARTS["u001"]

@@ -595,6 +595,26 @@ def test_registered_dataclass_through_the_database(db):
         assert snap.root["item"] == Item("apple", 3)
 
 
+def test_set_element_of_a_big_list_is_changed_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["big"] = [{i, -i} for i in range(300)]
+    with db.transaction() as tx:
+        tx.root["big"][5].add(1000)
+    assert read(db, "big", 5) == {5, -5, 1000}
+
+
+def test_tree_dicts_inside_lists_are_changed_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["small"] = [{i: i for i in range(100)}]
+        tx.root["big"] = [{i: i for i in range(100)}] + list(range(300))
+    with db.snapshot() as snap:
+        assert type(snap.root["small"][0]) is TreeDict and type(snap.root["big"][0]) is TreeDict
+    with db.transaction() as tx:
+        tx.root["small"][0][5] = "five"
+        tx.root["big"][0][6] = "six"
+    assert read(db, "small", 0)[5] == "five" and read(db, "big", 0)[6] == "six" and read(db, "big", 0)[7] == 7
+
+
 # -- handles ---------------------------------------------------------------------------
 
 
