@@ -21,7 +21,10 @@ the types msgpack lacks are extension types (code: payload):
    10 FROZENSET msgpack array of the elements
 
 Decoding is bounded (buffer, array and map sizes) and every decode failure is
-a `CorruptionError`: bytes from shared memory or disk are never trusted.
+a `CorruptionError`: bytes from shared memory or disk are never trusted. A
+dataclass this process has not registered is an `EncodingError` instead:
+nothing is corrupt, the reader lacks a registration. Registered dataclasses
+decode frozen as their read-only variant (frozen.read_only_dataclass).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 import msgpack
 
 from .errors import CorruptionError, EncodingError, format_path
-from .frozen import FrozenDict, FrozenList, FrozenSet
+from .frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
 
 __all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
            "MAX_ATOM_BYTES"]
@@ -84,14 +87,30 @@ def register_dataclass(cls: type, name: str | None = None) -> type:
     """Allow instances of dataclass `cls` in stored values; usable as a decorator.
 
     Every process that reads the value must register the class under the same
-    `name` (default: module.qualname) before decoding it.
+    `name` (default: module.qualname) before decoding it, so a class defined in
+    the script being run (`__main__`) needs an explicit `name`: other
+    processes, pool workers included, have another `__main__`. Snapshots hand
+    out instances of a read-only subclass (see frozen.read_only_dataclass).
+
+    Raises TypeError for a non-dataclass, EncodingError for a class of
+    `__main__` registered without a `name`.
     """
     if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
         raise TypeError(f"register_dataclass() needs a dataclass, got {cls!r}")
+    if name is None and cls.__module__ in _SCRIPT_MODULES:
+        raise EncodingError(
+            f"cannot register dataclass {cls.__qualname__} of the script being run ({cls.__module__}) under "
+            f"its default name {cls.__module__ + '.' + cls.__qualname__!r}: other processes (pool workers, "
+            f"other programs) have another {cls.__module__} and could not read it back. Define it in an "
+            f"importable module, or register it with name='...' in every process")
     name = name or f"{cls.__module__}.{cls.__qualname__}"
     _dataclasses_by_name[name] = cls
     _names_by_class[cls] = name
+    _names_by_class[read_only_dataclass(cls)] = name  # how snapshots hand its instances out
     return cls
+
+
+_SCRIPT_MODULES = ("__main__", "__mp_main__")  # what the running script is called (by multiprocessing's spawn, too)
 
 
 _new_tuple = tuple.__new__
@@ -129,13 +148,14 @@ def _ext_default(value: Any) -> msgpack.ExtType:
         return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
     name = _names_by_class.get(kind)
     if name is not None:
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return _ext(EXT_DATACLASS, _pack([name, fields]))
+        return _ext(EXT_DATACLASS, _pack([name, dataclass_fields(value)]))
     plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
     if plain is not None:
         value = plain()
-        # msgpack does not call `default` again on what it returns: a set still needs its extension type
-        return _ext_default(value) if type(value) in (set, frozenset, tuple) else value
+        # msgpack does not call `default` again on what it returns: a set or dataclass still needs its
+        # extension type
+        kind = type(value)
+        return _ext_default(value) if kind in (set, frozenset, tuple) or kind in _names_by_class else value
     raise TypeError(kind.__name__)
 
 
@@ -236,8 +256,8 @@ def validate(value: Any, path: tuple = ()) -> None:
             validate(item, path + (index,))
         return
     if kind in _names_by_class:
-        for field in dataclasses.fields(value):
-            validate(getattr(value, field.name), path + (field.name,))
+        for name, item in dataclass_fields(value).items():
+            validate(item, path + (name,))
         return
     plain = getattr(value, "_protobase_plain_", None)
     if plain is not None:
@@ -288,12 +308,15 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
         if code == EXT_DATACLASS:
             name, fields = msgpack.unpackb(payload, **options)
             cls = _dataclasses_by_name.get(name)
-            if cls is None:
-                raise CorruptionError(
-                    f"stored value holds dataclass {name!r}, which this process has not "
-                    f"registered; call protobase.register_dataclass() for it before reading"
-                )
-            return cls(**fields)
+            if cls is None:  # the reader's omission: nothing is corrupt
+                raise EncodingError(
+                    f"stored value holds dataclass {name!r}, which this process has not registered; "
+                    f"call protobase.register_dataclass() for it (under that name) before reading")
+            instance = cls(**fields)
+            variant = read_only_dataclass(cls) if frozen else cls
+            if variant is not cls:  # built by the class's own __init__, then made read-only
+                object.__setattr__(instance, "__class__", variant)
+            return instance
         raise CorruptionError(f"unknown msgpack extension type {code}")
 
     # unpackb bounds every string, array and map by the buffer length, which caps
@@ -319,7 +342,8 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
     """Decode bytes made by `encode`.
 
     With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
-    (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
+    and dataclasses as their read-only variants; otherwise as plain
+    dict/list/set and the registered classes. `ref(ptr, kind)` turns an
     embedded Ref into the object to return in its place (default: the Ref).
     With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
     was stored as, which `encode` writes back unchanged: the coordinator stores
@@ -329,7 +353,7 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
     options = _options(frozen, ref, opaque_dataclasses)
     try:
         return msgpack.unpackb(data, **options)
-    except CorruptionError:
+    except (CorruptionError, EncodingError):
         raise
     except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, struct.error,
             ArithmeticError, msgpack.UnpackException) as error:  # ArithmeticError: decimal.InvalidOperation

@@ -16,7 +16,7 @@ import protobase
 from protobase import codec
 from protobase.codec import Ref
 from protobase.errors import CorruptionError, EncodingError, ReadOnlyError
-from protobase.frozen import FrozenDict, FrozenList, FrozenSet
+from protobase.frozen import FrozenDict, FrozenList, FrozenSet, plain_dataclass
 
 
 @protobase.register_dataclass
@@ -33,9 +33,9 @@ class Unregistered:
 
 
 def same(a, b) -> bool:
-    """Equal, with the same types all the way down (frozen containers count as their plain type)."""
+    """Equal, with the same types all the way down (frozen containers and dataclasses count as their plain type)."""
     plain = {FrozenDict: dict, FrozenList: list, FrozenSet: frozenset, set: frozenset}
-    ta, tb = plain.get(type(a), type(a)), plain.get(type(b), type(b))
+    ta, tb = plain.get(type(a), plain_dataclass(type(a))), plain.get(type(b), plain_dataclass(type(b)))
     if ta is not tb:
         return False
     if ta is dict:
@@ -220,6 +220,32 @@ def test_register_dataclass_rejects_non_dataclasses():
         protobase.register_dataclass(Point(1, 2))
 
 
+def test_register_dataclass_of_the_running_script_needs_a_name():
+    for module in ("__main__", "__mp_main__"):
+        script_class = dataclasses.make_dataclass("Item", [("x", int)])
+        script_class.__module__ = module
+        message = (rf"cannot register dataclass Item of the script being run \({module}\) under its default name "
+                   rf"'{module}.Item': other processes .* Define it in an importable module, or register it with "
+                   r"name='...' in every process")
+        with pytest.raises(EncodingError, match=message):
+            protobase.register_dataclass(script_class)
+        with pytest.raises(EncodingError, match="cannot store a value of type Item"):
+            codec.encode(script_class(1))  # not registered
+    protobase.register_dataclass(script_class, name="tests.codec.ScriptItem")
+    assert codec.decode(codec.encode(script_class(1))) == script_class(1)
+
+
+def test_decoded_dataclass_is_read_only_when_frozen_and_plain_otherwise():
+    data = codec.encode(Point(1, 2, ["a"]))
+    frozen, plain = codec.decode(data), codec.decode(data, frozen=False)
+    with pytest.raises(ReadOnlyError, match="cannot set Point.x"):
+        frozen.x = 5
+    assert isinstance(frozen, Point) and frozen == Point(1, 2, ["a"]) and type(frozen.tags) is FrozenList
+    plain.x = 5
+    assert type(plain) is Point and plain == Point(5, 2, ["a"]) and type(plain.tags) is list
+    assert codec.decode(codec.encode(frozen)) == Point(1, 2, ["a"])  # a read-only copy stores as its class
+
+
 def test_register_dataclass_under_a_name():
     @dataclasses.dataclass
     class Named:
@@ -272,10 +298,12 @@ def test_unknown_ext_code_is_named():
         codec.decode(_ext(99, b""))
 
 
-def test_unregistered_dataclass_on_decode_names_it():
+def test_unregistered_dataclass_on_decode_is_an_encoding_error_not_corruption():
     data = _ext(codec.EXT_DATACLASS, msgpack.packb(["elsewhere.Thing", {"a": 1}]))
-    with pytest.raises(CorruptionError, match="dataclass 'elsewhere.Thing'.*register_dataclass"):
+    with pytest.raises(EncodingError, match="dataclass 'elsewhere.Thing', which this process has not registered; "
+                                            r"call protobase.register_dataclass\(\) for it") as info:
         codec.decode(data)
+    assert not isinstance(info.value, CorruptionError)
 
 
 def test_decode_accepts_memoryview():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import copy
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -16,7 +17,7 @@ import pytest
 
 import protobase
 from protobase import DatabaseClosedError, FrozenDict, FrozenList, FrozenSet, ReadOnlyError, TreeDict, TreeList, TreeSet
-from protobase.frozen import thaw
+from protobase.frozen import read_only_dataclass, thaw
 
 BIG_DICT = {i: {"n": i, "sq": i * i} for i in range(300)}
 BIG_LIST = [f"item{i}" if i % 3 else {"i": i} for i in range(1000)]
@@ -413,3 +414,86 @@ def test_thaw_copies_views_nested_in_frozen_dicts_to_builtins(web):
     plain["carts"]["u001"]["items"].append("x")  # its own copy
     with web.snapshot() as snap:
         assert snap.root["carts"]["u001"] == CARTS["u001"]
+
+
+# -- dataclasses --------------------------------------------------------------------------------
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass
+class Item:
+    name: str
+    qty: int
+    tags: list = dataclasses.field(default_factory=list)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(slots=True, order=True, unsafe_hash=True)
+class Version:
+    major: int
+    minor: int
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+def test_dataclass_read_from_a_snapshot_is_read_only_and_the_shared_copy_unchanged(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3, ["fruit"])
+    with db.snapshot() as snap:
+        item = snap.root["item"]
+        with pytest.raises(ReadOnlyError, match=r"cannot set Item.qty: values read from a snapshot are read-only; "
+                                                r"change them inside .* \(or make a changed copy with "
+                                                r"dataclasses.replace\(\)\)"):
+            item.qty = 99
+        with pytest.raises(ReadOnlyError, match="cannot set Item.name"):
+            del item.name
+        with pytest.raises(ReadOnlyError):
+            item.tags.append("x")
+        assert item == Item("apple", 3, ["fruit"])
+    with db.snapshot() as snap:  # the process's cached copy, which every snapshot shares
+        assert snap.root["item"] == Item("apple", 3, ["fruit"])
+    with db.transaction() as tx:
+        assert tx.root["item"].qty == 3
+
+
+def test_dataclass_changed_by_its_writer_after_commit_does_not_change_the_cache(db):
+    item = Item("apple", 3, ["fruit"])
+    with db.transaction() as tx:
+        tx.root["item"] = item
+    item.qty = 4  # the caller's own instance, which the commit must not have cached
+    item.tags.append("red")
+    with db.snapshot() as snap:
+        assert snap.root["item"] == Item("apple", 3, ["fruit"])
+        with pytest.raises(ReadOnlyError):
+            snap.root["item"].qty = 5
+
+
+def test_snapshot_dataclass_compares_prints_copies_and_pickles_as_its_class(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+        tx.root["versions"] = [Version(1, 2), Version(1, 10)]
+        tx.root["point"] = Point(1, 2)
+    with db.snapshot() as snap:
+        item, versions, point = snap.root["item"], snap.root["versions"], snap.root["point"]
+        assert isinstance(item, Item) and type(item) is not Item and dataclasses.is_dataclass(item)
+        assert item == Item("apple", 3) and Item("apple", 3) == item and item != Item("apple", 4)
+        assert repr(item) == "Item(name='apple', qty=3, tags=FrozenList([]))"
+        assert versions[0] < Version(1, 10) and Version(1, 1) < versions[0]
+        assert sorted(versions, reverse=True) == [Version(1, 10), Version(1, 2)]
+        assert hash(versions[0]) == hash(Version(1, 2)) and versions[0] in {Version(1, 2)}
+        with pytest.raises(ReadOnlyError):
+            versions[0].major = 2
+        assert type(point) is Point and read_only_dataclass(Point) is Point  # frozen already
+        changed = dataclasses.replace(item, qty=4)
+        assert type(changed) is Item and changed == Item("apple", 4)
+        changed.qty = 5  # a plain instance of the user's class
+        for duplicate in (copy.copy(item), copy.deepcopy(item), pickle.loads(pickle.dumps(item)), thaw(item)):
+            assert type(duplicate) is Item and duplicate == item
+            duplicate.qty = 7
+        assert type(thaw(item).tags) is list
+        assert snap.root["item"].qty == 3

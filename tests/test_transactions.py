@@ -595,6 +595,74 @@ def test_registered_dataclass_through_the_database(db):
         assert snap.root["item"] == Item("apple", 3)
 
 
+@protobase.register_dataclass
+@dataclasses.dataclass
+class Basket:
+    owner: str
+    items: list = dataclasses.field(default_factory=list)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    label: str
+
+
+def test_dataclass_attribute_changes_in_a_transaction_are_recorded(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+        tx.root["stock"] = {f"sku{i}": Item(f"sku{i}", i) for i in range(100)}  # a tree of dataclasses
+        tx.root["small"] = [Item("pear", 1)]
+        tx.root["big"] = [Item(f"n{i}", i) for i in range(300)]
+        tx.root["basket"] = Basket("ann", [{"sku": "a"}])
+        tx.root["tag"] = Tag("new")
+    with db.transaction() as tx:
+        item = tx.root["item"]
+        item.qty += 1
+        assert tx.root["item"] is item and item.qty == 4 and isinstance(item, Item) and item == Item("apple", 4)
+        tx.root["stock"]["sku7"].qty = 70
+        tx.root["small"][0].name = "nashi"
+        tx.root["big"].insert(0, Item("first", -1))
+        tx.root["big"][6].qty = 60  # Item("n5", 5), moved by the insert
+        tx.root["basket"].items.append({"sku": "b"})
+        tx.root["basket"].items[0]["sku"] = "A"
+        assert tx.root["tag"] == Tag("new") and type(tx.root["tag"]) is Tag  # frozen: handed out as it is
+    assert read(db, "item") == Item("apple", 4)
+    assert read(db, "stock", "sku7") == Item("sku7", 70) and read(db, "stock", "sku8") == Item("sku8", 8)
+    assert read(db, "small") == [Item("nashi", 1)]
+    big = read(db, "big")
+    assert big[:2] == [Item("first", -1), Item("n0", 0)] and big[6] == Item("n5", 60) and len(big) == 301
+    assert read(db, "basket") == Basket("ann", [{"sku": "A"}, {"sku": "b"}])
+    db.check()
+
+
+def test_dataclass_attribute_change_conflicts_like_a_write_of_the_whole_value(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+    first, second = db.transaction(), db.transaction()
+    first.root["item"].qty = 4
+    second.root["item"].name = "pear"
+    first.commit()
+    with pytest.raises(ConflictError, match=r"key root\['item'\] was changed by commit"):
+        second.commit()
+    assert read(db, "item") == Item("apple", 4)
+
+
+def test_dataclass_attribute_refusals_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+    tx = db.transaction()
+    try:
+        with pytest.raises(EncodingError, match=r"cannot delete attribute 'qty' of the Item at root\['item'\]: "
+                                                r"a stored dataclass keeps every field; set it to None instead"):
+            del tx.root["item"].qty
+        with pytest.raises(EncodingError, match=r"cannot store a value of type object at root\['item'\]\['qty'\]"):
+            tx.root["item"].qty = object()
+    finally:
+        tx.abort()
+    assert read(db, "item") == Item("apple", 3)
+
+
 def test_set_element_of_a_big_list_is_changed_in_a_transaction(db):
     with db.transaction() as tx:
         tx.root["big"] = [{i, -i} for i in range(300)]
