@@ -20,6 +20,12 @@ the types msgpack lacks are extension types (code: payload):
     9 BIGINT    two's complement little-endian bytes, for ints outside msgpack's 64-bit range
    10 FROZENSET msgpack array of the elements
 
+Values nest at most `MAX_DEPTH` keys below the database root (a container at
+root['a']['b'] is 2 deep) and may not contain themselves; text must be valid
+Unicode. `validate` checks all of this where a value is assigned, so a bad
+value fails on the line that stores it, never deeper in the encoder or in the
+coordinator.
+
 Decoding is bounded (buffer, array and map sizes) and every decode failure is
 a `CorruptionError`: bytes from shared memory or disk are never trusted. A
 dataclass this process has not registered is an `EncodingError` instead:
@@ -44,15 +50,22 @@ import msgpack
 
 from .errors import CorruptionError, EncodingError, format_path
 from .frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
+from .keyorder import check_text
 
 __all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
-           "MAX_ATOM_BYTES"]
+           "MAX_ATOM_BYTES", "MAX_DEPTH"]
 
 EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
 EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
 
 #: The largest payload a single atom may hold; bigger containers become trees.
 MAX_ATOM_BYTES = 1 << 30
+
+#: How many keys below the database root a container may sit. Every layer that walks
+#: a value recurses once or a few times per level (validation, the encoder's extension
+#: types, the coordinator's writer, decoding), so this keeps all of them far below
+#: Python's recursion limit (1000) and msgpack's nesting limit (511 per packer).
+MAX_DEPTH = 100
 
 _REF = struct.Struct("<Q")  # kind << 60 | AtomPointer: a fixext8, 10 bytes in a node
 _REF_MARKER_PATTERN = re.compile(re.escape(bytes([0xD7, EXT_REF])))  # how every encoded Ref starts: fixext8, its type
@@ -234,34 +247,76 @@ def encode(value: Any) -> bytes:
     """Encode a value to bytes; raise EncodingError naming the bad type and its path."""
     try:
         return _pack(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError):
         validate(value)
         raise  # validate found nothing: a bug in this module, not in the value
 
 
+_SCALARS = frozenset((type(None), bool, int, float, bytes, bytearray, Decimal, uuid.UUID, Ref, _dt.datetime, _dt.date))
+
+
 def validate(value: Any, path: tuple = ()) -> None:
-    """Raise EncodingError if `value` holds anything the codec cannot store."""
+    """Raise EncodingError if `value`, to be stored at key path `path`, holds anything the codec cannot store.
+
+    That is: a type it does not know, text that is not valid Unicode, a
+    container more than MAX_DEPTH keys below the root, or a value containing
+    itself (which also holds for a transaction's wrapper of root['a'] stored
+    at or below root['a'][...]: its contents would then hold it).
+    """
+    _validate(value, path, set())
+
+
+def _validate(value: Any, path: tuple, enclosing: set[int]) -> None:
+    """validate(), with the ids of the containers being walked that hold `value`."""
     kind = type(value)
-    if value is None or kind in (bool, float, str, bytes, bytearray, Decimal, uuid.UUID, Ref):
+    if kind in _SCALARS:
         return
-    if kind in (_dt.datetime, _dt.date, int):
+    if kind is str:
+        check_text(value, path)
         return
-    if kind in (dict, FrozenDict):
+    if len(path) > MAX_DEPTH:
+        raise EncodingError(
+            f"cannot store a {kind.__qualname__} nested {len(path)} keys deep at {format_path(path)}: values "
+            f"may nest at most {MAX_DEPTH} keys below the root; flatten it, e.g. store the deep part under "
+            f"its own top-level key and refer to that key")
+    if id(value) in enclosing or _encloses(value, path):
+        raise EncodingError(
+            f"cannot store a value that contains itself: a {kind.__qualname__} reappears inside itself at "
+            f"{format_path(path)}; stored values are trees of plain data, so store a key that refers to it instead")
+    enclosing.add(id(value))
+    try:
+        _validate_parts(value, kind, path, enclosing)
+    finally:
+        enclosing.discard(id(value))
+
+
+def _encloses(value: Any, path: tuple) -> bool:
+    """True if `value` wraps (for a transaction) a container above `path`: stored at `path`, it would hold itself.
+
+    Such a wrapper builds its contents when asked, so it is not yet among them
+    when assigned: its path tells.
+    """
+    own = getattr(value, "_protobase_path_", None)
+    return own is not None and len(own) < len(path) and path[:len(own)] == own
+
+
+def _validate_parts(value: Any, kind: type, path: tuple, enclosing: set[int]) -> None:
+    if kind is dict or kind is FrozenDict:
         for key, item in value.items():
-            validate(key, path + (key,))
-            validate(item, path + (key,))
+            _validate(key, path + (key,), enclosing)
+            _validate(item, path + (key,), enclosing)
         return
     if kind in (list, tuple, FrozenList, set, frozenset, FrozenSet):
         for index, item in enumerate(value):
-            validate(item, path + (index,))
+            _validate(item, path + (index,), enclosing)
         return
     if kind in _names_by_class:
         for name, item in dataclass_fields(value).items():
-            validate(item, path + (name,))
+            _validate(item, path + (name,), enclosing)
         return
     plain = getattr(value, "_protobase_plain_", None)
     if plain is not None:
-        validate(plain(), path)
+        _validate(plain(), path, enclosing)
         return
     hint = (
         "register it with protobase.register_dataclass()"

@@ -24,6 +24,7 @@ shared with every other reader of this process.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence, MutableSet
 from typing import TYPE_CHECKING, Any
 
@@ -205,10 +206,16 @@ class Transaction:
         return f"<Transaction {self._state} base_seq={self.base_seq} writes={len(self._ops)}>"
 
 
+# codec.validate refuses a wrapper stored below its own path (it would contain itself): the wrappers
+# build their contents on demand, so only their path can tell.
+_wrapper_path = property(operator.attrgetter("_path"), doc="The key path of the container this wraps.")
+
+
 class TxDict(MutableMapping):
     """A dict inside a transaction: reads its snapshot value, records key-level writes."""
 
     __slots__ = ("_tx", "_path", "_base", "_local", "_children")
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: Any) -> None:
         self._tx = tx
@@ -360,6 +367,7 @@ class LocalDict(MutableMapping):
     """
 
     __slots__ = ("_tx", "_path", "_dict")
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, value: dict) -> None:
         self._tx = tx
@@ -541,6 +549,7 @@ class TxList(MutableSequence):
     """
 
     _index_elements_ = True  # queries and indexes see its elements, as for a list
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: TreeList) -> None:
         self._tx = tx
@@ -684,7 +693,7 @@ class TxSet(MutableSet):
     """A large (tree) set in a transaction: records additions and removals."""
 
     _index_elements_ = True  # queries and indexes see its elements, as for a set
-
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: TreeSet) -> None:
         self._tx = tx

@@ -257,6 +257,74 @@ def test_register_dataclass_under_a_name():
     assert codec.decode(data) == Named("x")
 
 
+def _cyclic_dict():
+    record: dict = {"name": "a"}
+    record["children"] = [{"parent": record}]
+    return record
+
+
+def _cyclic_through_a_dataclass():
+    point = Point(1, 2)
+    point.tags.append({"point": point})
+    return point
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    (_cyclic_dict(), r"a dict reappears inside itself at root\['children'\]\[0\]\['parent'\]"),
+    (_cyclic_through_a_dataclass(), r"a Point reappears inside itself at root\['tags'\]\[0\]\['point'\]"),
+    ((lambda items: (items.append(items), items)[1])([]), r"a list reappears inside itself at root\[0\]"),
+], ids=["dict", "dataclass", "list"])
+def test_a_value_that_contains_itself_is_an_encoding_error(value, where):
+    message = f"cannot store a value that contains itself: {where}; stored values are trees of plain data"
+    with pytest.raises(EncodingError, match=message):
+        codec.validate(value)
+    with pytest.raises(EncodingError, match=message):
+        codec.encode(value)
+
+
+def test_values_shared_without_a_cycle_are_stored():
+    shared = [1, {"x": 2}]
+    value = {"a": shared, "b": shared, "c": (shared, shared)}
+    codec.validate(value)
+    assert codec.decode(codec.encode(value), frozen=False) == {"a": shared, "b": shared, "c": (shared, shared)}
+
+
+def _nested(depth, kinds=(list, tuple, dict, Point)):
+    """0 inside `depth` containers of `kinds` in turn, each one key below the last."""
+    value: object = 0
+    for level in range(depth):
+        kind = kinds[level % len(kinds)]
+        value = {"k": value} if kind is dict else Point(0, 0, value) if kind is Point else kind([value])
+    return value
+
+
+def test_nesting_is_checked_against_max_depth_counting_the_key_path():
+    for kinds in ((list,), (tuple,), (dict,), (list, tuple, dict, Point)):
+        value = _nested(codec.MAX_DEPTH + 1, kinds)  # its innermost container sits MAX_DEPTH keys down
+        codec.validate(value)
+        assert codec.decode(codec.encode(value), frozen=False) == value
+        with pytest.raises(EncodingError, match=rf"nested {codec.MAX_DEPTH + 1} keys deep at root\['x'\]\[.*: "
+                                                rf"values may nest at most {codec.MAX_DEPTH} keys below the root"):
+            codec.validate(value, ("x",))
+    codec.validate([[]], ("k",) * (codec.MAX_DEPTH - 2))
+    with pytest.raises(EncodingError, match=f"cannot store a list nested {codec.MAX_DEPTH + 1} keys deep"):
+        codec.validate([[[]]], ("k",) * (codec.MAX_DEPTH - 1))
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("a\ud800b", r"lone surrogate '\\ud800' \(position 1\) at root: text must be valid Unicode; .*surrogateescape"),
+    ({"name": ["ok", "caf\udce9"]}, r"lone surrogate '\\udce9' \(position 3\) at root\['name'\]\[1\]"),
+    ({"\udfff": 1}, r"lone surrogate '\\udfff' \(position 0\) at root\['\\udfff'\]"),
+    (Point(1, 2, ["\ud83d"]), r"lone surrogate '\\ud83d' .* at root\['tags'\]\[0\]"),
+], ids=["str", "nested", "key", "dataclass-field"])
+def test_text_with_a_lone_surrogate_is_an_encoding_error(value, message):
+    with pytest.raises(EncodingError, match=message):
+        codec.validate(value)
+    with pytest.raises(EncodingError, match=message):
+        codec.encode(value)
+    codec.validate("paired surrogates decode to one code point: \U0001f600 \u00e9")
+
+
 # -- corrupt input -------------------------------------------------------------------
 
 

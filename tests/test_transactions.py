@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
+from decimal import Decimal
 
 import pytest
 
@@ -18,6 +21,7 @@ from protobase import (
     TreeList,
     TreeSet,
 )
+from protobase.codec import MAX_DEPTH
 from protobase.frozen import thaw
 
 
@@ -556,6 +560,122 @@ def test_encoding_error_at_assignment_names_the_path(db):
             tx.root["s"] = {frozenset({1})}
         tx.root["fine"] = 1  # the transaction stays usable
     assert read(db, "fine") == 1 and "x" not in read(db)
+
+
+def _cyclic_list():
+    items: list = [1]
+    items.append({"back": items})
+    return items
+
+
+def _nested(depth, kinds=(list, tuple, dict)):
+    """An Item `depth` keys below the top of the value, inside containers of `kinds` in turn."""
+    value: object = Item("innermost", 1)
+    for level in range(depth):
+        kind = kinds[level % len(kinds)]
+        value = {"k": value} if kind is dict else kind([value])
+    return value
+
+
+def _store_inside_itself(tx):
+    tx.root["a"]["b"] = tx.root["a"]
+
+
+def _append_to_itself(tx):
+    tx.root["big"].append(tx.root["big"])
+
+
+def _assign_inside_its_own_new_dict(tx):
+    tx.root["n"] = {"k": 1}
+    tx.root["n"]["me"] = tx.root["n"]
+
+
+def _small_list_append_to_itself(tx):
+    items = tx.root["small"]
+    items.append(items)
+
+
+def _dataclass_field_to_itself(tx):
+    item = tx.root["item"]
+    item.name = item
+
+
+def _deep_key_path(tx):
+    target = tx.root
+    for level in range(MAX_DEPTH):
+        target[level] = {}
+        target = target[level]
+    target["too deep"] = []
+
+
+LOSES_AT_ASSIGNMENT = {
+    "cycle": (lambda tx: tx.root.__setitem__("c", _cyclic_list()),
+              r"cannot store a value that contains itself: a list reappears inside itself at "
+              r"root\['c'\]\[1\]\['back'\]"),
+    "wrapper-inside-itself": (_store_inside_itself, r"a TxDict reappears inside itself at root\['a'\]\['b'\]"),
+    "tree-list-into-itself": (_append_to_itself, r"a TxList reappears inside itself at root\['big'\]\[300\]"),
+    "new-dict-into-itself": (_assign_inside_its_own_new_dict,
+                             r"a LocalDict reappears inside itself at root\['n'\]\['me'\]"),
+    "small-list-into-itself": (_small_list_append_to_itself,
+                               r"a TrackedList reappears inside itself at root\['small'\]\[1\]"),
+    "dataclass-into-itself": (_dataclass_field_to_itself, r"reappears inside itself at root\['item'\]\['name'\]"),
+    "too-deep": (lambda tx: tx.root.__setitem__("d", _nested(MAX_DEPTH + 1)),
+                 rf"cannot store a \w+ nested {MAX_DEPTH + 1} keys deep at root\['d'\]\[.*: values may nest at "
+                 rf"most {MAX_DEPTH} keys below the root"),
+    "too-deep-key-path": (_deep_key_path, rf"cannot store a list nested {MAX_DEPTH + 1} keys deep at root\[0\]\[1\]"),
+    "surrogate-value": (lambda tx: tx.root.__setitem__("s", {"name": "caf\udce9"}),
+                        r"cannot store a str holding the lone surrogate '\\udce9' \(position 3\) at "
+                        r"root\['s'\]\['name'\]: text must be valid Unicode"),
+    "surrogate-key": (lambda tx: tx.root.__setitem__("caf\udce9", 1), r"lone surrogate '\\udce9' \(position 3\) at "
+                                                                     r"root\['caf\\udce9'\]"),
+    "surrogate-nested-key": (lambda tx: tx.root.__setitem__("s", {"\ud800": 1}), r"lone surrogate .* at root\['s'\]"),
+    "surrogate-element": (lambda tx: tx.root["tags"].add("\ud800"), r"lone surrogate .* at root\['tags'\]"),
+    "decimal-nan-key": (lambda tx: tx.root.__setitem__("prices", {Decimal("NaN"): 1}),
+                        r"cannot use Decimal\('NaN'\) as a key at root\['prices'\]\[Decimal\('NaN'\)\]: a NaN is "
+                        r"not equal to itself"),
+    "decimal-snan-key": (lambda tx: tx.root.__setitem__(Decimal("sNaN"), 1), r"cannot use Decimal\('sNaN'\) as a key"),
+    "decimal-nan-element": (lambda tx: tx.root["tags"].add(Decimal("-NaN")), r"cannot use Decimal\('-NaN'\) as a key"),
+    "decimal-nan-in-tuple-key": (lambda tx: tx.root.__setitem__((1, Decimal("NaN")), 1),
+                                 r"cannot use Decimal\('NaN'\) as a key"),
+}
+
+
+@pytest.mark.parametrize(("write", "message"), LOSES_AT_ASSIGNMENT.values(), ids=LOSES_AT_ASSIGNMENT)
+def test_bad_values_are_refused_at_assignment(db, write, message):
+    with db.transaction() as tx:
+        tx.root["a"] = {"x": 1}
+        tx.root["big"] = list(range(300))
+        tx.root["small"] = [1]
+        tx.root["item"] = Item("apple", 3)
+        tx.root["tags"] = set(range(100))
+    tx = db.transaction()
+    try:
+        with pytest.raises(EncodingError, match=message):
+            write(tx)
+    finally:
+        tx.abort()
+    with db.transaction() as tx:  # the database is unharmed
+        tx.root["after"] = 1
+    assert read(db, "a") == {"x": 1} and read(db, "after") == 1 and len(read(db)) == 6
+    db.check()
+
+
+def test_values_nested_to_the_limit_are_stored_read_and_changed(db):
+    with db.transaction() as tx:
+        tx.root["deep"] = {"tuples": _nested(MAX_DEPTH - 2), "er": _nested(MAX_DEPTH - 2, (list, dict))}
+    with db.snapshot() as snap:
+        assert thaw(snap.root["deep"]) == {"tuples": _nested(MAX_DEPTH - 2), "er": _nested(MAX_DEPTH - 2, (list, dict))}
+        assert json.dumps(snap.root["deep"], default=protobase.json_default).count("innermost") == 2
+    with db.transaction() as tx:
+        inner = tx.root["deep"]["er"]
+        while not isinstance(inner, Item):
+            inner = inner["k"] if isinstance(inner, Mapping) else inner[0]
+        inner.qty = 2  # MAX_DEPTH keys below the root
+    db.check()
+    inner = read(db, "deep", "er")
+    while not isinstance(inner, Item):
+        inner = inner["k"] if isinstance(inner, Mapping) else inner[0]
+    assert inner == Item("innermost", 2)
 
 
 def test_encoding_error_at_small_list_append(db):
