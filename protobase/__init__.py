@@ -23,7 +23,7 @@ from .errors import (
     ProtoBaseError,
     ReadOnlyError,
 )
-from .frozen import FrozenDict, FrozenList, FrozenSet
+from .frozen import FrozenDict, FrozenList, FrozenSet, json_default, thaw
 from .query import F, Query
 from .snapshot import Snapshot
 from .stats import DatabaseStats, ReaderStats
@@ -31,7 +31,7 @@ from .transaction import Transaction
 from .views import TreeDict, TreeList, TreeSet
 
 __all__ = [
-    "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass",
+    "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass", "thaw", "json_default",
     "ProtoBaseError", "ConflictError", "ReadOnlyError", "EncodingError", "DatabaseClosedError",
     "CorruptionError", "CoordinatorError", "DataDirectoryError",
     "FrozenDict", "FrozenList", "FrozenSet", "TreeDict", "TreeList", "TreeSet",

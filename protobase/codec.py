@@ -20,8 +20,17 @@ the types msgpack lacks are extension types (code: payload):
     9 BIGINT    two's complement little-endian bytes, for ints outside msgpack's 64-bit range
    10 FROZENSET msgpack array of the elements
 
+Values nest at most `MAX_DEPTH` keys below the database root (a container at
+root['a']['b'] is 2 deep) and may not contain themselves; text must be valid
+Unicode. `validate` checks all of this where a value is assigned, so a bad
+value fails on the line that stores it, never deeper in the encoder or in the
+coordinator.
+
 Decoding is bounded (buffer, array and map sizes) and every decode failure is
-a `CorruptionError`: bytes from shared memory or disk are never trusted.
+a `CorruptionError`: bytes from shared memory or disk are never trusted. A
+dataclass this process has not registered is an `EncodingError` instead:
+nothing is corrupt, the reader lacks a registration. Registered dataclasses
+decode frozen as their read-only variant (frozen.read_only_dataclass).
 """
 
 from __future__ import annotations
@@ -40,16 +49,23 @@ from typing import Any
 import msgpack
 
 from .errors import CorruptionError, EncodingError, format_path
-from .frozen import FrozenDict, FrozenList, FrozenSet
+from .frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
+from .keyorder import check_text
 
 __all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
-           "MAX_ATOM_BYTES"]
+           "MAX_ATOM_BYTES", "MAX_DEPTH"]
 
 EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
 EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
 
 #: The largest payload a single atom may hold; bigger containers become trees.
 MAX_ATOM_BYTES = 1 << 30
+
+#: How many keys below the database root a container may sit. Every layer that walks
+#: a value recurses once or a few times per level (validation, the encoder's extension
+#: types, the coordinator's writer, decoding), so this keeps all of them far below
+#: Python's recursion limit (1000) and msgpack's nesting limit (511 per packer).
+MAX_DEPTH = 100
 
 _REF = struct.Struct("<Q")  # kind << 60 | AtomPointer: a fixext8, 10 bytes in a node
 _REF_MARKER_PATTERN = re.compile(re.escape(bytes([0xD7, EXT_REF])))  # how every encoded Ref starts: fixext8, its type
@@ -84,14 +100,30 @@ def register_dataclass(cls: type, name: str | None = None) -> type:
     """Allow instances of dataclass `cls` in stored values; usable as a decorator.
 
     Every process that reads the value must register the class under the same
-    `name` (default: module.qualname) before decoding it.
+    `name` (default: module.qualname) before decoding it, so a class defined in
+    the script being run (`__main__`) needs an explicit `name`: other
+    processes, pool workers included, have another `__main__`. Snapshots hand
+    out instances of a read-only subclass (see frozen.read_only_dataclass).
+
+    Raises TypeError for a non-dataclass, EncodingError for a class of
+    `__main__` registered without a `name`.
     """
     if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
         raise TypeError(f"register_dataclass() needs a dataclass, got {cls!r}")
+    if name is None and cls.__module__ in _SCRIPT_MODULES:
+        raise EncodingError(
+            f"cannot register dataclass {cls.__qualname__} of the script being run ({cls.__module__}) under "
+            f"its default name {cls.__module__ + '.' + cls.__qualname__!r}: other processes (pool workers, "
+            f"other programs) have another {cls.__module__} and could not read it back. Define it in an "
+            f"importable module, or register it with name='...' in every process")
     name = name or f"{cls.__module__}.{cls.__qualname__}"
     _dataclasses_by_name[name] = cls
     _names_by_class[cls] = name
+    _names_by_class[read_only_dataclass(cls)] = name  # how snapshots hand its instances out
     return cls
+
+
+_SCRIPT_MODULES = ("__main__", "__mp_main__")  # what the running script is called (by multiprocessing's spawn, too)
 
 
 _new_tuple = tuple.__new__
@@ -129,13 +161,14 @@ def _ext_default(value: Any) -> msgpack.ExtType:
         return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
     name = _names_by_class.get(kind)
     if name is not None:
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return _ext(EXT_DATACLASS, _pack([name, fields]))
+        return _ext(EXT_DATACLASS, _pack([name, dataclass_fields(value)]))
     plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
     if plain is not None:
         value = plain()
-        # msgpack does not call `default` again on what it returns: a set still needs its extension type
-        return _ext_default(value) if type(value) in (set, frozenset, tuple) else value
+        # msgpack does not call `default` again on what it returns: a set or dataclass still needs its
+        # extension type
+        kind = type(value)
+        return _ext_default(value) if kind in (set, frozenset, tuple) or kind in _names_by_class else value
     raise TypeError(kind.__name__)
 
 
@@ -214,34 +247,76 @@ def encode(value: Any) -> bytes:
     """Encode a value to bytes; raise EncodingError naming the bad type and its path."""
     try:
         return _pack(value)
-    except (TypeError, ValueError, OverflowError):
+    except (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError):
         validate(value)
         raise  # validate found nothing: a bug in this module, not in the value
 
 
+_SCALARS = frozenset((type(None), bool, int, float, bytes, bytearray, Decimal, uuid.UUID, Ref, _dt.datetime, _dt.date))
+
+
 def validate(value: Any, path: tuple = ()) -> None:
-    """Raise EncodingError if `value` holds anything the codec cannot store."""
+    """Raise EncodingError if `value`, to be stored at key path `path`, holds anything the codec cannot store.
+
+    That is: a type it does not know, text that is not valid Unicode, a
+    container more than MAX_DEPTH keys below the root, or a value containing
+    itself (which also holds for a transaction's wrapper of root['a'] stored
+    at or below root['a'][...]: its contents would then hold it).
+    """
+    _validate(value, path, set())
+
+
+def _validate(value: Any, path: tuple, enclosing: set[int]) -> None:
+    """validate(), with the ids of the containers being walked that hold `value`."""
     kind = type(value)
-    if value is None or kind in (bool, float, str, bytes, bytearray, Decimal, uuid.UUID, Ref):
+    if kind in _SCALARS:
         return
-    if kind in (_dt.datetime, _dt.date, int):
+    if kind is str:
+        check_text(value, path)
         return
-    if kind in (dict, FrozenDict):
+    if len(path) > MAX_DEPTH:
+        raise EncodingError(
+            f"cannot store a {kind.__qualname__} nested {len(path)} keys deep at {format_path(path)}: values "
+            f"may nest at most {MAX_DEPTH} keys below the root; flatten it, e.g. store the deep part under "
+            f"its own top-level key and refer to that key")
+    if id(value) in enclosing or _encloses(value, path):
+        raise EncodingError(
+            f"cannot store a value that contains itself: a {kind.__qualname__} reappears inside itself at "
+            f"{format_path(path)}; stored values are trees of plain data, so store a key that refers to it instead")
+    enclosing.add(id(value))
+    try:
+        _validate_parts(value, kind, path, enclosing)
+    finally:
+        enclosing.discard(id(value))
+
+
+def _encloses(value: Any, path: tuple) -> bool:
+    """True if `value` wraps (for a transaction) a container above `path`: stored at `path`, it would hold itself.
+
+    Such a wrapper builds its contents when asked, so it is not yet among them
+    when assigned: its path tells.
+    """
+    own = getattr(value, "_protobase_path_", None)
+    return own is not None and len(own) < len(path) and path[:len(own)] == own
+
+
+def _validate_parts(value: Any, kind: type, path: tuple, enclosing: set[int]) -> None:
+    if kind is dict or kind is FrozenDict:
         for key, item in value.items():
-            validate(key, path + (key,))
-            validate(item, path + (key,))
+            _validate(key, path + (key,), enclosing)
+            _validate(item, path + (key,), enclosing)
         return
     if kind in (list, tuple, FrozenList, set, frozenset, FrozenSet):
         for index, item in enumerate(value):
-            validate(item, path + (index,))
+            _validate(item, path + (index,), enclosing)
         return
     if kind in _names_by_class:
-        for field in dataclasses.fields(value):
-            validate(getattr(value, field.name), path + (field.name,))
+        for name, item in dataclass_fields(value).items():
+            _validate(item, path + (name,), enclosing)
         return
     plain = getattr(value, "_protobase_plain_", None)
     if plain is not None:
-        validate(plain(), path)
+        _validate(plain(), path, enclosing)
         return
     hint = (
         "register it with protobase.register_dataclass()"
@@ -288,12 +363,15 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
         if code == EXT_DATACLASS:
             name, fields = msgpack.unpackb(payload, **options)
             cls = _dataclasses_by_name.get(name)
-            if cls is None:
-                raise CorruptionError(
-                    f"stored value holds dataclass {name!r}, which this process has not "
-                    f"registered; call protobase.register_dataclass() for it before reading"
-                )
-            return cls(**fields)
+            if cls is None:  # the reader's omission: nothing is corrupt
+                raise EncodingError(
+                    f"stored value holds dataclass {name!r}, which this process has not registered; "
+                    f"call protobase.register_dataclass() for it (under that name) before reading")
+            instance = cls(**fields)
+            variant = read_only_dataclass(cls) if frozen else cls
+            if variant is not cls:  # built by the class's own __init__, then made read-only
+                object.__setattr__(instance, "__class__", variant)
+            return instance
         raise CorruptionError(f"unknown msgpack extension type {code}")
 
     # unpackb bounds every string, array and map by the buffer length, which caps
@@ -319,7 +397,8 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
     """Decode bytes made by `encode`.
 
     With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
-    (read-only); otherwise as plain dict/list/set. `ref(ptr, kind)` turns an
+    and dataclasses as their read-only variants; otherwise as plain
+    dict/list/set and the registered classes. `ref(ptr, kind)` turns an
     embedded Ref into the object to return in its place (default: the Ref).
     With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
     was stored as, which `encode` writes back unchanged: the coordinator stores
@@ -329,7 +408,7 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
     options = _options(frozen, ref, opaque_dataclasses)
     try:
         return msgpack.unpackb(data, **options)
-    except CorruptionError:
+    except (CorruptionError, EncodingError):
         raise
     except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, struct.error,
             ArithmeticError, msgpack.UnpackException) as error:  # ArithmeticError: decimal.InvalidOperation

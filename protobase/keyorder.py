@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import EncodingError, format_path
 
-__all__ = ["order_key", "check_key", "is_key", "family", "bisect_left", "bisect_right"]
+__all__ = ["order_key", "check_key", "check_text", "is_key", "family", "bisect_left", "bisect_right"]
 
 
 _RANKS = {
@@ -56,9 +56,31 @@ def check_key(key: Any, path: tuple = ()) -> None:
         )
     if kind is float and key != key:
         raise EncodingError(f"cannot use NaN as a key at {format_path(path)}: NaN is not equal to itself")
+    if kind is Decimal and key.is_nan():  # sNaN too, which even refuses to be hashed or compared
+        raise EncodingError(f"cannot use Decimal({str(key)!r}) as a key at {format_path(path)}: a NaN is not "
+                            f"equal to itself and cannot be ordered among numbers")
+    if kind is str:
+        check_text(key, path)
     if kind is tuple:
         for item in key:
             check_key(item, path)
+
+
+def check_text(text: str, path: tuple = ()) -> None:
+    """Raise EncodingError unless `text` is valid Unicode, which UTF-8 (hence msgpack) can encode.
+
+    Lives here, not in the codec, because keys are checked here and values
+    there: both call it.
+    """
+    if text.isascii():  # O(1): CPython records it
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise EncodingError(
+            f"cannot store a str holding the lone surrogate {text[error.start]!r} (position {error.start}) "
+            f"at {format_path(path)}: text must be valid Unicode; it typically comes from decoding bytes with "
+            f"errors='surrogateescape': decode with errors='replace', or store the bytes") from None
 
 
 def is_key(value: Any) -> bool:
@@ -68,6 +90,8 @@ def is_key(value: Any) -> bool:
         return False
     if kind is float:
         return value == value
+    if kind is Decimal:
+        return not value.is_nan()
     if kind is tuple:
         return all(is_key(item) for item in value)
     return True

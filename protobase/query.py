@@ -105,6 +105,14 @@ class Compare(Expr):
         except TypeError:
             return self.op == "!="
 
+    def __bool__(self) -> bool:
+        if self.op in ("==", "!="):  # what `F.x in [1, 2]` asks of each `element == F.x`
+            field = Field(self.path)
+            raise TypeError(f"a query condition has no truth value: to test membership use {field!r}.isin(values) "
+                            f"(`{field!r} in values` cannot build a condition); to combine conditions use & | ~, "
+                            f"not and / or / not")
+        return super().__bool__()
+
     def __repr__(self) -> str:
         return f"{_name(self.path)} {self.op} {self.value!r}"
 
@@ -279,7 +287,9 @@ class Field:
         """field is a list, tuple or set that holds `value`."""
         return Contains(self.path, value)
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:  # what `F.x in {1, 2}` asks first
+        raise TypeError(f"a query field cannot be hashed: to test membership use {self!r}.isin(values), "
+                        f"not `{self!r} in values`")
 
     def __repr__(self) -> str:
         return f"F.{_name(self.path)}"

@@ -8,6 +8,10 @@ lists and sets, and anything inside them, are recorded as a whole new value
 for their path; large (tree) lists and sets record element operations, so the
 coordinator writes O(log n) atoms for them too.
 
+A registered dataclass read through a transaction is a tracked copy whose
+attribute changes (and changes inside its fields) rewrite it whole at its
+path, as a small list's do.
+
 Values are encoded at commit, not at assignment: what a write stores is the
 state of the object when the transaction commits, as with a plain dict.
 Assignments are validated at once, so a bad value fails on the line that
@@ -19,8 +23,8 @@ shared with every other reader of this process.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import functools
+import operator
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence, MutableSet
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +42,18 @@ from .coordinator.writer import (
     OP_SET_ADD,
     OP_SET_DISCARD,
 )
-from .errors import DatabaseClosedError, OutcomeUnknownError, ProtoBaseError
-from .frozen import FrozenDict, FrozenList, FrozenSet, thaw
+from .errors import DatabaseClosedError, EncodingError, OutcomeUnknownError, ProtoBaseError, format_path
+from .frozen import (
+    FrozenDict,
+    FrozenList,
+    FrozenSet,
+    dataclass_copy,
+    dataclass_fields,
+    dataclass_variant,
+    is_dataclass_instance,
+    plain_dataclass,
+    thaw,
+)
 from .keyorder import check_key
 from .views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 
@@ -112,7 +126,7 @@ class Transaction:
         kind = type(value)
         if kind is FrozenDict or kind is TreeDict or kind is IndexedTreeDict:
             return TxDict(self, path, value)
-        if kind is FrozenList or kind is FrozenSet:
+        if kind is FrozenList or kind is FrozenSet or _is_mutable_dataclass(value):
             owner = _Owner(self, path)
             owner.container = _track(value, owner, path)
             return owner.container
@@ -122,8 +136,6 @@ class Transaction:
             return TxSet(self, path, value)
         if kind is tuple:
             return thaw(value)
-        if dataclasses.is_dataclass(value):
-            return copy.deepcopy(value)
         return value
 
     # -- ending -----------------------------------------------------------------
@@ -279,10 +291,16 @@ class Transaction:
         return f"<Transaction {self._state} base_seq={self.base_seq} writes={len(self._ops)}>"
 
 
+# codec.validate refuses a wrapper stored below its own path (it would contain itself): the wrappers
+# build their contents on demand, so only their path can tell.
+_wrapper_path = property(operator.attrgetter("_path"), doc="The key path of the container this wraps.")
+
+
 class TxDict(MutableMapping):
     """A dict inside a transaction: reads its snapshot value, records key-level writes."""
 
     __slots__ = ("_tx", "_path", "_base", "_local", "_children")
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: Any) -> None:
         self._tx = tx
@@ -434,6 +452,7 @@ class LocalDict(MutableMapping):
     """
 
     __slots__ = ("_tx", "_path", "_dict")
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, value: dict) -> None:
         self._tx = tx
@@ -549,9 +568,36 @@ for _cls, _base, _names in (
         setattr(_cls, _name, _notify(getattr(_base, _name)))
 
 
+def _is_mutable_dataclass(value: Any) -> bool:
+    return is_dataclass_instance(value) and not value.__dataclass_params__.frozen
+
+
+def _set_tracked_attribute(self: Any, name: str, value: Any) -> None:
+    plain_dataclass(type(self)).__setattr__(self, name, value)  # the class's own (object's, or the user's)
+    _validate(self, self._tx_path_)  # a bad value fails on the line that stored it
+    self._tx_owner_()
+
+
+def _refuse_attribute_deletion(self: Any, name: str) -> None:
+    raise EncodingError(f"cannot delete attribute {name!r} of the {type(self).__name__} at "
+                        f"{format_path(self._tx_path_)}: a stored dataclass keeps every field; set it to None instead")
+
+
+def _plain_dataclass_copy(self: Any) -> Any:
+    return dataclass_copy(plain_dataclass(type(self)), dataclass_fields(self))
+
+
+@functools.cache
+def _tracked_dataclass(cls: type) -> type:
+    """The class of `cls` instances read in a transaction: attribute changes report to the instance's owner."""
+    return dataclass_variant(cls, {"__slots__": ("_tx_owner_", "_tx_path_"), "__setattr__": _set_tracked_attribute,
+                                   "__delattr__": _refuse_attribute_deletion,
+                                   "_protobase_plain_": _plain_dataclass_copy})
+
+
 def _track(value: Any, owner: _Owner, path: tuple) -> Any:
-    """A tracked mutable deep copy of a frozen small container; every part reports to `owner`."""
-    if isinstance(value, dict):  # TreeDict views included: they are dicts
+    """A tracked mutable deep copy of a frozen small container or dataclass; every part reports to `owner`."""
+    if isinstance(value, (dict, TreeDict)):
         tracked: Any = TrackedDict((key, _track(item, owner, path + (key,))) for key, item in value.items())
     elif isinstance(value, (list, TreeList)):
         tracked = TrackedList(_track(item, owner, path + (index,)) for index, item in enumerate(value))
@@ -559,11 +605,22 @@ def _track(value: Any, owner: _Owner, path: tuple) -> Any:
         tracked = TrackedSet(value)
     elif isinstance(value, tuple):
         return thaw(value)
+    elif _is_mutable_dataclass(value):
+        fields = {name: _track(item, owner, path + (name,)) for name, item in dataclass_fields(value).items()}
+        tracked = dataclass_copy(_tracked_dataclass(plain_dataclass(type(value))), fields)
+        object.__setattr__(tracked, "_tx_owner_", owner)
+        object.__setattr__(tracked, "_tx_path_", path)
+        return tracked
     else:
         return value
     tracked._owner = owner
     tracked._path = path
     return tracked
+
+
+def _tracked_whole(value: Any) -> bool:
+    """True for an element a TxList copies tracked, so that a change inside it rewrites the element."""
+    return isinstance(value, (dict, list, set, frozenset, TreeDict)) or _is_mutable_dataclass(value)
 
 
 # -- large containers: element operations --------------------------------------------------
@@ -577,6 +634,7 @@ class TxList(MutableSequence):
     """
 
     _index_elements_ = True  # queries and indexes see its elements, as for a list
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: TreeList) -> None:
         self._tx = tx
@@ -634,7 +692,7 @@ class TxList(MutableSequence):
     def _adopt_element(self, index: int, value: Any) -> Any:
         # Positions move with inserts and deletes, so an element is not a stable key
         # path: a container element reports its changes to the list instead.
-        if isinstance(value, (dict, list, set, frozenset)):
+        if _tracked_whole(value):
             owner = _ElementOwner(self)
             owner.element = _track(value, owner, self._path + (index,))
             return owner.element
@@ -655,7 +713,7 @@ class TxList(MutableSequence):
             raise IndexError("list index out of range")
         if index >= len(self._base):
             return self._tail[index - len(self._base)]
-        return self._local()[index] if isinstance(self._base[index], (dict, list, set)) else self._base[index]
+        return self._local()[index] if _tracked_whole(self._base[index]) else self._base[index]
 
     def __setitem__(self, index: Any, value: Any) -> None:
         if isinstance(index, slice):
@@ -720,7 +778,7 @@ class TxSet(MutableSet):
     """A large (tree) set in a transaction: records additions and removals."""
 
     _index_elements_ = True  # queries and indexes see its elements, as for a set
-
+    _protobase_path_ = _wrapper_path
 
     def __init__(self, tx: Transaction, path: tuple, base: TreeSet) -> None:
         self._tx = tx

@@ -5,13 +5,17 @@ loads nodes on demand through the process's Store and never copies the
 collection. Views are immutable and cached per root pointer, so one view
 serves every snapshot of the process; every write raises ReadOnlyError.
 
-`TreeDict` is a dict subclass memoising key -> value per view (so per tree
-version): a warm point read is one C-level dict lookup.
+Views are not subclasses of dict, list or set: their contents live in the
+tree, not in a builtin's storage, and C code reading that storage directly
+(json, `PyDict_Next` fast paths) would see nothing. They are `Mapping`,
+`Sequence` and `Set` types; `protobase.thaw` and `protobase.json_default` turn
+them into plain data. A `TreeDict` memoises key -> value per view (so per tree
+version): a warm point read is one Python call doing one C-level dict lookup.
 """
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, Sequence, Set, ValuesView
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, Set, ValuesView
 from typing import TYPE_CHECKING, Any
 
 from .arena import DICT_LEAF, LIST_LEAF, SET_LEAF
@@ -40,34 +44,31 @@ class _TreeView:
         return self._store.access.count(self._ptr, self._leaf_kind) if self._ptr else 0
 
     def __reduce__(self) -> tuple:
-        return (type(self)._from_plain, (self.thaw(),))
+        # pickle and copy make the plain value: a view is bound to this process's Store
+        return (_TreeView._from_plain, (self.thaw(),))
 
-    def _protobase_plain_(self) -> Any:
-        return self.thaw()
+    @staticmethod
+    def _from_plain(value: Any) -> Any:
+        return value
+
+    def thaw(self) -> Any:
+        """A plain, mutable, deep copy (see protobase.thaw)."""
+        return thaw(self)
 
 
-class TreeDict(dict):
-    """A large dict from a snapshot: reads like a dict, loads entries from its tree on demand.
+class _Memo(dict):
+    """key -> value of the entries of one TreeDict read so far; a miss loads the entry from the tree.
 
-    It is a dict subclass whose own storage is a memo of the entries read so
-    far (`__missing__` fills it from the tree), so a warm `view[key]` is a
-    C-level dict lookup. Every other read (len, iteration, `in`, get, items,
-    equality, repr) is overridden to answer from the whole tree, never from the
-    memo; every write raises ReadOnlyError. The memo is bounded by the object
-    cache's capacity and dies with the view.
+    Its own storage is only a cache, so it never leaves its TreeDict: a dict
+    whose storage is not its contents is read partially by C consumers (json).
     """
 
     __slots__ = ("_store", "_ptr")
 
     def __init__(self, store: Store, ptr: int) -> None:
         dict.__init__(self)
-        self._store = store  # the process's Store that loads our nodes
-        self._ptr = ptr  # AtomPointer of the root node; 0 for an empty tree
-
-    @property
-    def ptr(self) -> int:
-        """The AtomPointer of this tree's root (0 when empty)."""
-        return self._ptr
+        self._store = store  # the process's Store that loads the tree's nodes
+        self._ptr = ptr  # AtomPointer of the tree's root node; 0 for an empty tree
 
     def __missing__(self, key: Any) -> Any:
         if not self._ptr:
@@ -78,21 +79,35 @@ class TreeDict(dict):
         except TypeError:  # a key that cannot be stored cannot be found
             raise KeyError(key) from None
         value = store.resolve(slot)
-        if dict.__len__(self) < store.objects.capacity:
-            dict.__setitem__(self, key, value)
+        if len(self) < store.objects.capacity:
+            self[key] = value
         return value
 
-    def __len__(self) -> int:
-        return self._store.access.count(self._ptr, DICT_LEAF) if self._ptr else 0
 
-    def __bool__(self) -> bool:
-        return bool(self._ptr) and len(self) > 0
+class TreeDict(_TreeView, Mapping):
+    """A large dict from a snapshot: a read-only Mapping that loads entries from its tree on demand.
+
+    Not a dict subclass: every read answers from the whole tree, and C code
+    that reads a dict's own storage (json, `PyDict_Next` fast paths) would see
+    only what was read so far. `json.dumps(value, default=protobase.json_default)`
+    and `protobase.thaw(value)` give plain data. A warm `view[key]` is one
+    Python call doing a C-level lookup in the view's memo of the entries read
+    (bounded by the object cache's capacity, dying with the view); every write
+    raises ReadOnlyError.
+    """
+
+    __slots__ = ("_memo",)
+
+    def __init__(self, store: Store, ptr: int) -> None:
+        super().__init__(store, ptr)
+        self._memo = _Memo(store, ptr)  # {key -> value} of the entries read so far
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._memo[key]
 
     def __contains__(self, key: object) -> bool:
-        if dict.__contains__(self, key):
-            return True
         try:
-            self[key]
+            self._memo[key]
         except (KeyError, TypeError):
             return False
         return True
@@ -108,17 +123,14 @@ class TreeDict(dict):
 
     def get(self, key: Any, default: Any = None) -> Any:
         try:
-            return self[key]
+            return self._memo[key]
         except (KeyError, TypeError):
             return default
 
-    def keys(self) -> KeysView:  # type: ignore[override]
-        return KeysView(self)
-
-    def items(self) -> _TreeItems:  # type: ignore[override]
+    def items(self) -> _TreeItems:
         return _TreeItems(self)
 
-    def values(self) -> _TreeValues:  # type: ignore[override]
+    def values(self) -> _TreeValues:
         return _TreeValues(self)
 
     def _raw_items(self) -> Iterator[tuple[Any, Any]]:
@@ -130,10 +142,6 @@ class TreeDict(dict):
         if len(self) != len(other):
             return False
         return all(key in other and other[key] == value for key, value in self.items())
-
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -147,14 +155,6 @@ class TreeDict(dict):
     def __ror__(self, other: Any) -> dict:
         return {**other, **self.copy()}
 
-    @classmethod
-    def fromkeys(cls, keys: Any, value: Any = None) -> dict:  # type: ignore[override]
-        return dict.fromkeys(keys, value)
-
-    def thaw(self) -> dict:
-        """A plain, mutable, deep copy."""
-        return {key: thaw(value) for key, value in self.items()}
-
     def where(self, expr: Any = None) -> Any:
         """The records (values) matching `expr`, through indexes when there are some; see protobase.query."""
         from .query import Query
@@ -167,11 +167,7 @@ class TreeDict(dict):
         return ()
 
     def _protobase_plain_(self) -> dict:
-        return self.thaw()
-
-
-    def __reduce__(self) -> tuple:
-        return (dict, (self.thaw(),))
+        return self.copy()
 
     __setitem__ = __delitem__ = __ior__ = _read_only
     clear = pop = popitem = setdefault = update = _read_only
@@ -239,12 +235,8 @@ class TreeSet(_TreeView, Set):
     def _from_iterable(cls, iterable: Any) -> frozenset:
         return frozenset(iterable)
 
-    def thaw(self) -> set:
+    def _protobase_plain_(self) -> set:
         return set(self)
-
-    @staticmethod
-    def _from_plain(value: set) -> set:
-        return value
 
     __hash__ = Set._hash
     add = discard = remove = pop = clear = update = _read_only
@@ -290,12 +282,8 @@ class TreeList(_TreeView, Sequence):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def thaw(self) -> list:
-        return [thaw(value) for value in self]
-
-    @staticmethod
-    def _from_plain(value: list) -> list:
-        return value
+    def _protobase_plain_(self) -> list:
+        return list(self)
 
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
     append = extend = insert = pop = remove = clear = sort = reverse = _read_only

@@ -16,7 +16,7 @@ import protobase
 from protobase import codec
 from protobase.codec import Ref
 from protobase.errors import CorruptionError, EncodingError, ReadOnlyError
-from protobase.frozen import FrozenDict, FrozenList, FrozenSet
+from protobase.frozen import FrozenDict, FrozenList, FrozenSet, plain_dataclass
 
 
 @protobase.register_dataclass
@@ -33,9 +33,9 @@ class Unregistered:
 
 
 def same(a, b) -> bool:
-    """Equal, with the same types all the way down (frozen containers count as their plain type)."""
+    """Equal, with the same types all the way down (frozen containers and dataclasses count as their plain type)."""
     plain = {FrozenDict: dict, FrozenList: list, FrozenSet: frozenset, set: frozenset}
-    ta, tb = plain.get(type(a), type(a)), plain.get(type(b), type(b))
+    ta, tb = plain.get(type(a), plain_dataclass(type(a))), plain.get(type(b), plain_dataclass(type(b)))
     if ta is not tb:
         return False
     if ta is dict:
@@ -220,6 +220,32 @@ def test_register_dataclass_rejects_non_dataclasses():
         protobase.register_dataclass(Point(1, 2))
 
 
+def test_register_dataclass_of_the_running_script_needs_a_name():
+    for module in ("__main__", "__mp_main__"):
+        script_class = dataclasses.make_dataclass("Item", [("x", int)])
+        script_class.__module__ = module
+        message = (rf"cannot register dataclass Item of the script being run \({module}\) under its default name "
+                   rf"'{module}.Item': other processes .* Define it in an importable module, or register it with "
+                   r"name='...' in every process")
+        with pytest.raises(EncodingError, match=message):
+            protobase.register_dataclass(script_class)
+        with pytest.raises(EncodingError, match="cannot store a value of type Item"):
+            codec.encode(script_class(1))  # not registered
+    protobase.register_dataclass(script_class, name="tests.codec.ScriptItem")
+    assert codec.decode(codec.encode(script_class(1))) == script_class(1)
+
+
+def test_decoded_dataclass_is_read_only_when_frozen_and_plain_otherwise():
+    data = codec.encode(Point(1, 2, ["a"]))
+    frozen, plain = codec.decode(data), codec.decode(data, frozen=False)
+    with pytest.raises(ReadOnlyError, match="cannot set Point.x"):
+        frozen.x = 5
+    assert isinstance(frozen, Point) and frozen == Point(1, 2, ["a"]) and type(frozen.tags) is FrozenList
+    plain.x = 5
+    assert type(plain) is Point and plain == Point(5, 2, ["a"]) and type(plain.tags) is list
+    assert codec.decode(codec.encode(frozen)) == Point(1, 2, ["a"])  # a read-only copy stores as its class
+
+
 def test_register_dataclass_under_a_name():
     @dataclasses.dataclass
     class Named:
@@ -229,6 +255,74 @@ def test_register_dataclass_under_a_name():
     data = codec.encode(Named("x"))
     assert b"tests.codec.Named" in data
     assert codec.decode(data) == Named("x")
+
+
+def _cyclic_dict():
+    record: dict = {"name": "a"}
+    record["children"] = [{"parent": record}]
+    return record
+
+
+def _cyclic_through_a_dataclass():
+    point = Point(1, 2)
+    point.tags.append({"point": point})
+    return point
+
+
+@pytest.mark.parametrize(("value", "where"), [
+    (_cyclic_dict(), r"a dict reappears inside itself at root\['children'\]\[0\]\['parent'\]"),
+    (_cyclic_through_a_dataclass(), r"a Point reappears inside itself at root\['tags'\]\[0\]\['point'\]"),
+    ((lambda items: (items.append(items), items)[1])([]), r"a list reappears inside itself at root\[0\]"),
+], ids=["dict", "dataclass", "list"])
+def test_a_value_that_contains_itself_is_an_encoding_error(value, where):
+    message = f"cannot store a value that contains itself: {where}; stored values are trees of plain data"
+    with pytest.raises(EncodingError, match=message):
+        codec.validate(value)
+    with pytest.raises(EncodingError, match=message):
+        codec.encode(value)
+
+
+def test_values_shared_without_a_cycle_are_stored():
+    shared = [1, {"x": 2}]
+    value = {"a": shared, "b": shared, "c": (shared, shared)}
+    codec.validate(value)
+    assert codec.decode(codec.encode(value), frozen=False) == {"a": shared, "b": shared, "c": (shared, shared)}
+
+
+def _nested(depth, kinds=(list, tuple, dict, Point)):
+    """0 inside `depth` containers of `kinds` in turn, each one key below the last."""
+    value: object = 0
+    for level in range(depth):
+        kind = kinds[level % len(kinds)]
+        value = {"k": value} if kind is dict else Point(0, 0, value) if kind is Point else kind([value])
+    return value
+
+
+def test_nesting_is_checked_against_max_depth_counting_the_key_path():
+    for kinds in ((list,), (tuple,), (dict,), (list, tuple, dict, Point)):
+        value = _nested(codec.MAX_DEPTH + 1, kinds)  # its innermost container sits MAX_DEPTH keys down
+        codec.validate(value)
+        assert codec.decode(codec.encode(value), frozen=False) == value
+        with pytest.raises(EncodingError, match=rf"nested {codec.MAX_DEPTH + 1} keys deep at root\['x'\]\[.*: "
+                                                rf"values may nest at most {codec.MAX_DEPTH} keys below the root"):
+            codec.validate(value, ("x",))
+    codec.validate([[]], ("k",) * (codec.MAX_DEPTH - 2))
+    with pytest.raises(EncodingError, match=f"cannot store a list nested {codec.MAX_DEPTH + 1} keys deep"):
+        codec.validate([[[]]], ("k",) * (codec.MAX_DEPTH - 1))
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("a\ud800b", r"lone surrogate '\\ud800' \(position 1\) at root: text must be valid Unicode; .*surrogateescape"),
+    ({"name": ["ok", "caf\udce9"]}, r"lone surrogate '\\udce9' \(position 3\) at root\['name'\]\[1\]"),
+    ({"\udfff": 1}, r"lone surrogate '\\udfff' \(position 0\) at root\['\\udfff'\]"),
+    (Point(1, 2, ["\ud83d"]), r"lone surrogate '\\ud83d' .* at root\['tags'\]\[0\]"),
+], ids=["str", "nested", "key", "dataclass-field"])
+def test_text_with_a_lone_surrogate_is_an_encoding_error(value, message):
+    with pytest.raises(EncodingError, match=message):
+        codec.validate(value)
+    with pytest.raises(EncodingError, match=message):
+        codec.encode(value)
+    codec.validate("paired surrogates decode to one code point: \U0001f600 \u00e9")
 
 
 # -- corrupt input -------------------------------------------------------------------
@@ -272,10 +366,12 @@ def test_unknown_ext_code_is_named():
         codec.decode(_ext(99, b""))
 
 
-def test_unregistered_dataclass_on_decode_names_it():
+def test_unregistered_dataclass_on_decode_is_an_encoding_error_not_corruption():
     data = _ext(codec.EXT_DATACLASS, msgpack.packb(["elsewhere.Thing", {"a": 1}]))
-    with pytest.raises(CorruptionError, match="dataclass 'elsewhere.Thing'.*register_dataclass"):
+    with pytest.raises(EncodingError, match="dataclass 'elsewhere.Thing', which this process has not registered; "
+                                            r"call protobase.register_dataclass\(\) for it") as info:
         codec.decode(data)
+    assert not isinstance(info.value, CorruptionError)
 
 
 def test_decode_accepts_memoryview():

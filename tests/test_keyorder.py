@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from protobase.errors import EncodingError
-from protobase.keyorder import bisect_left, bisect_right, check_key, order_key
+from protobase.keyorder import bisect_left, bisect_right, check_key, is_key, order_key
 
 _numbers = (
     st.booleans() | st.integers() | st.integers(min_value=-(2**80), max_value=2**80)
@@ -164,7 +164,19 @@ def test_check_key_accepts_orderable_scalars_and_tuples(key):
     ((1, frozenset()), r"cannot use a key of type frozenset at root\['d'\]"),
     (float("nan"), r"cannot use NaN as a key at root\['d'\]: NaN is not equal to itself"),
     ((1, (float("nan"),)), r"cannot use NaN as a key at root\['d'\]"),
+    (Decimal("NaN"), r"cannot use Decimal\('NaN'\) as a key at root\['d'\]: a NaN is not equal to itself and "
+                     r"cannot be ordered among numbers"),
+    (Decimal("sNaN"), r"cannot use Decimal\('sNaN'\) as a key at root\['d'\]"),
+    (Decimal("-NaN123"), r"cannot use Decimal\('-NaN123'\) as a key"),
+    ((1, Decimal("NaN")), r"cannot use Decimal\('NaN'\) as a key at root\['d'\]"),
+    ("x\ud800", r"cannot store a str holding the lone surrogate '\\ud800' \(position 1\) at root\['d'\]"),
+    (("ok", "\udc80"), r"lone surrogate '\\udc80' \(position 0\) at root\['d'\]"),
 ])
 def test_check_key_rejects(key, message):
     with pytest.raises(EncodingError, match=message):
         check_key(key, ("d",))
+
+
+@pytest.mark.parametrize("value", [float("nan"), Decimal("NaN"), Decimal("sNaN"), (1, Decimal("NaN"))])
+def test_nans_are_not_keys_so_indexes_leave_them_out(value):
+    assert not is_key(value)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import itertools
 import operator
 import random
+import re
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -500,3 +502,33 @@ def test_indexed_tuple_range_with_mixed_elements(db: protobase.Database) -> None
     with db.snapshot() as snap:
         users = snap.root["users"]
         assert users.where(F.tags < (2,)).keys() == ["b"]
+
+
+def test_decimal_nan_values_are_left_out_of_an_index(db: protobase.Database) -> None:
+    """A NaN cannot be ordered: indexed, it broke the index's order (and the coordinator, with InvalidOperation)."""
+    with db.transaction() as tx:
+        tx.root["prices"] = {f"p{i}": {"price": Decimal(i)} for i in range(100)}
+        tx.root["prices"]["nan"] = {"price": Decimal("NaN")}
+        tx.root["prices"]["snan"] = {"price": Decimal("sNaN")}
+    with db.transaction() as tx:
+        tx.root["prices"].create_index("price")
+    db.check()
+    with db.snapshot() as snap:
+        query = snap.root["prices"].where((F.price >= 50) & (F.price < 53))
+        assert "IndexedRangeSearchPlan" in query.explain() and sorted(query.keys()) == ["p50", "p51", "p52"]
+        assert snap.root["prices"].where(F.price == Decimal(7)).keys() == ["p7"]
+
+
+@pytest.mark.parametrize("membership", [lambda: F.score in [1, 2], lambda: F.score not in (1, 2),
+                                        lambda: F.score in {1, 2}, lambda: F.address.city in ["Paris"]],
+                         ids=["list", "not-in-tuple", "set", "nested-field"])
+def test_membership_with_in_points_to_isin(membership: Callable[[], bool]) -> None:
+    with pytest.raises(TypeError, match=r"to test membership use F\.(score|address\.city)\.isin\(values\)"):
+        membership()
+
+
+def test_and_or_between_conditions_still_points_to_the_operators() -> None:
+    with pytest.raises(TypeError, match=re.escape("to combine conditions use & | ~, not and / or / not")):
+        _ = (F.city == "Paris") and (F.score > 5)
+    with pytest.raises(TypeError, match=re.escape("use & | ~ to combine query conditions, not and / or / not")):
+        _ = (F.score > 5) or (F.city == "Paris")

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import csv
+import dataclasses
+import datetime as dt
+import io
+import json
 import pickle
+import pprint
+from collections.abc import Mapping
 
 import pytest
 
+import protobase
 from protobase import DatabaseClosedError, FrozenDict, FrozenList, FrozenSet, ReadOnlyError, TreeDict, TreeList, TreeSet
-from protobase.frozen import thaw
+from protobase.frozen import read_only_dataclass, thaw
 
 BIG_DICT = {i: {"n": i, "sq": i * i} for i in range(300)}
 BIG_LIST = [f"item{i}" if i % 3 else {"i": i} for i in range(1000)]
@@ -206,7 +215,7 @@ def test_thaw_gives_an_independent_mutable_copy(filled):
 def test_tree_dict_reads_like_a_dict(filled):
     with filled.snapshot() as snap:
         view = snap.root["bd"]
-        assert isinstance(view, dict)
+        assert isinstance(view, Mapping) and not isinstance(view, dict)  # its storage is the tree, not a dict's
         assert len(view) == len(BIG_DICT) and bool(view)
         assert view == BIG_DICT and BIG_DICT == view and not (view != BIG_DICT)
         assert view != {**BIG_DICT, 0: None}
@@ -328,3 +337,163 @@ def test_snapshot_open_across_a_compaction_still_reads(filled):
     with db.snapshot() as snap:
         assert snap.root["bd"][1] == "changed"
     db.check()
+
+
+# -- what C-level and stdlib consumers see ---------------------------------------------------------
+
+CARTS = {f"u{i:03}": {"items": [f"sku{i}", f"sku{i + 1}"], "total": i} for i in range(100)}
+ROWS = [{"n": i} for i in range(300)]
+WIDE = {f"c{i:03}": i for i in range(100)}
+
+
+@pytest.fixture
+def web(db):
+    """What a web app stores: tree dicts and lists, also nested in a small dict, and sets."""
+    with db.transaction() as tx:
+        tx.root["carts"] = CARTS
+        tx.root["rows"] = ROWS
+        tx.root["wide"] = WIDE
+        tx.root["page"] = {"carts": CARTS, "rows": ROWS, "tags": {3, 1, 2}, "ids": set(range(100, 0, -1)),
+                           "mixed": {"b", 1, None}}
+    return db
+
+
+def test_json_dumps_of_a_tree_dict_or_list_refuses_instead_of_writing_nothing(web):
+    with web.snapshot() as snap:
+        carts, rows = snap.root["carts"], snap.root["rows"]
+        carts["u005"]  # a partly filled memo must not show through either
+        for view in (carts, rows):
+            with pytest.raises(TypeError, match=f"Object of type {type(view).__name__} is not JSON serializable"):
+                json.dumps(view)
+        assert json.loads(json.dumps(carts, default=protobase.json_default)) == CARTS
+        assert json.loads(json.dumps(rows, default=protobase.json_default)) == ROWS
+
+
+def test_json_default_writes_views_nested_in_frozen_dicts_and_sets_in_key_order(web):
+    with web.snapshot() as snap:
+        page = snap.root["page"]
+        kinds = {key: type(value) for key, value in page.items()}
+        assert kinds == {"carts": TreeDict, "rows": TreeList, "tags": FrozenSet, "ids": TreeSet, "mixed": FrozenSet}
+        written = json.loads(json.dumps(page, default=protobase.json_default))
+    assert written == {"carts": CARTS, "rows": ROWS, "tags": [1, 2, 3], "ids": list(range(1, 101)),
+                       "mixed": [None, 1, "b"]}
+
+
+def test_json_default_refuses_other_types_naming_them(web):
+    with pytest.raises(TypeError, match="Object of type datetime is not JSON serializable; protobase.json_default "
+                                        "writes ProtoBase's containers"):
+        json.dumps({"when": dt.datetime(2024, 1, 1)}, default=protobase.json_default)
+
+
+def test_stdlib_consumers_see_the_whole_tree_dict_and_list(web):
+    with web.snapshot() as snap:
+        carts, rows, wide = snap.root["carts"], snap.root["rows"], snap.root["wide"]
+        carts["u005"], wide["c001"]  # partly filled memos
+        assert copy.copy(carts) == CARTS and copy.deepcopy(carts) == CARTS and type(copy.copy(carts)) is dict
+        assert copy.copy(rows) == ROWS and copy.deepcopy(rows) == ROWS and type(copy.copy(rows)) is list
+        assert pickle.loads(pickle.dumps(carts)) == CARTS and pickle.loads(pickle.dumps(rows)) == ROWS
+        assert {**carts} == CARTS and dict(carts) == CARTS and list(carts) == sorted(CARTS)
+        assert list(rows) == ROWS and [*rows] == ROWS
+        assert "{u042[total]} {u099[items][1]}".format_map(carts) == "42 sku100"
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=sorted(WIDE))
+        writer.writeheader()
+        writer.writerow(wide)
+        assert list(csv.DictReader(io.StringIO(out.getvalue()))) == [{key: str(v) for key, v in WIDE.items()}]
+        assert pprint.pformat(carts) == repr(carts) == f"TreeDict(<100 keys at {carts.ptr:#x}>)"  # a summary
+        assert ast.literal_eval(pprint.pformat(protobase.thaw(carts))) == CARTS
+
+
+def test_thaw_copies_views_nested_in_frozen_dicts_to_builtins(web):
+    with web.snapshot() as snap:
+        plain = protobase.thaw(snap.root["page"])
+    assert plain == {"carts": CARTS, "rows": ROWS, "tags": {1, 2, 3}, "ids": set(range(1, 101)),
+                     "mixed": {"b", 1, None}}
+    assert [type(plain[key]) for key in ("carts", "rows", "tags", "ids")] == [dict, list, set, set]
+    assert type(plain["carts"]["u001"]) is dict and type(plain["carts"]["u001"]["items"]) is list
+    plain["carts"]["u001"]["items"].append("x")  # its own copy
+    with web.snapshot() as snap:
+        assert snap.root["carts"]["u001"] == CARTS["u001"]
+
+
+# -- dataclasses --------------------------------------------------------------------------------
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass
+class Item:
+    name: str
+    qty: int
+    tags: list = dataclasses.field(default_factory=list)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(slots=True, order=True, unsafe_hash=True)
+class Version:
+    major: int
+    minor: int
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+def test_dataclass_read_from_a_snapshot_is_read_only_and_the_shared_copy_unchanged(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3, ["fruit"])
+    with db.snapshot() as snap:
+        item = snap.root["item"]
+        with pytest.raises(ReadOnlyError, match=r"cannot set Item.qty: values read from a snapshot are read-only; "
+                                                r"change them inside .* \(or make a changed copy with "
+                                                r"dataclasses.replace\(\)\)"):
+            item.qty = 99
+        with pytest.raises(ReadOnlyError, match="cannot set Item.name"):
+            del item.name
+        with pytest.raises(ReadOnlyError):
+            item.tags.append("x")
+        assert item == Item("apple", 3, ["fruit"])
+    with db.snapshot() as snap:  # the process's cached copy, which every snapshot shares
+        assert snap.root["item"] == Item("apple", 3, ["fruit"])
+    with db.transaction() as tx:
+        assert tx.root["item"].qty == 3
+
+
+def test_dataclass_changed_by_its_writer_after_commit_does_not_change_the_cache(db):
+    item = Item("apple", 3, ["fruit"])
+    with db.transaction() as tx:
+        tx.root["item"] = item
+    item.qty = 4  # the caller's own instance, which the commit must not have cached
+    item.tags.append("red")
+    with db.snapshot() as snap:
+        assert snap.root["item"] == Item("apple", 3, ["fruit"])
+        with pytest.raises(ReadOnlyError):
+            snap.root["item"].qty = 5
+
+
+def test_snapshot_dataclass_compares_prints_copies_and_pickles_as_its_class(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+        tx.root["versions"] = [Version(1, 2), Version(1, 10)]
+        tx.root["point"] = Point(1, 2)
+    with db.snapshot() as snap:
+        item, versions, point = snap.root["item"], snap.root["versions"], snap.root["point"]
+        assert isinstance(item, Item) and type(item) is not Item and dataclasses.is_dataclass(item)
+        assert item == Item("apple", 3) and Item("apple", 3) == item and item != Item("apple", 4)
+        assert repr(item) == "Item(name='apple', qty=3, tags=FrozenList([]))"
+        assert versions[0] < Version(1, 10) and Version(1, 1) < versions[0]
+        assert sorted(versions, reverse=True) == [Version(1, 10), Version(1, 2)]
+        assert hash(versions[0]) == hash(Version(1, 2)) and versions[0] in {Version(1, 2)}
+        with pytest.raises(ReadOnlyError):
+            versions[0].major = 2
+        assert type(point) is Point and read_only_dataclass(Point) is Point  # frozen already
+        changed = dataclasses.replace(item, qty=4)
+        assert type(changed) is Item and changed == Item("apple", 4)
+        changed.qty = 5  # a plain instance of the user's class
+        for duplicate in (copy.copy(item), copy.deepcopy(item), pickle.loads(pickle.dumps(item)), thaw(item)):
+            assert type(duplicate) is Item and duplicate == item
+            duplicate.qty = 7
+        assert type(thaw(item).tags) is list
+        assert snap.root["item"].qty == 3

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
+from decimal import Decimal
 
 import pytest
 
@@ -18,6 +21,7 @@ from protobase import (
     TreeList,
     TreeSet,
 )
+from protobase.codec import MAX_DEPTH
 from protobase.frozen import thaw
 
 
@@ -558,6 +562,122 @@ def test_encoding_error_at_assignment_names_the_path(db):
     assert read(db, "fine") == 1 and "x" not in read(db)
 
 
+def _cyclic_list():
+    items: list = [1]
+    items.append({"back": items})
+    return items
+
+
+def _nested(depth, kinds=(list, tuple, dict)):
+    """An Item `depth` keys below the top of the value, inside containers of `kinds` in turn."""
+    value: object = Item("innermost", 1)
+    for level in range(depth):
+        kind = kinds[level % len(kinds)]
+        value = {"k": value} if kind is dict else kind([value])
+    return value
+
+
+def _store_inside_itself(tx):
+    tx.root["a"]["b"] = tx.root["a"]
+
+
+def _append_to_itself(tx):
+    tx.root["big"].append(tx.root["big"])
+
+
+def _assign_inside_its_own_new_dict(tx):
+    tx.root["n"] = {"k": 1}
+    tx.root["n"]["me"] = tx.root["n"]
+
+
+def _small_list_append_to_itself(tx):
+    items = tx.root["small"]
+    items.append(items)
+
+
+def _dataclass_field_to_itself(tx):
+    item = tx.root["item"]
+    item.name = item
+
+
+def _deep_key_path(tx):
+    target = tx.root
+    for level in range(MAX_DEPTH):
+        target[level] = {}
+        target = target[level]
+    target["too deep"] = []
+
+
+LOSES_AT_ASSIGNMENT = {
+    "cycle": (lambda tx: tx.root.__setitem__("c", _cyclic_list()),
+              r"cannot store a value that contains itself: a list reappears inside itself at "
+              r"root\['c'\]\[1\]\['back'\]"),
+    "wrapper-inside-itself": (_store_inside_itself, r"a TxDict reappears inside itself at root\['a'\]\['b'\]"),
+    "tree-list-into-itself": (_append_to_itself, r"a TxList reappears inside itself at root\['big'\]\[300\]"),
+    "new-dict-into-itself": (_assign_inside_its_own_new_dict,
+                             r"a LocalDict reappears inside itself at root\['n'\]\['me'\]"),
+    "small-list-into-itself": (_small_list_append_to_itself,
+                               r"a TrackedList reappears inside itself at root\['small'\]\[1\]"),
+    "dataclass-into-itself": (_dataclass_field_to_itself, r"reappears inside itself at root\['item'\]\['name'\]"),
+    "too-deep": (lambda tx: tx.root.__setitem__("d", _nested(MAX_DEPTH + 1)),
+                 rf"cannot store a \w+ nested {MAX_DEPTH + 1} keys deep at root\['d'\]\[.*: values may nest at "
+                 rf"most {MAX_DEPTH} keys below the root"),
+    "too-deep-key-path": (_deep_key_path, rf"cannot store a list nested {MAX_DEPTH + 1} keys deep at root\[0\]\[1\]"),
+    "surrogate-value": (lambda tx: tx.root.__setitem__("s", {"name": "caf\udce9"}),
+                        r"cannot store a str holding the lone surrogate '\\udce9' \(position 3\) at "
+                        r"root\['s'\]\['name'\]: text must be valid Unicode"),
+    "surrogate-key": (lambda tx: tx.root.__setitem__("caf\udce9", 1), r"lone surrogate '\\udce9' \(position 3\) at "
+                                                                     r"root\['caf\\udce9'\]"),
+    "surrogate-nested-key": (lambda tx: tx.root.__setitem__("s", {"\ud800": 1}), r"lone surrogate .* at root\['s'\]"),
+    "surrogate-element": (lambda tx: tx.root["tags"].add("\ud800"), r"lone surrogate .* at root\['tags'\]"),
+    "decimal-nan-key": (lambda tx: tx.root.__setitem__("prices", {Decimal("NaN"): 1}),
+                        r"cannot use Decimal\('NaN'\) as a key at root\['prices'\]\[Decimal\('NaN'\)\]: a NaN is "
+                        r"not equal to itself"),
+    "decimal-snan-key": (lambda tx: tx.root.__setitem__(Decimal("sNaN"), 1), r"cannot use Decimal\('sNaN'\) as a key"),
+    "decimal-nan-element": (lambda tx: tx.root["tags"].add(Decimal("-NaN")), r"cannot use Decimal\('-NaN'\) as a key"),
+    "decimal-nan-in-tuple-key": (lambda tx: tx.root.__setitem__((1, Decimal("NaN")), 1),
+                                 r"cannot use Decimal\('NaN'\) as a key"),
+}
+
+
+@pytest.mark.parametrize(("write", "message"), LOSES_AT_ASSIGNMENT.values(), ids=LOSES_AT_ASSIGNMENT)
+def test_bad_values_are_refused_at_assignment(db, write, message):
+    with db.transaction() as tx:
+        tx.root["a"] = {"x": 1}
+        tx.root["big"] = list(range(300))
+        tx.root["small"] = [1]
+        tx.root["item"] = Item("apple", 3)
+        tx.root["tags"] = set(range(100))
+    tx = db.transaction()
+    try:
+        with pytest.raises(EncodingError, match=message):
+            write(tx)
+    finally:
+        tx.abort()
+    with db.transaction() as tx:  # the database is unharmed
+        tx.root["after"] = 1
+    assert read(db, "a") == {"x": 1} and read(db, "after") == 1 and len(read(db)) == 6
+    db.check()
+
+
+def test_values_nested_to_the_limit_are_stored_read_and_changed(db):
+    with db.transaction() as tx:
+        tx.root["deep"] = {"tuples": _nested(MAX_DEPTH - 2), "er": _nested(MAX_DEPTH - 2, (list, dict))}
+    with db.snapshot() as snap:
+        assert thaw(snap.root["deep"]) == {"tuples": _nested(MAX_DEPTH - 2), "er": _nested(MAX_DEPTH - 2, (list, dict))}
+        assert json.dumps(snap.root["deep"], default=protobase.json_default).count("innermost") == 2
+    with db.transaction() as tx:
+        inner = tx.root["deep"]["er"]
+        while not isinstance(inner, Item):
+            inner = inner["k"] if isinstance(inner, Mapping) else inner[0]
+        inner.qty = 2  # MAX_DEPTH keys below the root
+    db.check()
+    inner = read(db, "deep", "er")
+    while not isinstance(inner, Item):
+        inner = inner["k"] if isinstance(inner, Mapping) else inner[0]
+    assert inner == Item("innermost", 2)
+
+
 def test_encoding_error_at_small_list_append(db):
     with db.transaction() as tx:
         tx.root["l"] = [1]
@@ -593,6 +713,94 @@ def test_registered_dataclass_through_the_database(db):
         tx.root["item"] = Item("apple", 3)
     with db.snapshot() as snap:
         assert snap.root["item"] == Item("apple", 3)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass
+class Basket:
+    owner: str
+    items: list = dataclasses.field(default_factory=list)
+
+
+@protobase.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    label: str
+
+
+def test_dataclass_attribute_changes_in_a_transaction_are_recorded(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+        tx.root["stock"] = {f"sku{i}": Item(f"sku{i}", i) for i in range(100)}  # a tree of dataclasses
+        tx.root["small"] = [Item("pear", 1)]
+        tx.root["big"] = [Item(f"n{i}", i) for i in range(300)]
+        tx.root["basket"] = Basket("ann", [{"sku": "a"}])
+        tx.root["tag"] = Tag("new")
+    with db.transaction() as tx:
+        item = tx.root["item"]
+        item.qty += 1
+        assert tx.root["item"] is item and item.qty == 4 and isinstance(item, Item) and item == Item("apple", 4)
+        tx.root["stock"]["sku7"].qty = 70
+        tx.root["small"][0].name = "nashi"
+        tx.root["big"].insert(0, Item("first", -1))
+        tx.root["big"][6].qty = 60  # Item("n5", 5), moved by the insert
+        tx.root["basket"].items.append({"sku": "b"})
+        tx.root["basket"].items[0]["sku"] = "A"
+        assert tx.root["tag"] == Tag("new") and type(tx.root["tag"]) is Tag  # frozen: handed out as it is
+    assert read(db, "item") == Item("apple", 4)
+    assert read(db, "stock", "sku7") == Item("sku7", 70) and read(db, "stock", "sku8") == Item("sku8", 8)
+    assert read(db, "small") == [Item("nashi", 1)]
+    big = read(db, "big")
+    assert big[:2] == [Item("first", -1), Item("n0", 0)] and big[6] == Item("n5", 60) and len(big) == 301
+    assert read(db, "basket") == Basket("ann", [{"sku": "A"}, {"sku": "b"}])
+    db.check()
+
+
+def test_dataclass_attribute_change_conflicts_like_a_write_of_the_whole_value(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+    first, second = db.transaction(), db.transaction()
+    first.root["item"].qty = 4
+    second.root["item"].name = "pear"
+    first.commit()
+    with pytest.raises(ConflictError, match=r"key root\['item'\] was changed by commit"):
+        second.commit()
+    assert read(db, "item") == Item("apple", 4)
+
+
+def test_dataclass_attribute_refusals_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["item"] = Item("apple", 3)
+    tx = db.transaction()
+    try:
+        with pytest.raises(EncodingError, match=r"cannot delete attribute 'qty' of the Item at root\['item'\]: "
+                                                r"a stored dataclass keeps every field; set it to None instead"):
+            del tx.root["item"].qty
+        with pytest.raises(EncodingError, match=r"cannot store a value of type object at root\['item'\]\['qty'\]"):
+            tx.root["item"].qty = object()
+    finally:
+        tx.abort()
+    assert read(db, "item") == Item("apple", 3)
+
+
+def test_set_element_of_a_big_list_is_changed_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["big"] = [{i, -i} for i in range(300)]
+    with db.transaction() as tx:
+        tx.root["big"][5].add(1000)
+    assert read(db, "big", 5) == {5, -5, 1000}
+
+
+def test_tree_dicts_inside_lists_are_changed_in_a_transaction(db):
+    with db.transaction() as tx:
+        tx.root["small"] = [{i: i for i in range(100)}]
+        tx.root["big"] = [{i: i for i in range(100)}] + list(range(300))
+    with db.snapshot() as snap:
+        assert type(snap.root["small"][0]) is TreeDict and type(snap.root["big"][0]) is TreeDict
+    with db.transaction() as tx:
+        tx.root["small"][0][5] = "five"
+        tx.root["big"][0][6] = "six"
+    assert read(db, "small", 0)[5] == "five" and read(db, "big", 0)[6] == "six" and read(db, "big", 0)[7] == 7
 
 
 # -- handles ---------------------------------------------------------------------------
