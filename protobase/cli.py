@@ -288,6 +288,11 @@ def serve(args: argparse.Namespace) -> int:
     coordinator.start()
     print(f"protobase: serving {coordinator.datadir.path} (pid {os.getpid()}); Ctrl-C to stop", flush=True)
     coordinator.serve_forever()
+    failure = coordinator.durability.failure if coordinator.durability is not None else None
+    if failure:  # a failed exit, so that a supervisor (systemd Restart=on-failure) sees it
+        print(f"protobase: stopped after a disk failure: {failure}; fix the disk, then start it again "
+              f"(it recovers every acknowledged commit from the write-ahead log)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -388,3 +388,33 @@ def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir)
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         with db.snapshot() as snap:
             assert snap.root["served"] == {"n": 1}
+
+
+def test_serve_exits_with_failure_after_a_disk_failure(datadir):
+    # A supervisor must see the failure: systemd's Restart=on-failure ignores an exit status of 0.
+    import signal
+    import subprocess
+    import sys
+
+    from protobase import wal
+
+    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--log-level", "ERROR"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=dict(os.environ, **{wal.FAULTS_ENV: "enospc_after=4096"}))
+    try:
+        assert "serving" in server.stdout.readline()
+        with protobase.open(datadir, start_coordinator=False) as db:
+            with pytest.raises(protobase.CoordinatorError, match="No space left on device"):
+                for i in range(10_000):
+                    with db.transaction() as tx:
+                        tx.root[f"k{i}"] = "x" * 100
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 1
+        assert "stopped after a disk failure" in server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    assert wait_for_coordinator_exit(datadir)
