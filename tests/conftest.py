@@ -12,12 +12,16 @@ ours, nor removed.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -155,6 +159,28 @@ def datadir(session_dir, request):
     yield path
     problems = remove_test_directory(parent)
     assert not problems, "; ".join(problems)
+
+
+@contextlib.contextmanager
+def served(path: str, *options: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`protobase serve path *options` in its own session, once it serves; ended and its directory unserved after.
+
+    The body may stop it (SIGTERM) and check its exit status; a server still
+    running at the end is killed.
+    """
+    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", path, *options],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=None if env is None else dict(os.environ, **env))
+    try:
+        assert "serving" in server.stdout.readline()
+        yield server
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    assert wait_for_coordinator_exit(path)
 
 
 @pytest.fixture

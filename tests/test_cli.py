@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -17,10 +18,10 @@ from decimal import Decimal
 import pytest
 
 import protobase
-from protobase import cli
+from protobase import cli, wal
 from protobase.checkpoint import checkpoint_files
 from protobase.datadir import DataDir
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
 G = ["--grace", str(GRACE)]
 
@@ -362,28 +363,14 @@ def test_bad_directories_are_one_line_errors(datadir, capsys, command):
 
 
 def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir):
-    import signal
-    import subprocess
-    import sys
-
-    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--flush-interval", "0.05",
-                               "--checkpoint-bytes", "1000000", "--log-level", "WARNING"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert "serving" in server.stdout.readline()
+    with served(datadir, "--flush-interval", "0.05", "--checkpoint-bytes", "1000000", "--log-level",
+                "WARNING") as server:
         with protobase.open(datadir, start_coordinator=False, durability="async") as db:
             assert db.coordinator_pid == server.pid
             with db.transaction() as tx:
                 tx.root["served"] = {"n": 1}
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0  # a final checkpoint, then a clean exit
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        server.stdout.close()
-        server.stderr.close()
-    assert wait_for_coordinator_exit(datadir)
     assert any(name.startswith("checkpoint-") for name in os.listdir(datadir))
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         with db.snapshot() as snap:
@@ -392,17 +379,7 @@ def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir)
 
 def test_serve_exits_with_failure_after_a_disk_failure(datadir):
     # A supervisor must see the failure: systemd's Restart=on-failure ignores an exit status of 0.
-    import signal
-    import subprocess
-    import sys
-
-    from protobase import wal
-
-    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--log-level", "ERROR"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env=dict(os.environ, **{wal.FAULTS_ENV: "enospc_after=4096"}))
-    try:
-        assert "serving" in server.stdout.readline()
+    with served(datadir, "--log-level", "ERROR", env={wal.FAULTS_ENV: "enospc_after=4096"}) as server:
         with protobase.open(datadir, start_coordinator=False) as db:
             with pytest.raises(protobase.CoordinatorError, match="No space left on device"):
                 for i in range(10_000):
@@ -411,10 +388,3 @@ def test_serve_exits_with_failure_after_a_disk_failure(datadir):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 1
         assert "stopped after a disk failure" in server.stderr.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        server.stdout.close()
-        server.stderr.close()
-    assert wait_for_coordinator_exit(datadir)

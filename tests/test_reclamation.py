@@ -88,7 +88,7 @@ def children(spawn_process) -> Callable[..., Any]:
     return spawn_process
 
 
-def _pin_until_killed(path: str, reports: Any) -> None:
+def _pin_and_report(path: str, reports: Any) -> tuple[protobase.Database, protobase.Snapshot]:
     try:
         db = open_db(path)
         snapshot = db.snapshot()
@@ -96,17 +96,16 @@ def _pin_until_killed(path: str, reports: Any) -> None:
     except BaseException:
         reports.put(("error", os.getpid(), traceback.format_exc()))
         raise
+    return db, snapshot
+
+
+def _pin_until_killed(path: str, reports: Any) -> None:
+    _db, _snapshot = _pin_and_report(path, reports)  # held while we sleep
     time.sleep(10 * DEADLINE)  # the parent kills us with SIGKILL, snapshot held
 
 
 def _pin_until_released(path: str, reports: Any, release: Any) -> None:
-    try:
-        db = open_db(path)
-        snapshot = db.snapshot()
-        reports.put(("ok", os.getpid(), snapshot.seq))
-    except BaseException:
-        reports.put(("error", os.getpid(), traceback.format_exc()))
-        raise
+    db, snapshot = _pin_and_report(path, reports)
     assert release.wait(10 * DEADLINE), "the parent never released us"
     snapshot.close()
     db.close()

@@ -23,8 +23,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +43,7 @@ from protobase.errors import CoordinatorError, ProtoBaseError
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
 from protobase.shm.segment import FAULTS_ENV
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
 COMPACT_MIN = 1 << 20
@@ -296,11 +294,7 @@ def test_out_of_file_descriptors_even_without_the_spare_a_connection_waits_and_i
 
 
 def test_serve_with_more_or_fewer_reader_slots(datadir):
-    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", datadir, "--reader-slots", "2",
-                               "--log-level", "WARNING"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert "serving" in server.stdout.readline()
+    with served(datadir, "--reader-slots", "2", "--log-level", "WARNING") as server:
         with protobase.open(datadir, start_coordinator=False) as first, \
                 protobase.open(datadir, start_coordinator=False) as second:
             assert first.coordinator_pid == second.coordinator_pid == server.pid
@@ -313,10 +307,3 @@ def test_serve_with_more_or_fewer_reader_slots(datadir):
             pass
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=DEADLINE) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        server.stdout.close()
-        server.stderr.close()
-    assert wait_for_coordinator_exit(datadir)
