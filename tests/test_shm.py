@@ -428,6 +428,28 @@ def test_seqlock_reader_never_sees_a_torn_root(iid: str, start_process: Callable
         ctl.unlink()
 
 
+def test_a_publish_never_shows_the_seqlock_counter_as_zero(iid: str, start_process: Callable[..., Any]) -> None:
+    # Regression: publish_root wrote the counter with struct.pack_into, which zero-fills
+    # before it writes: the counter read 0 (even, "stable") twice per publish, and a
+    # reader whose two reads both met a zero took a half-written root for a whole one
+    # (seen on Python 3.13 as a new seq with pointer 0).
+    ctl = _new_control(iid)
+    try:
+        started, stop = SPAWN.Event(), SPAWN.Event()
+        writer = start_process(_publish_until_stopped, ctl.name, started, stop, 10**9)
+        assert started.wait(30), "writer process did not start"
+        counter_bytes = ctl._segment.buf[32:40]
+        counters = {int.from_bytes(counter_bytes, "little") for _ in range(300_000)}
+        stop.set()
+        writer.join(30)
+        assert writer.exitcode == 0
+        assert len(counters) > 10, "the reads did not overlap the writer's publishing"
+        assert 0 not in counters
+    finally:
+        ctl.close()
+        ctl.unlink()
+
+
 def test_half_written_root_times_out_as_dead_coordinator(iid: str) -> None:
     ctl = _new_control(iid)
     try:

@@ -40,9 +40,11 @@ Who writes what (single writer per field, so no field needs a lock):
 The root seqlock: `publish_root` makes the counter odd, writes seq and
 pointer, then makes it even again; `read_root` retries until it reads an even
 counter that did not change across its read of the two fields, so a reader
-never sees the seq of one root with the pointer of another. Each field is
-written with one aligned 8-byte store (struct's native-width fast path on
-little-endian hosts), and x86-64 keeps stores, and loads, in program order.
+never sees the seq of one root with the pointer of another. Every u64 field
+another process reads is written with one aligned 8-byte store, through a
+memoryview of the segment cast to 8-byte words (never struct.pack_into,
+which zero-fills its target before writing it: a counter passing through 0
+looks even), and x86-64 keeps stores, and loads, in program order.
 
 The reader protocol (LMDB's): to take a snapshot, a worker reads the root,
 writes that root's seq into its slot, then reads the root again; if the root
@@ -121,8 +123,8 @@ _FLAG_SHUTTING_DOWN = 1
 _IDENT = struct.Struct("<8sII")  # magic, version, reader slot count
 _U64 = struct.Struct("<Q")
 _F64 = struct.Struct("<d")
-_ROOT3 = struct.Struct("<QQQ")  # counter, root seq, root pointer, in one call
-_ROOT2 = struct.Struct("<QQ")  # root seq, root pointer
+# Word indexes (offset // 8) of the seqlock's fields, for the 8-byte word view.
+_W_COUNTER, _W_ROOT_SEQ, _W_ROOT_PTR = _OFF_COUNTER // 8, _OFF_ROOT_SEQ // 8, _OFF_ROOT_SEQ // 8 + 1
 _SLOT = struct.Struct("<QdQQ")  # pid, start time, snapshot seq, reserved
 
 # The seqlock leans on x86-64's ordering (and struct's single 8-byte copies).
@@ -193,6 +195,9 @@ class ControlBlock:
         """Wrap a validated segment. Internal: use `ControlBlock.create` or `ControlBlock.attach`."""
         self._segment = segment  # the mapped control segment, writable
         self._buf: memoryview | None = segment.buf  # segment.buf, cached for speed; None once closed
+        # The same bytes as 8-byte words: assigning one is a single aligned 8-byte store,
+        # whereas struct.pack_into first zero-fills what it writes (see `publish_root`).
+        self._words: memoryview | None = segment.buf.cast("Q")
         self._slots = reader_slots  # N, the reader slot count
 
     # -- creation and attachment ------------------------------------------
@@ -248,12 +253,17 @@ class ControlBlock:
 
         Coordinator only: the seqlock allows a single writer.
         """
-        buf = self._live_buf()
-        counter = _U64.unpack_from(buf, _OFF_COUNTER)[0]
+        # One store per field, through the word view: struct.pack_into zero-fills its
+        # target before writing it, so the counter would read 0 (even) twice per publish,
+        # and a reader spanning both zeros took a half-written root for a whole one
+        # (seen on Python 3.13: a new seq with pointer 0).
+        words = self._live_words()
+        counter = words[_W_COUNTER]
         assert counter % 2 == 0, f"seqlock counter {counter} is odd: a publish was interrupted"
-        _U64.pack_into(buf, _OFF_COUNTER, counter + 1)  # odd: readers will retry
-        _ROOT2.pack_into(buf, _OFF_ROOT_SEQ, seq, root_ptr)
-        _U64.pack_into(buf, _OFF_COUNTER, counter + 2)  # even: the root is whole
+        words[_W_COUNTER] = counter + 1  # odd: readers will retry
+        words[_W_ROOT_SEQ] = seq
+        words[_W_ROOT_PTR] = root_ptr
+        words[_W_COUNTER] = counter + 2  # even: the root is whole
 
     def read_root(self) -> tuple[int, int]:
         """Return the published root as (seq, root pointer), never torn. Any process, lock-free.
@@ -262,13 +272,14 @@ class ControlBlock:
         stays half-written for `stuck_timeout` seconds (the coordinator died
         while publishing).
         """
-        buf = self._buf
+        words = self._words
         try:
-            counter, seq, ptr = _ROOT3.unpack_from(buf, _OFF_COUNTER)
-            if not counter & 1 and _U64.unpack_from(buf, _OFF_COUNTER)[0] == counter:
+            counter = words[_W_COUNTER]
+            seq, ptr = words[_W_ROOT_SEQ], words[_W_ROOT_PTR]
+            if not counter & 1 and words[_W_COUNTER] == counter:
                 return seq, ptr
         except TypeError:
-            if buf is None:
+            if words is None:
                 raise DatabaseClosedError(f"control segment {self.name} is closed") from None
             raise
         return self._read_root_contended()
@@ -276,12 +287,13 @@ class ControlBlock:
     def _read_root_contended(self) -> tuple[int, int]:
         # Slow path, taken when we raced a publish. Spin a little, then yield
         # the CPU: the writer may be descheduled halfway through.
-        buf = self._live_buf()
+        words = self._live_words()
         deadline = None
         spins = 0
         while True:
-            counter, seq, ptr = _ROOT3.unpack_from(buf, _OFF_COUNTER)
-            if not counter & 1 and _U64.unpack_from(buf, _OFF_COUNTER)[0] == counter:
+            counter = words[_W_COUNTER]
+            seq, ptr = words[_W_ROOT_SEQ], words[_W_ROOT_PTR]
+            if not counter & 1 and words[_W_COUNTER] == counter:
                 return seq, ptr
             spins += 1
             if spins % 64:
@@ -351,7 +363,7 @@ class ControlBlock:
             seq = NO_SNAPSHOT
         elif not 0 <= seq < NO_SNAPSHOT:
             raise ValueError(f"snapshot seq must be in 0..2**64-2, got {seq}")
-        _U64.pack_into(self._live_buf(), self._checked_offset(slot) + _SLOT_SNAPSHOT, seq)
+        self._set_u64(self._checked_offset(slot) + _SLOT_SNAPSHOT, seq)
 
     def reader_snapshot(self, slot: int) -> int | None:
         """Return the snapshot seq held by *slot*, or None."""
@@ -477,7 +489,9 @@ class ControlBlock:
 
     def close(self) -> None:
         """Unmap the control segment from this process. Idempotent; never unlinks."""
-        self._buf = None
+        words, self._words, self._buf = self._words, None, None
+        if words is not None:
+            words.release()
         self._segment.close()
 
     def unlink(self) -> bool:
@@ -501,11 +515,16 @@ class ControlBlock:
             raise DatabaseClosedError(f"control segment {self.name} is closed")
         return self._buf
 
+    def _live_words(self) -> memoryview:
+        if self._words is None:
+            raise DatabaseClosedError(f"control segment {self.name} is closed")
+        return self._words
+
     def _get_u64(self, offset: int) -> int:
-        return _U64.unpack_from(self._live_buf(), offset)[0]
+        return self._live_words()[offset // 8]
 
     def _set_u64(self, offset: int, value: int) -> None:
-        _U64.pack_into(self._live_buf(), offset, value)
+        self._live_words()[offset // 8] = value  # one store: never a transient 0 (see publish_root)
 
     def _checked_offset(self, slot: int) -> int:
         if not 0 <= slot < self._slots:

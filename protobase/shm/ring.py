@@ -58,10 +58,10 @@ HEAD_OFFSET = 64
 TAIL_OFFSET = 128
 SYNC, MORE, CONTROL, CONT = 1, 2, 4, 8
 WRAP = 0xFFFFFFFF
+_W_HEAD, _W_TAIL = HEAD_OFFSET // 8, TAIL_OFFSET // 8  # indexes in the 8-byte word view
 DEFAULT_CAPACITY = 4 << 20  # large commits are fragmented, so this only bounds the backlog
 
 _IDENT = struct.Struct("<8sI4xQ")
-_U64 = struct.Struct("<Q")
 _RECORD = struct.Struct("<IB3xQ")
 
 
@@ -89,6 +89,9 @@ class CommitRing:
     def __init__(self, segment: Segment, capacity: int) -> None:
         self.segment = segment
         self.buf = segment.buf
+        # head and tail as 8-byte words: one store each. struct.pack_into zero-fills
+        # before it writes, and a tail read as 0 made the producer wait for room.
+        self.words = segment.buf.cast("Q")
         self.capacity = capacity  # bytes in the data area
         self.max_fragment = capacity // 4 - _RECORD.size  # larger payloads are split
         self.partial: list[bytes] = []  # consumer: fragments of a record not yet whole
@@ -113,11 +116,11 @@ class CommitRing:
 
     @property
     def head(self) -> int:
-        return _U64.unpack_from(self.buf, HEAD_OFFSET)[0]
+        return self.words[_W_HEAD]
 
     @property
     def tail(self) -> int:
-        return _U64.unpack_from(self.buf, TAIL_OFFSET)[0]
+        return self.words[_W_TAIL]
 
     # -- producer ----------------------------------------------------------------
 
@@ -154,7 +157,7 @@ class CommitRing:
         start = DATA_OFFSET + offset
         _RECORD.pack_into(buf, start, len(payload), flags, lsn)
         buf[start + _RECORD.size: start + _RECORD.size + len(payload)] = payload
-        _U64.pack_into(buf, HEAD_OFFSET, head + size)  # publish: the record is whole
+        self.words[_W_HEAD] = head + size  # publish: the record is whole
 
     # -- consumer ----------------------------------------------------------------
 
@@ -196,9 +199,10 @@ class CommitRing:
 
     def release(self, tail: int) -> None:
         """Free the ring up to `tail` (consumer)."""
-        _U64.pack_into(self.buf, TAIL_OFFSET, tail)
+        self.words[_W_TAIL] = tail
 
     def close(self) -> None:
+        self.words.release()
         self.segment.close()
 
     def unlink(self) -> None:
