@@ -56,34 +56,6 @@ class _TreeView:
         return thaw(self)
 
 
-class _Memo(dict):
-    """key -> value of the entries of one TreeDict read so far; a miss loads the entry from the tree.
-
-    Its own storage is only a cache, so it never leaves its TreeDict: a dict
-    whose storage is not its contents is read partially by C consumers (json).
-    """
-
-    __slots__ = ("_store", "_ptr")
-
-    def __init__(self, store: Store, ptr: int) -> None:
-        dict.__init__(self)
-        self._store = store  # the process's Store that loads the tree's nodes
-        self._ptr = ptr  # AtomPointer of the tree's root node; 0 for an empty tree
-
-    def __missing__(self, key: Any) -> Any:
-        if not self._ptr:
-            raise KeyError(key)
-        store = self._store
-        try:
-            slot = store.access.lookup(self._ptr, key)
-        except TypeError:  # a key that cannot be stored cannot be found
-            raise KeyError(key) from None
-        value = store.resolve(slot)
-        if len(self) < store.objects.capacity:
-            self[key] = value
-        return value
-
-
 class TreeDict(_TreeView, Mapping):
     """A large dict from a snapshot: a read-only Mapping that loads entries from its tree on demand.
 
@@ -100,14 +72,34 @@ class TreeDict(_TreeView, Mapping):
 
     def __init__(self, store: Store, ptr: int) -> None:
         super().__init__(store, ptr)
-        self._memo = _Memo(store, ptr)  # {key -> value} of the entries read so far
+        # {key -> value} of the entries read so far. A plain dict, never handed out
+        # (its storage is not the view's contents): the interpreter specialises a
+        # subscript of an exact dict, and the try costs nothing until it catches.
+        self._memo: dict = {}
 
     def __getitem__(self, key: Any) -> Any:
-        return self._memo[key]
+        try:
+            return self._memo[key]
+        except KeyError:
+            return self._load(key)
+
+    def _load(self, key: Any) -> Any:
+        """The value at `key`, read from the tree and memoised; KeyError when absent."""
+        if not self._ptr:
+            raise KeyError(key)
+        store = self._store
+        try:
+            slot = store.access.lookup(self._ptr, key)
+        except TypeError:  # a key that cannot be stored cannot be found
+            raise KeyError(key) from None
+        value = store.resolve(slot)
+        if len(self._memo) < store.objects.capacity:
+            self._memo[key] = value
+        return value
 
     def __contains__(self, key: object) -> bool:
         try:
-            self._memo[key]
+            self[key]
         except (KeyError, TypeError):
             return False
         return True
@@ -123,7 +115,7 @@ class TreeDict(_TreeView, Mapping):
 
     def get(self, key: Any, default: Any = None) -> Any:
         try:
-            return self._memo[key]
+            return self[key]
         except (KeyError, TypeError):
             return default
 
