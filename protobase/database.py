@@ -409,8 +409,9 @@ class Database:
         """
 
         def decorate(function: Callable[..., T]) -> Callable[..., T]:
+            refusal = _ASYNC_HINT.format(name=getattr(function, "__qualname__", function))
             if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
-                raise TypeError(_ASYNC_HINT.format(name=getattr(function, "__qualname__", function)))
+                raise TypeError(refusal)
 
             @wraps(function)
             def run(*args: Any, **kwargs: Any) -> T:
@@ -419,7 +420,7 @@ class Database:
                         result = function(tx, *args, **kwargs)
                         if inspect.isawaitable(result):  # e.g. a partial of an async function
                             _close_awaitable(result)
-                            raise TypeError(_ASYNC_HINT.format(name=getattr(function, "__qualname__", function)))
+                            raise TypeError(refusal)
                     if attempt.committed:
                         return result
                 raise AssertionError("unreachable: the last attempt raises")

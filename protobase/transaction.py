@@ -163,7 +163,7 @@ class Transaction:
             self._state = "committing"  # from here on, the coordinator may commit it
             self._db._send_commit(request)
             return self._await(None)
-        except (OSError, ProtoBaseError) as error:
+        except ProtoBaseError as error:  # the database maps the socket's OSErrors to these
             if not isinstance(error, OutcomeUnknownError):
                 self._refusal = error  # refused, or never sent: nothing was committed
             raise

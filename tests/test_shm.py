@@ -14,6 +14,7 @@ import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
@@ -399,28 +400,37 @@ def _publish_until_stopped(name: str, started: Any, stop: Any, limit: int) -> No
         ctl.close()
 
 
+@contextmanager
+def publishing(ctl: ControlBlock, start_process: Callable[..., Any]) -> Iterator[None]:
+    """A child publishing roots (seq, seq * 7) into `ctl` as fast as it can while the block runs."""
+    started, stop = SPAWN.Event(), SPAWN.Event()
+    writer = start_process(_publish_until_stopped, ctl.name, started, stop, 10**9)
+    assert started.wait(30), "writer process did not start"
+    try:
+        yield
+    finally:
+        stop.set()
+        writer.join(30)
+    assert writer.exitcode == 0
+
+
 def test_seqlock_reader_never_sees_a_torn_root(iid: str, start_process: Callable[..., Any]) -> None:
     ctl = _new_control(iid)
     try:
-        started, stop = SPAWN.Event(), SPAWN.Event()
-        writer = start_process(_publish_until_stopped, ctl.name, started, stop, 10**9)
-        assert started.wait(30), "writer process did not start"
         seen = set()
         last = 0
-        # ~0.5 s of reads on an idle machine; on a loaded one the two
-        # processes may take turns on a core, so read on (to a bound) until
-        # the writer has moved the root many times.
-        for reads in range(1, 3_000_001):
-            seq, ptr = ctl.read_root()
-            assert ptr == seq * 7, f"torn root: seq {seq} with pointer {ptr}"
-            assert seq >= last, f"root went back from {last} to {seq}"
-            last = seq
-            seen.add(seq)
-            if reads >= 300_000 and len(seen) >= 1000:
-                break
-        stop.set()
-        writer.join(30)
-        assert writer.exitcode == 0
+        with publishing(ctl, start_process):
+            # ~0.5 s of reads on an idle machine; on a loaded one the two
+            # processes may take turns on a core, so read on (to a bound) until
+            # the writer has moved the root many times.
+            for reads in range(1, 3_000_001):
+                seq, ptr = ctl.read_root()
+                assert ptr == seq * 7, f"torn root: seq {seq} with pointer {ptr}"
+                assert seq >= last, f"root went back from {last} to {seq}"
+                last = seq
+                seen.add(seq)
+                if reads >= 300_000 and len(seen) >= 1000:
+                    break
         # The reads overlapped the writer's publishing, not just followed it.
         assert len(seen) > 10, f"only {len(seen)} distinct roots seen in {reads} reads"
     finally:
@@ -434,18 +444,14 @@ def test_a_publish_never_shows_the_seqlock_counter_as_zero(iid: str, start_proce
     # reader whose two reads both met a zero took a half-written root for a whole one
     # (seen on Python 3.13 as a new seq with pointer 0).
     ctl = _new_control(iid)
+    words = ctl._segment.buf.cast("Q")  # one 8-byte load per read: a bytewise read could itself tear
     try:
-        started, stop = SPAWN.Event(), SPAWN.Event()
-        writer = start_process(_publish_until_stopped, ctl.name, started, stop, 10**9)
-        assert started.wait(30), "writer process did not start"
-        counter_bytes = ctl._segment.buf[32:40]
-        counters = {int.from_bytes(counter_bytes, "little") for _ in range(300_000)}
-        stop.set()
-        writer.join(30)
-        assert writer.exitcode == 0
+        with publishing(ctl, start_process):
+            counters = {words[4] for _ in range(300_000)}  # the counter, at offset 32
         assert len(counters) > 10, "the reads did not overlap the writer's publishing"
         assert 0 not in counters
     finally:
+        words.release()
         ctl.close()
         ctl.unlink()
 

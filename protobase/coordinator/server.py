@@ -564,16 +564,14 @@ class Coordinator:
 
     def _hello(self, client: Client, version: int) -> list:
         if version != FORMAT_VERSION:
-            return ["error", "ProtoBaseError",
-                    f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"]
+            return _version_mismatch(version)
         if client.slot is None:
             client.slot = self.control.assign_reader(client.pid, process_start_time(client.pid))
         return ["ok", self.instance_id, client.slot]
 
     def _watch(self, client: Client, version: int, prefixes: list) -> list:
         if version != FORMAT_VERSION:
-            return ["error", "ProtoBaseError",
-                    f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"]
+            return _version_mismatch(version)
         if not all(type(prefix) is list for prefix in prefixes):
             raise ProtocolError("malformed request: watch prefixes are lists of keys")
         client.watching = [tuple(prefix) for prefix in prefixes]
@@ -922,6 +920,11 @@ class Coordinator:
             "wal_bytes_since_checkpoint": self.durability.wal_bytes, "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed if self.recovered else 0,
         }
+
+
+def _version_mismatch(version: int) -> list:
+    return ["error", "ProtoBaseError",
+            f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"]
 
 
 def _spare_descriptor() -> int | None:
