@@ -189,7 +189,7 @@ def _reads_in_worker(db_path: str, lmdb_path: str, records: int, repeats: int, s
 
 def _reader_memory_in_worker(db_path: str, records: int, cache_size: int | None) -> dict:
     import protobase
-    from protobase.stats import process_uss
+    from protobase.client.stats import process_uss
 
     keys = [key_of(i) for i in range(records)]
     options = {} if cache_size is None else {"cache_size": cache_size}

@@ -99,7 +99,7 @@ def filesystem_of(path: str) -> str:
 
 def wal_file_bytes(path: str) -> int:
     """Bytes of header and records in the wal-*.log files of `path` (not the zeros preallocated after them)."""
-    from protobase import wal
+    from protobase.persistence import wal
 
     return sum(wal.scan(file).good_end for _, file in wal.list_wal_files(path))
 
@@ -139,7 +139,7 @@ def kill_coordinator(pid: int) -> None:
 
 def wait_unserved(path: str) -> None:
     """Wait until no coordinator serves `path` (its shared memory is then gone) and no persistence process writes."""
-    from protobase.datadir import DataDir, FileLock
+    from protobase.core.datadir import DataDir, FileLock
 
     datadir = DataDir(path)
     if not datadir.wait_until_unserved(timeout=EXIT_TIMEOUT):
@@ -594,8 +594,8 @@ def profile_commits(tmp: str, mode: str, seconds: float) -> dict:
     The coordinator is started in the foreground under `python -m cProfile`
     (the module `protobase.open` would start detached); the client attaches to it.
     """
-    from protobase.coordinator.launcher import try_connect
-    from protobase.datadir import DataDir
+    from protobase.client.launcher import try_connect
+    from protobase.core.datadir import DataDir
 
     path = os.path.join(tmp, f"profile-{mode}")
     datadir = DataDir.open(path)

@@ -69,7 +69,7 @@ from collections.abc import Callable
 from typing import Any
 
 import protobase
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 from protobase.query import F
 
 from .common import machine, median, replace_section

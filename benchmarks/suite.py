@@ -161,7 +161,7 @@ def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
 
 def bench_memory(ref: tuple[str, str], cls: Any, tmp: str, records_count: int) -> dict:
     """W6: load `records_count` records, measure what the store holds and what one more reader costs."""
-    from protobase.stats import process_uss
+    from protobase.client.stats import process_uss
 
     store = cls()
     store.seed, store.tmp = SEED, tmp

@@ -126,7 +126,7 @@ def _query(client: Any, start: Any, repeats: int, seconds: float, **_: Any) -> d
 
 def _memory(client: Any, start: Any, records: int, uss_before: int, **_: Any) -> dict:
     """USS of a reader: before connecting, then after reading every record once."""
-    from protobase.stats import process_uss
+    from protobase.client.stats import process_uss
 
     yield {}
     began = time.perf_counter()
@@ -144,7 +144,7 @@ TASKS = {"reads": _reads, "commits": _commits, "transfers": _transfers, "query":
 @released_worker
 def _worker(conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str, task: str, client_id: int,
             kwargs: dict) -> Any:
-    from protobase.stats import process_uss
+    from protobase.client.stats import process_uss
 
     gc.collect()
     uss_before = process_uss()

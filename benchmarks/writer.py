@@ -26,7 +26,7 @@ import timeit
 
 import psutil
 
-from protobase import codec
+from protobase.core import codec
 
 from .common import median, temporary_directory
 from .durability import close_and_wait

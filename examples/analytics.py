@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import protobase
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 
 CITIES = ["Paris", "Lyon", "Marseille", "Lille", "Nantes", "Bordeaux", "Toulouse", "Nice", "Rennes", "Dijon"]
 SHARDS = [f"s{number:02}" for number in range(32)]

@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 import protobase
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 
 METRICS = ["temperature", "humidity", "load"]
 INTERVAL = 0.25  # seconds between two consumer rounds

@@ -11,9 +11,14 @@
 See README.md and docs/ for the tour.
 """
 
-from .codec import register_dataclass
-from .database import Attempt, Database, open
-from .errors import (
+from protobase.client.snapshot import Snapshot
+from protobase.client.stats import DatabaseStats, ReaderStats
+from protobase.client.transaction import Transaction
+from protobase.core.codec import register_dataclass
+from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, json_default, thaw
+from protobase.core.views import TreeDict, TreeList, TreeSet
+from protobase.database import Attempt, Database, open
+from protobase.errors import (
     ConflictError,
     CoordinatorError,
     CorruptionError,
@@ -23,12 +28,7 @@ from .errors import (
     ProtoBaseError,
     ReadOnlyError,
 )
-from .frozen import FrozenDict, FrozenList, FrozenSet, json_default, thaw
-from .query import F, Query
-from .snapshot import Snapshot
-from .stats import DatabaseStats, ReaderStats
-from .transaction import Transaction
-from .views import TreeDict, TreeList, TreeSet
+from protobase.query import F, Query
 
 __all__ = [
     "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass", "thaw", "json_default",

@@ -29,12 +29,17 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
-from . import codec
-from .arena import AtomReader
-from .connection import Connection, Refusal, error_from_reply
-from .coordinator import launcher
-from .datadir import FORMAT_VERSION, DataDir
-from .errors import (
+from protobase.client import launcher
+from protobase.client.connection import Connection, Refusal, error_from_reply
+from protobase.client.snapshot import Snapshot
+from protobase.client.stats import DatabaseStats, ReaderStats, collect_stats
+from protobase.client.transaction import Transaction
+from protobase.core import codec
+from protobase.core.arena import AtomReader
+from protobase.core.datadir import FORMAT_VERSION, DataDir
+from protobase.core.frozen import freeze
+from protobase.core.store import DEFAULT_BYTES_CACHE, DEFAULT_OBJECT_CACHE, Store
+from protobase.errors import (
     ConflictError,
     CoordinatorError,
     CoordinatorRestartedError,
@@ -43,13 +48,8 @@ from .errors import (
     OutcomeUnknownError,
     ProtoBaseError,
 )
-from .frozen import freeze
-from .shm import names
-from .shm.control import ControlBlock, full_fence
-from .snapshot import Snapshot
-from .stats import DatabaseStats, ReaderStats, collect_stats
-from .store import DEFAULT_BYTES_CACHE, DEFAULT_OBJECT_CACHE, Store
-from .transaction import Transaction
+from protobase.shm import names
+from protobase.shm.control import ControlBlock, full_fence
 
 __all__ = ["Database", "open", "Attempt"]
 
@@ -343,14 +343,14 @@ class Database:
         root["carts"] is published; `change.seq` says which. A prefix is a key of
         the root or a tuple of keys: ("carts", "u1").
         """
-        from .watch import Watcher
+        from protobase.client.watch import Watcher
 
         self._ensure_attached()
         return Watcher(self, prefixes or [()])
 
     def pool(self, processes: int | None = None, *, context: str = "spawn") -> Any:
-        """A pool of worker processes that all read the same snapshot per call; see protobase.pool."""
-        from .pool import Pool
+        """A pool of worker processes that all read the same snapshot per call; see protobase.client.pool."""
+        from protobase.client.pool import Pool
 
         return Pool(self, processes, context=context)
 
@@ -447,7 +447,7 @@ class Database:
 
     def check(self) -> None:
         """Verify every structural invariant reachable from the latest root; CorruptionError if one fails."""
-        from .check import check_database
+        from protobase.client.check import check_database
 
         with self.snapshot() as snapshot:
             check_database(self, snapshot)

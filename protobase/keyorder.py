@@ -21,7 +21,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from .errors import EncodingError, format_path
+from protobase.errors import EncodingError, format_path
 
 __all__ = ["order_key", "check_key", "check_text", "is_key", "family", "bisect_left", "bisect_right"]
 

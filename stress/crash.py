@@ -186,7 +186,7 @@ def _kill(pid: int | None) -> None:
 
 
 def _wait_unserved(path: str) -> None:
-    from protobase.datadir import DataDir
+    from protobase.core.datadir import DataDir
 
     if os.path.exists(os.path.join(path, "coordinator.lock")):
         DataDir(path).wait_until_unserved(30)
@@ -201,7 +201,7 @@ def _kill_everything_serving(directory: str) -> None:
                 process.wait(10)
             except psutil.Error:
                 pass
-    from protobase.datadir import DataDir
+    from protobase.core.datadir import DataDir
     from protobase.shm import names
 
     instance = DataDir(os.path.join(directory, "db")).read_instance() if os.path.isdir(directory) else None

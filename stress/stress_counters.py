@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import protobase
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 
 RETRIES = 1_000_000
 GRACE = 0.1  # seconds the coordinator lingers once every process closed the database

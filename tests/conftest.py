@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 from protobase.errors import ProtoBaseError
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_is_alive

@@ -1,4 +1,4 @@
-"""Tests of protobase.arena's writer: how segments are sized, and how a generation is taken back.
+"""Tests of protobase.core.arena's writer: how segments are sized, and how a generation is taken back.
 
 Real segments in /dev/shm, under a fresh instance id that is swept (and
 checked empty) after each test.
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from protobase.arena import FIRST_SEGMENT, VALUE, ArenaWriter, AtomReader, segment_of
+from protobase.core.arena import FIRST_SEGMENT, VALUE, ArenaWriter, AtomReader, segment_of
 from protobase.shm import instance_entries, new_instance_id, sweep
 
 ATOM = b"x" * ((64 << 10) - 4)  # the payload of a 64 KiB atom (its header is 4 bytes)

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from protobase.arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF, SET_LEAF
-from protobase.btree import MAX_ENTRIES, Node, TreeAccess, decode_node, encode_node
-from protobase.codec import Ref
+from protobase.core.arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF, SET_LEAF
+from protobase.core.btree import MAX_ENTRIES, Node, TreeAccess, decode_node, encode_node
+from protobase.core.codec import Ref
 from protobase.errors import CorruptionError
 from protobase.keyorder import order_key
 
@@ -499,7 +499,7 @@ def test_check_tree_detects_leaves_at_different_depths():
     (SET_LEAF, 5),
 ])
 def test_decode_node_rejects_bad_shapes(kind, parts):
-    from protobase import codec
+    from protobase.core import codec
 
     with pytest.raises(CorruptionError):
         decode_node(kind, codec.encode(parts), 0x40)

@@ -18,9 +18,10 @@ from decimal import Decimal
 import pytest
 
 import protobase
-from protobase import cli, wal
-from protobase.checkpoint import checkpoint_files
-from protobase.datadir import DataDir
+from protobase.cli import main as cli
+from protobase.core.datadir import DataDir
+from protobase.persistence import wal
+from protobase.persistence.checkpoint import checkpoint_files
 from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
 G = ["--grace", str(GRACE)]

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protobase
-from protobase import codec
-from protobase.codec import Ref
+from protobase.core import codec
+from protobase.core.codec import Ref
+from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, plain_dataclass
 from protobase.errors import CorruptionError, EncodingError, ReadOnlyError
-from protobase.frozen import FrozenDict, FrozenList, FrozenSet, plain_dataclass
 
 
 @protobase.register_dataclass

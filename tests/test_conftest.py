@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from protobase.datadir import DataDir
+from protobase.core.datadir import DataDir
 from protobase.shm import names
 from protobase.shm.control import ControlBlock
 from tests.conftest import remove_test_directory

@@ -19,9 +19,9 @@ import socket
 import pytest
 
 import protobase
-from protobase.connection import Connection
+from protobase.client.connection import Connection
 from protobase.errors import ConflictError, CoordinatorError, OutcomeUnknownError
-from protobase.protocol import encode_frame
+from protobase.wire.protocol import encode_frame
 from tests.conftest import GRACE
 
 SLOW_FSYNC = "fsync_delay_ms=300"  # a sync commit's answer takes at least this long

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 import protobase
-from protobase.datadir import FORMAT_VERSION, STAMP, DataDir
+from protobase.core.datadir import FORMAT_VERSION, STAMP, DataDir
 from protobase.errors import CoordinatorError, DatabaseClosedError, DataDirectoryError
 from tests.conftest import GRACE, SPAWN
 

@@ -12,16 +12,17 @@ import psutil
 import pytest
 
 import protobase
-from protobase import cli, wal
+from protobase.cli import main as cli
 from protobase.coordinator import durability as durability_module
 from protobase.coordinator.durability import Durability, DurabilityFailed
-from protobase.coordinator.persistence import EXIT_DISK_FAILURE, Persistence
-from protobase.datadir import DataDir, FileLock
+from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
-from protobase.protocol import FrameReader
+from protobase.persistence import wal
+from protobase.persistence.process import EXIT_DISK_FAILURE, Persistence
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
 from protobase.shm.ring import SYNC, CommitRing
+from protobase.wire.protocol import FrameReader
 from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
 
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 import protobase
-from protobase.pool import RemoteTraceback, WorkerDiedError, chunk_sizes
+from protobase.client.pool import RemoteTraceback, WorkerDiedError, chunk_sizes
 from tests.conftest import GRACE
 
 

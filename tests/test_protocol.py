@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protobase
-from protobase import codec
-from protobase.coordinator import launcher
+from protobase.client import launcher
 from protobase.coordinator.server import MAX_BUFFERED_BYTES
-from protobase.datadir import FORMAT_VERSION
-from protobase.protocol import MAX_FRAME, PUSH, FrameReader, MalformedRequest, encode_frame, parse_request
+from protobase.core import codec
+from protobase.core.datadir import FORMAT_VERSION
+from protobase.wire.protocol import MAX_FRAME, PUSH, FrameReader, MalformedRequest, encode_frame, parse_request
 
 LENGTH = struct.Struct("<I")
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import protobase
 from protobase import F
-from protobase.frozen import freeze
+from protobase.core.frozen import freeze
 from tests.conftest import GRACE
 
 FIELDS = ("city", "score", "tags", "address.city")

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 import protobase
-from protobase import cli
+from protobase.cli import main as cli
 from protobase.shm import names
 from tests.conftest import GRACE, wait_until
 

@@ -32,17 +32,18 @@ import psutil
 import pytest
 
 import protobase
-from protobase import codec, protocol
-from protobase.arena import FIRST_SEGMENT, VALUE, segment_of
-from protobase.checkpoint import read_checkpoint
-from protobase.codec import Ref
-from protobase.coordinator import launcher
-from protobase.coordinator.writer import OP_SET
-from protobase.datadir import FORMAT_VERSION
+from protobase.client import launcher
+from protobase.core import codec
+from protobase.core.arena import FIRST_SEGMENT, VALUE, segment_of
+from protobase.core.codec import Ref
+from protobase.core.datadir import FORMAT_VERSION
 from protobase.errors import CoordinatorError, ProtoBaseError
+from protobase.persistence.checkpoint import read_checkpoint
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
 from protobase.shm.segment import FAULTS_ENV
+from protobase.wire import protocol
+from protobase.wire.opcodes import OP_SET
 from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
 DEADLINE = 60.0  # seconds any one wait may take before the test fails

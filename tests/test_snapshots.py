@@ -17,7 +17,7 @@ import pytest
 
 import protobase
 from protobase import DatabaseClosedError, FrozenDict, FrozenList, FrozenSet, ReadOnlyError, TreeDict, TreeList, TreeSet
-from protobase.frozen import read_only_dataclass, thaw
+from protobase.core.frozen import read_only_dataclass, thaw
 
 BIG_DICT = {i: {"n": i, "sq": i * i} for i in range(300)}
 BIG_LIST = [f"item{i}" if i % 3 else {"i": i} for i in range(1000)]

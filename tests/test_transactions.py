@@ -21,8 +21,8 @@ from protobase import (
     TreeList,
     TreeSet,
 )
-from protobase.codec import MAX_DEPTH
-from protobase.frozen import thaw
+from protobase.core.codec import MAX_DEPTH
+from protobase.core.frozen import thaw
 
 
 def read(db, *path):

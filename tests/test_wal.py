@@ -18,9 +18,9 @@ import zlib
 
 import pytest
 
-from protobase import wal
 from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError
-from protobase.wal import (
+from protobase.persistence import wal
+from protobase.persistence.wal import (
     FILE_HEADER_SIZE,
     RECORD_HEADER_SIZE,
     WalSyncError,
@@ -488,7 +488,7 @@ def test_fault_budgets_from_the_environment(tmp_path, monkeypatch):
 def test_environment_faults_reach_a_separate_process(tmp_path):
     script = (
         "import sys\n"
-        "from protobase.wal import WalWriter, WalSyncError\n"
+        "from protobase.persistence.wal import WalWriter, WalSyncError\n"
         "writer = WalWriter.create(sys.argv[1], 1)\n"
         "writer.append(b'x')\n"
         "try:\n"

@@ -13,10 +13,15 @@ import logging
 import os
 import sys
 
-from ..datadir import DataDir
-from ..errors import ProtoBaseError
-from ..shm.control import DEFAULT_READER_SLOTS
-from .server import DEFAULT_CHECKPOINT_BYTES, DEFAULT_COMPACT_MIN_BYTES, DEFAULT_FLUSH_INTERVAL, Coordinator
+from protobase.coordinator.server import (
+    DEFAULT_CHECKPOINT_BYTES,
+    DEFAULT_COMPACT_MIN_BYTES,
+    DEFAULT_FLUSH_INTERVAL,
+    Coordinator,
+)
+from protobase.core.datadir import DataDir
+from protobase.errors import ProtoBaseError
+from protobase.shm.control import DEFAULT_READER_SLOTS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -31,13 +31,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import codec
-from ..datadir import DataDir
-from ..protocol import FrameReader
-from ..shm import names
-from ..shm.control import ControlBlock, full_fence
-from ..shm.ring import CONTROL, SYNC, CommitRing
-from .persistence import EXIT_DISK_FAILURE
+from protobase.core import codec
+from protobase.core.datadir import DataDir
+from protobase.persistence.process import EXIT_DISK_FAILURE
+from protobase.shm import names
+from protobase.shm.control import ControlBlock, full_fence
+from protobase.shm.ring import CONTROL, SYNC, CommitRing
+from protobase.wire.protocol import FrameReader
 
 __all__ = ["Durability", "DurabilityFailed"]
 
@@ -90,7 +90,7 @@ class Durability:
         ours.setblocking(False)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        command = [sys.executable, "-m", "protobase.coordinator.persistence", self.datadir.path,
+        command = [sys.executable, "-m", "protobase.persistence", self.datadir.path,
                    "--instance", self.instance_id, "--fd", str(theirs.fileno()),
                    "--flush-interval", str(self.flush_interval), "--next-lsn", str(self.durable_lsn + 1),
                    "--last-lsn", str(self.next_lsn - 1),

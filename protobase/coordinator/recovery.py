@@ -25,11 +25,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import codec, wal
-from ..arena import ArenaWriter
-from ..checkpoint import Checkpoint, newest_checkpoint
-from ..errors import CorruptionError, DataDirectoryError
-from .writer import PathError, Writer
+from protobase.coordinator.writer import PathError, Writer
+from protobase.core import codec
+from protobase.core.arena import ArenaWriter
+from protobase.errors import CorruptionError, DataDirectoryError
+from protobase.persistence import wal
+from protobase.persistence.checkpoint import Checkpoint, newest_checkpoint
 
 __all__ = ["Recovered", "SalvageReport", "recover", "replay", "restore_checkpoint", "salvage"]
 
@@ -155,11 +156,11 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
     reports every LSN it skipped. The result is written to `destination` as a
     checkpoint.
     """
-    from ..arena import ArenaWriter, AtomReader
-    from ..checkpoint import checkpoint_files, read_checkpoint, write_checkpoint
-    from ..datadir import DataDir, FileLock
-    from ..shm import names
-    from ..store import Store
+    from protobase.core.arena import ArenaWriter, AtomReader
+    from protobase.core.datadir import DataDir, FileLock
+    from protobase.core.store import Store
+    from protobase.persistence.checkpoint import checkpoint_files, read_checkpoint, write_checkpoint
+    from protobase.shm import names
 
     source_dir = DataDir.open(source, create=False)
     lock = FileLock(source_dir.file("coordinator.lock"))

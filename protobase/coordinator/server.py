@@ -51,19 +51,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import codec
-from ..arena import ArenaWriter, AtomReader, segment_of
-from ..datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
-from ..errors import CoordinatorError, CorruptionError, DataDirectoryError, ProtoBaseError, ProtocolError
-from ..keyorder import check_key
-from ..protocol import PUSH, FrameReader, MalformedRequest, parse_request, peer_credentials, send
-from ..shm import names
-from ..shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
-from ..store import Store
-from .conflicts import VersionTable
-from .durability import Durability, DurabilityFailed
-from .recovery import recover
-from .writer import (
+from protobase.coordinator.conflicts import VersionTable
+from protobase.coordinator.durability import Durability, DurabilityFailed
+from protobase.coordinator.recovery import recover
+from protobase.coordinator.writer import PathError, Writer, decode_ops
+from protobase.core import codec
+from protobase.core.arena import ArenaWriter, AtomReader, segment_of
+from protobase.core.datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
+from protobase.core.store import Store
+from protobase.errors import CoordinatorError, CorruptionError, DataDirectoryError, ProtoBaseError, ProtocolError
+from protobase.keyorder import check_key
+from protobase.shm import names
+from protobase.shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
+from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_DELETE,
     LIST_INSERT,
@@ -75,10 +75,8 @@ from .writer import (
     OP_SET,
     OP_SET_ADD,
     OP_SET_DISCARD,
-    PathError,
-    Writer,
-    decode_ops,
 )
+from protobase.wire.protocol import PUSH, FrameReader, MalformedRequest, parse_request, peer_credentials, send
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
 

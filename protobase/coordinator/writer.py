@@ -31,21 +31,28 @@ from typing import Any
 
 import msgpack
 
-from .. import codec
-from ..arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
-from ..btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
-from ..codec import Ref
-from ..errors import CorruptionError, EncodingError, ProtoBaseError
-from ..index import MISSING, IndexedColl, index_entries
-from ..keyorder import order_key
-from ..store import Store
+from protobase.core import codec
+from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
+from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
+from protobase.core.codec import Ref
+from protobase.core.index import MISSING, IndexedColl, index_entries
+from protobase.core.store import Store
+from protobase.errors import CorruptionError, EncodingError, ProtoBaseError
+from protobase.keyorder import order_key
+from protobase.wire.opcodes import (
+    LIST_APPEND,
+    LIST_INSERT,
+    LIST_SET,
+    OP_CREATE_INDEX,
+    OP_DELETE,
+    OP_DROP_INDEX,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+)
 
-__all__ = ["Writer", "PathError", "decode_ops", "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD"]
+__all__ = ["Writer", "PathError", "decode_ops"]
 
-# operation codes on the wire: [code, path, argument]
-OP_SET, OP_DELETE, OP_LIST, OP_SET_ADD, OP_SET_DISCARD, OP_CREATE_INDEX, OP_DROP_INDEX = 1, 2, 3, 4, 5, 6, 7
-# list operations inside OP_LIST: [code, index, value]
-LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE = 1, 2, 3, 4
 
 FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
 FLAT_MAX_BYTES = 16 << 10  # a container whose atom would be larger becomes a tree, however few entries

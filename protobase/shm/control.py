@@ -52,7 +52,7 @@ changed meanwhile it starts over (`pin_snapshot`). The coordinator frees
 only memory retired at seqs <= `oldest_snapshot()`, so it never frees what a
 reader is about to use: either the coordinator saw the reader's seq, or the
 reader saw the newer root and retries. Both sides put a full memory fence
-between their store and their following load (see `_full_fence`); without
+between their store and their following load (see `full_fence`); without
 it the CPU's store buffer could let each miss the other's store.
 Dead readers (kill -9) are found by pid and process start time, since pids
 are reused, and their slots freed (`reap_dead_readers`), so they cannot pin
@@ -113,7 +113,6 @@ _OFF_FLAGS = 80
 _OFF_WAL_FAILED = 88
 # Slot field offsets, relative to the slot.
 _SLOT_PID = 0
-_SLOT_START = 8
 _SLOT_SNAPSHOT = 16
 
 _FLAG_SHUTTING_DOWN = 1

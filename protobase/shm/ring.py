@@ -46,8 +46,8 @@ import struct
 import time
 from collections.abc import Callable
 
-from ..errors import CorruptionError
-from .segment import Segment
+from protobase.errors import CorruptionError
+from protobase.shm.segment import Segment
 
 __all__ = ["CommitRing", "SYNC", "MORE", "CONTROL", "RingRecord"]
 

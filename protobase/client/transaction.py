@@ -28,8 +28,22 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence, MutableSet
 from typing import TYPE_CHECKING, Any
 
-from . import codec
-from .coordinator.writer import (
+from protobase.core import codec
+from protobase.core.frozen import (
+    FrozenDict,
+    FrozenList,
+    FrozenSet,
+    dataclass_copy,
+    dataclass_fields,
+    dataclass_variant,
+    is_dataclass_instance,
+    plain_dataclass,
+    thaw,
+)
+from protobase.core.views import IndexedTreeDict, TreeDict, TreeList, TreeSet
+from protobase.errors import DatabaseClosedError, EncodingError, OutcomeUnknownError, ProtoBaseError, format_path
+from protobase.keyorder import check_key
+from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_DELETE,
     LIST_INSERT,
@@ -42,23 +56,9 @@ from .coordinator.writer import (
     OP_SET_ADD,
     OP_SET_DISCARD,
 )
-from .errors import DatabaseClosedError, EncodingError, OutcomeUnknownError, ProtoBaseError, format_path
-from .frozen import (
-    FrozenDict,
-    FrozenList,
-    FrozenSet,
-    dataclass_copy,
-    dataclass_fields,
-    dataclass_variant,
-    is_dataclass_instance,
-    plain_dataclass,
-    thaw,
-)
-from .keyorder import check_key
-from .views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 
 if TYPE_CHECKING:
-    from .database import CommitRequest, Database
+    from protobase.database import CommitRequest, Database
 
 __all__ = ["Transaction", "TxDict", "TxList", "TxSet", "ISOLATION_LEVELS"]
 
@@ -389,7 +389,7 @@ class TxDict(MutableMapping):
 
     def where(self, expr: Any = None) -> Any:
         """Records matching `expr` (see protobase.query), seeing this transaction's own writes."""
-        from .query import Query
+        from protobase.query import Query
 
         self._tx._check_active()
         return Query(self, expr)
@@ -427,7 +427,7 @@ _INDEX_OP = object()  # first element of the `_ops` key of an index operation
 
 def _index_name(fields: tuple) -> str | tuple:
     """"city" for one field, ("city", "score") for a composite index."""
-    from .index import field_path
+    from protobase.core.index import field_path
 
     if not fields:
         raise TypeError("create_index() needs at least one field name, e.g. create_index('city')")
@@ -480,7 +480,7 @@ class LocalDict(MutableMapping):
         return len(self._dict)
 
     def where(self, expr: Any = None) -> Any:
-        from .query import Query
+        from protobase.query import Query
 
         return Query(self, expr)
 

@@ -30,9 +30,9 @@ import bisect
 from collections.abc import Iterator
 from typing import Any
 
-from .arena import SET_LEAF
-from .btree import Node, TreeAccess
-from .keyorder import family, is_key, order_key
+from protobase.core.arena import SET_LEAF
+from protobase.core.btree import Node, TreeAccess
+from protobase.keyorder import family, is_key, order_key
 
 __all__ = ["IndexedColl", "MISSING", "field_path", "field_value", "entries", "index_entries", "scan_between",
            "scan_equal", "scan_range", "count_range", "composite_bounds", "VALUE_ENTRY", "ELEMENT_ENTRY"]

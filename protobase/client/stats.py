@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from .cache import CacheStats
-from .shm import names
+from protobase.core.cache import CacheStats
+from protobase.shm import names
 
 if TYPE_CHECKING:
-    from .database import Database
+    from protobase.database import Database
 
 __all__ = ["DatabaseStats", "ReaderStats", "OldestReader", "collect_stats"]
 

@@ -72,7 +72,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from .errors import CorruptionError, DatabaseClosedError, ProtoBaseError
+from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError
 
 __all__ = [
     "MAGIC",

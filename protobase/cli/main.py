@@ -71,8 +71,8 @@ from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any, TextIO
 
-from .errors import CorruptionError, DataDirectoryError, ProtoBaseError
-from .keyorder import order_key
+from protobase.errors import CorruptionError, DataDirectoryError, ProtoBaseError
+from protobase.keyorder import order_key
 
 __all__ = ["main", "build_parser", "encode_value", "decode_value", "dump_lines"]
 
@@ -187,7 +187,7 @@ def existing_datadir(path: str) -> str:
     Checked before opening, so that a read-only command never creates or
     stamps a directory.
     """
-    from .datadir import STAMP, DataDir
+    from protobase.core.datadir import STAMP, DataDir
 
     path = os.path.abspath(path)
     if not os.path.lexists(path):
@@ -246,8 +246,8 @@ def human_bytes(count: int) -> str:
 
 def disk_files(path: str) -> list[tuple[str, str, int]]:
     """(kind, name, size) of the checkpoint and WAL files of a data directory."""
-    from . import wal
-    from .checkpoint import checkpoint_files
+    from protobase.persistence import wal
+    from protobase.persistence.checkpoint import checkpoint_files
 
     found = []
     for kind, files in (("checkpoint", checkpoint_files(path)), ("wal", wal.list_wal_files(path))):
@@ -276,8 +276,8 @@ def print_disk(path: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Foreground coordinator for systemd or containers: stops on SIGTERM/SIGINT, never on idle."""
-    from .coordinator.server import Coordinator
-    from .datadir import DataDir
+    from protobase.coordinator.server import Coordinator
+    from protobase.core.datadir import DataDir
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     settings = {name: getattr(args, name)
@@ -298,7 +298,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def recover(args: argparse.Namespace) -> int:
     """Salvage into a new directory; print what was kept and what was lost."""
-    from .coordinator.recovery import salvage
+    from protobase.coordinator.recovery import salvage
 
     report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True),
                      past_gaps=args.past_gaps)
@@ -327,7 +327,7 @@ def _lsn_range(first: int, last: int) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from protobase.cli.demo import run
 
     return run(writers=args.writers, transfers=args.transfers)
 
@@ -337,8 +337,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     import protobase
-
-    from .errors import CoordinatorError
+    from protobase.errors import CoordinatorError
 
     path = existing_datadir(args.path)
     try:
@@ -812,8 +811,8 @@ def _holds_no_database(path: str) -> bool:
 
 def _move_into_place(staging: str, target: str, grace: float) -> None:
     """Rename a loaded staging directory to `target` once its coordinator has stopped."""
-    from .datadir import DataDir
-    from .wal import fsync_directory
+    from protobase.core.datadir import DataDir
+    from protobase.persistence.wal import fsync_directory
 
     if not DataDir(staging).wait_until_unserved(grace + STAGING_STOP_TIMEOUT):
         raise CommandError(f"the load is complete in {staging}, but its coordinator has not stopped after "
@@ -840,7 +839,7 @@ def _discard_staging(staging: str, created: list[str], grace: float) -> None:
     """Remove what a failed load made (its staging directory and its parents), once its coordinator has stopped."""
     import shutil
 
-    from .datadir import DataDir
+    from protobase.core.datadir import DataDir
 
     if os.path.isdir(staging) and DataDir(staging).wait_until_unserved(grace + STAGING_STOP_TIMEOUT):
         shutil.rmtree(staging, ignore_errors=True)
@@ -858,7 +857,7 @@ def _discard_staging(staging: str, created: list[str], grace: float) -> None:
 
 
 def backup(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint
+    from protobase.persistence.checkpoint import read_checkpoint
 
     path = existing_datadir(args.path)
     destination = os.path.abspath(args.destination)

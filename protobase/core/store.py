@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import codec
-from .arena import DICT_LEAF, INDEXED, VALUE, AtomReader
-from .btree import LEAF_OF, Node, TreeAccess, decode_node
-from .cache import AtomBytesCache, AtomObjectCache
-from .codec import Ref
-from .views import VIEW_OF_LEAF_KIND, IndexedTreeDict
+from protobase.core import codec
+from protobase.core.arena import DICT_LEAF, INDEXED, VALUE, AtomReader
+from protobase.core.btree import LEAF_OF, Node, TreeAccess, decode_node
+from protobase.core.cache import AtomBytesCache, AtomObjectCache
+from protobase.core.codec import Ref
+from protobase.core.views import VIEW_OF_LEAF_KIND, IndexedTreeDict
 
 __all__ = ["Store"]
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any, NoReturn
 
-from .errors import ReadOnlyError
-from .keyorder import is_key, order_key
+from protobase.errors import ReadOnlyError
+from protobase.keyorder import is_key, order_key
 
 __all__ = ["FrozenDict", "FrozenList", "FrozenSet", "freeze", "thaw", "json_default", "READ_ONLY_HINT",
            "dataclass_variant", "read_only_dataclass", "plain_dataclass", "dataclass_fields", "dataclass_copy",
@@ -58,7 +58,7 @@ class FrozenDict(dict):
 
     def where(self, expr: Any = None) -> Any:
         """The records (values) matching `expr`; see protobase.query."""
-        from .query import Query
+        from protobase.query import Query
 
         return Query(self, expr)
 

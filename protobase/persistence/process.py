@@ -1,7 +1,7 @@
 """The persistence process: drains the commit ring into the WAL, fsyncs in groups.
 
 Started and supervised by the coordinator (`python -m
-protobase.coordinator.persistence DIR ...`, the data directory's absolute
+protobase.persistence DIR ...`, the data directory's absolute
 path on its command line). It holds `wal.lock` for its whole life, so a new
 coordinator never reads a WAL that is still being written.
 
@@ -38,19 +38,19 @@ import logging
 import os
 import select
 import socket
-import sys
 import time
 import zlib
 
-from .. import codec, wal
-from ..checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
-from ..datadir import DataDir, FileLock
-from ..errors import CorruptionError
-from ..protocol import send
-from ..shm import names
-from ..shm.control import ControlBlock, full_fence
-from ..shm.ring import CONTROL, SYNC, CommitRing
-from ..shm.segment import Segment
+from protobase.core import codec
+from protobase.core.datadir import DataDir, FileLock
+from protobase.errors import CorruptionError
+from protobase.persistence import wal
+from protobase.persistence.checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
+from protobase.shm import names
+from protobase.shm.control import ControlBlock, full_fence
+from protobase.shm.ring import CONTROL, SYNC, CommitRing
+from protobase.shm.segment import Segment
+from protobase.wire.protocol import send
 
 __all__ = ["Persistence", "EXIT_DISK_FAILURE", "main"]
 
@@ -306,7 +306,7 @@ class Persistence:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protobase.coordinator.persistence")
+    parser = argparse.ArgumentParser(prog="python -m protobase.persistence")
     parser.add_argument("path", help="data directory (absolute path)")
     parser.add_argument("--instance", required=True)
     parser.add_argument("--fd", type=int, required=True, help="socket shared with the coordinator")
@@ -321,6 +321,3 @@ def main(argv: list[str] | None = None) -> int:
     datadir = DataDir(os.path.abspath(args.path))
     return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn, args.last_lsn)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, Set, ValuesView
 from typing import TYPE_CHECKING, Any
 
-from .arena import DICT_LEAF, LIST_LEAF, SET_LEAF
-from .frozen import _read_only, thaw
+from protobase.core.arena import DICT_LEAF, LIST_LEAF, SET_LEAF
+from protobase.core.frozen import _read_only, thaw
 
 if TYPE_CHECKING:
-    from .store import Store
+    from protobase.core.store import Store
 
 __all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND"]
 
@@ -149,7 +149,7 @@ class TreeDict(_TreeView, Mapping):
 
     def where(self, expr: Any = None) -> Any:
         """The records (values) matching `expr`, through indexes when there are some; see protobase.query."""
-        from .query import Query
+        from protobase.query import Query
 
         return Query(self, expr)
 

@@ -24,10 +24,10 @@ import time
 from collections import deque
 from typing import Any
 
-from . import codec
-from . import errors as errors_module
-from .errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
-from .protocol import PUSH, FrameReader, encode_frame
+from protobase import errors as errors_module
+from protobase.core import codec
+from protobase.errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
+from protobase.wire.protocol import PUSH, FrameReader, encode_frame
 
 __all__ = ["Connection", "Refusal", "error_from_reply"]
 

@@ -20,13 +20,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .connection import Connection
-from .coordinator import launcher
-from .datadir import FORMAT_VERSION
-from .errors import CoordinatorError, DatabaseClosedError
+from protobase.client import launcher
+from protobase.client.connection import Connection
+from protobase.core.datadir import FORMAT_VERSION
+from protobase.errors import CoordinatorError, DatabaseClosedError
 
 if TYPE_CHECKING:
-    from .database import Database
+    from protobase.database import Database
 
 __all__ = ["Change", "Watcher"]
 

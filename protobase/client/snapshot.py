@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CoordinatorRestartedError, DatabaseClosedError
-from .views import TreeDict
+from protobase.core.views import TreeDict
+from protobase.errors import CoordinatorRestartedError, DatabaseClosedError
 
 if TYPE_CHECKING:
-    from .database import Database
+    from protobase.database import Database
 
 __all__ = ["Snapshot"]
 

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from .index import (
+from protobase.client.transaction import LocalDict, TxDict
+from protobase.core.index import (
     ELEMENT_ENTRY,
     MISSING,
     VALUE_ENTRY,
@@ -48,9 +49,8 @@ from .index import (
     scan_equal,
     scan_range,
 )
-from .keyorder import is_key, order_key
-from .transaction import LocalDict, TxDict
-from .views import IndexedTreeDict
+from protobase.core.views import IndexedTreeDict
+from protobase.keyorder import is_key, order_key
 
 __all__ = ["F", "Expr", "Query", "Plan", "IndexedSearchPlan", "IndexedRangeSearchPlan", "AndMerge", "OrMerge",
            "FilterPlan", "FullScanPlan", "Grouped"]
@@ -833,7 +833,3 @@ def _hashable(value: Any) -> Any:
         return repr(value)
     return value
 
-
-def where(collection: Mapping, expr: Expr | None = None) -> Query:
-    """`collection.where(expr)` for any mapping of records."""
-    return Query(collection, expr)

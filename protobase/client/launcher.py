@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 
-from .. import errors
-from ..datadir import DataDir, FileLock
-from ..errors import CoordinatorError
+from protobase import errors
+from protobase.core.datadir import DataDir, FileLock
+from protobase.errors import CoordinatorError
 
 __all__ = ["connect", "try_connect"]
 

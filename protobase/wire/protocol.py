@@ -48,8 +48,8 @@ import struct
 import time
 from typing import Any
 
-from . import codec
-from .errors import CoordinatorError, CorruptionError, ProtocolError
+from protobase.core import codec
+from protobase.errors import CoordinatorError, CorruptionError, ProtocolError
 
 __all__ = ["send", "encode_frame", "FrameReader", "parse_request", "peer_credentials", "MAX_FRAME", "PUSH",
            "REQUEST_ARGUMENTS", "MalformedRequest"]

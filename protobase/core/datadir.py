@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import DataDirectoryError
+from protobase.errors import DataDirectoryError
 
 __all__ = ["DataDir", "FORMAT_VERSION", "FileLock"]
 

@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import Any
 
-from . import codec
-from .arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF, SET_BRANCH, SET_LEAF
-from .codec import Ref
-from .errors import CorruptionError
-from .keyorder import bisect_left, bisect_right, order_key
+from protobase.core import codec
+from protobase.core.arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF, SET_BRANCH, SET_LEAF
+from protobase.core.codec import Ref
+from protobase.errors import CorruptionError
+from protobase.keyorder import bisect_left, bisect_right, order_key
 
 __all__ = ["Node", "MAX_ENTRIES", "decode_node", "encode_node", "empty", "TreeAccess"]
 
@@ -550,6 +550,3 @@ class TreeAccess:
 def _where(node: Node) -> str:
     return f"{node.ptr:#x}" if node.ptr is not None else "(unwritten)"
 
-
-def is_tree_ref(value: Any) -> bool:
-    return type(value) is Ref and value.kind in TREE_KINDS

@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
-from .errors import DatabaseClosedError, ProtoBaseError
+from protobase.errors import DatabaseClosedError, ProtoBaseError
 
 if TYPE_CHECKING:
-    from .database import Database
-    from .snapshot import Snapshot
+    from protobase.client.snapshot import Snapshot
+    from protobase.database import Database
 
 __all__ = ["Pool", "WorkerDiedError", "RemoteTraceback", "chunk_sizes"]
 
@@ -100,7 +100,7 @@ def _items(snapshot: Snapshot, work: tuple) -> Iterable[Any]:
     collection = _resolve(snapshot, path)
     ptr = getattr(collection, "ptr", None)
     if ptr is not None:
-        from .arena import DICT_LEAF
+        from protobase.core.arena import DICT_LEAF
 
         return list(snapshot._db._store.access.keys_at(ptr, DICT_LEAF, start, stop)) if ptr else []
     return list(collection)[start:stop]

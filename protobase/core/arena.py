@@ -30,9 +30,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from .errors import CorruptionError, EncodingError, ProtoBaseError
-from .shm import names
-from .shm.segment import Segment
+from protobase.errors import CorruptionError, EncodingError, ProtoBaseError
+from protobase.shm import names
+from protobase.shm.segment import Segment
 
 __all__ = [
     "VALUE", "DICT_LEAF", "DICT_BRANCH", "SET_LEAF", "SET_BRANCH", "LIST_LEAF", "LIST_BRANCH", "INDEXED",

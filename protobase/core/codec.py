@@ -48,9 +48,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import CorruptionError, EncodingError, format_path
-from .frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
-from .keyorder import check_text
+from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
+from protobase.errors import CorruptionError, EncodingError, format_path
+from protobase.keyorder import check_text
 
 __all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
            "MAX_ATOM_BYTES", "MAX_DEPTH"]

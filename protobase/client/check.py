@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import codec
-from .arena import DICT_LEAF, INDEXED, SET_LEAF, VALUE, segment_of
-from .btree import LEAF_OF, TREE_KINDS
-from .codec import Ref
-from .errors import CorruptionError
-from .index import index_entries
+from protobase.core import codec
+from protobase.core.arena import DICT_LEAF, INDEXED, SET_LEAF, VALUE, segment_of
+from protobase.core.btree import LEAF_OF, TREE_KINDS
+from protobase.core.codec import Ref
+from protobase.core.index import index_entries
+from protobase.errors import CorruptionError
 
 if TYPE_CHECKING:
-    from .database import Database
-    from .snapshot import Snapshot
+    from protobase.client.snapshot import Snapshot
+    from protobase.database import Database
 
 __all__ = ["check_database"]
 

@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import CorruptionError
+from protobase.errors import CorruptionError
 
 __all__ = ["Checkpoint", "write_checkpoint", "newest_checkpoint", "remove_checkpoints_before"]
 
