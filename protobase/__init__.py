@@ -21,22 +21,27 @@ from protobase.database import Attempt, Database, open
 from protobase.errors import (
     ConflictError,
     CoordinatorError,
+    CoordinatorRestartedError,
     CorruptionError,
     DatabaseClosedError,
     DataDirectoryError,
     EncodingError,
+    OutcomeUnknownError,
+    PathError,
     ProtoBaseError,
+    ProtocolError,
     ReadOnlyError,
+    WorkerDiedError,
 )
 from protobase.query import F, Query
 
 __all__ = [
     "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass", "thaw", "json_default",
     "ProtoBaseError", "ConflictError", "ReadOnlyError", "EncodingError", "DatabaseClosedError",
-    "CorruptionError", "CoordinatorError", "DataDirectoryError",
+    "CorruptionError", "CoordinatorError", "CoordinatorRestartedError", "OutcomeUnknownError", "ProtocolError",
+    "DataDirectoryError", "PathError", "WorkerDiedError",
     "FrozenDict", "FrozenList", "FrozenSet", "TreeDict", "TreeList", "TreeSet",
     "DatabaseStats", "ReaderStats", "F", "Query",
-
 ]
 
 __version__ = "0.1.0"

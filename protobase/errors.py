@@ -25,6 +25,8 @@ __all__ = [
     "OutcomeUnknownError",
     "ProtocolError",
     "DataDirectoryError",
+    "PathError",
+    "WorkerDiedError",
 ]
 
 
@@ -105,6 +107,14 @@ class ProtocolError(ProtoBaseError):
 
 class DataDirectoryError(ProtoBaseError):
     """The data directory is unusable: not a directory, wrong owner or mode, other version."""
+
+
+class PathError(ProtoBaseError):
+    """A commit's operation names a path that does not lead to a container in the current root."""
+
+
+class WorkerDiedError(ProtoBaseError):
+    """A pool worker died while it held a task; it has been replaced, the call failed."""
 
 
 def format_path(path: tuple) -> str:

@@ -21,7 +21,7 @@ import pytest
 import protobase
 from protobase.client.connection import Connection
 from protobase.errors import ConflictError, CoordinatorError, OutcomeUnknownError
-from protobase.wire.protocol import encode_frame
+from protobase.wire.framing import encode_frame
 from tests.conftest import GRACE
 
 SLOW_FSYNC = "fsync_delay_ms=300"  # a sync commit's answer takes at least this long

@@ -22,7 +22,7 @@ from protobase.persistence.process import EXIT_DISK_FAILURE, Persistence
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
 from protobase.shm.ring import SYNC, CommitRing
-from protobase.wire.protocol import FrameReader
+from protobase.wire.framing import FrameReader
 from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
 
 

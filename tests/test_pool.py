@@ -11,7 +11,8 @@ import psutil
 import pytest
 
 import protobase
-from protobase.client.pool import RemoteTraceback, WorkerDiedError, chunk_sizes
+from protobase.client.pool import RemoteTraceback, chunk_sizes
+from protobase.errors import WorkerDiedError
 from tests.conftest import GRACE
 
 

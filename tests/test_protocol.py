@@ -22,7 +22,8 @@ from protobase.client import launcher
 from protobase.coordinator.server import MAX_BUFFERED_BYTES
 from protobase.core import codec
 from protobase.core.datadir import FORMAT_VERSION
-from protobase.wire.protocol import MAX_FRAME, PUSH, FrameReader, MalformedRequest, encode_frame, parse_request
+from protobase.wire.framing import MAX_FRAME, FrameReader, encode_frame
+from protobase.wire.verbs import PUSH, MalformedRequest, parse_request
 
 LENGTH = struct.Struct("<I")
 

@@ -10,7 +10,7 @@
   serving; the reader table is sized with `protobase serve --reader-slots`.
 
 Raw requests go through `request`, the one place that knows the request
-layout of protocol.py. Coordinators are real processes: started by
+layout of wire/verbs.py. Coordinators are real processes: started by
 `protobase.open` (the /dev/shm fault comes through the environment they
 inherit, shm/segment.py) or by `protobase serve`; limits are lowered on the
 coordinator process itself with prlimit.
@@ -37,12 +37,14 @@ from protobase.core import codec
 from protobase.core.arena import FIRST_SEGMENT, VALUE, segment_of
 from protobase.core.codec import Ref
 from protobase.core.datadir import FORMAT_VERSION
-from protobase.errors import CoordinatorError, ProtoBaseError
+from protobase.errors import CoordinatorError, PathError, ProtoBaseError
 from protobase.persistence.checkpoint import read_checkpoint
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
 from protobase.shm.segment import FAULTS_ENV
-from protobase.wire import protocol
+from protobase.wire import framing
+from protobase.wire.counters import COUNTER_NAMES, OldestReaderCounters
+from protobase.wire.error_table import error_from_reply
 from protobase.wire.opcodes import OP_SET
 from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
@@ -52,7 +54,7 @@ COMPACT_MIN = 1 << 20
 
 def receive(sock: socket.socket) -> list:
     """The next message from the coordinator, without its request id (blocking)."""
-    (length,) = protocol.LENGTH.unpack(_exactly(sock, protocol.LENGTH.size))
+    (length,) = framing.LENGTH.unpack(_exactly(sock, framing.LENGTH.size))
     return codec.decode(_exactly(sock, length), frozen=False)[1:]
 
 
@@ -67,8 +69,8 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def request(sock: socket.socket, verb: str, *fields: object) -> list:
-    """Send one request as protocol.py lays it out and return the reply's fields."""
-    protocol.send(sock, [1, verb, *fields])
+    """Send one request as wire/verbs.py lays it out and return the reply's fields."""
+    framing.send(sock, [1, verb, *fields])
     return receive(sock)
 
 
@@ -209,6 +211,29 @@ def test_a_commit_based_on_a_future_snapshot_is_refused(db):
         assert "evil" not in snap.root
 
 
+
+def test_a_commit_on_a_missing_container_arrives_as_a_path_error_and_changes_nothing(db):
+    with db.transaction() as tx:
+        tx.root["k"] = 1
+    seq = db.stats().seq
+    ops = codec.encode([[OP_SET, ["no such key", "inner"], 2]])
+    with connection(db) as sock:
+        reply = request(sock, "commit", seq, False, "sync", ops, [])
+    assert reply == ["error", "PathError", "commit refused: no container at ('no such key', 'inner'): the key is missing"]
+    received = error_from_reply(reply)
+    assert type(received) is PathError and isinstance(received, protobase.ProtoBaseError)
+    assert db.stats().seq == seq
+
+
+def test_the_stats_reply_holds_exactly_the_counters_of_the_schema(db):
+    with db.transaction() as tx:
+        tx.root["k"] = 1
+    with db.snapshot(), connection(db) as sock:  # a pinned snapshot: oldest_reader is filled in
+        reply = request(sock, "stats")
+    assert reply[0] == "ok"
+    assert list(reply[1]) == list(COUNTER_NAMES)
+    assert set(reply[1]["oldest_reader"]) == set(OldestReaderCounters.__annotations__)
+
 # -- file descriptors and reader slots ---------------------------------------------------------------
 
 
@@ -285,7 +310,7 @@ def test_out_of_file_descriptors_even_without_the_spare_a_connection_waits_and_i
         tx.root["n"] = -1
     # Below every descriptor but stdin, stdout and stderr: even its spare descriptor is over the limit.
     with descriptor_limit(db.coordinator_pid, 3) as restore, connection(db) as sock:
-        protocol.send(sock, [1, "hello", FORMAT_VERSION])
+        framing.send(sock, [1, "hello", FORMAT_VERSION])
         count = commit_for(db, 1.0)  # the listener waits; the clients it has are served
         restore()
         reply = receive(sock)  # accepted once descriptors are free again

@@ -24,10 +24,11 @@ import time
 from collections import deque
 from typing import Any
 
-from protobase import errors as errors_module
 from protobase.core import codec
 from protobase.errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
-from protobase.wire.protocol import PUSH, FrameReader, encode_frame
+from protobase.wire.error_table import error_from_reply
+from protobase.wire.framing import FrameReader, encode_frame
+from protobase.wire.verbs import PUSH
 
 __all__ = ["Connection", "Refusal", "error_from_reply"]
 
@@ -194,17 +195,3 @@ class Connection:
         self._closed = True
         self._sock.close()
 
-
-def error_from_reply(reply: list) -> ProtoBaseError:
-    """The exception an ["error", class name, message] reply stands for.
-
-    Only ProtoBaseError subclasses of errors.py are built: the peer cannot
-    make us instantiate an arbitrary class.
-    """
-    error_class = getattr(errors_module, str(reply[1]), ProtoBaseError)
-    if not (isinstance(error_class, type) and issubclass(error_class, ProtoBaseError)):
-        error_class = ProtoBaseError
-    try:
-        return error_class(reply[2])
-    except TypeError:  # a class whose constructor takes other arguments (ConflictError)
-        return ProtoBaseError(reply[2])

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
-from protobase.errors import DatabaseClosedError, ProtoBaseError
+from protobase.errors import DatabaseClosedError, ProtoBaseError, WorkerDiedError
 
 if TYPE_CHECKING:
     from protobase.client.snapshot import Snapshot
@@ -36,10 +36,6 @@ __all__ = ["Pool", "WorkerDiedError", "RemoteTraceback", "chunk_sizes"]
 READY = "ready"  # a worker's first message: it has attached to the database
 START_TIMEOUT = 120.0  # seconds a worker may take to start and attach (a loaded host, a cold import)
 MAX_CHUNK = 10_000  # items per task at most: bounds a task's pickled size and the tail of a call
-
-
-class WorkerDiedError(ProtoBaseError):
-    """A pool worker died while it held a task; it has been replaced, the call failed."""
 
 
 class RemoteTraceback(Exception):

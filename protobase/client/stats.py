@@ -11,6 +11,7 @@ import psutil
 
 from protobase.core.cache import CacheStats
 from protobase.shm import names
+from protobase.wire.counters import Counters
 
 if TYPE_CHECKING:
     from protobase.database import Database
@@ -73,7 +74,7 @@ class DatabaseStats:
     taken_at: float  # time.time() of the reading
 
 
-def collect_stats(db: Database, counters: dict) -> DatabaseStats:
+def collect_stats(db: Database, counters: Counters) -> DatabaseStats:
     control = db._control
     seq = counters["seq"]
     readers = tuple(

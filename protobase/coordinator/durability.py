@@ -37,7 +37,7 @@ from protobase.persistence.process import EXIT_DISK_FAILURE
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
-from protobase.wire.protocol import FrameReader
+from protobase.wire.framing import FrameReader
 
 __all__ = ["Durability", "DurabilityFailed"]
 

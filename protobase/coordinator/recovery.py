@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from protobase.coordinator.writer import PathError, Writer
+from protobase.coordinator.writer import Writer
 from protobase.core import codec
 from protobase.core.arena import ArenaWriter
-from protobase.errors import CorruptionError, DataDirectoryError
+from protobase.errors import CorruptionError, DataDirectoryError, PathError
 from protobase.persistence import wal
 from protobase.persistence.checkpoint import Checkpoint, newest_checkpoint
 

@@ -54,15 +54,25 @@ from typing import Any
 from protobase.coordinator.conflicts import VersionTable
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.recovery import recover
-from protobase.coordinator.writer import PathError, Writer, decode_ops
+from protobase.coordinator.writer import Writer, decode_ops
 from protobase.core import codec
 from protobase.core.arena import ArenaWriter, AtomReader, segment_of
 from protobase.core.datadir import FORMAT_VERSION, STAMP, DataDir, FileLock
 from protobase.core.store import Store
-from protobase.errors import CoordinatorError, CorruptionError, DataDirectoryError, ProtoBaseError, ProtocolError
+from protobase.errors import (
+    CoordinatorError,
+    CorruptionError,
+    DataDirectoryError,
+    PathError,
+    ProtoBaseError,
+    ProtocolError,
+)
 from protobase.keyorder import check_key
 from protobase.shm import names
 from protobase.shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
+from protobase.wire.counters import Counters, OldestReaderCounters
+from protobase.wire.error_table import error_fields, error_reply
+from protobase.wire.framing import FrameReader, peer_credentials, send
 from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_DELETE,
@@ -76,7 +86,7 @@ from protobase.wire.opcodes import (
     OP_SET_ADD,
     OP_SET_DISCARD,
 )
-from protobase.wire.protocol import PUSH, FrameReader, MalformedRequest, parse_request, peer_credentials, send
+from protobase.wire.verbs import PUSH, MalformedRequest, parse_request
 
 __all__ = ["Coordinator", "LOCK_WAIT"]
 
@@ -432,7 +442,7 @@ class Coordinator:
                        f"its limit (ulimit -n, LimitNOFILE= for systemd), then open the database again")
             try:
                 refused.setblocking(False)
-                send(refused, [PUSH, "error", "CoordinatorError", message])
+                send(refused, [PUSH, *error_fields(CoordinatorError, message)])
             except OSError:
                 pass  # it is refused either way
             refused.close()
@@ -471,7 +481,7 @@ class Coordinator:
             return
         except ProtocolError as error:  # a frame we cannot skip, or a client over its memory bound
             log.warning("closing the connection of client %d: %s", client.pid, error)
-            self._answer(Asker(client, PUSH), ["error", "ProtocolError", str(error)])
+            self._answer(Asker(client, PUSH), error_reply(error))
             self._drop(sock)
             return
         for body in bodies:
@@ -498,16 +508,16 @@ class Coordinator:
             request_id, verb, arguments = parse_request(body)
         except MalformedRequest as error:
             log.warning("client %d: %s", client.pid, error)
-            self._answer(Asker(client, error.request_id), ["error", "ProtocolError", str(error)])
+            self._answer(Asker(client, error.request_id), error_reply(error))
             return
         asker = Asker(client, request_id)
         try:
             reply = self._handle(asker, verb, arguments)
         except Exception as error:  # a bug: refuse this request, keep serving
             log.exception("request %r of client %d failed", verb, client.pid)
-            reply = ["error", "ProtoBaseError",
-                     f"the coordinator could not process the {verb!r} request ({type(error).__name__}: {error}); "
-                     f"nothing was committed. Please report this bug"]
+            reply = error_fields(ProtoBaseError, f"the coordinator could not process the {verb!r} request "
+                                                 f"({type(error).__name__}: {error}); nothing was committed. "
+                                                 f"Please report this bug")
         if reply is not None:
             self._answer(asker, reply)
 
@@ -558,7 +568,7 @@ class Coordinator:
             self._fail(str(error))
             return self._failure_reply()
         except ProtoBaseError as error:
-            return ["error", type(error).__name__, str(error)]
+            return error_reply(error)
 
     def _hello(self, client: Client, version: int) -> list:
         if version != FORMAT_VERSION:
@@ -581,7 +591,7 @@ class Coordinator:
         if self.durability.failure:
             return self._failure_reply()
         if durability not in DURABILITY_MODES:
-            return ["error", "ProtoBaseError", f"durability must be one of {DURABILITY_MODES}, got {durability!r}"]
+            return error_fields(ProtoBaseError, f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         if type(base) is not int or not 0 <= base <= self.seq:
             raise ProtoBaseError(f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
                                  f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
@@ -600,7 +610,7 @@ class Coordinator:
                 root = self.writer.apply(root, code, path, argument)
             new_root = self.writer.flush(root)
         except PathError as error:
-            return ["error", "ProtoBaseError", f"commit refused: {error}"]
+            return error_fields(PathError, f"commit refused: {error}")
         self.seq += 1
         self.root = new_root
         self.versions.record(self.seq, paths)
@@ -716,12 +726,14 @@ class Coordinator:
         self.watched_persistence = current
 
     def _failure_reply(self) -> list:
-        return ["error", "CoordinatorError",
-                f"{self.durability.failure}. This commit was NOT made durable and is not committed, nor is any "
-                f"later one. Fix the disk (free space, check the device), close every handle on "
-                f"{self.datadir.path} (its coordinator stops once the last one is closed), then open it again: "
-                f"recovery restores every commit whose WAL record reached the disk, which includes every "
-                f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)"]
+        return error_fields(
+            CoordinatorError,
+            f"{self.durability.failure}. This commit was NOT made durable and is not committed, nor is any "
+            f"later one. Fix the disk (free space, check the device), close every handle on "
+            f"{self.datadir.path} (its coordinator stops once the last one is closed), then open it again: "
+            f"recovery restores every commit whose WAL record reached the disk, which includes every "
+            f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)",
+        )
 
     def _fail(self, why: str) -> None:
         """Stop acknowledging: answer every waiting commit with the failure, and refuse all later ones.
@@ -885,7 +897,7 @@ class Coordinator:
             seen[reader.slot] = before if unchanged else (reader.pid, reader.snapshot_seq, now)
         self.pins_seen = seen
 
-    def oldest_reader(self) -> dict[str, Any] | None:
+    def oldest_reader(self) -> OldestReaderCounters | None:
         """The reader holding the oldest snapshot: slot, pid, seq, seconds held, retired bytes it keeps alive.
 
         What pins memory when a reader stops (SIGSTOP, a debugger, a hung
@@ -906,7 +918,7 @@ class Coordinator:
         discarded = self.writer.discarded_bytes - self.discarded_at_compaction
         return self.live_after_compaction + appended - discarded
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> Counters:
         return {
             "seq": self.seq, "published_seq": self.published_seq, "commits": self.commits,
             "conflicts": self.conflicts, "compactions": self.compactions, "checkpoints": self.checkpoints,
@@ -921,8 +933,8 @@ class Coordinator:
 
 
 def _version_mismatch(version: int) -> list:
-    return ["error", "ProtoBaseError",
-            f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"]
+    return error_fields(ProtoBaseError,
+                        f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together")
 
 
 def _spare_descriptor() -> int | None:

@@ -37,7 +37,7 @@ from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_nod
 from protobase.core.codec import Ref
 from protobase.core.index import MISSING, IndexedColl, index_entries
 from protobase.core.store import Store
-from protobase.errors import CorruptionError, EncodingError, ProtoBaseError
+from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.keyorder import order_key
 from protobase.wire.opcodes import (
     LIST_APPEND,
@@ -51,7 +51,7 @@ from protobase.wire.opcodes import (
     OP_SET_ADD,
 )
 
-__all__ = ["Writer", "PathError", "decode_ops"]
+__all__ = ["Writer", "decode_ops"]
 
 
 FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
@@ -59,10 +59,6 @@ FLAT_MAX_BYTES = 16 << 10  # a container whose atom would be larger becomes a tr
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 INLINE_BYTES = 512  # longer str/bytes get their own atom
-
-
-class PathError(ProtoBaseError):
-    """An operation's path does not lead to a container in the current root."""
 
 
 # Where an extension of type DATACLASS may start, in any of msgpack's ext encodings

@@ -50,7 +50,7 @@ from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
 from protobase.shm.segment import Segment
-from protobase.wire.protocol import send
+from protobase.wire.framing import send
 
 __all__ = ["Persistence", "EXIT_DISK_FAILURE", "main"]
 
