@@ -219,7 +219,8 @@ def test_a_commit_on_a_missing_container_arrives_as_a_path_error_and_changes_not
     ops = codec.encode([[OP_SET, ["no such key", "inner"], 2]])
     with connection(db) as sock:
         reply = request(sock, "commit", seq, False, "sync", ops, [])
-    assert reply == ["error", "PathError", "commit refused: no container at ('no such key', 'inner'): the key is missing"]
+    missing = "commit refused: no container at ('no such key', 'inner'): the key is missing"
+    assert reply == ["error", "PathError", missing]
     received = error_from_reply(reply)
     assert type(received) is PathError and isinstance(received, protobase.ProtoBaseError)
     assert db.stats().seq == seq
