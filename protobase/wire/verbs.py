@@ -69,7 +69,7 @@ class MalformedRequest(ProtocolError):
         self.request_id = request_id  # PUSH when the request had no usable id
 
 
-def parse_request(body: bytes) -> tuple[int, str, list]:
+def parse_request(body: bytes) -> tuple[int, str, list[Any]]:
     """(request id, verb, arguments) of a request body; MalformedRequest if it is not a well-formed request.
 
     The error carries the request id (PUSH when the body has none), so that
