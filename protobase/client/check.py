@@ -64,7 +64,7 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
         collection = store.value(Ref(ptr, INDEXED))
         if collection.ptr:
             check_tree(collection.ptr, DICT_LEAF)
-        for field, index_ptr in collection._indexes.items():
+        for field, index_ptr in collection.index_pointers.items():
             if index_ptr:
                 check_tree(index_ptr, SET_LEAF)
             check_index_contents(collection, field, index_ptr)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, MutableSequence, MutableSet
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, MutableSequence, MutableSet
 from typing import TYPE_CHECKING, Any
 
 from protobase.core import codec
@@ -43,6 +43,9 @@ from protobase.core.frozen import (
 from protobase.core.views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 from protobase.errors import DatabaseClosedError, EncodingError, OutcomeUnknownError, ProtoBaseError, format_path
 from protobase.keyorder import check_key
+from protobase.query import Expr, IndexReader, Query
+from protobase.query.fields import field_path
+from protobase.query.source import NO_INDEXES, IndexName
 from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_DELETE,
@@ -387,10 +390,8 @@ class TxDict(MutableMapping):
 
     # -- queries and indexes -----------------------------------------------------
 
-    def where(self, expr: Any = None) -> Any:
+    def where(self, expr: Expr | None = None) -> Query:
         """Records matching `expr` (see protobase.query), seeing this transaction's own writes."""
-        from protobase.query import Query
-
         self._tx._check_active()
         return Query(self, expr)
 
@@ -412,8 +413,13 @@ class TxDict(MutableMapping):
         """The fields indexed in the snapshot this transaction reads."""
         return getattr(self._base, "indexes", ())
 
-    def _changed_keys(self) -> frozenset:
-        """Keys of this mapping that this transaction wrote, or wrote inside."""
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """The snapshot's indexes (protobase.query.QuerySource); query_changed_keys() says where they are stale."""
+        indexes: Mapping[IndexName, IndexReader] = self._base.query_indexes()
+        return indexes
+
+    def query_changed_keys(self) -> frozenset[Any]:
+        """Keys of this mapping that this transaction wrote, or wrote inside (protobase.query.QuerySource)."""
         depth = len(self._path)
         changed = set(self._local)
         for path in self._tx._ops:
@@ -427,8 +433,6 @@ _INDEX_OP = object()  # first element of the `_ops` key of an index operation
 
 def _index_name(fields: tuple) -> str | tuple:
     """"city" for one field, ("city", "score") for a composite index."""
-    from protobase.core.index import field_path
-
     if not fields:
         raise TypeError("create_index() needs at least one field name, e.g. create_index('city')")
     for field in fields:
@@ -479,10 +483,17 @@ class LocalDict(MutableMapping):
     def __len__(self) -> int:
         return len(self._dict)
 
-    def where(self, expr: Any = None) -> Any:
-        from protobase.query import Query
-
+    def where(self, expr: Expr | None = None) -> Query:
+        """Records matching `expr` (see protobase.query): a dict assigned in this transaction has no index."""
         return Query(self, expr)
+
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """No indexes until the commit stores the dict (protobase.query.QuerySource)."""
+        return NO_INDEXES
+
+    def query_changed_keys(self) -> frozenset[Any]:
+        """None: every record is read from the dict itself (protobase.query.QuerySource)."""
+        return frozenset()
 
     def create_index(self, *fields: str) -> None:
         _record_index_op(self._tx, self._path, OP_CREATE_INDEX, _index_name(fields))

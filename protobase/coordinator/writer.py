@@ -35,10 +35,11 @@ from protobase.core import codec
 from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
 from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
 from protobase.core.codec import Ref
-from protobase.core.index import MISSING, IndexedColl, index_entries
+from protobase.core.index import IndexedColl, index_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.keyorder import order_key
+from protobase.query.fields import MISSING
 from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_INSERT,

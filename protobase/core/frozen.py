@@ -25,16 +25,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, NoReturn
 
 from protobase.errors import ReadOnlyError
 from protobase.keyorder import is_key, order_key
+from protobase.query import Expr, Query
+from protobase.query.source import NO_INDEXES, IndexName, IndexReader
 
 __all__ = ["FrozenDict", "FrozenList", "FrozenSet", "freeze", "thaw", "json_default", "READ_ONLY_HINT",
-           "dataclass_variant", "read_only_dataclass", "plain_dataclass", "dataclass_fields", "dataclass_copy",
-           "is_dataclass_instance"]
+           "refuse_write", "dataclass_variant", "read_only_dataclass", "plain_dataclass", "dataclass_fields",
+           "dataclass_copy", "is_dataclass_instance"]
 
 READ_ONLY_HINT = (
     "values read from a snapshot are read-only; change them inside "
@@ -42,54 +44,62 @@ READ_ONLY_HINT = (
 )
 
 
-def _read_only(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+def refuse_write(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
+    """Every mutating method of a read-only container (here and in views.py): raises ReadOnlyError."""
     raise ReadOnlyError(f"cannot modify a {type(self).__name__}: {READ_ONLY_HINT}")
 
 
-class FrozenDict(dict):
+class FrozenDict(dict[Any, Any]):
     """A dict from a snapshot: reads like a dict, refuses every write."""
 
     __slots__ = ()
-    __setitem__ = __delitem__ = __ior__ = _read_only
-    clear = pop = popitem = setdefault = update = _read_only
+    __setitem__ = __delitem__ = __ior__ = refuse_write
+    clear = pop = popitem = setdefault = update = refuse_write
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenDict, (dict(self),))
 
-    def where(self, expr: Any = None) -> Any:
+    def where(self, expr: Expr | None = None) -> Query:
         """The records (values) matching `expr`; see protobase.query."""
-        from protobase.query import Query
-
         return Query(self, expr)
 
     @property
-    def indexes(self) -> tuple[str, ...]:
+    def indexes(self) -> tuple[IndexName, ...]:
+        """The indexed fields: none (a small dict is read whole)."""
         return ()
+
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """No indexes (protobase.query.QuerySource)."""
+        return NO_INDEXES
+
+    def query_changed_keys(self) -> frozenset[Any]:
+        """No changed keys: a snapshot's value (protobase.query.QuerySource)."""
+        return frozenset()
 
     def __repr__(self) -> str:
         return f"FrozenDict({dict.__repr__(self)})"
 
 
-class FrozenList(list):
+class FrozenList(list[Any]):
     """A list from a snapshot: reads like a list, refuses every write."""
 
     __slots__ = ()
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
-    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = refuse_write
+    append = extend = insert = pop = remove = clear = sort = reverse = refuse_write
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenList, (list(self),))
 
     def __repr__(self) -> str:
         return f"FrozenList({list.__repr__(self)})"
 
 
-class FrozenSet(frozenset):
+class FrozenSet(frozenset[Any]):
     """A set from a snapshot: a frozenset that answers set's mutators with ReadOnlyError."""
 
     __slots__ = ()
-    add = discard = remove = pop = clear = update = _read_only
-    difference_update = intersection_update = symmetric_difference_update = _read_only
+    add = discard = remove = pop = clear = update = refuse_write
+    difference_update = intersection_update = symmetric_difference_update = refuse_write
 
     def __repr__(self) -> str:
         return f"FrozenSet({set(self)!r})" if self else "FrozenSet()"
@@ -112,7 +122,7 @@ def dataclass_fields(value: Any) -> dict[str, Any]:
 
 def dataclass_copy(cls: type, fields: dict[str, Any]) -> Any:
     """An instance of `cls` holding `fields`, made without calling `__init__` (as pickle does)."""
-    instance = object.__new__(cls)
+    instance: Any = object.__new__(cls)
     for name, item in fields.items():
         object.__setattr__(instance, name, item)
     return instance
@@ -120,10 +130,12 @@ def dataclass_copy(cls: type, fields: dict[str, Any]) -> Any:
 
 def plain_dataclass(cls: type) -> type:
     """The user's dataclass a variant stands for (see dataclass_variant); `cls` itself otherwise."""
-    return cls.__dict__.get(_PLAIN_CLASS, cls)
+    plain: type = cls.__dict__.get(_PLAIN_CLASS, cls)
+    return plain
 
 
-def _field_comparison(cls: type, names: tuple[str, ...], compare: Callable[[tuple, tuple], bool]) -> Callable:
+def _field_comparison(cls: type, names: tuple[str, ...],
+                      compare: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def comparison(self: Any, other: Any) -> Any:
         if plain_dataclass(type(other)) is not cls:
             return NotImplemented
@@ -151,7 +163,7 @@ def dataclass_variant(cls: type, namespace: dict[str, Any]) -> type:
     def new(variant: type, *args: Any, **kwargs: Any) -> Any:
         return cls(*args, **kwargs)
 
-    def reduce(self: Any) -> tuple:
+    def reduce(self: Any) -> tuple[Any, ...]:
         return (dataclass_copy, (cls, dataclass_fields(self)))
 
     body: dict[str, Any] = {"__slots__": (), "__new__": new, "__reduce__": reduce, "__hash__": cls.__hash__,

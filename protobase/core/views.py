@@ -11,15 +11,23 @@ tree, not in a builtin's storage, and C code reading that storage directly
 `Sequence` and `Set` types; `protobase.thaw` and `protobase.json_default` turn
 them into plain data. A `TreeDict` memoises key -> value per view (so per tree
 version): a warm point read is one Python call doing one C-level dict lookup.
+
+`TreeDict` and `IndexedTreeDict` are `protobase.query.QuerySource`s: `where()`
+plans over the index readers of `query_indexes()`, which memoise equality
+searches in the view, for as long as the view (one tree version) lives.
 """
 
 from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, Set, ValuesView
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from protobase.core.arena import DICT_LEAF, LIST_LEAF, SET_LEAF
-from protobase.core.frozen import _read_only, thaw
+from protobase.core.frozen import refuse_write, thaw
+from protobase.core.index import IndexTreeReader, Postings
+from protobase.query import Expr, Query
+from protobase.query.source import NO_INDEXES, IndexName, IndexReader
 
 if TYPE_CHECKING:
     from protobase.core.store import Store
@@ -43,7 +51,7 @@ class _TreeView:
     def __len__(self) -> int:
         return self._store.access.count(self._ptr, self._leaf_kind) if self._ptr else 0
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         # pickle and copy make the plain value: a view is bound to this process's Store
         return (_TreeView._from_plain, (self.thaw(),))
 
@@ -56,7 +64,7 @@ class _TreeView:
         return thaw(self)
 
 
-class TreeDict(_TreeView, Mapping):
+class TreeDict(_TreeView, Mapping[Any, Any]):
     """A large dict from a snapshot: a read-only Mapping that loads entries from its tree on demand.
 
     Not a dict subclass: every read answers from the whole tree, and C code
@@ -75,7 +83,7 @@ class TreeDict(_TreeView, Mapping):
         # {key -> value} of the entries read so far. A plain dict, never handed out
         # (its storage is not the view's contents): the interpreter specialises a
         # subscript of an exact dict, and the try costs nothing until it catches.
-        self._memo: dict = {}
+        self._memo: dict[Any, Any] = {}
 
     def __getitem__(self, key: Any) -> Any:
         try:
@@ -111,7 +119,7 @@ class TreeDict(_TreeView, Mapping):
         if not self._ptr:
             return iter(())
         leaves = self._store.access.leaves(self._ptr, DICT_LEAF, reverse=True)
-        return (key for leaf in leaves for key in reversed(leaf.keys))
+        return (key for leaf in leaves for key in reversed(leaf.keys or ()))
 
     def get(self, key: Any, default: Any = None) -> Any:
         try:
@@ -137,74 +145,98 @@ class TreeDict(_TreeView, Mapping):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def copy(self) -> dict:
+    def copy(self) -> dict[Any, Any]:
         """A shallow plain dict of the whole tree."""
         return dict(self.items())
 
-    def __or__(self, other: Any) -> dict:
+    def __or__(self, other: Any) -> dict[Any, Any]:
         return {**self.copy(), **other}
 
-    def __ror__(self, other: Any) -> dict:
+    def __ror__(self, other: Any) -> dict[Any, Any]:
         return {**other, **self.copy()}
 
-    def where(self, expr: Any = None) -> Any:
+    def where(self, expr: Expr | None = None) -> Query:
         """The records (values) matching `expr`, through indexes when there are some; see protobase.query."""
-        from protobase.query import Query
-
         return Query(self, expr)
 
     @property
-    def indexes(self) -> tuple[str, ...]:
+    def indexes(self) -> tuple[IndexName, ...]:
         """The indexed fields (none for a plain TreeDict)."""
         return ()
 
-    def _protobase_plain_(self) -> dict:
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """{index name -> reader} for the planner (protobase.query.QuerySource): none here."""
+        return NO_INDEXES
+
+    def query_changed_keys(self) -> frozenset[Any]:
+        """No changed keys: a view is one version of the tree (protobase.query.QuerySource)."""
+        return frozenset()
+
+    def _protobase_plain_(self) -> dict[Any, Any]:
         return self.copy()
 
-    __setitem__ = __delitem__ = __ior__ = _read_only
-    clear = pop = popitem = setdefault = update = _read_only
+    __setitem__ = __delitem__ = __ior__ = refuse_write
+    clear = pop = popitem = setdefault = update = refuse_write
 
     def __repr__(self) -> str:
         return f"TreeDict(<{len(self)} keys at {self._ptr:#x}>)"
 
 
 class IndexedTreeDict(TreeDict):
-    """A TreeDict of records with secondary indexes (see index.py); `where` uses them."""
+    """A TreeDict of records with secondary indexes (see index.py); `where` uses them through query_indexes()."""
 
-    __slots__ = ("_indexes", "_postings")
+    __slots__ = ("_indexes", "_postings", "_readers")
 
-    def __init__(self, store: Store, ptr: int, indexes: dict[str, int]) -> None:
+    def __init__(self, store: Store, ptr: int, indexes: dict[IndexName, int]) -> None:
         super().__init__(store, ptr)
-        self._indexes = indexes  # {field -> AtomPointer of its index set tree}
-        self._postings: dict = {}  # {(field, kind, value) -> keys}, memoised equality searches
+        self._indexes = indexes  # {index name -> AtomPointer of its index set tree}
+        self._postings: Postings = {}  # {(index name, kind, value) -> keys}: equality searches, memoised
+        self._readers: dict[IndexName, IndexReader] | None = None  # query_indexes(), made on first query
 
     @property
-    def indexes(self) -> tuple[str | tuple, ...]:
+    def indexes(self) -> tuple[IndexName, ...]:
         """The indexed fields (a tuple of fields for a composite index)."""
         return tuple(sorted(self._indexes, key=lambda name: (isinstance(name, tuple), name)))
 
+    @property
+    def index_pointers(self) -> Mapping[IndexName, int]:
+        """{index name -> AtomPointer of its index set tree (0 when empty)}, read-only (db.check() reads it)."""
+        return MappingProxyType(self._indexes)
+
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """{index name -> reader over its tree}; the readers memoise equality searches in this view."""
+        readers = self._readers
+        if readers is None:
+            access, postings = self._store.access, self._postings
+            readers = self._readers = {name: IndexTreeReader(access, ptr, name, postings)
+                                       for name, ptr in self._indexes.items()}
+        return readers
 
     def __repr__(self) -> str:
         return f"IndexedTreeDict(<{len(self)} keys at {self._ptr:#x}, indexes {list(self.indexes)}>)"
 
 
-class _TreeItems(ItemsView):
+class _TreeItems(ItemsView[Any, Any]):
     """items() of a TreeDict: iterates the tree in key order."""
+
+    _mapping: TreeDict  # set by ItemsView.__init__
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         resolve = self._mapping._store.resolve
         return ((key, resolve(slot)) for key, slot in self._mapping._raw_items())
 
 
-class _TreeValues(ValuesView):
+class _TreeValues(ValuesView[Any]):
     """values() of a TreeDict: iterates the tree in key order."""
+
+    _mapping: TreeDict  # set by ValuesView.__init__
 
     def __iter__(self) -> Iterator[Any]:
         resolve = self._mapping._store.resolve
         return (resolve(slot) for _, slot in self._mapping._raw_items())
 
 
-class TreeSet(_TreeView, Set):
+class TreeSet(_TreeView, Set[Any]):
     """A large set from a snapshot: a Set over a set tree."""
 
     __slots__ = ()
@@ -224,21 +256,21 @@ class TreeSet(_TreeView, Set):
         return self._store.access.keys(self._ptr, SET_LEAF) if self._ptr else iter(())
 
     @classmethod
-    def _from_iterable(cls, iterable: Any) -> frozenset:
+    def _from_iterable(cls, iterable: Any) -> frozenset[Any]:
         return frozenset(iterable)
 
-    def _protobase_plain_(self) -> set:
+    def _protobase_plain_(self) -> set[Any]:
         return set(self)
 
     __hash__ = Set._hash
-    add = discard = remove = pop = clear = update = _read_only
-    difference_update = intersection_update = symmetric_difference_update = _read_only
+    add = discard = remove = pop = clear = update = refuse_write
+    difference_update = intersection_update = symmetric_difference_update = refuse_write
 
     def __repr__(self) -> str:
         return f"TreeSet(<{len(self)} elements at {self._ptr:#x}>)"
 
 
-class TreeList(_TreeView, Sequence):
+class TreeList(_TreeView, Sequence[Any]):
     """A large list from a snapshot: a Sequence over a counted list tree."""
 
     __slots__ = ()
@@ -274,11 +306,11 @@ class TreeList(_TreeView, Sequence):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def _protobase_plain_(self) -> list:
+    def _protobase_plain_(self) -> list[Any]:
         return list(self)
 
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _read_only
-    append = extend = insert = pop = remove = clear = sort = reverse = _read_only
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = refuse_write
+    append = extend = insert = pop = remove = clear = sort = reverse = refuse_write
 
     def __repr__(self) -> str:
         return f"TreeList(<{len(self)} items at {self._ptr:#x}>)"
