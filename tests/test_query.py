@@ -494,6 +494,23 @@ def test_contains_on_big_list_changed_in_transaction(db: protobase.Database) -> 
         tx.abort()
 
 
+
+def test_a_filtered_index_query_skips_records_deleted_in_the_transaction(db: protobase.Database) -> None:
+    """Regression: a filter over an index read the records of keys the transaction had deleted (KeyError)."""
+    with db.transaction() as tx:
+        tx.root["users"] = {f"k{i}": {"city": "a" if i % 2 else "b", "score": i} for i in range(200)}
+        tx.root["users"].create_index("city")
+    tx = db.transaction()
+    try:
+        users = tx.root["users"]
+        del users["k1"]
+        users["k2"] = {"city": "a", "score": 0}
+        query = users.where((F.city == "a") & (F.score < 5))
+        assert "FilterPlan" in query.explain() and "IndexedSearchPlan" in query.explain()
+        assert sorted(query.keys()) == ["k2", "k3"]
+    finally:
+        tx.abort()
+
 def test_indexed_tuple_range_with_mixed_elements(db: protobase.Database) -> None:
     """A tuple range over an indexed field whose tuples Python cannot compare with the bound matches nothing."""
     with db.transaction() as tx:

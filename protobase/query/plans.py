@@ -201,8 +201,11 @@ class FilterPlan(Plan):
         predicate = self.predicate
         if isinstance(self.base, FullScanPlan):
             return {key for key, record in source.items() if predicate.matches(record)}
+        # Keys from an index are the snapshot's: a key this transaction changed may be gone from
+        # the records, and Query rechecks those keys on their current values anyway.
+        changed = source.query_changed_keys()
         value = source.__getitem__
-        return {key for key in self.base.keys(source) if predicate.matches(value(key))}
+        return {key for key in self.base.keys(source) if key not in changed and predicate.matches(value(key))}
 
     def describe(self) -> str:
         return repr(self.predicate)
