@@ -31,6 +31,9 @@ from protobase.errors import (
     ProtoBaseError,
     ProtocolError,
     ReadOnlyError,
+    WalError,
+    WalSyncError,
+    WalWriteError,
     WorkerDiedError,
 )
 from protobase.query import F, Query
@@ -39,7 +42,7 @@ __all__ = [
     "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass", "thaw", "json_default",
     "ProtoBaseError", "ConflictError", "ReadOnlyError", "EncodingError", "DatabaseClosedError",
     "CorruptionError", "CoordinatorError", "CoordinatorRestartedError", "OutcomeUnknownError", "ProtocolError",
-    "DataDirectoryError", "PathError", "WorkerDiedError",
+    "DataDirectoryError", "PathError", "WorkerDiedError", "WalError", "WalWriteError", "WalSyncError",
     "FrozenDict", "FrozenList", "FrozenSet", "TreeDict", "TreeList", "TreeSet",
     "DatabaseStats", "ReaderStats", "F", "Query",
 ]

@@ -3,8 +3,9 @@
 Every error a user can see derives from `ProtoBaseError`. Errors are sorted by
 cause, as trio does: the caller misused a handle (`DatabaseClosedError`,
 `ReadOnlyError`), the data cannot be stored (`EncodingError`), another commit
-won (`ConflictError`, retryable), the other side died (`CoordinatorError`), or
-bytes on disk / in shared memory are wrong (`CorruptionError`).
+won (`ConflictError`, retryable), the other side died (`CoordinatorError`),
+bytes on disk / in shared memory are wrong (`CorruptionError`), or the disk
+refused to write or sync the write-ahead log (`WalError`).
 
 Every class is picklable with its arguments, so errors cross process
 boundaries (worker pools, the coordinator's replies) unchanged. Messages say
@@ -27,6 +28,9 @@ __all__ = [
     "DataDirectoryError",
     "PathError",
     "WorkerDiedError",
+    "WalError",
+    "WalWriteError",
+    "WalSyncError",
 ]
 
 
@@ -115,6 +119,38 @@ class PathError(ProtoBaseError):
 
 class WorkerDiedError(ProtoBaseError):
     """A pool worker died while it held a task; it has been replaced, the call failed."""
+
+
+# ---------------------------------------------------------------------------
+# The write-ahead log (raised in the persistence process by
+# protobase.persistence.wal; reported to the coordinator as text)
+
+
+class WalError(ProtoBaseError):
+    """Writing or syncing a WAL file failed. Carries the OS errno (or None)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        self.message = message
+        self.errno = errno
+        super().__init__(message, errno)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class WalWriteError(WalError):
+    """A record could not be written (ENOSPC, EIO, ...). The file holds no part of it.
+
+    The writer stays usable unless the cut back to the last good record failed
+    too (then it is failed, and says so).
+    """
+
+
+class WalSyncError(WalError):
+    """fdatasync of a WAL file failed: records since the last good sync may be lost.
+
+    The writer is failed for good: never retry the sync and go on.
+    """
 
 
 def format_path(path: tuple) -> str:

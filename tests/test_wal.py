@@ -18,13 +18,11 @@ import zlib
 
 import pytest
 
-from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError
+from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError, WalSyncError, WalWriteError
 from protobase.persistence import wal
 from protobase.persistence.wal import (
     FILE_HEADER_SIZE,
     RECORD_HEADER_SIZE,
-    WalSyncError,
-    WalWriteError,
     WalWriter,
     inject_faults,
     list_wal_files,
@@ -488,7 +486,8 @@ def test_fault_budgets_from_the_environment(tmp_path, monkeypatch):
 def test_environment_faults_reach_a_separate_process(tmp_path):
     script = (
         "import sys\n"
-        "from protobase.persistence.wal import WalWriter, WalSyncError\n"
+        "from protobase.errors import WalSyncError\n"
+        "from protobase.persistence.wal import WalWriter\n"
         "writer = WalWriter.create(sys.argv[1], 1)\n"
         "writer.append(b'x')\n"
         "try:\n"

@@ -43,7 +43,7 @@ import zlib
 
 from protobase.core import codec
 from protobase.core.datadir import DataDir, FileLock
-from protobase.errors import CorruptionError
+from protobase.errors import CorruptionError, WalSyncError, WalWriteError
 from protobase.persistence import wal
 from protobase.persistence.checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
 from protobase.shm import names
@@ -104,12 +104,12 @@ class Persistence:
             self._drain()  # the coordinator stopped or died: keep what it handed us
             self._sync()
             return 0
-        except (wal.WalWriteError, wal.WalSyncError, OSError, CorruptionError) as error:
+        except (WalWriteError, WalSyncError, OSError, CorruptionError) as error:
             log.error("write-ahead log failed: %s", error)
             # The report first: a coordinator that sees the flag finds the reason already sent.
             self._report(["failed", f"{type(error).__name__}: {error}"])
             self.control.wal_failed = True
-            if isinstance(error, wal.WalWriteError):
+            if isinstance(error, WalWriteError):
                 self._sync_written()
             return EXIT_DISK_FAILURE
         finally:
@@ -262,7 +262,7 @@ class Persistence:
             return
         try:
             self._sync()
-        except (wal.WalSyncError, OSError) as error:
+        except (WalSyncError, OSError) as error:
             log.error("could not sync the records written before the failure either: %s", error)
 
     def _checkpoint(self, payload: bytes) -> None:

@@ -72,7 +72,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError
+from protobase.errors import CorruptionError, DatabaseClosedError, WalError, WalSyncError, WalWriteError
 
 __all__ = [
     "MAGIC",
@@ -114,37 +114,6 @@ FAULTS_ENV = "PROTOBASE_WAL_FAULTS"
 _SALT = struct.Struct("<Q")
 _NAME = re.compile(r"wal-([0-9a-f]{16})\.log")
 _RECOVER_HINT = "run `protobase recover` on the data directory to inspect and salvage it"
-
-
-# ---------------------------------------------------------------------------
-# Errors
-
-
-class WalError(ProtoBaseError):
-    """Writing or syncing a WAL file failed. Carries the OS errno (or None)."""
-
-    def __init__(self, message: str, errno: int | None = None) -> None:
-        self.message = message
-        self.errno = errno
-        super().__init__(message, errno)
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class WalWriteError(WalError):
-    """A record could not be written (ENOSPC, EIO, ...). The file holds no part of it.
-
-    The writer stays usable unless the cut back to the last good record failed
-    too (then it is failed, and says so).
-    """
-
-
-class WalSyncError(WalError):
-    """fdatasync of a WAL file failed: records since the last good sync may be lost.
-
-    The writer is failed for good: never retry the sync and go on.
-    """
 
 
 # ---------------------------------------------------------------------------
