@@ -99,9 +99,10 @@ def filesystem_of(path: str) -> str:
 
 def wal_file_bytes(path: str) -> int:
     """Bytes of header and records in the wal-*.log files of `path` (not the zeros preallocated after them)."""
-    from protobase.persistence import wal
+    from protobase.persistence.wal.files import list_wal_files
+    from protobase.persistence.wal.reader import scan
 
-    return sum(wal.scan(file).good_end for _, file in wal.list_wal_files(path))
+    return sum(scan(file).good_end for _, file in list_wal_files(path))
 
 
 def checkpoint_file_bytes(path: str) -> int:

@@ -20,8 +20,8 @@ import pytest
 import protobase
 from protobase.cli import main as cli
 from protobase.core.datadir import DataDir
-from protobase.persistence import wal
 from protobase.persistence.checkpoint import checkpoint_files
+from protobase.persistence.wal.faults import FAULTS_ENV
 from tests.conftest import GRACE, served, wait_for_coordinator_exit
 
 G = ["--grace", str(GRACE)]
@@ -380,7 +380,7 @@ def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir)
 
 def test_serve_exits_with_failure_after_a_disk_failure(datadir):
     # A supervisor must see the failure: systemd's Restart=on-failure ignores an exit status of 0.
-    with served(datadir, "--log-level", "ERROR", env={wal.FAULTS_ENV: "enospc_after=4096"}) as server:
+    with served(datadir, "--log-level", "ERROR", env={FAULTS_ENV: "enospc_after=4096"}) as server:
         with protobase.open(datadir, start_coordinator=False) as db:
             with pytest.raises(protobase.CoordinatorError, match="No space left on device"):
                 for i in range(10_000):

@@ -17,8 +17,11 @@ from protobase.coordinator import durability as durability_module
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
-from protobase.persistence import wal
 from protobase.persistence.process import EXIT_DISK_FAILURE, Persistence
+from protobase.persistence.wal.faults import FAULTS_ENV
+from protobase.persistence.wal.files import list_wal_files
+from protobase.persistence.wal.reader import WalRecord, read_directory, read_records, scan
+from protobase.persistence.wal.writer import WalWriter
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
 from protobase.shm.ring import SYNC, CommitRing
@@ -105,7 +108,7 @@ def test_a_sync_commit_is_durable_when_it_returns(datadir):
         commit_counter(db, "counter", 1)
         stats = db.stats()
         assert stats.durable_lsn == stats.last_lsn == 1
-        records = list(wal.read_directory(datadir))
+        records = list(read_directory(datadir))
         assert [lsn for lsn, _ in records] == [1]
 
 
@@ -130,7 +133,7 @@ def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(dat
 def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, monkeypatch):
     # Once the WAL write failed, the coordinator stopped: the next commit got "lost the
     # coordinator" (a broken pipe), which says nothing of the disk or of what was kept.
-    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=8192")
+    monkeypatch.setenv(FAULTS_ENV, "enospc_after=8192")
     acknowledged = 0
     with protobase.open(datadir, durability="async", shutdown_grace=GRACE) as db:
         with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
@@ -141,7 +144,7 @@ def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, mo
         for mode in ("async", "sync", "async"):
             with pytest.raises(CoordinatorError, match="No space left on device.*NOT made durable.*nor is any later"):
                 commit_counter(db, "later", 0, durability=mode)
-    monkeypatch.delenv(wal.FAULTS_ENV)
+    monkeypatch.delenv(FAULTS_ENV)
     assert wait_for_coordinator_exit(datadir)
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         with db.snapshot() as snap:
@@ -160,15 +163,15 @@ def test_corruption_before_valid_records_refuses_to_open(datadir):
         kill_and_wait(pid)  # no final checkpoint: the state lives in the WAL
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    (_, path), = wal.list_wal_files(datadir)
-    scan = wal.scan(path)
-    offset = scan.records[2].offset + 30  # inside the third record's payload
+    (_, path), = list_wal_files(datadir)
+    result = scan(path)
+    offset = result.records[2].offset + 30  # inside the third record's payload
     with open(path, "r+b") as file:
         file.seek(offset)
         byte = file.read(1)
         file.seek(offset)
         file.write(bytes([byte[0] ^ 0x40]))
-    with pytest.raises(CorruptionError, match=f"WAL file {path} is corrupt at offset {scan.records[2].offset}"):
+    with pytest.raises(CorruptionError, match=f"WAL file {path} is corrupt at offset {result.records[2].offset}"):
         protobase.open(datadir, shutdown_grace=GRACE)
     assert wait_for_coordinator_exit(datadir)
 
@@ -180,8 +183,8 @@ def test_a_torn_tail_recovers_to_the_last_complete_commit(datadir):
         kill_and_wait(db.coordinator_pid)
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    (_, path), = wal.list_wal_files(datadir)
-    last = wal.scan(path).records[-1]
+    (_, path), = list_wal_files(datadir)
+    last = scan(path).records[-1]
     with open(path, "r+b") as file:
         file.truncate(last.offset + 10)  # the last record is cut in its header
     assert read(datadir, "counter") == 3
@@ -231,13 +234,13 @@ def crash_after_commits(path: str, count: int) -> str:
         kill_and_wait(db.coordinator_pid)
         db.close()
     assert wait_for_coordinator_exit(path)
-    (_, wal_path), = wal.list_wal_files(path)
+    (_, wal_path), = list_wal_files(path)
     return wal_path
 
 
-def damage_records(wal_path: str, *indexes: int) -> list[wal.WalRecord]:
+def damage_records(wal_path: str, *indexes: int) -> list[WalRecord]:
     """Flip bytes inside the payloads of these records (0 = the first) of a WAL file; those records."""
-    records = wal.scan(wal_path).records
+    records = scan(wal_path).records
     with open(wal_path, "r+b") as file:
         for index in indexes:
             file.seek(records[index].offset + 30)
@@ -413,7 +416,7 @@ def instance(datadir):
 
 def write_history(directory: DataDir, payloads: list[bytes]) -> str:
     """A WAL file of these records from lsn 1, as a persistence process leaves it; its path."""
-    with wal.WalWriter.create(directory.path, 1) as writer:
+    with WalWriter.create(directory.path, 1) as writer:
         writer.append_many(payloads)
         writer.sync()
         return writer.path
@@ -443,7 +446,7 @@ def test_persistence_refuses_a_wal_ahead_of_the_state_instead_of_skipping_new_co
                                   f"the state being served: the WAL belongs to a later state (was a "
                                   f"checkpoint-*.pb file moved or deleted?); put the missing file back, or salvage "
                                   f"with `protobase recover {directory.path} NEW_DIR`"]]
-    assert list(wal.read_records(path)) == [(lsn, b"theirs %d" % lsn) for lsn in range(1, 6)]
+    assert list(read_records(path)) == [(lsn, b"theirs %d" % lsn) for lsn in range(1, 6)]
 
 
 def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(instance):
@@ -455,10 +458,10 @@ def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(
     ring.append(4, SYNC, b"commit 4")
     status, reports = run_persistence(directory, instance_id, next_lsn=3, last_lsn=4)
     assert (status, reports) == (0, [["started", 3], ["durable", 4]])
-    assert [payload for _, payload in wal.read_records(path)] == [b"commit 1", b"commit 2", b"commit 3", b"commit 4"]
+    assert [payload for _, payload in read_records(path)] == [b"commit 1", b"commit 2", b"commit 3", b"commit 4"]
 
     ring.append(5, SYNC, b"commit 5")
-    with wal.WalWriter.open_for_append(path) as writer:  # what another history put there meanwhile
+    with WalWriter.open_for_append(path) as writer:  # what another history put there meanwhile
         writer.append(b"not commit 5")
         writer.sync()
     status, reports = run_persistence(directory, instance_id, next_lsn=5, last_lsn=5)
@@ -499,7 +502,7 @@ def durability(datadir):
 @pytest.fixture
 def full_disk(monkeypatch):
     """The persistence processes started from now on find room for 100 bytes of WAL (its header included)."""
-    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=100")
+    monkeypatch.setenv(FAULTS_ENV, "enospc_after=100")
 
 
 def test_a_failed_wal_write_refuses_the_next_async_commit_before_its_report_is_read(full_disk, durability):

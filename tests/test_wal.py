@@ -1,4 +1,4 @@
-"""Tests of protobase/wal.py: the WAL byte format, torn tails, damage, faults.
+"""Tests of protobase/persistence/wal/: the WAL byte format, torn tails, damage, salvage, faults.
 
 Pure file tests in tmp_path: no database, no coordinator. Faults are injected
 through the module's real write and sync paths (`inject_faults`, and the
@@ -19,28 +19,25 @@ import zlib
 import pytest
 
 from protobase.errors import CorruptionError, DatabaseClosedError, ProtoBaseError, WalSyncError, WalWriteError
-from protobase.persistence import wal
-from protobase.persistence.wal import (
-    FILE_HEADER_SIZE,
-    RECORD_HEADER_SIZE,
-    WalWriter,
-    inject_faults,
-    list_wal_files,
-    read_directory,
-    read_records,
-    remove_wal_files_before,
-    scan,
-)
+from protobase.persistence.wal import faults
+from protobase.persistence.wal import writer as writer_module
+from protobase.persistence.wal.faults import FAULTS_ENV, inject_faults
+from protobase.persistence.wal.files import list_wal_files, remove_wal_files_before, wal_file_name
+from protobase.persistence.wal.format import FILE_HEADER_SIZE, RECORD_HEADER_SIZE
+from protobase.persistence.wal.reader import read_directory, read_records, scan
+from protobase.persistence.wal.salvage import salvage_records
+from protobase.persistence.wal.search import lsn_range_regex
+from protobase.persistence.wal.writer import PREALLOCATE_BYTES, WalWriter
 
 
 @pytest.fixture(autouse=True)
 def no_faults_left(monkeypatch):
     """Every test starts and ends with no injected fault."""
-    monkeypatch.delenv(wal.FAULTS_ENV, raising=False)
-    saved = (wal._faults.write_budget, wal._faults.sync_budget, wal._env_faults_applied)
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    saved = (faults.active.write_budget, faults.active.sync_budget, faults.active.env_applied)
     inject_faults()
     yield
-    wal._faults.write_budget, wal._faults.sync_budget, wal._env_faults_applied = saved
+    faults.active.write_budget, faults.active.sync_budget, faults.active.env_applied = saved
 
 
 def payload_for(lsn: int, size: int | None = None) -> bytes:
@@ -119,7 +116,7 @@ def test_round_trip_across_two_files(tmp_path):
     writer.sync()
     assert (writer.last_lsn, writer.next_lsn, writer.synced_lsn) == (43, 44, 43)
     # While open, the file runs on in preallocated zeros, which read as a torn tail ...
-    assert os.path.getsize(writer.path) == wal.PREALLOCATE_BYTES > writer.size
+    assert os.path.getsize(writer.path) == PREALLOCATE_BYTES > writer.size
     open_scan = scan(writer.path)
     assert (open_scan.good_end, open_scan.torn, open_scan.corrupt, open_scan.last_lsn) == (writer.size, True, False, 43)
     writer.close()
@@ -148,14 +145,14 @@ def test_round_trip_across_two_files(tmp_path):
 
 def test_preallocated_zeros_after_a_crash_are_cut_and_never_taken_for_damage(tmp_path):
     writer = WalWriter.create(str(tmp_path), 1)
-    big = b"b" * (wal.PREALLOCATE_BYTES * 2 + 10)  # a record past one step grows the file by whole steps
+    big = b"b" * (PREALLOCATE_BYTES * 2 + 10)  # a record past one step grows the file by whole steps
     writer.append_many([b"one", big])
     writer.sync()
-    assert os.path.getsize(writer.path) == 3 * wal.PREALLOCATE_BYTES
+    assert os.path.getsize(writer.path) == 3 * PREALLOCATE_BYTES
     os.close(writer._fd)  # the process dies: no close, the zeros stay
     writer._fd = None
 
-    records, skipped = wal.salvage_records(writer.path)
+    records, skipped = salvage_records(writer.path)
     assert [(r.lsn, r.payload) for r in records] == [(1, b"one"), (2, big)] and skipped == []
     with WalWriter.open_for_append(writer.path) as reopened:
         assert os.path.getsize(writer.path) == reopened.size == writer.size
@@ -270,7 +267,7 @@ def test_salvage_keeps_every_record_of_a_file_whose_header_has_a_bit_flip(tmp_pa
         data = bytearray(original)
         data[bit // 8] ^= 1 << (bit % 8)
         copy = copy_with(path, bytes(data), tmp_path / "flip")
-        records, skipped = wal.salvage_records(copy)
+        records, skipped = salvage_records(copy)
         assert [(record.lsn, record.payload) for record in records] == list(zip(range(1, 101), payloads)), bit
         assert skipped == [(0, FILE_HEADER_SIZE)], bit
 
@@ -281,15 +278,15 @@ def test_salvage_of_a_file_whose_header_and_first_record_are_damaged(tmp_path):
     data[0] ^= 1  # the magic: the salt field is still right, and proves itself on record 2
     data[offsets[0] + 30] ^= 1
     copy = copy_with(path, bytes(data), tmp_path / "magic")
-    records, skipped = wal.salvage_records(copy)
+    records, skipped = salvage_records(copy)
     assert [record.lsn for record in records] == [2, 3, 4, 5]
     assert skipped == [(0, FILE_HEADER_SIZE), (offsets[0], offsets[1])]
     data[16] ^= 1  # the salt too: the first record still names it in its prev field
     copy = copy_with(path, bytes(data), tmp_path / "salt")
-    assert wal.salvage_records(copy) == (records, skipped)
+    assert salvage_records(copy) == (records, skipped)
     data[offsets[0] + 16] ^= 1  # and that field: nothing left proves the salt
     copy = copy_with(path, bytes(data), tmp_path / "prev")
-    assert wal.salvage_records(copy) == ([], [(0, len(data))])
+    assert salvage_records(copy) == ([], [(0, len(data))])
 
 
 @pytest.mark.parametrize("damage", ["payload", "length", "zeros", "garbage"])
@@ -401,9 +398,9 @@ def test_damaged_salt_is_not_mistaken_for_a_torn_file(tmp_path):
 
 def test_first_lsn_must_match_the_file_name(tmp_path):
     path, _, _ = write_wal(tmp_path, 1, 2)
-    os.rename(path, os.path.join(str(tmp_path), wal.wal_file_name(2)))
+    os.rename(path, os.path.join(str(tmp_path), wal_file_name(2)))
     with pytest.raises(CorruptionError, match="first lsn 1 but its name says 2"):
-        scan(os.path.join(str(tmp_path), wal.wal_file_name(2)))
+        scan(os.path.join(str(tmp_path), wal_file_name(2)))
 
 
 # --- faults --------------------------------------------------------------
@@ -417,7 +414,7 @@ def test_enospc_mid_record_cuts_back_to_the_last_good_record(tmp_path):
     with inject_faults(write_fail_after_bytes=30):  # header and 6 payload bytes, then a short write, then ENOSPC
         with pytest.raises(WalWriteError) as caught:
             writer.append(b"three" * 20)
-        assert wal._faults.write_budget == 0  # the partial chunk really was written
+        assert faults.active.write_budget == 0  # the partial chunk really was written
     assert caught.value.errno == errno.ENOSPC
     assert str(caught.value) == (
         f"cannot write 1 record(s) from lsn 3 to WAL file {writer.path} (No space left on device (injected)); "
@@ -469,7 +466,7 @@ def test_fsync_error_fails_the_writer_for_good(tmp_path):
 
 
 def test_fault_budgets_from_the_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv(wal.FAULTS_ENV, "enospc_after=100,fsync_error_after=2")
+    monkeypatch.setenv(FAULTS_ENV, "enospc_after=100,fsync_error_after=2")
     writer = WalWriter.create(str(tmp_path), 1)  # header: 32 bytes, one sync
     writer.append(b"x" * 20)  # 44 bytes
     writer.sync()
@@ -478,7 +475,7 @@ def test_fault_budgets_from_the_environment(tmp_path, monkeypatch):
     with pytest.raises(WalSyncError):
         writer.sync()
     writer.close()
-    monkeypatch.setenv(wal.FAULTS_ENV, "nonsense")
+    monkeypatch.setenv(FAULTS_ENV, "nonsense")
     with pytest.raises(ValueError, match="cannot parse 'nonsense'"):
         WalWriter.create(str(tmp_path), 100)
 
@@ -487,7 +484,7 @@ def test_environment_faults_reach_a_separate_process(tmp_path):
     script = (
         "import sys\n"
         "from protobase.errors import WalSyncError\n"
-        "from protobase.persistence.wal import WalWriter\n"
+        "from protobase.persistence.wal.writer import WalWriter\n"
         "writer = WalWriter.create(sys.argv[1], 1)\n"
         "writer.append(b'x')\n"
         "try:\n"
@@ -508,8 +505,8 @@ def test_remove_wal_files_before(tmp_path):
     for first in (1, 11, 21):
         write_wal(tmp_path, first, 10)
     assert remove_wal_files_before(str(tmp_path), 9) == []
-    assert remove_wal_files_before(str(tmp_path), 10) == [os.path.join(str(tmp_path), wal.wal_file_name(1))]
-    assert remove_wal_files_before(str(tmp_path), 1000) == [os.path.join(str(tmp_path), wal.wal_file_name(11))]
+    assert remove_wal_files_before(str(tmp_path), 10) == [os.path.join(str(tmp_path), wal_file_name(1))]
+    assert remove_wal_files_before(str(tmp_path), 1000) == [os.path.join(str(tmp_path), wal_file_name(11))]
     assert [first for first, _ in list_wal_files(str(tmp_path))] == [21]  # the last file always stays
     assert list(read_directory(str(tmp_path), 20))[0][0] == 21
 
@@ -525,7 +522,7 @@ def test_missing_records_between_files_are_reported(tmp_path):
     assert [lsn for lsn, _ in read_directory(str(tmp_path), strict=False)] == [1, 2, 3, 4, 5]
     with pytest.raises(CorruptionError, match=r"WAL records 7\.\.8 are missing"):
         list(read_directory(str(tmp_path), 6))
-    os.unlink(os.path.join(str(tmp_path), wal.wal_file_name(1)))
+    os.unlink(os.path.join(str(tmp_path), wal_file_name(1)))
     with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: recovery starts from the state at "
                                               r"lsn 0, but the first WAL file, .*wal-0+9\.log, starts at lsn 9"):
         list(read_directory(str(tmp_path)))
@@ -542,7 +539,7 @@ def test_a_gap_before_a_file_with_a_torn_header_is_reported(tmp_path):
     os.truncate(path, FILE_HEADER_SIZE - 1)
     with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: .*wal-0+9\.log, starts at lsn 9"):
         list(read_directory(str(tmp_path)))
-    os.rename(path, os.path.join(str(tmp_path), wal.wal_file_name(6)))  # where the writer would have started it
+    os.rename(path, os.path.join(str(tmp_path), wal_file_name(6)))  # where the writer would have started it
     assert [lsn for lsn, _ in read_directory(str(tmp_path))] == [1, 2, 3, 4, 5]
 
 
@@ -554,7 +551,7 @@ def test_misuse_is_refused(tmp_path, monkeypatch):
     with pytest.raises(WalWriteError, match="cannot create WAL file .*File exists") as caught:
         WalWriter.create(str(tmp_path), 1)
     assert caught.value.errno == errno.EEXIST
-    monkeypatch.setattr(wal, "MAX_PAYLOAD", 10)
+    monkeypatch.setattr(writer_module, "MAX_PAYLOAD", 10)
     with pytest.raises(ValueError, match="over the 10-byte limit"):
         writer.append(b"x" * 11)
     assert writer.size == FILE_HEADER_SIZE
@@ -579,7 +576,7 @@ def test_lsn_range_pattern_matches_exactly_the_range():
     for _ in range(500):
         low = rng.choice([rng.randrange(1, 300), rng.randrange(1, 1 << 40), rng.randrange(1, 1 << 63)])
         high = low + rng.randrange(0, 1 << rng.randrange(1, 30))
-        pattern = wal._lsn_range_regex(low, high)
+        pattern = lsn_range_regex(low, high)
         for value in (low, high, low - 1, high + 1, rng.randrange(low, high + 1), rng.randrange(0, 1 << 64)):
             assert bool(pattern.match(bytes(8) + value.to_bytes(8, "little"))) == (low <= value <= high)
     assert RECORD_HEADER_SIZE == 24
@@ -596,3 +593,14 @@ def test_fsync_error_while_creating_or_repairing(tmp_path):
     with inject_faults(sync_error=True):
         with pytest.raises(WalSyncError, match="cannot repair the torn end of WAL file"):
             WalWriter.open_for_append(path)
+
+
+def test_the_package_keeps_the_names_of_the_former_wal_module():
+    # Scripts wrote `from protobase.persistence import wal; wal.scan(...)` when the WAL was one
+    # module: each name it exported is the object its owning module defines now.
+    from protobase import errors
+    from protobase.persistence import wal
+
+    assert wal.scan is scan and wal.WalWriter is WalWriter and wal.salvage_records is salvage_records
+    assert wal.WalSyncError is errors.WalSyncError and wal.inject_faults is inject_faults
+    assert all(hasattr(wal, name) for name in wal.__all__)

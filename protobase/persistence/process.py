@@ -44,8 +44,10 @@ import zlib
 from protobase.core import codec
 from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CorruptionError, WalSyncError, WalWriteError
-from protobase.persistence import wal
 from protobase.persistence.checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
+from protobase.persistence.wal.files import fsync_directory, list_wal_files, remove_wal_files_before
+from protobase.persistence.wal.reader import read_records
+from protobase.persistence.wal.writer import WalWriter
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
@@ -71,7 +73,7 @@ class Persistence:
         self.lock = FileLock(datadir.file("wal.lock"))
         self.control: ControlBlock | None = None
         self.ring: CommitRing | None = None
-        self.writer: wal.WalWriter | None = None
+        self.writer: WalWriter | None = None
         self.inherited: dict[int, int] = {}  # {lsn -> crc32 of the payload} of records a predecessor wrote
         self.unsynced_since: float | None = None  # when the oldest unsynced record was written
         self.coordinator_gone = False
@@ -119,7 +121,7 @@ class Persistence:
             self.control.close()
             self.lock.release()
 
-    def _open_wal(self, next_lsn: int, last_lsn: int) -> wal.WalWriter:
+    def _open_wal(self, next_lsn: int, last_lsn: int) -> WalWriter:
         """Open the WAL file to continue, after checking it against the coordinator's LSNs.
 
         The coordinator holds every LSN < next_lsn durable (recovered from
@@ -134,11 +136,11 @@ class Persistence:
         (the records between are in no file we read), or one ending before
         next_lsn - 1 with no checkpoint covering the rest.
         """
-        files = wal.list_wal_files(self.datadir.path)
+        files = list_wal_files(self.datadir.path)
         if not files:
             self._check_covered(next_lsn - 1, None)
-            return wal.WalWriter.create(self.datadir.path, next_lsn)
-        writer = wal.WalWriter.open_for_append(files[-1][1])
+            return WalWriter.create(self.datadir.path, next_lsn)
+        writer = WalWriter.open_for_append(files[-1][1])
         try:
             self._check_continues(writer, next_lsn, last_lsn)
         except BaseException:
@@ -147,12 +149,12 @@ class Persistence:
         if writer.last_lsn < next_lsn - 1:  # a checkpoint must hold the rest: start the file after it
             writer.close()
             self._check_covered(next_lsn - 1, writer)
-            return wal.WalWriter.create(self.datadir.path, next_lsn)
+            return WalWriter.create(self.datadir.path, next_lsn)
         if writer.last_lsn >= next_lsn:
-            self.inherited = {lsn: zlib.crc32(data) for lsn, data in wal.read_records(writer.path, next_lsn - 1)}
+            self.inherited = {lsn: zlib.crc32(data) for lsn, data in read_records(writer.path, next_lsn - 1)}
         return writer
 
-    def _check_continues(self, writer: wal.WalWriter, next_lsn: int, last_lsn: int) -> None:
+    def _check_continues(self, writer: WalWriter, next_lsn: int, last_lsn: int) -> None:
         """CorruptionError unless the WAL file of `writer` fits the coordinator's LSNs; see `_open_wal`."""
         if writer.last_lsn > last_lsn:
             raise CorruptionError(
@@ -165,7 +167,7 @@ class Persistence:
                 f"WAL records {next_lsn}..{writer.first_lsn - 1} are in no WAL file: {writer.path} starts at lsn "
                 f"{writer.first_lsn}; the database must stop and recover (`protobase recover`)")
 
-    def _check_covered(self, lsn: int, writer: wal.WalWriter | None) -> None:
+    def _check_covered(self, lsn: int, writer: WalWriter | None) -> None:
         """CorruptionError unless a checkpoint holds the state up to `lsn` (which no WAL file we read holds)."""
         if lsn == 0 or any(covered >= lsn for covered, _ in checkpoint_files(self.datadir.path)):
             return
@@ -276,7 +278,7 @@ class Persistence:
             started = time.monotonic()
             path = write_checkpoint(backup or self.datadir.path, lsn=lsn, seq=request["seq"], root=request["root"],
                                     next_segment=request["next_segment"], segments=views,
-                                    fsync_directory=wal.fsync_directory)
+                                    fsync_directory=fsync_directory)
             del views
         finally:
             for _, segment in segments:
@@ -289,9 +291,9 @@ class Persistence:
             raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
         if self.writer.first_lsn != lsn + 1:  # else the current file already starts after the checkpoint
             self.writer.close()
-            self.writer = wal.WalWriter.create(self.datadir.path, lsn + 1)
-        wal.remove_wal_files_before(self.datadir.path, lsn)
-        remove_checkpoints_before(self.datadir.path, lsn, wal.fsync_directory)
+            self.writer = WalWriter.create(self.datadir.path, lsn + 1)
+        remove_wal_files_before(self.datadir.path, lsn)
+        remove_checkpoints_before(self.datadir.path, lsn, fsync_directory)
         log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)
         self._report(["checkpointed", lsn, path])
 
