@@ -7,9 +7,17 @@ bytes into segments with the same indexes makes every pointer valid again:
 recovery is a copy, then a replay of the WAL records after `lsn`.
 
 It is written by the persistence process from a snapshot the coordinator
-keeps pinned, to `checkpoint-<lsn>.tmp`, fsynced, renamed to
+keeps pinned (and, by `protobase recover`, into a new directory), to
+`checkpoint-<lsn>.tmp`, fsynced, renamed to
 `checkpoint-<lsn as 16 hex digits>.pb`, and the directory fsynced; only then
-are older checkpoints and the WAL files it covers removed.
+are older checkpoints and the WAL files it covers removed. It is read by
+recovery in the coordinator and by the command line (`backup`, `status`).
+
+Invariant: a `checkpoint-*.pb` file is complete and fsynced before it has
+that name, so a crash leaves the previous checkpoints or the new one, never a
+half-written one (a leftover `.tmp` is removed by `newest_checkpoint`).
+Reading checks the magic, the version, the header's crc and, while
+restoring, each segment's crc: damage is a CorruptionError naming the file.
 
 Byte format (little-endian):
 
@@ -40,7 +48,14 @@ from dataclasses import dataclass
 
 from protobase.errors import CorruptionError
 
-__all__ = ["Checkpoint", "write_checkpoint", "newest_checkpoint", "remove_checkpoints_before"]
+__all__ = [
+    "Checkpoint",
+    "write_checkpoint",
+    "checkpoint_files",
+    "read_checkpoint",
+    "newest_checkpoint",
+    "remove_checkpoints_before",
+]
 
 MAGIC = b"PBCKPT01"
 VERSION = 1
@@ -49,7 +64,7 @@ _CRC = struct.Struct("<I4x")
 _ENTRY = struct.Struct("<QQI4x")
 HEADER_SIZE = _HEADER.size + _CRC.size
 _NAME = re.compile(r"checkpoint-([0-9a-f]{16})\.pb")
-CHUNK = 8 << 20
+CHUNK = 8 << 20  # bytes copied per write or read: segments are large, memory for copies is not
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,7 @@ def write_checkpoint(directory: str, *, lsn: int, seq: int, root: int, next_segm
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write all of `data`, looping over short writes (an error, ENOSPC say, raises OSError)."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)

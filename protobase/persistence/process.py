@@ -1,9 +1,16 @@
 """The persistence process: drains the commit ring into the WAL, fsyncs in groups.
 
-Started and supervised by the coordinator (`python -m
-protobase.persistence DIR ...`, the data directory's absolute
-path on its command line). It holds `wal.lock` for its whole life, so a new
-coordinator never reads a WAL that is still being written.
+Owns the consumer side of one instance's commit ring, the WAL writer, the
+checkpoint writing, and the durable LSN in the control segment. Runs in its
+own process, started and supervised by the coordinator (`python -m
+protobase.persistence DIR ...`, the data directory's absolute path on its
+command line). It holds `wal.lock` for its whole life, so a new coordinator
+never reads a WAL that is still being written.
+
+Invariant: the durable LSN published in the control segment (and reported to
+the coordinator) never exceeds what an fsync of the WAL covered, and the WAL
+holds the ring's records in LSN order, each once, with no gap and nothing of
+another history.
 
 Loop: wait for the doorbell (a byte on the socket shared with the coordinator)
 or `flush_interval`; take every whole record from the ring; append them to the
@@ -71,9 +78,9 @@ class Persistence:
         self.sock = sock  # doorbell in, reports out
         self.flush_interval = flush_interval
         self.lock = FileLock(datadir.file("wal.lock"))
-        self.control: ControlBlock | None = None
-        self.ring: CommitRing | None = None
-        self.writer: WalWriter | None = None
+        self._control: ControlBlock | None = None  # attached by run(), once it holds the lock
+        self._ring: CommitRing | None = None  # attached by run(), once it holds the lock
+        self._writer: WalWriter | None = None  # the WAL file appended to; replaced when a checkpoint rotates it
         self.inherited: dict[int, int] = {}  # {lsn -> crc32 of the payload} of records a predecessor wrote
         self.unsynced_since: float | None = None  # when the oldest unsynced record was written
         self.coordinator_gone = False
@@ -90,10 +97,10 @@ class Persistence:
                 log.error("wal.lock is still held after %ss; another persistence process runs", LOCK_WAIT)
                 return 1
             time.sleep(0.01)
-        self.control = ControlBlock.attach(names.control_name(self.instance_id))
-        self.ring = CommitRing.attach(names.segment_name(self.instance_id, "ring"))
+        self._control = ControlBlock.attach(names.control_name(self.instance_id))
+        self._ring = CommitRing.attach(names.segment_name(self.instance_id, "ring"))
         try:
-            self.writer = self._open_wal(next_lsn, last_lsn)
+            self._writer = self._open_wal(next_lsn, last_lsn)
             # A predecessor killed between write and fsync left records in the page cache
             # only: make them durable before anything else, then say so.
             self.writer.sync()
@@ -115,11 +122,29 @@ class Persistence:
                 self._sync_written()
             return EXIT_DISK_FAILURE
         finally:
-            if self.writer is not None:
-                self.writer.close()
-            self.ring.close()
-            self.control.close()
+            if self._writer is not None:
+                self._writer.close()
+            self._ring.close()
+            self._control.close()
             self.lock.release()
+
+    @property
+    def control(self) -> ControlBlock:
+        """The instance's control segment; attached while `run` serves."""
+        assert self._control is not None, "the control segment is used before run() attached it"
+        return self._control
+
+    @property
+    def ring(self) -> CommitRing:
+        """The commit ring this process consumes; attached while `run` serves."""
+        assert self._ring is not None, "the commit ring is used before run() attached it"
+        return self._ring
+
+    @property
+    def writer(self) -> WalWriter:
+        """The WAL file records are appended to; open while `run` serves."""
+        assert self._writer is not None, "the WAL is written before run() opened it"
+        return self._writer
 
     def _open_wal(self, next_lsn: int, last_lsn: int) -> WalWriter:
         """Open the WAL file to continue, after checking it against the coordinator's LSNs.
@@ -215,6 +240,11 @@ class Persistence:
                 self.coordinator_gone = True
 
     def _drain(self) -> None:
+        """Append every whole ring record with one write, release them, and sync if a sync commit asks.
+
+        A control record (a checkpoint or backup request) cuts the batch:
+        what comes before it is written and synced first.
+        """
         records, tail = self.ring.read()
         batch: list[bytes] = []
         sync_needed = False
@@ -239,12 +269,14 @@ class Persistence:
             self._sync()
 
     def _append(self, batch: list[bytes]) -> None:
+        """Write `batch` to the WAL (not yet durable); remember since when something waits for its fsync."""
         if batch:
             self.writer.append_many(batch)
             if self.unsynced_since is None:
                 self.unsynced_since = time.monotonic()
 
     def _sync(self) -> None:
+        """fsync what was written, then publish and report the durable LSN (in that order, never before)."""
         if self.unsynced_since is None:
             return
         self.writer.sync()
@@ -260,7 +292,7 @@ class Persistence:
         commits before it were acknowledged: syncing them keeps them through
         a later crash. A failed sync here changes nothing: we are stopping.
         """
-        if self.writer is None or self.writer.failed is not None:
+        if self._writer is None or self._writer.failed is not None:
             return
         try:
             self._sync()
@@ -268,6 +300,12 @@ class Persistence:
             log.error("could not sync the records written before the failure either: %s", error)
 
     def _checkpoint(self, payload: bytes) -> None:
+        """Write the checkpoint (or backup) a control record asks for from the segments it names.
+
+        For a checkpoint, a new WAL file then starts after its LSN and the
+        WAL files and checkpoints it covers are removed; a backup goes to
+        its own directory and leaves ours untouched.
+        """
         request = codec.decode(payload, frozen=False)
         lsn = request["lsn"]
         backup = request.get("directory")  # a backup: written elsewhere, our WAL untouched
@@ -291,14 +329,14 @@ class Persistence:
             raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
         if self.writer.first_lsn != lsn + 1:  # else the current file already starts after the checkpoint
             self.writer.close()
-            self.writer = WalWriter.create(self.datadir.path, lsn + 1)
+            self._writer = WalWriter.create(self.datadir.path, lsn + 1)
         remove_wal_files_before(self.datadir.path, lsn)
         remove_checkpoints_before(self.datadir.path, lsn, fsync_directory)
         log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)
         self._report(["checkpointed", lsn, path])
 
-
-    def _report(self, message: list) -> None:
+    def _report(self, message: list[object]) -> None:
+        """Send `message` to the coordinator; once it has gone, note that and send nothing more."""
         if self.coordinator_gone:
             return
         try:
@@ -308,6 +346,7 @@ class Persistence:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The entry point of `python -m protobase.persistence`: serve one instance; return the exit status."""
     parser = argparse.ArgumentParser(prog="python -m protobase.persistence")
     parser.add_argument("path", help="data directory (absolute path)")
     parser.add_argument("--instance", required=True)
