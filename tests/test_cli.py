@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import Mapping, Sequence
-from collections.abc import Set as AbstractSet
-from decimal import Decimal
 
 import pytest
 
 import protobase
 from protobase.cli import main as cli
+from protobase.cli import transfer
 from protobase.core.datadir import DataDir
 from protobase.persistence.checkpoint import checkpoint_files
 from protobase.persistence.wal.faults import FAULTS_ENV
 from tests.conftest import GRACE, served, wait_for_coordinator_exit
+from tests.test_dumpformat import sample_root, typed
 
 G = ["--grace", str(GRACE)]
 
@@ -151,59 +147,8 @@ def test_check_of_a_damaged_checkpoint_fails_clearly(datadir, capsys):
 # -- dump and load -------------------------------------------------------------------------------
 
 
-def typed(value):
-    """A hashable, type-revealing form of a snapshot value (NaN-safe, keeps datetime offsets, indexes)."""
-    if isinstance(value, Mapping):
-        items = frozenset((typed(key), typed(item)) for key, item in value.items())
-        return ("dict", tuple(sorted(getattr(value, "indexes", ()))), items)
-    if isinstance(value, tuple):
-        return ("tuple", tuple(typed(item) for item in value))
-    if isinstance(value, AbstractSet):
-        return ("set", frozenset(typed(item) for item in value))
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return ("list", tuple(typed(item) for item in value))
-    if isinstance(value, float) and math.isnan(value):
-        return ("float", "nan")
-    if isinstance(value, int) and value.bit_length() > 1000:
-        return ("int", hex(value))
-    if isinstance(value, Decimal):
-        return ("Decimal", str(value))  # Decimal("NaN") != itself
-    if isinstance(value, dt.datetime):
-        return ("datetime", value.isoformat())
-    return (type(value).__name__, value)
-
-
-def sample_root() -> dict:
-    return {
-        "scalars": {"none": None, "t": True, "f": False, "int": -(2 ** 70), "float": 1.5, "nan": math.nan,
-                    "inf": -math.inf, "str": "héllo \"quoted\"\n", "empty": ""},
-        "huge": [7 ** 9000, -(3 ** 20000)],  # beyond int <-> str limits
-        "tuple": (1, "a", (2, (3,)), None),
-        "set": {1, "b", (1, 2), b"x", 2.5},
-        "frozen": frozenset({1, 2}),
-        "bytes": bytes(range(256)),
-        "aware": dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=-3))),
-        "naive": dt.datetime(1999, 12, 31, 23, 59, 59),
-        "date": dt.date(2020, 2, 29),
-        "decimal": [Decimal("1.10"), Decimal("-0"), Decimal("1E+3"), Decimal("NaN")],
-        "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
-        "odd keys": {1: "int", (1, "t"): "tuple", None: "none", "$dollar": "d", b"k": "bytes",
-                     dt.date(2020, 1, 1): "date", 2.5: "float"},
-        ("tuple", 1): "a tuple key at the root",
-        7: "an int key at the root",
-        "$set": {"$set": [1, 2]},  # looks like a tag: must stay a dict
-        "nested": {"a": [{"b": ({"c": {1, 2}},)}], "deep": {"x": {"y": {"z": [dt.date(2001, 1, 1)]}}}},
-        "big dict": {f"u{i}": {"n": i, "tags": [i % 3], "when": dt.date(2020, 1, 1 + i % 28)} for i in range(300)},
-        "big set": {i * 3 for i in range(250)},
-        "big list": [{"i": i} if i % 2 else (i, str(i)) for i in range(600)],
-        "big odd keys": {(i, "k"): i for i in range(100)},
-        "indexed": {f"p{i}": {"age": i % 7, "city": ["x", "y"][i % 2]} for i in range(120)},
-        "empty": {"d": {}, "l": [], "s": set(), "t": ()},
-    }
-
-
 def test_dump_then_load_round_trips_every_type(datadir, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", 50)  # big collections load over several transactions
+    monkeypatch.setattr(transfer, "LOAD_BATCH_ITEMS", 50)  # big collections load over several transactions
     original = sample_root()
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
         with db.transaction() as tx:
@@ -243,11 +188,6 @@ def test_dump_then_load_round_trips_every_type(datadir, capsys, monkeypatch):
         assert wait_for_coordinator_exit(datadir)
 
 
-def test_encoding_round_trips_directly():
-    for value in sample_root().values():
-        assert typed(cli.decode_value(cli.encode_value(value))) == typed(value)
-
-
 def test_dump_to_stdout(datadir, capsys):
     make_closed_database(datadir)
     status, out, _ = run(capsys, "dump", datadir, *G)
@@ -282,7 +222,7 @@ def test_load_reports_a_bad_line(datadir, capsys):
 
 @pytest.mark.parametrize("batch_items", [5_000, 1])  # the bad line in the first batch, or after commits
 def test_load_of_a_bad_file_into_a_new_directory_creates_nothing(datadir, capsys, monkeypatch, batch_items):
-    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", batch_items)
+    monkeypatch.setattr(transfer, "LOAD_BATCH_ITEMS", batch_items)
     parent = os.path.dirname(datadir)
     bad = os.path.join(parent, "bad.jsonl")
     with open(bad, "w", encoding="utf-8") as file:
@@ -296,7 +236,7 @@ def test_load_of_a_bad_file_into_a_new_directory_creates_nothing(datadir, capsys
 
 
 def test_load_into_a_new_directory_appears_only_once_complete(datadir, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "LOAD_BATCH_ITEMS", 1)
+    monkeypatch.setattr(transfer, "LOAD_BATCH_ITEMS", 1)
     good = os.path.join(os.path.dirname(datadir), "good.jsonl")
     with open(good, "w", encoding="utf-8") as file:
         file.write('{"key": "a", "value": 1}\n{"key": "b", "value": [2]}\n')
