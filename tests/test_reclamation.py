@@ -1,7 +1,7 @@
 """Reclamation: compaction frees shared memory, snapshots pin it, dead readers stop pinning it.
 
 The coordinator compacts by copying live atoms into fresh segments and unlinks
-the old ones once no reader's snapshot can reach them (server.py). These tests
+the old ones once no reader's snapshot can reach them (coordinator/reclamation.py). These tests
 watch that from outside, through `db.stats()` (reader table, data bytes) and
 the instance's entries in /dev/shm:
 

@@ -1,0 +1,273 @@
+"""The commit sequence: validating and applying each commit, and publishing roots in order.
+
+Owns the coordinator's latest commit (`seq`, `root`), the published root, the
+version table (conflicts.py) and the commits that wait for their WAL record
+to be fsynced. Runs in the coordinator process, in its event loop, one commit
+at a time: that is what serialises commits.
+
+A commit is checked (`parse_ops`: the ops are data of known shapes, since the
+socket is untrusted), validated against the version table (a key it wrote,
+or read in serializable mode, changed after its snapshot: a conflict),
+applied to the latest root by path copying and written to atoms (writer.py),
+and handed to the persistence process (durability.py). An "async" commit is
+then published and acknowledged at once; a "sync" one waits in `pending`
+until the durable LSN covers its record (`answer_durable`), and so does every
+root published after it (a compaction's too), since roots are published in
+order.
+
+Once durability failed (a disk error), every waiting and later commit is
+answered with that failure (`fail`): never acknowledged, never published.
+
+Invariants: `published_seq <= seq`; `pending` is in LSN order, and a root is
+published only once every commit before it is durable (or "async"); no
+snapshot shows a "sync" commit whose WAL record is not fsynced.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protobase.coordinator.clients import Asker, Connections, KeyPath
+from protobase.coordinator.conflicts import VersionTable
+from protobase.coordinator.durability import Durability
+from protobase.coordinator.writer import Writer, decode_ops
+from protobase.core import codec
+from protobase.errors import CoordinatorError, CorruptionError, PathError, ProtoBaseError, ProtocolError
+from protobase.keyorder import check_key
+from protobase.shm.control import ControlBlock
+from protobase.wire.error_table import error_fields
+from protobase.wire.opcodes import (
+    LIST_APPEND,
+    LIST_DELETE,
+    LIST_INSERT,
+    LIST_SET,
+    OP_CREATE_INDEX,
+    OP_DELETE,
+    OP_DROP_INDEX,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+    OP_SET_DISCARD,
+)
+
+__all__ = ["Commits", "Pending", "parse_ops", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
+
+log = logging.getLogger("protobase.coordinator")
+
+DURABILITY_MODES = ("sync", "async")
+PRUNE_VERSIONS_ABOVE = 100_000  # paths in the version table past which housekeeping prunes it
+
+Op = list[Any]  # [op code, key path (a list), argument]: one operation of a commit, as decoded
+Reply = list[Any]  # [status, *fields]: a reply without its request id
+
+_OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argument may be}
+    OP_SET: (object,), OP_DELETE: (type(None),), OP_LIST: (list,), OP_SET_ADD: (list,), OP_SET_DISCARD: (list,),
+    OP_CREATE_INDEX: (str, tuple), OP_DROP_INDEX: (str, tuple),
+}
+_LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
+
+
+def parse_ops(ops_bytes: bytes) -> list[Op]:
+    """A commit's ops, decoded, each checked to be [known code, key path, argument of that code's type].
+
+    Raises ProtocolError (nothing applied) for ops no client of ours sends,
+    EncodingError for a key no stored dict may have and for an internal
+    reference (see `decode_ops`).
+    """
+    try:
+        ops = decode_ops(ops_bytes)
+    except CorruptionError as error:
+        raise ProtocolError(f"malformed request: the commit's ops cannot be decoded ({error})") from None
+    if type(ops) is not list or not ops:
+        raise ProtocolError("malformed request: a commit's ops are a non-empty array")
+    for op in ops:
+        if type(op) is not list or len(op) != 3 or type(op[0]) is not int or type(op[1]) is not list:
+            raise ProtocolError("malformed request: an op is [code, key path, argument]")
+        code, path, argument = op
+        if code not in _OP_ARGUMENT_TYPES or not isinstance(argument, _OP_ARGUMENT_TYPES[code]):
+            raise ProtocolError(f"malformed request: op code {code} with an argument of type "
+                                f"{type(argument).__name__} is not an operation")
+        for key in path:
+            check_key(key, tuple(path))
+        if code == OP_LIST and not all(type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES
+                                       for item in op[2]):  # (op[2] is the argument: a list, checked above)
+            raise ProtocolError("malformed request: a list operation is [code, index, value]")
+    return ops
+
+
+@dataclass
+class Pending:
+    """A root waiting for its WAL record to be durable before it is published (and acknowledged)."""
+
+    lsn: int
+    seq: int
+    root: int
+    asker: Asker | None  # whom to answer, None for a compaction
+    reply: Reply | None
+    paths: list[KeyPath] = field(default_factory=list)  # what the commit wrote, for watchers
+
+
+class Commits:
+    """Validates, applies, publishes and acknowledges commits, one at a time."""
+
+    def __init__(self, writer: Writer, control: ControlBlock, durability: Durability, connections: Connections, *,
+                 seq: int, root: int, directory: str, on_applied: Callable[[], None]) -> None:
+        self.writer = writer  # applies a commit's ops to the latest root and writes its atoms
+        self.control = control  # where roots are published (the seqlock)
+        self.durability = durability  # takes each commit's WAL record; says what is durable
+        self.connections = connections  # whom replies and watch notifications go to
+        self.directory = directory  # the data directory's path, for messages
+        self.on_applied = on_applied  # called after each commit that was applied (compaction, checkpoints)
+        self.versions = VersionTable()
+        # Commits before the restart are not in the version table: a transaction
+        # based on one of them cannot be checked, so it is refused as a conflict.
+        self.versions.horizon = seq
+        self.seq = seq  # sequence number of the latest commit (maybe not yet published)
+        self.root = root  # its root pointer
+        self.published_seq = 0  # sequence number of the published root
+        self.pending: collections.deque[Pending] = collections.deque()  # in LSN order
+        self.commits = 0  # commits applied since start
+        self.conflicts = 0  # commits refused for a conflict since start
+        self.refusing = False  # True once durability failed: every commit is refused from then on
+
+    def commit(self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes,
+               reads: list[Any]) -> Reply | None:
+        """Validate, apply, write, log and publish one transaction; None when the reply waits for fsync.
+
+        Raises ProtoBaseError for a request to refuse (answered as an error,
+        nothing applied) and DurabilityFailed when the WAL failed.
+        """
+        if self.durability.failure:
+            return self.failure_reply()
+        if durability not in DURABILITY_MODES:
+            return error_fields(ProtoBaseError, f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
+        if type(base) is not int or not 0 <= base <= self.seq:
+            raise ProtoBaseError(f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
+                                 f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
+                                 f"snapshot it read")
+        ops = parse_ops(ops_bytes)
+        paths = [tuple(op[1]) for op in ops]
+        checked = paths + [tuple(path) for path in reads] if serializable else paths
+        conflict = self.versions.first_conflict(base, checked)
+        if conflict is not None:
+            self.conflicts += 1
+            path, seq = conflict
+            return ["conflict", list(path), base, seq]
+        root: Any = self.root
+        try:
+            for (code, _, argument), path in zip(ops, paths):
+                root = self.writer.apply(root, code, path, argument)
+            new_root = self.writer.flush(root)
+        except PathError as error:
+            return error_fields(PathError, f"commit refused: {error}")
+        self.seq += 1
+        self.root = new_root
+        self.versions.record(self.seq, paths)
+        self.commits += 1
+        lsn = self.durability.enqueue(codec.encode([self.seq, ops_bytes]), sync=durability == "sync")
+        reply: Reply | None = ["ok", self.seq, self._written_values(ops, paths)]  # while the persistence writes
+        if durability == "sync":
+            self.pending.append(Pending(lsn, self.seq, new_root, asker, reply, paths))
+            reply = None
+        else:
+            self.publish(self.seq, new_root)
+            self.connections.notify(self.seq, paths)
+        self.on_applied()
+        return reply
+
+    def _written_values(self, ops: list[Op], paths: list[KeyPath]) -> list[list[int]]:
+        # Tell the client where each SET value now lives, so it can cache the
+        # value it already holds (write-through). Only for values nothing later
+        # in the commit changed, and only for values stored as one atom.
+        # Walk backwards keeping every prefix of the later paths: one set lookup
+        # per op, not a scan of the later ops (which made a 10k-key commit quadratic).
+        pointers = []
+        later: set[KeyPath] = set()  # {prefix of a path written later in this commit}
+        for index in range(len(ops) - 1, -1, -1):
+            code, _, argument = ops[index]
+            path = paths[index]
+            changed_later = path in later
+            later.update(path[:end] for end in range(1, len(path) + 1))
+            if changed_later or code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
+                continue
+            ptr = self.writer.flat_pointer(argument)
+            if ptr:
+                pointers.append([index, ptr])
+        pointers.reverse()
+        return pointers
+
+    # -- publishing -----------------------------------------------------------------
+
+    def publish(self, seq: int, root: int) -> None:
+        """Show readers the root of commit `seq` (unless a later one is shown already)."""
+        if seq > self.published_seq or seq == 0:
+            self.published_seq = seq
+            self.control.publish_root(seq, root)
+
+    def replace_root(self, root: int) -> int:
+        """Make `root`, which holds the same data (a compaction's copy), the latest; return its seq.
+
+        It is published once every commit before it is durable, like a commit.
+        """
+        self.root = root
+        self.seq += 1
+        lsn = self.durability.next_lsn - 1
+        if lsn <= self.durability.durable_lsn and not self.pending:
+            self.publish(self.seq, root)
+        else:
+            self.pending.append(Pending(lsn, self.seq, root, None, None))
+        return self.seq
+
+    def answer_durable(self) -> None:
+        """Publish and acknowledge the waiting commits the durable LSN now covers."""
+        durable = self.durability.durable_lsn  # (the persistence process publishes it in the control block)
+        newest = None
+        answered = []
+        while self.pending and self.pending[0].lsn <= durable:
+            newest = self.pending.popleft()
+            answered.append(newest)
+        if newest is not None:
+            self.publish(newest.seq, newest.root)
+        for pending in answered:
+            self.connections.notify(pending.seq, pending.paths)
+            self.connections.answer(pending.asker, pending.reply)
+
+    def prune_versions(self) -> None:
+        """Forget the writes no transaction can be based before, once the version table grew large."""
+        if len(self.versions) > PRUNE_VERSIONS_ABOVE:
+            oldest = self.control.oldest_snapshot()
+            self.versions.prune(self.published_seq if oldest is None else oldest)
+
+    # -- a failed disk ----------------------------------------------------------------
+
+    def failure_reply(self) -> Reply:
+        """The error reply to a commit refused because the WAL failed: what happened, and what to do."""
+        return error_fields(
+            CoordinatorError,
+            f"{self.durability.failure}. This commit was NOT made durable and is not committed, nor is any "
+            f"later one. Fix the disk (free space, check the device), close every handle on "
+            f"{self.directory} (its coordinator stops once the last one is closed), then open it again: "
+            f"recovery restores every commit whose WAL record reached the disk, which includes every "
+            f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)",
+        )
+
+    def fail(self, why: str) -> None:
+        """Stop acknowledging: answer every waiting commit with the failure, and refuse all later ones.
+
+        The coordinator serves on, so that every commit gets the failure as its
+        answer rather than a lost connection, until its last client has gone
+        (its housekeeping); readers keep their snapshots meanwhile.
+        """
+        if self.durability.failure is None:
+            self.durability.failure = why
+        if not self.refusing:
+            log.error("durability failed: %s; refusing commits, stopping once the last client has gone", why)
+            self.refusing = True
+        self.answer_durable()  # those the WAL holds did commit: only the others failed
+        while self.pending:
+            pending = self.pending.popleft()
+            self.connections.answer(pending.asker, self.failure_reply())
