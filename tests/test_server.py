@@ -33,12 +33,14 @@ import pytest
 
 import protobase
 from protobase.client import launcher
+from protobase.coordinator.server import Coordinator
 from protobase.core import codec
 from protobase.core.arena import FIRST_SEGMENT, VALUE, segment_of
 from protobase.core.codec import Ref
-from protobase.core.datadir import FORMAT_VERSION
-from protobase.errors import CoordinatorError, PathError, ProtoBaseError
+from protobase.core.datadir import FORMAT_VERSION, DataDir
+from protobase.errors import CoordinatorError, PathError, ProtoBaseError, ProtocolError
 from protobase.persistence.checkpoint import read_checkpoint
+from protobase.settings import DEFAULTS, Settings
 from protobase.shm import DEFAULT_READER_SLOTS, HEADER_SIZE, SLOT_SIZE
 from protobase.shm import ring as commit_ring
 from protobase.shm.segment import FAULTS_ENV
@@ -334,3 +336,33 @@ def test_serve_with_more_or_fewer_reader_slots(datadir):
             pass
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=DEADLINE) == 0
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_the_coordinator_takes_a_settings_and_the_keywords_protobase_serve_passes(datadir):
+    directory = DataDir.open(datadir)
+    chosen = Settings(flush_interval=0.05, tick=0.5)
+    assert Coordinator(directory, chosen).settings == chosen
+    assert Coordinator(directory).settings == DEFAULTS
+    passed = Coordinator(directory, grace=None, flush_interval=0.05, reader_slots=2).settings
+    assert passed == Settings(shutdown_grace=None, flush_interval=0.05, reader_slots=2)
+    with pytest.raises(ValueError, match="^checkpoint_bytes must be a whole number of bytes >= 0, got -1;"):
+        Coordinator(directory, checkpoint_bytes=-1)
+
+
+def test_a_settings_flag_reaches_the_running_coordinator(datadir):
+    # The launcher passes settings as flags of `python -m protobase.coordinator`; this one bounds what
+    # the coordinator holds of incomplete requests, so a request half-sent past it closes the connection.
+    sock = launcher.connect(DataDir.open(datadir), grace=GRACE, max_buffered_bytes=4096)
+    sock.settimeout(DEADLINE)
+    try:
+        sock.sendall(framing.LENGTH.pack(10_000) + b"\x00" * 5_000)
+        error = error_from_reply(receive(sock))
+        assert isinstance(error, ProtocolError)
+        assert str(error) == ("the coordinator holds 5004 bytes of incomplete requests, over its 4096-byte "
+                              "bound; send smaller commits (split the transaction)")
+        assert sock.recv(1) == b""  # and it hung up
+    finally:
+        sock.close()

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import protobase
 from protobase.client import launcher
-from protobase.coordinator.server import MAX_BUFFERED_BYTES
 from protobase.core import codec
 from protobase.core.datadir import FORMAT_VERSION
+from protobase.settings import DEFAULTS
 from protobase.wire.framing import MAX_FRAME, FrameReader, encode_frame
 from protobase.wire.verbs import PUSH, MalformedRequest, parse_request
 
@@ -164,7 +164,7 @@ def test_incomplete_requests_are_bounded_in_total(db):
         assert 1 <= len(refused) <= 2
         errors = [client.replies[0] for client in refused if client.replies]
         assert all("bytes of incomplete requests, over its" in error[3] for error in errors)
-        assert coordinator_uss(db) - before < MAX_BUFFERED_BYTES + (150 << 20)
+        assert coordinator_uss(db) - before < DEFAULTS.max_buffered_bytes + (150 << 20)
     finally:
         for client in clients:
             client.close()

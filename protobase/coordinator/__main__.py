@@ -1,9 +1,11 @@
 """`python -m protobase.coordinator DIR`: run a coordinator for one data directory.
 
 The data directory's absolute path is on the command line so `ps` shows which
-database a coordinator serves. With `--daemon` (used by `protobase.open`) the
-process starts the coordinator in a detached grandchild and exits once it
-listens, reporting a start-up failure on stderr with exit status 1.
+database a coordinator serves; every tunable has a flag (`--grace`,
+`--flush-interval`, ...: protobase/settings.py). With `--daemon` (used by
+`protobase.open`) the process starts the coordinator in a detached
+grandchild and exits once it listens, reporting a start-up failure on stderr
+with exit status 1.
 """
 
 from __future__ import annotations
@@ -13,40 +15,24 @@ import logging
 import os
 import sys
 
-from protobase.coordinator.server import (
-    DEFAULT_CHECKPOINT_BYTES,
-    DEFAULT_COMPACT_MIN_BYTES,
-    DEFAULT_FLUSH_INTERVAL,
-    Coordinator,
-)
+from protobase import settings
+from protobase.coordinator.server import Coordinator
 from protobase.core.datadir import DataDir
 from protobase.errors import ProtoBaseError
-from protobase.shm.control import DEFAULT_READER_SLOTS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: the directory, every Settings flag (protobase/settings.py), --daemon, --log-level."""
     parser = argparse.ArgumentParser(prog="python -m protobase.coordinator")
     parser.add_argument("path", help="data directory (absolute path)")
-    parser.add_argument("--grace", type=float, default=2.0,
-                        help="seconds to linger once the last client left; negative: serve forever")
-    parser.add_argument("--compact-min-bytes", type=int, default=DEFAULT_COMPACT_MIN_BYTES)
-    parser.add_argument("--checkpoint-bytes", type=int, default=DEFAULT_CHECKPOINT_BYTES,
-                        help="WAL bytes after which a checkpoint is written")
-    parser.add_argument("--flush-interval", type=float, default=DEFAULT_FLUSH_INTERVAL,
-                        help="longest time an async commit waits for fsync (seconds)")
-    parser.add_argument("--reader-slots", type=int, default=DEFAULT_READER_SLOTS,
-                        help="processes that may have the database open at once")
     parser.add_argument("--daemon", action="store_true", help="detach; exit once serving")
     parser.add_argument("--log-level", default="WARNING")
+    settings.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def build(args: argparse.Namespace) -> Coordinator:
-    datadir = DataDir.open(args.path)
-    grace = None if args.grace < 0 else args.grace
-    return Coordinator(datadir, grace=grace, compact_min_bytes=args.compact_min_bytes,
-                       checkpoint_bytes=args.checkpoint_bytes, flush_interval=args.flush_interval,
-                       reader_slots=args.reader_slots)
+    return Coordinator(DataDir.open(args.path), settings.from_arguments(args))
 
 
 def main(argv: list[str] | None = None) -> int:

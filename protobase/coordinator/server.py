@@ -24,9 +24,11 @@ written, so the next start replays nothing.
 
 Readers that die (kill -9) are dropped when their socket closes, and their
 reader slots are reaped by pid and start time at each housekeeping pass
-(every TICK). Running out of file descriptors refuses connections (with an
+(every `tick`). Running out of file descriptors refuses connections (with an
 error reply when a spare descriptor allows it) and never stops the
 coordinator.
+
+Every tunable comes from one `Settings` (protobase/settings.py).
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
@@ -35,6 +37,7 @@ nothing of the instance is left in /dev/shm.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -57,51 +60,45 @@ from protobase.core.arena import ArenaWriter, AtomReader
 from protobase.core.datadir import FORMAT_VERSION, DataDir, FileLock
 from protobase.core.store import Store
 from protobase.errors import CoordinatorError, ProtoBaseError, ProtocolError
+from protobase.settings import DEFAULTS, Settings
 from protobase.shm import names
-from protobase.shm.control import DEFAULT_READER_SLOTS, ControlBlock, process_start_time
+from protobase.shm.control import ControlBlock, process_start_time
 from protobase.wire.counters import Counters
 from protobase.wire.error_table import error_fields, error_reply
 from protobase.wire.framing import peer_credentials, send
 from protobase.wire.verbs import PUSH, MalformedRequest, parse_request
 
-__all__ = ["Coordinator", "LOCK_WAIT"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger("protobase.coordinator")
 
-TICK = 0.2  # seconds between housekeeping passes
-LOCK_WAIT = 30.0  # seconds a new coordinator waits for a stopping one to let go
-FIRST_CLIENT_WAIT = 10.0  # seconds a new coordinator waits for its first client, whatever its grace
-DEFAULT_COMPACT_MIN_BYTES = 64 << 20
-DEFAULT_CHECKPOINT_BYTES = 64 << 20
-DEFAULT_FLUSH_INTERVAL = 0.01
-STOP_TIMEOUT = 120.0  # seconds a clean stop waits for its final checkpoint
-RECEIVE_BYTES = 1 << 20  # read from a client at a time
-MAX_BUFFERED_BYTES = 512 << 20  # incomplete requests held for all clients together
-PARTIAL_FRAME_TIMEOUT = 30.0  # seconds a client may leave a request half-sent before we hang up
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept errors that refuse
 
 
 class Coordinator:
     """Serves one data directory until the last client has gone (or forever)."""
 
-    def __init__(self, datadir: DataDir, *, grace: float | None = 2.0,
-                 compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
-                 checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
-                 flush_interval: float = DEFAULT_FLUSH_INTERVAL, reader_slots: int = DEFAULT_READER_SLOTS) -> None:
+    def __init__(self, datadir: DataDir, settings: Settings = DEFAULTS, **overrides: Any) -> None:
+        """A coordinator for `datadir`, tuned by `settings`; `start()` it, then `serve_forever()`.
+
+        `overrides` are Settings fields by name (`grace` for shutdown_grace),
+        as `protobase serve` passes them until it builds a Settings with
+        `protobase.settings.from_arguments`; Settings checks each. Raises
+        ValueError for a bad value.
+        """
+        if "grace" in overrides:
+            overrides["shutdown_grace"] = overrides.pop("grace")
         self.datadir = datadir
-        self.grace = grace  # seconds to linger with no client; None: serve forever
-        self.compact_min_bytes = compact_min_bytes
-        self.checkpoint_bytes = checkpoint_bytes  # WAL bytes that trigger a checkpoint
-        self.flush_interval = flush_interval
-        self.reader_slots = reader_slots  # database handles that can be attached at once
+        self.settings = dataclasses.replace(settings, **overrides) if overrides else settings
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.selector = selectors.DefaultSelector()  # the loop's: listener, clients, persistence socket
-        self.connections = Connections(self.selector, self._release_reader, max_buffered_bytes=MAX_BUFFERED_BYTES,
-                                       partial_frame_timeout=PARTIAL_FRAME_TIMEOUT)
+        self.connections = Connections(self.selector, self._release_reader,
+                                       max_buffered_bytes=self.settings.max_buffered_bytes,
+                                       partial_frame_timeout=self.settings.partial_frame_timeout)
         self.listener: socket.socket | None = None  # None before start and after stop
         # One reused buffer for every recv: a fresh 1 MiB bytes per recv costs mmap, mremap and munmap.
-        self.receive_buffer = bytearray(RECEIVE_BYTES)
+        self.receive_buffer = bytearray(self.settings.receive_bytes)
         self.receive_view = memoryview(self.receive_buffer)
         self.watched_persistence: socket.socket | None = None  # the persistence socket in the selector
         # Set by start(), and kept after stop() (whose shared memory is then gone):
@@ -131,7 +128,7 @@ class Coordinator:
         try:
             self._sweep_previous_instance()
             pid = os.getpid()
-            control = ControlBlock.create(names.control_name(self.instance_id), reader_slots=self.reader_slots,
+            control = ControlBlock.create(names.control_name(self.instance_id), reader_slots=self.settings.reader_slots,
                                           coordinator_pid=pid, coordinator_start=process_start_time(pid))
             self.datadir.write_instance(self.instance_id)
             arena = ArenaWriter(self.instance_id, _segment_counter(control))
@@ -145,16 +142,20 @@ class Coordinator:
         log.info("coordinator %d serving %s (instance %s)", os.getpid(), self.datadir.path, self.instance_id)
 
     def _acquire(self, lock: FileLock, holder: str) -> None:
-        deadline = time.monotonic() + LOCK_WAIT
+        wait = self.settings.lock_wait
+        deadline = time.monotonic() + wait
         while not lock.acquire(blocking=False):
             if time.monotonic() > deadline:
-                raise CoordinatorError(f"{lock.path} is still held after {LOCK_WAIT}s: {holder}")
+                raise CoordinatorError(f"{lock.path} is still held after {wait}s: {holder}")
             time.sleep(0.02)
 
     def _recover(self, control: ControlBlock, arena: ArenaWriter) -> None:
         """Rebuild the state, publish it, start the persistence process; build the parts that serve."""
         self.control, self.arena = control, arena
-        self.writer = Writer(arena, Store(AtomReader(self.instance_id, writer=arena)))
+        settings = self.settings
+        store = Store(AtomReader(self.instance_id, writer=arena), object_cache=settings.object_cache,
+                      bytes_cache=settings.bytes_cache)
+        self.writer = Writer(arena, store, settings)
         wal_lock = FileLock(self.datadir.file("wal.lock"))
         self._acquire(wal_lock, "a persistence process still writes the WAL")
         try:
@@ -162,14 +163,14 @@ class Coordinator:
         finally:
             wal_lock.release()
         self.durability = Durability(self.datadir, self.instance_id, control, next_lsn=self.recovered.lsn + 1,
-                                     flush_interval=self.flush_interval)
+                                     flush_interval=settings.flush_interval)
         self.commits = Commits(self.writer, control, self.durability, self.connections, seq=self.recovered.seq,
                                root=self.recovered.root, directory=self.datadir.path, on_applied=self._after_commit)
         self.commits.publish(self.recovered.seq, self.recovered.root)
         self.checkpoints = Checkpoints(self.durability, arena, self.commits, self.connections,
-                                       checkpoint_bytes=self.checkpoint_bytes, changed=self.recovered.replayed > 0)
+                                       checkpoint_bytes=settings.checkpoint_bytes, changed=self.recovered.replayed > 0)
         self.reclamation = Reclamation(arena, self.writer, control, self.commits, self.checkpoints,
-                                       compact_min_bytes=self.compact_min_bytes)
+                                       compact_min_bytes=settings.compact_min_bytes)
         self.durability.start()
         try:
             self.durability.wait_started()
@@ -208,9 +209,10 @@ class Coordinator:
         """Run the event loop until stopped, then release everything."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self._request_stop())
+        tick = self.settings.tick
         try:
             while self.running:
-                for key, _ in self.selector.select(TICK):
+                for key, _ in self.selector.select(tick):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self.watched_persistence:
@@ -218,7 +220,7 @@ class Coordinator:
                     elif key.fileobj in self.connections.clients:
                         self._read(key.fileobj)
                 now = time.monotonic()
-                if now - self.housekept_at >= TICK:  # not on every wake-up: it scans the reader table
+                if now - self.housekept_at >= tick:  # not on every wake-up: it scans the reader table
                     self.housekept_at = now
                     self._housekeeping()
         except Exception:
@@ -263,14 +265,14 @@ class Coordinator:
             return
         if self.checkpoints.changed_since_checkpoint or self.commits.pending:
             self.checkpoints.request()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        timeout = self.settings.stop_timeout
+        deadline = time.monotonic() + timeout
         while (self.commits.pending or self.checkpoints.requests) and not self.durability.failure:
             if time.monotonic() > deadline:
-                log.error("the final checkpoint did not finish in %ss; the WAL still holds every commit",
-                          STOP_TIMEOUT)
+                log.error("the final checkpoint did not finish in %ss; the WAL still holds every commit", timeout)
                 return
             if self.durability.sock is not None:
-                select.select([self.durability.sock], [], [], TICK)
+                select.select([self.durability.sock], [], [], self.settings.tick)
             self._on_persistence_report()
 
     # -- connections --------------------------------------------------------------
@@ -482,10 +484,11 @@ class Coordinator:
             self.running = False  # whatever the grace: only a restart recovers from the WAL
         self.reclamation.release_retired()
         self.commits.prune_versions()
-        if self.grace is not None and self.connections.idle_since is not None and not self.commits.pending:
+        grace = self.settings.shutdown_grace
+        if grace is not None and self.connections.idle_since is not None and not self.commits.pending:
             # Before the first client, linger longer: the launcher that started us may be slow
             # to connect (a loaded host), and must not find us gone.
-            linger = self.grace if self.connections.accepted else max(self.grace, FIRST_CLIENT_WAIT)
+            linger = grace if self.connections.accepted else max(grace, self.settings.first_client_wait)
             if time.monotonic() - self.connections.idle_since >= linger:
                 self.running = False
 

@@ -8,9 +8,13 @@ small values by decoding their atom), nothing else is touched. `flush` then
 writes the dirty nodes and values bottom-up and returns the new root pointer.
 
 Storage rule for a value: scalars sit inline in their parent; a container
-small enough (`FLAT_LIMIT`) is one VALUE atom holding its nested containers
-inline; a larger dict, set or list becomes a tree whose entries follow the
-same rule. Long strings and bytes get their own atom so leaves stay small.
+small enough (`flat_dict_entries`, `flat_set_entries`, `flat_list_entries`
+and `flat_max_bytes` of the Settings, protobase/settings.py) is one VALUE
+atom holding its nested containers inline; a larger dict, set or list becomes
+a tree whose entries follow the same rule. Strings and bytes longer than
+`inline_bytes` get their own atom so leaves stay small. These limits only
+choose a layout: a reader reads either, so a database written with other
+limits reads the same.
 
 Operations arrive from clients as bytes and are data: `decode_ops` refuses
 any internal reference in them (the Ref extension type, which only this
@@ -40,6 +44,7 @@ from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.keyorder import order_key
 from protobase.query.fields import MISSING
+from protobase.settings import DEFAULTS, Settings
 from protobase.wire.opcodes import (
     LIST_APPEND,
     LIST_INSERT,
@@ -55,11 +60,8 @@ from protobase.wire.opcodes import (
 __all__ = ["Writer", "decode_ops"]
 
 
-FLAT_LIMIT = {dict: 64, set: 64, frozenset: 64, list: 256}
-FLAT_MAX_BYTES = 16 << 10  # a container whose atom would be larger becomes a tree, however few entries
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
-INLINE_BYTES = 512  # longer str/bytes get their own atom
 
 
 # Where an extension of type DATACLASS may start, in any of msgpack's ext encodings
@@ -127,10 +129,15 @@ def _check_dataclass(payload: bytes) -> None:
 class Writer:
     """Builds new roots from operations and writes their atoms."""
 
-    def __init__(self, arena: ArenaWriter, store: Store) -> None:
+    def __init__(self, arena: ArenaWriter, store: Store, settings: Settings = DEFAULTS) -> None:
         self.arena = arena
         self.store = store  # decodes the coordinator's own reads of clean atoms
         self.access = store.access
+        # {container type -> entries above which it is a tree, not one atom}
+        self.flat_limit: dict[type, int] = {dict: settings.flat_dict_entries, set: settings.flat_set_entries,
+                                            frozenset: settings.flat_set_entries, list: settings.flat_list_entries}
+        self.flat_max_bytes = settings.flat_max_bytes  # a container whose atom would be larger becomes a tree
+        self.inline_bytes = settings.inline_bytes  # longer str/bytes get their own atom
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
         self.key_memo = codec.KeyMemo()  # encodings of index entries, which every copy of their node repeats
@@ -386,16 +393,16 @@ class Writer:
         if kind is IndexedColl:
             return Ref(self.arena.append(INDEXED, self._indexed_payload(value)), INDEXED)
         if kind in (str, bytes):
-            if len(value) <= INLINE_BYTES:
+            if len(value) <= self.inline_bytes:
                 return value
             return Ref(self.arena.append(VALUE, codec.encode(value)), VALUE)
-        if kind in FLAT_LIMIT or kind is tuple or kind is msgpack.ExtType:
+        if kind in self.flat_limit or kind is tuple or kind is msgpack.ExtType:
             tree = self._as_tree(value)
             if tree is not None:
                 return Ref(self._flush_tree(tree), tree.kind)
             refs_before = self.refs_made
             payload = codec.encode(self._inline(value))
-            if len(payload) > FLAT_MAX_BYTES and kind in FLAT_LIMIT and len(value) > 1:
+            if len(payload) > self.flat_max_bytes and kind in self.flat_limit and len(value) > 1:
                 # Few but large entries: as one atom, every change would rewrite all of it.
                 tree = self._as_tree(value, force=True)
                 return Ref(self._flush_tree(tree), tree.kind)
@@ -412,7 +419,8 @@ class Writer:
     def _inline(self, value: Any) -> Any:
         """A container ready to encode in one atom: nested trees and big containers as Refs."""
         kind = type(value)
-        if kind is Node or kind is Ref or kind is IndexedColl or (kind in FLAT_LIMIT and len(value) > FLAT_LIMIT[kind]):
+        flat_limit = self.flat_limit
+        if kind is Node or kind is Ref or kind is IndexedColl or (kind in flat_limit and len(value) > flat_limit[kind]):
             self.refs_made += 1
             return self.write_value(value)
         if kind is dict:
@@ -426,7 +434,7 @@ class Writer:
     def _as_tree(self, value: Any, force: bool = False) -> Node | None:
         """The value as a tree if it has too many entries to be one atom (or `force`), else None."""
         kind = type(value)
-        limit = FLAT_LIMIT.get(kind)
+        limit = self.flat_limit.get(kind)
         if limit is None or (len(value) <= limit and not force):
             return None
 

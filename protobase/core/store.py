@@ -20,11 +20,13 @@ from protobase.core.btree import LEAF_OF, Node, TreeAccess, decode_node
 from protobase.core.cache import AtomBytesCache, AtomObjectCache
 from protobase.core.codec import Ref
 from protobase.core.views import VIEW_OF_LEAF_KIND, IndexedTreeDict
+from protobase.settings import DEFAULTS
 
 __all__ = ["Store"]
 
-DEFAULT_OBJECT_CACHE = 1 << 18  # entries: ~150 MB of small decoded records at most; raise with cache_size=
-DEFAULT_BYTES_CACHE = 1 << 16
+# Entries (protobase/settings.py): ~150 MB of small decoded records at most; raise with cache_size=.
+DEFAULT_OBJECT_CACHE = DEFAULTS.object_cache
+DEFAULT_BYTES_CACHE = DEFAULTS.bytes_cache
 
 
 class Store:

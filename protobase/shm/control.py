@@ -77,6 +77,7 @@ from protobase.errors import (
     DatabaseClosedError,
     ProtoBaseError,
 )
+from protobase.settings import DEFAULTS
 from protobase.shm.segment import Segment
 
 __all__ = [
@@ -96,7 +97,7 @@ MAGIC = b"PBCTRL01"
 VERSION = 1
 HEADER_SIZE = 128
 SLOT_SIZE = 32
-DEFAULT_READER_SLOTS = 1024
+DEFAULT_READER_SLOTS = DEFAULTS.reader_slots  # 1024 (protobase/settings.py)
 #: Snapshot field value of a slot that holds no snapshot.
 NO_SNAPSHOT = 2**64 - 1
 
