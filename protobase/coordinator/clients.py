@@ -29,15 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from protobase.coordinator.conflicts import KeyPath
 from protobase.errors import ProtocolError
 from protobase.wire.framing import FrameReader, send
 from protobase.wire.verbs import PUSH
 
-__all__ = ["Client", "Asker", "Connections", "KeyPath"]
+__all__ = ["Client", "Asker", "Connections"]
 
 log = logging.getLogger("protobase.coordinator")
-
-KeyPath = tuple[Any, ...]  # a key path into the root, ('users', 'alice', 'city'): keys are user values
 
 
 class Client:

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protobase.coordinator.clients import Asker, Connections, KeyPath
-from protobase.coordinator.conflicts import VersionTable
+from protobase.coordinator.clients import Asker, Connections
+from protobase.coordinator.conflicts import KeyPath, VersionTable
 from protobase.coordinator.durability import Durability
 from protobase.coordinator.writer import Writer, decode_ops
 from protobase.core import codec

@@ -1,6 +1,7 @@
 """Optimistic validation: which key paths changed after a given sequence number.
 
-Owns the version table of the coordinator. A commit based on snapshot `base`
+Owns the version table of the coordinator; runs in the coordinator process,
+where commits.py consults it for each commit. A commit based on snapshot `base`
 may write path P only if no commit after `base` wrote P, a prefix of P (a
 container holding P was replaced) or anything below P (P holds a container
 someone changed). In serializable mode the same holds for every path it read,
@@ -16,19 +17,22 @@ history is gone (it cannot happen while snapshots pin the reader table).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["VersionTable"]
+__all__ = ["VersionTable", "KeyPath"]
+
+KeyPath = tuple[Any, ...]  # a key path from the root, ('users', 'alice', 'city'): keys are user values
 
 
 class VersionTable:
     """Last-writer sequence numbers per key path."""
 
     def __init__(self) -> None:
-        self.last_write: dict[tuple, int] = {}  # {path -> seq of its last exact write}
-        self.last_below: dict[tuple, int] = {}  # {path -> seq of the last write strictly below}
+        self.last_write: dict[KeyPath, int] = {}  # {path -> seq of its last exact write}
+        self.last_below: dict[KeyPath, int] = {}  # {path -> seq of the last write strictly below}
         self.horizon = 0  # every write at or before this seq has been forgotten
 
-    def first_conflict(self, base: int, paths: Iterable[tuple]) -> tuple[tuple, int] | None:
+    def first_conflict(self, base: int, paths: Iterable[KeyPath]) -> tuple[KeyPath, int] | None:
         """(path, seq) of a change after `base` that touches one of `paths`, or None."""
         if base < self.horizon:
             return (), self.horizon
@@ -43,7 +47,7 @@ class VersionTable:
                     return path[:end], seq
         return None
 
-    def record(self, seq: int, paths: Iterable[tuple]) -> None:
+    def record(self, seq: int, paths: Iterable[KeyPath]) -> None:
         """Remember that commit `seq` wrote `paths`."""
         for path in paths:
             self.last_write[path] = seq

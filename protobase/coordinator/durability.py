@@ -73,7 +73,7 @@ class Durability:
         self.durable_lsn = next_lsn - 1  # every commit up to here is fsynced
         self.ring = CommitRing.create(names.segment_name(instance_id, "ring"),
                                       **({"capacity": ring_capacity} if ring_capacity else {}))
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # the persistence process, once started
         self.sock: socket.socket | None = None  # our end of the socketpair with the child
         self.reader = FrameReader()
         self.inbox: list[list[Any]] = []  # reports received and not yet handed to read_reports' caller
@@ -103,15 +103,17 @@ class Durability:
 
     def wait_started(self, timeout: float = 60.0) -> None:
         """Block until the child holds the WAL open; raise DurabilityFailed if it cannot."""
+        process = self.process
+        assert process is not None, "wait_started() before start()"
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.sock is not None:
             select.select([self.sock], [], [], 0.05)
             if any(message[0] == "started" for message in self.read_reports()):
                 return
-            if self.failure or self.sock is None or self.process.poll() is not None:
+            if self.failure or process.poll() is not None:
                 break
         raise DurabilityFailed(self.failure or f"the persistence process did not start (exit status "
-                                               f"{self.process.poll()}); see {self.datadir.file('coordinator.log')}")
+                                               f"{process.poll()}); see {self.datadir.file('coordinator.log')}")
 
     @property
     def pid(self) -> int | None:

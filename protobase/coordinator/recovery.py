@@ -14,6 +14,10 @@ Owns the order of recovery. Run by a starting coordinator, after it holds
    file and offset, and so does a gap in the LSNs (between the checkpoint and
    the WAL, or between two WAL files: a checkpoint or WAL file moved away).
    `protobase recover` salvages what is intact.
+
+`salvage` is that command's side: it runs in the command's own process, with
+shared memory of its own (unlinked when it returns), reads the damaged
+directory without changing it, and writes what is intact into a new one.
 """
 
 from __future__ import annotations
@@ -27,10 +31,19 @@ from typing import Any
 
 from protobase.coordinator.writer import Writer
 from protobase.core import codec
-from protobase.core.arena import ArenaWriter
+from protobase.core.arena import ArenaWriter, AtomReader
+from protobase.core.datadir import STAMP, DataDir, FileLock
+from protobase.core.store import Store
 from protobase.errors import CorruptionError, DataDirectoryError, PathError
 from protobase.persistence import wal
-from protobase.persistence.checkpoint import Checkpoint, newest_checkpoint
+from protobase.persistence.checkpoint import (
+    Checkpoint,
+    checkpoint_files,
+    newest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
+from protobase.shm import names
 
 __all__ = ["Recovered", "SalvageReport", "recover", "replay", "restore_checkpoint", "salvage"]
 
@@ -156,55 +169,15 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
     reports every LSN it skipped. The result is written to `destination` as a
     checkpoint.
     """
-    from protobase.core.arena import ArenaWriter, AtomReader
-    from protobase.core.datadir import DataDir, FileLock
-    from protobase.core.store import Store
-    from protobase.persistence.checkpoint import checkpoint_files, read_checkpoint, write_checkpoint
-    from protobase.shm import names
-
-    source_dir = DataDir.open(source, create=False)
-    lock = FileLock(source_dir.file("coordinator.lock"))
-    if not lock.acquire(blocking=False):
-        raise DataDirectoryError(f"a coordinator is serving {source_dir.path}; stop it before recovering")
-    try:
-        previous = source_dir.read_instance()
-        if previous and names.is_instance_id(previous):
-            names.sweep(previous)  # what the crashed coordinator left in /dev/shm
-    finally:
-        lock.release()
+    source_dir = _unserved_directory(source)
     target = DataDir.open(destination)
-    if any(name != "PROTOBASE" for name in os.listdir(target.path)):
+    if any(name != STAMP for name in os.listdir(target.path)):
         raise DataDirectoryError(f"{target.path} is not empty; salvage into a new directory")
-    arena = ArenaWriter(names.new_instance_id())
-    writer = Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
     damaged: list[str] = []
-    ranges: list[tuple[str, int, int]] = []
-    used = None
-    seq = root = lsn = 0
+    arena, writer, used, checkpoint = _restore_newest_intact_checkpoint(source_dir.path, damaged, progress)
     try:
-        for _, path in reversed(checkpoint_files(source_dir.path)):
-            try:
-                checkpoint = read_checkpoint(path)
-                restore_checkpoint(checkpoint, arena)
-            except CorruptionError as error:
-                damaged.append(path)
-                progress(f"skipping damaged checkpoint: {error}")
-                arena.close(unlink=True)
-                arena = ArenaWriter(names.new_instance_id())
-                writer = Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
-                continue
-            used, seq, root, lsn = path, checkpoint.seq, checkpoint.root, checkpoint.lsn
-            progress(f"checkpoint {path}: seq {seq}, LSN {lsn}")
-            break
-        records = []
-        known_end = lsn  # the last LSN the WAL proves was written
-        for first_lsn, path in wal.list_wal_files(source_dir.path):
-            found, bad = wal.salvage_records(path)
-            ranges.extend((path, start, end) for start, end in bad)
-            records.extend((record.lsn, record.payload) for record in found if record.lsn > lsn)
-            known_end = max([known_end, first_lsn - 1, *(record.lsn for record in found)])
-            progress(f"{path}: {len(found)} intact records, {len(bad)} damaged ranges")
-        records.sort(key=lambda record: record[0])
+        seq, root, lsn = (checkpoint.seq, checkpoint.root, checkpoint.lsn) if checkpoint is not None else (0, 0, 0)
+        records, known_end, ranges = _intact_records(source_dir.path, lsn, progress)
         seq, root, lsn, applied, skipped, left = _apply_in_order(records, known_end, writer, root, seq, lsn,
                                                                  past_gaps)
         write_checkpoint(target.path, lsn=lsn, seq=seq, root=root, next_segment=arena.next_index,
@@ -217,6 +190,72 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
         arena.close(unlink=True)
     return SalvageReport(target.path, used, tuple(damaged), applied, tuple(skipped), left, tuple(ranges), lsn, seq,
                          past_gaps)
+
+
+def _unserved_directory(source: str) -> DataDir:
+    """The data directory `source`, checked to have no coordinator, its crashed instance swept from /dev/shm."""
+    source_dir = DataDir.open(source, create=False)
+    lock = FileLock(source_dir.file("coordinator.lock"))
+    if not lock.acquire(blocking=False):
+        raise DataDirectoryError(f"a coordinator is serving {source_dir.path}; stop it before recovering")
+    try:
+        previous = source_dir.read_instance()
+        if previous and names.is_instance_id(previous):
+            names.sweep(previous)  # what the crashed coordinator left in /dev/shm
+    finally:
+        lock.release()
+    return source_dir
+
+
+def _new_arena() -> tuple[ArenaWriter, Writer]:
+    """Fresh shared memory of its own for a salvage, and a Writer on it."""
+    arena = ArenaWriter(names.new_instance_id())
+    return arena, Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
+
+
+def _restore_newest_intact_checkpoint(directory: str, damaged: list[str], progress: Callable[[str], None]
+                                      ) -> tuple[ArenaWriter, Writer, str | None, Checkpoint | None]:
+    """(arena, writer, path, checkpoint) of the newest checkpoint of `directory` that restores whole.
+
+    Appends the path of each damaged one it skipped to `damaged`; path and
+    checkpoint are None when none is intact (the arena is then empty). The
+    caller closes the arena, which is closed here only if this raises.
+    """
+    arena, writer = _new_arena()
+    try:
+        for _, path in reversed(checkpoint_files(directory)):
+            try:
+                checkpoint = read_checkpoint(path)
+                restore_checkpoint(checkpoint, arena)
+            except CorruptionError as error:
+                damaged.append(path)
+                progress(f"skipping damaged checkpoint: {error}")
+                arena.close(unlink=True)
+                arena, writer = _new_arena()
+                continue
+            progress(f"checkpoint {path}: seq {checkpoint.seq}, LSN {checkpoint.lsn}")
+            return arena, writer, path, checkpoint
+    except BaseException:
+        arena.close(unlink=True)
+        raise
+    return arena, writer, None, None
+
+
+def _intact_records(directory: str, after_lsn: int, progress: Callable[[str], None]
+                    ) -> tuple[list[tuple[int, bytes]], int, list[tuple[str, int, int]]]:
+    """The intact WAL records of `directory` after `after_lsn`, sorted by LSN; the last LSN the WAL
+    proves was written; and the (file, start, end) of every unreadable byte range."""
+    records: list[tuple[int, bytes]] = []
+    ranges: list[tuple[str, int, int]] = []
+    known_end = after_lsn
+    for first_lsn, path in wal.list_wal_files(directory):
+        found, bad = wal.salvage_records(path)
+        ranges.extend((path, start, end) for start, end in bad)
+        records.extend((record.lsn, record.payload) for record in found if record.lsn > after_lsn)
+        known_end = max([known_end, first_lsn - 1, *(record.lsn for record in found)])
+        progress(f"{path}: {len(found)} intact records, {len(bad)} damaged ranges")
+    records.sort(key=lambda record: record[0])
+    return records, known_end, ranges
 
 
 def _apply_in_order(records: list[tuple[int, bytes]], known_end: int, writer: Writer, root: Any, seq: int, lsn: int,

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgpack
 
+from protobase.coordinator.conflicts import KeyPath
 from protobase.core import codec
 from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
 from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
@@ -74,8 +75,8 @@ class _ReferenceFromClient(Exception):
     """Raised inside decoding when a client's bytes hold a Ref; `decode_ops` turns it into EncodingError."""
 
 
-def decode_ops(ops_bytes: bytes) -> list:
-    """A commit's operations as a client sent them, [[code, path, argument], ...]: data only.
+def decode_ops(ops_bytes: bytes) -> object:
+    """A commit's operations as a client sent them, [[code, path, argument], ...]: data only, of any shape.
 
     The coordinator stores what comes back, so a Ref in it would be a pointer
     the coordinator never wrote: dangling after a compaction, or into any
@@ -153,13 +154,13 @@ class Writer:
 
     # -- applying -------------------------------------------------------------
 
-    def apply(self, root: Any, code: int, path: tuple, argument: Any) -> Any:
+    def apply(self, root: Any, code: int, path: KeyPath, argument: Any) -> Any:
         """Apply one operation to the working root; return the new working root."""
         if not path:
             raise PathError("an operation needs a non-empty key path")
         return self._apply_in(root, path, code, argument)
 
-    def _apply_in(self, container: Any, path: tuple, code: int, argument: Any) -> Any:
+    def _apply_in(self, container: Any, path: KeyPath, code: int, argument: Any) -> Any:
         container = self._open(container)
         if type(container) is IndexedColl:
             return self._apply_indexed(container, path, code, argument)
@@ -182,7 +183,7 @@ class Writer:
 
     # -- indexed collections ----------------------------------------------------
 
-    def _apply_indexed(self, collection: IndexedColl, path: tuple, code: int, argument: Any) -> IndexedColl:
+    def _apply_indexed(self, collection: IndexedColl, path: KeyPath, code: int, argument: Any) -> IndexedColl:
         """Apply an operation inside an indexed collection, keeping its indexes in step."""
         key = path[0]
         before = self._record_entries(collection, key)
@@ -196,7 +197,7 @@ class Writer:
             updated.indexes[field] = root
         return updated
 
-    def _record_entries(self, collection: IndexedColl, key: Any) -> dict[str, set]:
+    def _record_entries(self, collection: IndexedColl, key: Any) -> dict[str, set[tuple[int, Any]]]:
         """{field -> the (kind, value) entries of the record at `key`} (empty sets when absent)."""
         try:
             record = self._readable(self.access.lookup(collection.data, key))
@@ -218,7 +219,7 @@ class Writer:
             return _TreeReader(self, slot.data)
         return slot
 
-    def _index_op(self, target: Any, create: bool, field: str, path: tuple) -> Any:
+    def _index_op(self, target: Any, create: bool, field: str, path: KeyPath) -> Any:
         target = self._open(target)
         if type(target) is not IndexedColl:
             if not create:
@@ -236,7 +237,7 @@ class Writer:
             indexes[field] = self.access.build(SET_LEAF, _sorted_keys(found), None)
         return IndexedColl(target.data, indexes)
 
-    def _as_dict_tree(self, target: Any, path: tuple) -> Node | int:
+    def _as_dict_tree(self, target: Any, path: KeyPath) -> Node | int:
         if type(target) is Node or type(target) is int:
             if self._leaf_kind(target) == DICT_LEAF:
                 return target
@@ -257,7 +258,7 @@ class Writer:
             return codec.decode(payload, frozen=False, opaque_dataclasses=True)
         return slot
 
-    def _child(self, container: Any, key: Any, path: tuple) -> Any:
+    def _child(self, container: Any, key: Any, path: KeyPath) -> Any:
         container = self._open(container)
         try:
             if type(container) is Node or type(container) is int:
@@ -275,13 +276,13 @@ class Writer:
         node = self.access.node(tree, DICT_LEAF)
         return LEAF_OF[node.kind]
 
-    def _index(self, tree: Node | int, index: Any, path: tuple) -> int:
+    def _index(self, tree: Node | int, index: Any, path: KeyPath) -> int:
         length = self.access.count(tree, LIST_LEAF)
         if type(index) is not int or not -length <= index < length:
             raise PathError(f"list index {index!r} out of range at {path!r}")
         return index % length if length else index
 
-    def _assign(self, container: Any, key: Any, value: Any, path: tuple) -> Any:
+    def _assign(self, container: Any, key: Any, value: Any, path: KeyPath) -> Any:
         container = self._open(container)
         if type(container) is Node or type(container) is int:
             kind = self._leaf_kind(container)
@@ -297,7 +298,7 @@ class Writer:
             return container
         raise PathError(f"cannot set a key inside a {type(container).__name__} at {path!r}")
 
-    def _delete(self, container: Any, key: Any, path: tuple) -> Any:
+    def _delete(self, container: Any, key: Any, path: KeyPath) -> Any:
         container = self._open(container)
         try:
             if type(container) is Node or type(container) is int:
@@ -312,7 +313,7 @@ class Writer:
             return container  # already gone: deleting is idempotent
         raise PathError(f"cannot delete a key inside a {type(container).__name__} at {path!r}")
 
-    def _list_ops(self, target: Any, ops: list, path: tuple) -> Any:
+    def _list_ops(self, target: Any, ops: list[list[Any]], path: KeyPath) -> Any:
         target = self._open(target)
         is_tree = type(target) is Node or type(target) is int
         if not is_tree and not isinstance(target, list):
@@ -340,7 +341,7 @@ class Writer:
             return self.access.set_at(tree, index % length, value)
         return self.access.delete_at(tree, index % length)[0]
 
-    def _set_ops(self, target: Any, elements: list, adding: bool, path: tuple) -> Any:
+    def _set_ops(self, target: Any, elements: list[Any], adding: bool, path: KeyPath) -> Any:
         target = self._open(target)
         if type(target) is Node or type(target) is int:
             for element in elements:
@@ -405,6 +406,7 @@ class Writer:
             if len(payload) > self.flat_max_bytes and kind in self.flat_limit and len(value) > 1:
                 # Few but large entries: as one atom, every change would rewrite all of it.
                 tree = self._as_tree(value, force=True)
+                assert tree is not None  # forced, and a type of flat_limit
                 return Ref(self._flush_tree(tree), tree.kind)
             ptr = self.arena.append(VALUE, payload)
             if self.refs_made == refs_before:
@@ -474,17 +476,21 @@ class Writer:
         if slot.kind in TREE_KINDS:
             return Ref(self._copy_tree(slot.ptr) if slot.ptr else 0, slot.kind)
         if slot.kind == INDEXED:
-            collection = _decode_indexed(self.store.atom(slot.ptr)[1])
-            copy = {"data": self._copy_tree(collection.data) if collection.data else 0,
+            fields = codec.decode(self.store.atom(slot.ptr)[1], frozen=False)  # pointers: {"data", "indexes"}
+            copy = {"data": self._copy_tree(fields["data"]) if fields["data"] else 0,
                     "indexes": {field: self._copy_tree(root) if root else 0
-                                for field, root in collection.indexes.items()}}
+                                for field, root in fields["indexes"].items()}}
             return Ref(self.arena.append(INDEXED, codec.encode(copy)), INDEXED)
         kind, payload = self.store.reader.atom(slot.ptr)  # read once: not worth a place in the cache
         if not codec.may_hold_refs(payload):
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         nested: list[Ref] = []
-        value = codec.decode(payload, frozen=False, opaque_dataclasses=True,
-                             ref=lambda ptr, k: nested.append(Ref(ptr, k)) or nested[-1])
+
+        def keep(ptr: int, kind: int) -> Ref:
+            nested.append(Ref(ptr, kind))
+            return nested[-1]
+
+        value = codec.decode(payload, frozen=False, opaque_dataclasses=True, ref=keep)
         if not nested:
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         return Ref(self.arena.append(VALUE, codec.encode(_replace_refs(value, self._copy_slot))), VALUE)
@@ -539,7 +545,7 @@ def _empty_like(kind: int) -> Node:
     return empty(LEAF_OF[kind])
 
 
-def _sorted_keys(keys: Any) -> list:
+def _sorted_keys(keys: Any) -> list[Any]:
     try:
         return sorted(keys)  # one family compares natively: the canonical order
     except TypeError:
