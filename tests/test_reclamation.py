@@ -253,3 +253,149 @@ def test_a_stopped_reader_makes_memory_grow_with_the_bytes_written_and_is_named(
 def small(stats: protobase.DatabaseStats) -> bool:
     """True when the data segments hold little more than the live data."""
     return stats.data_bytes <= SPACE_FACTOR * max(stats.live_bytes, COMPACT_MIN)
+
+
+# -- Reclamation itself (coordinator/reclamation.py), on the commit harness of test_commits.py ----------------
+
+
+class Pins:
+    """Stands for the checkpoints in flight: the seqs they pin."""
+
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+
+    def pinned_seqs(self) -> list[int]:
+        return list(self.seqs)
+
+
+@pytest.fixture
+def parts() -> Any:
+    from protobase.coordinator.reclamation import Reclamation
+    from tests.test_commits import Harness
+
+    harness = Harness()
+    pins = Pins()
+    reclamation = Reclamation(harness.arena, harness.writer, harness.control, harness.commits,  # type: ignore[arg-type]
+                              pins, compact_min_bytes=64 << 10)
+    yield harness, pins, reclamation
+    harness.close()
+
+
+def garbage(harness: Any, count: int) -> None:
+    """`count` async commits, each replacing an 8 KB value: about 8 KB of garbage each."""
+    from protobase.wire.opcodes import OP_SET
+
+    for number in range(count):
+        harness.commit("writer", [OP_SET, ["blob"], f"{number}:" + "x" * 8000], [OP_SET, ["n"], number])
+
+
+def all_durable(harness: Any) -> None:
+    harness.durability.durable_lsn = harness.durability.next_lsn - 1
+    harness.commits.answer_durable()
+
+
+def test_a_compaction_starts_once_the_garbage_passes_the_threshold_and_not_while_a_reader_pins_the_last(parts):
+    from protobase.shm.control import ReaderSlot
+
+    harness, _, reclamation = parts
+    garbage(harness, 5)  # ~40 KB: under compact_min_bytes
+    all_durable(harness)
+    reclamation.maybe_compact()
+    assert reclamation.compactions == 0
+    garbage(harness, 5)
+    all_durable(harness)
+    harness.control.reader_slots = [ReaderSlot(0, 1, 0.0, 3)]  # a reader on an old snapshot
+    reclamation.maybe_compact()
+    assert reclamation.compactions == 1 and harness.commits.seq == 11 and harness.control.published[-1][0] == 11
+    (retired_seq, first_live), = reclamation.retired
+    assert retired_seq == 11 and min(harness.arena.segments) < first_live  # kept for the reader
+    garbage(harness, 20)
+    all_durable(harness)
+    reclamation.maybe_compact()
+    assert reclamation.compactions == 1  # another copy could free nothing while the reader holds the first
+    harness.control.reader_slots = []
+    reclamation.release_retired()
+    assert reclamation.retired == [] and min(harness.arena.segments) == first_live
+    assert harness.control.oldest_segment == first_live
+    reclamation.maybe_compact()
+    assert reclamation.compactions == 2 and reclamation.live_bytes() < 16 << 10
+
+
+def test_retired_segments_wait_for_the_copy_to_be_published_and_for_checkpoints_in_flight(parts):
+    from protobase.wire.opcodes import OP_SET
+
+    harness, pins, reclamation = parts
+    garbage(harness, 3)
+    harness.commit("sync", [OP_SET, ["k"], 1], durability="sync")  # not durable yet: the copy waits behind it
+    pins.seqs = [2]  # and a checkpoint of seq 2 is being written
+    reclamation.compact()
+    (seq, first_live), = reclamation.retired
+    assert harness.commits.published_seq < seq
+    harness.durability.durable_lsn = harness.durability.next_lsn - 1
+    harness.commits.answer_durable()  # the copy is published: only the checkpoint holds the old segments now
+    assert harness.commits.published_seq == seq
+    reclamation.release_retired()
+    assert reclamation.retired and min(harness.arena.segments) < first_live
+    pins.seqs = []
+    reclamation.release_retired()
+    assert not reclamation.retired and min(harness.arena.segments) == first_live
+
+
+def test_a_failed_compaction_is_undone_and_the_next_attempt_waits_for_as_many_bytes_again(parts, monkeypatch, caplog):
+    import logging
+
+    from protobase.errors import ProtoBaseError
+
+    harness, _, reclamation = parts
+    garbage(harness, 10)
+    all_durable(harness)
+    segments, seq, root = dict(harness.arena.segments), harness.commits.seq, harness.commits.root
+    attempts = []
+
+    def no_room(root: int) -> int:
+        attempts.append(root)
+        harness.arena.append(1, b"y" * 1000)  # half a copy in the new generation
+        raise ProtoBaseError("/dev/shm is full")
+
+    monkeypatch.setattr(harness.writer, "copy_root", no_room)
+    with caplog.at_level(logging.ERROR, logger="protobase.coordinator"):
+        reclamation.maybe_compact()
+    assert [record.getMessage() for record in caplog.records] == [
+        "compaction failed and was undone; serving the uncompacted data, next attempt after 65536 more bytes: "
+        "compaction failed and was undone, the database is unchanged: /dev/shm is full"]
+    assert (reclamation.compaction_failures, reclamation.compactions, len(attempts)) == (1, 0, 1)
+    assert (harness.commits.seq, harness.commits.root) == (seq, root) and reclamation.retired == []
+    assert set(harness.arena.segments) == set(segments)  # the half-made copy is unlinked
+    garbage(harness, 4)  # ~32 KB more: under the 64 KiB to wait for
+    reclamation.maybe_compact()
+    assert len(attempts) == 1
+    garbage(harness, 6)
+    reclamation.maybe_compact()
+    assert len(attempts) == 2
+    with pytest.raises(ProtoBaseError, match="^compaction failed and was undone, the database is unchanged: "
+                                             "/dev/shm is full$"):
+        reclamation.compact()  # asked for (db.compact()): the error goes to the asker
+
+
+def test_oldest_reader_names_the_reader_of_the_oldest_snapshot_and_what_it_keeps(parts):
+    from protobase.shm.control import ReaderSlot
+
+    harness, _, reclamation = parts
+    garbage(harness, 3)
+    all_durable(harness)
+    assert reclamation.oldest_reader() is None
+    harness.control.reader_slots = [ReaderSlot(3, 77, 0.0, 3), ReaderSlot(4, 78, 0.0, 2)]
+    reclamation.observe_pins()
+    reclamation.compact()
+    (_, first_live), = reclamation.retired
+    time.sleep(0.05)
+    oldest = reclamation.oldest_reader()
+    assert oldest is not None and (oldest["slot"], oldest["pid"], oldest["snapshot_seq"]) == (4, 78, 2)
+    assert oldest["held_seconds"] >= 0.05
+    assert oldest["retained_bytes"] == harness.arena.bytes_below(first_live) > 0
+    harness.control.reader_slots = [ReaderSlot(3, 77, 0.0, 3), ReaderSlot(4, 78, 0.0, 4)]  # moved on
+    oldest = reclamation.oldest_reader()
+    assert oldest is not None and oldest["slot"] == 3 and oldest["held_seconds"] >= 0.05
+    harness.control.reader_slots = [ReaderSlot(3, 79, 0.0, 3)]  # another process in that slot: a new pin
+    oldest = reclamation.oldest_reader()
+    assert oldest is not None and oldest["pid"] == 79 and oldest["held_seconds"] < 0.05

@@ -1,0 +1,257 @@
+"""The commit sequence (coordinator/commits.py): parse_ops, validation, publishing in order, a failed disk.
+
+`Commits` runs here on a real Writer and arena (as test_writer.py), with the
+coordinator's other parts replaced by recorders: the control block records
+what is published, the durability what is enqueued and how far it is
+durable, the connections what each asker and watcher is sent. So the order
+of things is visible: a "sync" commit is published and answered only once
+its LSN is durable, roots are published in seq order (a compaction's too),
+and after a disk failure nothing more is acknowledged. (test_reclamation.py
+runs compactions on the same harness.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from protobase.coordinator.commits import Commits, parse_ops
+from protobase.coordinator.writer import Writer
+from protobase.core import codec
+from protobase.core.arena import ArenaWriter, AtomReader
+from protobase.core.store import Store
+from protobase.errors import EncodingError, ProtoBaseError, ProtocolError
+from protobase.shm import new_instance_id, sweep
+from protobase.shm.control import ReaderSlot
+from protobase.wire.opcodes import LIST_APPEND, OP_CREATE_INDEX, OP_DELETE, OP_LIST, OP_SET
+
+# -- parse_ops ------------------------------------------------------------------------------
+
+
+def test_parse_ops_returns_the_ops_of_a_well_formed_commit():
+    ops = [[OP_SET, ["a", 1], {"x": 1}], [OP_DELETE, ["b"], None], [OP_LIST, ["l"], [[LIST_APPEND, 0, 5]]],
+           [OP_CREATE_INDEX, ["users"], ("city", "score")]]
+    assert parse_ops(codec.encode(ops)) == ops
+
+
+@pytest.mark.parametrize("ops, error, message", [
+    (b"\xc1", ProtocolError, "malformed request: the commit's ops cannot be decoded"),
+    (codec.encode([]), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
+    (codec.encode({"a": 1}), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
+    (codec.encode([[OP_SET, "a", 1]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
+    (codec.encode([[OP_SET, ["a"]]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
+    (codec.encode([[99, ["a"], 1]]), ProtocolError, "malformed request: op code 99 with an argument of type int "
+                                                   "is not an operation"),
+    (codec.encode([[OP_DELETE, ["a"], 1]]), ProtocolError, f"malformed request: op code {OP_DELETE} with an "
+                                                          f"argument of type int is not an operation"),
+    (codec.encode([[OP_LIST, ["l"], [[LIST_APPEND, 0]]]]), ProtocolError,
+     r"malformed request: a list operation is \[code, index, value\]"),
+    (codec.encode([[OP_SET, ["a", [1]], 1]]), EncodingError, "cannot use a key of type list at"),
+])
+def test_parse_ops_refuses_what_no_client_of_ours_sends(ops, error, message):
+    with pytest.raises(error, match=f"^{message}"):
+        parse_ops(ops)
+
+
+# -- the commit sequence ----------------------------------------------------------------------
+
+
+class Control:
+    """Records what is published; holds the reader table the test sets (`readers`)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[int, int]] = []
+        self.reader_slots: list[ReaderSlot] = []
+        self.oldest_segment = 0
+
+    def publish_root(self, seq: int, root: int) -> None:
+        self.published.append((seq, root))
+
+    def readers(self) -> list[ReaderSlot]:
+        return list(self.reader_slots)
+
+    def oldest_snapshot(self) -> int | None:
+        return min((r.snapshot_seq for r in self.reader_slots if r.snapshot_seq is not None), default=None)
+
+
+class Durability:
+    """Records what is enqueued; `durable_lsn` moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self.next_lsn = 1
+        self.durable_lsn = 0
+        self.enqueued: list[tuple[int, list[Any], bool]] = []
+
+    def enqueue(self, payload: bytes, sync: bool) -> int:
+        self.enqueued.append((self.next_lsn, codec.decode(payload, frozen=False), sync))
+        self.next_lsn += 1
+        return self.next_lsn - 1
+
+
+class Connections:
+    """Records what each asker and watcher is sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, Any]] = []
+
+    def answer(self, asker: Any, reply: Any) -> None:
+        if asker is not None and reply is not None:
+            self.sent.append((asker, reply))
+
+    def notify(self, seq: int, paths: list[Any]) -> None:
+        self.sent.append(("watchers", [seq, [list(path) for path in paths]]))
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.instance = new_instance_id()
+        self.arena = ArenaWriter(self.instance)
+        self.writer = Writer(self.arena, Store(AtomReader(self.instance, writer=self.arena)))
+        self.control, self.durability, self.connections = Control(), Durability(), Connections()
+        self.applied = 0
+        self.commits = Commits(self.writer, self.control, self.durability, self.connections,  # type: ignore[arg-type]
+                               seq=0, root=0, directory="/srv/db", on_applied=self.on_applied)
+
+    def on_applied(self) -> None:
+        self.applied += 1
+
+    def commit(self, asker: Any, *ops: list[Any], base: int | None = None, durability: str = "async",
+               reads: list[Any] | None = None, serializable: bool = False) -> Any:
+        return self.commits.commit(asker, self.commits.seq if base is None else base, serializable, durability,
+                                   codec.encode(list(ops)), reads or [])
+
+    def close(self) -> None:
+        self.writer.store.reader.close()
+        self.arena.close(unlink=True)
+        assert sweep(self.instance) == []
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    made = Harness()
+    yield made
+    made.close()
+
+
+def test_an_async_commit_is_published_notified_and_answered_at_once(harness):
+    reply = harness.commit("alice", [OP_SET, ["k"], {"v": 1}], [OP_SET, ["n"], 2])
+    assert reply[:2] == ["ok", 1] and harness.commits.seq == harness.commits.published_seq == 1
+    assert harness.control.published == [(1, harness.commits.root)]
+    assert harness.connections.sent == [("watchers", [1, [["k"], ["n"]]])]
+    assert harness.durability.enqueued[0][0] == 1 and harness.durability.enqueued[0][2] is False
+    assert harness.durability.enqueued[0][1][0] == 1  # the WAL record: [seq, ops bytes]
+    assert (harness.commits.commits, harness.applied) == (1, 1)
+
+
+def test_a_sync_commit_is_published_and_answered_once_durable_and_in_order(harness):
+    assert harness.commit("first", [OP_SET, ["a"], 1], durability="sync") is None
+    assert harness.commit("second", [OP_SET, ["b"], 2], durability="sync") is None
+    assert harness.control.published == [] and harness.commits.published_seq == 0
+    harness.commits.answer_durable()  # nothing durable yet
+    assert harness.connections.sent == []
+    harness.durability.durable_lsn = 2  # one fsync covers both: group commit
+    harness.commits.answer_durable()
+    assert harness.control.published == [(2, harness.commits.root)]  # only the newest root
+    assert [(who, reply[:2]) for who, reply in harness.connections.sent] == [
+        ("watchers", [1, [["a"]]]), ("first", ["ok", 1]), ("watchers", [2, [["b"]]]), ("second", ["ok", 2])]
+
+
+def test_an_async_commit_behind_a_waiting_sync_one_is_not_published_past_it(harness):
+    harness.commit("sync", [OP_SET, ["a"], 1], durability="sync")
+    harness.commit("async", [OP_SET, ["b"], 2])
+    # Published at once, though the older sync commit waits: the root holds both, seq 2.
+    assert harness.control.published == [(2, harness.commits.root)]
+    harness.durability.durable_lsn = 1
+    harness.commits.answer_durable()
+    assert harness.control.published == [(2, harness.commits.root)]  # never back to seq 1
+    assert ("sync", ["ok", 1, []]) in harness.connections.sent
+
+
+def test_a_conflict_names_the_path_and_both_seqs_and_applies_nothing(harness):
+    harness.commit("a", [OP_SET, ["users"], {}])
+    harness.commit("a", [OP_SET, ["users", "alice"], 1])
+    root, enqueued = harness.commits.root, len(harness.durability.enqueued)
+    assert harness.commit("b", [OP_SET, ["users", "alice", "x"], 1], base=1) == ["conflict", ["users", "alice"], 1, 2]
+    assert harness.commit("b", [OP_SET, ["users", "bob"], 1], base=1)[:2] == ["ok", 3]  # a sibling: no conflict
+    harness.commit("c", [OP_SET, ["flag"], 1])
+    read_set = [["users", "bob"]]
+    assert harness.commit("d", [OP_SET, ["other"], 1], base=2, reads=read_set)[:2] == ["ok", 5]  # reads unchecked
+    assert harness.commit("d", [OP_SET, ["other2"], 1], base=2, reads=read_set, serializable=True) == \
+        ["conflict", ["users", "bob"], 2, 3]
+    assert harness.commits.conflicts == 2 and harness.applied == 5
+    assert len(harness.durability.enqueued) == enqueued + 3 and root != harness.commits.root
+
+
+def test_a_commit_that_cannot_apply_is_refused_and_changes_nothing(harness):
+    harness.commit("a", [OP_SET, ["k"], 1])
+    root = harness.commits.root
+    assert harness.commit("b", [OP_SET, ["k2"], 1], [OP_SET, ["missing", "y"], 1]) == \
+        ["error", "PathError", "commit refused: no container at ('missing', 'y'): the key is missing"]
+    assert harness.commit("b", [OP_SET, ["k"], 2], durability="later") == \
+        ["error", "ProtoBaseError", "durability must be one of ('sync', 'async'), got 'later'"]
+    with pytest.raises(ProtoBaseError, match="it is based on snapshot seq 5, but the latest commit is seq 1"):
+        harness.commit("b", [OP_SET, ["k"], 2], base=5)
+    assert (harness.commits.seq, harness.commits.root, harness.applied) == (1, root, 1)
+
+
+def test_written_values_name_one_atom_values_that_nothing_later_in_the_commit_changed(harness):
+    reply = harness.commit("a", [OP_SET, ["a"], {"x": 1}], [OP_SET, ["b"], [1, 2]], [OP_SET, ["b", 0], 5],
+                           [OP_SET, ["c"], 3], [OP_SET, ["d"], {"y": 2}])
+    indexes = [index for index, _ in reply[2]]
+    assert indexes == [0, 4]  # b changed later in the commit, c is a scalar
+    ptr = reply[2][1][1]
+    assert codec.decode(harness.writer.store.atom(ptr)[1], frozen=False) == {"y": 2}
+
+
+def test_a_compaction_root_takes_the_next_seq_and_waits_until_every_commit_before_it_is_durable(harness):
+    harness.commit("a", [OP_SET, ["k"], 1])  # async: published, not yet durable
+    assert harness.commits.replace_root(harness.commits.root) == 2
+    assert harness.control.published[-1][0] == 1  # the copy waits for commit 1's record
+    harness.durability.durable_lsn = 1
+    harness.commits.answer_durable()
+    assert harness.control.published[-1][0] == 2
+    assert harness.commits.replace_root(harness.commits.root) == 3  # everything durable: published at once
+    assert harness.control.published[-1][0] == 3
+    harness.commit("b", [OP_SET, ["k"], 2], durability="sync")
+    assert harness.commits.replace_root(harness.commits.root) == 5
+    assert harness.control.published[-1][0] == 3  # behind commit 4, which waits for its fsync
+    harness.durability.durable_lsn = 2
+    harness.commits.answer_durable()
+    assert harness.control.published[-1][0] == 5
+
+
+def test_after_a_disk_failure_waiting_and_later_commits_get_the_failure(harness, caplog):
+    harness.commit("durable", [OP_SET, ["a"], 1], durability="sync")
+    harness.commit("lost", [OP_SET, ["b"], 2], durability="sync")
+    harness.durability.durable_lsn = 1  # the first reached the disk before it failed
+    with caplog.at_level(logging.ERROR, logger="protobase.coordinator"):
+        harness.commits.fail("the write-ahead log failed: ENOSPC")
+        harness.commits.fail("again")
+    assert [record.getMessage() for record in caplog.records] == [
+        "durability failed: the write-ahead log failed: ENOSPC; refusing commits, stopping once the last client "
+        "has gone"]
+    assert harness.commits.refusing and harness.durability.failure == "the write-ahead log failed: ENOSPC"
+    answers = {who: reply for who, reply in harness.connections.sent if who != "watchers"}
+    assert answers["durable"][:2] == ["ok", 1]
+    assert answers["lost"][:2] == ["error", "CoordinatorError"]
+    assert answers["lost"][2].startswith("the write-ahead log failed: ENOSPC. This commit was NOT made durable")
+    assert "close every handle on /srv/db" in answers["lost"][2]
+    assert harness.commit("later", [OP_SET, ["c"], 3]) == harness.commits.failure_reply()
+    assert harness.commits.seq == 2 and harness.control.published == [(1, harness.control.published[0][1])]
+
+
+def test_the_version_table_is_pruned_only_once_large(harness, monkeypatch):
+    from protobase.coordinator import commits as commits_module
+
+    for number in range(5):
+        harness.commit("a", [OP_SET, [f"k{number}"], number])
+    harness.control.reader_slots = [ReaderSlot(0, 1, 0.0, 3)]
+    harness.commits.prune_versions()
+    assert len(harness.commits.versions) == 5  # under PRUNE_VERSIONS_ABOVE: kept
+    monkeypatch.setattr(commits_module, "PRUNE_VERSIONS_ABOVE", 4)
+    harness.commits.prune_versions()
+    assert (len(harness.commits.versions), harness.commits.versions.horizon) == (2, 3)

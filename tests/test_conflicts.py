@@ -1,0 +1,83 @@
+"""The version table (coordinator/conflicts.py): which key paths changed after a snapshot.
+
+A commit based on snapshot `base` conflicts with a later write at the same
+path, above it (a container holding it was replaced) or below it (something
+inside it changed), and with nothing else. Pruning forgets old writes, and a
+commit based before what was forgotten is refused conservatively. A property
+test checks the table against a plain list of every write.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protobase.coordinator.conflicts import KeyPath, VersionTable
+
+
+def table(*writes: tuple[int, list[KeyPath]]) -> VersionTable:
+    versions = VersionTable()
+    for seq, paths in writes:
+        versions.record(seq, paths)
+    return versions
+
+
+def test_a_write_after_the_base_conflicts_at_the_path_above_it_and_below_it():
+    versions = table((1, [("users", "alice", "city")]), (2, [("orders",)]))
+    assert versions.first_conflict(0, [("users", "alice", "city")]) == (("users", "alice", "city"), 1)
+    assert versions.first_conflict(0, [("users", "alice", "city", "zip")]) == (("users", "alice", "city"), 1)
+    assert versions.first_conflict(0, [("users",)]) == (("users",), 1)  # something below it changed
+    assert versions.first_conflict(0, [("orders", 7)]) == (("orders",), 2)  # its container was replaced
+
+
+def test_no_conflict_with_writes_at_or_before_the_base_nor_with_siblings():
+    versions = table((1, [("users", "alice")]), (2, [("users", "bob")]))
+    assert versions.first_conflict(1, [("users", "alice")]) is None  # written at the base: seen by it
+    assert versions.first_conflict(1, [("users", "carol"), ("other",)]) is None
+    assert versions.first_conflict(0, [("users", "carol")]) is None
+    assert versions.first_conflict(1, [("users", "bob")]) == (("users", "bob"), 2)
+
+
+def test_the_first_path_that_conflicts_is_named():
+    versions = table((3, [("b",)]), (4, [("a",)]))
+    assert versions.first_conflict(0, [("c",), ("b", 1), ("a",)]) == (("b",), 3)
+
+
+def test_pruning_forgets_old_writes_and_refuses_commits_based_before_the_horizon():
+    versions = table((1, [("a",)]), (2, [("b", "x")]), (3, [("c",)]))
+    assert len(versions) == 3
+    forgotten = versions.prune(2)
+    assert forgotten == 3  # ('a',) and ('b', 'x') written, ('b',) written below; () was last written below at 3
+    assert (versions.horizon, len(versions)) == (2, 1)
+    assert versions.first_conflict(2, [("a",), ("b", "x")]) is None
+    assert versions.first_conflict(2, [("c",)]) == (("c",), 3)
+    assert versions.first_conflict(1, [("unrelated",)]) == ((), 2)  # its history is gone: a conflict
+    assert versions.prune(1) == 0 and versions.horizon == 2  # never backwards
+
+
+def test_a_horizon_set_at_start_refuses_older_bases():
+    versions = VersionTable()
+    versions.horizon = 10  # a restarted coordinator: commits up to 10 are not in the table
+    assert versions.first_conflict(9, [("k",)]) == ((), 10)
+    assert versions.first_conflict(10, [("k",)]) is None
+
+
+KEYS = st.sampled_from(["a", "b", 1])
+PATHS = st.lists(KEYS, min_size=1, max_size=3).map(tuple)
+
+
+def overlaps(one: KeyPath, other: KeyPath) -> bool:
+    return one[:len(other)] == other or other[:len(one)] == one
+
+
+@given(st.lists(st.lists(PATHS, min_size=1, max_size=3), max_size=8), st.integers(0, 8),
+       st.lists(PATHS, min_size=1, max_size=3))
+def test_a_conflict_is_reported_exactly_when_a_later_write_overlaps_a_path(commits, base, paths):
+    versions = table(*((seq, written) for seq, written in enumerate(commits, start=1)))
+    overlapping = [seq for seq, written in enumerate(commits, start=1) if seq > base
+                   and any(overlaps(path, other) for path in paths for other in written)]
+    conflict = versions.first_conflict(base, paths)
+    assert (conflict is not None) == bool(overlapping)
+    if conflict is not None:
+        path, seq = conflict
+        assert seq in overlapping and any(overlaps(path, other) for other in paths)

@@ -1,0 +1,242 @@
+"""The coordinator's writer (coordinator/writer.py) on a real arena: apply, flush, copy_root, decode_ops.
+
+Each test builds roots with `Writer.apply` and `Writer.flush` into the
+segments of a fresh instance in /dev/shm (swept and checked empty after it),
+and reads them back through a Store of its own, as a client process would:
+what a flush wrote is what a reader sees; an operation that fails leaves the
+root it was applied to as it was; the layout follows the Settings' limits; a
+compaction's copy holds the same data in the new generation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+
+from protobase.coordinator.writer import Writer, decode_ops
+from protobase.core import codec
+from protobase.core.arena import DICT_LEAF, INDEXED, LIST_BRANCH, SET_LEAF, VALUE, ArenaWriter, AtomReader, segment_of
+from protobase.core.codec import Ref
+from protobase.core.frozen import thaw
+from protobase.core.store import Store
+from protobase.errors import CorruptionError, EncodingError, PathError
+from protobase.settings import Settings
+from protobase.shm import instance_entries, new_instance_id, sweep
+from protobase.wire.opcodes import (
+    LIST_APPEND,
+    LIST_DELETE,
+    LIST_INSERT,
+    LIST_SET,
+    OP_CREATE_INDEX,
+    OP_DELETE,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+    OP_SET_DISCARD,
+)
+
+
+class Fixture:
+    """A writer on a fresh arena, and a way to read what it wrote as another process would."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.instance = new_instance_id()
+        self.arena = ArenaWriter(self.instance)
+        self.writer = Writer(self.arena, Store(AtomReader(self.instance, writer=self.arena)), settings)
+        self.readers: list[AtomReader] = []
+
+    def commit(self, root: Any, *ops: tuple[int, tuple[Any, ...], Any]) -> int:
+        """Apply `ops` to `root` and flush: the new root pointer."""
+        for code, path, argument in ops:
+            root = self.writer.apply(root, code, path, argument)
+        return self.writer.flush(root)
+
+    def read(self, root: int) -> Any:
+        """The whole database at `root`, as plain data, through a Store that maps the segments read-only."""
+        reader = AtomReader(self.instance)
+        self.readers.append(reader)
+        return thaw(Store(reader).root(root))
+
+    def slot(self, root: int, key: Any) -> Any:
+        """What the root's leaf holds for `key`: a scalar, or a Ref to where the value lives."""
+        node = self.writer.store.node(root)
+        assert node.kind == DICT_LEAF, "a small root is one leaf"
+        return node.values[node.keys.index(key)]
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.writer.store.reader.close()
+        self.arena.close(unlink=True)
+
+
+@pytest.fixture
+def make() -> Iterator[Any]:
+    made: list[Fixture] = []
+
+    def build(**settings: Any) -> Fixture:
+        made.append(Fixture(Settings(**settings)))
+        return made[-1]
+
+    yield build
+    for fixture in made:
+        fixture.close()
+        assert sweep(fixture.instance) == [], "the arena left segments behind"
+        assert instance_entries(fixture.instance) == []
+
+
+# -- apply and flush --------------------------------------------------------------------------
+
+
+def test_what_a_flush_writes_is_what_a_reader_of_the_segments_sees(make):
+    store = make()
+    root = store.commit(0, (OP_SET, ("users",), {}), (OP_SET, ("users", "alice"), {"city": "Paris", "tags": ["a"]}),
+                        (OP_SET, ("n",), 7), (OP_SET, ("users", "alice", "city"), "Lyon"))
+    assert store.read(root) == {"users": {"alice": {"city": "Lyon", "tags": ["a"]}}, "n": 7}
+    root = store.commit(root, (OP_DELETE, ("users", "alice"), None), (OP_DELETE, ("no such key",), None))
+    assert store.read(root) == {"users": {}, "n": 7}
+
+
+def test_a_failed_operation_leaves_the_root_it_was_applied_to_as_it_was(make):
+    store = make()
+    before = store.commit(0, (OP_SET, ("d",), {"k": [1, 2]}), (OP_SET, ("big",), list(range(300))))
+    working = store.writer.apply(before, OP_SET, ("d", "k2"), 3)  # a working copy, not yet flushed
+    with pytest.raises(PathError, match=r"^no container at \('missing', 'x'\): the key is missing$"):
+        store.writer.apply(working, OP_SET, ("missing", "x"), 1)
+    with pytest.raises(PathError, match=r"^list index 500 out of range at "):
+        store.writer.apply(working, OP_SET, ("big", 500), 1)
+    with pytest.raises(PathError, match="^an operation needs a non-empty key path$"):
+        store.writer.apply(before, OP_SET, (), 1)
+    assert store.read(before) == {"d": {"k": [1, 2]}, "big": list(range(300))}
+    assert store.read(store.writer.flush(working)) == {"d": {"k": [1, 2], "k2": 3}, "big": list(range(300))}
+
+
+def test_list_operations_on_a_small_list_and_on_a_tree_list_agree_with_a_python_list(make):
+    store = make(flat_list_entries=8)
+    for length in (5, 40):  # one atom, then a tree (over flat_list_entries)
+        model = list(range(length))
+        ops = [[LIST_APPEND, 0, "end"], [LIST_INSERT, 2, "two"], [LIST_SET, -1, "last"], [LIST_DELETE, 0, None],
+               [LIST_INSERT, -100, "first"]]
+        # A copy: the writer owns what it is given (a commit's decoded ops), and changes it in place.
+        root = store.commit(0, (OP_SET, ("l",), list(model)), (OP_LIST, ("l",), ops))
+        model.append("end")
+        model.insert(2, "two")
+        model[-1] = "last"
+        del model[0]
+        model.insert(0, "first")
+        assert store.read(root) == {"l": model}
+        assert type(store.slot(root, "l")) is Ref and (store.slot(root, "l").kind == VALUE) == (length == 5)
+
+
+def test_set_operations_add_and_discard_in_small_and_tree_sets(make):
+    store = make(flat_set_entries=4)
+    for elements in ({1, 2}, set(range(10))):
+        root = store.commit(0, (OP_SET, ("s",), set(elements)), (OP_SET_ADD, ("s",), [100, 1]),
+                            (OP_SET_DISCARD, ("s",), [2, 999]))
+        assert store.read(root) == {"s": (elements | {100}) - {2}}
+    with pytest.raises(PathError, match=r"^set operation on a str at \('n',\)$"):
+        store.commit(root, (OP_SET, ("n",), "text"), (OP_SET_ADD, ("n",), [1]))
+
+
+def test_an_index_follows_the_records_it_indexes(make):
+    store = make()
+    users = {"alice": {"city": "Paris"}, "bob": {"city": "Oslo"}}
+    root = store.commit(0, (OP_SET, ("users",), users), (OP_CREATE_INDEX, ("users",), "city"),
+                        (OP_SET, ("users", "alice", "city"), "Lyon"), (OP_DELETE, ("users", "bob"), None))
+    assert store.read(root) == {"users": {"alice": {"city": "Lyon"}}}
+    slot = store.slot(root, "users")
+    assert slot.kind == INDEXED
+    fields = codec.decode(store.writer.store.atom(slot.ptr)[1], frozen=False)
+    entries = list(store.writer.access.keys(fields["indexes"]["city"], SET_LEAF))
+    assert [(value, key) for _, value, key in entries] == [("Lyon", "alice")]
+
+
+# -- the layout, from the Settings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entries, stored_as", [(4, VALUE), (5, DICT_LEAF)])
+def test_a_dict_over_flat_dict_entries_becomes_a_tree(make, entries, stored_as):
+    store = make(flat_dict_entries=4)
+    value = {f"k{i}": i for i in range(entries)}
+    root = store.commit(0, (OP_SET, ("d",), value))
+    assert store.slot(root, "d").kind == stored_as
+    assert store.read(root) == {"d": value}
+
+
+def test_a_list_over_flat_list_entries_becomes_a_tree_of_trees(make):
+    store = make(flat_list_entries=2)
+    root = store.commit(0, (OP_SET, ("l",), list(range(200))))
+    assert store.slot(root, "l").kind == LIST_BRANCH  # 200 items: more than one leaf
+    assert store.read(root) == {"l": list(range(200))}
+
+
+def test_a_few_large_entries_over_flat_max_bytes_become_a_tree(make):
+    store = make()  # 16 KiB; values of 500 characters sit inline (inline_bytes 512)
+    small = {f"k{i}": "x" * 500 for i in range(20)}  # about 10 KB: one atom
+    large = {f"k{i}": "x" * 500 for i in range(40)}  # about 20 KB: a tree, though 40 <= 64 entries
+    root = store.commit(0, (OP_SET, ("small",), small), (OP_SET, ("large",), large))
+    assert (store.slot(root, "small").kind, store.slot(root, "large").kind) == (VALUE, DICT_LEAF)
+    assert store.read(root) == {"small": small, "large": large}
+
+
+def test_strings_over_inline_bytes_get_an_atom_of_their_own(make):
+    store = make(inline_bytes=8)
+    root = store.commit(0, (OP_SET, ("short",), "x" * 8), (OP_SET, ("long",), "x" * 9), (OP_SET, ("b",), b"y" * 9))
+    assert store.slot(root, "short") == "x" * 8
+    assert store.slot(root, "long").kind == store.slot(root, "b").kind == VALUE
+    assert store.read(root) == {"short": "x" * 8, "long": "x" * 9, "b": b"y" * 9}
+
+
+def test_flat_pointer_names_one_atom_values_only(make):
+    store = make(flat_dict_entries=4)
+    flat, holding_a_tree = {"a": 1}, {"inner": {f"k{i}": i for i in range(5)}}
+    root = store.commit(0, (OP_SET, ("flat",), flat), (OP_SET, ("nested",), holding_a_tree))
+    ptr = store.writer.flat_pointer(flat)
+    assert ptr == store.slot(root, "flat").ptr
+    assert codec.decode(store.writer.store.atom(ptr)[1], frozen=False) == {"a": 1}
+    assert store.writer.flat_pointer(holding_a_tree) is None  # its atom holds a Ref: not the value itself
+
+
+def test_replacing_a_value_counts_its_atom_as_discarded(make):
+    store = make()
+    root = store.commit(0, (OP_SET, ("v",), {"blob": "x" * 2000}))
+    before = store.writer.discarded_bytes
+    store.commit(root, (OP_SET, ("v",), 1))
+    assert store.writer.discarded_bytes > before + 2000
+
+
+# -- compaction -------------------------------------------------------------------------------
+
+
+def test_copy_root_copies_everything_reachable_into_the_new_generation(make):
+    store = make(flat_dict_entries=4)
+    data = {"users": {f"u{i}": {"name": "n" * 600, "tags": {i, -i}} for i in range(30)}, "l": list(range(300)),
+            "t": (1, ("nested", b"z" * 700))}
+    root = store.commit(0, (OP_SET, ("users",), data["users"]), (OP_SET, ("l",), data["l"]),
+                        (OP_SET, ("t",), data["t"]), (OP_CREATE_INDEX, ("users",), "name"))
+    first_new = store.arena.start_generation()
+    copy = store.writer.copy_root(root)
+    assert copy != root and segment_of(copy) >= first_new
+    store.writer.store.clear()
+    assert store.read(copy) == store.read(root) == data
+    store.arena.release_below(first_new)  # the old generation gone: the copy must not point into it
+    assert store.read(copy) == data
+
+
+# -- decode_ops ----------------------------------------------------------------------------------
+
+
+def test_decode_ops_returns_plain_data_and_refuses_references_and_garbage():
+    ops = [[OP_SET, ["k"], {"a": (1, 2), "s": {3}}]]
+    assert decode_ops(codec.encode(ops)) == [[OP_SET, ["k"], {"a": (1, 2), "s": {3}}]]
+    with pytest.raises(EncodingError, match="^commit refused, nothing was applied: a value in it holds an internal "
+                                            "reference"):
+        decode_ops(codec.encode([[OP_SET, ["k"], [Ref(8, VALUE)]]]))
+    with pytest.raises(EncodingError, match="a dataclass value in it is malformed"):
+        decode_ops(codec.encode([[OP_SET, ["k"], msgpack.ExtType(codec.EXT_DATACLASS, msgpack.packb(5))]]))
+    with pytest.raises(CorruptionError):
+        decode_ops(b"\xc1")
+    assert decode_ops(msgpack.packb(7)) == 7  # any shape: parse_ops (commits.py) checks it
