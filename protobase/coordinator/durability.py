@@ -184,7 +184,7 @@ class Durability:
         syncs within flush_interval and drains ours on the way.
 
         It sleeps long only once everything it wrote is durable, and it looks at the ring
-        after publishing durable_lsn and before sleeping (persistence.py). We published our
+        after publishing durable_lsn and before sleeping (persistence/process.py). We published our
         record (the ring's head) before reading durable_lsn; with a full fence on both
         sides, one of the two reads sees the other's write, so a record is never left
         waiting for a sleeper.
