@@ -15,10 +15,10 @@ Two kinds of tunable:
 * constants (`ClassVar`s, listed in `CONSTANTS`): the same for every instance,
   not constructor arguments. `btree_max_entries` is part of the data format:
   a node wider than it is refused as corrupt, so old data depends on it, and
-  the B+tree keeps it as `protobase.core.btree.MAX_ENTRIES`.
+  the B+tree keeps it as `MAX_ENTRIES` (protobase.core.btree).
   `wal_preallocate_bytes` is read by the persistence process as the WAL
-  writer's `protobase.persistence.wal.PREALLOCATE_BYTES`, which takes no
-  per-instance value.
+  writer's `PREALLOCATE_BYTES` (protobase/persistence/wal/writer.py), which
+  takes no per-instance value.
 
 Module constants elsewhere whose value comes from `DEFAULTS` (kept for their
 importers): core/store.py `DEFAULT_OBJECT_CACHE`, `DEFAULT_BYTES_CACHE`;
@@ -136,7 +136,7 @@ CONSTANTS: Mapping[str, tuple[str, str]] = {
     "btree_max_entries": ("entries", "entries per B+tree leaf and children per branch; part of the data format "
                                      "(protobase.core.btree.MAX_ENTRIES)"),
     "wal_preallocate_bytes": ("bytes", "bytes of zeros a WAL file grows by at a time, in the persistence process "
-                                       "(protobase.persistence.wal.PREALLOCATE_BYTES)"),
+                                       "(protobase.persistence.wal.writer.PREALLOCATE_BYTES)"),
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from protobase import settings
 from protobase.core import btree, store
-from protobase.persistence import wal
+from protobase.persistence.wal import writer as wal_writer
 from protobase.settings import CONSTANTS, DEFAULTS, Settings
 from protobase.shm import control
 
@@ -103,7 +103,7 @@ def test_module_constants_agree_with_the_defaults():
     assert control.DEFAULT_READER_SLOTS == DEFAULTS.reader_slots == 1024
     # Kept where old data (btree) or another process (the WAL writer) reads them: the same values.
     assert btree.MAX_ENTRIES == Settings.btree_max_entries
-    assert wal.PREALLOCATE_BYTES == Settings.wal_preallocate_bytes
+    assert wal_writer.PREALLOCATE_BYTES == Settings.wal_preallocate_bytes
 
 
 # -- flags ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.keyorder import order_key
 from protobase.query.fields import MISSING
+from protobase.query.source import IndexName
 from protobase.settings import DEFAULTS, Settings
 from protobase.wire.opcodes import (
     LIST_APPEND,
@@ -197,7 +198,7 @@ class Writer:
             updated.indexes[field] = root
         return updated
 
-    def _record_entries(self, collection: IndexedColl, key: Any) -> dict[str, set[tuple[int, Any]]]:
+    def _record_entries(self, collection: IndexedColl, key: Any) -> dict[IndexName, set[tuple[int, Any]]]:
         """{field -> the (kind, value) entries of the record at `key`} (empty sets when absent)."""
         try:
             record = self._readable(self.access.lookup(collection.data, key))
@@ -219,7 +220,7 @@ class Writer:
             return _TreeReader(self, slot.data)
         return slot
 
-    def _index_op(self, target: Any, create: bool, field: str, path: KeyPath) -> Any:
+    def _index_op(self, target: Any, create: bool, field: IndexName, path: KeyPath) -> Any:
         target = self._open(target)
         if type(target) is not IndexedColl:
             if not create:
