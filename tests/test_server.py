@@ -341,15 +341,11 @@ def test_serve_with_more_or_fewer_reader_slots(datadir):
 # -- settings ---------------------------------------------------------------------------------------
 
 
-def test_the_coordinator_takes_a_settings_and_the_keywords_protobase_serve_passes(datadir):
+def test_the_coordinator_takes_its_settings(datadir):
     directory = DataDir.open(datadir)
     chosen = Settings(flush_interval=0.05, tick=0.5)
     assert Coordinator(directory, chosen).settings == chosen
     assert Coordinator(directory).settings == DEFAULTS
-    passed = Coordinator(directory, grace=None, flush_interval=0.05, reader_slots=2).settings
-    assert passed == Settings(shutdown_grace=None, flush_interval=0.05, reader_slots=2)
-    with pytest.raises(ValueError, match="^checkpoint_bytes must be a whole number of bytes >= 0, got -1;"):
-        Coordinator(directory, checkpoint_bytes=-1)
 
 
 def test_a_settings_flag_reaches_the_running_coordinator(datadir):

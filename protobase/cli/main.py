@@ -35,6 +35,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from protobase import settings
 from protobase.cli.backup import backup, recover
 from protobase.cli.bench import bench
 from protobase.cli.command import DEFAULT_GRACE, CommandError
@@ -57,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the coordinator of a data directory in the foreground")
     serve.add_argument("path", help="data directory (created if missing)")
     serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--flush-interval", type=float, default=None, metavar="SECONDS",
-                       help="longest time an async commit waits for its fsync (default 0.01)")
-    serve.add_argument("--checkpoint-bytes", type=int, default=None, metavar="BYTES",
-                       help="WAL bytes after which a checkpoint is written (default 64 MiB)")
-    serve.add_argument("--compact-min-bytes", type=int, default=None, metavar="BYTES",
-                       help="garbage below which no compaction runs (default 64 MiB)")
-    serve.add_argument("--reader-slots", type=reader_slot_count, default=None, metavar="N",
-                       help="database handles that can be open at once, one per protobase.open() (default 1024)")
+    settings.add_arguments(serve, exclude=("shutdown_grace",))  # serve never stops on idle
 
     status = commands.add_parser("status", help="what serves a data directory, and what is on disk")
     status.add_argument("path")
@@ -104,13 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--writers", type=int, default=3)
     demo.add_argument("--transfers", type=int, default=300, help="transfers per writer")
     return parser
-
-
-def reader_slot_count(text: str) -> int:
-    """`--reader-slots N`: a positive count that fits the control segment's u32."""
-    if not text.isdigit() or not 1 <= int(text) < 2**32:
-        raise argparse.ArgumentTypeError(f"--reader-slots takes a whole number from 1 to {2**32 - 1}, got {text!r}")
-    return int(text)
 
 
 def demo(args: argparse.Namespace) -> int:

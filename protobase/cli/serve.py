@@ -21,12 +21,11 @@ def serve(args: argparse.Namespace) -> int:
     """Foreground coordinator for systemd or containers: stops on SIGTERM/SIGINT, never on idle."""
     from protobase.coordinator.server import Coordinator
     from protobase.core.datadir import DataDir
+    from protobase.settings import Settings, from_arguments
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    settings = {name: getattr(args, name)
-                for name in ("flush_interval", "checkpoint_bytes", "compact_min_bytes", "reader_slots")
-                if getattr(args, name) is not None}
-    coordinator = Coordinator(DataDir.open(args.path), grace=None, **settings)
+    settings = from_arguments(args, base=Settings(shutdown_grace=None))
+    coordinator = Coordinator(DataDir.open(args.path), settings)
 
     coordinator.start()
     print(f"protobase: serving {coordinator.datadir.path} (pid {os.getpid()}); Ctrl-C to stop", flush=True)

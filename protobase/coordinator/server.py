@@ -37,7 +37,6 @@ nothing of the instance is left in /dev/shm.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -78,18 +77,10 @@ OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  
 class Coordinator:
     """Serves one data directory until the last client has gone (or forever)."""
 
-    def __init__(self, datadir: DataDir, settings: Settings = DEFAULTS, **overrides: Any) -> None:
-        """A coordinator for `datadir`, tuned by `settings`; `start()` it, then `serve_forever()`.
-
-        `overrides` are Settings fields by name (`grace` for shutdown_grace),
-        as `protobase serve` passes them until it builds a Settings with
-        `protobase.settings.from_arguments`; Settings checks each. Raises
-        ValueError for a bad value.
-        """
-        if "grace" in overrides:
-            overrides["shutdown_grace"] = overrides.pop("grace")
+    def __init__(self, datadir: DataDir, settings: Settings = DEFAULTS) -> None:
+        """A coordinator for `datadir`, tuned by `settings`; `start()` it, then `serve_forever()`."""
         self.datadir = datadir
-        self.settings = dataclasses.replace(settings, **overrides) if overrides else settings
+        self.settings = settings
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.selector = selectors.DefaultSelector()  # the loop's: listener, clients, persistence socket
