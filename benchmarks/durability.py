@@ -467,7 +467,7 @@ def timed_open(path: str, key: str, expected_score: int | None) -> tuple[float, 
 def recovered_records(db: Any) -> int | None:
     """WAL records the coordinator replayed when it started (not in DatabaseStats: asked directly)."""
     try:
-        return db._request(["stats"])[1].get("recovered_records")
+        return db.session.request(["stats"])[1].get("recovered_records")
     except Exception:
         return None
 

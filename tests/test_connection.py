@@ -143,7 +143,7 @@ def test_commits_interrupted_at_random_moments_are_each_applied_once_or_not_at_a
 
 def test_replies_are_matched_to_requests_by_id_whatever_their_order(datadir):
     with protobase.open(datadir, shutdown_grace=GRACE) as db:
-        connection = db._connection
+        connection = db.session.connection
         first, second = connection.reserve(), connection.reserve()
         connection.send(first, ["stats"])
         connection.send(second, ["compact"])

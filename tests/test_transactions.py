@@ -933,7 +933,7 @@ def test_object_cache_hits_grow_on_repeated_reads(db):
 def test_write_through_makes_the_next_read_a_cache_hit(db):
     with db.transaction() as tx:
         tx.root["rec"] = {"name": "alice", "tags": ["a", "b"]}
-    store = db._store
+    store = db.session.store
     with db.snapshot() as snap:
         ref = store.access.lookup(snap.root.ptr, "rec")  # the leaf slot: a Ref to the record's atom
         hits, misses = store.objects.hits, store.objects.misses

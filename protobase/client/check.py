@@ -19,16 +19,17 @@ from protobase.core.index import index_entries
 from protobase.errors import CorruptionError
 
 if TYPE_CHECKING:
+    from protobase.client.session import Session
     from protobase.client.snapshot import Snapshot
-    from protobase.database import Database
 
 __all__ = ["check_database"]
 
 
-def check_database(db: Database, snapshot: Snapshot) -> int:
-    """Check everything reachable from `snapshot`; return the number of atoms visited."""
-    store = db._store
-    oldest = db._control.oldest_segment
+def check_database(session: Session, snapshot: Snapshot) -> int:
+    """Check everything reachable from `snapshot` (pinned in `session`); return the number of atoms visited."""
+    store = session.store
+    control = session.control
+    oldest = control.oldest_segment
     visited = 0
 
     def visit(slot: Any) -> None:
@@ -84,8 +85,8 @@ def check_database(db: Database, snapshot: Snapshot) -> int:
     root_ptr = snapshot.root.ptr
     if root_ptr:
         check_tree(root_ptr, LEAF_OF[store.reader.atom(root_ptr)[0]])
-    for reader in db._control.readers():
-        if reader.snapshot_seq is not None and reader.snapshot_seq > db._control.read_root()[0]:
+    for reader in control.readers():
+        if reader.snapshot_seq is not None and reader.snapshot_seq > control.read_root()[0]:
             raise CorruptionError(f"reader slot {reader.slot} (pid {reader.pid}) holds snapshot "
                                   f"{reader.snapshot_seq}, newer than the latest commit")
     return visited

@@ -23,13 +23,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from protobase.client.session import Launch, Session
+from protobase.client.snapshot import Snapshot
+from protobase.core.arena import DICT_LEAF
+from protobase.core.datadir import DataDir
 from protobase.errors import DatabaseClosedError, ProtoBaseError, WorkerDiedError
-
-if TYPE_CHECKING:
-    from protobase.client.snapshot import Snapshot
-    from protobase.database import Database
 
 __all__ = ["Pool", "WorkerDiedError", "RemoteTraceback", "chunk_sizes"]
 
@@ -45,11 +45,25 @@ class RemoteTraceback(Exception):
         return self.args[0]
 
 
-def _worker_main(path: str, conn: Any) -> None:
-    """A worker: attach, say it is ready, then run tasks until told to stop (None)."""
-    import protobase
+class SnapshotSource(Protocol):
+    """What a pool needs of its database (a Database): where it is, and pinned snapshots of it."""
 
-    db = protobase.open(path, create=False)
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+    def snapshot(self) -> Snapshot: ...
+
+
+def _worker_main(path: str, conn: Any) -> None:
+    """A worker: attach, say it is ready, then run tasks until told to stop (None).
+
+    It needs no Database: it only adopts the snapshots its caller pinned, in a
+    session of its own (as `protobase.open(path, create=False)` would attach).
+    """
+    session = Session(DataDir.open(path, create=False), Launch())
     snapshot: Snapshot | None = None
     try:
         conn.send(READY)
@@ -58,25 +72,27 @@ def _worker_main(path: str, conn: Any) -> None:
             if message is None:
                 return
             task_id, instance_id, seq, root, func, work = message
-            if snapshot is None or snapshot.seq != seq or db.instance_id != instance_id:
+            if snapshot is None or snapshot.seq != seq or session.instance_id != instance_id:
                 if snapshot is not None:
                     snapshot.close()
                     snapshot = None
                 try:
-                    snapshot = db._adopt_snapshot(instance_id, seq, root)
+                    snapshot = Snapshot(session, *session.adopt(instance_id, seq, root))
                 except ProtoBaseError as error:
                     conn.send(("error", task_id, (error, traceback.format_exc())))
                     continue
-            conn.send(_run_task(task_id, snapshot, func, work))
+            conn.send(_run_task(task_id, session, snapshot, func, work))
     except (EOFError, KeyboardInterrupt):
         return
     finally:
-        db.close()
+        if snapshot is not None:
+            snapshot.close()
+        session.close()
 
 
-def _run_task(task_id: int, snapshot: Snapshot, func: Callable, work: tuple) -> tuple:
+def _run_task(task_id: int, session: Session, snapshot: Snapshot, func: Callable, work: tuple) -> tuple:
     try:
-        items = _items(snapshot, work)
+        items = _items(session, snapshot, work)
         return ("ok", task_id, [func(snapshot, item) for item in items])
     except BaseException as error:  # noqa: BLE001 - every failure goes back to the caller
         text = traceback.format_exc()
@@ -89,16 +105,14 @@ def _run_task(task_id: int, snapshot: Snapshot, func: Callable, work: tuple) -> 
         return ("error", task_id, (error, text))
 
 
-def _items(snapshot: Snapshot, work: tuple) -> Iterable[Any]:
+def _items(session: Session, snapshot: Snapshot, work: tuple) -> Iterable[Any]:
     if work[0] == "items":
         return work[1]
     _, path, start, stop = work  # ("keys", path, start, stop): positions in a collection
     collection = _resolve(snapshot, path)
     ptr = getattr(collection, "ptr", None)
     if ptr is not None:
-        from protobase.core.arena import DICT_LEAF
-
-        return list(snapshot._db._store.access.keys_at(ptr, DICT_LEAF, start, stop)) if ptr else []
+        return list(session.store.access.keys_at(ptr, DICT_LEAF, start, stop)) if ptr else []
     return list(collection)[start:stop]
 
 
@@ -175,7 +189,7 @@ def chunk_sizes(count: int | None, processes: int) -> Iterator[int]:
 class Pool:
     """`with db.pool(processes=N) as pool:` N worker processes attached to the database."""
 
-    def __init__(self, db: Database, processes: int | None = None, *, context: str = "spawn") -> None:
+    def __init__(self, db: SnapshotSource, processes: int | None = None, *, context: str = "spawn") -> None:
         count = processes or os.cpu_count() or 1
         if count < 1:
             raise ValueError(f"a pool needs at least one process, got {processes}")

@@ -3,7 +3,8 @@
 A snapshot is a root pointer and a sequence number; taking one reads the
 control segment's seqlock and writes this process's reader slot, and reading
 through it never takes a lock nor talks to the coordinator. Everything it hands
-out is read-only: writes raise ReadOnlyError.
+out is read-only: writes raise ReadOnlyError. Runs in client processes; the
+snapshot's pin is its session's (client/session.py), released once on close.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from protobase.core.views import TreeDict
 from protobase.errors import CoordinatorRestartedError, DatabaseClosedError
 
 if TYPE_CHECKING:
-    from protobase.database import Database
+    from protobase.client.session import Session
 
 __all__ = ["Snapshot"]
 
@@ -22,13 +23,13 @@ __all__ = ["Snapshot"]
 class Snapshot:
     """A consistent read-only view; a context manager that releases it."""
 
-    __slots__ = ("_db", "seq", "_root", "_epoch", "_closed", "__weakref__")
+    __slots__ = ("_session", "seq", "_root", "_epoch", "_closed", "__weakref__")
 
-    def __init__(self, db: Database, seq: int, root: TreeDict, epoch: int) -> None:
-        self._db = db
+    def __init__(self, session: Session, seq: int, root: TreeDict, epoch: int) -> None:
+        self._session = session
         self.seq = seq  # sequence number of the commit this snapshot shows
         self._root = root  # the root dict at that commit
-        self._epoch = epoch  # the handle's epoch when pinned (see Database._attach)
+        self._epoch = epoch  # the handle's epoch when pinned (see Session)
         self._closed = False
 
     @property
@@ -40,9 +41,9 @@ class Snapshot:
         """
         if self._closed:
             raise DatabaseClosedError(f"snapshot {self.seq} is closed; take a new one with db.snapshot()")
-        if self._epoch != self._db._epoch:
+        if self._epoch != self._session.epoch:
             raise CoordinatorRestartedError(
-                f"snapshot {self.seq} was taken before the coordinator of {self._db.path} restarted, and its "
+                f"snapshot {self.seq} was taken before the coordinator of {self._session.path} restarted, and its "
                 f"shared memory is gone; take a new snapshot with db.snapshot()")
         return self._root
 
@@ -50,7 +51,7 @@ class Snapshot:
         """Release the snapshot, letting the coordinator reclaim what only it could reach. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._db._unpin(self.seq, self._epoch)
+            self._session.unpin(self.seq, self._epoch)
 
     @property
     def closed(self) -> bool:

@@ -1,4 +1,11 @@
-"""Statistics of a database as frozen records (`db.stats()`)."""
+"""Statistics of a database as frozen records (`db.stats()`).
+
+Owns the records `db.stats()` returns and how they are assembled from the
+coordinator's counters (the schema is wire/counters.py `Counters`), this
+process's reader table view and caches, and the sizes of the instance's
+shared-memory entries. Runs in client processes. The records are frozen: one
+reading, taken at `taken_at`, never updated.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from protobase.shm import names
 from protobase.wire.counters import Counters
 
 if TYPE_CHECKING:
-    from protobase.database import Database
+    from protobase.client.session import Session
 
 __all__ = ["DatabaseStats", "ReaderStats", "OldestReader", "collect_stats"]
 
@@ -74,8 +81,9 @@ class DatabaseStats:
     taken_at: float  # time.time() of the reading
 
 
-def collect_stats(db: Database, counters: Counters) -> DatabaseStats:
-    control = db._control
+def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
+    """The DatabaseStats of one "stats" reply, with what `session` sees of readers, caches and segments."""
+    control = session.control
     seq = counters["seq"]
     readers = tuple(
         ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
@@ -85,9 +93,9 @@ def collect_stats(db: Database, counters: Counters) -> DatabaseStats:
         oldest = OldestReader(slot=oldest["slot"], pid=oldest["pid"], snapshot_seq=oldest["snapshot_seq"],
                               held_seconds=oldest["held_seconds"], retained_bytes=oldest["retained_bytes"])
     shared = sum(_size(os.path.join(names.SHM_DIR, entry.lstrip("/")))
-                 for entry in names.instance_entries(db.instance_id))
+                 for entry in names.instance_entries(session.instance_id))
     return DatabaseStats(
-        path=db.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
+        path=session.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
         durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
         wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], wal_syncs=counters["wal_syncs"],
         commits=counters["commits"],
@@ -95,8 +103,8 @@ def collect_stats(db: Database, counters: Counters) -> DatabaseStats:
         compaction_failures=counters["compaction_failures"], segments=counters["segments"],
         shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
         live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
-        readers=readers, oldest_reader=oldest, object_cache=db._store.objects.stats(),
-        bytes_cache=db._store.bytes.stats(),
+        readers=readers, oldest_reader=oldest, object_cache=session.store.objects.stats(),
+        bytes_cache=session.store.bytes.stats(),
         taken_at=time.time(),
     )
 

@@ -61,7 +61,7 @@ from protobase.wire.opcodes import (
 )
 
 if TYPE_CHECKING:
-    from protobase.database import CommitRequest, Database
+    from protobase.client.session import CommitRequest, Session
 
 __all__ = ["Transaction", "TxDict", "TxList", "TxSet", "ISOLATION_LEVELS"]
 
@@ -91,14 +91,14 @@ def _check_keys(value: Any, path: tuple) -> None:
 class Transaction:
     """One transaction: a snapshot, the writes made on top of it, and (serializable) its reads."""
 
-    def __init__(self, db: Database, isolation: str = "snapshot", durability: str | None = None) -> None:
+    def __init__(self, session: Session, isolation: str = "snapshot", durability: str | None = None) -> None:
         if isolation not in ISOLATION_LEVELS:
             raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, got {isolation!r}")
-        self._db = db
+        self._session = session
         self.isolation = isolation
         self.serializable = isolation == "serializable"
         self.durability = durability  # None: the database handle's default
-        self.base_seq, root_ptr, self._epoch = db._pin()
+        self.base_seq, root, self._epoch = session.pin()
         self.seq: int | None = None  # sequence number of the commit, once committed
         self._request: CommitRequest | None = None  # the commit sent, until its answer is recorded
         self._refusal: BaseException | None = None  # why the commit was refused (nothing committed)
@@ -106,7 +106,7 @@ class Transaction:
         self._ops: dict[tuple, list] = {}  # {path -> [code, path, argument]}, in order of last write
         self._reads: set[tuple] = set()  # paths read (serializable only)
         self._state = "active"
-        self.root = TxDict(self, (), db._store.root(root_ptr))
+        self.root = TxDict(self, (), root)
 
     # -- recording (called by the wrappers) --------------------------------------
 
@@ -160,13 +160,13 @@ class Transaction:
                 self.seq = self.base_seq
                 return self.seq
             reads = [list(path) for path in self._reads] if self.serializable else []
-            request = self._db._prepare_commit(self._epoch, self.base_seq, self.serializable, self.durability,
-                                               ops, reads, self._check_encodable)
+            request = self._session.prepare_commit(self._epoch, self.base_seq, self.serializable, self.durability,
+                                                   ops, reads, self._check_encodable)
             self._request = request
             self._state = "committing"  # from here on, the coordinator may commit it
-            self._db._send_commit(request)
+            self._session.send_commit(request)
             return self._await(None)
-        except ProtoBaseError as error:  # the database maps the socket's OSErrors to these
+        except ProtoBaseError as error:  # the session maps the socket's OSErrors to these
             if not isinstance(error, OutcomeUnknownError):
                 self._refusal = error  # refused, or never sent: nothing was committed
             raise
@@ -205,7 +205,7 @@ class Transaction:
         raise DatabaseClosedError(f"this transaction is {self._state}: nothing of it was committed")
 
     def _await(self, timeout: float | None) -> int | None:
-        self.seq = self._db._await_commit(self._request, timeout)
+        self.seq = self._session.await_commit(self._request, timeout)
         return self.seq
 
     def _answer_may_come(self) -> bool:
@@ -254,9 +254,8 @@ class Transaction:
             # Flag first: an interruption between the two leaks a pin (memory held a
             # while longer), never unpins twice (which could free another snapshot's).
             self._pinned = False
-            self._db._unpin(self.base_seq, self._epoch)  # what it read no longer matters
+            self._session.unpin(self.base_seq, self._epoch)  # what it read no longer matters
         if state != "unknown":
-            self._db._transactions.discard(self)
             request, self._request = self._request, None
             if request is not None:
                 request.release()  # last: interrupted before it, the answer just stays parked a while

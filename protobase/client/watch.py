@@ -18,15 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protobase.client import launcher
 from protobase.client.connection import Connection
-from protobase.core.datadir import FORMAT_VERSION
+from protobase.core.datadir import FORMAT_VERSION, DataDir
 from protobase.errors import CoordinatorError, DatabaseClosedError
-
-if TYPE_CHECKING:
-    from protobase.database import Database
 
 __all__ = ["Change", "Watcher"]
 
@@ -49,8 +46,8 @@ class Watcher:
     have been published while it was away, so re-read what you watch.
     """
 
-    def __init__(self, db: Database, prefixes: Iterable[Any]) -> None:
-        self._datadir = db.datadir
+    def __init__(self, datadir: DataDir, prefixes: Iterable[Any]) -> None:
+        self._datadir = datadir
         self._prefixes = [_prefix(prefix) for prefix in prefixes]
         self._connection: Connection | None = None
         self._closed = False

@@ -39,15 +39,21 @@ an error reply.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from protobase.core import codec
 from protobase.errors import CorruptionError, ProtocolError
 
-__all__ = ["PUSH", "MAX_REQUEST_ID", "REQUEST_ARGUMENTS", "MalformedRequest", "parse_request"]
+__all__ = ["PUSH", "MAX_REQUEST_ID", "REQUEST_ARGUMENTS", "Durability", "DURABILITY_MODES", "MalformedRequest",
+           "parse_request"]
 
 PUSH = 0  # request id of the messages the coordinator sends unasked
 MAX_REQUEST_ID = 2**63 - 1
+
+#: The durability a commit request asks for: "sync" is answered once its WAL record is fsynced,
+#: "async" once it is published in memory.
+Durability = Literal["sync", "async"]
+DURABILITY_MODES: tuple[Durability, ...] = get_args(Durability)
 
 #: {verb -> the types of its arguments, in order}: what `parse_request` accepts.
 REQUEST_ARGUMENTS: dict[str, tuple[type, ...]] = {
