@@ -1,0 +1,122 @@
+"""A transaction's write set: the operations recorded at key paths, the paths read, and its state.
+
+Owns what the wrappers of a transaction (txvalues.py, tracked.py, local.py)
+report to it and what its commit sends: one operation per key path, the last
+write winning, kept in the order of last writes so that they replay as the
+user made them; with serializable isolation, the paths read; and the state
+(active, committing, committed, aborted, unknown) that decides whether the
+wrappers may still be used. Runs in client processes, in the thread of the
+transaction.
+
+Invariant: each path holds one op, `[code, path, argument]`; a wrapper whose
+element operations are collected at commit is recorded as DEFERRED with a
+callable returning them, so recording stays O(1) per change.
+
+Also the checks every stored value goes through at assignment (`validate`),
+so a bad value fails on the line that stored it, and index-name validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from protobase.core import codec
+from protobase.errors import DatabaseClosedError
+from protobase.keyorder import check_key
+from protobase.query.fields import field_path
+
+__all__ = ["WriteSet", "DEFERRED", "INDEX_OP", "validate", "index_name"]
+
+DEFERRED = 0  # op code of a tree list/set wrapper whose ops are collected at commit
+INDEX_OP = object()  # first element of the `ops` key of an index operation
+
+
+def validate(value: Any, path: tuple[Any, ...]) -> None:
+    """Raise EncodingError, naming `path`, unless `value` can be stored (its keys included)."""
+    codec.validate(value, path)
+    _check_keys(value, path)
+
+
+def _check_keys(value: Any, path: tuple[Any, ...]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_key(key, path + (key,))
+            _check_keys(item, path + (key,))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_keys(item, path + (index,))
+    elif isinstance(value, (set, frozenset)):
+        for item in value:
+            check_key(item, path)
+
+
+def index_name(fields: tuple[Any, ...]) -> str | tuple[str, ...]:
+    """"city" for one field, ("city", "score") for a composite index; TypeError for a bad name."""
+    if not fields:
+        raise TypeError("create_index() needs at least one field name, e.g. create_index('city')")
+    for field in fields:
+        if not isinstance(field, str):
+            raise TypeError(f"index fields are dotted names like 'address.city', got {field!r}")
+        field_path(field)  # validates the name
+    return fields[0] if len(fields) == 1 else tuple(fields)
+
+
+class WriteSet:
+    """The ops, reads and state of one transaction, as its wrappers record them."""
+
+    __slots__ = ("serializable", "ops", "reads", "state")
+
+    def __init__(self, serializable: bool) -> None:
+        self.serializable = serializable  # record reads too
+        self.ops: dict[Any, list[Any]] = {}  # {path (or index key) -> [code, path, argument]}, in order of last write
+        self.reads: set[tuple[Any, ...]] = set()  # paths read (serializable only)
+        self.state = "active"  # "active", "committing", "committed", "aborted" or "unknown"
+
+    def check_active(self) -> None:
+        """DatabaseClosedError unless the transaction may still be read and written."""
+        # "committing": the commit reads its own values back (write-through), nothing else runs then.
+        if self.state != "active" and self.state != "committing":
+            raise DatabaseClosedError(f"this transaction is {self.state}; start a new one with db.transaction()")
+
+    def record(self, path: tuple[Any, ...], code: int, argument: Any) -> None:
+        """Record `[code, path, argument]` as the op at `path`, replacing an earlier one."""
+        self.check_active()
+        self.ops.pop(path, None)  # re-insert: ops replay in the order of their last write
+        self.ops[path] = [code, path, argument]
+
+    def record_deferred(self, path: tuple[Any, ...], wire_ops: Callable[[], list[Any]]) -> None:
+        """Record that the container at `path` has element ops, which `wire_ops()` returns at commit."""
+        self.record(path, DEFERRED, wire_ops)
+
+    def record_index_op(self, path: tuple[Any, ...], code: int, field: str | tuple[str, ...]) -> None:
+        """Record creating or dropping the index `field` of the collection at `path`."""
+        if not path:
+            raise ValueError("the root itself cannot be indexed; index a collection inside it, e.g. root['users']")
+        self.record((INDEX_OP, path, field), code, field)
+
+    def read(self, path: tuple[Any, ...]) -> None:
+        """Note that `path` was read (serializable isolation validates it at commit)."""
+        if self.serializable:
+            self.reads.add(path)
+
+    def keys_written_below(self, path: tuple[Any, ...]) -> set[Any]:
+        """The keys of the mapping at `path` that an op was recorded at, or inside."""
+        depth = len(path)
+        return {key[depth] for key in self.ops
+                if key and key[0] is not INDEX_OP and len(key) > depth and key[:depth] == path}
+
+    def wire_ops(self) -> list[Any]:
+        """The ops as the commit request sends them: `[code, [key, ...], argument]`, in order."""
+        ops: list[Any] = []
+        for key, (code, path, argument) in self.ops.items():
+            if code == DEFERRED:
+                ops.extend(argument())
+            elif key and key[0] is INDEX_OP:
+                ops.append([code, list(key[1]), argument])
+            else:
+                ops.append([code, list(path), argument])
+        return ops
+
+    def __len__(self) -> int:
+        return len(self.ops)
