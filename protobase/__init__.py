@@ -13,7 +13,7 @@ See README.md and docs/ for the tour.
 
 from protobase.client.snapshot import Snapshot
 from protobase.client.stats import DatabaseStats, ReaderStats
-from protobase.client.transaction import Transaction
+from protobase.client.transaction import Isolation, Transaction
 from protobase.core.codec import register_dataclass
 from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, json_default, thaw
 from protobase.core.views import TreeDict, TreeList, TreeSet
@@ -37,6 +37,7 @@ from protobase.errors import (
     WorkerDiedError,
 )
 from protobase.query import F, Query
+from protobase.wire.verbs import Durability
 
 __all__ = [
     "open", "Database", "Snapshot", "Transaction", "Attempt", "register_dataclass", "thaw", "json_default",
@@ -44,7 +45,7 @@ __all__ = [
     "CorruptionError", "CoordinatorError", "CoordinatorRestartedError", "OutcomeUnknownError", "ProtocolError",
     "DataDirectoryError", "PathError", "WorkerDiedError", "WalError", "WalWriteError", "WalSyncError",
     "FrozenDict", "FrozenList", "FrozenSet", "TreeDict", "TreeList", "TreeSet",
-    "DatabaseStats", "ReaderStats", "F", "Query",
+    "DatabaseStats", "ReaderStats", "F", "Query", "Isolation", "Durability",
 ]
 
 __version__ = "0.1.0"

@@ -24,24 +24,30 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from functools import wraps
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from protobase.client.session import Launch, Session
 from protobase.client.snapshot import Snapshot
 from protobase.client.stats import DatabaseStats, ReaderStats, collect_stats
-from protobase.client.transaction import Transaction
+from protobase.client.transaction import Isolation, Transaction
 from protobase.core.datadir import DataDir
 from protobase.core.store import DEFAULT_OBJECT_CACHE
 from protobase.errors import ProtoBaseError
-from protobase.wire.verbs import DURABILITY_MODES
+from protobase.wire.verbs import DURABILITY_MODES, Durability
+
+if TYPE_CHECKING:
+    from protobase.client.pool import Pool
+    from protobase.client.watch import Watcher
 
 __all__ = ["Database", "open", "Attempt"]
 
-T = TypeVar("T")
-_open_databases: weakref.WeakSet = weakref.WeakSet()
+P = ParamSpec("P")
+R = TypeVar("R")
+_open_databases: weakref.WeakSet[Database] = weakref.WeakSet()
 
 
-def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
+def open(path: str | os.PathLike[str], *, durability: Durability = "sync", create: bool = True,
          start_coordinator: bool = True, shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
          flush_interval: float | None = None, checkpoint_bytes: int | None = None,
          compact_min_bytes: int | None = None, reader_slots: int | None = None) -> Database:
@@ -74,7 +80,7 @@ def open(path: str | os.PathLike, *, durability: str = "sync", create: bool = Tr
 class Database:
     """A handle on one database; a context manager that closes it."""
 
-    def __init__(self, path: str | os.PathLike, *, durability: str = "sync", create: bool = True,
+    def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "sync", create: bool = True,
                  start_coordinator: bool = True, shutdown_grace: float = 2.0,
                  cache_size: int = DEFAULT_OBJECT_CACHE, flush_interval: float | None = None,
                  checkpoint_bytes: int | None = None, compact_min_bytes: int | None = None,
@@ -93,17 +99,17 @@ class Database:
         #: The attachment to the coordinator (connection, reader slot, pins, store, commits): the
         #: internal interface the client modules use. Not for applications.
         self.session = Session(self.datadir, launch, durability=durability, cache_size=cache_size)
-        self._transactions: weakref.WeakSet = weakref.WeakSet()  # opened here: closing the handle aborts them
-        self._snapshots: weakref.WeakSet = weakref.WeakSet()  # opened here: closing the handle closes them
+        self._transactions: weakref.WeakSet[Transaction] = weakref.WeakSet()  # closing the handle aborts them
+        self._snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()  # closing the handle closes them
         _open_databases.add(self)
 
     @property
-    def durability(self) -> str:
+    def durability(self) -> Durability:
         """The default durability of this handle's commits ("sync" or "async")."""
         return self.session.durability
 
     @durability.setter
-    def durability(self, value: str) -> None:
+    def durability(self, value: Durability) -> None:
         self.session.durability = value
 
     @property
@@ -116,7 +122,7 @@ class Database:
         self._transactions = weakref.WeakSet()
         self._snapshots = weakref.WeakSet()
 
-    def watch(self, *prefixes: Any) -> Any:
+    def watch(self, *prefixes: Any) -> Watcher:
         """A Watcher of commits touching the key-path prefixes (all commits when none given).
 
         `for change in db.watch("carts"): ...` blocks until a commit writing under
@@ -128,7 +134,7 @@ class Database:
         self.session.ensure_attached()
         return Watcher(self.datadir, prefixes or [()])
 
-    def pool(self, processes: int | None = None, *, context: str = "spawn") -> Any:
+    def pool(self, processes: int | None = None, *, context: str = "spawn") -> Pool:
         """A pool of worker processes that all read the same snapshot per call; see protobase.client.pool."""
         from protobase.client.pool import Pool
 
@@ -142,7 +148,7 @@ class Database:
         self._snapshots.add(snapshot)
         return snapshot
 
-    def transaction(self, isolation: str = "snapshot", durability: str | None = None) -> Transaction:
+    def transaction(self, isolation: Isolation = "snapshot", durability: Durability | None = None) -> Transaction:
         """A new transaction; use it in `with`, which commits on success and aborts on error.
 
         `isolation="snapshot"` (default) validates the keys written;
@@ -155,7 +161,8 @@ class Database:
         self._transactions.add(tx)
         return tx
 
-    def attempts(self, retries: int = 5, isolation: str = "snapshot", backoff: float = 0.001) -> Iterator[Attempt]:
+    def attempts(self, retries: int = 5, isolation: Isolation = "snapshot",
+                 backoff: float = 0.001) -> Iterator[Attempt]:
         """Yield attempts until one commits: `for attempt in db.attempts(): with attempt as tx: ...`.
 
         A ConflictError ends an attempt and starts the next after a short
@@ -168,51 +175,68 @@ class Database:
                 return
             time.sleep(random.uniform(0, backoff * 2 ** min(number, 10)))
 
-    def transactional(self, retries: int = 5,
-                      isolation: str = "snapshot") -> Callable[[Callable[..., T]], Callable[..., T]]:
+    @overload
+    def transactional(self, function: Callable[Concatenate[Transaction, P], R], /) -> Callable[P, R]: ...
+
+    @overload
+    def transactional(self, retries: int = 5, isolation: Isolation = "snapshot"
+                      ) -> Callable[[Callable[Concatenate[Transaction, P], R]], Callable[P, R]]: ...
+
+    def transactional(self, retries: int | Callable[..., Any] = 5, isolation: Isolation = "snapshot") -> Any:
         """Decorator: `f(*args)` runs `f(tx, *args)` in a transaction, re-run on conflict.
+
+        `@db.transactional` retries 5 times; `@db.transactional(retries=N,
+        isolation=...)` says how often and how. The decorated function keeps
+        `f`'s parameters after `tx`, and its return type, for a type checker.
 
         The function runs to its end inside the transaction, so it must be a
         plain function: an `async def` (whose body would only run after the
         transaction committed, empty) is refused with TypeError.
         """
+        if callable(retries):  # @db.transactional, without arguments
+            return self._retried(retries, 5, isolation)
+        count = retries
+        return lambda function: self._retried(function, count, isolation)
 
-        def decorate(function: Callable[..., T]) -> Callable[..., T]:
-            refusal = _ASYNC_HINT.format(name=getattr(function, "__qualname__", function))
-            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
-                raise TypeError(refusal)
+    def _retried(self, function: Callable[Concatenate[Transaction, P], R], retries: int,
+                 isolation: Isolation) -> Callable[P, R]:
+        """`function` run by `transactional`: in attempts until one commits."""
+        refusal = _ASYNC_HINT.format(name=getattr(function, "__qualname__", function))
+        if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            raise TypeError(refusal)
 
-            @wraps(function)
-            def run(*args: Any, **kwargs: Any) -> T:
-                for attempt in self.attempts(retries, isolation):
-                    with attempt as tx:
-                        result = function(tx, *args, **kwargs)
-                        if inspect.isawaitable(result):  # e.g. a partial of an async function
-                            _close_awaitable(result)
-                            raise TypeError(refusal)
-                    if attempt.committed:
-                        return result
-                raise AssertionError("unreachable: the last attempt raises")
+        @wraps(function)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            for attempt in self.attempts(retries, isolation):
+                with attempt as tx:
+                    result = function(tx, *args, **kwargs)
+                    if inspect.isawaitable(result):  # e.g. a partial of an async function
+                        _close_awaitable(result)
+                        raise TypeError(refusal)
+                if attempt.committed:
+                    return result
+            raise AssertionError("unreachable: the last attempt raises")
 
-            return run
-
-        return decorate
+        return run
 
     def compact(self) -> int:
         """Ask the coordinator to compact now; return the sequence number of the compacted root."""
-        return self.session.request(["compact"])[1]
+        seq: int = self.session.request(["compact"])[1]
+        return seq
 
-    def backup(self, destination: str | os.PathLike) -> str:
+    def backup(self, destination: str | os.PathLike[str]) -> str:
         """Hot, consistent backup of the latest commit into the new directory `destination`.
 
         Commits go on meanwhile; the backup is the state at one commit. Returns
         the backup's checkpoint file; `protobase.open(destination)` opens it.
         """
-        return self.session.request(["backup", os.path.abspath(os.fspath(destination))])[2]
+        checkpoint_file: str = self.session.request(["backup", os.path.abspath(os.fspath(destination))])[2]
+        return checkpoint_file
 
     def checkpoint(self) -> int:
         """Ask for a checkpoint of the latest commit now (it is written in the background)."""
-        return self.session.request(["checkpoint"])[1]
+        seq: int = self.session.request(["checkpoint"])[1]
+        return seq
 
     def check(self) -> None:
         """Verify every structural invariant reachable from the latest root; CorruptionError if one fails."""
@@ -226,7 +250,8 @@ class Database:
         counters = self.session.request(["stats"])[1]
         return collect_stats(self.session, counters)
 
-    def readers(self) -> list[ReaderStats]:
+    def readers(self) -> tuple[ReaderStats, ...]:
+        """The reader table: one record per process attached (`stats().readers`)."""
         return self.stats().readers
 
     @property
@@ -254,7 +279,7 @@ class Database:
     def __enter__(self) -> Database:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -264,7 +289,7 @@ class Database:
 class Attempt:
     """One try of a retried transaction: a context manager that yields the transaction."""
 
-    def __init__(self, db: Database, isolation: str, last: bool) -> None:
+    def __init__(self, db: Database, isolation: Isolation, last: bool) -> None:
         self._db = db
         self._isolation = isolation
         self._last = last
@@ -275,7 +300,9 @@ class Attempt:
         self.tx = self._db.transaction(self._isolation)
         return self.tx
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        assert self.tx is not None, "an Attempt is used in `with`"
         if exc_type is None:
             try:
                 self.tx.commit()

@@ -29,6 +29,42 @@ def test_transactional_refuses_an_async_function_at_decoration(db):
         db.transactional()(add)
 
 
+def test_transactional_without_parentheses_runs_the_function_in_a_retried_transaction(db):
+    runs = []
+
+    @db.transactional
+    def add(tx, item, *, times=1):
+        """Add an item."""
+        runs.append(tx.base_seq)
+        tx.root["items"] = tx.root.get("items", ()) + (item,) * times
+        return len(tx.root["items"])
+
+    assert add("x", times=2) == 2
+    assert (add.__name__, add.__doc__) == ("add", "Add an item.")
+    with db.snapshot() as snap:
+        assert snap.root["items"] == ("x", "x")
+    assert len(runs) == 1
+
+
+def test_transactional_without_parentheses_refuses_an_async_function(db):
+    async def add(tx, item):
+        tx.root["items"] = [item]
+
+    with pytest.raises(TypeError, match=r"@db.transactional cannot run .*add: it is asynchronous"):
+        db.transactional(add)
+
+
+def test_transactional_takes_its_retries_positionally_as_before(db):
+    @db.transactional(0)
+    def doomed(tx):
+        tx.root["x"] = 1
+        with db.transaction() as other:  # a concurrent write to the same key
+            other.root["x"] = 2
+
+    with pytest.raises(protobase.ConflictError):
+        doomed()
+
+
 def test_transactional_refuses_a_function_that_returns_an_awaitable(db):
     async def add(tx, item):
         tx.root["items"] = [item]

@@ -55,8 +55,8 @@ class Connection:
         self._chunk = bytearray(RECEIVE_BYTES)  # recv_into target, reused
         self._next_id = 1
         self._last_sent = 0  # id of the last request sent whole
-        self._parked: dict[int, list] = {}  # {request id -> reply fields}, in arrival order
-        self.pushes: deque[list] = deque()  # messages the coordinator sent unasked, in order
+        self._parked: dict[int, list[Any]] = {}  # {request id -> reply fields}, in arrival order
+        self.pushes: deque[list[Any]] = deque()  # messages the coordinator sent unasked, in order
         self._settled = True  # False from a send or recv until its bytes are accounted for
         self._closed = False
 
@@ -65,11 +65,12 @@ class Connection:
         """True once the stream may be out of step, or the peer closed it: open a new connection."""
         return self._closed or not self._settled
 
-    def request(self, message: list) -> list:
+    def request(self, message: list[Any]) -> list[Any]:
         """Send a request and wait for its reply; return the reply's fields ([status, ...])."""
         request_id = self.reserve()
         self.send(request_id, message)
         reply = self.wait_reply(request_id)
+        assert reply is not None, "a wait without a timeout ends with the reply"
         self.release(request_id)
         return reply
 
@@ -79,7 +80,7 @@ class Connection:
         self._next_id = request_id + 1
         return request_id
 
-    def send(self, request_id: int, message: list) -> None:
+    def send(self, request_id: int, message: list[Any]) -> None:
         """Send `[request_id, *message]` whole; its reply will carry `request_id`."""
         frame = encode_frame([request_id, *message])  # raises before anything is sent
         self._settled = False  # an interrupted sendall leaves part of the frame on the wire
@@ -96,7 +97,7 @@ class Connection:
         """False only if request `request_id` certainly never reached the wire (its send was interrupted first)."""
         return request_id <= self._last_sent or not self._settled
 
-    def wait_reply(self, request_id: int, timeout: float | None = None) -> Any:
+    def wait_reply(self, request_id: int, timeout: float | None = None) -> list[Any] | None:
         """The reply to `request_id`, waiting up to `timeout` seconds (None: for ever); None on timeout.
 
         Replies to other requests that arrive meanwhile are parked for their
@@ -118,7 +119,7 @@ class Connection:
         """Forget the reply to `request_id`: its caller has recorded it."""
         self._parked.pop(request_id, None)
 
-    def wait_push(self, timeout: float | None = None) -> list | None:
+    def wait_push(self, timeout: float | None = None) -> list[Any] | None:
         """The next message the coordinator sent unasked, waiting up to `timeout`; None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.pushes:

@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sized
 from multiprocessing.connection import wait
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from protobase.client.session import Launch, Session
 from protobase.client.snapshot import Snapshot
@@ -37,12 +37,20 @@ READY = "ready"  # a worker's first message: it has attached to the database
 START_TIMEOUT = 120.0  # seconds a worker may take to start and attach (a loaded host, a cold import)
 MAX_CHUNK = 10_000  # items per task at most: bounds a task's pickled size and the tail of a call
 
+T = TypeVar("T")  # an item of the iterable a call maps over
+R = TypeVar("R")  # what the function returns for one item
+
+#: What a task works on: ("items", [item, ...]), or ("keys", path, start, stop): positions in a collection.
+Work = tuple[Any, ...]
+#: A worker's answer to a task: ("ok", task id, [result, ...]) or ("error", task id, (exception, traceback text)).
+Reply = tuple[str, int, Any]
+
 
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a pool worker (set as the error's __cause__)."""
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class SnapshotSource(Protocol):
@@ -90,7 +98,8 @@ def _worker_main(path: str, conn: Any) -> None:
         session.close()
 
 
-def _run_task(task_id: int, session: Session, snapshot: Snapshot, func: Callable, work: tuple) -> tuple:
+def _run_task(task_id: int, session: Session, snapshot: Snapshot, func: Callable[[Snapshot, Any], Any],
+              work: Work) -> Reply:
     try:
         items = _items(session, snapshot, work)
         return ("ok", task_id, [func(snapshot, item) for item in items])
@@ -105,9 +114,10 @@ def _run_task(task_id: int, session: Session, snapshot: Snapshot, func: Callable
         return ("error", task_id, (error, text))
 
 
-def _items(session: Session, snapshot: Snapshot, work: tuple) -> Iterable[Any]:
+def _items(session: Session, snapshot: Snapshot, work: Work) -> Iterable[Any]:
     if work[0] == "items":
-        return work[1]
+        items: list[Any] = work[1]
+        return items
     _, path, start, stop = work  # ("keys", path, start, stop): positions in a collection
     collection = _resolve(snapshot, path)
     ptr = getattr(collection, "ptr", None)
@@ -116,8 +126,8 @@ def _items(session: Session, snapshot: Snapshot, work: tuple) -> Iterable[Any]:
     return list(collection)[start:stop]
 
 
-def _resolve(snapshot: Snapshot, path: tuple) -> Any:
-    value = snapshot.root
+def _resolve(snapshot: Snapshot, path: tuple[Any, ...]) -> Any:
+    value: Any = snapshot.root
     for key in path:
         value = value[key]
     return value
@@ -211,7 +221,7 @@ class Pool:
     def processes(self) -> int:
         return len(self._workers)
 
-    def map(self, func: Callable[[Snapshot, Any], Any], iterable: Iterable[Any], chunksize: int | None = None) -> list:
+    def map(self, func: Callable[[Snapshot, T], R], iterable: Iterable[T], chunksize: int | None = None) -> list[R]:
         """[func(snapshot, item) for item in iterable], in N processes, one snapshot for all items.
 
         Items go to the workers `chunksize` at a time; by default the size
@@ -220,8 +230,8 @@ class Pool:
         """
         return list(self.imap(func, iterable, chunksize))
 
-    def imap(self, func: Callable[[Snapshot, Any], Any], iterable: Iterable[Any],
-             chunksize: int | None = None) -> Iterator[Any]:
+    def imap(self, func: Callable[[Snapshot, T], R], iterable: Iterable[T],
+             chunksize: int | None = None) -> Iterator[R]:
         """Like map, lazily and in order."""
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")
@@ -230,8 +240,8 @@ class Pool:
         chunks = (("items", chunk) for chunk in _chunked(iterable, sizes))
         return self._results(func, chunks)
 
-    def map_keys(self, func: Callable[[Snapshot, Any], Any], path: str | tuple,
-                 chunksize: int | None = None) -> list:
+    def map_keys(self, func: Callable[[Snapshot, Any], R], path: Any,
+                 chunksize: int | None = None) -> list[R]:
         """[func(snapshot, key) for key in the collection at `path`], split by position across workers.
 
         Workers read the keys themselves from the snapshot: nothing but
@@ -244,16 +254,16 @@ class Pool:
             work = (("keys", path, start, min(total, start + size)) for start in range(0, total, size))
             return list(self._run(func, snapshot, work))
 
-    def _results(self, func: Callable, work: Iterator[tuple]) -> Iterator[Any]:
+    def _results(self, func: Callable[[Snapshot, Any], R], work: Iterator[Work]) -> Iterator[R]:
         with self._db.snapshot() as snapshot:  # pinned for the whole call
             yield from self._run(func, snapshot, work)
 
-    def _run(self, func: Callable, snapshot: Snapshot, work: Iterator[tuple]) -> Iterator[Any]:
+    def _run(self, func: Callable[[Snapshot, Any], R], snapshot: Snapshot, work: Iterator[Work]) -> Iterator[R]:
         if self._closed:
             raise DatabaseClosedError("this pool is closed; create another with db.pool()")
         seq, root, instance_id = snapshot.seq, snapshot.root.ptr, self._db.instance_id
         ids = itertools.count()
-        done: dict[int, list] = {}  # {task id -> results}, waiting to be yielded in order
+        done: dict[int, list[Any]] = {}  # {task id -> results}, waiting to be yielded in order
         next_out = 0
         exhausted = False
         try:
@@ -280,7 +290,7 @@ class Pool:
             yield from done.pop(next_out)
             next_out += 1
 
-    def _collect(self, busy: list[_Worker], done: dict[int, list]) -> None:
+    def _collect(self, busy: list[_Worker], done: dict[int, list[Any]]) -> None:
         ready = wait([worker.conn for worker in busy] + [worker.process.sentinel for worker in busy])
         for worker in busy:
             if worker.conn in ready:
@@ -348,7 +358,7 @@ class Pool:
         return f"<Pool {len(self._workers)} processes {'closed' if self._closed else 'open'}>"
 
 
-def _chunked(iterable: Iterable[Any], sizes: Iterator[int]) -> Iterator[list]:
+def _chunked(iterable: Iterable[T], sizes: Iterator[int]) -> Iterator[list[T]]:
     iterator = iter(iterable)
     for size in sizes:
         chunk = list(itertools.islice(iterator, size))

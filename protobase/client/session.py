@@ -336,9 +336,9 @@ class Session:
             if reply[0] == "error":
                 raise error_from_reply(reply)
             if reply[0] == "conflict":
-                error = ConflictError(tuple(reply[1]), reply[2], reply[3])
-                log.debug("conflict: %s", error)
-                raise error
+                conflict = ConflictError(tuple(reply[1]), reply[2], reply[3])
+                log.debug("conflict: %s", conflict)
+                raise conflict
             seq: int = reply[1]
             if request.epoch == self.epoch:
                 for index, ptr in reply[2]:

@@ -88,10 +88,10 @@ def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
     readers = tuple(
         ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
         for r in control.readers())
-    oldest = counters["oldest_reader"]
-    if oldest is not None:
-        oldest = OldestReader(slot=oldest["slot"], pid=oldest["pid"], snapshot_seq=oldest["snapshot_seq"],
-                              held_seconds=oldest["held_seconds"], retained_bytes=oldest["retained_bytes"])
+    held = counters["oldest_reader"]
+    oldest = None if held is None else OldestReader(
+        slot=held["slot"], pid=held["pid"], snapshot_seq=held["snapshot_seq"], held_seconds=held["held_seconds"],
+        retained_bytes=held["retained_bytes"])
     shared = sum(_size(os.path.join(names.SHM_DIR, entry.lstrip("/")))
                  for entry in names.instance_entries(session.instance_id))
     return DatabaseStats(

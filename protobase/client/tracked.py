@@ -110,7 +110,8 @@ def is_mutable_dataclass(value: Any) -> bool:
 
 
 def _set_tracked_attribute(self: Any, name: str, value: Any) -> None:
-    plain_dataclass(type(self)).__setattr__(self, name, value)  # the class's own (object's, or the user's)
+    cls: Any = plain_dataclass(type(self))
+    cls.__setattr__(self, name, value)  # the class's own (object's, or the user's)
     validate(self, self._tx_path_)  # a bad value fails on the line that stored it
     self._tx_owner_()
 

@@ -87,7 +87,9 @@ class Transaction:
             self._request = request
             self._writes.state = "committing"  # from here on, the coordinator may commit it
             self._session.send_commit(request)
-            return self._await(None)
+            seq = self._await(None)
+            assert seq is not None, "a wait without a timeout ends with the answer"
+            return seq
         except ProtoBaseError as error:  # the session maps the socket's OSErrors to these
             if not isinstance(error, OutcomeUnknownError):
                 self._refusal = error  # refused, or never sent: nothing was committed
@@ -127,6 +129,7 @@ class Transaction:
         raise DatabaseClosedError(f"this transaction is {self._writes.state}: nothing of it was committed")
 
     def _await(self, timeout: float | None) -> int | None:
+        assert self._request is not None, "only a commit that went out is awaited"
         self.seq = self._session.await_commit(self._request, timeout)
         return self.seq
 
@@ -148,7 +151,7 @@ class Transaction:
         else:
             self._finish("aborted")
 
-    def _check_encodable(self, ops: list) -> None:
+    def _check_encodable(self, ops: list[Any]) -> None:
         for code, path, argument in ops:
             if code == OP_SET:
                 validate(argument, tuple(path))

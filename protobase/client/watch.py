@@ -35,7 +35,7 @@ class Change:
     """A published commit that touched a watched prefix."""
 
     seq: int  # its sequence number: a snapshot at or after it shows the change
-    paths: tuple[tuple, ...]  # the written key paths that touched the prefixes
+    paths: tuple[tuple[Any, ...], ...]  # the written key paths that touched the prefixes
 
 
 class Watcher:
@@ -65,7 +65,8 @@ class Watcher:
             connection.close()
             raise CoordinatorError(f"the coordinator refused to watch: {reply}")
         self._connection = connection
-        return reply[1]
+        seq: int = reply[1]
+        return seq
 
     def wait(self, timeout: float | None = None) -> Change | None:
         """The next change, or None after `timeout` seconds without one."""
@@ -114,7 +115,7 @@ class Watcher:
         self.close()
 
 
-def _prefix(prefix: Any) -> tuple:
+def _prefix(prefix: Any) -> tuple[Any, ...]:
     if isinstance(prefix, tuple):
         return prefix
     if isinstance(prefix, list):
