@@ -155,6 +155,11 @@ class Session:
         return self._connection
 
     @property
+    def slot(self) -> int:
+        """Our reader slot in the control block (a new one after each reattach)."""
+        return self._slot
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
