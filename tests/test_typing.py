@@ -3,7 +3,8 @@
 `@db.transactional` keeps the function's parameters and return type, with and
 without arguments; `isolation` and `durability` are Literals, so a misspelt
 level is a type error; `db.pool()`, `db.watch()` and `db.stats()` hand out
-precise types, never Any.
+precise types, never Any; so does `where()` on a transaction's and a
+snapshot's collections.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ with protobase.open("data") as db:
     reveal_type(db.readers())
     with db.transaction() as tx:
         reveal_type(tx.commit())  # line 35
+        reveal_type(tx.root.where(protobase.F.city == "Paris").count())
+    with db.snapshot() as snap:
+        reveal_type(snap.root.where(protobase.F.n > 1))
 '''
 
 
@@ -96,6 +100,8 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     (32, 'Revealed type is "protobase.client.stats.OldestReader | None"'),
     (33, 'Revealed type is "tuple[protobase.client.stats.ReaderStats, ...]"'),
     (35, 'Revealed type is "int"'),
+    (36, 'Revealed type is "int"'),
+    (38, 'Revealed type is "protobase.query.results.Query"'),
 ])
 def test_the_public_api_has_precise_types(mypy_report: dict[int, str], line: int, expected: str) -> None:
     assert expected in mypy_report.get(line, ""), f"line {line}: mypy said {mypy_report.get(line)!r}"
