@@ -76,6 +76,7 @@ def test_status_of_a_running_database(datadir, capsys):
     assert f"seq {reading.seq}," in out and "durable LSN" in out and "lag 0 records" in out
     assert "commit rate:" in out and "commits/s" in out and "reclaimable" in out
     assert f"pid {os.getpid()}" in out and "3 commits old" in out  # our pinned snapshot, not the command's slot
+    assert "  readers: 1\n" in out  # the test's handle; the command's own slot is left out
     assert "wal-" in out
 
 

@@ -67,7 +67,7 @@ def status(args: argparse.Namespace) -> int:
         first = db.stats()
         time.sleep(max(args.interval, 0.0))
         latest = db.stats()
-        mine = getattr(db, "_slot", None)  # this command's own reader slot
+        mine = db.session.slot  # this command's own reader slot
     _print_status(path, first, latest, mine)
     print_disk(path)
     return 0
