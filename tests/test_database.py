@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 
 import psutil
@@ -137,3 +139,16 @@ def test_reader_slots_bounds_the_handles_attached_at_once(datadir):
 def test_reader_slots_must_be_a_positive_count(datadir):
     with pytest.raises(ValueError, match="reader_slots must be a whole number from 1 to"):
         protobase.open(datadir, reader_slots=0)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("flush_interval", -1, "flush_interval must be a number of seconds >= 0, got -1; pass e.g. flush_interval=0.01"),
+    ("checkpoint_bytes", 1.5, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
+    ("compact_min_bytes", -5, "compact_min_bytes must be a whole number of bytes >= 0, got -5;"),
+    ("shutdown_grace", -1, "shutdown_grace must be a number of seconds >= 0"),
+])
+def test_a_bad_coordinator_setting_is_refused_by_open_before_anything_starts(datadir, option, value, message):
+    # Regression: these reached the coordinator's command line, whose usage text came back in a CoordinatorError.
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        protobase.open(datadir, **{option: value})
+    assert not os.path.exists(os.path.join(datadir, "coordinator.sock"))
