@@ -1,4 +1,4 @@
-"""Persistent B+trees (btree.py) against dict / set / list models, over an in-memory atom store.
+"""Persistent B+trees (core/btree/) against dict / set / list models, over an in-memory atom store.
 
 The store maps a fake AtomPointer to (kind, payload) exactly as encode_node
 wrote it; loading decodes through decode_node and caches the clean Node, as
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from protobase.core.arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF, SET_LEAF
-from protobase.core.btree import MAX_ENTRIES, Node, TreeAccess, decode_node, encode_node
+from protobase.core.btree import MAX_ENTRIES, Node, TreeAccess, TreeWriter, decode_node, encode_node
 from protobase.core.codec import Ref
 from protobase.errors import CorruptionError
 from protobase.keyorder import order_key
@@ -29,7 +29,7 @@ class MemoryAtoms:
         self.atoms: dict[int, tuple[int, bytes]] = {}  # {ptr -> (kind, payload)}
         self.cache: dict[int, Node] = {}  # {ptr -> decoded clean node}
         self.next_ptr = 8
-        self.access = TreeAccess(self.load)
+        self.access = TreeWriter(self.load)
 
     def load(self, ptr: int) -> Node:
         node = self.cache.get(ptr)

@@ -3,7 +3,7 @@
 Owns how logical writes become atoms. A commit is a list of operations at key
 paths (`root['users']['alice']['city'] = 'Paris'` is `SET ('users', 'alice',
 'city')`). Each is applied to an in-memory working copy of the root by path
-copying: containers on the path are copied (tree nodes through TreeAccess,
+copying: containers on the path are copied (tree nodes through TreeWriter,
 small values by decoding their atom), nothing else is touched. `flush` then
 writes the dirty nodes and values bottom-up and returns the new root pointer.
 
@@ -38,7 +38,7 @@ import msgpack
 from protobase.coordinator.conflicts import KeyPath
 from protobase.core import codec
 from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
-from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, decode_node, empty, encode_node
+from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, TreeWriter, decode_node, empty, encode_node
 from protobase.core.codec import Ref
 from protobase.core.index import IndexedColl, index_entries
 from protobase.core.store import Store
@@ -134,7 +134,7 @@ class Writer:
     def __init__(self, arena: ArenaWriter, store: Store, settings: Settings = DEFAULTS) -> None:
         self.arena = arena
         self.store = store  # decodes the coordinator's own reads of clean atoms
-        self.access = store.access
+        self.access = TreeWriter(store.node, on_discard=self.retire)
         # {container type -> entries above which it is a tree, not one atom}
         self.flat_limit: dict[type, int] = {dict: settings.flat_dict_entries, set: settings.flat_set_entries,
                                             frozenset: settings.flat_set_entries, list: settings.flat_list_entries}
@@ -144,7 +144,6 @@ class Writer:
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
         self.key_memo = codec.KeyMemo()  # encodings of index entries, which every copy of their node repeats
         self.discarded_bytes = 0  # bytes of atoms that later roots no longer use (an estimate: see retire)
-        self.access.on_discard = self.retire
 
     def retire(self, ptr: int) -> None:
         """Count the atom at `ptr` as no longer used by the working root.

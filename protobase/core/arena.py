@@ -13,7 +13,7 @@ Atom layout (little-endian), 4-byte aligned inside its segment:
 
     offset size field
     0      4    u32: kind (VALUE, DICT_LEAF, ... below) in the top 4 bits, payload length in the low 28
-    4      n    payload: msgpack (see codec.py for values, btree.py for nodes, index.py for INDEXED)
+    4      n    payload: msgpack (see codec.py for values, btree/node.py for nodes, index.py for INDEXED)
 
 so an atom holds at most 256 MiB (larger containers are trees of atoms).
 
