@@ -14,6 +14,8 @@ what happened, with the identifying values, and what to do about it.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ProtoBaseError",
     "ConflictError",
@@ -51,7 +53,7 @@ class ConflictError(ProtoBaseError):
 
     retryable = True
 
-    def __init__(self, path: tuple, base_seq: int, conflicting_seq: int) -> None:
+    def __init__(self, path: tuple[Any, ...], base_seq: int, conflicting_seq: int) -> None:
         self.path = tuple(path)
         self.base_seq = base_seq
         self.conflicting_seq = conflicting_seq
@@ -153,6 +155,6 @@ class WalSyncError(WalError):
     """
 
 
-def format_path(path: tuple) -> str:
+def format_path(path: tuple[Any, ...]) -> str:
     """Render a key path the way Python would index it: root['users']['alice']."""
     return "root" + "".join(f"[{key!r}]" for key in path)

@@ -33,7 +33,7 @@ _RANKS = {
 _AWARE_DATETIME = 8  # aware datetimes are a family of their own, after every other
 
 
-def order_key(key: Any) -> tuple:
+def order_key(key: Any) -> tuple[Any, ...]:
     """The position of `key` in the canonical order, as a comparable tuple."""
     rank = _RANKS[type(key)]
     if rank == 7:
@@ -45,7 +45,7 @@ def order_key(key: Any) -> tuple:
     return (rank, key)
 
 
-def check_key(key: Any, path: tuple = ()) -> None:
+def check_key(key: Any, path: tuple[Any, ...] = ()) -> None:
     """Raise EncodingError unless `key` may be a key of a stored dict or set."""
     kind = type(key)
     if kind not in _RANKS:
@@ -66,7 +66,7 @@ def check_key(key: Any, path: tuple = ()) -> None:
             check_key(item, path)
 
 
-def check_text(text: str, path: tuple = ()) -> None:
+def check_text(text: str, path: tuple[Any, ...] = ()) -> None:
     """Raise EncodingError unless `text` is valid Unicode, which UTF-8 (hence msgpack) can encode.
 
     Lives here, not in the codec, because keys are checked here and values
@@ -89,7 +89,8 @@ def is_key(value: Any) -> bool:
     if kind not in _RANKS:
         return False
     if kind is float:
-        return value == value
+        number: float = value
+        return number == number  # False for NaN only
     if kind is Decimal:
         return not value.is_nan()
     if kind is tuple:
@@ -99,10 +100,11 @@ def is_key(value: Any) -> bool:
 
 def family(value: Any) -> int:
     """The rank of `value`'s family: values of one family compare natively."""
-    return order_key(value)[0]
+    rank: int = order_key(value)[0]
+    return rank
 
 
-def bisect_left(keys: list, key: Any) -> int:
+def bisect_left(keys: list[Any], key: Any) -> int:
     """bisect.bisect_left over keys in canonical order."""
     try:
         return bisect.bisect_left(keys, key)
@@ -110,7 +112,7 @@ def bisect_left(keys: list, key: Any) -> int:
         return bisect.bisect_left(keys, order_key(key), key=order_key)
 
 
-def bisect_right(keys: list, key: Any) -> int:
+def bisect_right(keys: list[Any], key: Any) -> int:
     """bisect.bisect_right over keys in canonical order."""
     try:
         return bisect.bisect_right(keys, key)

@@ -463,6 +463,7 @@ class Writer:
         if node is None:  # decode the bytes already read; not worth caching, a compaction reads it once
             node = decode_node(kind, payload, ptr)
         if node.kind in BRANCHES:
+            assert node.values is not None, "a branch has children"
             children = [self._copy_tree(child) for child in node.values]
             copy = Node(node.kind, node.keys, children, node.sizes)
         else:

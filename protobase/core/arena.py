@@ -102,10 +102,11 @@ class ArenaWriter:
                                 f"atom limit; split it (large dicts, lists and sets are split for you)")
         need = HEADER.size + len(payload)
         padded = atom_size(len(payload))
-        if self.current is None or self.used + padded > self.current.size:
-            self._open_segment(padded)
+        current = self.current
+        if current is None or self.used + padded > current.size:
+            current = self._open_segment(padded)
         offset = self.used
-        buf = self.current.buf
+        buf = current.buf
         HEADER.pack_into(buf, offset, kind << LENGTH_BITS | len(payload))
         buf[offset + HEADER.size: offset + need] = payload
         self.used += padded
@@ -167,7 +168,8 @@ class ArenaWriter:
         self.allocated_bytes += length
         return segment.buf
 
-    def _open_segment(self, at_least: int) -> None:
+    def _open_segment(self, at_least: int) -> Segment:
+        """Create the next segment, big enough for `at_least` bytes, and append there from now on."""
         # A quarter of the current generation: geometric growth (few segments) that
         # reserves at most 25% more than the data needs (segments are fallocated:
         # every byte reserved is memory). Not a quarter of everything mapped: retired
@@ -189,6 +191,7 @@ class ArenaWriter:
         self.segments[index] = segment
         self.current, self.current_index, self.used = segment, index, 0
         self.on_new_segment(self.next_index)
+        return segment
 
     def release_below(self, index: int) -> int:
         """Unlink every segment with an index below `index`; return the bytes freed."""

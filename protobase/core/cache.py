@@ -14,7 +14,7 @@ by FIFO are decoded again from shared memory, which is cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 __all__ = ["AtomObjectCache", "AtomBytesCache", "CacheStats"]
 
@@ -35,18 +35,24 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
-class _BoundedCache:
+V = TypeVar("V")
+
+
+class _BoundedCache(Generic[V]):
+    """At most `capacity` entries {int key -> V}, evicted oldest first; counts hits and misses."""
+
     __slots__ = ("data", "capacity", "hits", "misses")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be at least 1, got {capacity}")
-        self.data: dict[int, Any] = {}  # {pointer (or -pointer for views) -> cached object}
+        self.data: dict[int, V] = {}  # {pointer (or -pointer for views) -> cached object}
         self.capacity = capacity
         self.hits = 0
         self.misses = 0  # every miss is followed by a put
 
-    def get(self, key: int) -> Any:
+    def get(self, key: int) -> V | None:
+        """The entry under `key`, or None (a miss: the caller decodes and `put`s it)."""
         value = self.data.get(key)
         if value is None:
             self.misses += 1
@@ -54,7 +60,8 @@ class _BoundedCache:
             self.hits += 1
         return value
 
-    def put(self, key: int, value: Any) -> Any:
+    def put(self, key: int, value: V) -> V:
+        """Cache `value` under `key`, evicting the oldest sixteenth first when full; return `value`."""
         data = self.data
         if len(data) >= self.capacity:
             # Evict the oldest entries in batches: amortised O(1). Take them from one
@@ -67,15 +74,18 @@ class _BoundedCache:
         return value
 
     def clear(self) -> None:
+        """Drop every entry (after a compaction unlinked the atoms they came from); counters stay."""
         self.data.clear()
 
     def stats(self) -> CacheStats:
+        """The cache's counters as of now, frozen."""
         return CacheStats(type(self).__name__, len(self.data), self.capacity, self.hits, self.misses)
 
 
-class AtomObjectCache(_BoundedCache):
+# Any: the decoded objects are tree nodes, views, and frozen user values of any type.
+class AtomObjectCache(_BoundedCache[Any]):
     """pointer -> decoded object (nodes, frozen values); views under the negated pointer."""
 
 
-class AtomBytesCache(_BoundedCache):
+class AtomBytesCache(_BoundedCache[tuple[int, memoryview]]):
     """pointer -> (kind, payload memoryview) of an atom, skipping header checks on reuse."""

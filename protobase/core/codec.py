@@ -44,7 +44,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 
@@ -135,7 +135,8 @@ def _ext(code: int, data: bytes) -> msgpack.ExtType:
     return _new_tuple(msgpack.ExtType, (code, data))
 
 
-def _ext_default(value: Any) -> msgpack.ExtType:
+def _ext_default(value: Any) -> object:
+    """What msgpack encodes in place of `value`, a type it lacks: an ExtType, or a plain dict or list."""
     kind = type(value)
     if kind is tuple:
         return _ext(EXT_TUPLE, _pack(list(value)))
@@ -222,13 +223,14 @@ class KeyMemo:
 
     def __init__(self, limit: int = 1 << 16) -> None:
         self.limit = limit
-        self.encoded: dict[int, tuple[tuple, bytes]] = {}  # {id(key) -> (key, its encoding)}
+        self.encoded: dict[int, tuple[tuple[Any, ...], bytes]] = {}  # {id(key) -> (key, its encoding)}
 
-    def __call__(self, keys: list) -> bytes:
+    def __call__(self, keys: list[Any]) -> bytes:
+        """The encoding of the list `keys`, byte for byte what `encode(keys)` returns."""
         if not keys or type(keys[0]) is not tuple:
             return _pack(keys)  # plain keys: one call encodes them all faster than any memo
         memo = self.encoded
-        parts = []
+        parts: list[bytes] = []
         for key in keys:
             entry = memo.get(id(key))
             if entry is not None and entry[0] is key:
@@ -255,7 +257,7 @@ def encode(value: Any) -> bytes:
 _SCALARS = frozenset((type(None), bool, int, float, bytes, bytearray, Decimal, uuid.UUID, Ref, _dt.datetime, _dt.date))
 
 
-def validate(value: Any, path: tuple = ()) -> None:
+def validate(value: Any, path: tuple[Any, ...] = ()) -> None:
     """Raise EncodingError if `value`, to be stored at key path `path`, holds anything the codec cannot store.
 
     That is: a type it does not know, text that is not valid Unicode, a
@@ -266,7 +268,7 @@ def validate(value: Any, path: tuple = ()) -> None:
     _validate(value, path, set())
 
 
-def _validate(value: Any, path: tuple, enclosing: set[int]) -> None:
+def _validate(value: Any, path: tuple[Any, ...], enclosing: set[int]) -> None:
     """validate(), with the ids of the containers being walked that hold `value`."""
     kind = type(value)
     if kind in _SCALARS:
@@ -290,7 +292,7 @@ def _validate(value: Any, path: tuple, enclosing: set[int]) -> None:
         enclosing.discard(id(value))
 
 
-def _encloses(value: Any, path: tuple) -> bool:
+def _encloses(value: Any, path: tuple[Any, ...]) -> bool:
     """True if `value` wraps (for a transaction) a container above `path`: stored at `path`, it would hold itself.
 
     Such a wrapper builds its contents when asked, so it is not yet among them
@@ -300,7 +302,8 @@ def _encloses(value: Any, path: tuple) -> bool:
     return own is not None and len(own) < len(path) and path[:len(own)] == own
 
 
-def _validate_parts(value: Any, kind: type, path: tuple, enclosing: set[int]) -> None:
+def _validate_parts(value: Any, kind: type, path: tuple[Any, ...], enclosing: set[int]) -> None:
+    """Validate the parts of a container, dataclass or transaction wrapper; EncodingError for anything else."""
     if kind is dict or kind is FrozenDict:
         for key, item in value.items():
             _validate(key, path + (key,), enclosing)
@@ -327,8 +330,21 @@ def _validate_parts(value: Any, kind: type, path: tuple, enclosing: set[int]) ->
     raise EncodingError(f"cannot store a value of type {kind.__qualname__} at {format_path(path)}: {hint}")
 
 
+class _RequiredOptions(TypedDict):
+    raw: bool
+    strict_map_key: bool
+    ext_hook: Callable[[int, bytes], Any]
+
+
+class _UnpackOptions(_RequiredOptions, total=False):
+    """The keyword arguments `decode` passes to msgpack.unpackb."""
+
+    object_hook: Callable[[dict[Any, Any]], Any]
+    list_hook: Callable[[list[Any]], Any]
+
+
 @functools.lru_cache(maxsize=64)
-def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool) -> dict:
+def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool) -> _UnpackOptions:
     """unpackb options for one way of decoding, built once: decoding is on the cold read path."""
 
     def ext_hook(code: int, payload: bytes) -> Any:
@@ -376,9 +392,10 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
 
     # unpackb bounds every string, array and map by the buffer length, which caps
     # the memory amplification of crafted input.
-    options = dict(raw=False, strict_map_key=False, ext_hook=ext_hook)
+    options: _UnpackOptions = {"raw": False, "strict_map_key": False, "ext_hook": ext_hook}
     if frozen:
-        options.update(object_hook=FrozenDict, list_hook=FrozenList)
+        options["object_hook"] = FrozenDict
+        options["list_hook"] = FrozenList
     return options
 
 

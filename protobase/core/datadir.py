@@ -43,7 +43,7 @@ class DataDir:
     path: str
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, create: bool = True) -> DataDir:
+    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> DataDir:
         """Validate the data directory at `path`; with `create`, make it one if it is missing or empty.
 
         Without `create` nothing is written: the directory must exist and

@@ -47,7 +47,8 @@ class Store:
         return cached
 
     def node(self, ptr: int) -> Node:
-        node = self.objects.get(ptr)
+        """The clean Node at `ptr`, decoded once while cached (`TreeAccess` loads through this)."""
+        node: Node | None = self.objects.get(ptr)
         if node is None:
             kind, payload = self.atom(ptr)
             node = self.objects.put(ptr, decode_node(kind, payload, ptr))

@@ -197,7 +197,8 @@ class ControlBlock:
         self._buf: memoryview | None = segment.buf  # segment.buf, cached for speed; None once closed
         # The same bytes as 8-byte words: assigning one is a single aligned 8-byte store,
         # whereas struct.pack_into first zero-fills what it writes (see `publish_root`).
-        self._words: memoryview | None = segment.buf.cast("Q")
+        # Released once closed, so that any use raises ValueError (read_root relies on it).
+        self._words: memoryview = segment.buf.cast("Q")
         self._slots = reader_slots  # N, the reader slot count
 
     # -- creation and attachment ------------------------------------------
@@ -278,8 +279,8 @@ class ControlBlock:
             seq, ptr = words[_W_ROOT_SEQ], words[_W_ROOT_PTR]
             if not counter & 1 and words[_W_COUNTER] == counter:
                 return seq, ptr
-        except TypeError:
-            if words is None:
+        except ValueError:  # no check before the try: a closed block's released word view raises
+            if self._buf is None:
                 raise DatabaseClosedError(f"control segment {self.name} is closed") from None
             raise
         return self._read_root_contended()
@@ -421,12 +422,14 @@ class ControlBlock:
     @property
     def coordinator_pid(self) -> int:
         """Pid of the coordinator that created this block."""
-        return _U64.unpack_from(self._live_buf(), _OFF_PID)[0]
+        pid: int = _U64.unpack_from(self._live_buf(), _OFF_PID)[0]
+        return pid
 
     @property
     def coordinator_start(self) -> float:
         """Process start time of the coordinator that created this block."""
-        return _F64.unpack_from(self._live_buf(), _OFF_START)[0]
+        start: float = _F64.unpack_from(self._live_buf(), _OFF_START)[0]
+        return start
 
     @property
     def next_segment(self) -> int:
@@ -489,9 +492,9 @@ class ControlBlock:
 
     def close(self) -> None:
         """Unmap the control segment from this process. Idempotent; never unlinks."""
-        words, self._words, self._buf = self._words, None, None
-        if words is not None:
-            words.release()
+        if self._buf is not None:
+            self._buf = None
+            self._words.release()
         self._segment.close()
 
     def unlink(self) -> bool:
@@ -516,7 +519,7 @@ class ControlBlock:
         return self._buf
 
     def _live_words(self) -> memoryview:
-        if self._words is None:
+        if self._buf is None:
             raise DatabaseClosedError(f"control segment {self.name} is closed")
         return self._words
 
@@ -558,6 +561,9 @@ def _validate(segment: Segment) -> int:
             f"control segment {segment.name} is {segment.size} bytes, shorter than its "
             f"{HEADER_SIZE}-byte header"
         )
+    magic: bytes
+    version: int
+    slots: int
     magic, version, slots = _IDENT.unpack_from(segment.buf, _OFF_MAGIC)
     if magic != MAGIC:
         raise CorruptionError(

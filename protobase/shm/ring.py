@@ -65,7 +65,7 @@ _IDENT = struct.Struct("<8sI4xQ")
 _RECORD = struct.Struct("<IB3xQ")
 
 
-class RingRecord(tuple):
+class RingRecord(tuple[int, int, bytes]):
     """(lsn, flags, payload) of one whole record (fragments joined)."""
 
     __slots__ = ()

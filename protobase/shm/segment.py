@@ -155,7 +155,7 @@ class Segment:
         """
         buf, mapping = self._buf, self._mmap
         self._buf = self._mmap = None
-        if mapping is None:
+        if mapping is None or buf is None:  # both are None together: closed already
             return
         try:
             buf.release()
