@@ -9,6 +9,13 @@ are cleared.
 Eviction is FIFO over dict insertion order: a hit does no bookkeeping at all,
 which keeps the warm read path as short as a dict lookup. Hot entries evicted
 by FIFO are decoded again from shared memory, which is cheap.
+
+Each process's `Store` owns one cache of each kind (clients and the
+coordinator alike); nothing here is shared between processes or locked, so
+one cache serves the threads of its process under the GIL.
+
+Invariant: a cache never holds more than `capacity` entries, and what it
+holds under a pointer is what decoding that pointer's atom gives.
 """
 
 from __future__ import annotations

@@ -31,6 +31,15 @@ a `CorruptionError`: bytes from shared memory or disk are never trusted. A
 dataclass this process has not registered is an `EncodingError` instead:
 nothing is corrupt, the reader lacks a registration. Registered dataclasses
 decode frozen as their read-only variant (frozen.read_only_dataclass).
+
+Runs in every process: clients encode the values of their commits and decode
+what they read, the coordinator encodes atoms, recovery decodes the WAL.
+Only the coordinator's writer produces Refs; a client's commit holding one
+is refused (coordinator/writer.py, `decode_ops`).
+
+Invariant: `decode(encode(v))` equals `v` (NaN aside) for every value
+`validate` accepts, and encoding is deterministic: the same object always
+gives the same bytes, which KeyMemo's memo of node keys relies on.
 """
 
 from __future__ import annotations

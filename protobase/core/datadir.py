@@ -12,6 +12,15 @@ before anything in it is touched.
     launch.lock         flock held by whoever is starting a coordinator
     instance            id of the running (or last crashed) shared-memory instance
     coordinator.log     the coordinator's stderr
+
+Runs in every process that opens a directory: clients validate it and take
+launch.lock to start a coordinator (client/launcher.py), the coordinator
+holds coordinator.lock and writes the instance file, the persistence process
+and the CLI read it.
+
+Invariant: nothing is read or written in a directory until `DataDir.open`
+has checked its owner, its mode and its stamp; a `FileLock` is an flock on a
+descriptor opened O_CLOEXEC, so a forked child never keeps it held.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class Store:
         self._ref_hook = self._ref  # one bound method, so the codec's decoder cache hits
 
     def atom(self, ptr: int) -> tuple[int, memoryview]:
+        """(kind, payload view) of the atom at `ptr`, its header checked once while cached."""
         cached = self.bytes.get(ptr)
         if cached is None:
             cached = self.bytes.put(ptr, self.reader.atom(ptr))
@@ -61,7 +62,6 @@ class Store:
             if value is None:
                 kind, payload = self.atom(ref.ptr)
                 value = self.objects.put(ref.ptr, codec.decode(payload, frozen=True, ref=self._ref_hook))
-
             return value
         if ref.kind == INDEXED:
             view = self.objects.get(ref.ptr)
@@ -71,8 +71,8 @@ class Store:
             return view
         return self.view(ref.ptr, ref.kind)
 
-
     def _ref(self, ptr: int, kind: int) -> Any:
+        """The codec's `ref` hook: a Ref met while decoding a frozen value, resolved."""
         return self.value(Ref(ptr, kind))
 
     def resolve(self, slot: Any) -> Any:
@@ -97,6 +97,7 @@ class Store:
         self.objects.put(ptr, value)
 
     def clear(self) -> None:
+        """Empty both caches: a compaction unlinked the atoms their entries came from."""
         self.objects.clear()
         self.bytes.clear()
 

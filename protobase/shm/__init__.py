@@ -1,10 +1,14 @@
-"""ProtoBase's POSIX shared memory layer: segment names, mapped segments, the control block.
+"""ProtoBase's POSIX shared memory layer: segment names, mapped segments, the control block, the commit ring.
 
 Modules, bottom-up: `names` (naming scheme and sweep), `segment` (one mapped
 segment; only the coordinator creates and unlinks), `control` (the control
-segment: root seqlock, reader table, shared counters). Nothing here uses
+segment: root seqlock, reader table, shared counters), `ring` (the commit
+ring from the coordinator to the persistence process). Nothing here uses
 ``multiprocessing.shared_memory``, whose resource tracker unlinks segments
 that other processes still use.
+
+Every process imports this layer; each module says which process may call
+what. Only the coordinator creates and unlinks segments, attaching never does.
 """
 
 from protobase.shm.control import (
