@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -31,10 +32,28 @@ from protobase.errors import ProtoBaseError
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_is_alive
 
+if TYPE_CHECKING:
+    from protobase import Database
+
 COORDINATOR_EXIT_TIMEOUT = 15.0
 GRACE = 0.05  # seconds a test coordinator lingers after its last client
 CHILD_JOIN_TIMEOUT = 60.0
 SPAWN = multiprocessing.get_context("spawn")
+
+
+def open_test_db(path: str | os.PathLike[str], **options: Any) -> Database:
+    """`protobase.open(path, **options)` as every test opens a database: `shutdown_grace` defaults to GRACE.
+
+    The one way tests open a database, in the test process and in the
+    children it spawns alike (importable, unlike a fixture), so that each
+    coordinator a test starts exits moments after its last client and the
+    directory's teardown does not wait for it. Pass `shutdown_grace=` to
+    keep a coordinator longer.
+    """
+    import protobase
+
+    options.setdefault("shutdown_grace", GRACE)
+    return protobase.open(path, **options)
 
 
 def wait_for_coordinator_exit(path: str, timeout: float = COORDINATOR_EXIT_TIMEOUT) -> bool:
@@ -207,8 +226,6 @@ def spawn_process():
 @pytest.fixture
 def db(datadir):
     """An open database on a fresh directory, closed after the test."""
-    import protobase
-
-    database = protobase.open(datadir, shutdown_grace=GRACE)
+    database = open_test_db(datadir)
     yield database
     database.close()

@@ -17,7 +17,7 @@ from protobase.cli import transfer
 from protobase.core.datadir import DataDir
 from protobase.persistence.checkpoint import checkpoint_files
 from protobase.persistence.wal.faults import FAULTS_ENV
-from tests.conftest import GRACE, served, wait_for_coordinator_exit
+from tests.conftest import GRACE, open_test_db, served, wait_for_coordinator_exit
 from tests.test_dumpformat import sample_root, typed
 
 G = ["--grace", str(GRACE)]
@@ -38,7 +38,7 @@ def assert_one_line_error(err: str, *fragments: str) -> None:
 
 
 def make_closed_database(path: str) -> None:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.transaction() as tx:
             tx.root["users"] = {f"u{i}": {"n": i} for i in range(200)}
             tx.root["small"] = [1, 2, 3]
@@ -62,7 +62,7 @@ def test_status_of_a_stopped_database_shows_the_files_and_starts_nothing(datadir
 
 
 def test_status_of_a_running_database(datadir, capsys):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["counter"] = 0
         with db.snapshot():
@@ -81,7 +81,7 @@ def test_status_of_a_running_database(datadir, capsys):
 
 
 def test_status_in_a_real_subprocess(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["k"] = 1
         result = subprocess.run([sys.executable, "-m", "protobase", "status", datadir, "--interval", "0.1"],
@@ -100,7 +100,7 @@ def test_status_in_a_real_subprocess(datadir):
 
 
 def test_stats_is_json(datadir, capsys):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["k"] = {"v": 1}
         status, out, _ = run(capsys, "stats", datadir)
@@ -122,7 +122,7 @@ def test_stats_never_starts_a_coordinator(datadir, capsys):
 
 def test_check_ok(datadir, capsys):
     make_closed_database(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["users"].create_index("n")
     status, out, _ = run(capsys, "check", datadir, *G)
@@ -151,7 +151,7 @@ def test_check_of_a_damaged_checkpoint_fails_clearly(datadir, capsys):
 def test_dump_then_load_round_trips_every_type(datadir, capsys, monkeypatch):
     monkeypatch.setattr(transfer, "LOAD_BATCH_ITEMS", 50)  # big collections load over several transactions
     original = sample_root()
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             for key, value in original.items():
                 tx.root[key] = value
@@ -173,7 +173,7 @@ def test_dump_then_load_round_trips_every_type(datadir, capsys, monkeypatch):
     try:
         status, _, err = run(capsys, "load", fresh, dump_file, *G)
         assert status == 0 and f"{len(original)} lines loaded" in err
-        with protobase.open(fresh, shutdown_grace=GRACE) as db:
+        with open_test_db(fresh) as db:
             with db.snapshot() as snap:
                 got = typed(snap.root)
                 assert got == expected, sorted(repr(item)[:200] for item in expected[2] ^ got[2])
@@ -204,7 +204,7 @@ class Point:
 
 
 def test_dump_names_a_value_it_cannot_encode(datadir, capsys):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["shapes"] = {"a": [1, Point(3)]}
         status, _, err = run(capsys, "dump", datadir, *G)
@@ -246,7 +246,7 @@ def test_load_into_a_new_directory_appears_only_once_complete(datadir, capsys, m
     assert status == 0 and f"2 lines loaded into {datadir}" in err
     assert sorted(os.listdir(os.path.dirname(datadir))) == ["db", "good.jsonl"]  # no staging directory left
     assert not is_served(datadir)  # it was moved in after its coordinator stopped
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert snap.root["a"] == 1 and list(snap.root["b"]) == [2]
 
@@ -257,7 +257,7 @@ def test_load_into_a_new_directory_appears_only_once_complete(datadir, capsys, m
 def test_backup_then_open_the_backup(datadir, capsys):
     destination = os.path.join(os.path.dirname(datadir), "backup")
     try:
-        with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with open_test_db(datadir) as db:
             with db.transaction() as tx:
                 tx.root["users"] = {f"u{i}": i for i in range(100)}
             status, out, err = run(capsys, "backup", datadir, destination, *G)
@@ -265,7 +265,7 @@ def test_backup_then_open_the_backup(datadir, capsys):
                 tx.root["after"] = True  # not in the backup
         assert status == 0 and "backing up" in err
         assert f"written to {destination}" in out and f"protobase.open({destination!r})" in out
-        with protobase.open(destination, shutdown_grace=GRACE) as backup:
+        with open_test_db(destination) as backup:
             with backup.snapshot() as snap:
                 assert dict(snap.root["users"]) == {f"u{i}": i for i in range(100)} and "after" not in snap.root
             backup.check()
@@ -314,7 +314,7 @@ def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0  # a final checkpoint, then a clean exit
     assert any(name.startswith("checkpoint-") for name in os.listdir(datadir))
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert snap.root["served"] == {"n": 1}
 

@@ -18,11 +18,10 @@ import socket
 
 import pytest
 
-import protobase
 from protobase.client.connection import Connection
 from protobase.errors import ConflictError, CoordinatorError, OutcomeUnknownError
 from protobase.wire.framing import encode_frame
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 SLOW_FSYNC = "fsync_delay_ms=300"  # a sync commit's answer takes at least this long
 
@@ -45,7 +44,7 @@ def interrupt_after(seconds: float):
 
 def test_an_interrupted_commit_leaves_the_handle_in_step_and_its_outcome_knowable(datadir, monkeypatch):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", SLOW_FSYNC)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         tx = db.transaction()
         tx.root["k"] = "interrupted"
         with pytest.raises(KeyboardInterrupt), interrupt_after(0.05):
@@ -74,7 +73,7 @@ def stopped(pid: int):
 
 
 def test_outcome_reports_the_conflict_an_interrupted_commit_got(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         loser = db.transaction()
         loser.root["k"] = "loser"
         with db.transaction() as winner:
@@ -92,7 +91,7 @@ def test_outcome_reports_the_conflict_an_interrupted_commit_got(datadir):
 
 
 def test_outcome_waits_no_longer_than_its_timeout(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         tx = db.transaction()
         tx.root["k"] = 1
         with stopped(db.coordinator_pid):
@@ -109,7 +108,7 @@ def test_commits_interrupted_at_random_moments_are_each_applied_once_or_not_at_a
     print("seed", seed := rng.randrange(2**32))
     rng.seed(seed)
     acknowledged, refused, unknown = [], [], []
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["log"] = []
         for number in range(60):
@@ -142,7 +141,7 @@ def test_commits_interrupted_at_random_moments_are_each_applied_once_or_not_at_a
 
 
 def test_replies_are_matched_to_requests_by_id_whatever_their_order(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         connection = db.session.connection
         first, second = connection.reserve(), connection.reserve()
         connection.send(first, ["stats"])

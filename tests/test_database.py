@@ -12,7 +12,7 @@ import pytest
 
 import protobase
 from protobase.errors import CoordinatorRestartedError
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 
 def kill_coordinator(db: protobase.Database) -> None:
@@ -95,7 +95,7 @@ def test_transactional_works_from_an_event_loop_through_an_executor(db):
 
 def test_a_transaction_open_across_a_coordinator_restart_is_run_again(datadir):
     runs = []
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["counter"] = 0
 
@@ -113,7 +113,7 @@ def test_a_transaction_open_across_a_coordinator_restart_is_run_again(datadir):
 
 
 def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         @db.transactional(retries=0)
         def doomed(tx):
             tx.root["k"] = 1
@@ -128,10 +128,10 @@ def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
 def test_reader_slots_bounds_the_handles_attached_at_once(datadir):
     # Regression (issue 10, item 12): the reader-table-full error advised "more reader slots",
     # which no option of protobase.open set.
-    with protobase.open(datadir, shutdown_grace=GRACE, reader_slots=2) as first, \
-            protobase.open(datadir, shutdown_grace=GRACE):
+    with open_test_db(datadir, reader_slots=2) as first, \
+            open_test_db(datadir):
         with pytest.raises(protobase.ProtoBaseError, match=r"reader table full \(2 slots\)"):
-            protobase.open(datadir, shutdown_grace=GRACE)
+            open_test_db(datadir)
         with first.transaction() as tx:
             tx.root["ok"] = True
 

@@ -11,11 +11,11 @@ import pytest
 import protobase
 from protobase.core.datadir import FORMAT_VERSION, STAMP, DataDir
 from protobase.errors import CoordinatorError, DatabaseClosedError, DataDirectoryError
-from tests.conftest import GRACE, SPAWN
+from tests.conftest import SPAWN, open_test_db
 
 
 def test_new_directory_is_private_and_stamped(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE):
+    with open_test_db(datadir):
         assert stat.S_IMODE(os.stat(datadir).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(os.path.join(datadir, "coordinator.sock")).st_mode) == 0o600
         with open(os.path.join(datadir, STAMP)) as file:
@@ -83,7 +83,7 @@ def test_missing_directory_without_create(datadir):
 
 
 def test_no_coordinator_and_not_allowed_to_start_one(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE):
+    with open_test_db(datadir):
         pass
     assert DataDir(datadir).wait_until_unserved()
     with pytest.raises(CoordinatorError, match=f"no coordinator serves {datadir}; run `protobase serve {datadir}`"):
@@ -109,7 +109,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory(datadir, m
     monkeypatch.chdir(datadir)
     with pytest.raises(DataDirectoryError, match=r"the data directory path is empty; pass the directory's path "
                                                  r"\(for the current directory, pass '\.'\)"):
-        protobase.open("", shutdown_grace=GRACE)
+        open_test_db("")
     assert os.listdir(datadir) == []
 
 
@@ -154,7 +154,7 @@ def _open_unprivileged(path: str, replies) -> None:
     if os.geteuid() == 0:
         _without_permission_override()
     try:
-        with protobase.open(path, shutdown_grace=GRACE):
+        with open_test_db(path):
             replies.send(("opened", ""))
     except Exception as error:
         replies.send((type(error).__name__, str(error)))
@@ -165,7 +165,7 @@ def test_a_read_only_directory_is_refused_with_what_to_do(datadir, spawn_process
     # An empty one raised a bare PermissionError while writing the stamp; one holding a
     # database got as far as starting a coordinator, which failed on its first file.
     if holds == "a database":
-        with protobase.open(datadir, shutdown_grace=GRACE) as db:
+        with open_test_db(datadir) as db:
             with db.transaction() as tx:
                 tx.root["kept"] = 1
         assert DataDir(datadir).wait_until_unserved()
@@ -202,10 +202,10 @@ def test_a_read_only_filesystem_is_refused_with_what_to_do(datadir):
         with pytest.raises(DataDirectoryError, match=f"cannot write in data directory {datadir} \\(Read-only file "
                                                      f"system\\): .*{datadir} is on a read-only filesystem: remount "
                                                      f"it read-write, or copy the database"):
-            protobase.open(datadir, shutdown_grace=GRACE)
+            open_test_db(datadir)
         with pytest.raises(DataDirectoryError, match=f"cannot create data directory {datadir}/db \\(Read-only "
                                                      f"file system\\)"):
-            protobase.open(os.path.join(datadir, "db"), shutdown_grace=GRACE)
+            open_test_db(os.path.join(datadir, "db"))
     finally:
         subprocess.run(["umount", datadir], check=True)
 
@@ -213,7 +213,7 @@ def test_a_read_only_filesystem_is_refused_with_what_to_do(datadir):
 def test_a_path_too_long_for_a_unix_socket_still_works(datadir):
     path = os.path.join(datadir, "x" * 120)
     os.makedirs(datadir, mode=0o700)
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.transaction() as tx:
             tx.root["deep"] = True
         with db.snapshot() as snap:
@@ -235,6 +235,6 @@ def test_reopening_after_close_sees_the_data(datadir):
     with protobase.open(datadir, shutdown_grace=5.0) as db:
         with db.transaction() as tx:
             tx.root["kept"] = {"value": 1}
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:  # attaches: the coordinator lingers
+    with open_test_db(datadir) as db:  # attaches: the coordinator lingers
         with db.snapshot() as snap:
             assert snap.root["kept"]["value"] == 1

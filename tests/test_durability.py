@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-import protobase
 from protobase.cli import main as cli
 from protobase.coordinator import durability as durability_module
 from protobase.coordinator.durability import Durability, DurabilityFailed
@@ -26,7 +25,7 @@ from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
 from protobase.shm.ring import SYNC, CommitRing
 from protobase.wire.framing import FrameReader
-from tests.conftest import GRACE, wait_for_coordinator_exit, wait_until
+from tests.conftest import open_test_db, wait_for_coordinator_exit, wait_until
 
 
 def commit_counter(db, key: str, value: int, durability: str | None = None) -> None:
@@ -35,7 +34,7 @@ def commit_counter(db, key: str, value: int, durability: str | None = None) -> N
 
 
 def read(path: str, key: str):
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.snapshot() as snap:
             value = snap.root.get(key)
             return None if value is None else value["value"]
@@ -48,14 +47,14 @@ def kill_and_wait(pid: int) -> None:
 
 
 def test_a_clean_restart_keeps_everything_and_replays_nothing(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         for i in range(20):
             commit_counter(db, f"k{i % 5}", i)
         with db.transaction() as tx:
             tx.root["big"] = {f"u{i}": {"n": i} for i in range(500)}
     assert wait_for_coordinator_exit(datadir)
     assert [name for name in os.listdir(datadir) if name.startswith("checkpoint-")], "no final checkpoint"
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert [snap.root[f"k{i}"]["value"] for i in range(5)] == [15, 16, 17, 18, 19]
             assert snap.root["big"]["u499"] == {"n": 499} and len(snap.root["big"]) == 500
@@ -64,7 +63,7 @@ def test_a_clean_restart_keeps_everything_and_replays_nothing(datadir):
 
 
 def test_a_killed_coordinator_loses_no_acknowledged_commit(datadir):
-    db = protobase.open(datadir, shutdown_grace=GRACE)
+    db = open_test_db(datadir)
     for i in range(30):
         commit_counter(db, "counter", i)
     with db.transaction() as tx:
@@ -81,20 +80,20 @@ def test_a_killed_coordinator_loses_no_acknowledged_commit(datadir):
 
 
 def test_a_killed_persistence_process_is_restarted_transparently(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         commit_counter(db, "counter", 1)
         first = db.stats().persistence_pid
         kill_and_wait(first)
         for i in range(2, 12):
             commit_counter(db, "counter", i)  # waits for the restarted process's fsync
         assert db.stats().persistence_pid not in (None, first)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert snap.root["counter"]["value"] == 11
 
 
 def test_async_commits_are_durable_after_the_flush_interval(datadir):
-    with protobase.open(datadir, durability="async", shutdown_grace=GRACE, flush_interval=0.005) as db:
+    with open_test_db(datadir, durability="async", flush_interval=0.005) as db:
         for i in range(100):
             commit_counter(db, "counter", i)
         stats = db.stats()
@@ -104,7 +103,7 @@ def test_async_commits_are_durable_after_the_flush_interval(datadir):
 
 
 def test_a_sync_commit_is_durable_when_it_returns(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         commit_counter(db, "counter", 1)
         stats = db.stats()
         assert stats.durable_lsn == stats.last_lsn == 1
@@ -117,7 +116,7 @@ def test_a_sync_commit_is_durable_when_it_returns(datadir):
 def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(datadir, monkeypatch, fault, reason):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", fault)
     acknowledged = -1
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
             for i in range(10_000):
                 commit_counter(db, "counter", i)
@@ -135,7 +134,7 @@ def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, mo
     # coordinator" (a broken pipe), which says nothing of the disk or of what was kept.
     monkeypatch.setenv(FAULTS_ENV, "enospc_after=8192")
     acknowledged = 0
-    with protobase.open(datadir, durability="async", shutdown_grace=GRACE) as db:
+    with open_test_db(datadir, durability="async") as db:
         with pytest.raises(CoordinatorError, match="NOT made durable") as failure:
             for i in range(100_000):
                 commit_counter(db, f"k{i}", i)
@@ -146,7 +145,7 @@ def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, mo
                 commit_counter(db, "later", 0, durability=mode)
     monkeypatch.delenv(FAULTS_ENV)
     assert wait_for_coordinator_exit(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             kept = len(snap.root)
             # What a full disk takes is the async commits acknowledged after the last record
@@ -156,7 +155,7 @@ def test_a_full_disk_refuses_every_later_commit_with_the_clear_error(datadir, mo
 
 
 def test_corruption_before_valid_records_refuses_to_open(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         for i in range(5):
             commit_counter(db, "counter", i, durability="sync")
         pid = db.coordinator_pid
@@ -172,12 +171,12 @@ def test_corruption_before_valid_records_refuses_to_open(datadir):
         file.seek(offset)
         file.write(bytes([byte[0] ^ 0x40]))
     with pytest.raises(CorruptionError, match=f"WAL file {path} is corrupt at offset {result.records[2].offset}"):
-        protobase.open(datadir, shutdown_grace=GRACE)
+        open_test_db(datadir)
     assert wait_for_coordinator_exit(datadir)
 
 
 def test_a_torn_tail_recovers_to_the_last_complete_commit(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         for i in range(5):
             commit_counter(db, "counter", i)
         kill_and_wait(db.coordinator_pid)
@@ -188,14 +187,14 @@ def test_a_torn_tail_recovers_to_the_last_complete_commit(datadir):
     with open(path, "r+b") as file:
         file.truncate(last.offset + 10)  # the last record is cut in its header
     assert read(datadir, "counter") == 3
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:  # and the log goes on from there
+    with open_test_db(datadir) as db:  # and the log goes on from there
         commit_counter(db, "counter", 42)
         db.check()
     assert read(datadir, "counter") == 42
 
 
 def test_recovery_time_and_state_after_many_commits(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE, durability="async") as db:
+    with open_test_db(datadir, durability="async") as db:
         with db.transaction() as tx:
             tx.root["users"] = {f"u{i}": {"score": 0} for i in range(2000)}
         for i in range(200):
@@ -204,14 +203,14 @@ def test_recovery_time_and_state_after_many_commits(datadir):
         kill_and_wait(db.coordinator_pid)
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert sum(user["score"] for user in snap.root["users"].values()) == 200
         db.check()
 
 
 def test_the_wal_is_locked_by_the_persistence_process_once_open_returns(datadir):
-    with protobase.open(datadir, shutdown_grace=GRACE):
+    with open_test_db(datadir):
         probe = FileLock(DataDir(datadir).file("wal.lock"))
         try:
             assert not probe.acquire(blocking=False)
@@ -222,12 +221,12 @@ def test_the_wal_is_locked_by_the_persistence_process_once_open_returns(datadir)
 def test_a_wal_that_cannot_be_created_fails_the_open_clearly(datadir, monkeypatch):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", "fsync_error=1")
     with pytest.raises(CoordinatorError, match="write-ahead log of .*: .*cannot create WAL file .*Input/output error"):
-        protobase.open(datadir, shutdown_grace=GRACE)
+        open_test_db(datadir)
 
 
 def crash_after_commits(path: str, count: int) -> str:
     """Commit k0..k{count-1} (seq and LSN 1..count), kill the coordinator (no final checkpoint); the WAL file."""
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         for i in range(count):
             with db.transaction() as tx:
                 tx.root[f"k{i}"] = {"value": i}
@@ -250,7 +249,7 @@ def damage_records(wal_path: str, *indexes: int) -> list[WalRecord]:
 
 def salvaged_keys(destination: str) -> list[str]:
     try:
-        with protobase.open(destination, shutdown_grace=GRACE) as db:
+        with open_test_db(destination) as db:
             with db.snapshot() as snap:
                 keys = sorted(snap.root, key=lambda key: int(key[1:]))
             db.check()
@@ -294,7 +293,7 @@ def test_protobase_recover_salvages_the_records_of_a_wal_file_with_a_damaged_hea
         file.seek(20)
         file.write(bytes([byte[0] ^ 0x08]))
     with pytest.raises(CorruptionError, match="damaged file header"):
-        protobase.open(datadir, shutdown_grace=GRACE)
+        open_test_db(datadir)
     assert wait_for_coordinator_exit(datadir)
     destination = os.path.join(os.path.dirname(datadir), "salvaged")
     assert cli.main(["recover", datadir, destination]) == 0
@@ -305,19 +304,19 @@ def test_protobase_recover_salvages_the_records_of_a_wal_file_with_a_damaged_hea
 
 def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir):
     big = {f"u{i}": {"name": "x" * 200, "n": i} for i in range(30_000)}  # ~7 MB of WAL: more than the ring
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["big"] = big
         kill_and_wait(db.coordinator_pid)  # no final checkpoint: it must come back from the WAL
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         with db.snapshot() as snap:
             assert len(snap.root["big"]) == 30_000 and snap.root["big"]["u29999"]["n"] == 29_999
 
 
 def _commit_sync_many(path: str, writer: int, commits: int) -> None:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         for i in range(commits):
             commit_counter(db, f"w{writer}", i)
 
@@ -327,7 +326,7 @@ def test_concurrent_sync_commits_share_fsyncs(datadir, monkeypatch, spawn_proces
     # writers' commits queue in the ring, and the next batch makes them all durable at once.
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", "fsync_delay_ms=20")
     writers, commits = 4, 15
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         before = db.stats()
         processes = [spawn_process(_commit_sync_many, datadir, writer, commits) for writer in range(writers)]
         for process in processes:
@@ -348,7 +347,7 @@ def _write_calls(pid: int) -> int:
 
 
 def test_async_commits_do_not_wake_the_persistence_process_one_by_one(datadir):
-    with protobase.open(datadir, durability="async", shutdown_grace=GRACE, flush_interval=0.05) as db:
+    with open_test_db(datadir, durability="async", flush_interval=0.05) as db:
         commit_counter(db, "counter", 0)
         wait_until(lambda: db.stats().durable_lsn == 1, "the first commit to be fsynced")
         pid = db.stats().persistence_pid
@@ -367,7 +366,7 @@ def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(
     # The clean stop checkpoints at lsn 50 and starts wal-51; without the checkpoint the
     # WAL's LSNs are ahead of the state. This opened an empty database, and the next sync
     # commit hung: the persistence process skipped every new record as already written.
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         for i in range(50):
             commit_counter(db, f"k{i}", i)
     assert wait_for_coordinator_exit(datadir)
@@ -378,7 +377,7 @@ def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(
                                               r"database \(there is no checkpoint\), but the first WAL file, "
                                               r".*wal-0000000000000033\.log, starts at lsn 51\. A checkpoint-\*\.pb "
                                               r"or wal-\*\.log file moved or deleted does this: put it back"):
-        protobase.open(datadir, shutdown_grace=GRACE)
+        open_test_db(datadir)
     assert wait_for_coordinator_exit(datadir)
 
     destination = os.path.join(os.path.dirname(datadir), "salvaged")
@@ -387,7 +386,7 @@ def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(
     assert salvaged_keys(destination) == []
 
     os.rename(aside, os.path.join(datadir, checkpoint))  # the remedy the error names
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         commit_counter(db, "k50", 50)  # a sync commit: it returned, so it is durable
         with db.snapshot() as snap:
             assert sorted(snap.root, key=lambda key: int(key[1:])) == [f"k{i}" for i in range(51)]

@@ -25,8 +25,7 @@ import urllib.request
 
 import pytest
 
-import protobase
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import GRACE, open_test_db, wait_for_coordinator_exit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_TIMEOUT = 240  # seconds a `python -m examples...` run may take on a loaded machine
@@ -154,7 +153,7 @@ def test_shop_app_under_gunicorn_loses_no_update(datadir, tmp_path):
 
     # Every worker detached: the coordinator goes, and the log brings everything back.
     assert wait_for_coordinator_exit(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         db.check()
         with db.snapshot() as snapshot:
             assert sum(len(snapshot.root["carts"][user]) for user in USERS) == len(sent["items"])
@@ -171,7 +170,7 @@ def test_analytics_totals_over_one_snapshot_while_a_writer_commits(datadir):
     assert done.stdout.count("ok  ") == 3
     seq = int(re.search(r"snapshot seq (\d+): (\d+) orders", done.stdout).group(1))
     assert wait_for_coordinator_exit(datadir)
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         db.check()
         with db.snapshot() as snapshot:
             assert snapshot.seq > seq  # the writer kept committing after the pool's snapshot

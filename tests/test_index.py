@@ -28,7 +28,7 @@ from protobase.query import (
     IndexedSearchPlan,
     OrMerge,
 )
-from tests.conftest import GRACE, wait_for_coordinator_exit
+from tests.conftest import open_test_db, wait_for_coordinator_exit
 
 SPAWN = multiprocessing.get_context("spawn")
 DEADLINE = 60.0
@@ -36,7 +36,7 @@ CITIES = [f"c{i}" for i in range(10)]
 
 
 def open_db(path: str) -> protobase.Database:
-    return protobase.open(path, durability="async", shutdown_grace=GRACE)
+    return open_test_db(path, durability="async")
 
 
 @pytest.fixture
@@ -532,7 +532,7 @@ def test_composite_index_answers_equality_plus_range_exactly(datadir):
                for i in range(600)}
     for i in range(0, 600, 37):
         del records[f"u{i}"]["score"]
-    with protobase.open(datadir, shutdown_grace=GRACE, durability="async") as db:
+    with open_test_db(datadir, durability="async") as db:
         with db.transaction() as tx:
             tx.root["users"] = dict(records)
             tx.root["users"].create_index("city", "score")

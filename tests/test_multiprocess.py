@@ -26,7 +26,7 @@ import pytest
 import protobase
 from protobase.errors import CoordinatorRestartedError
 from protobase.shm import names
-from tests.conftest import GRACE, processes_serving, wait_for_coordinator_exit, wait_until
+from tests.conftest import open_test_db, processes_serving, wait_for_coordinator_exit, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 FORK = multiprocessing.get_context("fork")
@@ -89,7 +89,7 @@ def coordinators_of(path: str) -> list[psutil.Process]:
 
 
 def _increment_shared(path: str, barrier: Any, increments: int) -> int:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["counters"]["total"] += 1
@@ -121,7 +121,7 @@ def test_counter_race_loses_no_increment(db, children):
 
 
 def _increment_own_key(path: str, barrier: Any, key: str, increments: int) -> int:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["per_process"][key] += 1
@@ -155,7 +155,7 @@ def test_disjoint_keys_of_one_dict_do_not_conflict(db, children):
 def _open_at_once(path: str, barrier: Any, ready: Any, release: Any, number: int,
                   processes: int) -> tuple[int, int, str]:
     barrier.wait(DEADLINE)  # everyone calls open() at the same moment
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.transaction() as tx:
             tx.root[f"p{number}"] = os.getpid()
         barrier.wait(DEADLINE)  # every commit is in
@@ -191,7 +191,7 @@ def test_concurrent_first_opens_share_one_coordinator(datadir, children):
 
 
 def _hold_snapshot(path: str, conn: Any) -> None:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.snapshot() as held:
             conn.send((held.seq, held.root.thaw()))
             assert conn.recv() == "committed"
@@ -237,7 +237,7 @@ def test_a_handle_reattaches_to_the_coordinator_that_replaces_a_killed_one(datad
     # Regression: every later use of the handle failed with "lost the coordinator ...
     # call protobase.open() again", and a handle that had not yet sent anything read
     # the dead instance's last root as if it were current.
-    db = protobase.open(datadir, shutdown_grace=GRACE)
+    db = open_test_db(datadir)
     try:
         with db.transaction() as tx:
             tx.root["kept"] = {f"k{i}": i for i in range(100)}

@@ -10,10 +10,9 @@ import sys
 import psutil
 import pytest
 
-import protobase
 from protobase.client.pool import RemoteTraceback, chunk_sizes
 from protobase.errors import WorkerDiedError
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 
 def seq_and_total(snapshot, item):
@@ -43,7 +42,7 @@ def pid_of_worker(snapshot, item):
 
 @pytest.fixture
 def pooled(datadir):
-    db = protobase.open(datadir, shutdown_grace=GRACE, durability="async")
+    db = open_test_db(datadir, durability="async")
     with db.transaction() as tx:
         tx.root["counter"] = 0
         tx.root["users"] = {f"u{i:04}": {"score": i} for i in range(1000)}
@@ -122,7 +121,7 @@ db.close()
 
 
 def test_a_pool_opened_by_an_unguarded_script_fails_with_a_clear_error(datadir, tmp_path):
-    with protobase.open(datadir, shutdown_grace=GRACE) as db:
+    with open_test_db(datadir) as db:
         script = tmp_path / "unguarded.py"
         script.write_text(UNGUARDED_SCRIPT)
         result = subprocess.run([sys.executable, str(script), datadir], capture_output=True, text=True,

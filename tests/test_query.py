@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import protobase
 from protobase import F
 from protobase.core.frozen import freeze
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 FIELDS = ("city", "score", "tags", "address.city")
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
@@ -207,7 +207,7 @@ def qdb(session_dir: str) -> Iterator[protobase.Database]:
     from tests.conftest import wait_for_coordinator_exit
 
     path = os.path.join(tempfile.mkdtemp(prefix="q", dir=session_dir), "db")
-    database = protobase.open(path, durability="async", shutdown_grace=GRACE)
+    database = open_test_db(path, durability="async")
     try:
         yield database
     finally:

@@ -35,7 +35,7 @@ import pytest
 import protobase
 from protobase.cli import main as cli
 from protobase.shm import names
-from tests.conftest import GRACE, wait_until
+from tests.conftest import open_test_db, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
@@ -45,7 +45,7 @@ DATA_SEGMENT = re.compile(r"\.d[0-9]+$")
 
 
 def open_db(path: str) -> protobase.Database:
-    return protobase.open(path, shutdown_grace=GRACE, compact_min_bytes=COMPACT_MIN, durability="async")
+    return open_test_db(path, compact_min_bytes=COMPACT_MIN, durability="async")
 
 
 def data_segments(db: protobase.Database) -> set[str]:

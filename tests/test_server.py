@@ -48,7 +48,7 @@ from protobase.wire import framing
 from protobase.wire.counters import COUNTER_NAMES, OldestReaderCounters
 from protobase.wire.error_table import error_from_reply
 from protobase.wire.opcodes import OP_SET
-from tests.conftest import GRACE, served, wait_for_coordinator_exit
+from tests.conftest import GRACE, open_test_db, served, wait_for_coordinator_exit
 
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
 COMPACT_MIN = 1 << 20
@@ -114,7 +114,7 @@ def test_a_compaction_on_full_shm_is_undone_and_its_commit_answered_ok_once(data
     monkeypatch.setenv(FAULTS_ENV, f"enospc_after={FIXED_SEGMENTS + 2 * FIRST_SEGMENT}")
     backup = os.path.join(os.path.dirname(datadir), "backup")
     acknowledged: list[int] = []
-    with protobase.open(datadir, shutdown_grace=GRACE, compact_min_bytes=COMPACT_MIN) as db:
+    with open_test_db(datadir, compact_min_bytes=COMPACT_MIN) as db:
         while db.stats().compaction_failures == 0:
             assert len(acknowledged) < 200, "no compaction was tried"
             commit_numbered(db, len(acknowledged))  # the one that triggers it returns normally
@@ -135,7 +135,7 @@ def test_a_compaction_on_full_shm_is_undone_and_its_commit_answered_ok_once(data
     assert wait_for_coordinator_exit(datadir)
 
     for path in (datadir, backup):
-        with protobase.open(path, shutdown_grace=GRACE) as db:
+        with open_test_db(path) as db:
             assert_holds(db, acknowledged)
         assert wait_for_coordinator_exit(path)
 
@@ -290,7 +290,7 @@ def test_out_of_file_descriptors_a_connection_is_refused_and_the_coordinator_kee
         count = commit_for(db, 1.0)
     with db.snapshot() as snap:
         assert snap.root["n"] == count - 1
-    with protobase.open(db.path, shutdown_grace=GRACE) as other:
+    with open_test_db(db.path) as other:
         with other.transaction() as tx:
             tx.root["other"] = True
     with db.snapshot() as snap:
@@ -302,7 +302,7 @@ def test_a_handle_opened_while_the_coordinator_is_out_of_descriptors_gets_its_re
     with descriptor_limit(pid, lowest_free_descriptor(pid)):
         started = time.monotonic()
         with pytest.raises(CoordinatorError, match=r"is out of file descriptors .* and refused this connection"):
-            protobase.open(db.path, shutdown_grace=GRACE)
+            open_test_db(db.path)
         assert time.monotonic() - started < 10  # not retried as if the coordinator were stopping
     with db.transaction() as tx:
         tx.root["still"] = "served"

@@ -29,8 +29,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-import protobase
-from tests.conftest import GRACE, remove_test_directory
+from tests.conftest import open_test_db, remove_test_directory
 
 TOP_KEYS = [f"k{i}" for i in range(6)]
 CHECK_EVERY = 5  # steps between two db.check() calls
@@ -198,7 +197,7 @@ class DatabaseMachine(RuleBasedStateMachine):
         super().__init__()
         self.parent = tempfile.mkdtemp(prefix="stateful", dir=self.session_dir or None)
         self.path = os.path.join(self.parent, "db")
-        self.db = protobase.open(self.path, shutdown_grace=GRACE, compact_min_bytes=1 << 20)
+        self.db = open_test_db(self.path, compact_min_bytes=1 << 20)
         self.model: dict = {}
         self.steps = 0
 

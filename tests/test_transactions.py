@@ -23,6 +23,7 @@ from protobase import (
 )
 from protobase.core.codec import MAX_DEPTH
 from protobase.core.frozen import thaw
+from tests.conftest import open_test_db
 
 
 def read(db, *path):
@@ -859,12 +860,12 @@ def test_closing_the_database_ends_transactions_and_snapshots(db):
 
 
 def test_closed_database_dropped_the_aborted_writes(datadir):
-    with protobase.open(datadir, shutdown_grace=0.05) as db:
+    with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["a"] = 1
         tx = db.transaction()
         tx.root["a"] = 2
-    with protobase.open(datadir, shutdown_grace=0.05) as db:
+    with open_test_db(datadir) as db:
         assert read(db, "a") == 1
 
 

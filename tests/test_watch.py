@@ -6,12 +6,11 @@ import multiprocessing
 
 import psutil
 
-import protobase
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 
 def commit_in_child(path: str, key: str, value: int) -> None:
-    with protobase.open(path, shutdown_grace=GRACE) as db:
+    with open_test_db(path) as db:
         with db.transaction() as tx:
             tx.root[key] = value
 
