@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from typing import Any
 
-import protobase
 from protobase import F
 from protobase.core.frozen import freeze
 from protobase.query import IndexReader, QuerySource
@@ -25,7 +24,7 @@ from protobase.query.planner import PROBE_FACTOR, plan
 from protobase.query.plans import AndMerge, CompositeSearchPlan, FilterPlan, FullScanPlan, IndexedSearchPlan
 from protobase.query.results import Query
 from protobase.query.source import NO_INDEXES, IndexName, Interval
-from tests.conftest import GRACE
+from tests.conftest import open_test_db
 
 
 class FakeIndex:
@@ -184,7 +183,7 @@ def test_every_collection_is_a_query_source_whose_readers_count_what_they_return
     def count(predicate: Any) -> int:
         return sum(1 for record in records.values() if predicate(record))
 
-    with protobase.open(datadir, durability="async", shutdown_grace=GRACE) as db:
+    with open_test_db(datadir, durability="async") as db:
         with db.transaction() as tx:
             tx.root["plain"] = dict(records)
             tx.root["users"] = dict(records)
