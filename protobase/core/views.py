@@ -21,25 +21,42 @@ from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, Set, ValuesView
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from protobase.core.arena import DICT_LEAF, LIST_LEAF, SET_LEAF
+from protobase.core.btree import TreeAccess
+from protobase.core.cache import AtomObjectCache
 from protobase.core.frozen import refuse_write, thaw
 from protobase.core.index import IndexTreeReader, Postings
 from protobase.query import Expr, Query
 from protobase.query.source import NO_INDEXES, IndexName, IndexReader
 
-if TYPE_CHECKING:
-    from protobase.core.store import Store
+__all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND", "TreeSource"]
 
-__all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND"]
+
+class TreeSource(Protocol):
+    """What a view reads its tree through: the process's Store (store.py).
+
+    A protocol, so that this module needs nothing of store.py, which imports
+    it to build the views.
+    """
+
+    @property
+    def access(self) -> TreeAccess: ...  # the tree algorithms over the process's node cache
+
+    @property
+    def objects(self) -> AtomObjectCache: ...  # its capacity bounds a TreeDict's memo
+
+    def resolve(self, slot: Any) -> Any:
+        """A leaf value as users see it: Refs resolved, scalars as they are."""
+        ...
 
 
 class _TreeView:
     __slots__ = ("_store", "_ptr")
     _leaf_kind = DICT_LEAF
 
-    def __init__(self, store: Store, ptr: int) -> None:
+    def __init__(self, store: TreeSource, ptr: int) -> None:
         self._store = store  # the process's Store that loads our nodes
         self._ptr = ptr  # AtomPointer of the root node; 0 for an empty tree
 
@@ -78,7 +95,7 @@ class TreeDict(_TreeView, Mapping[Any, Any]):
 
     __slots__ = ("_memo",)
 
-    def __init__(self, store: Store, ptr: int) -> None:
+    def __init__(self, store: TreeSource, ptr: int) -> None:
         super().__init__(store, ptr)
         # {key -> value} of the entries read so far. A plain dict, never handed out
         # (its storage is not the view's contents): the interpreter specialises a
@@ -187,7 +204,7 @@ class IndexedTreeDict(TreeDict):
 
     __slots__ = ("_indexes", "_postings", "_readers")
 
-    def __init__(self, store: Store, ptr: int, indexes: dict[IndexName, int]) -> None:
+    def __init__(self, store: TreeSource, ptr: int, indexes: dict[IndexName, int]) -> None:
         super().__init__(store, ptr)
         self._indexes = indexes  # {index name -> AtomPointer of its index set tree}
         self._postings: Postings = {}  # {(index name, kind, value) -> keys}: equality searches, memoised
