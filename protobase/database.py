@@ -34,7 +34,7 @@ from protobase.client.transaction import Isolation, Transaction
 from protobase.core.datadir import DataDir
 from protobase.core.store import DEFAULT_OBJECT_CACHE
 from protobase.errors import ProtoBaseError
-from protobase.settings import Settings
+from protobase.settings import DEFAULTS, Settings
 from protobase.wire.verbs import DURABILITY_MODES, Durability
 
 if TYPE_CHECKING:
@@ -88,10 +88,12 @@ class Database:
                  reader_slots: int | None = None) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
-        chosen = {"flush_interval": flush_interval, "checkpoint_bytes": checkpoint_bytes,
-                  "compact_min_bytes": compact_min_bytes, "reader_slots": reader_slots}
         # Checked here, where the caller passed them, rather than by a coordinator's command line.
-        Settings(shutdown_grace=shutdown_grace, **{name: value for name, value in chosen.items() if value is not None})
+        Settings(shutdown_grace=shutdown_grace,
+                 flush_interval=DEFAULTS.flush_interval if flush_interval is None else flush_interval,
+                 checkpoint_bytes=DEFAULTS.checkpoint_bytes if checkpoint_bytes is None else checkpoint_bytes,
+                 compact_min_bytes=DEFAULTS.compact_min_bytes if compact_min_bytes is None else compact_min_bytes,
+                 reader_slots=DEFAULTS.reader_slots if reader_slots is None else reader_slots)
         # An open that may not start a coordinator writes nothing: no coordinator can serve a
         # directory it would have to create (or stamp), so it fails on one before touching it.
         self.datadir = DataDir.open(path, create=create and start_coordinator)

@@ -33,7 +33,8 @@ LAYERS = [
 APART = {("protobase.client", "protobase.coordinator"), ("protobase.coordinator", "protobase.client")}
 #: Private names of the standard library or of namedtuples that callers are meant to use.
 STDLIB_PRIVATES = {"_exit", "_getframe", "_asdict", "_replace", "_fields", "_make", "_current_frames",
-                   "_hash"}  # collections.abc.Set._hash: the documented way to hash a Set
+                   "_hash",  # collections.abc.Set._hash: the documented way to hash a Set
+                   "_inheriting"}  # multiprocessing's flag of a spawned child importing its parent's main
 MAX_FUNCTION_LINES = 60
 
 
@@ -165,9 +166,22 @@ def defined_privates(tree: ast.Module) -> set[str]:
             names.add(node.arg)
         elif isinstance(node, ast.keyword) and node.arg:
             names.add(node.arg)  # dataclasses.replace(x, _field=...), a namedtuple's fields
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
-            names.add(node.value)  # __slots__ entries, getattr(self, "_name")
-    return {name for name in names if is_private(name)}
+        elif isinstance(node, ast.Assign) and any(getattr(name, "id", None) == "__slots__" for name in node.targets):
+            names.update(item.value for item in ast.walk(node.value) if isinstance(item, ast.Constant))
+    return {name for name in names if isinstance(name, str) and is_private(name)}
+
+
+def private_uses(node: ast.AST) -> Iterator[tuple[str, str]]:
+    """(name, how) for a use of a private attribute on something other than self or cls."""
+    if isinstance(node, ast.Attribute) and is_private(node.attr):
+        if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            yield node.attr, ast.unparse(node)
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+          and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2
+          and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+          and is_private(node.args[1].value)
+          and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls"))):
+        yield node.args[1].value, ast.unparse(node)
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -178,10 +192,9 @@ def test_no_module_uses_another_modules_private_names():
             if isinstance(node, ast.ImportFrom):
                 wrong += [f"{name}:{node.lineno} imports {alias.name} from {node.module}"
                           for alias in node.names if is_private(alias.name)]
-            elif isinstance(node, ast.Attribute) and is_private(node.attr):
-                on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
-                if not on_self and node.attr not in own and node.attr not in STDLIB_PRIVATES:
-                    wrong.append(f"{name}:{node.lineno} uses {ast.unparse(node)}")
+            else:
+                wrong += [f"{name}:{node.lineno} uses {how}" for attribute, how in private_uses(node)
+                          if attribute not in own and attribute not in STDLIB_PRIVATES]
     assert not wrong, "private names used outside the module that owns them:\n" + "\n".join(wrong)
 
 
