@@ -3,7 +3,7 @@
 Random records (fields sometimes missing, values of mixed types, tuples,
 lists, sets, nested `address.city`) and random expressions (every operator,
 nested & | ~) are checked against a reference predicate written here from the
-documented semantics (protobase/query.py), not from its code:
+documented semantics (protobase/query/), not from its code:
 
 * a record lacking the field matches no comparison but `!=`;
 * values Python cannot compare (5 < "a") do not match;

@@ -1,4 +1,4 @@
-"""Snapshots (snapshot.py, views.py, frozen.py): isolation, read-only values, tree views, compaction."""
+"""Snapshots (client/snapshot.py, core/views.py, core/frozen.py): isolation, read-only values, tree views, compaction."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Walks the whole tree of atoms from the root: every pointer lands on a valid
 atom header inside a mapped segment of this instance, every node has its
-shape and its tree's invariants (btree.py), every value decodes. Also checks
+shape and its tree's invariants (core/btree/check.py), every value decodes. Also checks
 the reader table against the snapshot: no reader holds a snapshot newer than
 the latest commit. Any failure raises CorruptionError naming what is wrong.
 Runs in the client process that calls `db.check()`, on a snapshot it pinned.

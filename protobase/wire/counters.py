@@ -2,7 +2,7 @@
 
 Both sides use it: the coordinator builds a `Counters` (coordinator/server.py),
 the client reads one into `db.stats()` (client/stats.py). Invariant: the reply
-has exactly the keys of `Counters`, no more, no fewer (tests/test_counters.py
+has exactly the keys of `Counters`, no more, no fewer (tests/test_server.py
 checks a live coordinator against it), so the two sides cannot drift apart.
 """
 
