@@ -22,8 +22,16 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
-    "record", "key_of", "median", "percentile", "machine", "wait_for_coordinator_exit",
-    "temporary_directory", "replace_section", "released_worker", "run_released_together",
+    "record",
+    "key_of",
+    "median",
+    "percentile",
+    "machine",
+    "wait_for_coordinator_exit",
+    "temporary_directory",
+    "replace_section",
+    "released_worker",
+    "run_released_together",
 ]
 
 COORDINATOR_EXIT_TIMEOUT = 30.0
@@ -155,8 +163,14 @@ def released_worker(body: Callable[..., Any]) -> Callable[..., None]:
     return worker
 
 
-def run_released_together(target: Any, args_per_worker: list[tuple], names: list[str], ready_timeout: float,
-                          timeout: float, exit_timeout: float = 60.0) -> list:
+def run_released_together(
+    target: Any,
+    args_per_worker: list[tuple],
+    names: list[str],
+    ready_timeout: float,
+    timeout: float,
+    exit_timeout: float = 60.0,
+) -> list:
     """Start one spawned worker per args tuple, release them at once, return their results; always joins them.
 
     Each worker runs `target(conn, start, *args)`: it sends ("ready", None) once

@@ -65,6 +65,7 @@ READER_TARGET = 0.05  # second reader's USS growth / shared bytes, below
 
 # -- the timed loops (identical shape for each store) ----------------------------------
 
+
 def protobase_pass(snap: Any, keys: list) -> int:
     total = 0
     for key in keys:
@@ -100,6 +101,7 @@ def timed(function: Callable, *args: Any) -> float:
 
 
 # -- worker processes ----------------------------------------------------------------------
+
 
 def _worker_main(conn: Any, task: str, kwargs: dict) -> None:
     try:
@@ -155,8 +157,10 @@ def _reads_in_worker(db_path: str, lmdb_path: str, records: int, repeats: int, s
         txn = env.begin()
         try:
             ops = len(sample)
-            cold = {"protobase": ops / timed(protobase_pass, snap, sample),
-                    "lmdb": ops / timed(lmdb_pass, txn, sample_bytes)}
+            cold = {
+                "protobase": ops / timed(protobase_pass, snap, sample),
+                "lmdb": ops / timed(lmdb_pass, txn, sample_bytes),
+            }
             # warm-up: every record once
             protobase_pass(snap, keys)
             lmdb_pass(txn, keys_bytes)
@@ -170,7 +174,7 @@ def _reads_in_worker(db_path: str, lmdb_path: str, records: int, repeats: int, s
             rates: dict[str, list[float]] = {name: [] for name in passes}
             order = list(passes)
             for repeat in range(repeats):
-                for name in order[repeat % 3:] + order[:repeat % 3]:  # rotate who runs first
+                for name in order[repeat % 3 :] + order[: repeat % 3]:  # rotate who runs first
                     rates[name].append(ops / passes[name]())
             profiler = cProfile.Profile()
             profiler.runcall(protobase_pass, snap, sample)
@@ -183,8 +187,13 @@ def _reads_in_worker(db_path: str, lmdb_path: str, records: int, repeats: int, s
     finally:
         env.close()
         db.close()
-    return {"ops": ops, "cold": cold, "rates": rates, "profile": text.getvalue(),
-            "cache": {"entries": cache.entries, "capacity": cache.capacity, "hit_rate": cache.hit_rate}}
+    return {
+        "ops": ops,
+        "cold": cold,
+        "rates": rates,
+        "profile": text.getvalue(),
+        "cache": {"entries": cache.entries, "capacity": cache.capacity, "hit_rate": cache.hit_rate},
+    }
 
 
 def _reader_memory_in_worker(db_path: str, records: int, cache_size: int | None) -> dict:
@@ -212,11 +221,17 @@ def _reader_memory_in_worker(db_path: str, records: int, cache_size: int | None)
     expected = sum(record(i)["score"] for i in range(records))
     if total != expected:
         raise AssertionError(f"reader summed {total}, expected {expected}")
-    return {"uss_before": before, "uss_after": after, "seconds": seconds,
-            "cache_entries": cache.entries, "cache_capacity": cache.capacity}
+    return {
+        "uss_before": before,
+        "uss_after": after,
+        "seconds": seconds,
+        "cache_entries": cache.entries,
+        "cache_capacity": cache.capacity,
+    }
 
 
 # -- loading ---------------------------------------------------------------------------------
+
 
 def load(db: Any, records: int, *, measure_msgpack: bool = False) -> int:
     """Write `records` records under root['users'] in batches; return their msgpack size if asked."""
@@ -247,6 +262,7 @@ def close_and_wait(db: Any) -> None:
 
 # -- the three benchmarks ---------------------------------------------------------------
 
+
 def bench_reads(tmp: str, records: int, repeats: int) -> tuple[dict, Any]:
     """Load the read data set into ProtoBase and LMDB, then measure reads in a worker.
 
@@ -270,8 +286,7 @@ def bench_reads(tmp: str, records: int, repeats: int) -> tuple[dict, Any]:
                     txn.put(key_of(i).encode(), pickle.dumps(record(i), protocol=pickle.HIGHEST_PROTOCOL))
         finally:
             env.close()
-        result = in_worker("reads", db_path=db.path, lmdb_path=lmdb_path, records=records,
-                           repeats=repeats, seed=SEED)
+        result = in_worker("reads", db_path=db.path, lmdb_path=lmdb_path, records=records, repeats=repeats, seed=SEED)
     except BaseException:
         close_and_wait(db)
         raise
@@ -288,16 +303,21 @@ def bench_commits(db: Any, records: int, commits: int, rounds: int) -> dict:
         def commit(i: int) -> None:
             with db.transaction(durability=durability) as tx:
                 tx.root["users"][key_of(rng.randrange(records))]["score"] = i
+
         return commit
 
     def counter(durability: str) -> Callable[[int], None]:
         def commit(i: int) -> None:
             with db.transaction(durability=durability) as tx:
                 tx.root["counter"] = i
+
         return commit
 
-    kinds = {f"{name} {durability}": make(durability) for durability in DURABILITIES
-             for name, make in (("score", score), ("counter", counter))}
+    kinds = {
+        f"{name} {durability}": make(durability)
+        for durability in DURABILITIES
+        for name, make in (("score", score), ("counter", counter))
+    }
     for function in kinds.values():  # warm-up
         for i in range(min(50, per_round)):
             function(i)
@@ -314,8 +334,13 @@ def bench_commits(db: Any, records: int, commits: int, rounds: int) -> dict:
                 lat.append(time.perf_counter() - started)
             rates[name].append(per_round / (time.perf_counter() - round_started))
     stats = db.stats()
-    return {"per_round": per_round, "rounds": rounds, "latencies": latencies, "rates": rates,
-            "compactions": stats.compactions - compactions_before}
+    return {
+        "per_round": per_round,
+        "rounds": rounds,
+        "latencies": latencies,
+        "rates": rates,
+        "compactions": stats.compactions - compactions_before,
+    }
 
 
 def bench_memory(tmp: str, records: int) -> dict:
@@ -330,17 +355,26 @@ def bench_memory(tmp: str, records: int) -> dict:
         stats = db.stats()
         readers = {
             "default cache": in_worker("reader_memory", db_path=db.path, records=records, cache_size=None),
-            f"cache_size={SMALL_CACHE}": in_worker("reader_memory", db_path=db.path, records=records,
-                                                   cache_size=SMALL_CACHE),
+            f"cache_size={SMALL_CACHE}": in_worker(
+                "reader_memory", db_path=db.path, records=records, cache_size=SMALL_CACHE
+            ),
         }
     finally:
         close_and_wait(db)
-    return {"records": records, "msgpack_bytes": packed, "shared_bytes": stats.shared_bytes,
-            "live_bytes": stats.live_bytes, "data_bytes": stats.data_bytes, "segments": stats.segments,
-            "load_seconds": load_seconds, "readers": readers}
+    return {
+        "records": records,
+        "msgpack_bytes": packed,
+        "shared_bytes": stats.shared_bytes,
+        "live_bytes": stats.live_bytes,
+        "data_bytes": stats.data_bytes,
+        "segments": stats.segments,
+        "load_seconds": load_seconds,
+        "readers": readers,
+    }
 
 
 # -- reporting -----------------------------------------------------------------------------------
+
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**MISSED**"
@@ -370,12 +404,11 @@ def report(command: str, info: dict, reads: dict, commits: dict, memory: dict) -
         "",
         "| store | warm ops/s | ProtoBase / store (median of per-repeat ratios) | cold ops/s (first pass) |",
         "|---|---:|---:|---:|",
-        f"| ProtoBase `snap.root[\"users\"][key][\"score\"]` | {pb:,.0f} | 1.00x | "
-        f"{reads['cold']['protobase']:,.0f} |",
-        f"| LMDB `pickle.loads(txn.get(k))[\"score\"]` | {lm:,.0f} | **{vs_lmdb:.2f}x** "
+        f'| ProtoBase `snap.root["users"][key]["score"]` | {pb:,.0f} | 1.00x | {reads["cold"]["protobase"]:,.0f} |',
+        f'| LMDB `pickle.loads(txn.get(k))["score"]` | {lm:,.0f} | **{vs_lmdb:.2f}x** '
         f"(target >= {READ_TARGET:g}x, aim {READ_AIM:g}x: {_verdict(vs_lmdb >= READ_TARGET)}) | "
         f"{reads['cold']['lmdb']:,.0f} |",
-        f"| plain dict `d[\"users\"][key][\"score\"]` | {dc:,.0f} | {vs_dict:.2f}x | - |",
+        f'| plain dict `d["users"][key]["score"]` | {dc:,.0f} | {vs_dict:.2f}x | - |',
         "",
         f"Worker object cache after the run: {reads['cache']['entries']:,} entries of "
         f"{reads['cache']['capacity']:,}, hit rate {reads['cache']['hit_rate']:.1%}.",
@@ -395,8 +428,10 @@ def report(command: str, info: dict, reads: dict, commits: dict, memory: dict) -
         kind, durability = name.split()
         label = f"{labels[kind]}, durability={durability}"
         lat = commits["latencies"][name]
-        lines.append(f"| {label} | {median(commits['rates'][name]):,.0f} | {median(lat) * 1e6:,.0f} µs | "
-                     f"{percentile(lat, 0.99) * 1e6:,.0f} µs | {max(lat) * 1e3:,.1f} ms |")
+        lines.append(
+            f"| {label} | {median(commits['rates'][name]):,.0f} | {median(lat) * 1e6:,.0f} µs | "
+            f"{percentile(lat, 0.99) * 1e6:,.0f} µs | {max(lat) * 1e3:,.1f} ms |"
+        )
     lines += [
         "",
         f"Automatic compactions during the timed commits: {commits['compactions']}.",
@@ -416,7 +451,7 @@ def report(command: str, info: dict, reads: dict, commits: dict, memory: dict) -
         f"**{shared_ratio:.2f}x** | <= {MEMORY_TARGET:g}x: {_verdict(shared_ratio <= MEMORY_TARGET)} |",
         f"| `stats().live_bytes` (reachable atoms) | {_mib(live)} | {live / packed:.2f}x | |",
         "",
-        "Second reader process: takes a snapshot and reads `users[key][\"score\"]` of every record once; "
+        'Second reader process: takes a snapshot and reads `users[key]["score"]` of every record once; '
         "USS (`psutil memory_full_info().uss`) measured before the snapshot and after the reads.",
         "",
         "| reader | USS before | USS after | growth | growth / shared bytes | target < 5% | read time |",
@@ -427,22 +462,39 @@ def report(command: str, info: dict, reads: dict, commits: dict, memory: dict) -
         fraction = growth / shared
         if fraction >= READER_TARGET:
             missed.append(f"second reader ({name}): USS grew by {fraction:.1%} of the shared bytes, target < 5%")
-        lines.append(f"| {name} ({reader['cache_entries']:,} cached objects) | {_mib(reader['uss_before'])} | "
-                     f"{_mib(reader['uss_after'])} | {_mib(growth)} | **{fraction:.1%}** | "
-                     f"{_verdict(fraction < READER_TARGET)} | {reader['seconds']:.2f} s |")
-    lines += ["", "Loading times (not targets): "
-              f"{reads['ops']:,} records {reads['load_seconds']:.1f} s (with compaction); "
-              f"{memory['records']:,} records {memory['load_seconds']:.1f} s (without).", ""]
+        lines.append(
+            f"| {name} ({reader['cache_entries']:,} cached objects) | {_mib(reader['uss_before'])} | "
+            f"{_mib(reader['uss_after'])} | {_mib(growth)} | **{fraction:.1%}** | "
+            f"{_verdict(fraction < READER_TARGET)} | {reader['seconds']:.2f} s |"
+        )
+    lines += [
+        "",
+        "Loading times (not targets): "
+        f"{reads['ops']:,} records {reads['load_seconds']:.1f} s (with compaction); "
+        f"{memory['records']:,} records {memory['load_seconds']:.1f} s (without).",
+        "",
+    ]
     lines.append("Targets missed in this run: " + ("; ".join(missed) if missed else "none") + ".")
     return "\n".join(lines) + "\n", missed
 
 
-def run(*, read_records: int, memory_records: int, repeats: int, commits: int, command: str,
-        doc: str | None, show_profile: bool) -> int:
+def run(
+    *,
+    read_records: int,
+    memory_records: int,
+    repeats: int,
+    commits: int,
+    command: str,
+    doc: str | None,
+    show_profile: bool,
+) -> int:
     """Run the three benchmarks, print the report, write it into `doc`; 0 on success."""
     info = machine()
-    print(f"core benchmark: {read_records:,} records for reads and commits, {memory_records:,} for memory; "
-          f"{info['nproc']} CPUs, load {info['load']}", flush=True)
+    print(
+        f"core benchmark: {read_records:,} records for reads and commits, {memory_records:,} for memory; "
+        f"{info['nproc']} CPUs, load {info['load']}",
+        flush=True,
+    )
     with temporary_directory("protobase-bench-") as tmp:
         os.chmod(tmp, 0o700)
         print("reads ...", flush=True)

@@ -60,8 +60,7 @@ from .common import key_of, machine, median, percentile, record, released_worker
 
 __all__ = ["main", "run", "DEFAULT_RECORDS"]
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "performance-durability.md")
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance-durability.md")
 DEFAULT_RECORDS = 1_000_000
 BATCH = 10_000  # records per loading transaction (default)
 KEYS = 1000  # keys of root["counters"] (and rows of the SQLite table)
@@ -81,6 +80,7 @@ UPSERT = "INSERT OR REPLACE INTO counters(k, v) VALUES (?, ?)"
 
 
 # -- small helpers -----------------------------------------------------------------------
+
 
 def counter_key(client: int, clients: int, n: int) -> str:
     """The n-th key client `client` of `clients` writes: disjoint per client, so clients never conflict."""
@@ -106,8 +106,11 @@ def wal_file_bytes(path: str) -> int:
 
 
 def checkpoint_file_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
-               if name.startswith("checkpoint-") and name.endswith(".pb"))
+    return sum(
+        os.path.getsize(os.path.join(path, name))
+        for name in os.listdir(path)
+        if name.startswith("checkpoint-") and name.endswith(".pb")
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -195,6 +198,7 @@ def top_functions(profile: str | cProfile.Profile, sort: str, limit: int) -> str
 
 
 # -- the stores, as seen by one worker ---------------------------------------------------------
+
 
 def protobase_commit(db: Any, client: int, clients: int, keys: int, i: int) -> None:
     """The benchmark's ProtoBase commit: `keys` keys of root["counters"] set to `i`."""
@@ -308,8 +312,18 @@ STORES = {"protobase": ProtoBaseClient, "sqlite": SQLiteClient, "raw": RawFsyncC
 
 
 @released_worker
-def _commit_worker(conn: Any, start: Any, store: str, path: str, mode: str, client: int, clients: int,
-                   keys_per_commit: int, seconds: float, profile: bool) -> dict:
+def _commit_worker(
+    conn: Any,
+    start: Any,
+    store: str,
+    path: str,
+    mode: str,
+    client: int,
+    clients: int,
+    keys_per_commit: int,
+    seconds: float,
+    profile: bool,
+) -> dict:
     """Open the store, warm up, say "ready", wait for `start`, commit for `seconds`; the result."""
     handle = STORES[store](path, mode, client, clients, keys_per_commit)
     try:
@@ -339,22 +353,30 @@ def _commit_worker(conn: Any, start: Any, store: str, path: str, mode: str, clie
             now = clock()
         if profiler:
             profiler.disable()
-        result = {"commits": len(latencies), "seconds": now - began, "latencies": latencies,
-                  "conflicts": conflicts,
-                  "profile": top_functions(profiler, "tottime", 14) if profiler else None}
+        result = {
+            "commits": len(latencies),
+            "seconds": now - began,
+            "latencies": latencies,
+            "conflicts": conflicts,
+            "profile": top_functions(profiler, "tottime", 14) if profiler else None,
+        }
     finally:
         handle.close()
     return result
 
 
-def commit_round(store: str, path: str, mode: str, clients: int, seconds: float, keys_per_commit: int = 1,
-                 profile: bool = False) -> dict:
+def commit_round(
+    store: str, path: str, mode: str, clients: int, seconds: float, keys_per_commit: int = 1, profile: bool = False
+) -> dict:
     """`clients` worker processes commit at once for `seconds`; their aggregate rate and latencies."""
     results = run_released_together(
         _commit_worker,
         [(store, path, mode, client, clients, keys_per_commit, seconds, profile) for client in range(clients)],
-        [f"bench-{store}-{mode}-{client}" for client in range(clients)], READY_TIMEOUT, seconds + READY_TIMEOUT,
-        EXIT_TIMEOUT)
+        [f"bench-{store}-{mode}-{client}" for client in range(clients)],
+        READY_TIMEOUT,
+        seconds + READY_TIMEOUT,
+        EXIT_TIMEOUT,
+    )
     return {
         "rate": sum(r["commits"] / r["seconds"] for r in results),
         "commits": sum(r["commits"] for r in results),
@@ -413,20 +435,29 @@ def bench_commits(tmp: str, seconds: float, repeats: int) -> dict:
                     # One drain of the ring = one write(2) of the batch: commits per write is the group size.
                     after_round = db.stats()
                     writes_after = write_syscalls(after_round.persistence_pid)
-                    if writes is not None and writes_after is not None and writes_after > writes \
-                            and after_round.persistence_pid == stats.persistence_pid:
+                    if (
+                        writes is not None
+                        and writes_after is not None
+                        and writes_after > writes
+                        and after_round.persistence_pid == stats.persistence_pid
+                    ):
                         result["group"] = (after_round.commits - stats.commits) / (writes_after - writes)
                 rounds[name].append(result)
                 print(f"  repeat {repeat + 1}/{repeats} {name:14} {result['rate']:9,.0f} commits/s", flush=True)
         after = db.stats()
     finally:
         close_and_wait(db)
-    return {"rounds": rounds, "seconds": seconds, "repeats": repeats,
-            "checkpoints": after.checkpoints - before.checkpoints,
-            "compactions": after.compactions - before.compactions}
+    return {
+        "rounds": rounds,
+        "seconds": seconds,
+        "repeats": repeats,
+        "checkpoints": after.checkpoints - before.checkpoints,
+        "compactions": after.compactions - before.compactions,
+    }
 
 
 # -- 3: recovery -------------------------------------------------------------------------------------
+
 
 def load(db: Any, records: int, batch: int) -> None:
     with db.transaction() as tx:
@@ -528,14 +559,24 @@ def bench_recovery(tmp: str, records: int, repeats: int, crash_commits: int, bat
         replayed.append(recovered_records(db))
         close_and_wait(db)  # a clean stop: checkpoint again for the next repeat
         crash_opens.append(seconds)
-        print(f"  repeat {repeat + 1}/{repeats}: empty {empty_opens[-1]:.2f}s, clean {clean_opens[-1]:.2f}s, "
-              f"after kill -9 {crash_opens[-1]:.2f}s", flush=True)
-    result.update(empty=empty_opens, clean=clean_opens, crash=crash_opens, crash_wal_bytes=median(crash_wal),
-                  replayed=replayed, checkpoint_bytes_after=checkpoint_file_bytes(path))
+        print(
+            f"  repeat {repeat + 1}/{repeats}: empty {empty_opens[-1]:.2f}s, clean {clean_opens[-1]:.2f}s, "
+            f"after kill -9 {crash_opens[-1]:.2f}s",
+            flush=True,
+        )
+    result.update(
+        empty=empty_opens,
+        clean=clean_opens,
+        crash=crash_opens,
+        crash_wal_bytes=median(crash_wal),
+        replayed=replayed,
+        checkpoint_bytes_after=checkpoint_file_bytes(path),
+    )
     return result
 
 
 # -- 4: WAL bytes per commit ------------------------------------------------------------------------
+
 
 def bench_wal_bytes(tmp: str, commits: int) -> dict:
     """WAL growth per commit. ProtoBase commits async (the record is the same as a sync one's; only the
@@ -589,6 +630,7 @@ def bench_wal_bytes(tmp: str, commits: int) -> dict:
 
 # -- profiling -----------------------------------------------------------------------------------
 
+
 def profile_commits(tmp: str, mode: str, seconds: float) -> dict:
     """A client's and the coordinator's cProfile over `seconds` of single-key commits in `mode`.
 
@@ -601,10 +643,21 @@ def profile_commits(tmp: str, mode: str, seconds: float) -> dict:
     path = os.path.join(tmp, f"profile-{mode}")
     datadir = DataDir.open(path)
     output = os.path.join(tmp, f"coordinator-{mode}.prof")
-    command = [sys.executable, "-m", "cProfile", "-o", output, "-m", "protobase.coordinator", path,
-               "--grace", str(GRACE)]
+    command = [
+        sys.executable,
+        "-m",
+        "cProfile",
+        "-o",
+        output,
+        "-m",
+        "protobase.coordinator",
+        path,
+        "--grace",
+        str(GRACE),
+    ]
     coordinator = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
+
         def listening() -> bool:
             sock = try_connect(datadir)
             if sock is not None:
@@ -624,12 +677,16 @@ def profile_commits(tmp: str, mode: str, seconds: float) -> dict:
             coordinator.terminate()
             coordinator.wait()
         wait_unserved(path)
-    return {"rate": client["rate"], "client": client["profile"],
-            "coordinator": top_functions(output, "tottime", 16),
-            "coordinator_cumulative": top_functions(output, "cumulative", 30)}
+    return {
+        "rate": client["rate"],
+        "client": client["profile"],
+        "coordinator": top_functions(output, "tottime", 16),
+        "coordinator_cumulative": top_functions(output, "cumulative", 30),
+    }
 
 
 # -- the report -----------------------------------------------------------------------------------
+
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**MISSED**"
@@ -639,8 +696,9 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.2f} ms"
 
 
-def report(command: str, info: dict, commits: dict | None, recovery: dict | None,
-           wal_bytes: dict | None) -> tuple[str, list[str]]:
+def report(
+    command: str, info: dict, commits: dict | None, recovery: dict | None, wal_bytes: dict | None
+) -> tuple[str, list[str]]:
     """The markdown report and the list of missed targets."""
     missed: list[str] = []
     lines = [
@@ -659,38 +717,56 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
         one, two = ratio("pb-sync-1", "sqlite-1"), ratio("pb-sync-2", "sqlite-2")
         fast = ratio("pb-async-1", "pb-sync-1")
         checks = [
-            (one >= SYNC_1_TARGET, f"durable commits, 1 client: ProtoBase/SQLite = {one:.2f}x, "
-                                   f"target >= {SYNC_1_TARGET:g}x"),
-            (two >= SYNC_2_TARGET, f"durable commits, 2 clients: ProtoBase/SQLite = {two:.2f}x, "
-                                   f"target >= {SYNC_2_TARGET:g}x"),
+            (
+                one >= SYNC_1_TARGET,
+                f"durable commits, 1 client: ProtoBase/SQLite = {one:.2f}x, target >= {SYNC_1_TARGET:g}x",
+            ),
+            (
+                two >= SYNC_2_TARGET,
+                f"durable commits, 2 clients: ProtoBase/SQLite = {two:.2f}x, target >= {SYNC_2_TARGET:g}x",
+            ),
             (fast >= ASYNC_TARGET, f"async/sync commits, 1 client = {fast:.2f}x, target >= {ASYNC_TARGET:g}x"),
         ]
         missed += [text for ok, text in checks if not ok]
         labels = {
-            "pb-sync-1": ('ProtoBase `durability="sync"`, 1 client', f"**{one:.2f}x** SQLite 1 "
-                          f"(target >= {SYNC_1_TARGET:g}x: {_verdict(one >= SYNC_1_TARGET)})"),
-            "pb-sync-2": ('ProtoBase `durability="sync"`, 2 clients (aggregate)', f"**{two:.2f}x** SQLite 2 "
-                          f"(target >= {SYNC_2_TARGET:g}x: {_verdict(two >= SYNC_2_TARGET)}); "
-                          f"{ratio('pb-sync-2', 'pb-sync-1'):.2f}x ProtoBase 1"),
+            "pb-sync-1": (
+                'ProtoBase `durability="sync"`, 1 client',
+                f"**{one:.2f}x** SQLite 1 (target >= {SYNC_1_TARGET:g}x: {_verdict(one >= SYNC_1_TARGET)})",
+            ),
+            "pb-sync-2": (
+                'ProtoBase `durability="sync"`, 2 clients (aggregate)',
+                f"**{two:.2f}x** SQLite 2 "
+                f"(target >= {SYNC_2_TARGET:g}x: {_verdict(two >= SYNC_2_TARGET)}); "
+                f"{ratio('pb-sync-2', 'pb-sync-1'):.2f}x ProtoBase 1",
+            ),
             "sqlite-1": ("SQLite WAL, `synchronous=FULL`, 1 process", "reference"),
-            "sqlite-2": ("SQLite WAL, `synchronous=FULL`, 2 processes (aggregate)",
-                         f"reference; {ratio('sqlite-2', 'sqlite-1'):.2f}x SQLite 1"),
-            "pb-async-1": ('ProtoBase `durability="async"`, 1 client', f"**{fast:.2f}x** ProtoBase sync 1 "
-                           f"(target >= {ASYNC_TARGET:g}x: {_verdict(fast >= ASYNC_TARGET)})"),
-            "raw-append": (f"raw loop: append {RAW_RECORD} B + `fdatasync` (as the WAL wrote until 2026-11-27)",
-
-                           f"floor; ProtoBase sync 1 = {ratio('pb-sync-1', 'raw-append'):.2f}x of it"),
-            "raw-overwrite": (f"raw loop: overwrite {RAW_RECORD} B in a preallocated file + `fdatasync` "
-                              f"(as the WAL writes)", f"{ratio('raw-overwrite', 'raw-append'):.2f}x the append loop"),
-            "raw-round-trip": ("raw loop: 1 byte to an echo process and back (Unix socket pair)",
-                               "floor of one process round trip"),
+            "sqlite-2": (
+                "SQLite WAL, `synchronous=FULL`, 2 processes (aggregate)",
+                f"reference; {ratio('sqlite-2', 'sqlite-1'):.2f}x SQLite 1",
+            ),
+            "pb-async-1": (
+                'ProtoBase `durability="async"`, 1 client',
+                f"**{fast:.2f}x** ProtoBase sync 1 (target >= {ASYNC_TARGET:g}x: {_verdict(fast >= ASYNC_TARGET)})",
+            ),
+            "raw-append": (
+                f"raw loop: append {RAW_RECORD} B + `fdatasync` (as the WAL wrote until 2026-11-27)",
+                f"floor; ProtoBase sync 1 = {ratio('pb-sync-1', 'raw-append'):.2f}x of it",
+            ),
+            "raw-overwrite": (
+                f"raw loop: overwrite {RAW_RECORD} B in a preallocated file + `fdatasync` (as the WAL writes)",
+                f"{ratio('raw-overwrite', 'raw-append'):.2f}x the append loop",
+            ),
+            "raw-round-trip": (
+                "raw loop: 1 byte to an echo process and back (Unix socket pair)",
+                "floor of one process round trip",
+            ),
         }
 
         lines += [
             f"### Single-key commits ({commits['repeats']} interleaved repeats of {commits['seconds']:g} s "
             "per configuration, each client in its own process)",
             "",
-            "Loop: `with db.transaction() as tx: tx.root[\"counters\"][key] = i` (1,000 keys, disjoint per client); "
+            'Loop: `with db.transaction() as tx: tx.root["counters"][key] = i` (1,000 keys, disjoint per client); '
             "SQLite: `INSERT OR REPLACE INTO counters(k, v) VALUES (?, ?)` in autocommit.",
             "",
             "| configuration | commits/s (median) | ratio (median of per-repeat ratios) | latency p50 | p99 |",
@@ -698,30 +774,40 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
         ]
         for name, (label, note) in labels.items():
             latencies = [latency for r in rounds[name] for latency in r["latencies"]]
-            lines.append(f"| {label} | {median(rate[name]):,.0f} | {note} | {_ms(percentile(latencies, 0.5))} | "
-                         f"{_ms(percentile(latencies, 0.99))} |")
+            lines.append(
+                f"| {label} | {median(rate[name]):,.0f} | {note} | {_ms(percentile(latencies, 0.5))} | "
+                f"{_ms(percentile(latencies, 0.99))} |"
+            )
         # What the process design costs before any Python work: two round trips and one fsync.
         round_trip, fsync = 1 / median(rate["raw-round-trip"]), 1 / median(rate["raw-overwrite"])
         floor = 2 * round_trip + fsync
-        lines += ["", f"Floor of this design on this machine: a sync commit crosses processes twice "
-                  f"(client -> coordinator -> client, coordinator -> persistence -> coordinator) around one "
-                  f"write + `fdatasync` into the preallocated WAL: "
-                  f"2 x {round_trip * 1e3:.3f} + {fsync * 1e3:.3f} = {floor * 1e3:.3f} ms, "
-
-                  f"at most {1 / floor:,.0f} commits/s for one client, "
-                  f"{1 / floor / median(rate['sqlite-1']):.2f}x SQLite 1, before any Python work; "
-                  f"an async commit's floor is one round trip ({1 / round_trip:,.0f}/s), "
-                  f"{(1 / round_trip) / (1 / floor):.1f}x the sync floor."]
+        lines += [
+            "",
+            f"Floor of this design on this machine: a sync commit crosses processes twice "
+            f"(client -> coordinator -> client, coordinator -> persistence -> coordinator) around one "
+            f"write + `fdatasync` into the preallocated WAL: "
+            f"2 x {round_trip * 1e3:.3f} + {fsync * 1e3:.3f} = {floor * 1e3:.3f} ms, "
+            f"at most {1 / floor:,.0f} commits/s for one client, "
+            f"{1 / floor / median(rate['sqlite-1']):.2f}x SQLite 1, before any Python work; "
+            f"an async commit's floor is one round trip ({1 / round_trip:,.0f}/s), "
+            f"{(1 / round_trip) / (1 / floor):.1f}x the sync floor.",
+        ]
         conflicts = sum(r["conflicts"] for results in rounds.values() for r in results)
 
         groups = {name: [r["group"] for r in results if "group" in r] for name, results in rounds.items()}
-        lines += ["", "Per-repeat commits/s: " + "; ".join(
-            f"{name} " + ", ".join(f"{x:,.0f}" for x in rate[name]) for name in rounds) + ".  ",
+        lines += [
+            "",
+            "Per-repeat commits/s: "
+            + "; ".join(f"{name} " + ", ".join(f"{x:,.0f}" for x in rate[name]) for name in rounds)
+            + ".  ",
             "ProtoBase commits per WAL write (the persistence process writes each drained batch with one "
             "write(2), counted in /proc/PID/io; for sync commits one batch = one fdatasync), median: "
-            + ", ".join(f"{name} {median(values):.2f}" for name, values in groups.items() if values) + ".  ",
+            + ", ".join(f"{name} {median(values):.2f}" for name, values in groups.items() if values)
+            + ".  ",
             f"During the timed rounds: {commits['checkpoints']} checkpoints, {commits['compactions']} compactions, "
-            f"{conflicts} conflicts or busy errors.", ""]
+            f"{conflicts} conflicts or busy errors.",
+            "",
+        ]
     if recovery:
         empty, clean, crash = (median(recovery[name]) for name in ("empty", "clean", "crash"))
         mib = recovery["checkpoint_bytes"] / (1 << 20)
@@ -730,7 +816,7 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
             f"transactions of {recovery['batch']:,}; median of {len(recovery['clean'])} repeats)",
             "",
             "Time of `protobase.open(path)` until the first snapshot read "
-            "(`snap.root[\"users\"][key][\"score\"]`) returns, the coordinator and its persistence process "
+            '(`snap.root["users"][key]["score"]`) returns, the coordinator and its persistence process '
             "started by that open.",
             "",
             "| case | open to first read | minus empty open | what it loads |",
@@ -758,8 +844,10 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
         ]
         for keys in (1, 10):
             pb, sq = wal_bytes[f"protobase-{keys}"], wal_bytes[f"sqlite-{keys}"]
-            lines.append(f"| {keys} key{'s' if keys > 1 else ''} | {pb['file']:,.1f} B | {pb['payload']:,.1f} B | "
-                         f"{sq['file']:,.0f} B | {pb['file'] / sq['file']:.3f}x |")
+            lines.append(
+                f"| {keys} key{'s' if keys > 1 else ''} | {pb['file']:,.1f} B | {pb['payload']:,.1f} B | "
+                f"{sq['file']:,.0f} B | {pb['file'] / sq['file']:.3f}x |"
+            )
         lines.append("")
     lines.append("Targets missed in this run: " + ("; ".join(missed) if missed else "none") + ".")
     return "\n".join(lines) + "\n", missed
@@ -767,12 +855,24 @@ def report(command: str, info: dict, commits: dict | None, recovery: dict | None
 
 # -- entry point ---------------------------------------------------------------------------------------
 
-def run(*, records: int, seconds: float, repeats: int, recovery_repeats: int, crash_commits: int,
-        wal_commits: int, batch: int, parts: set[str], command: str, doc: str | None, show_profile: bool) -> int:
+
+def run(
+    *,
+    records: int,
+    seconds: float,
+    repeats: int,
+    recovery_repeats: int,
+    crash_commits: int,
+    wal_commits: int,
+    batch: int,
+    parts: set[str],
+    command: str,
+    doc: str | None,
+    show_profile: bool,
+) -> int:
     info = machine()
     info["filesystem"] = filesystem_of("/tmp")
-    print(f"durability benchmark: {info['nproc']} CPUs, /tmp on {info['filesystem']}, load {info['load']}",
-          flush=True)
+    print(f"durability benchmark: {info['nproc']} CPUs, /tmp on {info['filesystem']}, load {info['load']}", flush=True)
     commits = recovery = wal_bytes = None
     profiles = {}
     with temporary_directory() as tmp:
@@ -791,8 +891,10 @@ def run(*, records: int, seconds: float, repeats: int, recovery_repeats: int, cr
                 print(f"profiling {mode} commits ...", flush=True)
                 profiles[mode] = profile_commits(tmp, mode, seconds)
     leaked = leaked_shared_memory()
-    text += (f"\nLeft in /dev/shm by the {len(INSTANCES)} coordinators of this run: "
-             f"{', '.join(leaked) if leaked else 'nothing'}.\n")
+    text += (
+        f"\nLeft in /dev/shm by the {len(INSTANCES)} coordinators of this run: "
+        f"{', '.join(leaked) if leaked else 'nothing'}.\n"
+    )
     print()
     print(text)
     for mode, profile in profiles.items():
@@ -817,25 +919,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one commit round")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of every commit configuration")
     parser.add_argument("--recovery-repeats", type=int, default=3, help="repeats of each recovery case")
-    parser.add_argument("--crash-commits", type=int, default=1000,
-                        help="async 10-key commits (then one sync commit) only in the WAL at the crash")
+    parser.add_argument(
+        "--crash-commits",
+        type=int,
+        default=1000,
+        help="async 10-key commits (then one sync commit) only in the WAL at the crash",
+    )
     parser.add_argument("--batch", type=int, default=BATCH, help="records per loading transaction")
     parser.add_argument("--wal-commits", type=int, default=1000, help="commits of each kind for WAL bytes")
     parser.add_argument("--parts", default="commits,wal,recovery", help="comma-separated: commits, wal, recovery")
     parser.add_argument("--doc", default=DOC, help="markdown file to write the results into")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile a client and the coordinator even when the targets are met")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile a client and the coordinator even when the targets are met"
+    )
     args = parser.parse_args(argv)
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
     unknown = parts - {"commits", "wal", "recovery"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose among commits, wal, recovery")
     command = shlex.join(["python", "-m", "benchmarks.durability", *argv])
-    return run(records=args.records, seconds=args.seconds, repeats=args.repeats,
-               recovery_repeats=args.recovery_repeats, crash_commits=args.crash_commits,
-               wal_commits=args.wal_commits, batch=args.batch, parts=parts, command=command,
-               doc=None if args.no_doc else args.doc, show_profile=args.profile)
+    return run(
+        records=args.records,
+        seconds=args.seconds,
+        repeats=args.repeats,
+        recovery_repeats=args.recovery_repeats,
+        crash_commits=args.crash_commits,
+        wal_commits=args.wal_commits,
+        batch=args.batch,
+        parts=parts,
+        command=command,
+        doc=None if args.no_doc else args.doc,
+        show_profile=args.profile,
+    )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,13 @@ def make_records(count: int, seed: int) -> dict[str, dict]:
     """{key: record}, reproducible for a seed."""
     rng = random.Random(seed)
     return {
-        f"user{i}": {"id": i, "name": f"user{i}", "city": rng.choice(CITIES), "score": rng.randint(0, MAX_SCORE),
-                     "tags": rng.sample(TAGS, 2)}
+        f"user{i}": {
+            "id": i,
+            "name": f"user{i}",
+            "city": rng.choice(CITIES),
+            "score": rng.randint(0, MAX_SCORE),
+            "tags": rng.sample(TAGS, 2),
+        }
         for i in range(count)
     }
 
@@ -121,7 +126,7 @@ def load_protobase(path: str, records: dict[str, dict]) -> protobase.Database:
                 tx.root["users"] = dict(items[:LOAD_BATCH])
             else:
                 users = tx.root["users"]
-                for key, value in items[start:start + LOAD_BATCH]:
+                for key, value in items[start : start + LOAD_BATCH]:
                     users[key] = value
     with db.transaction() as tx:
         tx.root["users"].create_index("city")
@@ -163,12 +168,14 @@ def load_sqlite(target: str, records: dict[str, dict]) -> None | sqlite3.Connect
     if target != ":memory:":
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("CREATE TABLE users (key TEXT PRIMARY KEY, id INTEGER, name TEXT, city TEXT, score INTEGER, "
-                 "tags TEXT)")
+    conn.execute(
+        "CREATE TABLE users (key TEXT PRIMARY KEY, id INTEGER, name TEXT, city TEXT, score INTEGER, tags TEXT)"
+    )
     with conn:
-        conn.executemany("INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
-                         ((key, r["id"], r["name"], r["city"], r["score"], json.dumps(r["tags"]))
-                          for key, r in records.items()))
+        conn.executemany(
+            "INSERT INTO users VALUES (?, ?, ?, ?, ?, ?)",
+            ((key, r["id"], r["name"], r["city"], r["score"], json.dumps(r["tags"])) for key, r in records.items()),
+        )
     conn.execute("CREATE INDEX users_city_score ON users (city, score)")
     conn.execute("ANALYZE")
     conn.commit()
@@ -287,10 +294,12 @@ def profile_query(users: Any, city: str, score: int, rounds: int) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(12)
-    lines = [line.rstrip() for line in out.getvalue().splitlines()
-             if line.strip() and "Ordered by" not in line and "List reduced" not in line]
-    return "\n".join(line.replace(os.path.dirname(os.path.dirname(protobase.__file__)) + "/", "")
-                     for line in lines)
+    lines = [
+        line.rstrip()
+        for line in out.getvalue().splitlines()
+        if line.strip() and "Ordered by" not in line and "List reduced" not in line
+    ]
+    return "\n".join(line.replace(os.path.dirname(os.path.dirname(protobase.__file__)) + "/", "") for line in lines)
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -312,8 +321,9 @@ def _check(results: dict[str, list[int]], pair: tuple[str, int]) -> None:
             raise AssertionError(f"{name} disagrees with ProtoBase on {pair}: {len(ids)} vs {len(reference)} records")
 
 
-def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, doc: str | None,
-        show_profile: bool) -> int:
+def run(
+    records: int, repeats: int, cold_repeats: int, seed: int, command: str, doc: str | None, show_profile: bool
+) -> int:
     info = machine()
     data = make_records(records, seed)
     base = tempfile.mkdtemp(prefix="protobase-queries-")
@@ -345,8 +355,7 @@ def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, 
         del data
 
         # cold: the first query on a freshly opened handle
-        cold: dict[str, dict[tuple, float]] = {"ProtoBase": {}, "SQLite file WAL (dicts)": {},
-                                                "ZODB": {}}
+        cold: dict[str, dict[tuple, float]] = {"ProtoBase": {}, "SQLite file WAL (dicts)": {}, "ZODB": {}}
         for pair in PAIRS:
             pb_cold, sqlite_cold, zodb_cold = [], [], []
             for _ in range(cold_repeats):
@@ -417,7 +426,7 @@ def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, 
         names = list(methods)
         gc.collect()
         for round_number in range(repeats):
-            order = names[round_number % len(names):] + names[:round_number % len(names)]  # rotate
+            order = names[round_number % len(names) :] + names[: round_number % len(names)]  # rotate
             for pair in PAIRS:
                 for name in order:
                     times[name][pair].append(timed_per_call(methods[name], pair))
@@ -434,9 +443,10 @@ def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, 
                 mine = warm[variant][pair]
                 short = "warm" if "same" in variant else "memo cleared"
                 for what, reference, target in (
-                        ("vs full scan", warm["ProtoBase full scan"][pair], SCAN_TARGET),
-                        ("vs SQLite dicts (faster of memory/file)", best_sqlite, SQLITE_TARGET),
-                        ("vs ZODB", warm["ZODB OOBTree values()"][pair], ZODB_TARGET)):
+                    ("vs full scan", warm["ProtoBase full scan"][pair], SCAN_TARGET),
+                    ("vs SQLite dicts (faster of memory/file)", best_sqlite, SQLITE_TARGET),
+                    ("vs ZODB", warm["ZODB OOBTree values()"][pair], ZODB_TARGET),
+                ):
                     ratio = reference / mine
                     verdicts.append((f"{short} {what}", pair, ratio, target, ratio >= target))
         missed = [v for v in verdicts if not v[4]]
@@ -447,8 +457,24 @@ def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, 
                 profile_text += f"cProfile of 20 warm queries (memo cleared), X={city!r}, Y={score}:\n"
                 profile_text += profile_query(users, city, score, 20) + "\n\n"
 
-        out.extend(_report(info, command, records, repeats, cold_repeats, seed, load_seconds, counts, warm, cold,
-                           plans, sqlite_plan(memory), verdicts, profile_text))
+        out.extend(
+            _report(
+                info,
+                command,
+                records,
+                repeats,
+                cold_repeats,
+                seed,
+                load_seconds,
+                counts,
+                warm,
+                cold,
+                plans,
+                sqlite_plan(memory),
+                verdicts,
+                profile_text,
+            )
+        )
     finally:
         for handle in databases:
             handle.close()
@@ -464,9 +490,22 @@ def run(records: int, repeats: int, cold_repeats: int, seed: int, command: str, 
     return 0
 
 
-def _report(info: dict, command: str, records: int, repeats: int, cold_repeats: int, seed: int,
-            load_seconds: dict[str, float], counts: dict[tuple, int], warm: dict, cold: dict, plans: dict,
-            sqlite_query_plan: str, verdicts: list, profile_text: str) -> list[str]:
+def _report(
+    info: dict,
+    command: str,
+    records: int,
+    repeats: int,
+    cold_repeats: int,
+    seed: int,
+    load_seconds: dict[str, float],
+    counts: dict[tuple, int],
+    warm: dict,
+    cold: dict,
+    plans: dict,
+    sqlite_query_plan: str,
+    verdicts: list,
+    profile_text: str,
+) -> list[str]:
     pair_names = [f"X={city}, Y={score} ({counts[(city, score)]:,} rows)" for city, score in PAIRS]
     out = [
         f"Command: `{command}`",
@@ -484,10 +523,18 @@ def _report(info: dict, command: str, records: int, repeats: int, cold_repeats: 
     for name, by_pair in warm.items():
         out.append(f"| {name} | " + " | ".join(_ms(by_pair[pair]) for pair in PAIRS) + " |")
     for name, by_pair in cold.items():
-        out.append(f"| cold: {name}, first query on a fresh handle | "
-                   + " | ".join(_ms(by_pair[pair]) for pair in PAIRS) + " |")
-    out += ["", "Targets (ratio = reference time / ProtoBase time):", "",
-            "| comparison | pair | ratio | target | met |", "|---|---|---:|---:|---|"]
+        out.append(
+            f"| cold: {name}, first query on a fresh handle | "
+            + " | ".join(_ms(by_pair[pair]) for pair in PAIRS)
+            + " |"
+        )
+    out += [
+        "",
+        "Targets (ratio = reference time / ProtoBase time):",
+        "",
+        "| comparison | pair | ratio | target | met |",
+        "|---|---|---:|---:|---|",
+    ]
     for what, (city, score), ratio, target, met in verdicts:
         out.append(f"| {what} | {city}, >{score} | {ratio:.2f}x | >= {target:g}x | {'yes' if met else '**NO**'} |")
     missed = [v for v in verdicts if not v[4]]
@@ -514,8 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the query even if targets are met")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.queries", *argv])
-    return run(records=args.records, repeats=args.repeats, cold_repeats=args.cold_repeats, seed=args.seed,
-               command=command, doc=None if args.no_doc else args.doc, show_profile=args.profile)
+    return run(
+        records=args.records,
+        repeats=args.repeats,
+        cold_repeats=args.cold_repeats,
+        seed=args.seed,
+        command=command,
+        doc=None if args.no_doc else args.doc,
+        show_profile=args.profile,
+    )
 
 
 if __name__ == "__main__":

@@ -50,10 +50,28 @@ SEED = 20240601
 ACCOUNTS, BALANCE = 100, 1000
 LATENCY_RATE_CAP = 500.0
 
-FULL = {"records": 100_000, "memory_records": 200_000, "seconds": 1.0, "repeats": 5, "warm_seconds": 4.0,
-        "commit_seconds": 2.0, "latency_seconds": 4.0, "transfer_seconds": 3.0, "query_seconds": 2.0}
-QUICK = {"records": 20_000, "memory_records": 20_000, "seconds": 0.4, "repeats": 3, "warm_seconds": 1.0,
-         "commit_seconds": 0.7, "latency_seconds": 1.0, "transfer_seconds": 1.0, "query_seconds": 0.5}
+FULL = {
+    "records": 100_000,
+    "memory_records": 200_000,
+    "seconds": 1.0,
+    "repeats": 5,
+    "warm_seconds": 4.0,
+    "commit_seconds": 2.0,
+    "latency_seconds": 4.0,
+    "transfer_seconds": 3.0,
+    "query_seconds": 2.0,
+}
+QUICK = {
+    "records": 20_000,
+    "memory_records": 20_000,
+    "seconds": 0.4,
+    "repeats": 3,
+    "warm_seconds": 1.0,
+    "commit_seconds": 0.7,
+    "latency_seconds": 1.0,
+    "transfer_seconds": 1.0,
+    "query_seconds": 0.5,
+}
 
 
 def _log(message: str) -> None:
@@ -77,6 +95,7 @@ def _attempt(results: dict, key: str, function: Any, *args: Any, **kwargs: Any) 
 
 # -- one store --------------------------------------------------------------------------------
 
+
 def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
     """W1-W5 on one store; returns {workload key: result or {"error"}}."""
     results: dict[str, Any] = {}
@@ -93,8 +112,13 @@ def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
         del records
         spec = store.spec()
         timeout = 600.0
-        read_args = {"records": cfg["records"], "seconds": cfg["seconds"], "repeats": cfg["repeats"],
-                     "warm_seconds": cfg["warm_seconds"], "seed": SEED}
+        read_args = {
+            "records": cfg["records"],
+            "seconds": cfg["seconds"],
+            "repeats": cfg["repeats"],
+            "warm_seconds": cfg["warm_seconds"],
+            "seed": SEED,
+        }
 
         def reads(processes: int) -> dict:
             out = run_workers(ref, spec, "relaxed", "reads", processes, timeout, **read_args)
@@ -111,10 +135,14 @@ def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
         _log(f"{store.name}: W5 query")
 
         def query() -> dict:
-            (out,) = run_workers(ref, spec, "relaxed", "query", 1, timeout, repeats=cfg["repeats"],
-                                 seconds=cfg["query_seconds"])
-            return {"seconds": sum(median(t) for t in out["times"].values()), "ids": out["ids"],
-                    "matches": sum(len(ids) for ids in out["ids"].values())}
+            (out,) = run_workers(
+                ref, spec, "relaxed", "query", 1, timeout, repeats=cfg["repeats"], seconds=cfg["query_seconds"]
+            )
+            return {
+                "seconds": sum(median(t) for t in out["times"].values()),
+                "ids": out["ids"],
+                "matches": sum(len(ids) for ids in out["ids"].values()),
+            }
 
         _attempt(results, "W5", query)
 
@@ -122,9 +150,14 @@ def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
             store.set_mode(mode)
             out = run_workers(ref, spec, mode, "commits", clients, timeout, seconds=seconds, rate=rate)
             lat = [x for o in out for x in o["latencies"]]
-            return {"rate": sum(o["commits"] / o["seconds"] for o in out), "latencies": lat,
-                    "p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "p999": percentile(lat, 0.999),
-                    "paced": rate}
+            return {
+                "rate": sum(o["commits"] / o["seconds"] for o in out),
+                "latencies": lat,
+                "p50": percentile(lat, 0.5),
+                "p99": percentile(lat, 0.99),
+                "p999": percentile(lat, 0.999),
+                "paced": rate,
+            }
 
         for mode in store.modes:
             for clients in (1, 2) if store.processes else (1,):
@@ -142,16 +175,30 @@ def bench_store(ref: tuple[str, str], cls: Any, tmp: str, cfg: dict) -> dict:
 
             def transfers() -> dict:
                 store.set_mode(mode)
-                out = run_workers(ref, spec, mode, "transfers", 2, timeout, seconds=cfg["transfer_seconds"],
-                                  accounts=ACCOUNTS, seed=SEED)
+                out = run_workers(
+                    ref,
+                    spec,
+                    mode,
+                    "transfers",
+                    2,
+                    timeout,
+                    seconds=cfg["transfer_seconds"],
+                    accounts=ACCOUNTS,
+                    seed=SEED,
+                )
                 checker = cls.connect(spec, mode)
                 try:
                     total = checker.total(ACCOUNTS)
                 finally:
                     checker.close()
-                return {"rate": sum(o["commits"] / o["seconds"] for o in out), "mode": mode,
-                        "commits": sum(o["commits"] for o in out), "retries": sum(o["retries"] for o in out),
-                        "total": total, "expected": ACCOUNTS * BALANCE}
+                return {
+                    "rate": sum(o["commits"] / o["seconds"] for o in out),
+                    "mode": mode,
+                    "commits": sum(o["commits"] for o in out),
+                    "retries": sum(o["retries"] for o in out),
+                    "total": total,
+                    "expected": ACCOUNTS * BALANCE,
+                }
 
             _attempt(results, "W4", transfers)
     finally:
@@ -177,12 +224,18 @@ def bench_memory(ref: tuple[str, str], cls: Any, tmp: str, records_count: int) -
         (reader,) = run_workers(ref, store.spec(), "relaxed", "memory", 1, 1800.0, records=records_count)
     finally:
         store.stop()
-    return {"load_seconds": load_seconds, "held": info.get("shared"), "server_uss": server_uss,
-            "reader_growth": reader["uss_after"] - reader["uss_before"], "reader_seconds": reader["seconds"],
-            "disk": info.get("disk")}
+    return {
+        "load_seconds": load_seconds,
+        "held": info.get("shared"),
+        "server_uss": server_uss,
+        "reader_growth": reader["uss_after"] - reader["uss_before"],
+        "reader_seconds": reader["seconds"],
+        "disk": info.get("disk"),
+    }
 
 
 # -- the report ---------------------------------------------------------------------------------
+
 
 def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:,.2f}"
@@ -206,8 +259,17 @@ def _cell(result: Any, field: str, reference: Any, fmt: Any = _num, lower_is_bet
     return text
 
 
-def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, skipped: dict, cleanup: list,
-           filesystem: str, elapsed: float) -> str:
+def report(
+    command: str,
+    info: dict,
+    cfg: dict,
+    results: dict,
+    memory: dict,
+    skipped: dict,
+    cleanup: list,
+    filesystem: str,
+    elapsed: float,
+) -> str:
     pb = results.get("ProtoBase", {})
     pbm = memory.get("ProtoBase")
     ran = [name for name in results]
@@ -222,23 +284,45 @@ def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, ski
     ]
     if skipped:
         lines += ["**Skipped:** " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()), ""]
-    lines += ["### W1, W2: warm random point reads (ops/s, aggregate over reader processes)", "",
-              "| store | how | 1 reader | 2 readers | 4 readers |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "### W1, W2: warm random point reads (ops/s, aggregate over reader processes)",
+        "",
+        "| store | how | 1 reader | 2 readers | 4 readers |",
+        "|---|---|---:|---:|---:|",
+    ]
     for name in ran:
         r = results[name]
-        lines.append(f"| {name} | {r['_method']} | " + " | ".join(
-            _cell(r.get(k), "rate", pb.get(k)) for k in ("W1", "W2x2", "W2x4")) + " |")
-    lines += ["", "### W3: single-key commits (commits/s, aggregate over client processes)", "",
-              "| store | durable, 1 client | durable, 2 clients | relaxed, 1 client | relaxed, 2 clients |",
-              "|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {r['_method']} | "
+            + " | ".join(_cell(r.get(k), "rate", pb.get(k)) for k in ("W1", "W2x2", "W2x4"))
+            + " |"
+        )
+    lines += [
+        "",
+        "### W3: single-key commits (commits/s, aggregate over client processes)",
+        "",
+        "| store | durable, 1 client | durable, 2 clients | relaxed, 1 client | relaxed, 2 clients |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in ran:
         r = results[name]
-        lines.append(f"| {name} | " + " | ".join(
-            _cell(r.get(f"W3 {m} x{c}"), "rate", pb.get(f"W3 {m} x{c}")) for m in ("durable", "relaxed")
-            for c in (1, 2)) + " |")
-    lines += ["", "### Commit latency under a steady load (one client paced at half its closed-loop rate, "
-              f"at most {LATENCY_RATE_CAP:.0f}/s)", "",
-              "| store | mode | paced at | p50 | p99 | p99.9 | commits |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(
+                _cell(r.get(f"W3 {m} x{c}"), "rate", pb.get(f"W3 {m} x{c}"))
+                for m in ("durable", "relaxed")
+                for c in (1, 2)
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "### Commit latency under a steady load (one client paced at half its closed-loop rate, "
+        f"at most {LATENCY_RATE_CAP:.0f}/s)",
+        "",
+        "| store | mode | paced at | p50 | p99 | p99.9 | commits |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name in ran:
         for mode in ("durable", "relaxed"):
             r = results[name].get(f"LAT {mode}")
@@ -254,11 +338,16 @@ def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, ski
                 if ref.get(q):
                     text += f" ({r[q] / ref[q]:.2f}x)"
                 cells.append(text)
-            lines.append(f"| {name} | {mode} | {r['paced']:,.0f}/s | " + " | ".join(cells)
-                         + f" | {len(r['latencies']):,} |")
-    lines += ["", f"### W4: transfers between {ACCOUNTS} accounts from 2 processes (read 2 keys, write 2)", "",
-              "| store | mode | commits/s | retries | retries per commit | invariant (total balance) |",
-              "|---|---|---:|---:|---:|---|"]
+            lines.append(
+                f"| {name} | {mode} | {r['paced']:,.0f}/s | " + " | ".join(cells) + f" | {len(r['latencies']):,} |"
+            )
+    lines += [
+        "",
+        f"### W4: transfers between {ACCOUNTS} accounts from 2 processes (read 2 keys, write 2)",
+        "",
+        "| store | mode | commits/s | retries | retries per commit | invariant (total balance) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for name in ran:
         r = results[name].get("W4")
         if not r:
@@ -267,11 +356,17 @@ def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, ski
             lines.append(f"| {name} | | failed: {r['error']} | | | |")
             continue
         ok = "held" if r["total"] == r["expected"] else f"**BROKEN: {r['total']:,} != {r['expected']:,}**"
-        lines.append(f"| {name} | {r['mode']} | {_cell(r, 'rate', pb.get('W4'))} | {r['retries']:,} | "
-                     f"{r['retries'] / max(1, r['commits']):.3f} | {ok} ({r['total']:,}) |")
-    lines += ["", "### W5: `city == X and score > Y`, three (X, Y) pairs, records returned as Python objects", "",
-              "| store | method | time for the 3 queries | matches | same records as ProtoBase |",
-              "|---|---|---:|---:|---|"]
+        lines.append(
+            f"| {name} | {r['mode']} | {_cell(r, 'rate', pb.get('W4'))} | {r['retries']:,} | "
+            f"{r['retries'] / max(1, r['commits']):.3f} | {ok} ({r['total']:,}) |"
+        )
+    lines += [
+        "",
+        "### W5: `city == X and score > Y`, three (X, Y) pairs, records returned as Python objects",
+        "",
+        "| store | method | time for the 3 queries | matches | same records as ProtoBase |",
+        "|---|---|---:|---:|---|",
+    ]
     reference_ids = (pb.get("W5") or {}).get("ids")
     for name in ran:
         r = results[name]
@@ -282,13 +377,19 @@ def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, ski
             lines.append(f"| {name} | {r['_query']} | failed: {w5['error']} | | |")
             continue
         same = "n/a" if reference_ids is None else "yes" if w5["ids"] == reference_ids else "**no**"
-        lines.append(f"| {name} | {r['_query']} | "
-                     f"{_cell(w5, 'seconds', pb.get('W5'), lambda s: f'{s * 1000:,.2f} ms')} | "
-                     f"{w5['matches']:,} | {same} |")
-    lines += ["", f"### W6: memory and load time, {cfg['memory_records']:,} records", "",
-              "| store | load time | held by the store (shared memory / server data) | server USS | "
-              "one more reader: USS growth | its read of every record | disk |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {r['_query']} | "
+            f"{_cell(w5, 'seconds', pb.get('W5'), lambda s: f'{s * 1000:,.2f} ms')} | "
+            f"{w5['matches']:,} | {same} |"
+        )
+    lines += [
+        "",
+        f"### W6: memory and load time, {cfg['memory_records']:,} records",
+        "",
+        "| store | load time | held by the store (shared memory / server data) | server USS | "
+        "one more reader: USS growth | its read of every record | disk |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in memory.items():
         if "error" in m:
             lines.append(f"| {name} | failed: {m['error']} | | | | | |")
@@ -302,11 +403,19 @@ def report(command: str, info: dict, cfg: dict, results: dict, memory: dict, ski
                 text += f" ({m[field] / pbm[field]:.2f}x)"
             return text
 
-        lines.append(f"| {name} | {ratio('load_seconds')} | {ratio('held')} | {ratio('server_uss')} | "
-                     f"{ratio('reader_growth')} | {m['reader_seconds']:.1f} s | {ratio('disk')} |")
-    lines += ["", "Cleanup after the run: " + ("; ".join(cleanup) if cleanup else
-                                                 "every server, worker, shared memory segment and temporary "
-                                                 "directory the suite started was gone.")]
+        lines.append(
+            f"| {name} | {ratio('load_seconds')} | {ratio('held')} | {ratio('server_uss')} | "
+            f"{ratio('reader_growth')} | {m['reader_seconds']:.1f} s | {ratio('disk')} |"
+        )
+    lines += [
+        "",
+        "Cleanup after the run: "
+        + (
+            "; ".join(cleanup)
+            if cleanup
+            else "every server, worker, shared memory segment and temporary directory the suite started was gone."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -321,9 +430,13 @@ def plots(results: dict, memory: dict) -> list[str]:
         return []
     os.makedirs(IMG, exist_ok=True)
     written = []
-    panels = [("W1 reads/s, 1 reader", "W1"), ("W3 durable commits/s, 1 client", "W3 durable x1"),
-              ("W3 relaxed commits/s, 1 client", "W3 relaxed x1"), ("W4 transfers/s, 2 processes", "W4"),
-              ("W5 queries/s (3-query rounds)", "W5")]
+    panels = [
+        ("W1 reads/s, 1 reader", "W1"),
+        ("W3 durable commits/s, 1 client", "W3 durable x1"),
+        ("W3 relaxed commits/s, 1 client", "W3 relaxed x1"),
+        ("W4 transfers/s, 2 processes", "W4"),
+        ("W5 queries/s (3-query rounds)", "W5"),
+    ]
     figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)))
     for axis, (title, key) in zip(axes, panels):
         names, values = [], []
@@ -345,8 +458,9 @@ def plots(results: dict, memory: dict) -> list[str]:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
-        points = [(n, r[k]["rate"]) for n, k in ((1, "W1"), (2, "W2x2"), (4, "W2x4"))
-                  if r.get(k) and "error" not in r[k]]
+        points = [
+            (n, r[k]["rate"]) for n, k in ((1, "W1"), (2, "W2x2"), (4, "W2x4")) if r.get(k) and "error" not in r[k]
+        ]
         if len(points) > 1:
             axis.plot(*zip(*points), marker="o", label=name, linewidth=3 if name == "ProtoBase" else 1)
     axis.set_xlabel("reader processes (2 CPUs)")
@@ -365,6 +479,7 @@ def plots(results: dict, memory: dict) -> list[str]:
 
 # -- the run ----------------------------------------------------------------------------------
 
+
 def _own_shm_entries() -> list[str]:
     from .adapters.msgpack_shm import PREFIX
 
@@ -378,8 +493,10 @@ def run(*, cfg: dict, only: list[str] | None, command: str, doc: str | None, mem
     results: dict[str, dict] = {}
     mem: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    _log(f"{len(STORES)} stores, {cfg['records']:,} records (W6: {cfg['memory_records']:,}); "
-         f"{info['nproc']} CPUs, load {info['load']}")
+    _log(
+        f"{len(STORES)} stores, {cfg['records']:,} records (W6: {cfg['memory_records']:,}); "
+        f"{info['nproc']} CPUs, load {info['load']}"
+    )
     with temporary_directory("protobase-suite-") as tmp:
         os.chmod(tmp, 0o700)
         filesystem = filesystem_of(tmp)

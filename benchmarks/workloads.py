@@ -24,8 +24,9 @@ EXIT_TIMEOUT = 60.0
 CHUNK = 500  # operations between two looks at the clock
 
 
-def _reads(client: Any, start: Any, records: int, seconds: float, repeats: int, warm_seconds: float,
-           seed: int, **_: Any) -> dict:
+def _reads(
+    client: Any, start: Any, records: int, seconds: float, repeats: int, warm_seconds: float, seed: int, **_: Any
+) -> dict:
     """Warm random point reads: `repeats` passes of `seconds` each; ops/s of each pass."""
     rng = random.Random(seed)
     sample = [f"user{rng.randrange(records)}" for _ in range(max(records, CHUNK))]
@@ -51,7 +52,7 @@ def _reads(client: Any, start: Any, records: int, seconds: float, repeats: int, 
             end = began + seconds
             now = began
             while now < end:
-                for key in sample[position:position + CHUNK]:
+                for key in sample[position : position + CHUNK]:
                     get(key)
                 done += CHUNK
                 position = (position + CHUNK) % (len(sample) - CHUNK + 1)
@@ -81,16 +82,16 @@ def _commits(client: Any, start: Any, client_id: int, seconds: float, rate: floa
             if due > now:
                 time.sleep(due - now)
         started = clock()
-        retries += put(f"w3-{client_id}-{i % 1000}", {"id": -1, "name": "w3", "city": "w3", "score": i % 1000,
-                                                       "tags": []})
+        retries += put(
+            f"w3-{client_id}-{i % 1000}", {"id": -1, "name": "w3", "city": "w3", "score": i % 1000, "tags": []}
+        )
         now = clock()
         latencies.append(now - started)
         i += 1
     yield {"commits": i, "seconds": now - began, "latencies": latencies, "retries": retries}
 
 
-def _transfers(client: Any, start: Any, client_id: int, seconds: float, accounts: int, seed: int,
-               **_: Any) -> dict:
+def _transfers(client: Any, start: Any, client_id: int, seconds: float, accounts: int, seed: int, **_: Any) -> dict:
     """Transfers between random accounts for `seconds`: commits and the retries they needed."""
     rng = random.Random(seed + client_id)
     transfer = client.transfer
@@ -142,8 +143,9 @@ TASKS = {"reads": _reads, "commits": _commits, "transfers": _transfers, "query":
 
 
 @released_worker
-def _worker(conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str, task: str, client_id: int,
-            kwargs: dict) -> Any:
+def _worker(
+    conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str, task: str, client_id: int, kwargs: dict
+) -> Any:
     from protobase.client.stats import process_uss
 
     gc.collect()
@@ -160,10 +162,15 @@ def _worker(conn: Any, start: Any, store: tuple[str, str], spec: dict, mode: str
     return result
 
 
-def run_workers(store: tuple[str, str], spec: dict, mode: str, task: str, processes: int, timeout: float,
-                **kwargs: Any) -> list[dict]:
+def run_workers(
+    store: tuple[str, str], spec: dict, mode: str, task: str, processes: int, timeout: float, **kwargs: Any
+) -> list[dict]:
     """Run `task` in `processes` spawned workers released together; their results. Always joins them."""
     return run_released_together(
-        _worker, [(store, spec, mode, task, client_id, kwargs) for client_id in range(processes)],
-        [f"suite-{store[1]}-{task}-{client_id}" for client_id in range(processes)], READY_TIMEOUT, timeout,
-        EXIT_TIMEOUT)
+        _worker,
+        [(store, spec, mode, task, client_id, kwargs) for client_id in range(processes)],
+        [f"suite-{store[1]}-{task}-{client_id}" for client_id in range(processes)],
+        READY_TIMEOUT,
+        timeout,
+        EXIT_TIMEOUT,
+    )

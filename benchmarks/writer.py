@@ -50,7 +50,12 @@ def inserts(db, coordinator: psutil.Process, mode: str, seconds: float) -> dict[
     while time.perf_counter() < deadline:
         with db.transaction(durability=mode) as tx:
             tx.root["users"][f"w3-{mode}-{began}-{commits}"] = {
-                "id": -1, "name": "w3", "city": "w3", "score": commits, "tags": []}
+                "id": -1,
+                "name": "w3",
+                "city": "w3",
+                "score": commits,
+                "tags": [],
+            }
         commits += 1
     elapsed = time.perf_counter() - began
     after_cpu, after = coordinator.cpu_times(), db.stats()
@@ -61,8 +66,10 @@ def inserts(db, coordinator: psutil.Process, mode: str, seconds: float) -> dict[
 def run(records: int, seconds: float, repeats: int) -> None:
     encoding = leaf_encoding()
     memo = f"{encoding['memo'] * 1e3:.3f} ms" if "memo" in encoding else "n/a"
-    print(f"index leaf of 64 composite entries: encode {encoding['encode'] * 1e3:.3f} ms, "
-          f"KeyMemo after a first write {memo}")
+    print(
+        f"index leaf of 64 composite entries: encode {encoding['encode'] * 1e3:.3f} ms, "
+        f"KeyMemo after a first write {memo}"
+    )
     with temporary_directory("protobase-writer-") as tmp:
         db = load_protobase(f"{tmp}/db", make_records(records, 1))
         try:
@@ -72,14 +79,18 @@ def run(records: int, seconds: float, repeats: int) -> None:
                 db.compact()
                 pauses.append(time.perf_counter() - started)
             stats = db.stats()
-            print(f"compaction of {records:,} indexed records ({stats.live_bytes / 2**20:.1f} MiB live): "
-                  f"median {median(pauses):.2f} s of {repeats}")
+            print(
+                f"compaction of {records:,} indexed records ({stats.live_bytes / 2**20:.1f} MiB live): "
+                f"median {median(pauses):.2f} s of {repeats}"
+            )
             coordinator = psutil.Process(db.coordinator_pid)
             for mode in ("async", "sync"):
                 rounds = [inserts(db, coordinator, mode, seconds) for _ in range(repeats)]
-                print(f"inserts, {mode}: {median([r['rate'] for r in rounds]):,.0f} commits/s, coordinator CPU "
-                      f"{median([r['cpu'] for r in rounds]) * 1e6:,.0f} us per commit (median of {repeats} rounds "
-                      f"of {seconds:g} s; compactions during them: {sum(r['compactions'] for r in rounds)})")
+                print(
+                    f"inserts, {mode}: {median([r['rate'] for r in rounds]):,.0f} commits/s, coordinator CPU "
+                    f"{median([r['cpu'] for r in rounds]) * 1e6:,.0f} us per commit (median of {repeats} rounds "
+                    f"of {seconds:g} s; compactions during them: {sum(r['compactions'] for r in rounds)})"
+                )
         finally:
             close_and_wait(db)  # the coordinator gone before its directory is removed
 

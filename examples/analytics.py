@@ -109,8 +109,9 @@ def run(path: str, orders: int, processes: int, seed: int = 1) -> dict:
         began = time.perf_counter()
         load_orders(db, orders, seed)
         loaded = time.perf_counter() - began
-        writer = context.Process(target=writer_main, args=(path, seed + 1, started, stop, written),
-                                 name="analytics-writer")
+        writer = context.Process(
+            target=writer_main, args=(path, seed + 1, started, stop, written), name="analytics-writer"
+        )
         writer.start()
         try:
             if not started.wait(START_TIMEOUT):
@@ -128,10 +129,19 @@ def run(path: str, orders: int, processes: int, seed: int = 1) -> dict:
             latest_seq = latest.seq
             latest_orders = sum(len(shard) for shard in latest.root["orders"].values())
     *per_shard, (single_seq, single) = results
-    return {"seqs": {seq for seq, _ in results}, "seq": single_seq, "parallel": merge([t for _, t in per_shard]),
-            "single": single, "latest_seq": latest_seq, "latest_orders": latest_orders,
-            "writer_orders_during": during, "writer_orders": written.value, "writer_exit": writer.exitcode,
-            "load_seconds": loaded, "compute_seconds": computed}
+    return {
+        "seqs": {seq for seq, _ in results},
+        "seq": single_seq,
+        "parallel": merge([t for _, t in per_shard]),
+        "single": single,
+        "latest_seq": latest_seq,
+        "latest_orders": latest_orders,
+        "writer_orders_during": during,
+        "writer_orders": written.value,
+        "writer_exit": writer.exitcode,
+        "load_seconds": loaded,
+        "compute_seconds": computed,
+    }
 
 
 def report(result: dict, processes: int) -> bool:
@@ -142,10 +152,14 @@ def report(result: dict, processes: int) -> bool:
     for city in sorted(parallel, key=lambda name: -parallel[name][1]):
         count, amount = parallel[city]
         print(f"{city:<10} {count:>8} {amount / 100:>14,.2f}")
-    print(f"snapshot seq {result['seq']}: {snapshot_orders} orders, computed by {processes} processes "
-          f"in {result['compute_seconds']:.2f}s (loading took {result['load_seconds']:.2f}s)")
-    print(f"meanwhile the writer committed {result['writer_orders_during']} orders; at the end: "
-          f"seq {result['latest_seq']}, {result['latest_orders']} orders")
+    print(
+        f"snapshot seq {result['seq']}: {snapshot_orders} orders, computed by {processes} processes "
+        f"in {result['compute_seconds']:.2f}s (loading took {result['load_seconds']:.2f}s)"
+    )
+    print(
+        f"meanwhile the writer committed {result['writer_orders_during']} orders; at the end: "
+        f"seq {result['latest_seq']}, {result['latest_orders']} orders"
+    )
     checks = {
         "every task read the same snapshot": len(result["seqs"]) == 1,
         "parallel totals equal a single pass over that snapshot": parallel == single,

@@ -82,8 +82,11 @@ def _open_from_environment() -> protobase.Database:
     path = os.environ.get("PROTOBASE_PATH")
     if not path:
         raise RuntimeError("set PROTOBASE_PATH to the shop's data directory, e.g. PROTOBASE_PATH=/tmp/shop")
-    db = protobase.open(path, durability=os.environ.get("PROTOBASE_DURABILITY", "sync"),
-                        shutdown_grace=float(os.environ.get("PROTOBASE_SHUTDOWN_GRACE", "2")))
+    db = protobase.open(
+        path,
+        durability=os.environ.get("PROTOBASE_DURABILITY", "sync"),
+        shutdown_grace=float(os.environ.get("PROTOBASE_SHUTDOWN_GRACE", "2")),
+    )
     try:
         ensure_schema(db)
     except BaseException:
@@ -162,8 +165,14 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
     except protobase.ConflictError as error:
         status, body = "503 Service Unavailable", {"error": f"too much contention, try again: {error}"}
     payload = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
-                            ("X-Worker-Pid", str(os.getpid()))])
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("X-Worker-Pid", str(os.getpid())),
+        ],
+    )
     return [payload]
 
 

@@ -58,8 +58,10 @@ def producer_name(index: int) -> str:
 
 def make_batch(rng: random.Random, devices: int, size: int) -> list[list]:
     now = time.time()
-    return [[f"dev{rng.randrange(devices):03}", metric, round(rng.gauss(50, 15), 3), now]
-            for metric in rng.choices(METRICS, k=size)]
+    return [
+        [f"dev{rng.randrange(devices):03}", metric, round(rng.gauss(50, 15), 3), now]
+        for metric in rng.choices(METRICS, k=size)
+    ]
 
 
 def producer_main(path: str, index: int, seconds: float, batch: int, devices: int, go: Any, results: Any) -> None:
@@ -111,9 +113,10 @@ def consume_round(db: protobase.Database, cursors: dict, aggregates: dict) -> in
             cursors[name] = number
     if read:
         with db.transaction() as tx:  # only the consumer writes these: no conflict to retry
-            tx.root["aggregates"] = {device: {metric: dict(stats, mean=stats["sum"] / stats["count"])
-                                              for metric, stats in metrics.items()}
-                                     for device, metrics in aggregates.items()}
+            tx.root["aggregates"] = {
+                device: {metric: dict(stats, mean=stats["sum"] / stats["count"]) for metric, stats in metrics.items()}
+                for device, metrics in aggregates.items()
+            }
             tx.root["cursors"] = dict(cursors)
     return read
 
@@ -123,9 +126,13 @@ def consumer_main(path: str, stop: Any, results: Any) -> None:
     with protobase.open(path, durability="async") as db:
         with db.snapshot() as snapshot:  # resume from the last committed round
             cursors = dict(snapshot.root.get("cursors", {}))
-            aggregates = {device: {metric: {key: stats[key] for key in ("count", "sum", "min", "max")}
-                                   for metric, stats in metrics.items()}
-                          for device, metrics in snapshot.root.get("aggregates", {}).items()}
+            aggregates = {
+                device: {
+                    metric: {key: stats[key] for key in ("count", "sum", "min", "max")}
+                    for metric, stats in metrics.items()
+                }
+                for device, metrics in snapshot.root.get("aggregates", {}).items()
+            }
         rounds = events = 0
         while True:
             stopping = stop.wait(INTERVAL)  # set only once every producer has committed its last batch
@@ -147,9 +154,14 @@ def run(path: str, producers: int, seconds: float, batch: int, devices: int) -> 
         with db.transaction() as tx:
             tx.root["events"] = {producer_name(index): {} for index in range(producers)}
         consumer = context.Process(target=consumer_main, args=(path, stop, results), name="telemetry-consumer")
-        workers = [context.Process(target=producer_main, name=f"telemetry-{producer_name(index)}",
-                                   args=(path, index, seconds, batch, devices, go, results))
-                   for index in range(producers)]
+        workers = [
+            context.Process(
+                target=producer_main,
+                name=f"telemetry-{producer_name(index)}",
+                args=(path, index, seconds, batch, devices, go, results),
+            )
+            for index in range(producers)
+        ]
         processes = [consumer, *workers]
         for process in processes:
             process.start()
@@ -170,26 +182,39 @@ def run(path: str, producers: int, seconds: float, batch: int, devices: int) -> 
                     process.kill()
                     process.join()
         with db.snapshot() as snapshot:
-            aggregates = {device: {metric: dict(stats) for metric, stats in metrics.items()}
-                          for device, metrics in snapshot.root.get("aggregates", {}).items()}
+            aggregates = {
+                device: {metric: dict(stats) for metric, stats in metrics.items()}
+                for device, metrics in snapshot.root.get("aggregates", {}).items()
+            }
             stored = sum(len(batch) for log in snapshot.root["events"].values() for batch in log.values())
     events = sum(count for _, count, _, _ in produced)
     elapsed = max(end for *_, end in produced) - min(start for _, _, start, _ in produced)
-    return {"events": events, "elapsed": elapsed, "stored": stored, "consumed": consumed, "rounds": rounds,
-            "aggregated": sum(stats["count"] for metrics in aggregates.values() for stats in metrics.values()),
-            "aggregates": aggregates, "per_producer": {name: count for name, count, _, _ in produced},
-            "exit_codes": [process.exitcode for process in processes]}
+    return {
+        "events": events,
+        "elapsed": elapsed,
+        "stored": stored,
+        "consumed": consumed,
+        "rounds": rounds,
+        "aggregated": sum(stats["count"] for metrics in aggregates.values() for stats in metrics.values()),
+        "aggregates": aggregates,
+        "per_producer": {name: count for name, count, _, _ in produced},
+        "exit_codes": [process.exitcode for process in processes],
+    }
 
 
 def report(result: dict) -> bool:
     """Print the throughput, a few aggregates and the checks; True when every check passed."""
-    print(f"{result['events']} events from {len(result['per_producer'])} producers in {result['elapsed']:.2f}s: "
-          f"{result['events'] / result['elapsed']:,.0f} events/s ({result['per_producer']})")
+    print(
+        f"{result['events']} events from {len(result['per_producer'])} producers in {result['elapsed']:.2f}s: "
+        f"{result['events'] / result['elapsed']:,.0f} events/s ({result['per_producer']})"
+    )
     print(f"consumer: {result['rounds']} rounds, {result['consumed']} events aggregated incrementally")
     aggregates = result["aggregates"]
     for device in sorted(aggregates)[:5]:
-        cells = ", ".join(f"{metric} n={stats['count']} mean={stats['mean']:.2f}"
-                          for metric, stats in sorted(aggregates[device].items()))
+        cells = ", ".join(
+            f"{metric} n={stats['count']} mean={stats['mean']:.2f}"
+            for metric, stats in sorted(aggregates[device].items())
+        )
         print(f"  {device}: {cells}")
     checks = {
         "every produced event is stored": result["stored"] == result["events"],

@@ -48,10 +48,19 @@ R = TypeVar("R")
 _open_databases: weakref.WeakSet[Database] = weakref.WeakSet()
 
 
-def open(path: str | os.PathLike[str], *, durability: Durability = "sync", create: bool = True,
-         start_coordinator: bool = True, shutdown_grace: float = 2.0, cache_size: int = DEFAULT_OBJECT_CACHE,
-         flush_interval: float | None = None, checkpoint_bytes: int | None = None,
-         compact_min_bytes: int | None = None, reader_slots: int | None = None) -> Database:
+def open(
+    path: str | os.PathLike[str],
+    *,
+    durability: Durability = "sync",
+    create: bool = True,
+    start_coordinator: bool = True,
+    shutdown_grace: float = 2.0,
+    cache_size: int = DEFAULT_OBJECT_CACHE,
+    flush_interval: float | None = None,
+    checkpoint_bytes: int | None = None,
+    compact_min_bytes: int | None = None,
+    reader_slots: int | None = None,
+) -> Database:
     """Open (and by default create) the database in directory `path`.
 
     The first open of a directory starts its coordinator; later opens, from
@@ -72,35 +81,59 @@ def open(path: str | os.PathLike[str], *, durability: Durability = "sync", creat
     log or checkpoint is damaged (run `protobase recover`), and
     CoordinatorError when no coordinator can be reached or started.
     """
-    return Database(path, durability=durability, create=create, start_coordinator=start_coordinator,
-                    shutdown_grace=shutdown_grace, cache_size=cache_size, flush_interval=flush_interval,
-                    checkpoint_bytes=checkpoint_bytes, compact_min_bytes=compact_min_bytes,
-                    reader_slots=reader_slots)
+    return Database(
+        path,
+        durability=durability,
+        create=create,
+        start_coordinator=start_coordinator,
+        shutdown_grace=shutdown_grace,
+        cache_size=cache_size,
+        flush_interval=flush_interval,
+        checkpoint_bytes=checkpoint_bytes,
+        compact_min_bytes=compact_min_bytes,
+        reader_slots=reader_slots,
+    )
 
 
 class Database:
     """A handle on one database; a context manager that closes it."""
 
-    def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "sync", create: bool = True,
-                 start_coordinator: bool = True, shutdown_grace: float = 2.0,
-                 cache_size: int = DEFAULT_OBJECT_CACHE, flush_interval: float | None = None,
-                 checkpoint_bytes: int | None = None, compact_min_bytes: int | None = None,
-                 reader_slots: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "sync",
+        create: bool = True,
+        start_coordinator: bool = True,
+        shutdown_grace: float = 2.0,
+        cache_size: int = DEFAULT_OBJECT_CACHE,
+        flush_interval: float | None = None,
+        checkpoint_bytes: int | None = None,
+        compact_min_bytes: int | None = None,
+        reader_slots: int | None = None,
+    ) -> None:
         if durability not in DURABILITY_MODES:
             raise ValueError(f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         # Checked here, where the caller passed them, rather than by a coordinator's command line.
-        Settings(shutdown_grace=shutdown_grace,
-                 flush_interval=DEFAULTS.flush_interval if flush_interval is None else flush_interval,
-                 checkpoint_bytes=DEFAULTS.checkpoint_bytes if checkpoint_bytes is None else checkpoint_bytes,
-                 compact_min_bytes=DEFAULTS.compact_min_bytes if compact_min_bytes is None else compact_min_bytes,
-                 reader_slots=DEFAULTS.reader_slots if reader_slots is None else reader_slots)
+        Settings(
+            shutdown_grace=shutdown_grace,
+            flush_interval=DEFAULTS.flush_interval if flush_interval is None else flush_interval,
+            checkpoint_bytes=DEFAULTS.checkpoint_bytes if checkpoint_bytes is None else checkpoint_bytes,
+            compact_min_bytes=DEFAULTS.compact_min_bytes if compact_min_bytes is None else compact_min_bytes,
+            reader_slots=DEFAULTS.reader_slots if reader_slots is None else reader_slots,
+        )
         # An open that may not start a coordinator writes nothing: no coordinator can serve a
         # directory it would have to create (or stamp), so it fails on one before touching it.
         self.datadir = DataDir.open(path, create=create and start_coordinator)
         self.path = self.datadir.path
-        launch = Launch(start=start_coordinator, grace=shutdown_grace, flush_interval=flush_interval,
-                        checkpoint_bytes=checkpoint_bytes, compact_min_bytes=compact_min_bytes,
-                        reader_slots=reader_slots)
+        launch = Launch(
+            start=start_coordinator,
+            grace=shutdown_grace,
+            flush_interval=flush_interval,
+            checkpoint_bytes=checkpoint_bytes,
+            compact_min_bytes=compact_min_bytes,
+            reader_slots=reader_slots,
+        )
         #: The attachment to the coordinator (connection, reader slot, pins, store, commits): the
         #: internal interface the client modules use. Not for applications.
         self.session = Session(self.datadir, launch, durability=durability, cache_size=cache_size)
@@ -166,8 +199,9 @@ class Database:
         self._transactions.add(tx)
         return tx
 
-    def attempts(self, retries: int = 5, isolation: Isolation = "snapshot",
-                 backoff: float = 0.001) -> Iterator[Attempt]:
+    def attempts(
+        self, retries: int = 5, isolation: Isolation = "snapshot", backoff: float = 0.001
+    ) -> Iterator[Attempt]:
         """Yield attempts until one commits: `for attempt in db.attempts(): with attempt as tx: ...`.
 
         A ConflictError ends an attempt and starts the next after a short
@@ -184,8 +218,9 @@ class Database:
     def transactional(self, function: Callable[Concatenate[Transaction, P], R], /) -> Callable[P, R]: ...
 
     @overload
-    def transactional(self, retries: int = 5, isolation: Isolation = "snapshot"
-                      ) -> Callable[[Callable[Concatenate[Transaction, P], R]], Callable[P, R]]: ...
+    def transactional(
+        self, retries: int = 5, isolation: Isolation = "snapshot"
+    ) -> Callable[[Callable[Concatenate[Transaction, P], R]], Callable[P, R]]: ...
 
     def transactional(self, retries: int | Callable[..., Any] = 5, isolation: Isolation = "snapshot") -> Any:
         """Decorator: `f(*args)` runs `f(tx, *args)` in a transaction, re-run on conflict.
@@ -203,8 +238,9 @@ class Database:
         count = retries
         return lambda function: self._retried(function, count, isolation)
 
-    def _retried(self, function: Callable[Concatenate[Transaction, P], R], retries: int,
-                 isolation: Isolation) -> Callable[P, R]:
+    def _retried(
+        self, function: Callable[Concatenate[Transaction, P], R], retries: int, isolation: Isolation
+    ) -> Callable[P, R]:
         """`function` run by `transactional`: in attempts until one commits."""
         refusal = _ASYNC_HINT.format(name=getattr(function, "__qualname__", function))
         if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
@@ -305,8 +341,9 @@ class Attempt:
         self.tx = self._db.transaction(self._isolation)
         return self.tx
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         assert self.tx is not None, "an Attempt is used in `with`"
         if exc_type is None:
             try:
@@ -326,7 +363,8 @@ class Attempt:
 _ASYNC_HINT = (
     "@db.transactional cannot run {name}: it is asynchronous, so its body would run after the transaction "
     "ended. Use a plain function, and call it from your event loop with "
-    "`await loop.run_in_executor(None, function, ...)`")
+    "`await loop.run_in_executor(None, function, ...)`"
+)
 
 
 def _close_awaitable(awaitable: Any) -> None:

@@ -27,8 +27,17 @@ __all__ = ["order_key", "check_key", "check_text", "is_key", "family", "bisect_l
 
 
 _RANKS = {
-    type(None): 0, bool: 1, int: 1, float: 1, Decimal: 1, str: 2, bytes: 3,
-    _dt.datetime: 4, _dt.date: 5, uuid.UUID: 6, tuple: 7,
+    type(None): 0,
+    bool: 1,
+    int: 1,
+    float: 1,
+    Decimal: 1,
+    str: 2,
+    bytes: 3,
+    _dt.datetime: 4,
+    _dt.date: 5,
+    uuid.UUID: 6,
+    tuple: 7,
 }
 _AWARE_DATETIME = 8  # aware datetimes are a family of their own, after every other
 
@@ -57,8 +66,10 @@ def check_key(key: Any, path: tuple[Any, ...] = ()) -> None:
     if kind is float and key != key:
         raise EncodingError(f"cannot use NaN as a key at {format_path(path)}: NaN is not equal to itself")
     if kind is Decimal and key.is_nan():  # sNaN too, which even refuses to be hashed or compared
-        raise EncodingError(f"cannot use Decimal({str(key)!r}) as a key at {format_path(path)}: a NaN is not "
-                            f"equal to itself and cannot be ordered among numbers")
+        raise EncodingError(
+            f"cannot use Decimal({str(key)!r}) as a key at {format_path(path)}: a NaN is not "
+            f"equal to itself and cannot be ordered among numbers"
+        )
     if kind is str:
         check_text(key, path)
     if kind is tuple:
@@ -80,7 +91,8 @@ def check_text(text: str, path: tuple[Any, ...] = ()) -> None:
         raise EncodingError(
             f"cannot store a str holding the lone surrogate {text[error.start]!r} (position {error.start}) "
             f"at {format_path(path)}: text must be valid Unicode; it typically comes from decoding bytes with "
-            f"errors='surrogateescape': decode with errors='replace', or store the bytes") from None
+            f"errors='surrogateescape': decode with errors='replace', or store the bytes"
+        ) from None
 
 
 def is_key(value: Any) -> bool:

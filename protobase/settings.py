@@ -45,8 +45,17 @@ T = TypeVar("T")
 MAX_READER_SLOTS = 2**32 - 1  # the control segment stores the slot count as a u32
 
 
-def _tunable(default: T, doc: str, *, unit: str, minimum: float, maximum: int | None = None,
-             above: bool = False, none: str | None = None, flags: tuple[str, ...] = ()) -> T:
+def _tunable(
+    default: T,
+    doc: str,
+    *,
+    unit: str,
+    minimum: float,
+    maximum: int | None = None,
+    above: bool = False,
+    none: str | None = None,
+    flags: tuple[str, ...] = (),
+) -> T:
     """A Settings field: its default and how it is documented and checked.
 
     `unit` is "seconds" (an int or float) or what a whole number counts
@@ -54,8 +63,15 @@ def _tunable(default: T, doc: str, *, unit: str, minimum: float, maximum: int | 
     and <= `maximum`; `none` says what None means where None is allowed;
     `flags` are more command-line names for it.
     """
-    metadata = {"doc": doc, "unit": unit, "minimum": minimum, "maximum": maximum, "above": above, "none": none,
-                "flags": flags}
+    metadata = {
+        "doc": doc,
+        "unit": unit,
+        "minimum": minimum,
+        "maximum": maximum,
+        "above": above,
+        "none": none,
+        "flags": flags,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -69,55 +85,87 @@ class Settings:
 
     # -- durability and reclamation --
     flush_interval: float = _tunable(
-        0.01, "longest time an async commit waits for its fsync", unit="seconds", minimum=0)
+        0.01, "longest time an async commit waits for its fsync", unit="seconds", minimum=0
+    )
     checkpoint_bytes: int = _tunable(
-        64 << 20, "WAL bytes after which a checkpoint is written (and on every clean stop)", unit="bytes", minimum=0)
+        64 << 20, "WAL bytes after which a checkpoint is written (and on every clean stop)", unit="bytes", minimum=0
+    )
     compact_min_bytes: int = _tunable(
-        64 << 20, "bytes appended since the last compaction below which none runs", unit="bytes", minimum=0)
+        64 << 20, "bytes appended since the last compaction below which none runs", unit="bytes", minimum=0
+    )
     reader_slots: int = _tunable(
-        1024, "database handles that can be open at once, one per protobase.open() in each process",
-        unit="slots", minimum=1, maximum=MAX_READER_SLOTS)
+        1024,
+        "database handles that can be open at once, one per protobase.open() in each process",
+        unit="slots",
+        minimum=1,
+        maximum=MAX_READER_SLOTS,
+    )
     # -- the process's life --
     shutdown_grace: float | None = _tunable(
-        2.0, "seconds the coordinator lingers once the last client left", unit="seconds", minimum=0,
-        none="serve forever", flags=("--grace",))
+        2.0,
+        "seconds the coordinator lingers once the last client left",
+        unit="seconds",
+        minimum=0,
+        none="serve forever",
+        flags=("--grace",),
+    )
     tick: float = _tunable(
-        0.2, "seconds between housekeeping passes (reaping dead readers, unlinking segments)",
-        unit="seconds", minimum=0, above=True)
+        0.2,
+        "seconds between housekeeping passes (reaping dead readers, unlinking segments)",
+        unit="seconds",
+        minimum=0,
+        above=True,
+    )
     lock_wait: float = _tunable(
-        30.0, "seconds a starting coordinator waits for a stopping one to let go of the directory",
-        unit="seconds", minimum=0)
+        30.0,
+        "seconds a starting coordinator waits for a stopping one to let go of the directory",
+        unit="seconds",
+        minimum=0,
+    )
     first_client_wait: float = _tunable(
-        10.0, "seconds a new coordinator waits for its first client, whatever its grace", unit="seconds", minimum=0)
+        10.0, "seconds a new coordinator waits for its first client, whatever its grace", unit="seconds", minimum=0
+    )
     stop_timeout: float = _tunable(
-        120.0, "seconds a clean stop waits for its final checkpoint", unit="seconds", minimum=0)
+        120.0, "seconds a clean stop waits for its final checkpoint", unit="seconds", minimum=0
+    )
     # -- what clients may make it hold --
-    receive_bytes: int = _tunable(
-        1 << 20, "bytes read from a client's socket at a time", unit="bytes", minimum=1)
+    receive_bytes: int = _tunable(1 << 20, "bytes read from a client's socket at a time", unit="bytes", minimum=1)
     max_buffered_bytes: int = _tunable(
-        512 << 20, "bytes of incomplete requests held for all clients together; a client over it is hung up on",
-        unit="bytes", minimum=1)
+        512 << 20,
+        "bytes of incomplete requests held for all clients together; a client over it is hung up on",
+        unit="bytes",
+        minimum=1,
+    )
     partial_frame_timeout: float = _tunable(
-        30.0, "seconds a client may leave a request half-sent before it is hung up on", unit="seconds", minimum=0)
+        30.0, "seconds a client may leave a request half-sent before it is hung up on", unit="seconds", minimum=0
+    )
     # -- how values are laid out in atoms (coordinator/writer.py) --
     flat_dict_entries: int = _tunable(
-        64, "entries above which a dict is stored as a tree rather than one atom", unit="entries", minimum=1)
+        64, "entries above which a dict is stored as a tree rather than one atom", unit="entries", minimum=1
+    )
     flat_set_entries: int = _tunable(
-        64, "elements above which a set is stored as a tree rather than one atom", unit="entries", minimum=1)
+        64, "elements above which a set is stored as a tree rather than one atom", unit="entries", minimum=1
+    )
     flat_list_entries: int = _tunable(
-        256, "items above which a list is stored as a tree rather than one atom", unit="entries", minimum=1)
+        256, "items above which a list is stored as a tree rather than one atom", unit="entries", minimum=1
+    )
     flat_max_bytes: int = _tunable(
-        16 << 10, "bytes above which a container of several entries is stored as a tree, however few",
-        unit="bytes", minimum=0)
+        16 << 10,
+        "bytes above which a container of several entries is stored as a tree, however few",
+        unit="bytes",
+        minimum=0,
+    )
     inline_bytes: int = _tunable(
-        512, "length above which a str or bytes value gets its own atom rather than sitting in its parent",
-        unit="bytes", minimum=0)
+        512,
+        "length above which a str or bytes value gets its own atom rather than sitting in its parent",
+        unit="bytes",
+        minimum=0,
+    )
     # -- caches (core/store.py) --
     object_cache: int = _tunable(
-        1 << 18, "entries of the decoded-object cache (clients: protobase.open(cache_size=))",
-        unit="entries", minimum=1)
-    bytes_cache: int = _tunable(
-        1 << 16, "entries of the atom-bytes cache", unit="entries", minimum=1)
+        1 << 18, "entries of the decoded-object cache (clients: protobase.open(cache_size=))", unit="entries", minimum=1
+    )
+    bytes_cache: int = _tunable(1 << 16, "entries of the atom-bytes cache", unit="entries", minimum=1)
 
     # -- constants: the same for every instance (see the module docstring) --
     btree_max_entries: ClassVar[int] = 64
@@ -127,16 +175,22 @@ class Settings:
         for spec in dataclasses.fields(self):
             problem = _check(getattr(self, spec.name), spec.metadata)
             if problem is not None:
-                raise ValueError(f"{spec.name} must be {problem}, got {getattr(self, spec.name)!r}; "
-                                 f"pass {_suggestion(spec)}")
+                raise ValueError(
+                    f"{spec.name} must be {problem}, got {getattr(self, spec.name)!r}; pass {_suggestion(spec)}"
+                )
 
 
 #: {name -> (unit, doc)} of the constants of `Settings` (its ClassVars), which no instance changes.
 CONSTANTS: Mapping[str, tuple[str, str]] = {
-    "btree_max_entries": ("entries", "entries per B+tree leaf and children per branch; part of the data format "
-                                     "(protobase.core.btree.MAX_ENTRIES)"),
-    "wal_preallocate_bytes": ("bytes", "bytes of zeros a WAL file grows by at a time, in the persistence process "
-                                       "(protobase.persistence.wal.writer.PREALLOCATE_BYTES)"),
+    "btree_max_entries": (
+        "entries",
+        "entries per B+tree leaf and children per branch; part of the data format (protobase.core.btree.MAX_ENTRIES)",
+    ),
+    "wal_preallocate_bytes": (
+        "bytes",
+        "bytes of zeros a WAL file grows by at a time, in the persistence process "
+        "(protobase.persistence.wal.writer.PREALLOCATE_BYTES)",
+    ),
 }
 
 
@@ -222,9 +276,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: Collection[str] =
             continue
         meta = spec.metadata
         none = f"; negative: {meta['none']}" if meta["none"] is not None else ""
-        group.add_argument(*_flags(spec), dest=spec.name, type=_parser_of(spec), default=argparse.SUPPRESS,
-                           metavar=meta["unit"].upper(),
-                           help=f"{meta['doc']} (default {_shown(spec.default, meta['unit'])}{none})")
+        group.add_argument(
+            *_flags(spec),
+            dest=spec.name,
+            type=_parser_of(spec),
+            default=argparse.SUPPRESS,
+            metavar=meta["unit"].upper(),
+            help=f"{meta['doc']} (default {_shown(spec.default, meta['unit'])}{none})",
+        )
 
 
 def from_arguments(args: argparse.Namespace, base: Settings = DEFAULTS) -> Settings:
@@ -252,8 +311,9 @@ def markdown_table() -> str:
     lines = ["| setting | flag | default | meaning |", "|---|---|---|---|"]
     for spec in dataclasses.fields(Settings):
         flags = ", ".join(f"`{flag}`" for flag in _flags(spec))
-        lines.append(f"| `{spec.name}` | {flags} | {_shown(spec.default, spec.metadata['unit'])} "
-                     f"| {spec.metadata['doc']} |")
+        lines.append(
+            f"| `{spec.name}` | {flags} | {_shown(spec.default, spec.metadata['unit'])} | {spec.metadata['doc']} |"
+        )
     for name, (unit, doc) in CONSTANTS.items():
         lines.append(f"| `{name}` | (constant) | {_shown(getattr(Settings, name), unit)} | {doc} |")
     return "\n".join(lines) + "\n"

@@ -94,8 +94,7 @@ def check(path: str, ack_paths: list[str]) -> tuple[int, int, int]:
     return total, lost, broken
 
 
-def run(rounds: int, writers: int = 2, seed: int | None = None, base: str | None = None,
-        log=print) -> Outcome:
+def run(rounds: int, writers: int = 2, seed: int | None = None, base: str | None = None, log=print) -> Outcome:
     """Run `rounds` kill rounds on one database; return what was lost (nothing, we hope)."""
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
@@ -118,15 +117,16 @@ def run(rounds: int, writers: int = 2, seed: int | None = None, base: str | None
     finally:
         _kill_everything_serving(directory)
         shutil.rmtree(directory, ignore_errors=True)
-    log(f"lost acknowledged commits: {outcome.lost}/{outcome.acknowledged} "
-        f"(half-applied records: {outcome.half_applied}, kills: {outcome.kills})")
+    log(
+        f"lost acknowledged commits: {outcome.lost}/{outcome.acknowledged} "
+        f"(half-applied records: {outcome.half_applied}, kills: {outcome.kills})"
+    )
     return outcome
 
 
 def _round(context, path: str, ack_paths: list[str], victim: str, rng: random.Random) -> None:
     before = sum(len(acknowledged(p)) for p in ack_paths)
-    processes = [context.Process(target=writer_main, args=(path, w, p), daemon=True)
-                 for w, p in enumerate(ack_paths)]
+    processes = [context.Process(target=writer_main, args=(path, w, p), daemon=True) for w, p in enumerate(ack_paths)]
     for process in processes:
         process.start()
     try:

@@ -57,7 +57,7 @@ def client_main(path: str, incarnation: int, report_path: str) -> None:
 
 
 def _commit_interruptibly(db: protobase.Database, entry: list) -> str:
-    """"acked", "refused" or "maybe": what became of the commit appending `entry`."""
+    """ "acked", "refused" or "maybe": what became of the commit appending `entry`."""
     tx = None
     for _ in range(ATTEMPTS):
         try:
@@ -126,8 +126,9 @@ class Outcome:
         return not (self.lost or self.duplicated or self.refused_applied or self.untried)
 
 
-def run(seconds: float, clients: int = 3, kill_every: int = 15, seed: int | None = None,
-        base: str | None = None, log=print) -> Outcome:
+def run(
+    seconds: float, clients: int = 3, kill_every: int = 15, seed: int | None = None, base: str | None = None, log=print
+) -> Outcome:
     """Interrupt clients for `seconds`; return what the check found."""
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
@@ -141,8 +142,9 @@ def run(seconds: float, clients: int = 3, kill_every: int = 15, seed: int | None
 
     def start() -> None:
         nonlocal incarnations
-        process = context.Process(target=client_main, args=(path, incarnations, _report(directory, incarnations)),
-                                  daemon=True)
+        process = context.Process(
+            target=client_main, args=(path, incarnations, _report(directory, incarnations)), daemon=True
+        )
         process.start()
         running[incarnations] = process
         incarnations += 1
@@ -184,9 +186,11 @@ def run(seconds: float, clients: int = 3, kill_every: int = 15, seed: int | None
                 process.kill()
         _kill_everything_serving(directory)
         shutil.rmtree(directory, ignore_errors=True)
-    log(f"lost acknowledged commits: {outcome.lost}/{outcome.acknowledged} (applied twice: {outcome.duplicated}, "
+    log(
+        f"lost acknowledged commits: {outcome.lost}/{outcome.acknowledged} (applied twice: {outcome.duplicated}, "
         f"refused but applied: {outcome.refused_applied}, never tried: {outcome.untried}; "
-        f"SIGINTs: {outcome.interrupts}, kills: {outcome.kills})")
+        f"SIGINTs: {outcome.interrupts}, kills: {outcome.kills})"
+    )
     return outcome
 
 

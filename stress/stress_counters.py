@@ -31,6 +31,7 @@ GRACE = 0.1  # seconds the coordinator lingers once every process closed the dat
 def worker(path: str, name: str, increments: int, seconds: float, barrier, results) -> None:
     try:
         with protobase.open(path, shutdown_grace=GRACE) as db:
+
             @db.transactional(retries=RETRIES)
             def bump(tx: protobase.Transaction) -> None:
                 tx.root["counters"]["total"] += 1
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                 tx.root["counters"] = {"total": 0}
                 tx.root["per_worker"] = dict.fromkeys(names, 0)
             barrier, results = context.Barrier(args.processes), context.Queue()
-            processes = [context.Process(target=worker, args=(path, name, args.increments, args.seconds,
-                                                              barrier, results))
-                         for name in names]
+            processes = [
+                context.Process(target=worker, args=(path, name, args.increments, args.seconds, barrier, results))
+                for name in names
+            ]
             for process in processes:
                 process.start()
             reports = {}
@@ -96,15 +98,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(temporary, ignore_errors=True)
 
     expected = sum(reports.values())
-    print(f"{args.processes} processes, {expected} increments committed in {elapsed:.1f}s "
-          f"({expected / elapsed:.0f}/s), {stats.conflicts} conflicts retried")
+    print(
+        f"{args.processes} processes, {expected} increments committed in {elapsed:.1f}s "
+        f"({expected / elapsed:.0f}/s), {stats.conflicts} conflicts retried"
+    )
     print(f"shared counter: {total} (expected {expected})")
     problems = list(errors)
     if total != expected:
-        problems.append(f"shared counter is {total}, the workers committed {expected}: "
-                        f"{expected - total} increments lost")
-    problems += [f"{name}'s counter is {per_worker.get(name)}, it committed {done}"
-                 for name, done in reports.items() if per_worker.get(name) != done]
+        problems.append(
+            f"shared counter is {total}, the workers committed {expected}: {expected - total} increments lost"
+        )
+    problems += [
+        f"{name}'s counter is {per_worker.get(name)}, it committed {done}"
+        for name, done in reports.items()
+        if per_worker.get(name) != done
+    ]
     problems += [f"worker {p.pid} exited with {p.exitcode}" for p in processes if p.exitcode != 0]
     for problem in problems:
         print(f"MISMATCH: {problem}", file=sys.stderr)

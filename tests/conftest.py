@@ -122,8 +122,12 @@ def orphaned_entries(instances: set[str], settle: float = 2.0) -> set[str]:
     """
     deadline = time.monotonic() + settle
     while True:
-        orphans = {entry for instance in instances if not instance_is_served(instance)
-                   for entry in names.instance_entries(instance)}
+        orphans = {
+            entry
+            for instance in instances
+            if not instance_is_served(instance)
+            for entry in names.instance_entries(instance)
+        }
         if not orphans or time.monotonic() > deadline:
             return orphans
         time.sleep(0.1)
@@ -187,9 +191,14 @@ def served(path: str, *options: str, env: dict[str, str] | None = None) -> Itera
     The body may stop it (SIGTERM) and check its exit status; a server still
     running at the end is killed.
     """
-    server = subprocess.Popen([sys.executable, "-m", "protobase", "serve", path, *options],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                              env=None if env is None else dict(os.environ, **env))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "protobase", "serve", path, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=None if env is None else dict(os.environ, **env),
+    )
     try:
         assert "serving" in server.stdout.readline()
         yield server

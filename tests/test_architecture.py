@@ -19,22 +19,35 @@ PACKAGE = Path(__file__).resolve().parent.parent / "protobase"
 
 #: (module name prefix, rank): a module may import only modules of its own folder or of a lower rank.
 LAYERS = [
-    ("protobase.errors", 0), ("protobase.keyorder", 0), ("protobase.settings", 0),
+    ("protobase.errors", 0),
+    ("protobase.keyorder", 0),
+    ("protobase.settings", 0),
     ("protobase.shm", 1),
     ("protobase.query", 2),
     ("protobase.core", 3),
     ("protobase.wire", 4),
     ("protobase.persistence", 5),
-    ("protobase.coordinator", 6), ("protobase.client", 6),
+    ("protobase.coordinator", 6),
+    ("protobase.client", 6),
     ("protobase.database", 7),
-    ("protobase.cli", 8), ("protobase.__main__", 8), ("protobase", 8),
+    ("protobase.cli", 8),
+    ("protobase.__main__", 8),
+    ("protobase", 8),
 ]
 #: Process roles that share a rank but must never import each other.
 APART = {("protobase.client", "protobase.coordinator"), ("protobase.coordinator", "protobase.client")}
 #: Private names of the standard library or of namedtuples that callers are meant to use.
-STDLIB_PRIVATES = {"_exit", "_getframe", "_asdict", "_replace", "_fields", "_make", "_current_frames",
-                   "_hash",  # collections.abc.Set._hash: the documented way to hash a Set
-                   "_inheriting"}  # multiprocessing's flag of a spawned child importing its parent's main
+STDLIB_PRIVATES = {
+    "_exit",
+    "_getframe",
+    "_asdict",
+    "_replace",
+    "_fields",
+    "_make",
+    "_current_frames",
+    "_hash",  # collections.abc.Set._hash: the documented way to hash a Set
+    "_inheriting",
+}  # multiprocessing's flag of a spawned child importing its parent's main
 MAX_FUNCTION_LINES = 60
 
 
@@ -128,7 +141,7 @@ def test_there_is_no_import_cycle():
         path.append(name)
         for target in sorted(graph.get(name, ())):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target)
         path.pop()
@@ -141,10 +154,13 @@ def test_there_is_no_import_cycle():
 
 
 def test_importing_protobase_loads_neither_the_coordinator_nor_the_persistence_process():
-    code = ("import sys, protobase; print(sorted(m for m in sys.modules "
-            "if m.split('.')[1:2] in (['coordinator'], ['persistence'], ['cli'])))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=PACKAGE.parent).stdout
+    code = (
+        "import sys, protobase; print(sorted(m for m in sys.modules "
+        "if m.split('.')[1:2] in (['coordinator'], ['persistence'], ['cli'])))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent
+    ).stdout
     assert loaded.strip() == "[]"
 
 
@@ -176,11 +192,16 @@ def private_uses(node: ast.AST) -> Iterator[tuple[str, str]]:
     if isinstance(node, ast.Attribute) and is_private(node.attr):
         if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
             yield node.attr, ast.unparse(node)
-    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-          and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2
-          and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
-          and is_private(node.args[1].value)
-          and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls"))):
+    elif (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+        and is_private(node.args[1].value)
+        and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls"))
+    ):
         yield node.args[1].value, ast.unparse(node)
 
 
@@ -190,11 +211,17 @@ def test_no_module_uses_another_modules_private_names():
         own = defined_privates(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                wrong += [f"{name}:{node.lineno} imports {alias.name} from {node.module}"
-                          for alias in node.names if is_private(alias.name)]
+                wrong += [
+                    f"{name}:{node.lineno} imports {alias.name} from {node.module}"
+                    for alias in node.names
+                    if is_private(alias.name)
+                ]
             else:
-                wrong += [f"{name}:{node.lineno} uses {how}" for attribute, how in private_uses(node)
-                          if attribute not in own and attribute not in STDLIB_PRIVATES]
+                wrong += [
+                    f"{name}:{node.lineno} uses {how}"
+                    for attribute, how in private_uses(node)
+                    if attribute not in own and attribute not in STDLIB_PRIVATES
+                ]
     assert not wrong, "private names used outside the module that owns them:\n" + "\n".join(wrong)
 
 

@@ -96,8 +96,9 @@ class TreeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.dict_model)
     @rule(data=st.data())
     def remove_some(self, data):
-        keys = data.draw(st.lists(st.sampled_from(sorted(self.dict_model, key=order_key)), max_size=80,
-                                  unique_by=order_key))
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.dict_model, key=order_key)), max_size=80, unique_by=order_key)
+        )
         for key in keys:
             self.dict_root, removed = self.t.remove(self.dict_root, key)
             assert removed == self.dict_model.pop(key)
@@ -123,8 +124,9 @@ class TreeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.set_model)
     @rule(data=st.data())
     def discard_some(self, data):
-        keys = data.draw(st.lists(st.sampled_from(sorted(self.set_model, key=order_key)), max_size=80,
-                                  unique_by=order_key))
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.set_model, key=order_key)), max_size=80, unique_by=order_key)
+        )
         for key in keys:
             self.set_root, removed = self.t.remove(self.set_root, key, SET_LEAF)
             assert removed == key
@@ -322,7 +324,7 @@ def test_three_levels_grow_and_drain_to_an_empty_root(seed):
         assert value == model.pop(i)
         if n % 1000 == 500:
             root, lroot = mem.flush(root), mem.flush(lroot)
-            check_dict(t, root, {k: k for k in keys[n + 1:]})
+            check_dict(t, root, {k: k for k in keys[n + 1 :]})
             check_list(t, lroot, model)
     assert t.count(root, DICT_LEAF) == 0 and t.count(lroot, LIST_LEAF) == 0
     assert mem.flush(root) == 0 and mem.flush(lroot) == 0
@@ -490,14 +492,17 @@ def test_check_tree_detects_leaves_at_different_depths():
         mem.access.check_tree(root, DICT_LEAF, no_values)
 
 
-@pytest.mark.parametrize(("kind", "parts"), [
-    (DICT_LEAF, [[1, 2], [1]]),  # counts differ
-    (DICT_LEAF, [[1]]),  # missing part
-    (LIST_BRANCH, [[8, 16], [1]]),
-    (LIST_BRANCH, [[], []]),  # an empty branch
-    (DICT_BRANCH, [[1, 2], [8, 16], [1, 1]]),  # too many separators
-    (SET_LEAF, 5),
-])
+@pytest.mark.parametrize(
+    ("kind", "parts"),
+    [
+        (DICT_LEAF, [[1, 2], [1]]),  # counts differ
+        (DICT_LEAF, [[1]]),  # missing part
+        (LIST_BRANCH, [[8, 16], [1]]),
+        (LIST_BRANCH, [[], []]),  # an empty branch
+        (DICT_BRANCH, [[1, 2], [8, 16], [1, 1]]),  # too many separators
+        (SET_LEAF, 5),
+    ],
+)
 def test_decode_node_rejects_bad_shapes(kind, parts):
     from protobase.core import codec
 

@@ -63,15 +63,21 @@ class Records(dict):
 def test_an_index_that_disagrees_with_its_records_is_corruption(filled):
     walk = AtomWalk(filled.session.store, 0)
     records = Records(alice={"city": "Paris"})
-    with pytest.raises(CorruptionError, match=r"index on 'city' of collection 0x1234 disagrees with its records: "
-                                              r"1 entries missing .* 0 extra"):
+    with pytest.raises(
+        CorruptionError,
+        match=r"index on 'city' of collection 0x1234 disagrees with its records: "
+        r"1 entries missing .* 0 extra",
+    ):
         walk.index_contents(records, "city", 0)  # an empty index
 
 
 def test_a_reader_holding_a_snapshot_newer_than_the_latest_commit_is_corruption(filled):
     session = filled.session
-    control = SimpleNamespace(oldest_segment=0, read_root=lambda: (10, 0),
-                              readers=lambda: [ReaderSlot(slot=2, pid=99, start_time=0.0, snapshot_seq=11)])
+    control = SimpleNamespace(
+        oldest_segment=0,
+        read_root=lambda: (10, 0),
+        readers=lambda: [ReaderSlot(slot=2, pid=99, start_time=0.0, snapshot_seq=11)],
+    )
     empty = SimpleNamespace(root=SimpleNamespace(ptr=0))
     with pytest.raises(CorruptionError, match="reader slot 2 \\(pid 99\\) holds snapshot 11, newer than the latest"):
         check_database(SimpleNamespace(store=session.store, control=control), empty)

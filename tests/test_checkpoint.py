@@ -69,8 +69,16 @@ def test_a_checkpoint_reads_back_as_written(tmp_path):
     syncs = DirectorySyncs()
     views = [(index, memoryview(data)) for index, data in SEGMENTS.items()]
     progress: list[int] = []
-    path = write_checkpoint(str(tmp_path), lsn=42, seq=40, root=12345, next_segment=8, segments=views,
-                            fsync_directory=syncs, progress=progress.append)
+    path = write_checkpoint(
+        str(tmp_path),
+        lsn=42,
+        seq=40,
+        root=12345,
+        next_segment=8,
+        segments=views,
+        fsync_directory=syncs,
+        progress=progress.append,
+    )
     assert path == os.path.join(str(tmp_path), "checkpoint-000000000000002a.pb")
     assert os.listdir(tmp_path) == ["checkpoint-000000000000002a.pb"]  # no temporary left
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -100,8 +108,16 @@ def test_a_failed_write_leaves_neither_the_checkpoint_nor_its_temporary(tmp_path
 
     views = [(index, memoryview(data)) for index, data in SEGMENTS.items()]
     with pytest.raises(DiskFull):
-        write_checkpoint(str(tmp_path), lsn=5, seq=5, root=0, next_segment=1, segments=views,
-                         fsync_directory=DirectorySyncs(), progress=progress)
+        write_checkpoint(
+            str(tmp_path),
+            lsn=5,
+            seq=5,
+            root=0,
+            next_segment=1,
+            segments=views,
+            fsync_directory=DirectorySyncs(),
+            progress=progress,
+        )
     assert os.listdir(tmp_path) == []
 
 

@@ -59,8 +59,14 @@ class Connections:
 
 def make(checkpoint_bytes: int = 1000, changed: bool = False) -> tuple[Checkpoints, Durability, Connections]:
     durability, connections = Durability(), Connections()
-    checkpoints = Checkpoints(durability, Arena(), Commits(), connections,  # type: ignore[arg-type]
-                              checkpoint_bytes=checkpoint_bytes, changed=changed)
+    checkpoints = Checkpoints(
+        durability,
+        Arena(),
+        Commits(),
+        connections,  # type: ignore[arg-type]
+        checkpoint_bytes=checkpoint_bytes,
+        changed=changed,
+    )
     return checkpoints, durability, connections
 
 
@@ -75,8 +81,9 @@ def test_a_checkpoint_is_asked_for_once_the_wal_grew_by_checkpoint_bytes_one_at_
     assert durability.requests == []
     durability.wal_bytes = 1000
     checkpoints.maybe_checkpoint()
-    assert durability.requests == [{"seq": 10, "root": make_pointer(4, 8), "segments": [(3, 1000), (4, 200)],
-                                    "next_segment": 5, "directory": None}]
+    assert durability.requests == [
+        {"seq": 10, "root": make_pointer(4, 8), "segments": [(3, 1000), (4, 200)], "next_segment": 5, "directory": None}
+    ]
     durability.wal_bytes = 5000
     checkpoints.maybe_checkpoint()
     checkpoints.request()  # the "checkpoint" verb, while one is in flight: nothing more
@@ -103,14 +110,15 @@ def test_reports_answer_requests_in_ring_order_and_requests_in_flight_pin_their_
     checkpoints.request()
     commits_of(checkpoints).seq = 11
     checkpoints.request(asker="second backup", directory=str(tmp_path / "b"))  # beside a checkpoint: allowed
-    assert [request["directory"] for request in durability.requests] == [str(tmp_path / "a"), None,
-                                                                         str(tmp_path / "b")]
+    assert [request["directory"] for request in durability.requests] == [str(tmp_path / "a"), None, str(tmp_path / "b")]
     assert checkpoints.pinned_seqs() == [10, 10, 11]
     for written in ("a/checkpoint", "checkpoint", "b/checkpoint"):
         checkpoints.on_checkpointed(written)
     checkpoints.on_checkpointed("a report with nothing in flight")  # ignored
-    assert connections.sent == [("first backup", ["ok", 10, "a/checkpoint"]),
-                                ("second backup", ["ok", 11, "b/checkpoint"])]
+    assert connections.sent == [
+        ("first backup", ["ok", 10, "a/checkpoint"]),
+        ("second backup", ["ok", 11, "b/checkpoint"]),
+    ]
     assert checkpoints.checkpoints == 1 and checkpoints.pinned_seqs() == []
 
 

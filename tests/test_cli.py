@@ -84,14 +84,20 @@ def test_status_in_a_real_subprocess(datadir):
     with open_test_db(datadir) as db:
         with db.transaction() as tx:
             tx.root["k"] = 1
-        result = subprocess.run([sys.executable, "-m", "protobase", "status", datadir, "--interval", "0.1"],
-                                capture_output=True, text=True, timeout=120, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "protobase", "status", datadir, "--interval", "0.1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         assert f"coordinator pid {db.coordinator_pid}" in result.stdout
         assert f"pid {os.getpid()}" in result.stdout  # this process is a reader
     missing = os.path.join(os.path.dirname(datadir), "missing")
-    result = subprocess.run([sys.executable, "-m", "protobase", "status", missing],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "protobase", "status", missing], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 1
     assert_one_line_error(result.stderr, "does not exist")
 
@@ -132,7 +138,7 @@ def test_check_ok(datadir, capsys):
 
 def test_check_of_a_damaged_checkpoint_fails_clearly(datadir, capsys):
     make_closed_database(datadir)
-    (_, checkpoint), = checkpoint_files(datadir)
+    ((_, checkpoint),) = checkpoint_files(datadir)
     size = os.path.getsize(checkpoint)
     with open(checkpoint, "r+b") as file:  # a byte inside the last segment's data
         file.seek(size - 16)
@@ -305,8 +311,9 @@ def test_bad_directories_are_one_line_errors(datadir, capsys, command):
 
 
 def test_serve_in_the_foreground_with_settings_stops_cleanly_on_sigterm(datadir):
-    with served(datadir, "--flush-interval", "0.05", "--checkpoint-bytes", "1000000", "--log-level",
-                "WARNING") as server:
+    with served(
+        datadir, "--flush-interval", "0.05", "--checkpoint-bytes", "1000000", "--log-level", "WARNING"
+    ) as server:
         with protobase.open(datadir, start_coordinator=False, durability="async") as db:
             assert db.coordinator_pid == server.pid
             with db.transaction() as tx:

@@ -32,8 +32,12 @@ class Table:
     def __init__(self, max_buffered_bytes: int = 1 << 20, partial_frame_timeout: float = 30.0) -> None:
         self.selector = selectors.DefaultSelector()
         self.released: list[int] = []
-        self.connections = Connections(self.selector, self.released.append, max_buffered_bytes=max_buffered_bytes,
-                                       partial_frame_timeout=partial_frame_timeout)
+        self.connections = Connections(
+            self.selector,
+            self.released.append,
+            max_buffered_bytes=max_buffered_bytes,
+            partial_frame_timeout=partial_frame_timeout,
+        )
         self.peers: list[socket.socket] = []
 
     def connect(self, pid: int = 100) -> tuple[Client, socket.socket]:
@@ -99,8 +103,11 @@ def test_incomplete_requests_over_the_bound_for_all_clients_are_refused(table):
     first, _ = tables.connect()
     second, _ = tables.connect()
     tables.connections.take_frames(first, memoryview(LENGTH.pack(5000) + b"x" * 596))  # 600 bytes held
-    with pytest.raises(ProtocolError, match=r"^the coordinator holds 1100 bytes of incomplete requests, over its "
-                                            r"1000-byte bound; send smaller commits \(split the transaction\)$"):
+    with pytest.raises(
+        ProtocolError,
+        match=r"^the coordinator holds 1100 bytes of incomplete requests, over its "
+        r"1000-byte bound; send smaller commits \(split the transaction\)$",
+    ):
         tables.connections.take_frames(second, memoryview(LENGTH.pack(5000) + b"x" * 496))
     tables.connections.drop(second.sock)  # what the server does next: its bytes are no longer held
     assert tables.connections.buffered_bytes == 600
@@ -132,7 +139,8 @@ def test_a_client_that_leaves_a_request_half_sent_too_long_is_hung_up_on(table, 
         tables.connections.drop_stalled_senders()
     assert list(tables.connections.clients) == [done.sock]
     assert [record.getMessage() for record in caplog.records] == [
-        "closing the connection of client 11: it left 14 bytes of a request unfinished for 0.0s"]
+        "closing the connection of client 11: it left 14 bytes of a request unfinished for 0.0s"
+    ]
     assert stalled_peer.recv(1) == b"" and tables.connections.buffered_bytes == 0
 
 

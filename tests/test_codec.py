@@ -39,8 +39,11 @@ def same(a, b) -> bool:
     if ta is not tb:
         return False
     if ta is dict:
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a) and all(
-            same(ka, kb) for ka, kb in zip(sorted(a, key=repr), sorted(b, key=repr)))
+        return (
+            a.keys() == b.keys()
+            and all(same(a[k], b[k]) for k in a)
+            and all(same(ka, kb) for ka, kb in zip(sorted(a, key=repr), sorted(b, key=repr)))
+        )
     if ta in (list, tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if dataclasses.is_dataclass(a):
@@ -54,16 +57,53 @@ def same(a, b) -> bool:
 
 AWARE = dt.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30)))
 VALUES = [
-    None, True, False, 0, 1, -1, 2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**63) - 1, 2**200, -(3**150),
-    0.0, -0.0, 1.5, -1e300, float("inf"), float("-inf"),
-    "", "héllo ✓", "x" * 10_000, b"", b"\x00\xff" * 100,
-    [], [1, "a", None], (), (1, (2, (3,))), ("a", [1, 2]),
-    {}, {"a": 1}, {1: "int key", 2.5: "float key", (1, "t"): "tuple key", b"k": "bytes key", None: 0, False: "b"},
-    set(), {1, 2, 3}, {"a", (1, 2), b"b"}, frozenset({1, "x"}),
-    dt.datetime(2020, 1, 2, 3, 4, 5, 6), AWARE, dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
-    dt.date(1999, 12, 31), Decimal("1.10"), Decimal("-0.000001"), Decimal("1E+30"),
-    uuid.UUID("12345678-1234-5678-1234-567812345678"), uuid.uuid4(),
-    Point(1, 2), Point(-1, 2**70, ["a", {"b": (1, 2)}]),
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    2**64,
+    -(2**63) - 1,
+    2**200,
+    -(3**150),
+    0.0,
+    -0.0,
+    1.5,
+    -1e300,
+    float("inf"),
+    float("-inf"),
+    "",
+    "héllo ✓",
+    "x" * 10_000,
+    b"",
+    b"\x00\xff" * 100,
+    [],
+    [1, "a", None],
+    (),
+    (1, (2, (3,))),
+    ("a", [1, 2]),
+    {},
+    {"a": 1},
+    {1: "int key", 2.5: "float key", (1, "t"): "tuple key", b"k": "bytes key", None: 0, False: "b"},
+    set(),
+    {1, 2, 3},
+    {"a", (1, 2), b"b"},
+    frozenset({1, "x"}),
+    dt.datetime(2020, 1, 2, 3, 4, 5, 6),
+    AWARE,
+    dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+    dt.date(1999, 12, 31),
+    Decimal("1.10"),
+    Decimal("-0.000001"),
+    Decimal("1E+30"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    uuid.uuid4(),
+    Point(1, 2),
+    Point(-1, 2**70, ["a", {"b": (1, 2)}]),
     {"nested": [{"deep": {1, 2}}, (dt.date(2000, 1, 1), Decimal("3.14"))], "point": Point(0, 0)},
 ]
 
@@ -85,7 +125,9 @@ def test_plain_decode_gives_builtin_containers(value):
 def test_bigint_outside_64_bits_uses_bigint_extension():
     data = codec.encode(2**64)
     assert msgpack.unpackb(data, raw=False, ext_hook=lambda code, payload: (code, payload)) == (
-        codec.EXT_BIGINT, (2**64).to_bytes(9, "little", signed=True))
+        codec.EXT_BIGINT,
+        (2**64).to_bytes(9, "little", signed=True),
+    )
 
     assert codec.decode(data) == 2**64
     assert codec.decode(codec.encode(2**64 - 1)) == 2**64 - 1  # still a native msgpack uint64
@@ -126,18 +168,39 @@ def test_frozen_decode_returns_frozen_containers_all_the_way_down():
 
 
 DICT_WRITES = [
-    lambda d: d.__setitem__("a", 2), lambda d: d.__delitem__("a"), lambda d: d.clear(), lambda d: d.pop("a"),
-    lambda d: d.popitem(), lambda d: d.setdefault("z", 1), lambda d: d.update(z=1), lambda d: d.__ior__({"z": 1}),
+    lambda d: d.__setitem__("a", 2),
+    lambda d: d.__delitem__("a"),
+    lambda d: d.clear(),
+    lambda d: d.pop("a"),
+    lambda d: d.popitem(),
+    lambda d: d.setdefault("z", 1),
+    lambda d: d.update(z=1),
+    lambda d: d.__ior__({"z": 1}),
 ]
 LIST_WRITES = [
-    lambda v: v.__setitem__(0, 9), lambda v: v.__setitem__(slice(0, 1), [9]), lambda v: v.__delitem__(0),
-    lambda v: v.__iadd__([4]), lambda v: v.__imul__(2), lambda v: v.append(4), lambda v: v.extend([4]),
-    lambda v: v.insert(0, 4), lambda v: v.pop(), lambda v: v.remove(1), lambda v: v.clear(), lambda v: v.sort(),
+    lambda v: v.__setitem__(0, 9),
+    lambda v: v.__setitem__(slice(0, 1), [9]),
+    lambda v: v.__delitem__(0),
+    lambda v: v.__iadd__([4]),
+    lambda v: v.__imul__(2),
+    lambda v: v.append(4),
+    lambda v: v.extend([4]),
+    lambda v: v.insert(0, 4),
+    lambda v: v.pop(),
+    lambda v: v.remove(1),
+    lambda v: v.clear(),
+    lambda v: v.sort(),
     lambda v: v.reverse(),
 ]
 SET_WRITES = [
-    lambda s: s.add(4), lambda s: s.discard(1), lambda s: s.remove(1), lambda s: s.pop(), lambda s: s.clear(),
-    lambda s: s.update({4}), lambda s: s.difference_update({1}), lambda s: s.intersection_update({1}),
+    lambda s: s.add(4),
+    lambda s: s.discard(1),
+    lambda s: s.remove(1),
+    lambda s: s.pop(),
+    lambda s: s.clear(),
+    lambda s: s.update({4}),
+    lambda s: s.difference_update({1}),
+    lambda s: s.intersection_update({1}),
     lambda s: s.symmetric_difference_update({1}),
 ]
 
@@ -183,14 +246,17 @@ def test_frozen_values_re_encode():
 # -- encoding errors ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (object(), "cannot store a value of type object at root: "),
-    ({"a": [1, object()]}, r"cannot store a value of type object at root\['a'\]\[1\]: "),
-    ([{"k": {1: (2, lambda: 0)}}], r"cannot store a value of type function at root\[0\]\['k'\]\[1\]\[1\]: "),
-    ({"s": {1, 2j}}, "cannot store a value of type complex at root"),
-    (Point(1, object()), r"cannot store a value of type object at root\['y'\]"),
-    ({"x": range(3)}, r"cannot store a value of type range at root\['x'\]"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (object(), "cannot store a value of type object at root: "),
+        ({"a": [1, object()]}, r"cannot store a value of type object at root\['a'\]\[1\]: "),
+        ([{"k": {1: (2, lambda: 0)}}], r"cannot store a value of type function at root\[0\]\['k'\]\[1\]\[1\]: "),
+        ({"s": {1, 2j}}, "cannot store a value of type complex at root"),
+        (Point(1, object()), r"cannot store a value of type object at root\['y'\]"),
+        ({"x": range(3)}, r"cannot store a value of type range at root\['x'\]"),
+    ],
+)
 def test_encoding_error_names_type_and_path(value, message):
     with pytest.raises(EncodingError, match=message) as info:
         codec.encode(value)
@@ -200,8 +266,11 @@ def test_encoding_error_names_type_and_path(value, message):
 
 
 def test_unregistered_dataclass_hint():
-    with pytest.raises(EncodingError, match=r"cannot store a value of type Unregistered at root\['u'\]: "
-                       r"register it with protobase.register_dataclass\(\)"):
+    with pytest.raises(
+        EncodingError,
+        match=r"cannot store a value of type Unregistered at root\['u'\]: "
+        r"register it with protobase.register_dataclass\(\)",
+    ):
         codec.encode({"u": Unregistered(1)})
 
 
@@ -224,9 +293,11 @@ def test_register_dataclass_of_the_running_script_needs_a_name():
     for module in ("__main__", "__mp_main__"):
         script_class = dataclasses.make_dataclass("Item", [("x", int)])
         script_class.__module__ = module
-        message = (rf"cannot register dataclass Item of the script being run \({module}\) under its default name "
-                   rf"'{module}.Item': other processes .* Define it in an importable module, or register it with "
-                   r"name='...' in every process")
+        message = (
+            rf"cannot register dataclass Item of the script being run \({module}\) under its default name "
+            rf"'{module}.Item': other processes .* Define it in an importable module, or register it with "
+            r"name='...' in every process"
+        )
         with pytest.raises(EncodingError, match=message):
             protobase.register_dataclass(script_class)
         with pytest.raises(EncodingError, match="cannot store a value of type Item"):
@@ -269,11 +340,15 @@ def _cyclic_through_a_dataclass():
     return point
 
 
-@pytest.mark.parametrize(("value", "where"), [
-    (_cyclic_dict(), r"a dict reappears inside itself at root\['children'\]\[0\]\['parent'\]"),
-    (_cyclic_through_a_dataclass(), r"a Point reappears inside itself at root\['tags'\]\[0\]\['point'\]"),
-    ((lambda items: (items.append(items), items)[1])([]), r"a list reappears inside itself at root\[0\]"),
-], ids=["dict", "dataclass", "list"])
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        (_cyclic_dict(), r"a dict reappears inside itself at root\['children'\]\[0\]\['parent'\]"),
+        (_cyclic_through_a_dataclass(), r"a Point reappears inside itself at root\['tags'\]\[0\]\['point'\]"),
+        ((lambda items: (items.append(items), items)[1])([]), r"a list reappears inside itself at root\[0\]"),
+    ],
+    ids=["dict", "dataclass", "list"],
+)
 def test_a_value_that_contains_itself_is_an_encoding_error(value, where):
     message = f"cannot store a value that contains itself: {where}; stored values are trees of plain data"
     with pytest.raises(EncodingError, match=message):
@@ -303,20 +378,27 @@ def test_nesting_is_checked_against_max_depth_counting_the_key_path():
         value = _nested(codec.MAX_DEPTH + 1, kinds)  # its innermost container sits MAX_DEPTH keys down
         codec.validate(value)
         assert codec.decode(codec.encode(value), frozen=False) == value
-        with pytest.raises(EncodingError, match=rf"nested {codec.MAX_DEPTH + 1} keys deep at root\['x'\]\[.*: "
-                                                rf"values may nest at most {codec.MAX_DEPTH} keys below the root"):
+        with pytest.raises(
+            EncodingError,
+            match=rf"nested {codec.MAX_DEPTH + 1} keys deep at root\['x'\]\[.*: "
+            rf"values may nest at most {codec.MAX_DEPTH} keys below the root",
+        ):
             codec.validate(value, ("x",))
     codec.validate([[]], ("k",) * (codec.MAX_DEPTH - 2))
     with pytest.raises(EncodingError, match=f"cannot store a list nested {codec.MAX_DEPTH + 1} keys deep"):
         codec.validate([[[]]], ("k",) * (codec.MAX_DEPTH - 1))
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("a\ud800b", r"lone surrogate '\\ud800' \(position 1\) at root: text must be valid Unicode; .*surrogateescape"),
-    ({"name": ["ok", "caf\udce9"]}, r"lone surrogate '\\udce9' \(position 3\) at root\['name'\]\[1\]"),
-    ({"\udfff": 1}, r"lone surrogate '\\udfff' \(position 0\) at root\['\\udfff'\]"),
-    (Point(1, 2, ["\ud83d"]), r"lone surrogate '\\ud83d' .* at root\['tags'\]\[0\]"),
-], ids=["str", "nested", "key", "dataclass-field"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("a\ud800b", r"lone surrogate '\\ud800' \(position 1\) at root: text must be valid Unicode; .*surrogateescape"),
+        ({"name": ["ok", "caf\udce9"]}, r"lone surrogate '\\udce9' \(position 3\) at root\['name'\]\[1\]"),
+        ({"\udfff": 1}, r"lone surrogate '\\udfff' \(position 0\) at root\['\\udfff'\]"),
+        (Point(1, 2, ["\ud83d"]), r"lone surrogate '\\ud83d' .* at root\['tags'\]\[0\]"),
+    ],
+    ids=["str", "nested", "key", "dataclass-field"],
+)
 def test_text_with_a_lone_surrogate_is_an_encoding_error(value, message):
     with pytest.raises(EncodingError, match=message):
         codec.validate(value)
@@ -332,29 +414,33 @@ def _ext(code: int, payload: bytes) -> bytes:
     return msgpack.packb(msgpack.ExtType(code, payload))
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(codec.encode([1, 2, "abc"])[:-2], id="truncated"),
-    pytest.param(codec.encode({"a": 2**70})[:-1], id="truncated-bigint"),
-    pytest.param(b"", id="empty"),
-    pytest.param(b"\xc1", id="never-used-byte"),
-    pytest.param(b"\x01\x02", id="trailing-garbage"),
-    pytest.param(b"\xdd\xff\xff\xff\xff", id="huge-array-length"),
-    pytest.param(b"\x91" * 100_000 + b"\x00", id="too-deep"),
-    pytest.param(_ext(99, b""), id="unknown-ext-code"),
-    pytest.param(_ext(0, b"x"), id="ext-code-0"),
-    pytest.param(_ext(codec.EXT_REF, b"12"), id="short-ref"),
-    pytest.param(_ext(codec.EXT_UUID, b"abc"), id="short-uuid"),
-    pytest.param(_ext(codec.EXT_DATETIME, b"nope"), id="bad-datetime"),
-    pytest.param(_ext(codec.EXT_DATE, b"\xff"), id="bad-utf8-date"),
-    pytest.param(_ext(codec.EXT_DECIMAL, b"xyz"), id="bad-decimal"),
-    pytest.param(_ext(codec.EXT_BIGINT, b"abc"), id="bad-bigint"),
-    pytest.param(_ext(codec.EXT_TUPLE, b"\xc1"), id="bad-tuple-payload"),
-    pytest.param(_ext(codec.EXT_SET, msgpack.packb([[1]])), id="unhashable-set-element"),
-    pytest.param(_ext(codec.EXT_DATACLASS, msgpack.packb(5)), id="bad-dataclass-shape"),
-    pytest.param(_ext(codec.EXT_DATACLASS, msgpack.packb([f"{__name__}.Point", {"nope": 1}])),
-                 id="dataclass-wrong-fields"),
-    pytest.param(msgpack.packb({(1,): 1}), id="list-as-map-key"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(codec.encode([1, 2, "abc"])[:-2], id="truncated"),
+        pytest.param(codec.encode({"a": 2**70})[:-1], id="truncated-bigint"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xc1", id="never-used-byte"),
+        pytest.param(b"\x01\x02", id="trailing-garbage"),
+        pytest.param(b"\xdd\xff\xff\xff\xff", id="huge-array-length"),
+        pytest.param(b"\x91" * 100_000 + b"\x00", id="too-deep"),
+        pytest.param(_ext(99, b""), id="unknown-ext-code"),
+        pytest.param(_ext(0, b"x"), id="ext-code-0"),
+        pytest.param(_ext(codec.EXT_REF, b"12"), id="short-ref"),
+        pytest.param(_ext(codec.EXT_UUID, b"abc"), id="short-uuid"),
+        pytest.param(_ext(codec.EXT_DATETIME, b"nope"), id="bad-datetime"),
+        pytest.param(_ext(codec.EXT_DATE, b"\xff"), id="bad-utf8-date"),
+        pytest.param(_ext(codec.EXT_DECIMAL, b"xyz"), id="bad-decimal"),
+        pytest.param(_ext(codec.EXT_BIGINT, b"abc"), id="bad-bigint"),
+        pytest.param(_ext(codec.EXT_TUPLE, b"\xc1"), id="bad-tuple-payload"),
+        pytest.param(_ext(codec.EXT_SET, msgpack.packb([[1]])), id="unhashable-set-element"),
+        pytest.param(_ext(codec.EXT_DATACLASS, msgpack.packb(5)), id="bad-dataclass-shape"),
+        pytest.param(
+            _ext(codec.EXT_DATACLASS, msgpack.packb([f"{__name__}.Point", {"nope": 1}])), id="dataclass-wrong-fields"
+        ),
+        pytest.param(msgpack.packb({(1,): 1}), id="list-as-map-key"),
+    ],
+)
 @pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen"])
 def test_corrupt_bytes_raise_corruption_error(data, frozen):
     with pytest.raises(CorruptionError):
@@ -368,8 +454,11 @@ def test_unknown_ext_code_is_named():
 
 def test_unregistered_dataclass_on_decode_is_an_encoding_error_not_corruption():
     data = _ext(codec.EXT_DATACLASS, msgpack.packb(["elsewhere.Thing", {"a": 1}]))
-    with pytest.raises(EncodingError, match="dataclass 'elsewhere.Thing', which this process has not registered; "
-                                            r"call protobase.register_dataclass\(\) for it") as info:
+    with pytest.raises(
+        EncodingError,
+        match="dataclass 'elsewhere.Thing', which this process has not registered; "
+        r"call protobase.register_dataclass\(\) for it",
+    ) as info:
         codec.decode(data)
     assert not isinstance(info.value, CorruptionError)
 
@@ -396,16 +485,24 @@ def test_huge_int_round_trip():
 
 
 _keys = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
     | st.binary(max_size=8),
     lambda inner: st.tuples(inner, inner),
     max_leaves=4,
 )
 _offsets = st.builds(dt.timezone, st.integers(-86399, 86399).map(lambda s: dt.timedelta(seconds=s)))
 _scalars = (
-    _keys | st.integers(min_value=-(2**130), max_value=2**130)
-    | st.datetimes() | st.datetimes(timezones=_offsets)
-    | st.dates() | st.decimals(allow_nan=False, allow_infinity=False) | st.uuids()
+    _keys
+    | st.integers(min_value=-(2**130), max_value=2**130)
+    | st.datetimes()
+    | st.datetimes(timezones=_offsets)
+    | st.dates()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.uuids()
 )
 _values = st.recursive(
     _scalars,
@@ -432,8 +529,15 @@ def test_round_trip_property(value):
 
 # -- what the coordinator's writer relies on ---------------------------------------------
 
-SCALAR_KEYS = st.one_of(st.integers(-3, 3), st.sampled_from(["a", "é", ""]), st.sampled_from([1.0, -0.0, 0.5]),
-                        st.booleans(), st.none(), st.just(Decimal("1.5")), st.just(2**70))
+SCALAR_KEYS = st.one_of(
+    st.integers(-3, 3),
+    st.sampled_from(["a", "é", ""]),
+    st.sampled_from([1.0, -0.0, 0.5]),
+    st.booleans(),
+    st.none(),
+    st.just(Decimal("1.5")),
+    st.just(2**70),
+)
 KEYS = st.recursive(SCALAR_KEYS, lambda inner: st.tuples(inner, inner) | st.tuples(inner, inner, inner), max_leaves=6)
 
 

@@ -32,25 +32,41 @@ from protobase.wire.opcodes import LIST_APPEND, OP_CREATE_INDEX, OP_DELETE, OP_L
 
 
 def test_parse_ops_returns_the_ops_of_a_well_formed_commit():
-    ops = [[OP_SET, ["a", 1], {"x": 1}], [OP_DELETE, ["b"], None], [OP_LIST, ["l"], [[LIST_APPEND, 0, 5]]],
-           [OP_CREATE_INDEX, ["users"], ("city", "score")]]
+    ops = [
+        [OP_SET, ["a", 1], {"x": 1}],
+        [OP_DELETE, ["b"], None],
+        [OP_LIST, ["l"], [[LIST_APPEND, 0, 5]]],
+        [OP_CREATE_INDEX, ["users"], ("city", "score")],
+    ]
     assert parse_ops(codec.encode(ops)) == ops
 
 
-@pytest.mark.parametrize("ops, error, message", [
-    (b"\xc1", ProtocolError, "malformed request: the commit's ops cannot be decoded"),
-    (codec.encode([]), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
-    (codec.encode({"a": 1}), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
-    (codec.encode([[OP_SET, "a", 1]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
-    (codec.encode([[OP_SET, ["a"]]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
-    (codec.encode([[99, ["a"], 1]]), ProtocolError, "malformed request: op code 99 with an argument of type int "
-                                                   "is not an operation"),
-    (codec.encode([[OP_DELETE, ["a"], 1]]), ProtocolError, f"malformed request: op code {OP_DELETE} with an "
-                                                          f"argument of type int is not an operation"),
-    (codec.encode([[OP_LIST, ["l"], [[LIST_APPEND, 0]]]]), ProtocolError,
-     r"malformed request: a list operation is \[code, index, value\]"),
-    (codec.encode([[OP_SET, ["a", [1]], 1]]), EncodingError, "cannot use a key of type list at"),
-])
+@pytest.mark.parametrize(
+    "ops, error, message",
+    [
+        (b"\xc1", ProtocolError, "malformed request: the commit's ops cannot be decoded"),
+        (codec.encode([]), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
+        (codec.encode({"a": 1}), ProtocolError, "malformed request: a commit's ops are a non-empty array"),
+        (codec.encode([[OP_SET, "a", 1]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
+        (codec.encode([[OP_SET, ["a"]]]), ProtocolError, r"malformed request: an op is \[code, key path, argument\]"),
+        (
+            codec.encode([[99, ["a"], 1]]),
+            ProtocolError,
+            "malformed request: op code 99 with an argument of type int is not an operation",
+        ),
+        (
+            codec.encode([[OP_DELETE, ["a"], 1]]),
+            ProtocolError,
+            f"malformed request: op code {OP_DELETE} with an argument of type int is not an operation",
+        ),
+        (
+            codec.encode([[OP_LIST, ["l"], [[LIST_APPEND, 0]]]]),
+            ProtocolError,
+            r"malformed request: a list operation is \[code, index, value\]",
+        ),
+        (codec.encode([[OP_SET, ["a", [1]], 1]]), EncodingError, "cannot use a key of type list at"),
+    ],
+)
 def test_parse_ops_refuses_what_no_client_of_ours_sends(ops, error, message):
     with pytest.raises(error, match=f"^{message}"):
         parse_ops(ops)
@@ -113,16 +129,37 @@ class Harness:
         self.writer = Writer(self.arena, Store(AtomReader(self.instance, writer=self.arena)))
         self.control, self.durability, self.connections = Control(), Durability(), Connections()
         self.applied = 0
-        self.commits = Commits(self.writer, self.control, self.durability, self.connections,  # type: ignore[arg-type]
-                               seq=0, root=0, directory="/srv/db", on_applied=self.on_applied)
+        self.commits = Commits(
+            self.writer,
+            self.control,
+            self.durability,
+            self.connections,  # type: ignore[arg-type]
+            seq=0,
+            root=0,
+            directory="/srv/db",
+            on_applied=self.on_applied,
+        )
 
     def on_applied(self) -> None:
         self.applied += 1
 
-    def commit(self, asker: Any, *ops: list[Any], base: int | None = None, durability: str = "async",
-               reads: list[Any] | None = None, serializable: bool = False) -> Any:
-        return self.commits.commit(asker, self.commits.seq if base is None else base, serializable, durability,
-                                   codec.encode(list(ops)), reads or [])
+    def commit(
+        self,
+        asker: Any,
+        *ops: list[Any],
+        base: int | None = None,
+        durability: str = "async",
+        reads: list[Any] | None = None,
+        serializable: bool = False,
+    ) -> Any:
+        return self.commits.commit(
+            asker,
+            self.commits.seq if base is None else base,
+            serializable,
+            durability,
+            codec.encode(list(ops)),
+            reads or [],
+        )
 
     def close(self) -> None:
         self.writer.store.reader.close()
@@ -157,7 +194,11 @@ def test_a_sync_commit_is_published_and_answered_once_durable_and_in_order(harne
     harness.commits.answer_durable()
     assert harness.control.published == [(2, harness.commits.root)]  # only the newest root
     assert [(who, reply[:2]) for who, reply in harness.connections.sent] == [
-        ("watchers", [1, [["a"]]]), ("first", ["ok", 1]), ("watchers", [2, [["b"]]]), ("second", ["ok", 2])]
+        ("watchers", [1, [["a"]]]),
+        ("first", ["ok", 1]),
+        ("watchers", [2, [["b"]]]),
+        ("second", ["ok", 2]),
+    ]
 
 
 def test_an_async_commit_behind_a_waiting_sync_one_is_not_published_past_it(harness):
@@ -180,8 +221,12 @@ def test_a_conflict_names_the_path_and_both_seqs_and_applies_nothing(harness):
     harness.commit("c", [OP_SET, ["flag"], 1])
     read_set = [["users", "bob"]]
     assert harness.commit("d", [OP_SET, ["other"], 1], base=2, reads=read_set)[:2] == ["ok", 5]  # reads unchecked
-    assert harness.commit("d", [OP_SET, ["other2"], 1], base=2, reads=read_set, serializable=True) == \
-        ["conflict", ["users", "bob"], 2, 3]
+    assert harness.commit("d", [OP_SET, ["other2"], 1], base=2, reads=read_set, serializable=True) == [
+        "conflict",
+        ["users", "bob"],
+        2,
+        3,
+    ]
     assert harness.commits.conflicts == 2 and harness.applied == 5
     assert len(harness.durability.enqueued) == enqueued + 3 and root != harness.commits.root
 
@@ -189,18 +234,30 @@ def test_a_conflict_names_the_path_and_both_seqs_and_applies_nothing(harness):
 def test_a_commit_that_cannot_apply_is_refused_and_changes_nothing(harness):
     harness.commit("a", [OP_SET, ["k"], 1])
     root = harness.commits.root
-    assert harness.commit("b", [OP_SET, ["k2"], 1], [OP_SET, ["missing", "y"], 1]) == \
-        ["error", "PathError", "commit refused: no container at ('missing', 'y'): the key is missing"]
-    assert harness.commit("b", [OP_SET, ["k"], 2], durability="later") == \
-        ["error", "ProtoBaseError", "durability must be one of ('sync', 'async'), got 'later'"]
+    assert harness.commit("b", [OP_SET, ["k2"], 1], [OP_SET, ["missing", "y"], 1]) == [
+        "error",
+        "PathError",
+        "commit refused: no container at ('missing', 'y'): the key is missing",
+    ]
+    assert harness.commit("b", [OP_SET, ["k"], 2], durability="later") == [
+        "error",
+        "ProtoBaseError",
+        "durability must be one of ('sync', 'async'), got 'later'",
+    ]
     with pytest.raises(ProtoBaseError, match="it is based on snapshot seq 5, but the latest commit is seq 1"):
         harness.commit("b", [OP_SET, ["k"], 2], base=5)
     assert (harness.commits.seq, harness.commits.root, harness.applied) == (1, root, 1)
 
 
 def test_written_values_name_one_atom_values_that_nothing_later_in_the_commit_changed(harness):
-    reply = harness.commit("a", [OP_SET, ["a"], {"x": 1}], [OP_SET, ["b"], [1, 2]], [OP_SET, ["b", 0], 5],
-                           [OP_SET, ["c"], 3], [OP_SET, ["d"], {"y": 2}])
+    reply = harness.commit(
+        "a",
+        [OP_SET, ["a"], {"x": 1}],
+        [OP_SET, ["b"], [1, 2]],
+        [OP_SET, ["b", 0], 5],
+        [OP_SET, ["c"], 3],
+        [OP_SET, ["d"], {"y": 2}],
+    )
     indexes = [index for index, _ in reply[2]]
     assert indexes == [0, 4]  # b changed later in the commit, c is a scalar
     ptr = reply[2][1][1]
@@ -233,7 +290,8 @@ def test_after_a_disk_failure_waiting_and_later_commits_get_the_failure(harness,
         harness.commits.fail("again")
     assert [record.getMessage() for record in caplog.records] == [
         "durability failed: the write-ahead log failed: ENOSPC; refusing commits, stopping once the last client "
-        "has gone"]
+        "has gone"
+    ]
     assert harness.commits.refusing and harness.durability.failure == "the write-ahead log failed: ENOSPC"
     answers = {who: reply for who, reply in harness.connections.sent if who != "watchers"}
     assert answers["durable"][:2] == ["ok", 1]

@@ -67,15 +67,21 @@ PATHS = st.lists(KEYS, min_size=1, max_size=3).map(tuple)
 
 
 def overlaps(one: KeyPath, other: KeyPath) -> bool:
-    return one[:len(other)] == other or other[:len(one)] == one
+    return one[: len(other)] == other or other[: len(one)] == one
 
 
-@given(st.lists(st.lists(PATHS, min_size=1, max_size=3), max_size=8), st.integers(0, 8),
-       st.lists(PATHS, min_size=1, max_size=3))
+@given(
+    st.lists(st.lists(PATHS, min_size=1, max_size=3), max_size=8),
+    st.integers(0, 8),
+    st.lists(PATHS, min_size=1, max_size=3),
+)
 def test_a_conflict_is_reported_exactly_when_a_later_write_overlaps_a_path(commits, base, paths):
     versions = table(*((seq, written) for seq, written in enumerate(commits, start=1)))
-    overlapping = [seq for seq, written in enumerate(commits, start=1) if seq > base
-                   and any(overlaps(path, other) for path in paths for other in written)]
+    overlapping = [
+        seq
+        for seq, written in enumerate(commits, start=1)
+        if seq > base and any(overlaps(path, other) for path in paths for other in written)
+    ]
     conflict = versions.first_conflict(base, paths)
     assert (conflict is not None) == bool(overlapping)
     if conflict is not None:

@@ -114,6 +114,7 @@ def test_a_transaction_open_across_a_coordinator_restart_is_run_again(datadir):
 
 def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
     with open_test_db(datadir) as db:
+
         @db.transactional(retries=0)
         def doomed(tx):
             tx.root["k"] = 1
@@ -128,8 +129,7 @@ def test_a_retryable_error_is_raised_once_the_retries_are_spent(datadir):
 def test_reader_slots_bounds_the_handles_attached_at_once(datadir):
     # Regression (issue 10, item 12): the reader-table-full error advised "more reader slots",
     # which no option of protobase.open set.
-    with open_test_db(datadir, reader_slots=2) as first, \
-            open_test_db(datadir):
+    with open_test_db(datadir, reader_slots=2) as first, open_test_db(datadir):
         with pytest.raises(protobase.ProtoBaseError, match=r"reader table full \(2 slots\)"):
             open_test_db(datadir)
         with first.transaction() as tx:
@@ -141,12 +141,19 @@ def test_reader_slots_must_be_a_positive_count(datadir):
         protobase.open(datadir, reader_slots=0)
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("flush_interval", -1, "flush_interval must be a number of seconds >= 0, got -1; pass e.g. flush_interval=0.01"),
-    ("checkpoint_bytes", 1.5, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
-    ("compact_min_bytes", -5, "compact_min_bytes must be a whole number of bytes >= 0, got -5;"),
-    ("shutdown_grace", -1, "shutdown_grace must be a number of seconds >= 0"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "flush_interval",
+            -1,
+            "flush_interval must be a number of seconds >= 0, got -1; pass e.g. flush_interval=0.01",
+        ),
+        ("checkpoint_bytes", 1.5, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
+        ("compact_min_bytes", -5, "compact_min_bytes must be a whole number of bytes >= 0, got -5;"),
+        ("shutdown_grace", -1, "shutdown_grace must be a number of seconds >= 0"),
+    ],
+)
 def test_a_bad_coordinator_setting_is_refused_by_open_before_anything_starts(datadir, option, value, message):
     # Regression: these reached the coordinator's command line, whose usage text came back in a CoordinatorError.
     with pytest.raises(ValueError, match="^" + re.escape(message)):

@@ -54,8 +54,10 @@ def test_another_format_version_is_refused_untouched(datadir):
         json.dump({"format": FORMAT_VERSION + 1}, file)
     with open(os.path.join(datadir, "data.bin"), "wb") as file:
         file.write(b"\x01\x02")
-    with pytest.raises(DataDirectoryError, match=f"holds format version {FORMAT_VERSION + 1}; this ProtoBase "
-                                                 f"reads version {FORMAT_VERSION}"):
+    with pytest.raises(
+        DataDirectoryError,
+        match=f"holds format version {FORMAT_VERSION + 1}; this ProtoBase reads version {FORMAT_VERSION}",
+    ):
         protobase.open(datadir)
     assert sorted(os.listdir(datadir)) == [STAMP, "data.bin"]
 
@@ -98,8 +100,10 @@ def test_an_open_that_may_not_start_a_coordinator_creates_nothing(datadir):
         protobase.open(datadir, start_coordinator=False)
     assert not os.path.lexists(datadir)
     os.makedirs(datadir, mode=0o700)
-    with pytest.raises(DataDirectoryError, match=f"{datadir} is not a ProtoBase data directory \\(it has no "
-                                                 f"PROTOBASE stamp\\); check the path"):
+    with pytest.raises(
+        DataDirectoryError,
+        match=f"{datadir} is not a ProtoBase data directory \\(it has no PROTOBASE stamp\\); check the path",
+    ):
         protobase.open(datadir, start_coordinator=False)
     assert os.listdir(datadir) == []
 
@@ -107,8 +111,11 @@ def test_an_open_that_may_not_start_a_coordinator_creates_nothing(datadir):
 def test_an_empty_path_is_refused_not_taken_for_the_current_directory(datadir, monkeypatch):
     os.makedirs(datadir, mode=0o700)
     monkeypatch.chdir(datadir)
-    with pytest.raises(DataDirectoryError, match=r"the data directory path is empty; pass the directory's path "
-                                                 r"\(for the current directory, pass '\.'\)"):
+    with pytest.raises(
+        DataDirectoryError,
+        match=r"the data directory path is empty; pass the directory's path "
+        r"\(for the current directory, pass '\.'\)",
+    ):
         open_test_db("")
     assert os.listdir(datadir) == []
 
@@ -182,10 +189,12 @@ def test_a_read_only_directory_is_refused_with_what_to_do(datadir, spawn_process
         child.join(60)
     finally:
         os.chmod(datadir, 0o700)
-    assert reply == ("DataDirectoryError",
-                     f"cannot write in data directory {datadir} (Permission denied): ProtoBase writes its lock "
-                     f"files, socket and write-ahead log in the data directory, even to read it; make {datadir} "
-                     f"writable for you (`chmod u+w {datadir}`), or open a copy in a writable place")
+    assert reply == (
+        "DataDirectoryError",
+        f"cannot write in data directory {datadir} (Permission denied): ProtoBase writes its lock "
+        f"files, socket and write-ahead log in the data directory, even to read it; make {datadir} "
+        f"writable for you (`chmod u+w {datadir}`), or open a copy in a writable place",
+    )
     assert sorted(os.listdir(datadir)) == before
 
 
@@ -194,17 +203,22 @@ def test_a_read_only_filesystem_is_refused_with_what_to_do(datadir):
     import subprocess
 
     os.makedirs(datadir, mode=0o700)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=64k", "tmpfs", datadir],
-                             capture_output=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,mode=0700,size=64k", "tmpfs", datadir], capture_output=True, check=False
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        with pytest.raises(DataDirectoryError, match=f"cannot write in data directory {datadir} \\(Read-only file "
-                                                     f"system\\): .*{datadir} is on a read-only filesystem: remount "
-                                                     f"it read-write, or copy the database"):
+        with pytest.raises(
+            DataDirectoryError,
+            match=f"cannot write in data directory {datadir} \\(Read-only file "
+            f"system\\): .*{datadir} is on a read-only filesystem: remount "
+            f"it read-write, or copy the database",
+        ):
             open_test_db(datadir)
-        with pytest.raises(DataDirectoryError, match=f"cannot create data directory {datadir}/db \\(Read-only "
-                                                     f"file system\\)"):
+        with pytest.raises(
+            DataDirectoryError, match=f"cannot create data directory {datadir}/db \\(Read-only file system\\)"
+        ):
             open_test_db(os.path.join(datadir, "db"))
     finally:
         subprocess.run(["umount", datadir], check=True)

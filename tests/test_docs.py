@@ -98,25 +98,55 @@ def test_api_reference_names_every_public_name():
 
 
 PUBLIC_METHODS = {
-    protobase.Database: ["snapshot", "transaction", "attempts", "transactional", "check", "stats", "compact",
-                         "checkpoint", "backup", "watch", "pool", "close"],
+    protobase.Database: [
+        "snapshot",
+        "transaction",
+        "attempts",
+        "transactional",
+        "check",
+        "stats",
+        "compact",
+        "checkpoint",
+        "backup",
+        "watch",
+        "pool",
+        "close",
+    ],
     protobase.Transaction: ["commit", "abort"],
     protobase.Snapshot: ["close"],
-    protobase.Query: ["explain", "keys", "items", "count", "first", "order_by", "limit", "sum", "min", "max",
-                      "avg", "group_by"],
+    protobase.Query: [
+        "explain",
+        "keys",
+        "items",
+        "count",
+        "first",
+        "order_by",
+        "limit",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group_by",
+    ],
 }
 
 
 def signature_text(function) -> str:
     """`name(params)` as api.md writes it: the signature without `self` and annotations."""
-    parameters = [parameter.replace(annotation=inspect.Parameter.empty)
-                  for name, parameter in inspect.signature(function).parameters.items() if name != "self"]
+    parameters = [
+        parameter.replace(annotation=inspect.Parameter.empty)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if name != "self"
+    ]
     return f"{function.__name__}{inspect.Signature(parameters)}"
 
 
-@pytest.mark.parametrize("function", [protobase.open, protobase.register_dataclass]
-                         + [getattr(cls, name) for cls, names in PUBLIC_METHODS.items() for name in names],
-                         ids=lambda function: function.__qualname__)
+@pytest.mark.parametrize(
+    "function",
+    [protobase.open, protobase.register_dataclass]
+    + [getattr(cls, name) for cls, names in PUBLIC_METHODS.items() for name in names],
+    ids=lambda function: function.__qualname__,
+)
 def test_api_reference_signatures_match_the_code(function):
     text = (DOCS / "api.md").read_text()
     expected = signature_text(function)

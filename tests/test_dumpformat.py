@@ -53,9 +53,18 @@ def typed(value):
 
 def sample_root() -> dict:
     return {
-        "scalars": {"none": None, "t": True, "f": False, "int": -(2 ** 70), "float": 1.5, "nan": math.nan,
-                    "inf": -math.inf, "str": "héllo \"quoted\"\n", "empty": ""},
-        "huge": [7 ** 9000, -(3 ** 20000)],  # beyond int <-> str limits
+        "scalars": {
+            "none": None,
+            "t": True,
+            "f": False,
+            "int": -(2**70),
+            "float": 1.5,
+            "nan": math.nan,
+            "inf": -math.inf,
+            "str": 'héllo "quoted"\n',
+            "empty": "",
+        },
+        "huge": [7**9000, -(3**20000)],  # beyond int <-> str limits
         "tuple": (1, "a", (2, (3,)), None),
         "set": {1, "b", (1, 2), b"x", 2.5},
         "frozen": frozenset({1, 2}),
@@ -65,8 +74,15 @@ def sample_root() -> dict:
         "date": dt.date(2020, 2, 29),
         "decimal": [Decimal("1.10"), Decimal("-0"), Decimal("1E+3"), Decimal("NaN")],
         "uuid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
-        "odd keys": {1: "int", (1, "t"): "tuple", None: "none", "$dollar": "d", b"k": "bytes",
-                     dt.date(2020, 1, 1): "date", 2.5: "float"},
+        "odd keys": {
+            1: "int",
+            (1, "t"): "tuple",
+            None: "none",
+            "$dollar": "d",
+            b"k": "bytes",
+            dt.date(2020, 1, 1): "date",
+            2.5: "float",
+        },
         ("tuple", 1): "a tuple key at the root",
         7: "an int key at the root",
         "$set": {"$set": [1, 2]},  # looks like a tag: must stay a dict
@@ -136,22 +152,28 @@ def test_keys_decode_hashable():
 
 
 def test_a_value_without_an_encoding_is_named_by_its_place():
-    with pytest.raises(CommandError, match=r"^cannot dump value\['a'\]\[1\]: a builtins\.object \(registered "
-                                           r"dataclasses and other types have no dump encoding\)$"):
+    with pytest.raises(
+        CommandError,
+        match=r"^cannot dump value\['a'\]\[1\]: a builtins\.object \(registered "
+        r"dataclasses and other types have no dump encoding\)$",
+    ):
         encode_value({"a": [1, object()]})
     with pytest.raises(UnsupportedValue) as caught:
         write_value({"k": {(1, 2): [object()]}}, lambda text: None)
     assert caught.value.describe("root['x']").startswith("cannot dump root['x']['k'][(1, 2)][0]: a builtins.object")
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"key": "b", "value": {"$nope": 1}}', r"unknown tag '\$nope' \(known: \$int, \$float, "),
-    ('{"key": "b", "value": {"$bytes": "not base64!"}}', r"bad \$bytes value 'not base64!': "),
-    ('{"key": "b", "value": {"$date": 7}}', r"bad \$date value 7: "),
-    ('{"key": "b"}', r'expected an object \{"key": \.\.\., "value": \.\.\.\}'),
-    ("[1, 2]", r'expected an object \{"key"'),
-    ("not json", r"Expecting value"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"key": "b", "value": {"$nope": 1}}', r"unknown tag '\$nope' \(known: \$int, \$float, "),
+        ('{"key": "b", "value": {"$bytes": "not base64!"}}', r"bad \$bytes value 'not base64!': "),
+        ('{"key": "b", "value": {"$date": 7}}', r"bad \$date value 7: "),
+        ('{"key": "b"}', r'expected an object \{"key": \.\.\., "value": \.\.\.\}'),
+        ("[1, 2]", r'expected an object \{"key"'),
+        ("not json", r"Expecting value"),
+    ],
+)
 def test_a_bad_line_is_a_value_error_saying_why(line, message):
     with pytest.raises(ValueError, match=message):
         read_line(line)

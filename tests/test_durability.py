@@ -111,8 +111,9 @@ def test_a_sync_commit_is_durable_when_it_returns(datadir):
         assert [lsn for lsn, _ in records] == [1]
 
 
-@pytest.mark.parametrize("fault, reason", [("enospc_after=2048", "No space left on device"),
-                                           ("fsync_error_after=2", "fsync")])
+@pytest.mark.parametrize(
+    "fault, reason", [("enospc_after=2048", "No space left on device"), ("fsync_error_after=2", "fsync")]
+)
 def test_a_disk_failure_is_never_acknowledged_and_loses_nothing_acknowledged(datadir, monkeypatch, fault, reason):
     monkeypatch.setenv("PROTOBASE_WAL_FAULTS", fault)
     acknowledged = -1
@@ -162,7 +163,7 @@ def test_corruption_before_valid_records_refuses_to_open(datadir):
         kill_and_wait(pid)  # no final checkpoint: the state lives in the WAL
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    (_, path), = list_wal_files(datadir)
+    ((_, path),) = list_wal_files(datadir)
     result = scan(path)
     offset = result.records[2].offset + 30  # inside the third record's payload
     with open(path, "r+b") as file:
@@ -182,7 +183,7 @@ def test_a_torn_tail_recovers_to_the_last_complete_commit(datadir):
         kill_and_wait(db.coordinator_pid)
         db.close()
     assert wait_for_coordinator_exit(datadir)
-    (_, path), = list_wal_files(datadir)
+    ((_, path),) = list_wal_files(datadir)
     last = scan(path).records[-1]
     with open(path, "r+b") as file:
         file.truncate(last.offset + 10)  # the last record is cut in its header
@@ -233,7 +234,7 @@ def crash_after_commits(path: str, count: int) -> str:
         kill_and_wait(db.coordinator_pid)
         db.close()
     assert wait_for_coordinator_exit(path)
-    (_, wal_path), = list_wal_files(path)
+    ((_, wal_path),) = list_wal_files(path)
     return wal_path
 
 
@@ -267,9 +268,11 @@ def test_protobase_recover_stops_at_the_first_lost_commit_and_names_it(datadir, 
     assert cli.main(["recover", datadir, destination]) == 0
     output = capsys.readouterr().out
     assert "recovered 24 commits up to seq 24 into" in output and f"unreadable bytes {damaged.offset}.." in output
-    assert (f"LOST: WAL record 25 (damaged or missing), the commit after seq 24; recovery stopped there, since a "
-            f"later commit may depend on a lost one: 25 intact WAL records after it were not applied. To apply "
-            f"them anyway, run `protobase recover --past-gaps {datadir} ANOTHER_NEW_DIR`") in output
+    assert (
+        f"LOST: WAL record 25 (damaged or missing), the commit after seq 24; recovery stopped there, since a "
+        f"later commit may depend on a lost one: 25 intact WAL records after it were not applied. To apply "
+        f"them anyway, run `protobase recover --past-gaps {datadir} ANOTHER_NEW_DIR`"
+    ) in output
     assert sorted(os.listdir(datadir)) == before  # the damaged directory is only read
     assert salvaged_keys(destination) == [f"k{i}" for i in range(24)]
 
@@ -373,10 +376,13 @@ def test_a_deleted_checkpoint_after_a_clean_stop_refuses_to_open_naming_the_gap(
     (checkpoint,) = [name for name in os.listdir(datadir) if name.startswith("checkpoint-")]
     aside = os.path.join(os.path.dirname(datadir), checkpoint)
     os.rename(os.path.join(datadir, checkpoint), aside)
-    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.50 are missing: recovery starts from an empty "
-                                              r"database \(there is no checkpoint\), but the first WAL file, "
-                                              r".*wal-0000000000000033\.log, starts at lsn 51\. A checkpoint-\*\.pb "
-                                              r"or wal-\*\.log file moved or deleted does this: put it back"):
+    with pytest.raises(
+        CorruptionError,
+        match=r"WAL records 1\.\.50 are missing: recovery starts from an empty "
+        r"database \(there is no checkpoint\), but the first WAL file, "
+        r".*wal-0000000000000033\.log, starts at lsn 51\. A checkpoint-\*\.pb "
+        r"or wal-\*\.log file moved or deleted does this: put it back",
+    ):
         open_test_db(datadir)
     assert wait_for_coordinator_exit(datadir)
 
@@ -400,8 +406,12 @@ def instance(datadir):
     """(data directory, instance id, commit ring) as a coordinator makes them before it starts persistence."""
     directory = DataDir.open(datadir)
     instance_id = names.new_instance_id()
-    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
-                                  coordinator_start=process_start_time())
+    control = ControlBlock.create(
+        names.control_name(instance_id),
+        reader_slots=1,
+        coordinator_pid=os.getpid(),
+        coordinator_start=process_start_time(),
+    )
     ring = CommitRing.create(names.segment_name(instance_id, "ring"))
     try:
         yield directory, instance_id, ring
@@ -441,10 +451,15 @@ def test_persistence_refuses_a_wal_ahead_of_the_state_instead_of_skipping_new_co
     ring.append(1, SYNC, b"ours 1")
     status, reports = run_persistence(directory, instance_id, next_lsn=1, last_lsn=1)
     assert status == EXIT_DISK_FAILURE
-    assert reports == [["failed", f"CorruptionError: WAL file {path} ends at lsn 5, past lsn 1, the last commit of "
-                                  f"the state being served: the WAL belongs to a later state (was a "
-                                  f"checkpoint-*.pb file moved or deleted?); put the missing file back, or salvage "
-                                  f"with `protobase recover {directory.path} NEW_DIR`"]]
+    assert reports == [
+        [
+            "failed",
+            f"CorruptionError: WAL file {path} ends at lsn 5, past lsn 1, the last commit of "
+            f"the state being served: the WAL belongs to a later state (was a "
+            f"checkpoint-*.pb file moved or deleted?); put the missing file back, or salvage "
+            f"with `protobase recover {directory.path} NEW_DIR`",
+        ]
+    ]
     assert list(read_records(path)) == [(lsn, b"theirs %d" % lsn) for lsn in range(1, 6)]
 
 
@@ -465,9 +480,12 @@ def test_persistence_skips_a_ring_record_only_if_the_wal_holds_that_very_record(
         writer.sync()
     status, reports = run_persistence(directory, instance_id, next_lsn=5, last_lsn=5)
     assert status == EXIT_DISK_FAILURE
-    assert reports[-1] == ["failed", f"CorruptionError: WAL file {path} holds a record 5 that is not the commit 5 "
-                                     f"being written: the WAL belongs to another history; the database must stop "
-                                     f"and recover (`protobase recover`)"]
+    assert reports[-1] == [
+        "failed",
+        f"CorruptionError: WAL file {path} holds a record 5 that is not the commit 5 "
+        f"being written: the WAL belongs to another history; the database must stop "
+        f"and recover (`protobase recover`)",
+    ]
 
 
 # -- the coordinator's side: Durability with a real persistence process ------------------------------------
@@ -478,8 +496,12 @@ def started_durability(path: str, **options) -> Iterator[Durability]:
     """A started Durability (ring and persistence process) on a fresh directory, as a coordinator has it."""
     directory = DataDir.open(path)
     instance_id = names.new_instance_id()
-    control = ControlBlock.create(names.control_name(instance_id), reader_slots=1, coordinator_pid=os.getpid(),
-                                  coordinator_start=process_start_time())
+    control = ControlBlock.create(
+        names.control_name(instance_id),
+        reader_slots=1,
+        coordinator_pid=os.getpid(),
+        coordinator_start=process_start_time(),
+    )
     supervisor = Durability(directory, instance_id, control, next_lsn=1, flush_interval=0.01, **options)
     try:
         supervisor.start()
@@ -509,8 +531,11 @@ def test_a_failed_wal_write_refuses_the_next_async_commit_before_its_report_is_r
     # to the persistence process's report, every commit handed over was acknowledged and lost.
     durability.enqueue(b"x" * 4096, sync=False)  # everything before it is durable: it rings the doorbell
     wait_until(lambda: durability.process.poll() is not None, "the persistence process to stop on the full disk")
-    with pytest.raises(DurabilityFailed, match="the write-ahead log failed: WalWriteError: cannot write 1 record"
-                                               r"\(s\) from lsn 1 .*No space left on device"):
+    with pytest.raises(
+        DurabilityFailed,
+        match="the write-ahead log failed: WalWriteError: cannot write 1 record"
+        r"\(s\) from lsn 1 .*No space left on device",
+    ):
         durability.enqueue(b"y", sync=False)
     assert durability.next_lsn == 2  # the refused commit got no LSN
 
@@ -537,7 +562,10 @@ def test_persistence_restarts_are_limited_within_a_window_not_over_a_lifetime(da
             supervisor.wait_started()
             now[0] += 1
         kill_persistence(supervisor)  # ...and one more
-        with pytest.raises(DurabilityFailed, match=r"the persistence process died 3 times within 300s \(last exit "
-                                                   r"status -9\); see .*coordinator\.log"):
+        with pytest.raises(
+            DurabilityFailed,
+            match=r"the persistence process died 3 times within 300s \(last exit "
+            r"status -9\); see .*coordinator\.log",
+        ):
             supervisor.check_child()
         assert not supervisor.check_child()  # failed for good: no restart, no second report

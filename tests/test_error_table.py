@@ -13,8 +13,11 @@ MESSAGE_ONLY = [cls for cls in ERROR_CLASSES.values() if cls is not errors.Confl
 
 
 def test_the_table_holds_every_error_class_of_errors_py_and_nothing_else():
-    defined = {name: value for name, value in vars(errors).items()
-               if isinstance(value, type) and issubclass(value, errors.ProtoBaseError)}
+    defined = {
+        name: value
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.ProtoBaseError)
+    }
     assert dict(ERROR_CLASSES) == defined
     assert set(errors.__all__) == set(defined)
 

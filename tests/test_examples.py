@@ -33,8 +33,13 @@ EXAMPLE_TIMEOUT = 240  # seconds a `python -m examples...` run may take on a loa
 
 def run_example(module: str, *args: str) -> subprocess.CompletedProcess:
     """Run `python -m examples.<module> args` from the repository root; fail with its output if it fails."""
-    done = subprocess.run([sys.executable, "-m", f"examples.{module}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=EXAMPLE_TIMEOUT)
+    done = subprocess.run(
+        [sys.executable, "-m", f"examples.{module}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EXAMPLE_TIMEOUT,
+    )
     assert done.returncode == 0, f"examples.{module} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     print(done.stdout)
     return done
@@ -105,23 +110,41 @@ def client(base: str, thread: int, sent: dict, pids: collections.Counter, errors
         errors.append(error)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None,
-                    reason="gunicorn is not installed: pip install -e '.[examples]'")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed: pip install -e '.[examples]'"
+)
 def test_shop_app_under_gunicorn_loses_no_update(datadir, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PROTOBASE_PATH=datadir, PROTOBASE_SHUTDOWN_GRACE=str(GRACE))
     log = open(tmp_path / "gunicorn.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{port}",
-                               "--graceful-timeout", "10", "examples.shop_app:app"],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            "3",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "10",
+            "examples.shop_app:app",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_until_serving(server, base)
         sent: dict = {"items": [], "points": []}  # list.append is atomic across threads
         pids: collections.Counter = collections.Counter()
         errors: list = []
-        threads = [threading.Thread(target=client, args=(base, number, sent, pids, errors))
-                   for number in range(CLIENT_THREADS)]
+        threads = [
+            threading.Thread(target=client, args=(base, number, sent, pids, errors)) for number in range(CLIENT_THREADS)
+        ]
         started = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -131,8 +154,10 @@ def test_shop_app_under_gunicorn_loses_no_update(datadir, tmp_path):
         assert not any(thread.is_alive() for thread in threads), "a client thread hung"
         assert not errors, errors
         requests = CLIENT_THREADS * REQUESTS_PER_THREAD
-        print(f"\n{requests} updates in {elapsed:.2f}s = {requests / elapsed:.0f} requests/s, "
-              f"served by workers {dict(pids)}")
+        print(
+            f"\n{requests} updates in {elapsed:.2f}s = {requests / elapsed:.0f} requests/s, "
+            f"served by workers {dict(pids)}"
+        )
 
         carts = {user: call(base, "GET", f"/cart/{user}")[0]["items"] for user in USERS}
         expected_carts = collections.defaultdict(list)
@@ -157,8 +182,9 @@ def test_shop_app_under_gunicorn_loses_no_update(datadir, tmp_path):
         db.check()
         with db.snapshot() as snapshot:
             assert sum(len(snapshot.root["carts"][user]) for user in USERS) == len(sent["items"])
-            assert sum(record["score"] for record in snapshot.root["scores"].values()) == \
-                sum(points for _, points in sent["points"])
+            assert sum(record["score"] for record in snapshot.root["scores"].values()) == sum(
+                points for _, points in sent["points"]
+            )
 
 
 # -- the pool analytics job and the telemetry pipeline ---------------------------------------

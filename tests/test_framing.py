@@ -31,7 +31,7 @@ def test_frames_fed_a_byte_at_a_time_come_out_whole_and_in_order():
     stream = b"".join(encode_frame(message) for message in messages)
     received = []
     for offset in range(len(stream)):
-        received += reader.feed(stream[offset:offset + 1])
+        received += reader.feed(stream[offset : offset + 1])
     assert received == messages and reader.buffered == 0
 
 
@@ -43,7 +43,7 @@ def test_a_frame_announcing_more_than_the_limit_is_refused_before_its_body_arriv
 
 
 def test_bodies_are_handed_over_undecoded():
-    body = encode_frame("not decoded")[LENGTH.size:]
+    body = encode_frame("not decoded")[LENGTH.size :]
     assert FrameReader().feed_bodies(LENGTH.pack(len(body)) + body) == [body]
 
 

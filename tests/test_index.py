@@ -93,14 +93,26 @@ def check_result(users: Any, query: Any, predicate: Any) -> set:
 def test_single_term_plans_estimate_exactly(users_db: protobase.Database) -> None:
     cases = [
         (F.city == "c1", IndexedSearchPlan, "IndexedSearchPlan(city == 'c1')", lambda r: r.get("city") == "c1"),
-        (F.city.isin(["c1", "c2", "c1"]), IndexedSearchPlan, "IndexedSearchPlan(city in ['c1', 'c2'])",
-         lambda r: r.get("city") in ("c1", "c2")),
-        (F.tags.contains("vip"), IndexedSearchPlan, "IndexedSearchPlan(tags contains 'vip')",
-         lambda r: "vip" in r["tags"]),
+        (
+            F.city.isin(["c1", "c2", "c1"]),
+            IndexedSearchPlan,
+            "IndexedSearchPlan(city in ['c1', 'c2'])",
+            lambda r: r.get("city") in ("c1", "c2"),
+        ),
+        (
+            F.tags.contains("vip"),
+            IndexedSearchPlan,
+            "IndexedSearchPlan(tags contains 'vip')",
+            lambda r: "vip" in r["tags"],
+        ),
         (F.score <= 10, IndexedRangeSearchPlan, "IndexedRangeSearchPlan(score <= 10)", lambda r: r["score"] <= 10),
         (F.score >= 45, IndexedRangeSearchPlan, "IndexedRangeSearchPlan(45 <= score)", lambda r: r["score"] >= 45),
-        (F.score.between(10, 12), IndexedRangeSearchPlan, "IndexedRangeSearchPlan(10 <= score <= 12)",
-         lambda r: 10 <= r["score"] <= 12),
+        (
+            F.score.between(10, 12),
+            IndexedRangeSearchPlan,
+            "IndexedRangeSearchPlan(10 <= score <= 12)",
+            lambda r: 10 <= r["score"] <= 12,
+        ),
         (F.city == "nowhere", IndexedSearchPlan, "IndexedSearchPlan(city == 'nowhere')", lambda r: False),
     ]
     with users_db.snapshot() as snap:
@@ -143,8 +155,11 @@ def test_combined_plans(users_db: protobase.Database) -> None:
         query = users.where((F.city == "c1") | (F.score >= 48) | F.tags.contains("vip"))
         check_result(users, query, lambda r: r.get("city") == "c1" or r["score"] >= 48 or "vip" in r["tags"])
         assert type(query.plan) is OrMerge
-        assert [type(part) for part in query.plan.parts] == [IndexedSearchPlan, IndexedRangeSearchPlan,
-                                                            IndexedSearchPlan]
+        assert [type(part) for part in query.plan.parts] == [
+            IndexedSearchPlan,
+            IndexedRangeSearchPlan,
+            IndexedSearchPlan,
+        ]
         assert query.explain().splitlines()[0] == "OrMerge ~30 records"  # 17 + 8 + 5, an upper bound
 
         # one term of an OR without an index: a full scan with the whole condition as filter
@@ -277,8 +292,7 @@ def test_maintenance_of_a_nested_field(fast_db: protobase.Database) -> None:
     db = fast_db
     probes = ["Paris", "Lyon"]
     with db.transaction() as tx:
-        tx.root["users"] = {"alice": {"address": {"city": "Paris"}}, "bob": {"address": "somewhere"},
-                            "carol": {}}
+        tx.root["users"] = {"alice": {"address": {"city": "Paris"}}, "bob": {"address": "somewhere"}, "carol": {}}
         tx.root["users"].create_index("address.city")
     assert_index_consistent(db, "users", "address.city", probes)
     steps = [
@@ -432,9 +446,11 @@ def test_indexes_survive_restart_and_compaction(datadir: str) -> None:
         with database.snapshot() as snap:
             users = snap.root["users"]
             assert users.indexes == ("city", "tags")
-            for expr, predicate in [(F.city == "moved", lambda r: r.get("city") == "moved"),
-                                    (F.city == "c3", lambda r: r.get("city") == "c3"),
-                                    (F.tags.contains("vip"), lambda r: "vip" in r["tags"])]:
+            for expr, predicate in [
+                (F.city == "moved", lambda r: r.get("city") == "moved"),
+                (F.city == "c3", lambda r: r.get("city") == "c3"),
+                (F.tags.contains("vip"), lambda r: "vip" in r["tags"]),
+            ]:
                 query = users.where(expr)
                 assert type(query.plan) is IndexedSearchPlan
                 assert set(query.keys()) == expected(users, predicate)
@@ -528,8 +544,10 @@ def _matching(records: dict, predicate) -> set:
 def test_composite_index_answers_equality_plus_range_exactly(datadir):
     rng = random.Random(11)
     cities = ["c0", "c1", "c2", 5, None]
-    records = {f"u{i}": {"city": rng.choice(cities), "score": rng.choice([rng.randrange(50), 2.5, "x", None])}
-               for i in range(600)}
+    records = {
+        f"u{i}": {"city": rng.choice(cities), "score": rng.choice([rng.randrange(50), 2.5, "x", None])}
+        for i in range(600)
+    }
     for i in range(0, 600, 37):
         del records[f"u{i}"]["score"]
     with open_test_db(datadir, durability="async") as db:
@@ -545,10 +563,12 @@ def test_composite_index_answers_equality_plus_range_exactly(datadir):
                     assert "on index (city, score)" in query.explain()
                     assert query.plan.estimate == query.count()  # the slice is exactly the result
                     assert set(query.keys()) == _matching(
-                        records, lambda r, c=city: "score" in r and r["city"] == c and r["score"] > 20)
+                        records, lambda r, c=city: "score" in r and r["city"] == c and r["score"] > 20
+                    )
                     between = users.where((F.city == city) & F.score.between(5, 9))
                     assert set(between.keys()) == _matching(
-                        records, lambda r, c=city: "score" in r and r["city"] == c and 5 <= r["score"] <= 9)
+                        records, lambda r, c=city: "score" in r and r["city"] == c and 5 <= r["score"] <= 9
+                    )
                     alone = users.where(F.city == city)  # records lacking score match: no composite here
                     assert "on index" not in alone.explain()
                     assert set(alone.keys()) == _matching(records, lambda r, c=city: r["city"] == c)

@@ -16,13 +16,13 @@ from protobase.errors import EncodingError
 from protobase.keyorder import bisect_left, bisect_right, check_key, is_key, order_key
 
 _numbers = (
-    st.booleans() | st.integers() | st.integers(min_value=-(2**80), max_value=2**80)
-    | st.floats(allow_nan=False) | st.decimals(allow_nan=False, allow_infinity=False, places=3)
+    st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=3)
 )
-_atoms = (
-    st.none() | _numbers | st.text(max_size=6) | st.binary(max_size=6)
-    | st.datetimes() | st.dates() | st.uuids()
-)
+_atoms = st.none() | _numbers | st.text(max_size=6) | st.binary(max_size=6) | st.datetimes() | st.dates() | st.uuids()
 _keys = st.recursive(_atoms, lambda inner: st.lists(inner, max_size=3).map(tuple), max_leaves=6)
 
 FAMILIES = {
@@ -78,8 +78,25 @@ def test_sorting_by_order_key_is_stable_under_permutation(keys):
 
 
 def test_families_are_ordered_by_rank():
-    ordered = [None, -1, False, 0.5, Decimal("2"), 3, "", "a", b"", b"a", dt.datetime(2000, 1, 1),
-               dt.date(1990, 1, 1), uuid.UUID(int=0), (), (None,), (1,), ("a",)]
+    ordered = [
+        None,
+        -1,
+        False,
+        0.5,
+        Decimal("2"),
+        3,
+        "",
+        "a",
+        b"",
+        b"a",
+        dt.datetime(2000, 1, 1),
+        dt.date(1990, 1, 1),
+        uuid.UUID(int=0),
+        (),
+        (None,),
+        (1,),
+        ("a",),
+    ]
     assert sorted(reversed(ordered), key=order_key) == ordered
 
 
@@ -102,8 +119,16 @@ def test_naive_and_aware_datetimes_are_ordered():
     check_key(naive)
     check_key(aware)
     assert bisect_left([naive], aware) in (0, 1)
-    assert sum([order_key(naive) < order_key(aware), order_key(naive) == order_key(aware),
-                order_key(naive) > order_key(aware)]) == 1
+    assert (
+        sum(
+            [
+                order_key(naive) < order_key(aware),
+                order_key(naive) == order_key(aware),
+                order_key(naive) > order_key(aware),
+            ]
+        )
+        == 1
+    )
 
 
 def _sorted_unique(keys: list) -> list:
@@ -145,33 +170,54 @@ def test_bisect_on_mixed_int_and_str_keys(keys, probe):
 # -- check_key ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", [
-    None, True, 0, -(2**100), 1.5, float("inf"), Decimal("1.5"), "s", b"b", dt.datetime(2020, 1, 1),
-    dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc), dt.date(2020, 1, 1), uuid.UUID(int=5),
-    (), (1, "a", (b"x", None)),
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        None,
+        True,
+        0,
+        -(2**100),
+        1.5,
+        float("inf"),
+        Decimal("1.5"),
+        "s",
+        b"b",
+        dt.datetime(2020, 1, 1),
+        dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+        dt.date(2020, 1, 1),
+        uuid.UUID(int=5),
+        (),
+        (1, "a", (b"x", None)),
+    ],
+)
 def test_check_key_accepts_orderable_scalars_and_tuples(key):
     check_key(key, ("d",))
 
 
-@pytest.mark.parametrize(("key", "message"), [
-    ([1], r"cannot use a key of type list at root\['d'\]: keys of stored dicts"),
-    ({"a": 1}, r"cannot use a key of type dict at root\['d'\]"),
-    (frozenset({1}), r"cannot use a key of type frozenset at root\['d'\]"),
-    ({1}, r"cannot use a key of type set at root\['d'\]"),
-    (object(), r"cannot use a key of type object at root\['d'\]"),
-    ((1, [2]), r"cannot use a key of type list at root\['d'\]"),
-    ((1, frozenset()), r"cannot use a key of type frozenset at root\['d'\]"),
-    (float("nan"), r"cannot use NaN as a key at root\['d'\]: NaN is not equal to itself"),
-    ((1, (float("nan"),)), r"cannot use NaN as a key at root\['d'\]"),
-    (Decimal("NaN"), r"cannot use Decimal\('NaN'\) as a key at root\['d'\]: a NaN is not equal to itself and "
-                     r"cannot be ordered among numbers"),
-    (Decimal("sNaN"), r"cannot use Decimal\('sNaN'\) as a key at root\['d'\]"),
-    (Decimal("-NaN123"), r"cannot use Decimal\('-NaN123'\) as a key"),
-    ((1, Decimal("NaN")), r"cannot use Decimal\('NaN'\) as a key at root\['d'\]"),
-    ("x\ud800", r"cannot store a str holding the lone surrogate '\\ud800' \(position 1\) at root\['d'\]"),
-    (("ok", "\udc80"), r"lone surrogate '\\udc80' \(position 0\) at root\['d'\]"),
-])
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ([1], r"cannot use a key of type list at root\['d'\]: keys of stored dicts"),
+        ({"a": 1}, r"cannot use a key of type dict at root\['d'\]"),
+        (frozenset({1}), r"cannot use a key of type frozenset at root\['d'\]"),
+        ({1}, r"cannot use a key of type set at root\['d'\]"),
+        (object(), r"cannot use a key of type object at root\['d'\]"),
+        ((1, [2]), r"cannot use a key of type list at root\['d'\]"),
+        ((1, frozenset()), r"cannot use a key of type frozenset at root\['d'\]"),
+        (float("nan"), r"cannot use NaN as a key at root\['d'\]: NaN is not equal to itself"),
+        ((1, (float("nan"),)), r"cannot use NaN as a key at root\['d'\]"),
+        (
+            Decimal("NaN"),
+            r"cannot use Decimal\('NaN'\) as a key at root\['d'\]: a NaN is not equal to itself and "
+            r"cannot be ordered among numbers",
+        ),
+        (Decimal("sNaN"), r"cannot use Decimal\('sNaN'\) as a key at root\['d'\]"),
+        (Decimal("-NaN123"), r"cannot use Decimal\('-NaN123'\) as a key"),
+        ((1, Decimal("NaN")), r"cannot use Decimal\('NaN'\) as a key at root\['d'\]"),
+        ("x\ud800", r"cannot store a str holding the lone surrogate '\\ud800' \(position 1\) at root\['d'\]"),
+        (("ok", "\udc80"), r"lone surrogate '\\udc80' \(position 0\) at root\['d'\]"),
+    ],
+)
 def test_check_key_rejects(key, message):
     with pytest.raises(EncodingError, match=message):
         check_key(key, ("d",))

@@ -90,6 +90,7 @@ def coordinators_of(path: str) -> list[psutil.Process]:
 
 def _increment_shared(path: str, barrier: Any, increments: int) -> int:
     with open_test_db(path) as db:
+
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["counters"]["total"] += 1
@@ -122,6 +123,7 @@ def test_counter_race_loses_no_increment(db, children):
 
 def _increment_own_key(path: str, barrier: Any, key: str, increments: int) -> int:
     with open_test_db(path) as db:
+
         @db.transactional(retries=RETRIES)
         def bump(tx: protobase.Transaction) -> None:
             tx.root["per_process"][key] += 1
@@ -152,8 +154,9 @@ def test_disjoint_keys_of_one_dict_do_not_conflict(db, children):
 # -- concurrent first open -----------------------------------------------------------------------------
 
 
-def _open_at_once(path: str, barrier: Any, ready: Any, release: Any, number: int,
-                  processes: int) -> tuple[int, int, str]:
+def _open_at_once(
+    path: str, barrier: Any, ready: Any, release: Any, number: int, processes: int
+) -> tuple[int, int, str]:
     barrier.wait(DEADLINE)  # everyone calls open() at the same moment
     with open_test_db(path) as db:
         with db.transaction() as tx:
@@ -171,8 +174,10 @@ def test_concurrent_first_opens_share_one_coordinator(datadir, children):
     processes = 3
     results, ready = SPAWN.Queue(), SPAWN.Queue()
     barrier, release = SPAWN.Barrier(processes), SPAWN.Event()
-    started = [children(_open_at_once, results, datadir, barrier, ready, release, number, processes)
-               for number in range(processes)]
+    started = [
+        children(_open_at_once, results, datadir, barrier, ready, release, number, processes)
+        for number in range(processes)
+    ]
     try:
         for _ in range(processes):  # every child attached, committed and saw every commit
             ready.get(timeout=DEADLINE)
@@ -290,7 +295,7 @@ def test_database_used_in_forked_child(db, children):
     with db.snapshot() as held:  # a snapshot open across fork stays the parent's
         results = FORK.Queue()
         child = children(_use_inherited, results, db, context=FORK)
-        (coordinator_pid, seen, child_pid), = collect(results, 1)
+        ((coordinator_pid, seen, child_pid),) = collect(results, 1)
         join_all([child])
         assert held.root.thaw() == {"from_parent": [1, 2, 3]}
     assert seen == [1, 2, 3]

@@ -48,8 +48,9 @@ class FakeIndex:
         low, high, include_low, include_high = interval
         if value is MISSING or type(value) is not type(low if low is not None else high):
             return False
-        return ((low is None or (value >= low if include_low else value > low))
-                and (high is None or (value <= high if include_high else value < high)))
+        return (low is None or (value >= low if include_low else value > low)) and (
+            high is None or (value <= high if include_high else value < high)
+        )
 
     def count_equal(self, value: Any, *, element: bool = False) -> int:
         self.calls.append("count_equal")
@@ -74,7 +75,7 @@ class FakeIndex:
         found = []
         for key, record in self.records.items():
             values = self._value(record)
-            if MISSING in values or values[:len(prefix)] != prefix:
+            if MISSING in values or values[: len(prefix)] != prefix:
                 continue
             if ranged is None or self._in(values[len(prefix)], ranged):
                 found.append(key)
@@ -92,8 +93,12 @@ class FakeIndex:
 class FakeSource(dict[Any, Any]):
     """A QuerySource: the records as a dict, the given readers, the given changed keys."""
 
-    def __init__(self, records: Mapping[Any, Any], indexes: Mapping[IndexName, IndexReader],
-                 changed: frozenset[Any] = frozenset()) -> None:
+    def __init__(
+        self,
+        records: Mapping[Any, Any],
+        indexes: Mapping[IndexName, IndexReader],
+        changed: frozenset[Any] = frozenset(),
+    ) -> None:
         super().__init__(records)
         self.indexes, self.changed = indexes, changed
 
@@ -215,6 +220,9 @@ def test_every_collection_is_a_query_source_whose_readers_count_what_they_return
             interval = Interval(None, "c1", False, True)
             assert city.count_range(interval) == len(list(city.keys_range(interval))) == 200
             ranged = Interval(100, 200, True, False)
-            assert pair.count_prefix(("c1",), ranged) == len(list(pair.keys_prefix(("c1",), ranged))) \
+            assert (
+                pair.count_prefix(("c1",), ranged)
+                == len(list(pair.keys_prefix(("c1",), ranged)))
                 == count(lambda r: r["city"] == "c1" and 100 <= r["score"] < 200)
+            )
             assert pair.count_prefix(("c1",)) == len(list(pair.keys_prefix(("c1",)))) == 100

@@ -91,7 +91,6 @@ def test_a_dead_worker_is_reported_and_replaced(pooled):
     assert pool.map(die_on_three, [1, 2]) == [1, 2]  # the replacement works
 
 
-
 def test_a_few_items_spread_over_every_worker(pooled):
     # Regression (issue 10, item 18): chunks of 64 put any call of fewer items on one worker.
     _, pool = pooled
@@ -124,8 +123,13 @@ def test_a_pool_opened_by_an_unguarded_script_fails_with_a_clear_error(datadir, 
     with open_test_db(datadir) as db:
         script = tmp_path / "unguarded.py"
         script.write_text(UNGUARDED_SCRIPT)
-        result = subprocess.run([sys.executable, str(script), datadir], capture_output=True, text=True,
-                                timeout=180, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        result = subprocess.run(
+            [sys.executable, str(script), datadir],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        )
         assert result.returncode != 0
         assert "did not start" in result.stderr and 'under `if __name__ == "__main__":`' in result.stderr
         assert "db.pool() was called while this process was starting as a pool worker" in result.stderr

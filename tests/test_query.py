@@ -35,9 +35,12 @@ from protobase.core.frozen import freeze
 from tests.conftest import open_test_db
 
 FIELDS = ("city", "score", "tags", "address.city")
-SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # -- the reference semantics -------------------------------------------------------------------
@@ -54,8 +57,7 @@ def get(record: Any, field: str) -> Any:
     return value
 
 
-_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
-        ">=": operator.ge}
+_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 def compare(op: str, found: Any, value: Any) -> bool:
@@ -105,8 +107,30 @@ def canon(value: Any) -> tuple | None:
 
 # -- strategies -------------------------------------------------------------------------------------
 
-SCALARS = [-2, -1, 0, 1, 2, 3, 0.5, 1.0, 2.5, -1.5, "a", "b", "Paris", "", None, True, False,
-           (1, 2), (1, "a"), ("a",), (), (2,)]
+SCALARS = [
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    3,
+    0.5,
+    1.0,
+    2.5,
+    -1.5,
+    "a",
+    "b",
+    "Paris",
+    "",
+    None,
+    True,
+    False,
+    (1, 2),
+    (1, "a"),
+    ("a",),
+    (),
+    (2,),
+]
 scalars = st.sampled_from(SCALARS)
 # Range bounds: no None (see test_range_with_none_bound), no tuples (see test_indexed_tuple_range_with_mixed_elements).
 bounds = st.sampled_from([value for value in SCALARS if value is not None and type(value) is not tuple])
@@ -187,12 +211,15 @@ def expressions(draw: Any, depth: int = 0) -> tuple[Any, Reference, str]:
 
 
 field_edits = st.tuples(st.sampled_from(["city", "score", "tags", "address.city"]), st.one_of(scalars, tags))
-edits = st.lists(st.one_of(
-    st.tuples(st.just("set"), keys, record),
-    st.tuples(st.just("delete"), keys),
-    st.tuples(st.just("field"), keys, field_edits),
-    st.tuples(st.just("drop_field"), keys, st.sampled_from(["city", "score", "tags", "address"])),
-), max_size=8)
+edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), keys, record),
+        st.tuples(st.just("delete"), keys),
+        st.tuples(st.just("field"), keys, field_edits),
+        st.tuples(st.just("drop_field"), keys, st.sampled_from(["city", "score", "tags", "address"])),
+    ),
+    max_size=8,
+)
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -280,11 +307,25 @@ def apply_edit(model: dict, target: Any, edit: tuple) -> None:
 
 
 @SETTINGS
-@given(data=records, extra=st.sampled_from([0, 0, 0, 70]), seed=st.integers(0, 1000),
-       indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=4), index_later=st.booleans(),
-       exprs=st.lists(expressions(), min_size=1, max_size=4), changes=edits)
-def test_where_matches_comprehension(qdb: protobase.Database, data: dict, extra: int, seed: int,
-                                     indexed: list, index_later: bool, exprs: list, changes: list) -> None:
+@given(
+    data=records,
+    extra=st.sampled_from([0, 0, 0, 70]),
+    seed=st.integers(0, 1000),
+    indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=4),
+    index_later=st.booleans(),
+    exprs=st.lists(expressions(), min_size=1, max_size=4),
+    changes=edits,
+)
+def test_where_matches_comprehension(
+    qdb: protobase.Database,
+    data: dict,
+    extra: int,
+    seed: int,
+    indexed: list,
+    index_later: bool,
+    exprs: list,
+    changes: list,
+) -> None:
     model = {**filler(seed, extra), **data}
     name = fresh_collection(qdb, model, indexed, index_later)
     model = freeze_model(model)
@@ -304,6 +345,7 @@ def test_where_matches_comprehension(qdb: protobase.Database, data: dict, extra:
 
 def freeze_model(model: dict) -> dict:
     """A deep plain copy of the model (edits must not alias the drawn examples)."""
+
     def copy(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: copy(item) for key, item in value.items()}
@@ -330,11 +372,27 @@ def sort_class(model: dict, key: str, field: str) -> tuple | None:
 
 
 @SETTINGS
-@given(data=records, extra=st.sampled_from([0, 0, 70]), seed=st.integers(0, 1000),
-       indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=2),
-       expr=expressions(), field=st.sampled_from(FIELDS), descending=st.booleans(), count=st.integers(0, 5))
-def test_order_limit_first(qdb: protobase.Database, data: dict, extra: int, seed: int, indexed: list, expr: tuple,
-                           field: str, descending: bool, count: int) -> None:
+@given(
+    data=records,
+    extra=st.sampled_from([0, 0, 70]),
+    seed=st.integers(0, 1000),
+    indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=2),
+    expr=expressions(),
+    field=st.sampled_from(FIELDS),
+    descending=st.booleans(),
+    count=st.integers(0, 5),
+)
+def test_order_limit_first(
+    qdb: protobase.Database,
+    data: dict,
+    extra: int,
+    seed: int,
+    indexed: list,
+    expr: tuple,
+    field: str,
+    descending: bool,
+    count: int,
+) -> None:
     model = freeze_model({**filler(seed, extra), **data})
     name = fresh_collection(qdb, model, indexed, False)
     condition, ref, text = expr
@@ -347,11 +405,12 @@ def test_order_limit_first(qdb: protobase.Database, data: dict, extra: int, seed
         assert sorted(got) == sorted(matching), text
         assert present_order(model, got, field) == ordered_values, f"order by {field} of {text}"
         if not descending:  # records lacking the field, or holding a non-key value there, come last
-            assert all(canon(get(model[key], field)) is None for key in got[len(got) - unordered:])
+            assert all(canon(get(model[key], field)) is None for key in got[len(got) - unordered :])
         limited = query.limit(count).keys()
         assert len(limited) == min(count, len(got)) and set(limited) <= set(matching)
-        assert [sort_class(model, key, field) for key in limited] == [sort_class(model, key, field)
-                                                                      for key in got[:count]]
+        assert [sort_class(model, key, field) for key in limited] == [
+            sort_class(model, key, field) for key in got[:count]
+        ]
         first = query.first()
         if matching:
             assert canon(get(first, field)) == canon(get(model[got[0]], field))
@@ -424,13 +483,20 @@ def group_key(value: Any) -> Any:
 
 
 @SETTINGS
-@given(data=records, indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=2), expr=expressions(),
-       numeric=st.booleans())
-def test_aggregates_and_group_by(qdb: protobase.Database, data: dict, indexed: list, expr: tuple,
-                                 numeric: bool) -> None:
+@given(
+    data=records,
+    indexed=st.lists(st.sampled_from(FIELDS), unique=True, max_size=2),
+    expr=expressions(),
+    numeric=st.booleans(),
+)
+def test_aggregates_and_group_by(
+    qdb: protobase.Database, data: dict, indexed: list, expr: tuple, numeric: bool
+) -> None:
     if numeric:  # mostly summable scores, so sums and averages are exercised beyond TypeError
-        data = {key: {**item, "score": [1, 2, 0.5, -1.5, True][len(key) % 5]} if "score" in item else item
-                for key, item in data.items()}
+        data = {
+            key: {**item, "score": [1, 2, 0.5, -1.5, True][len(key) % 5]} if "score" in item else item
+            for key, item in data.items()
+        }
     model = freeze_model(data)
     name = fresh_collection(qdb, model, indexed, False)
     condition, ref, text = expr
@@ -450,15 +516,19 @@ def test_aggregates_and_group_by(qdb: protobase.Database, data: dict, indexed: l
         grouped = query.group_by("city")
         assert grouped.count() == {group: len(items) for group, items in groups.items()}, text
         assert got_or_error(lambda: grouped.sum("score")) == expected_or_error(
-            lambda: {group: sum(values_of(items, "score")) for group, items in groups.items()})
+            lambda: {group: sum(values_of(items, "score")) for group, items in groups.items()}
+        )
         assert got_or_error(lambda: grouped.avg("score")) == expected_or_error(
-            lambda: {group: average(values_of(items, "score")) for group, items in groups.items()})
+            lambda: {group: average(values_of(items, "score")) for group, items in groups.items()}
+        )
         got_min = grouped.min("score")
         assert {g: canon(v) for g, v in got_min.items()} == {
-            g: canon(extreme(values_of(items, "score"), min)) for g, items in groups.items()}
+            g: canon(extreme(values_of(items, "score"), min)) for g, items in groups.items()
+        }
         got_max = grouped.max("score")
         assert {g: canon(v) for g, v in got_max.items()} == {
-            g: canon(extreme(values_of(items, "score"), max)) for g, items in groups.items()}
+            g: canon(extreme(values_of(items, "score"), max)) for g, items in groups.items()
+        }
     drop(qdb, name)
 
 
@@ -494,7 +564,6 @@ def test_contains_on_big_list_changed_in_transaction(db: protobase.Database) -> 
         tx.abort()
 
 
-
 def test_a_filtered_index_query_skips_records_deleted_in_the_transaction(db: protobase.Database) -> None:
     """Regression: a filter over an index read the records of keys the transaction had deleted (KeyError)."""
     with db.transaction() as tx:
@@ -510,6 +579,7 @@ def test_a_filtered_index_query_skips_records_deleted_in_the_transaction(db: pro
         assert sorted(query.keys()) == ["k2", "k3"]
     finally:
         tx.abort()
+
 
 def test_indexed_tuple_range_with_mixed_elements(db: protobase.Database) -> None:
     """A tuple range over an indexed field whose tuples Python cannot compare with the bound matches nothing."""
@@ -536,9 +606,16 @@ def test_decimal_nan_values_are_left_out_of_an_index(db: protobase.Database) -> 
         assert snap.root["prices"].where(F.price == Decimal(7)).keys() == ["p7"]
 
 
-@pytest.mark.parametrize("membership", [lambda: F.score in [1, 2], lambda: F.score not in (1, 2),
-                                        lambda: F.score in {1, 2}, lambda: F.address.city in ["Paris"]],
-                         ids=["list", "not-in-tuple", "set", "nested-field"])
+@pytest.mark.parametrize(
+    "membership",
+    [
+        lambda: F.score in [1, 2],
+        lambda: F.score not in (1, 2),
+        lambda: F.score in {1, 2},
+        lambda: F.address.city in ["Paris"],
+    ],
+    ids=["list", "not-in-tuple", "set", "nested-field"],
+)
 def test_membership_with_in_points_to_isin(membership: Callable[[], bool]) -> None:
     with pytest.raises(TypeError, match=r"to test membership use F\.(score|address\.city)\.isin\(values\)"):
         membership()

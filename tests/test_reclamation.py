@@ -204,7 +204,7 @@ VALUE_BYTES = 8 << 10
 def rewrite(db: protobase.Database, keys: list[str], number: int) -> int:
     """Replace an eighth of the values under "d" (64 kB); return the bytes written."""
     with db.transaction() as tx:
-        for key in keys[number % 8::8]:
+        for key in keys[number % 8 :: 8]:
             tx.root["d"][key] = f"{number}".ljust(VALUE_BYTES, "x")
     return len(keys) // 8 * VALUE_BYTES
 
@@ -234,8 +234,11 @@ def test_a_stopped_reader_makes_memory_grow_with_the_bytes_written_and_is_named(
         oldest = stats.oldest_reader
         assert (oldest.pid, oldest.snapshot_seq) == (pid, seq), stats
         assert oldest.held_seconds > 0 and oldest.retained_bytes >= COMPACT_MIN, oldest
-        assert re.search(rf"oldest snapshot: pid {pid} \(slot \d+\) has held seq {seq} for \d+\.\ds, keeping "
-                         rf"\d+\.\d MiB of retired segments in shared memory", capsys.readouterr().out)
+        assert re.search(
+            rf"oldest snapshot: pid {pid} \(slot \d+\) has held seq {seq} for \d+\.\ds, keeping "
+            rf"\d+\.\d MiB of retired segments in shared memory",
+            capsys.readouterr().out,
+        )
 
         release.set()
         child.join(DEADLINE)
@@ -275,8 +278,14 @@ def parts() -> Any:
 
     harness = Harness()
     pins = Pins()
-    reclamation = Reclamation(harness.arena, harness.writer, harness.control, harness.commits,  # type: ignore[arg-type]
-                              pins, compact_min_bytes=64 << 10)
+    reclamation = Reclamation(
+        harness.arena,
+        harness.writer,
+        harness.control,
+        harness.commits,  # type: ignore[arg-type]
+        pins,
+        compact_min_bytes=64 << 10,
+    )
     yield harness, pins, reclamation
     harness.close()
 
@@ -307,7 +316,7 @@ def test_a_compaction_starts_once_the_garbage_passes_the_threshold_and_not_while
     harness.control.reader_slots = [ReaderSlot(0, 1, 0.0, 3)]  # a reader on an old snapshot
     reclamation.maybe_compact()
     assert reclamation.compactions == 1 and harness.commits.seq == 11 and harness.control.published[-1][0] == 11
-    (retired_seq, first_live), = reclamation.retired
+    ((retired_seq, first_live),) = reclamation.retired
     assert retired_seq == 11 and min(harness.arena.segments) < first_live  # kept for the reader
     garbage(harness, 20)
     all_durable(harness)
@@ -329,7 +338,7 @@ def test_retired_segments_wait_for_the_copy_to_be_published_and_for_checkpoints_
     harness.commit("sync", [OP_SET, ["k"], 1], durability="sync")  # not durable yet: the copy waits behind it
     pins.seqs = [2]  # and a checkpoint of seq 2 is being written
     reclamation.compact()
-    (seq, first_live), = reclamation.retired
+    ((seq, first_live),) = reclamation.retired
     assert harness.commits.published_seq < seq
     harness.durability.durable_lsn = harness.durability.next_lsn - 1
     harness.commits.answer_durable()  # the copy is published: only the checkpoint holds the old segments now
@@ -362,7 +371,8 @@ def test_a_failed_compaction_is_undone_and_the_next_attempt_waits_for_as_many_by
         reclamation.maybe_compact()
     assert [record.getMessage() for record in caplog.records] == [
         "compaction failed and was undone; serving the uncompacted data, next attempt after 65536 more bytes: "
-        "compaction failed and was undone, the database is unchanged: /dev/shm is full"]
+        "compaction failed and was undone, the database is unchanged: /dev/shm is full"
+    ]
     assert (reclamation.compaction_failures, reclamation.compactions, len(attempts)) == (1, 0, 1)
     assert (harness.commits.seq, harness.commits.root) == (seq, root) and reclamation.retired == []
     assert set(harness.arena.segments) == set(segments)  # the half-made copy is unlinked
@@ -372,8 +382,9 @@ def test_a_failed_compaction_is_undone_and_the_next_attempt_waits_for_as_many_by
     garbage(harness, 6)
     reclamation.maybe_compact()
     assert len(attempts) == 2
-    with pytest.raises(ProtoBaseError, match="^compaction failed and was undone, the database is unchanged: "
-                                             "/dev/shm is full$"):
+    with pytest.raises(
+        ProtoBaseError, match="^compaction failed and was undone, the database is unchanged: /dev/shm is full$"
+    ):
         reclamation.compact()  # asked for (db.compact()): the error goes to the asker
 
 
@@ -387,7 +398,7 @@ def test_oldest_reader_names_the_reader_of_the_oldest_snapshot_and_what_it_keeps
     harness.control.reader_slots = [ReaderSlot(3, 77, 0.0, 3), ReaderSlot(4, 78, 0.0, 2)]
     reclamation.observe_pins()
     reclamation.compact()
-    (_, first_live), = reclamation.retired
+    ((_, first_live),) = reclamation.retired
     time.sleep(0.05)
     oldest = reclamation.oldest_reader()
     assert oldest is not None and (oldest["slot"], oldest["pid"], oldest["snapshot_seq"]) == (4, 78, 2)

@@ -52,6 +52,7 @@ def test_a_consumer_starting_inside_a_large_record_refuses_it(ring_name):
     first = CommitRing.attach(ring_name)
     successor = CommitRing.attach(ring_name)
     try:
+
         def first_reads_a_little() -> None:
             _, tail = first.read()  # copies fragments out, then "dies" holding them
             first.release(tail)

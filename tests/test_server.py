@@ -122,8 +122,11 @@ def test_a_compaction_on_full_shm_is_undone_and_its_commit_answered_ok_once(data
         for _ in range(3):  # replies stay in step, and commits go on in the old generation
             commit_numbered(db, len(acknowledged))
             acknowledged.append(len(acknowledged))
-        with pytest.raises(ProtoBaseError, match=r"compaction failed and was undone, the database is unchanged: "
-                                                 r"shared memory \(/dev/shm\) is full"):
+        with pytest.raises(
+            ProtoBaseError,
+            match=r"compaction failed and was undone, the database is unchanged: "
+            r"shared memory \(/dev/shm\) is full",
+        ):
             db.compact()
         stats = db.stats()
         assert (stats.compactions, stats.compaction_failures) == (0, 2)
@@ -160,19 +163,30 @@ def opaque_dataclass(fields: dict) -> msgpack.ExtType:
 REFUSED_REFERENCE = r"commit refused, nothing was applied: .*internal reference types cannot be stored"
 BAD_REQUESTS = {  # name -> (ops bytes made from a pointer to a live atom, error class, message)
     "a reference as the value": (lambda ptr: ops_holding(Ref(ptr, VALUE)), "EncodingError", REFUSED_REFERENCE),
-    "a reference deep inside": (lambda ptr: ops_holding({"a": [(1, Ref(ptr, VALUE))]}), "EncodingError",
-                                REFUSED_REFERENCE),
+    "a reference deep inside": (
+        lambda ptr: ops_holding({"a": [(1, Ref(ptr, VALUE))]}),
+        "EncodingError",
+        REFUSED_REFERENCE,
+    ),
     "a reference as a key": (lambda ptr: ops_holding({Ref(ptr, VALUE): 1}), "EncodingError", REFUSED_REFERENCE),
     "a reference in a set": (lambda ptr: ops_holding({Ref(ptr, VALUE)}), "EncodingError", REFUSED_REFERENCE),
-    "a reference in a dataclass": (lambda ptr: ops_holding(opaque_dataclass({"x": (Ref(ptr, VALUE),)})),
-                                   "EncodingError", REFUSED_REFERENCE),
+    "a reference in a dataclass": (
+        lambda ptr: ops_holding(opaque_dataclass({"x": (Ref(ptr, VALUE),)})),
+        "EncodingError",
+        REFUSED_REFERENCE,
+    ),
     "a reference in a nested dataclass": (
         lambda ptr: ops_holding([opaque_dataclass({"inner": opaque_dataclass({"x": Ref(ptr, VALUE)})})]),
-        "EncodingError", REFUSED_REFERENCE),
+        "EncodingError",
+        REFUSED_REFERENCE,
+    ),
     "a reference encoded as ext 8": (ops_with_a_reference_as_ext8, "EncodingError", REFUSED_REFERENCE),
-    "a malformed dataclass": (lambda ptr: ops_holding(msgpack.ExtType(codec.EXT_DATACLASS, b"\xc1")),
-                              "EncodingError", r"commit refused, nothing was applied: a dataclass value in it is "
-                                               r"malformed"),
+    "a malformed dataclass": (
+        lambda ptr: ops_holding(msgpack.ExtType(codec.EXT_DATACLASS, b"\xc1")),
+        "EncodingError",
+        r"commit refused, nothing was applied: a dataclass value in it is "
+        r"malformed",
+    ),
 }
 
 
@@ -205,13 +219,15 @@ def test_a_commit_based_on_a_future_snapshot_is_refused(db):
     seq = db.stats().seq
     with connection(db) as sock:
         reply = request(sock, "commit", seq + 5, False, "sync", ops_holding(2), [])
-        assert reply == ["error", "ProtoBaseError",
-                         f"commit refused, nothing was applied: it is based on snapshot seq {seq + 5}, but the "
-                         f"latest commit is seq {seq}; a transaction is based on the seq of the snapshot it read"]
+        assert reply == [
+            "error",
+            "ProtoBaseError",
+            f"commit refused, nothing was applied: it is based on snapshot seq {seq + 5}, but the "
+            f"latest commit is seq {seq}; a transaction is based on the seq of the snapshot it read",
+        ]
     assert db.stats().seq == seq
     with db.snapshot() as snap:
         assert "evil" not in snap.root
-
 
 
 def test_a_commit_on_a_missing_container_arrives_as_a_path_error_and_changes_nothing(db):
@@ -236,6 +252,7 @@ def test_the_stats_reply_holds_exactly_the_counters_of_the_schema(db):
     assert reply[0] == "ok"
     assert list(reply[1]) == list(COUNTER_NAMES)
     assert set(reply[1]["oldest_reader"]) == set(OldestReaderCounters.__annotations__)
+
 
 # -- file descriptors and reader slots ---------------------------------------------------------------
 
@@ -285,8 +302,11 @@ def test_out_of_file_descriptors_a_connection_is_refused_and_the_coordinator_kee
             with connection(db) as sock:
                 reply = receive(sock)  # unasked: the coordinator answers, then hangs up
             assert reply[:2] == ["error", "CoordinatorError"], reply
-            assert re.search(r"\(pid \d+\) is out of file descriptors \(Too many open files\) and refused this "
-                             r"connection; close idle database handles, or raise its limit", reply[2]), reply[2]
+            assert re.search(
+                r"\(pid \d+\) is out of file descriptors \(Too many open files\) and refused this "
+                r"connection; close idle database handles, or raise its limit",
+                reply[2],
+            ), reply[2]
         count = commit_for(db, 1.0)
     with db.snapshot() as snap:
         assert snap.root["n"] == count - 1
@@ -324,13 +344,18 @@ def test_out_of_file_descriptors_even_without_the_spare_a_connection_waits_and_i
 
 def test_serve_with_more_or_fewer_reader_slots(datadir):
     with served(datadir, "--reader-slots", "2", "--log-level", "WARNING") as server:
-        with protobase.open(datadir, start_coordinator=False) as first, \
-                protobase.open(datadir, start_coordinator=False) as second:
+        with (
+            protobase.open(datadir, start_coordinator=False) as first,
+            protobase.open(datadir, start_coordinator=False) as second,
+        ):
             assert first.coordinator_pid == second.coordinator_pid == server.pid
-            with pytest.raises(ProtoBaseError, match=r"reader table full \(2 slots\): every slot is held by an "
-                                                     r"open database handle .*close idle handles, or start the "
-                                                     r"coordinator with more slots: protobase serve DIR "
-                                                     r"--reader-slots N, or protobase.open\(DIR, reader_slots=N\)"):
+            with pytest.raises(
+                ProtoBaseError,
+                match=r"reader table full \(2 slots\): every slot is held by an "
+                r"open database handle .*close idle handles, or start the "
+                r"coordinator with more slots: protobase serve DIR "
+                r"--reader-slots N, or protobase.open\(DIR, reader_slots=N\)",
+            ):
                 protobase.open(datadir, start_coordinator=False)
         with protobase.open(datadir, start_coordinator=False):  # their slots are free again
             pass
@@ -357,8 +382,10 @@ def test_a_settings_flag_reaches_the_running_coordinator(datadir):
         sock.sendall(framing.LENGTH.pack(10_000) + b"\x00" * 5_000)
         error = error_from_reply(receive(sock))
         assert isinstance(error, ProtocolError)
-        assert str(error) == ("the coordinator holds 5004 bytes of incomplete requests, over its 4096-byte "
-                              "bound; send smaller commits (split the transaction)")
+        assert str(error) == (
+            "the coordinator holds 5004 bytes of incomplete requests, over its 4096-byte "
+            "bound; send smaller commits (split the transaction)"
+        )
         assert sock.recv(1) == b""  # and it hung up
     finally:
         sock.close()

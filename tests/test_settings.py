@@ -39,26 +39,36 @@ def parser() -> argparse.ArgumentParser:
 # -- validation -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"flush_interval": -1},
-     "flush_interval must be a number of seconds >= 0, got -1; pass e.g. flush_interval=0.01 (the default)"),
-    ({"reader_slots": 0},
-     "reader_slots must be a whole number from 1 to 4294967295, got 0; pass e.g. reader_slots=1024 (the default)"),
-    ({"reader_slots": 2**32}, "reader_slots must be a whole number from 1 to 4294967295, got 4294967296;"),
-    ({"shutdown_grace": -0.5},
-     "shutdown_grace must be a number of seconds >= 0, or None to serve forever, got -0.5; "
-     "pass e.g. shutdown_grace=2.0 (the default)"),
-    ({"tick": 0}, "tick must be a number of seconds > 0, got 0; pass e.g. tick=0.2 (the default)"),
-    ({"checkpoint_bytes": 1.5}, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
-    ({"receive_bytes": 0}, "receive_bytes must be a whole number of bytes >= 1, got 0;"),
-    ({"flat_list_entries": 0}, "flat_list_entries must be a whole number of entries >= 1, got 0;"),
-    ({"flush_interval": True}, "flush_interval must be a number of seconds >= 0, got True;"),
-    ({"compact_min_bytes": True}, "compact_min_bytes must be a whole number of bytes >= 0, got True;"),
-    ({"stop_timeout": math.inf}, "stop_timeout must be a number of seconds >= 0, got inf;"),
-    ({"lock_wait": math.nan}, "lock_wait must be a number of seconds >= 0, got nan;"),
-    ({"flush_interval": "0.01"}, "flush_interval must be a number of seconds >= 0, got '0.01';"),
-    ({"object_cache": None}, "object_cache must be a whole number of entries >= 1, got None;"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"flush_interval": -1},
+            "flush_interval must be a number of seconds >= 0, got -1; pass e.g. flush_interval=0.01 (the default)",
+        ),
+        (
+            {"reader_slots": 0},
+            "reader_slots must be a whole number from 1 to 4294967295, got 0; "
+            "pass e.g. reader_slots=1024 (the default)",
+        ),
+        ({"reader_slots": 2**32}, "reader_slots must be a whole number from 1 to 4294967295, got 4294967296;"),
+        (
+            {"shutdown_grace": -0.5},
+            "shutdown_grace must be a number of seconds >= 0, or None to serve forever, got -0.5; "
+            "pass e.g. shutdown_grace=2.0 (the default)",
+        ),
+        ({"tick": 0}, "tick must be a number of seconds > 0, got 0; pass e.g. tick=0.2 (the default)"),
+        ({"checkpoint_bytes": 1.5}, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
+        ({"receive_bytes": 0}, "receive_bytes must be a whole number of bytes >= 1, got 0;"),
+        ({"flat_list_entries": 0}, "flat_list_entries must be a whole number of entries >= 1, got 0;"),
+        ({"flush_interval": True}, "flush_interval must be a number of seconds >= 0, got True;"),
+        ({"compact_min_bytes": True}, "compact_min_bytes must be a whole number of bytes >= 0, got True;"),
+        ({"stop_timeout": math.inf}, "stop_timeout must be a number of seconds >= 0, got inf;"),
+        ({"lock_wait": math.nan}, "lock_wait must be a number of seconds >= 0, got nan;"),
+        ({"flush_interval": "0.01"}, "flush_interval must be a number of seconds >= 0, got '0.01';"),
+        ({"object_cache": None}, "object_cache must be a whole number of entries >= 1, got None;"),
+    ],
+)
 def test_a_bad_value_is_a_value_error_naming_the_option_and_what_to_pass(changes, message):
     with pytest.raises(ValueError) as raised:
         Settings(**changes)
@@ -71,12 +81,20 @@ def test_replace_validates_too():
 
 
 def test_good_values_are_kept_as_given():
-    chosen = Settings(flush_interval=0, shutdown_grace=None, tick=1, checkpoint_bytes=10**30,
-                      reader_slots=2**32 - 1, inline_bytes=0)
+    chosen = Settings(
+        flush_interval=0, shutdown_grace=None, tick=1, checkpoint_bytes=10**30, reader_slots=2**32 - 1, inline_bytes=0
+    )
     assert (chosen.flush_interval, chosen.shutdown_grace, chosen.tick) == (0, None, 1)
     assert (chosen.checkpoint_bytes, chosen.reader_slots, chosen.inline_bytes) == (10**30, 2**32 - 1, 0)
-    assert chosen == dataclasses.replace(DEFAULTS, flush_interval=0, shutdown_grace=None, tick=1,
-                                         checkpoint_bytes=10**30, reader_slots=2**32 - 1, inline_bytes=0)
+    assert chosen == dataclasses.replace(
+        DEFAULTS,
+        flush_interval=0,
+        shutdown_grace=None,
+        tick=1,
+        checkpoint_bytes=10**30,
+        reader_slots=2**32 - 1,
+        inline_bytes=0,
+    )
 
 
 def test_settings_are_frozen_and_constants_are_not_arguments():
@@ -123,16 +141,19 @@ def test_grace_is_an_alias_and_a_negative_grace_serves_forever():
     assert settings.from_arguments(parser().parse_args(["--grace", "0"])).shutdown_grace == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--reader-slots", "0"], "--reader-slots takes a whole number from 1 to 4294967295, got '0'"),
-    (["--reader-slots", "x"], "--reader-slots takes a whole number from 1 to 4294967295, got 'x'"),
-    (["--flush-interval", "-1"], "--flush-interval takes a number of seconds >= 0, got '-1'"),
-    (["--flush-interval", "nan"], "--flush-interval takes a number of seconds >= 0, got 'nan'"),
-    (["--checkpoint-bytes", "1e6"], "--checkpoint-bytes takes a whole number of bytes >= 0, got '1e6'"),
-    (["--compact-min-bytes", "-5"], "--compact-min-bytes takes a whole number of bytes >= 0, got '-5'"),
-    (["--tick", "0"], "--tick takes a number of seconds > 0, got '0'"),
-    (["--grace", "soon"], "--shutdown-grace takes a number of seconds >= 0 (negative: serve forever), got 'soon'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reader-slots", "0"], "--reader-slots takes a whole number from 1 to 4294967295, got '0'"),
+        (["--reader-slots", "x"], "--reader-slots takes a whole number from 1 to 4294967295, got 'x'"),
+        (["--flush-interval", "-1"], "--flush-interval takes a number of seconds >= 0, got '-1'"),
+        (["--flush-interval", "nan"], "--flush-interval takes a number of seconds >= 0, got 'nan'"),
+        (["--checkpoint-bytes", "1e6"], "--checkpoint-bytes takes a whole number of bytes >= 0, got '1e6'"),
+        (["--compact-min-bytes", "-5"], "--compact-min-bytes takes a whole number of bytes >= 0, got '-5'"),
+        (["--tick", "0"], "--tick takes a number of seconds > 0, got '0'"),
+        (["--grace", "soon"], "--shutdown-grace takes a number of seconds >= 0 (negative: serve forever), got 'soon'"),
+    ],
+)
 def test_a_bad_flag_is_an_argparse_error_saying_what_it_takes(argv, message):
     with pytest.raises(argparse.ArgumentError) as raised:
         parser().parse_args(argv)

@@ -198,8 +198,11 @@ def test_an_injected_full_shm_refuses_reservations_past_its_budget(iid: str, mon
     monkeypatch.setenv(FAULTS_ENV, f"enospc_after={3 << 16}")
     first = Segment.create(data_name(iid, 1), 2 << 16)
     try:
-        with pytest.raises(ProtoBaseError, match=r"shared memory \(/dev/shm\) is full: could not reserve 131072 "
-                                                 r"bytes .*\(injected\)"):
+        with pytest.raises(
+            ProtoBaseError,
+            match=r"shared memory \(/dev/shm\) is full: could not reserve 131072 "
+            r"bytes .*\(injected\)",
+        ):
             Segment.create(data_name(iid, 2), 2 << 16)
         assert instance_entries(iid) == [first.name]
         Segment.create(data_name(iid, 3), 1 << 16).unlink()  # what is left of the budget

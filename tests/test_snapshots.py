@@ -1,4 +1,4 @@
-"""Snapshots (client/snapshot.py, core/views.py, core/frozen.py): isolation, read-only values, tree views, compaction."""
+"""Snapshots (client/snapshot.py, core/views.py, core/frozen.py): isolation, read-only values, tree views."""
 
 from __future__ import annotations
 
@@ -99,10 +99,20 @@ def test_closed_snapshot_refuses_reads(db):
 def _paths():
     """(path, expected type) of every read-only value kind in `filled`."""
     return [
-        (("small",), FrozenDict), (("small", "d"), FrozenDict), (("small", "d", "nested"), FrozenDict),
-        (("small", "d", "nested", "deep"), FrozenList), (("small", "l"), FrozenList), (("small", "l", 1), FrozenList),
-        (("small", "s"), FrozenSet), (("small", "t", 1), FrozenList), (("bd",), TreeDict), (("bd", 5), FrozenDict),
-        (("bl",), TreeList), (("bl", 3), FrozenDict), (("bs",), TreeSet), (("lists_in_tree", 7), FrozenList),
+        (("small",), FrozenDict),
+        (("small", "d"), FrozenDict),
+        (("small", "d", "nested"), FrozenDict),
+        (("small", "d", "nested", "deep"), FrozenList),
+        (("small", "l"), FrozenList),
+        (("small", "l", 1), FrozenList),
+        (("small", "s"), FrozenSet),
+        (("small", "t", 1), FrozenList),
+        (("bd",), TreeDict),
+        (("bd", 5), FrozenDict),
+        (("bl",), TreeList),
+        (("bl", 3), FrozenDict),
+        (("bs",), TreeSet),
+        (("lists_in_tree", 7), FrozenList),
     ]
 
 
@@ -113,36 +123,59 @@ def _get(root, path):
 
 
 DICT_WRITES = {
-    "setitem": lambda d: d.__setitem__("k", 1), "delitem": lambda d: d.__delitem__(next(iter(d))),
-    "clear": lambda d: d.clear(), "pop": lambda d: d.pop(next(iter(d))), "popitem": lambda d: d.popitem(),
-    "setdefault": lambda d: d.setdefault("new", 1), "update": lambda d: d.update({"new": 1}),
+    "setitem": lambda d: d.__setitem__("k", 1),
+    "delitem": lambda d: d.__delitem__(next(iter(d))),
+    "clear": lambda d: d.clear(),
+    "pop": lambda d: d.pop(next(iter(d))),
+    "popitem": lambda d: d.popitem(),
+    "setdefault": lambda d: d.setdefault("new", 1),
+    "update": lambda d: d.update({"new": 1}),
     "ior": lambda d: d.__ior__({"new": 1}),
 }
 LIST_WRITES = {
-    "setitem": lambda v: v.__setitem__(0, 1), "setslice": lambda v: v.__setitem__(slice(0, 1), [1]),
-    "delitem": lambda v: v.__delitem__(0), "iadd": lambda v: v.__iadd__([1]), "imul": lambda v: v.__imul__(2),
-    "append": lambda v: v.append(1), "extend": lambda v: v.extend([1]), "insert": lambda v: v.insert(0, 1),
-    "pop": lambda v: v.pop(), "remove": lambda v: v.remove(v[0]), "clear": lambda v: v.clear(),
-    "sort": lambda v: v.sort(), "reverse": lambda v: v.reverse(),
+    "setitem": lambda v: v.__setitem__(0, 1),
+    "setslice": lambda v: v.__setitem__(slice(0, 1), [1]),
+    "delitem": lambda v: v.__delitem__(0),
+    "iadd": lambda v: v.__iadd__([1]),
+    "imul": lambda v: v.__imul__(2),
+    "append": lambda v: v.append(1),
+    "extend": lambda v: v.extend([1]),
+    "insert": lambda v: v.insert(0, 1),
+    "pop": lambda v: v.pop(),
+    "remove": lambda v: v.remove(v[0]),
+    "clear": lambda v: v.clear(),
+    "sort": lambda v: v.sort(),
+    "reverse": lambda v: v.reverse(),
 }
 SET_WRITES = {
-    "add": lambda s: s.add(1000), "discard": lambda s: s.discard(next(iter(s))),
-    "remove": lambda s: s.remove(next(iter(s))), "pop": lambda s: s.pop(), "clear": lambda s: s.clear(),
-    "update": lambda s: s.update({1000}), "difference_update": lambda s: s.difference_update({1}),
+    "add": lambda s: s.add(1000),
+    "discard": lambda s: s.discard(next(iter(s))),
+    "remove": lambda s: s.remove(next(iter(s))),
+    "pop": lambda s: s.pop(),
+    "clear": lambda s: s.clear(),
+    "update": lambda s: s.update({1000}),
+    "difference_update": lambda s: s.difference_update({1}),
     "intersection_update": lambda s: s.intersection_update({1}),
     "symmetric_difference_update": lambda s: s.symmetric_difference_update({1}),
 }
 
 
-@pytest.mark.parametrize(("path", "kind"), _paths(), ids=lambda p: "/".join(map(str, p)) if isinstance(p, tuple)
-                         else p.__name__)
+@pytest.mark.parametrize(
+    ("path", "kind"), _paths(), ids=lambda p: "/".join(map(str, p)) if isinstance(p, tuple) else p.__name__
+)
 def test_every_write_through_a_snapshot_value_raises(filled, path, kind):
     with filled.snapshot() as snap:
         value = _get(snap.root, path)
         assert type(value) is kind
         before = thaw(value)
-        writes = {FrozenDict: DICT_WRITES, TreeDict: DICT_WRITES, FrozenList: LIST_WRITES, TreeList: LIST_WRITES,
-                  FrozenSet: SET_WRITES, TreeSet: SET_WRITES}[kind]
+        writes = {
+            FrozenDict: DICT_WRITES,
+            TreeDict: DICT_WRITES,
+            FrozenList: LIST_WRITES,
+            TreeList: LIST_WRITES,
+            FrozenSet: SET_WRITES,
+            TreeSet: SET_WRITES,
+        }[kind]
         for name, write in writes.items():
             with pytest.raises(ReadOnlyError, match="read-only; change them inside"):
                 write(value)
@@ -257,8 +290,15 @@ def test_tree_list_reads_like_a_list(filled):
             view[len(BIG_LIST)]
         with pytest.raises(IndexError):
             view[-len(BIG_LIST) - 1]
-        for sl in (slice(10, 20), slice(None, 5), slice(-5, None), slice(None, None, 7), slice(900, 10, -3),
-                   slice(5, 5), slice(2000, 3000)):
+        for sl in (
+            slice(10, 20),
+            slice(None, 5),
+            slice(-5, None),
+            slice(None, None, 7),
+            slice(900, 10, -3),
+            slice(5, 5),
+            slice(2000, 3000),
+        ):
             assert view[sl] == BIG_LIST[sl], sl
         assert "item1" in view and "nope" not in view and {"i": 3} in view
         assert view.index("item2") == 2 and view.count({"i": 0}) == 1
@@ -353,8 +393,13 @@ def web(db):
         tx.root["carts"] = CARTS
         tx.root["rows"] = ROWS
         tx.root["wide"] = WIDE
-        tx.root["page"] = {"carts": CARTS, "rows": ROWS, "tags": {3, 1, 2}, "ids": set(range(100, 0, -1)),
-                           "mixed": {"b", 1, None}}
+        tx.root["page"] = {
+            "carts": CARTS,
+            "rows": ROWS,
+            "tags": {3, 1, 2},
+            "ids": set(range(100, 0, -1)),
+            "mixed": {"b", 1, None},
+        }
     return db
 
 
@@ -375,13 +420,20 @@ def test_json_default_writes_views_nested_in_frozen_dicts_and_sets_in_key_order(
         kinds = {key: type(value) for key, value in page.items()}
         assert kinds == {"carts": TreeDict, "rows": TreeList, "tags": FrozenSet, "ids": TreeSet, "mixed": FrozenSet}
         written = json.loads(json.dumps(page, default=protobase.json_default))
-    assert written == {"carts": CARTS, "rows": ROWS, "tags": [1, 2, 3], "ids": list(range(1, 101)),
-                       "mixed": [None, 1, "b"]}
+    assert written == {
+        "carts": CARTS,
+        "rows": ROWS,
+        "tags": [1, 2, 3],
+        "ids": list(range(1, 101)),
+        "mixed": [None, 1, "b"],
+    }
 
 
 def test_json_default_refuses_other_types_naming_them(web):
-    with pytest.raises(TypeError, match="Object of type datetime is not JSON serializable; protobase.json_default "
-                                        "writes ProtoBase's containers"):
+    with pytest.raises(
+        TypeError,
+        match="Object of type datetime is not JSON serializable; protobase.json_default writes ProtoBase's containers",
+    ):
         json.dumps({"when": dt.datetime(2024, 1, 1)}, default=protobase.json_default)
 
 
@@ -407,8 +459,13 @@ def test_stdlib_consumers_see_the_whole_tree_dict_and_list(web):
 def test_thaw_copies_views_nested_in_frozen_dicts_to_builtins(web):
     with web.snapshot() as snap:
         plain = protobase.thaw(snap.root["page"])
-    assert plain == {"carts": CARTS, "rows": ROWS, "tags": {1, 2, 3}, "ids": set(range(1, 101)),
-                     "mixed": {"b", 1, None}}
+    assert plain == {
+        "carts": CARTS,
+        "rows": ROWS,
+        "tags": {1, 2, 3},
+        "ids": set(range(1, 101)),
+        "mixed": {"b", 1, None},
+    }
     assert [type(plain[key]) for key in ("carts", "rows", "tags", "ids")] == [dict, list, set, set]
     assert type(plain["carts"]["u001"]) is dict and type(plain["carts"]["u001"]["items"]) is list
     plain["carts"]["u001"]["items"].append("x")  # its own copy
@@ -446,9 +503,12 @@ def test_dataclass_read_from_a_snapshot_is_read_only_and_the_shared_copy_unchang
         tx.root["item"] = Item("apple", 3, ["fruit"])
     with db.snapshot() as snap:
         item = snap.root["item"]
-        with pytest.raises(ReadOnlyError, match=r"cannot set Item.qty: values read from a snapshot are read-only; "
-                                                r"change them inside .* \(or make a changed copy with "
-                                                r"dataclasses.replace\(\)\)"):
+        with pytest.raises(
+            ReadOnlyError,
+            match=r"cannot set Item.qty: values read from a snapshot are read-only; "
+            r"change them inside .* \(or make a changed copy with "
+            r"dataclasses.replace\(\)\)",
+        ):
             item.qty = 99
         with pytest.raises(ReadOnlyError, match="cannot set Item.name"):
             del item.name

@@ -82,8 +82,9 @@ small_values = st.recursive(
     max_leaves=12,
 )
 
-values = st.one_of(small_values, small_values, small_values, big_values,
-                   st.dictionaries(dict_keys, small_values, max_size=4))
+values = st.one_of(
+    small_values, small_values, small_values, big_values, st.dictionaries(dict_keys, small_values, max_size=4)
+)
 
 # -- operations ---------------------------------------------------------------------------------
 

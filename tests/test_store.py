@@ -111,13 +111,17 @@ def test_a_ref_inside_a_value_resolves_to_the_view_of_its_tree(atoms: Atoms) -> 
     assert list(log) == list(range(300))
 
 
-@pytest.mark.parametrize(("leaf_kind", "view_class", "keys", "values", "expected"), [
-    (DICT_LEAF, TreeDict, ["a", "b"], [1, 2], {"a": 1, "b": 2}),
-    (SET_LEAF, TreeSet, [1, 2, 3], None, {1, 2, 3}),
-    (LIST_LEAF, TreeList, None, ["x", "y"], ["x", "y"]),
-])
-def test_each_tree_kind_gets_its_view(atoms: Atoms, leaf_kind: int, view_class: type, keys: list[Any] | None,
-                                      values: list[Any] | None, expected: Any) -> None:
+@pytest.mark.parametrize(
+    ("leaf_kind", "view_class", "keys", "values", "expected"),
+    [
+        (DICT_LEAF, TreeDict, ["a", "b"], [1, 2], {"a": 1, "b": 2}),
+        (SET_LEAF, TreeSet, [1, 2, 3], None, {1, 2, 3}),
+        (LIST_LEAF, TreeList, None, ["x", "y"], ["x", "y"]),
+    ],
+)
+def test_each_tree_kind_gets_its_view(
+    atoms: Atoms, leaf_kind: int, view_class: type, keys: list[Any] | None, values: list[Any] | None, expected: Any
+) -> None:
     ptr = atoms.tree(leaf_kind, keys, values)
     view = atoms.store.view(ptr, leaf_kind)
     assert type(view) is view_class and view.ptr == ptr
@@ -126,11 +130,17 @@ def test_each_tree_kind_gets_its_view(atoms: Atoms, leaf_kind: int, view_class: 
     assert atoms.store.objects.get(-ptr) is view
 
 
-@pytest.mark.parametrize(("branch_kind", "leaf_kind", "view_class"), [
-    (DICT_BRANCH, DICT_LEAF, TreeDict), (SET_BRANCH, SET_LEAF, TreeSet), (LIST_BRANCH, LIST_LEAF, TreeList),
-])
-def test_a_tree_with_branches_gets_the_view_of_its_leaf_kind(atoms: Atoms, branch_kind: int, leaf_kind: int,
-                                                             view_class: type) -> None:
+@pytest.mark.parametrize(
+    ("branch_kind", "leaf_kind", "view_class"),
+    [
+        (DICT_BRANCH, DICT_LEAF, TreeDict),
+        (SET_BRANCH, SET_LEAF, TreeSet),
+        (LIST_BRANCH, LIST_LEAF, TreeList),
+    ],
+)
+def test_a_tree_with_branches_gets_the_view_of_its_leaf_kind(
+    atoms: Atoms, branch_kind: int, leaf_kind: int, view_class: type
+) -> None:
     n = MAX_ENTRIES * 3
     keys = None if leaf_kind == LIST_LEAF else list(range(n))
     values = None if leaf_kind == SET_LEAF else list(range(n))

@@ -173,9 +173,22 @@ def test_supported_scalar_types_round_trip_through_the_database(db):
     import uuid
     from decimal import Decimal
 
-    value = {"n": None, "b": True, "i": 2**100, "f": 1.5, "s": "x", "y": b"\x00", "t": (1, "a"),
-             "dt": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc), "d": dt.date(2021, 2, 3),
-             "dec": Decimal("1.10"), "u": uuid.UUID(int=7), "long": "z" * 5000, 7: "int key", (1, 2): "tuple key"}
+    value = {
+        "n": None,
+        "b": True,
+        "i": 2**100,
+        "f": 1.5,
+        "s": "x",
+        "y": b"\x00",
+        "t": (1, "a"),
+        "dt": dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc),
+        "d": dt.date(2021, 2, 3),
+        "dec": Decimal("1.10"),
+        "u": uuid.UUID(int=7),
+        "long": "z" * 5000,
+        7: "int key",
+        (1, 2): "tuple key",
+    }
     with db.transaction() as tx:
         tx.root["v"] = value
     assert read(db, "v") == value
@@ -610,34 +623,51 @@ def _deep_key_path(tx):
 
 
 LOSES_AT_ASSIGNMENT = {
-    "cycle": (lambda tx: tx.root.__setitem__("c", _cyclic_list()),
-              r"cannot store a value that contains itself: a list reappears inside itself at "
-              r"root\['c'\]\[1\]\['back'\]"),
+    "cycle": (
+        lambda tx: tx.root.__setitem__("c", _cyclic_list()),
+        r"cannot store a value that contains itself: a list reappears inside itself at "
+        r"root\['c'\]\[1\]\['back'\]",
+    ),
     "wrapper-inside-itself": (_store_inside_itself, r"a TxDict reappears inside itself at root\['a'\]\['b'\]"),
     "tree-list-into-itself": (_append_to_itself, r"a TxList reappears inside itself at root\['big'\]\[300\]"),
-    "new-dict-into-itself": (_assign_inside_its_own_new_dict,
-                             r"a LocalDict reappears inside itself at root\['n'\]\['me'\]"),
-    "small-list-into-itself": (_small_list_append_to_itself,
-                               r"a TrackedList reappears inside itself at root\['small'\]\[1\]"),
+    "new-dict-into-itself": (
+        _assign_inside_its_own_new_dict,
+        r"a LocalDict reappears inside itself at root\['n'\]\['me'\]",
+    ),
+    "small-list-into-itself": (
+        _small_list_append_to_itself,
+        r"a TrackedList reappears inside itself at root\['small'\]\[1\]",
+    ),
     "dataclass-into-itself": (_dataclass_field_to_itself, r"reappears inside itself at root\['item'\]\['name'\]"),
-    "too-deep": (lambda tx: tx.root.__setitem__("d", _nested(MAX_DEPTH + 1)),
-                 rf"cannot store a \w+ nested {MAX_DEPTH + 1} keys deep at root\['d'\]\[.*: values may nest at "
-                 rf"most {MAX_DEPTH} keys below the root"),
+    "too-deep": (
+        lambda tx: tx.root.__setitem__("d", _nested(MAX_DEPTH + 1)),
+        rf"cannot store a \w+ nested {MAX_DEPTH + 1} keys deep at root\['d'\]\[.*: values may nest at "
+        rf"most {MAX_DEPTH} keys below the root",
+    ),
     "too-deep-key-path": (_deep_key_path, rf"cannot store a list nested {MAX_DEPTH + 1} keys deep at root\[0\]\[1\]"),
-    "surrogate-value": (lambda tx: tx.root.__setitem__("s", {"name": "caf\udce9"}),
-                        r"cannot store a str holding the lone surrogate '\\udce9' \(position 3\) at "
-                        r"root\['s'\]\['name'\]: text must be valid Unicode"),
-    "surrogate-key": (lambda tx: tx.root.__setitem__("caf\udce9", 1), r"lone surrogate '\\udce9' \(position 3\) at "
-                                                                     r"root\['caf\\udce9'\]"),
+    "surrogate-value": (
+        lambda tx: tx.root.__setitem__("s", {"name": "caf\udce9"}),
+        r"cannot store a str holding the lone surrogate '\\udce9' \(position 3\) at "
+        r"root\['s'\]\['name'\]: text must be valid Unicode",
+    ),
+    "surrogate-key": (
+        lambda tx: tx.root.__setitem__("caf\udce9", 1),
+        r"lone surrogate '\\udce9' \(position 3\) at "
+        r"root\['caf\\udce9'\]",
+    ),
     "surrogate-nested-key": (lambda tx: tx.root.__setitem__("s", {"\ud800": 1}), r"lone surrogate .* at root\['s'\]"),
     "surrogate-element": (lambda tx: tx.root["tags"].add("\ud800"), r"lone surrogate .* at root\['tags'\]"),
-    "decimal-nan-key": (lambda tx: tx.root.__setitem__("prices", {Decimal("NaN"): 1}),
-                        r"cannot use Decimal\('NaN'\) as a key at root\['prices'\]\[Decimal\('NaN'\)\]: a NaN is "
-                        r"not equal to itself"),
+    "decimal-nan-key": (
+        lambda tx: tx.root.__setitem__("prices", {Decimal("NaN"): 1}),
+        r"cannot use Decimal\('NaN'\) as a key at root\['prices'\]\[Decimal\('NaN'\)\]: a NaN is "
+        r"not equal to itself",
+    ),
     "decimal-snan-key": (lambda tx: tx.root.__setitem__(Decimal("sNaN"), 1), r"cannot use Decimal\('sNaN'\) as a key"),
     "decimal-nan-element": (lambda tx: tx.root["tags"].add(Decimal("-NaN")), r"cannot use Decimal\('-NaN'\) as a key"),
-    "decimal-nan-in-tuple-key": (lambda tx: tx.root.__setitem__((1, Decimal("NaN")), 1),
-                                 r"cannot use Decimal\('NaN'\) as a key"),
+    "decimal-nan-in-tuple-key": (
+        lambda tx: tx.root.__setitem__((1, Decimal("NaN")), 1),
+        r"cannot use Decimal\('NaN'\) as a key",
+    ),
 }
 
 
@@ -774,8 +804,11 @@ def test_dataclass_attribute_refusals_in_a_transaction(db):
         tx.root["item"] = Item("apple", 3)
     tx = db.transaction()
     try:
-        with pytest.raises(EncodingError, match=r"cannot delete attribute 'qty' of the Item at root\['item'\]: "
-                                                r"a stored dataclass keeps every field; set it to None instead"):
+        with pytest.raises(
+            EncodingError,
+            match=r"cannot delete attribute 'qty' of the Item at root\['item'\]: "
+            r"a stored dataclass keeps every field; set it to None instead",
+        ):
             del tx.root["item"].qty
         with pytest.raises(EncodingError, match=r"cannot store a value of type object at root\['item'\]\['qty'\]"):
             tx.root["item"].qty = object()

@@ -18,7 +18,7 @@ mypy_api = pytest.importorskip("mypy.api")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-USER_SCRIPT = '''
+USER_SCRIPT = """
 import protobase
 from protobase import Snapshot, Transaction
 
@@ -57,7 +57,7 @@ with protobase.open("data") as db:
         reveal_type(tx.root.where(protobase.F.city == "Paris").count())
     with db.snapshot() as snap:
         reveal_type(snap.root.where(protobase.F.n > 1))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +69,16 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     saved = os.environ.get("MYPYPATH")
     os.environ["MYPYPATH"] = ROOT  # the protobase of this checkout, not an installed one
     try:
-        stdout, stderr, _ = mypy_api.run([
-            "--strict", "--follow-imports=silent", "--no-error-summary", "--cache-dir", str(directory / "cache"),
-            str(script)])
+        stdout, stderr, _ = mypy_api.run(
+            [
+                "--strict",
+                "--follow-imports=silent",
+                "--no-error-summary",
+                "--cache-dir",
+                str(directory / "cache"),
+                str(script),
+            ]
+        )
     finally:
         if saved is None:
             del os.environ["MYPYPATH"]
@@ -85,24 +92,27 @@ def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     return messages
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    (18, 'Revealed type is "def (user: str, amount: int =) -> float"'),
-    (19, 'Revealed type is "float"'),
-    (20, 'Argument 1 to "add" has incompatible type "int"; expected "str"'),
-    (21, 'Missing positional argument "new" in call to "rename"'),
-    (22, '''Argument "isolation" to "transaction" of "Database" has incompatible type "Literal['serialisable']"'''),
-    (23, '''Argument "durability" to "open" has incompatible type "Literal['fsync']"'''),
-    (25, 'Revealed type is "list[int]"'),
-    (26, 'Revealed type is "typing.Iterator[int]"'),
-    (27, 'Revealed type is "list[int]"'),
-    (30, 'Revealed type is "protobase.client.watch.Change"'),
-    (31, 'Revealed type is "protobase.client.watch.Change | None"'),
-    (32, 'Revealed type is "protobase.client.stats.OldestReader | None"'),
-    (33, 'Revealed type is "tuple[protobase.client.stats.ReaderStats, ...]"'),
-    (35, 'Revealed type is "int"'),
-    (36, 'Revealed type is "int"'),
-    (38, 'Revealed type is "protobase.query.results.Query"'),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (18, 'Revealed type is "def (user: str, amount: int =) -> float"'),
+        (19, 'Revealed type is "float"'),
+        (20, 'Argument 1 to "add" has incompatible type "int"; expected "str"'),
+        (21, 'Missing positional argument "new" in call to "rename"'),
+        (22, '''Argument "isolation" to "transaction" of "Database" has incompatible type "Literal['serialisable']"'''),
+        (23, '''Argument "durability" to "open" has incompatible type "Literal['fsync']"'''),
+        (25, 'Revealed type is "list[int]"'),
+        (26, 'Revealed type is "typing.Iterator[int]"'),
+        (27, 'Revealed type is "list[int]"'),
+        (30, 'Revealed type is "protobase.client.watch.Change"'),
+        (31, 'Revealed type is "protobase.client.watch.Change | None"'),
+        (32, 'Revealed type is "protobase.client.stats.OldestReader | None"'),
+        (33, 'Revealed type is "tuple[protobase.client.stats.ReaderStats, ...]"'),
+        (35, 'Revealed type is "int"'),
+        (36, 'Revealed type is "int"'),
+        (38, 'Revealed type is "protobase.query.results.Query"'),
+    ],
+)
 def test_the_public_api_has_precise_types(mypy_report: dict[int, str], line: int, expected: str) -> None:
     assert expected in mypy_report.get(line, ""), f"line {line}: mypy said {mypy_report.get(line)!r}"
 

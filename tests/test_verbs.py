@@ -115,12 +115,20 @@ def test_malformed_requests_are_named_in_the_reply(db):
     client = RawClient(db)
     try:
         client.send_body(msgpack.packb({"a": 1}))
-        assert client.reply() == [PUSH, "error", "ProtocolError",
-                                  "malformed request: a request is an array [request_id, verb, ...], not dict"]
+        assert client.reply() == [
+            PUSH,
+            "error",
+            "ProtocolError",
+            "malformed request: a request is an array [request_id, verb, ...], not dict",
+        ]
         client.send_body(msgpack.packb([9, "commit", "0"]))
-        assert client.reply() == [9, "error", "ProtocolError",
-                                  "malformed request: a 'commit' request takes arguments of types "
-                                  "['int', 'bool', 'str', 'bytes', 'list'], got ['str']"]
+        assert client.reply() == [
+            9,
+            "error",
+            "ProtocolError",
+            "malformed request: a 'commit' request takes arguments of types "
+            "['int', 'bool', 'str', 'bytes', 'list'], got ['str']",
+        ]
     finally:
         client.close()
 
@@ -207,11 +215,10 @@ def test_after_fuzzing_the_database_passes_its_checks(db):
     client = RawClient(db)
     try:
         for seed in range(200):
-            body = bytearray(encode_frame([1, "stats"])[LENGTH.size:])
+            body = bytearray(encode_frame([1, "stats"])[LENGTH.size :])
             body[seed % len(body)] ^= 1 << (seed % 8)
             client.send_body(bytes(body))
             client.reply()
     finally:
         client.close()
     still_serves(db)
-

@@ -122,7 +122,6 @@ def test_round_trip_across_two_files(tmp_path):
     writer.close()
     assert os.path.getsize(writer.path) == writer.size  # ... and closing cuts them
 
-
     rotated = WalWriter.create(str(tmp_path), writer.next_lsn)  # rotation: a new file at next_lsn
     for lsn in range(44, 61):
         written[lsn] = payload_for(lsn, size=lsn * 3)
@@ -493,8 +492,9 @@ def test_environment_faults_reach_a_separate_process(tmp_path):
         "    print('sync failed', error.errno)\n"
     )
     env = dict(os.environ, PROTOBASE_WAL_FAULTS="fsync_error_after=1")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"sync failed {errno.EIO}\n", "")
 
 
@@ -515,16 +515,22 @@ def test_missing_records_between_files_are_reported(tmp_path):
     write_wal(tmp_path, 1, 5)
     write_wal(tmp_path, 9, 2)
     (tmp_path / "wal-notes.txt").write_text("ignored")
-    with pytest.raises(CorruptionError, match=r"WAL records 6\.\.8 are missing: the WAL file .*wal-0+1\.log ends "
-                                              r"at lsn 5, but the next one, .*wal-0+9\.log, starts at lsn 9\. "
-                                              r".*put it back"):
+    with pytest.raises(
+        CorruptionError,
+        match=r"WAL records 6\.\.8 are missing: the WAL file .*wal-0+1\.log ends "
+        r"at lsn 5, but the next one, .*wal-0+9\.log, starts at lsn 9\. "
+        r".*put it back",
+    ):
         list(read_directory(str(tmp_path)))
     assert [lsn for lsn, _ in read_directory(str(tmp_path), strict=False)] == [1, 2, 3, 4, 5]
     with pytest.raises(CorruptionError, match=r"WAL records 7\.\.8 are missing"):
         list(read_directory(str(tmp_path), 6))
     os.unlink(os.path.join(str(tmp_path), wal_file_name(1)))
-    with pytest.raises(CorruptionError, match=r"WAL records 1\.\.8 are missing: recovery starts from the state at "
-                                              r"lsn 0, but the first WAL file, .*wal-0+9\.log, starts at lsn 9"):
+    with pytest.raises(
+        CorruptionError,
+        match=r"WAL records 1\.\.8 are missing: recovery starts from the state at "
+        r"lsn 0, but the first WAL file, .*wal-0+9\.log, starts at lsn 9",
+    ):
         list(read_directory(str(tmp_path)))
     with pytest.raises(CorruptionError, match=r"starts from checkpoint X \(lsn 0\), but the first WAL file"):
         list(read_directory(str(tmp_path), origin="checkpoint X (lsn 0)"))

@@ -93,8 +93,13 @@ def make() -> Iterator[Any]:
 
 def test_what_a_flush_writes_is_what_a_reader_of_the_segments_sees(make):
     store = make()
-    root = store.commit(0, (OP_SET, ("users",), {}), (OP_SET, ("users", "alice"), {"city": "Paris", "tags": ["a"]}),
-                        (OP_SET, ("n",), 7), (OP_SET, ("users", "alice", "city"), "Lyon"))
+    root = store.commit(
+        0,
+        (OP_SET, ("users",), {}),
+        (OP_SET, ("users", "alice"), {"city": "Paris", "tags": ["a"]}),
+        (OP_SET, ("n",), 7),
+        (OP_SET, ("users", "alice", "city"), "Lyon"),
+    )
     assert store.read(root) == {"users": {"alice": {"city": "Lyon", "tags": ["a"]}}, "n": 7}
     root = store.commit(root, (OP_DELETE, ("users", "alice"), None), (OP_DELETE, ("no such key",), None))
     assert store.read(root) == {"users": {}, "n": 7}
@@ -118,8 +123,13 @@ def test_list_operations_on_a_small_list_and_on_a_tree_list_agree_with_a_python_
     store = make(flat_list_entries=8)
     for length in (5, 40):  # one atom, then a tree (over flat_list_entries)
         model = list(range(length))
-        ops = [[LIST_APPEND, 0, "end"], [LIST_INSERT, 2, "two"], [LIST_SET, -1, "last"], [LIST_DELETE, 0, None],
-               [LIST_INSERT, -100, "first"]]
+        ops = [
+            [LIST_APPEND, 0, "end"],
+            [LIST_INSERT, 2, "two"],
+            [LIST_SET, -1, "last"],
+            [LIST_DELETE, 0, None],
+            [LIST_INSERT, -100, "first"],
+        ]
         # A copy: the writer owns what it is given (a commit's decoded ops), and changes it in place.
         root = store.commit(0, (OP_SET, ("l",), list(model)), (OP_LIST, ("l",), ops))
         model.append("end")
@@ -134,8 +144,9 @@ def test_list_operations_on_a_small_list_and_on_a_tree_list_agree_with_a_python_
 def test_set_operations_add_and_discard_in_small_and_tree_sets(make):
     store = make(flat_set_entries=4)
     for elements in ({1, 2}, set(range(10))):
-        root = store.commit(0, (OP_SET, ("s",), set(elements)), (OP_SET_ADD, ("s",), [100, 1]),
-                            (OP_SET_DISCARD, ("s",), [2, 999]))
+        root = store.commit(
+            0, (OP_SET, ("s",), set(elements)), (OP_SET_ADD, ("s",), [100, 1]), (OP_SET_DISCARD, ("s",), [2, 999])
+        )
         assert store.read(root) == {"s": (elements | {100}) - {2}}
     with pytest.raises(PathError, match=r"^set operation on a str at \('n',\)$"):
         store.commit(root, (OP_SET, ("n",), "text"), (OP_SET_ADD, ("n",), [1]))
@@ -144,8 +155,13 @@ def test_set_operations_add_and_discard_in_small_and_tree_sets(make):
 def test_an_index_follows_the_records_it_indexes(make):
     store = make()
     users = {"alice": {"city": "Paris"}, "bob": {"city": "Oslo"}}
-    root = store.commit(0, (OP_SET, ("users",), users), (OP_CREATE_INDEX, ("users",), "city"),
-                        (OP_SET, ("users", "alice", "city"), "Lyon"), (OP_DELETE, ("users", "bob"), None))
+    root = store.commit(
+        0,
+        (OP_SET, ("users",), users),
+        (OP_CREATE_INDEX, ("users",), "city"),
+        (OP_SET, ("users", "alice", "city"), "Lyon"),
+        (OP_DELETE, ("users", "bob"), None),
+    )
     assert store.read(root) == {"users": {"alice": {"city": "Lyon"}}}
     slot = store.slot(root, "users")
     assert slot.kind == INDEXED
@@ -213,10 +229,18 @@ def test_replacing_a_value_counts_its_atom_as_discarded(make):
 
 def test_copy_root_copies_everything_reachable_into_the_new_generation(make):
     store = make(flat_dict_entries=4)
-    data = {"users": {f"u{i}": {"name": "n" * 600, "tags": {i, -i}} for i in range(30)}, "l": list(range(300)),
-            "t": (1, ("nested", b"z" * 700))}
-    root = store.commit(0, (OP_SET, ("users",), data["users"]), (OP_SET, ("l",), data["l"]),
-                        (OP_SET, ("t",), data["t"]), (OP_CREATE_INDEX, ("users",), "name"))
+    data = {
+        "users": {f"u{i}": {"name": "n" * 600, "tags": {i, -i}} for i in range(30)},
+        "l": list(range(300)),
+        "t": (1, ("nested", b"z" * 700)),
+    }
+    root = store.commit(
+        0,
+        (OP_SET, ("users",), data["users"]),
+        (OP_SET, ("l",), data["l"]),
+        (OP_SET, ("t",), data["t"]),
+        (OP_CREATE_INDEX, ("users",), "name"),
+    )
     first_new = store.arena.start_generation()
     copy = store.writer.copy_root(root)
     assert copy != root and segment_of(copy) >= first_new
@@ -232,8 +256,9 @@ def test_copy_root_copies_everything_reachable_into_the_new_generation(make):
 def test_decode_ops_returns_plain_data_and_refuses_references_and_garbage():
     ops = [[OP_SET, ["k"], {"a": (1, 2), "s": {3}}]]
     assert decode_ops(codec.encode(ops)) == [[OP_SET, ["k"], {"a": (1, 2), "s": {3}}]]
-    with pytest.raises(EncodingError, match="^commit refused, nothing was applied: a value in it holds an internal "
-                                            "reference"):
+    with pytest.raises(
+        EncodingError, match="^commit refused, nothing was applied: a value in it holds an internal reference"
+    ):
         decode_ops(codec.encode([[OP_SET, ["k"], [Ref(8, VALUE)]]]))
     with pytest.raises(EncodingError, match="a dataclass value in it is malformed"):
         decode_ops(codec.encode([[OP_SET, ["k"], msgpack.ExtType(codec.EXT_DATACLASS, msgpack.packb(5))]]))

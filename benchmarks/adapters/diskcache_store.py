@@ -16,8 +16,9 @@ from .base import Client, Store, dir_bytes
 def _cache(path: str, mode: str) -> Any:
     import diskcache
 
-    return diskcache.Cache(path, sqlite_synchronous=2 if mode == "durable" else 1, timeout=60,
-                           size_limit=1 << 40, cull_limit=0)
+    return diskcache.Cache(
+        path, sqlite_synchronous=2 if mode == "durable" else 1, timeout=60, size_limit=1 << 40, cull_limit=0
+    )
 
 
 class DiskcacheClient(Client):

@@ -15,8 +15,16 @@ def _open(path: str, mode: str, readonly: bool = False) -> Any:
     import lmdb
 
     durable = mode == "durable"
-    return lmdb.open(path, map_size=MAP_SIZE, subdir=True, max_dbs=2, max_readers=64, readonly=readonly,
-                     sync=durable, metasync=durable)
+    return lmdb.open(
+        path,
+        map_size=MAP_SIZE,
+        subdir=True,
+        max_dbs=2,
+        max_readers=64,
+        readonly=readonly,
+        sync=durable,
+        metasync=durable,
+    )
 
 
 class LmdbClient(Client):

@@ -52,7 +52,7 @@ class ManagerDict(Store):
     def load(self, records: dict[str, dict]) -> None:
         items = list(records.items())
         for begin in range(0, len(items), CHUNK):
-            self.users.update(items[begin:begin + CHUNK])
+            self.users.update(items[begin : begin + CHUNK])
 
     def setup_accounts(self, accounts: int, balance: int) -> None:
         self.accounts.update({f"acct{i}": balance for i in range(accounts)})

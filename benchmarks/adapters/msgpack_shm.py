@@ -31,7 +31,7 @@ class ShmClient(Client):
             memory.close_fd()
         self.view = memoryview(self.map)
         start, length = HEADER.unpack_from(self.view, 0)
-        keys, offsets = msgpack.unpackb(self.view[start:start + length])
+        keys, offsets = msgpack.unpackb(self.view[start : start + length])
         self.index = {key: (offsets[i], offsets[i + 1]) for i, key in enumerate(keys)}
         self.unpackb = msgpack.unpackb
 
@@ -77,8 +77,8 @@ class MsgpackShm(Store):
         try:
             with mmap.mmap(memory.fd, self.size) as buffer:
                 HEADER.pack_into(buffer, 0, offsets[-1], len(index))
-                buffer[HEADER.size:offsets[-1]] = b"".join(blobs)
-                buffer[offsets[-1]:] = index
+                buffer[HEADER.size : offsets[-1]] = b"".join(blobs)
+                buffer[offsets[-1] :] = index
         finally:
             memory.close_fd()
 

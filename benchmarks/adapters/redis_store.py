@@ -93,9 +93,29 @@ class Redis(Store):
         self.port = free_port()
         self.log = open(os.path.join(tmp, "redis.log"), "w")
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--protected-mode", "yes"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                tmp,
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         client = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + START_TIMEOUT
         try:
@@ -123,7 +143,7 @@ class Redis(Store):
             items = list(records.items())
             for begin in range(0, len(items), 10_000):
                 pipe = r.pipeline(transaction=False)
-                chunk = items[begin:begin + 10_000]
+                chunk = items[begin : begin + 10_000]
                 pipe.mset({"u:" + key: msgpack.packb(value) for key, value in chunk})
                 for key, value in chunk:
                     pipe.zadd("c:" + value["city"], {"u:" + key: value["score"]})

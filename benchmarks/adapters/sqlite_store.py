@@ -29,8 +29,9 @@ class SqliteClient(Client):
         return found
 
     def put(self, key: str, value: dict) -> int:
-        self.con.execute(PUT, (key, value["id"], value["name"], value["city"], value["score"],
-                               json.dumps(value["tags"])))
+        self.con.execute(
+            PUT, (key, value["id"], value["name"], value["city"], value["score"], json.dumps(value["tags"]))
+        )
         return 0
 
     def transfer(self, a: str, b: str, amount: int) -> int:

@@ -68,8 +68,14 @@ class UltraDictStore(Store):
     def _create(self, suffix: str, records: int) -> Any:
         from UltraDict import UltraDict
 
-        d = UltraDict(name=self.base + suffix, create=True, shared_lock=True, buffer_size=BUFFER,
-                      full_dump_size=max(64 << 20, records * 256), auto_unlink=False)
+        d = UltraDict(
+            name=self.base + suffix,
+            create=True,
+            shared_lock=True,
+            buffer_size=BUFFER,
+            full_dump_size=max(64 << 20, records * 256),
+            auto_unlink=False,
+        )
         self.dicts.append(d)
         return d
 

@@ -62,6 +62,7 @@ class ZodbClient(Client):
     def put(self, key: str, value: dict) -> int:
         def change(root: Any) -> None:
             root["users"][key] = value
+
         return self._commit(change)
 
     def transfer(self, a: str, b: str, amount: int) -> int:
@@ -69,6 +70,7 @@ class ZodbClient(Client):
             accounts = root["accounts"]
             accounts[a] -= amount
             accounts[b] += amount
+
         return self._commit(change)
 
     def query(self, city: str, score: int) -> list:
@@ -162,9 +164,12 @@ class Zeo(ZodbFileStorage):
         super().start(tmp)
         self.port = free_port()
         self.log = open(os.path.join(tmp, "zeo.log"), "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{self.port}",
-                                         "-f", self.path], stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ZEO.runzeo", "-a", f"127.0.0.1:{self.port}", "-f", self.path],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while True:  # wait until it answers (stop() ends the server if this raises)
             try:

@@ -29,17 +29,20 @@ def backup(args: argparse.Namespace) -> int:
     path = existing_datadir(args.path)
     destination = os.path.abspath(args.destination)
     if os.path.exists(destination) and (not os.path.isdir(destination) or os.listdir(destination)):
-        raise DataDirectoryError(f"backup destination {destination} exists and is not an empty directory; "
-                                 f"pass a new directory")
+        raise DataDirectoryError(
+            f"backup destination {destination} exists and is not an empty directory; pass a new directory"
+        )
     print(f"backing up {path} to {destination} ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     with open_database(path, args, create=False) as db:
         written = db.backup(destination)
     header = read_checkpoint(written)
     size = os.stat(written).st_size
-    print(f"backup of {path} at seq {header.seq} written to {written} ({human_bytes(size)}, "
-          f"{time.monotonic() - started:.2f}s); open it with protobase.open({destination!r}) "
-          f"or `protobase status {destination}`")
+    print(
+        f"backup of {path} at seq {header.seq} written to {written} ({human_bytes(size)}, "
+        f"{time.monotonic() - started:.2f}s); open it with protobase.open({destination!r}) "
+        f"or `protobase status {destination}`"
+    )
     return 0
 
 
@@ -47,8 +50,9 @@ def recover(args: argparse.Namespace) -> int:
     """Salvage into a new directory; print what was kept and what was lost."""
     from protobase.coordinator.recovery import salvage
 
-    report = salvage(args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True),
-                     past_gaps=args.past_gaps)
+    report = salvage(
+        args.path, args.destination, progress=lambda line: print(f"  {line}", flush=True), past_gaps=args.past_gaps
+    )
     past = " (past gaps)" if report.past_gaps else ""
     print(f"recovered {report.records_applied} commits up to seq {report.seq}{past} into {report.destination}")
     for path, start, end in report.damaged_ranges:
@@ -60,11 +64,13 @@ def recover(args: argparse.Namespace) -> int:
             print(f"  skipped WAL record{'s' if last > first else ''} {_lsn_range(first, last)}: {why}")
     elif report.records_skipped:
         first, last, why = report.records_skipped[0]
-        print(f"LOST: WAL record{'s' if last > first else ''} {_lsn_range(first, last)} ({why}), the commit "
-              f"after seq {report.seq}; recovery stopped there, since a later commit may depend on a lost one: "
-              f"{report.records_left} intact WAL records after it were not applied. To apply them anyway, run "
-              f"`protobase recover --past-gaps {os.path.abspath(args.path)} ANOTHER_NEW_DIR` (it lists every "
-              f"record it skips)")
+        print(
+            f"LOST: WAL record{'s' if last > first else ''} {_lsn_range(first, last)} ({why}), the commit "
+            f"after seq {report.seq}; recovery stopped there, since a later commit may depend on a lost one: "
+            f"{report.records_left} intact WAL records after it were not applied. To apply them anyway, run "
+            f"`protobase recover --past-gaps {os.path.abspath(args.path)} ANOTHER_NEW_DIR` (it lists every "
+            f"record it skips)"
+        )
     print(f"open it with protobase.open({report.destination!r}); the damaged directory was not changed")
     return 0
 

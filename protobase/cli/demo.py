@@ -66,8 +66,9 @@ def run(writers: int = 3, transfers: int = 300) -> int:
     try:
         with protobase.open(path, shutdown_grace=0.2) as db:
             with db.transaction() as tx:
-                tx.root["accounts"] = {f"acct{i}": {"owner": f"customer {i}", "balance": OPENING_BALANCE}
-                                       for i in range(ACCOUNTS)}
+                tx.root["accounts"] = {
+                    f"acct{i}": {"owner": f"customer {i}", "balance": OPENING_BALANCE} for i in range(ACCOUNTS)
+                }
                 tx.root["transfers"] = {f"w{w}": 0 for w in range(writers)}
             print(f"  opened {ACCOUNTS} accounts of {OPENING_BALANCE} each (commit {tx.seq})")
             status = _run_workers(db, path, writers, transfers)
@@ -98,8 +99,10 @@ def _run_workers(db: protobase.Database, path: str, writers: int, transfers: int
     commits = writers * transfers
     print(f"  all writers: {commits} commits in {elapsed:.2f}s ({commits / elapsed:,.0f} commits/s)")
     _, audits, reads, unbalanced, seconds = audit
-    print(f"  auditor: {audits} consistent snapshots, {reads:,} record reads "
-          f"({reads / seconds:,.0f} reads/s), {unbalanced} unbalanced")
+    print(
+        f"  auditor: {audits} consistent snapshots, {reads:,} record reads "
+        f"({reads / seconds:,.0f} reads/s), {unbalanced} unbalanced"
+    )
     if unbalanced or any(p.exitcode for p in [auditor, *processes]):
         status = 1
     return status
@@ -111,10 +114,14 @@ def _report_final_state(db: protobase.Database, writers: int, transfers: int) ->
         done = sum(snap.root["transfers"].values())
     db.check()
     stats = db.stats()
-    print(f"  final: total balance {total:,} (expected {ACCOUNTS * OPENING_BALANCE:,}), "
-          f"{done} transfers recorded (expected {writers * transfers})")
-    print(f"  database: seq {stats.seq}, {stats.segments} segment(s), {stats.shared_bytes:,} shared bytes, "
-          f"{stats.conflicts} conflicts seen by the coordinator; check() passed")
+    print(
+        f"  final: total balance {total:,} (expected {ACCOUNTS * OPENING_BALANCE:,}), "
+        f"{done} transfers recorded (expected {writers * transfers})"
+    )
+    print(
+        f"  database: seq {stats.seq}, {stats.segments} segment(s), {stats.shared_bytes:,} shared bytes, "
+        f"{stats.conflicts} conflicts seen by the coordinator; check() passed"
+    )
     if total != ACCOUNTS * OPENING_BALANCE or done != writers * transfers:
         raise SystemExit("demo FAILED: an invariant did not hold")
     print("demo OK: no update lost, every snapshot consistent")

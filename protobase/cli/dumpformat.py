@@ -62,8 +62,20 @@ BIG_INT_BITS = 10_000  # beyond this, ints are written in hex (int <-> decimal s
 
 IndexFields = tuple[tuple[Any, ...], tuple[str, ...]]  # (key path of an indexed dict inside a value, its fields)
 
-_TAGS = ("$int", "$float", "$dict", "$tuple", "$set", "$frozenset", "$bytes", "$datetime", "$date",
-         "$decimal", "$uuid", "$indexed")
+_TAGS = (
+    "$int",
+    "$float",
+    "$dict",
+    "$tuple",
+    "$set",
+    "$frozenset",
+    "$bytes",
+    "$datetime",
+    "$date",
+    "$decimal",
+    "$uuid",
+    "$indexed",
+)
 
 
 # -- encoding --------------------------------------------------------------------------------
@@ -107,8 +119,10 @@ class UnsupportedValue(Exception):
     def describe(self, what: str) -> str:
         """The message for the user, with `what` naming the outermost value (e.g. "root['users']")."""
         kind = type(self.value)
-        return (f"cannot dump {what}{''.join(reversed(self.path))}: a {kind.__module__}.{kind.__qualname__} "
-                f"(registered dataclasses and other types have no dump encoding)")
+        return (
+            f"cannot dump {what}{''.join(reversed(self.path))}: a {kind.__module__}.{kind.__qualname__} "
+            f"(registered dataclasses and other types have no dump encoding)"
+        )
 
 
 _encode_str = json.encoder.encode_basestring  # the C encoder when available; ensure_ascii=False
@@ -235,7 +249,7 @@ def _hashable(value: Any) -> Any:
 def _object_hook(obj: dict[str, Any]) -> Any:
     if len(obj) != 1:
         return obj
-    (tag, payload), = obj.items()
+    ((tag, payload),) = obj.items()
     if not tag.startswith("$"):
         return obj
     if tag not in _TAGS:

@@ -79,29 +79,42 @@ def _print_status(path: str, first: DatabaseStats, latest: DatabaseStats, mine: 
     rate = (latest.commits - first.commits) / elapsed if elapsed > 0 else 0.0
     print(f"database {path}")
     print(f"  coordinator pid {latest.coordinator_pid}, persistence pid {latest.persistence_pid or 'none'}")
-    print(f"  seq {latest.seq}, {latest.commits} commits and {latest.conflicts} conflicts since it started, "
-          f"{latest.compactions} compactions, {latest.checkpoints} checkpoints")
-    print(f"  WAL: last LSN {latest.last_lsn}, durable LSN {latest.durable_lsn}, "
-          f"lag {latest.last_lsn - latest.durable_lsn} records; {latest.wal_syncs} fsyncs; "
-          f"{human_bytes(latest.wal_bytes_since_checkpoint)} since the last checkpoint")
-    print(f"  memory: {latest.segments} segments, {human_bytes(latest.shared_bytes)} shared, "
-          f"{human_bytes(latest.data_bytes)} data, {human_bytes(latest.live_bytes)} live, "
-          f"{human_bytes(latest.reclaimable_bytes)} reclaimable")
+    print(
+        f"  seq {latest.seq}, {latest.commits} commits and {latest.conflicts} conflicts since it started, "
+        f"{latest.compactions} compactions, {latest.checkpoints} checkpoints"
+    )
+    print(
+        f"  WAL: last LSN {latest.last_lsn}, durable LSN {latest.durable_lsn}, "
+        f"lag {latest.last_lsn - latest.durable_lsn} records; {latest.wal_syncs} fsyncs; "
+        f"{human_bytes(latest.wal_bytes_since_checkpoint)} since the last checkpoint"
+    )
+    print(
+        f"  memory: {latest.segments} segments, {human_bytes(latest.shared_bytes)} shared, "
+        f"{human_bytes(latest.data_bytes)} data, {human_bytes(latest.live_bytes)} live, "
+        f"{human_bytes(latest.reclaimable_bytes)} reclaimable"
+    )
     print(f"  commit rate: {rate:.1f} commits/s (over {elapsed:.2f}s)")
     others = [reader for reader in latest.readers if reader.slot != mine]
     print(f"  readers: {len(others)}" + ("" if others else " (besides this command)"))
     for reader in others:
-        held = ("no snapshot" if reader.snapshot_seq is None
-                else f"snapshot seq {reader.snapshot_seq}, {reader.snapshot_age} commits old")
+        held = (
+            "no snapshot"
+            if reader.snapshot_seq is None
+            else f"snapshot seq {reader.snapshot_seq}, {reader.snapshot_age} commits old"
+        )
         print(f"    pid {reader.pid} (slot {reader.slot}): {held}")
     oldest = latest.oldest_reader
     if oldest is not None and oldest.slot != mine:
-        print(f"  oldest snapshot: pid {oldest.pid} (slot {oldest.slot}) has held seq {oldest.snapshot_seq} for "
-              f"{oldest.held_seconds:.1f}s, keeping {human_bytes(oldest.retained_bytes)} of retired segments "
-              f"in shared memory")
+        print(
+            f"  oldest snapshot: pid {oldest.pid} (slot {oldest.slot}) has held seq {oldest.snapshot_seq} for "
+            f"{oldest.held_seconds:.1f}s, keeping {human_bytes(oldest.retained_bytes)} of retired segments "
+            f"in shared memory"
+        )
     if latest.compaction_failures:
-        print(f"  compactions that failed and were undone: {latest.compaction_failures} "
-              f"(see the coordinator's log; /dev/shm may be full)")
+        print(
+            f"  compactions that failed and were undone: {latest.compaction_failures} "
+            f"(see the coordinator's log; /dev/shm may be full)"
+        )
 
 
 def stats(args: argparse.Namespace) -> int:
@@ -124,6 +137,8 @@ def check(args: argparse.Namespace) -> int:
         reading = db.stats()
         with db.snapshot() as snapshot:
             keys = len(snapshot.root)
-    print(f"ok: {path} at seq {reading.seq}: every invariant holds ({keys} top-level keys, "
-          f"{human_bytes(reading.live_bytes)} live, checked in {time.monotonic() - started:.2f}s)")
+    print(
+        f"ok: {path} at seq {reading.seq}: every invariant holds ({keys} top-level keys, "
+        f"{human_bytes(reading.live_bytes)} live, checked in {time.monotonic() - started:.2f}s)"
+    )
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from protobase import settings
 from protobase.cli.backup import backup, recover
@@ -51,10 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of every command and its options."""
     parser = argparse.ArgumentParser(prog="protobase", description="ProtoBase: a shared transactional object database")
     commands = parser.add_subparsers(dest="command", required=True)
-    grace = argparse.ArgumentParser(add_help=False)
-    grace.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
-                       help="how long a coordinator this command starts lingers after it (default %(default)s)")
+    _add_server_commands(commands)
+    _add_data_commands(commands)
+    _add_tool_commands(commands)
+    return parser
 
+
+class Commands(Protocol):
+    """The sub-commands of the parser (what argparse's add_subparsers returns)."""
+
+    def add_parser(self, name: str, **options: Any) -> argparse.ArgumentParser: ...
+
+
+def _grace_option() -> argparse.ArgumentParser:
+    """The --grace option of every command that may start a coordinator."""
+    grace = argparse.ArgumentParser(add_help=False)
+    grace.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help="how long a coordinator this command starts lingers after it (default %(default)s)",
+    )
+    return grace
+
+
+def _add_server_commands(commands: Commands) -> None:
+    """serve, status, stats: the coordinator and what it reports."""
     serve = commands.add_parser("serve", help="run the coordinator of a data directory in the foreground")
     serve.add_argument("path", help="data directory (created if missing)")
     serve.add_argument("--log-level", default="INFO")
@@ -62,12 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="what serves a data directory, and what is on disk")
     status.add_argument("path")
-    status.add_argument("--interval", type=float, default=0.5, metavar="SECONDS",
-                        help="time between the two readings the commit rate is measured over")
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="time between the two readings the commit rate is measured over",
+    )
 
     stats = commands.add_parser("stats", help="db.stats() of a running database as JSON")
     stats.add_argument("path")
 
+
+def _add_data_commands(commands: Commands) -> None:
+    """check, dump, load, backup, recover: what is in a database, in and out of it."""
+    grace = _grace_option()
     check = commands.add_parser("check", parents=[grace], help="verify every invariant of a database")
     check.add_argument("path")
 
@@ -86,10 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     recover = commands.add_parser("recover", help="salvage the commits of a damaged database up to the first lost one")
     recover.add_argument("path", help="the damaged data directory (only read)")
     recover.add_argument("destination", help="a new directory to write the salvaged database to")
-    recover.add_argument("--past-gaps", action="store_true",
-                         help="also apply the intact commits after a lost one (they may depend on it); "
-                              "every WAL record skipped is listed")
+    recover.add_argument(
+        "--past-gaps",
+        action="store_true",
+        help="also apply the intact commits after a lost one (they may depend on it); "
+        "every WAL record skipped is listed",
+    )
 
+
+def _add_tool_commands(commands: Commands) -> None:
+    """bench, demo: ProtoBase at work in a temporary directory."""
     bench = commands.add_parser("bench", help="a quick benchmark in a temporary directory")
     bench.add_argument("--seconds", type=float, default=1.0, help="duration of each measurement")
     bench.add_argument("--keys", type=int, default=10_000, help="size of the collection read")
@@ -97,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="several processes sharing one database in a temporary directory")
     demo.add_argument("--writers", type=int, default=3)
     demo.add_argument("--transfers", type=int, default=300, help="transfers per writer")
-    return parser
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -111,8 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit status (the entry point of the `protobase` script)."""
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "serve": serve, "status": status, "stats": stats, "check": check, "dump": dump, "load": load,
-        "backup": backup, "recover": recover, "bench": bench, "demo": demo}
+        "serve": serve,
+        "status": status,
+        "stats": stats,
+        "check": check,
+        "dump": dump,
+        "load": load,
+        "backup": backup,
+        "recover": recover,
+        "bench": bench,
+        "demo": demo,
+    }
     try:
         return handlers[args.command](args)
     except CorruptionError as error:

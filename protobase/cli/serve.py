@@ -32,7 +32,10 @@ def serve(args: argparse.Namespace) -> int:
     coordinator.serve_forever()
     failure = coordinator.durability.failure if coordinator.durability is not None else None
     if failure:  # a failed exit, so that a supervisor (systemd Restart=on-failure) sees it
-        print(f"protobase: stopped after a disk failure: {failure}; fix the disk, then start it again "
-              f"(it recovers every acknowledged commit from the write-ahead log)", file=sys.stderr)
+        print(
+            f"protobase: stopped after a disk failure: {failure}; fix the disk, then start it again "
+            f"(it recovers every acknowledged commit from the write-ahead log)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -97,7 +97,7 @@ def _read_dump(file: TextIO, name: str) -> Iterator[tuple[int, Any, Any, list[In
 
 def _chunks(items: list[_T], size: int) -> Iterator[list[_T]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _load_big(db: Database, key: Any, value: Any, progress: Progress) -> None:
@@ -110,7 +110,7 @@ def _load_big(db: Database, key: Any, value: Any, progress: Progress) -> None:
         for start in range(LOAD_BATCH_ITEMS, len(items), LOAD_BATCH_ITEMS):
             with db.transaction() as tx:
                 target = tx.root[key]
-                for item_key, item in items[start:start + LOAD_BATCH_ITEMS]:
+                for item_key, item in items[start : start + LOAD_BATCH_ITEMS]:
                     target[item_key] = item
             progress.add(0, f"lines, {key!r}: {min(len(items), start + LOAD_BATCH_ITEMS):,}/{len(items):,}")
         return
@@ -218,13 +218,17 @@ def _move_into_place(staging: str, target: str, grace: float) -> None:
     from protobase.persistence.wal.files import fsync_directory
 
     if not DataDir(staging).wait_until_unserved(grace + STAGING_STOP_TIMEOUT):
-        raise CommandError(f"the load is complete in {staging}, but its coordinator has not stopped after "
-                           f"{grace + STAGING_STOP_TIMEOUT:.0f}s; once it has, rename {staging} to {target}")
+        raise CommandError(
+            f"the load is complete in {staging}, but its coordinator has not stopped after "
+            f"{grace + STAGING_STOP_TIMEOUT:.0f}s; once it has, rename {staging} to {target}"
+        )
     try:
         os.rename(staging, target)  # replaces an empty directory
     except OSError as error:
-        raise CommandError(f"the load is complete in {staging}, but it cannot be renamed to {target} "
-                           f"({error.strerror}); rename it yourself") from None
+        raise CommandError(
+            f"the load is complete in {staging}, but it cannot be renamed to {target} "
+            f"({error.strerror}); rename it yourself"
+        ) from None
     fsync_directory(os.path.dirname(target))
 
 

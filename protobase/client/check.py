@@ -36,8 +36,10 @@ def check_database(session: Session, snapshot: Snapshot) -> int:
         walk.tree(root_ptr, LEAF_OF[session.store.reader.atom(root_ptr)[0]])
     for reader in control.readers():
         if reader.snapshot_seq is not None and reader.snapshot_seq > control.read_root()[0]:
-            raise CorruptionError(f"reader slot {reader.slot} (pid {reader.pid}) holds snapshot "
-                                  f"{reader.snapshot_seq}, newer than the latest commit")
+            raise CorruptionError(
+                f"reader slot {reader.slot} (pid {reader.pid}) holds snapshot "
+                f"{reader.snapshot_seq}, newer than the latest commit"
+            )
     return walk.visited
 
 
@@ -54,8 +56,10 @@ class AtomWalk:
         if type(slot) is not Ref:
             return
         if slot.ptr and segment_of(slot.ptr) < self.oldest:
-            raise CorruptionError(f"pointer {slot.ptr:#x} points into segment {segment_of(slot.ptr)}, "
-                                  f"which was reclaimed (oldest live segment is {self.oldest})")
+            raise CorruptionError(
+                f"pointer {slot.ptr:#x} points into segment {segment_of(slot.ptr)}, "
+                f"which was reclaimed (oldest live segment is {self.oldest})"
+            )
         self.visited += 1
         if slot.kind in TREE_KINDS:
             if slot.ptr:
@@ -88,12 +92,14 @@ class AtomWalk:
             self.index_contents(collection, field, index_ptr)
 
     def index_contents(self, collection: Any, field: str, index_ptr: int) -> None:
-        expected = {(kind, value, key) for key, record in collection.items()
-                    for kind, value in index_entries(record, field)}
+        expected = {
+            (kind, value, key) for key, record in collection.items() for kind, value in index_entries(record, field)
+        }
         found = set(self.store.access.keys(index_ptr, SET_LEAF)) if index_ptr else set()
         if found != expected:
             missing, extra = expected - found, found - expected
             raise CorruptionError(
                 f"index on {field!r} of collection {collection.ptr:#x} disagrees with its records: "
                 f"{len(missing)} entries missing (e.g. {sorted(missing, key=repr)[:3]}), "
-                f"{len(extra)} extra (e.g. {sorted(extra, key=repr)[:3]})")
+                f"{len(extra)} extra (e.g. {sorted(extra, key=repr)[:3]})"
+            )

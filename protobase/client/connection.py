@@ -195,4 +195,3 @@ class Connection:
     def close(self) -> None:
         self._closed = True
         self._sock.close()
-

@@ -66,8 +66,15 @@ def _spawn(datadir: DataDir, grace: float, settings: dict[str, float | None]) ->
     # Make this very package importable in the child even when it is not installed.
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
-                            stderr=subprocess.PIPE, timeout=START_TIMEOUT, check=False)
+    result = subprocess.run(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        stderr=subprocess.PIPE,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
     if result.returncode != 0:
         kind, _, detail = result.stderr.decode(errors="replace").strip().partition("\n")
         error_class = getattr(errors, kind, None)
@@ -83,5 +90,7 @@ def _wait_for_socket(datadir: DataDir) -> socket.socket:
         if sock is not None:
             return sock
         time.sleep(0.01)
-    raise CoordinatorError(f"the coordinator for {datadir.path} started but does not accept connections; "
-                           f"see {datadir.file('coordinator.log')}")
+    raise CoordinatorError(
+        f"the coordinator for {datadir.path} started but does not accept connections; "
+        f"see {datadir.file('coordinator.log')}"
+    )

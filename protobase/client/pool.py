@@ -98,8 +98,9 @@ def _worker_main(path: str, conn: Any) -> None:
         session.close()
 
 
-def _run_task(task_id: int, session: Session, snapshot: Snapshot, func: Callable[[Snapshot, Any], Any],
-              work: Work) -> Reply:
+def _run_task(
+    task_id: int, session: Session, snapshot: Snapshot, func: Callable[[Snapshot, Any], Any], work: Work
+) -> Reply:
     try:
         items = _items(session, snapshot, work)
         return ("ok", task_id, [func(snapshot, item) for item in items])
@@ -136,8 +137,9 @@ def _resolve(snapshot: Snapshot, path: tuple[Any, ...]) -> Any:
 class _Worker:
     def __init__(self, context: Any, path: str) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(path, child), daemon=True,
-                                       name="protobase-pool-worker")
+        self.process = context.Process(
+            target=_worker_main, args=(path, child), daemon=True, name="protobase-pool-worker"
+        )
         self.process.start()
         child.close()
         self.task: int | None = None  # the task it holds
@@ -169,18 +171,22 @@ class _Worker:
 
 
 def _start_failure(pid: int | None, exitcode: int | None) -> str:
-    return (f"pool worker {pid} did not start (exit code {exitcode}; its error is on standard error). "
-            f"The usual cause: with the 'spawn' start method every worker imports the main script again, so "
-            f"a script that opens the pool must do so under `if __name__ == \"__main__\":`")
+    return (
+        f"pool worker {pid} did not start (exit code {exitcode}; its error is on standard error). "
+        f"The usual cause: with the 'spawn' start method every worker imports the main script again, so "
+        f'a script that opens the pool must do so under `if __name__ == "__main__":`'
+    )
 
 
 def _refuse_while_bootstrapping() -> None:
     # A spawned child is importing the main script again: a pool here would spawn
     # workers of its own, recursively. multiprocessing's own error says less.
     if getattr(multiprocessing.current_process(), "_inheriting", False):
-        raise RuntimeError("db.pool() was called while this process was starting as a pool worker: the main "
-                           "script runs again in every worker under the 'spawn' start method. Put the code that "
-                           "opens the pool under `if __name__ == \"__main__\":`")
+        raise RuntimeError(
+            "db.pool() was called while this process was starting as a pool worker: the main "
+            "script runs again in every worker under the 'spawn' start method. Put the code that "
+            'opens the pool under `if __name__ == "__main__":`'
+        )
 
 
 def chunk_sizes(count: int | None, processes: int) -> Iterator[int]:
@@ -230,8 +236,9 @@ class Pool:
         """
         return list(self.imap(func, iterable, chunksize))
 
-    def imap(self, func: Callable[[Snapshot, T], R], iterable: Iterable[T],
-             chunksize: int | None = None) -> Iterator[R]:
+    def imap(
+        self, func: Callable[[Snapshot, T], R], iterable: Iterable[T], chunksize: int | None = None
+    ) -> Iterator[R]:
         """Like map, lazily and in order."""
         if chunksize is not None and chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")
@@ -240,8 +247,7 @@ class Pool:
         chunks = (("items", chunk) for chunk in _chunked(iterable, sizes))
         return self._results(func, chunks)
 
-    def map_keys(self, func: Callable[[Snapshot, Any], R], path: Any,
-                 chunksize: int | None = None) -> list[R]:
+    def map_keys(self, func: Callable[[Snapshot, Any], R], path: Any, chunksize: int | None = None) -> list[R]:
         """[func(snapshot, key) for key in the collection at `path`], split by position across workers.
 
         Workers read the keys themselves from the snapshot: nothing but
@@ -316,8 +322,10 @@ class Pool:
         index = self._workers.index(worker)
         self._workers[index] = _Worker(self._context, self._db.path)
         self.replaced += 1
-        raise WorkerDiedError(f"pool worker {pid} died (exit code {code}) while running a task; it was "
-                              f"replaced by {self._workers[index].process.pid} and this call failed: run it again")
+        raise WorkerDiedError(
+            f"pool worker {pid} died (exit code {code}) while running a task; it was "
+            f"replaced by {self._workers[index].process.pid} and this call failed: run it again"
+        )
 
     def _drain(self) -> None:
         """After a failure, wait for the other workers' tasks so the next call starts clean."""

@@ -82,10 +82,17 @@ class Launch:
 
     def connect(self, datadir: DataDir) -> Connection:
         """A new connection to the coordinator of `datadir`, starting one if allowed."""
-        return Connection(launcher.connect(
-            datadir, start=self.start, grace=self.grace, compact_min_bytes=self.compact_min_bytes,
-            checkpoint_bytes=self.checkpoint_bytes, flush_interval=self.flush_interval,
-            reader_slots=self.reader_slots))
+        return Connection(
+            launcher.connect(
+                datadir,
+                start=self.start,
+                grace=self.grace,
+                compact_min_bytes=self.compact_min_bytes,
+                checkpoint_bytes=self.checkpoint_bytes,
+                flush_interval=self.flush_interval,
+                reader_slots=self.reader_slots,
+            )
+        )
 
 
 @dataclass
@@ -106,15 +113,24 @@ class CommitRequest:
     @property
     def may_have_been_sent(self) -> bool:
         """False only if it certainly never reached the coordinator (interrupted before it went out)."""
-        return (self.connection is not None and self.request_id is not None
-                and self.connection.may_have_sent(self.request_id))
+        return (
+            self.connection is not None
+            and self.request_id is not None
+            and self.connection.may_have_sent(self.request_id)
+        )
 
 
 class Session:
     """One handle's attachment to the coordinator of one data directory, across reconnections."""
 
-    def __init__(self, datadir: DataDir, launch: Launch | None = None, *, durability: Durability = "sync",
-                 cache_size: int = DEFAULT_OBJECT_CACHE) -> None:
+    def __init__(
+        self,
+        datadir: DataDir,
+        launch: Launch | None = None,
+        *,
+        durability: Durability = "sync",
+        cache_size: int = DEFAULT_OBJECT_CACHE,
+    ) -> None:
         self.datadir = datadir
         self.path = datadir.path
         self.durability: Durability = durability  # default durability of commits that name none
@@ -200,8 +216,11 @@ class Session:
         if not same_instance:
             self.epoch += 1
             self._held.clear()
-            self._store = Store(AtomReader(instance_id), object_cache=self._cache_size,
-                                bytes_cache=min(self._cache_size, DEFAULT_BYTES_CACHE))
+            self._store = Store(
+                AtomReader(instance_id),
+                object_cache=self._cache_size,
+                bytes_cache=min(self._cache_size, DEFAULT_BYTES_CACHE),
+            )
         self._oldest_segment = control.oldest_segment
 
     def _hello(self) -> tuple[Connection, str, int]:
@@ -286,12 +305,21 @@ class Session:
     def _lost(self, error: BaseException, outcome: str = "") -> CoordinatorError:
         return CoordinatorError(
             f"lost the coordinator of {self.path} ({error}): it stopped or died.{outcome} Committed data is "
-            f"kept as its durability mode promises; the next snapshot or transaction of this handle reconnects")
+            f"kept as its durability mode promises; the next snapshot or transaction of this handle reconnects"
+        )
 
     # -- commits -------------------------------------------------------------------------
 
-    def prepare_commit(self, epoch: int, base: int, serializable: bool, durability: Durability | None,
-                       ops: list[Any], reads: list[Any], check_encodable: Callable[[list[Any]], None]) -> CommitRequest:
+    def prepare_commit(
+        self,
+        epoch: int,
+        base: int,
+        serializable: bool,
+        durability: Durability | None,
+        ops: list[Any],
+        reads: list[Any],
+        check_encodable: Callable[[list[Any]], None],
+    ) -> CommitRequest:
         """The commit request of a transaction, encoded; EncodingError names the user's path.
 
         `durability` None means the session's default.
@@ -312,7 +340,8 @@ class Session:
                 raise CoordinatorRestartedError(
                     f"the coordinator of {self.path} restarted while this transaction was open (it read "
                     f"snapshot {request.message[1]} of the previous instance); nothing was committed. Run it "
-                    f"again: @db.transactional(retries=N) and db.attempts(retries=N) do")
+                    f"again: @db.transactional(retries=N) and db.attempts(retries=N) do"
+                )
             connection = request.connection = self.connection
             request.request_id = connection.reserve()
             try:
@@ -335,7 +364,8 @@ class Session:
                 raise OutcomeUnknownError(
                     f"lost the coordinator of {self.path} ({error}) after commit request {request.request_id} was "
                     f"sent: it may or may not have committed. Take a new snapshot to see whether its writes are "
-                    f"there before running it again") from None
+                    f"there before running it again"
+                ) from None
             if reply is None:
                 return None
             if reply[0] == "error":
@@ -383,7 +413,8 @@ class Session:
             self.ensure_attached()
             if instance_id != self.instance_id:
                 raise CoordinatorRestartedError(
-                    f"the coordinator of {self.path} restarted during this pool call; run the call again")
+                    f"the coordinator of {self.path} restarted during this pool call; run the call again"
+                )
             floor = min(self._held) if self._held else None
             if floor is None or seq < floor:
                 self.control.set_reader_snapshot(self._slot, seq)

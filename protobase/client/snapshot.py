@@ -44,7 +44,8 @@ class Snapshot:
         if self._epoch != self._session.epoch:
             raise CoordinatorRestartedError(
                 f"snapshot {self.seq} was taken before the coordinator of {self._session.path} restarted, and its "
-                f"shared memory is gone; take a new snapshot with db.snapshot()")
+                f"shared memory is gone; take a new snapshot with db.snapshot()"
+            )
         return self._root
 
     def close(self) -> None:

@@ -87,23 +87,46 @@ def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
     seq = counters["seq"]
     readers = tuple(
         ReaderStats(r.slot, r.pid, r.snapshot_seq, None if r.snapshot_seq is None else seq - r.snapshot_seq)
-        for r in control.readers())
+        for r in control.readers()
+    )
     held = counters["oldest_reader"]
-    oldest = None if held is None else OldestReader(
-        slot=held["slot"], pid=held["pid"], snapshot_seq=held["snapshot_seq"], held_seconds=held["held_seconds"],
-        retained_bytes=held["retained_bytes"])
-    shared = sum(_size(os.path.join(names.SHM_DIR, entry.lstrip("/")))
-                 for entry in names.instance_entries(session.instance_id))
+    oldest = (
+        None
+        if held is None
+        else OldestReader(
+            slot=held["slot"],
+            pid=held["pid"],
+            snapshot_seq=held["snapshot_seq"],
+            held_seconds=held["held_seconds"],
+            retained_bytes=held["retained_bytes"],
+        )
+    )
+    shared = sum(
+        _size(os.path.join(names.SHM_DIR, entry.lstrip("/"))) for entry in names.instance_entries(session.instance_id)
+    )
     return DatabaseStats(
-        path=session.path, seq=seq, coordinator_pid=counters["pid"], persistence_pid=counters["persistence_pid"],
-        durable_lsn=counters["durable_lsn"], last_lsn=counters["last_lsn"], checkpoints=counters["checkpoints"],
-        wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"], wal_syncs=counters["wal_syncs"],
+        path=session.path,
+        seq=seq,
+        coordinator_pid=counters["pid"],
+        persistence_pid=counters["persistence_pid"],
+        durable_lsn=counters["durable_lsn"],
+        last_lsn=counters["last_lsn"],
+        checkpoints=counters["checkpoints"],
+        wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"],
+        wal_syncs=counters["wal_syncs"],
         commits=counters["commits"],
-        conflicts=counters["conflicts"], compactions=counters["compactions"],
-        compaction_failures=counters["compaction_failures"], segments=counters["segments"],
-        shared_bytes=shared, data_bytes=counters["mapped_bytes"], allocated_bytes=counters["allocated_bytes"],
-        live_bytes=counters["live_bytes"], reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
-        readers=readers, oldest_reader=oldest, object_cache=session.store.objects.stats(),
+        conflicts=counters["conflicts"],
+        compactions=counters["compactions"],
+        compaction_failures=counters["compaction_failures"],
+        segments=counters["segments"],
+        shared_bytes=shared,
+        data_bytes=counters["mapped_bytes"],
+        allocated_bytes=counters["allocated_bytes"],
+        live_bytes=counters["live_bytes"],
+        reclaimable_bytes=counters["mapped_bytes"] - counters["live_bytes"],
+        readers=readers,
+        oldest_reader=oldest,
+        object_cache=session.store.objects.stats(),
         bytes_cache=session.store.bytes.stats(),
         taken_at=time.time(),
     )

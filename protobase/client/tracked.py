@@ -30,8 +30,16 @@ from protobase.core.views import TreeDict, TreeList, TreeSet
 from protobase.errors import EncodingError, format_path
 from protobase.wire.opcodes import OP_SET
 
-__all__ = ["ChangeListener", "Owner", "TrackedDict", "TrackedList", "TrackedSet", "track", "is_mutable_dataclass",
-           "tracked_whole"]
+__all__ = [
+    "ChangeListener",
+    "Owner",
+    "TrackedDict",
+    "TrackedList",
+    "TrackedSet",
+    "track",
+    "is_mutable_dataclass",
+    "tracked_whole",
+]
 
 
 class ChangeListener(Protocol):
@@ -97,8 +105,12 @@ _base: type
 for _cls, _base, _names in (
     (TrackedDict, dict, "__setitem__ __delitem__ __ior__ clear pop popitem setdefault update"),
     (TrackedList, list, "__setitem__ __delitem__ __iadd__ __imul__ append extend insert pop remove clear sort reverse"),
-    (TrackedSet, set, "__ior__ __iand__ __isub__ __ixor__ add discard remove pop clear update "
-                      "difference_update intersection_update symmetric_difference_update"),
+    (
+        TrackedSet,
+        set,
+        "__ior__ __iand__ __isub__ __ixor__ add discard remove pop clear update "
+        "difference_update intersection_update symmetric_difference_update",
+    ),
 ):
     for _name in _names.split():
         setattr(_cls, _name, _notify(getattr(_base, _name)))
@@ -117,8 +129,10 @@ def _set_tracked_attribute(self: Any, name: str, value: Any) -> None:
 
 
 def _refuse_attribute_deletion(self: Any, name: str) -> None:
-    raise EncodingError(f"cannot delete attribute {name!r} of the {type(self).__name__} at "
-                        f"{format_path(self._tx_path_)}: a stored dataclass keeps every field; set it to None instead")
+    raise EncodingError(
+        f"cannot delete attribute {name!r} of the {type(self).__name__} at "
+        f"{format_path(self._tx_path_)}: a stored dataclass keeps every field; set it to None instead"
+    )
 
 
 def _plain_dataclass_copy(self: Any) -> Any:
@@ -128,9 +142,15 @@ def _plain_dataclass_copy(self: Any) -> Any:
 @functools.cache
 def _tracked_dataclass(cls: type) -> type:
     """The class of `cls` instances read in a transaction: attribute changes report to the instance's owner."""
-    return dataclass_variant(cls, {"__slots__": ("_tx_owner_", "_tx_path_"), "__setattr__": _set_tracked_attribute,
-                                   "__delattr__": _refuse_attribute_deletion,
-                                   "_protobase_plain_": _plain_dataclass_copy})
+    return dataclass_variant(
+        cls,
+        {
+            "__slots__": ("_tx_owner_", "_tx_path_"),
+            "__setattr__": _set_tracked_attribute,
+            "__delattr__": _refuse_attribute_deletion,
+            "_protobase_plain_": _plain_dataclass_copy,
+        },
+    )
 
 
 def track(value: Any, owner: ChangeListener, path: tuple[Any, ...]) -> Any:

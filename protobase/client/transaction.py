@@ -47,8 +47,9 @@ ISOLATION_LEVELS: tuple[Isolation, ...] = get_args(Isolation)
 class Transaction:
     """One transaction: a snapshot, the writes made on top of it, and (serializable) its reads."""
 
-    def __init__(self, session: Session, isolation: Isolation = "snapshot",
-                 durability: Durability | None = None) -> None:
+    def __init__(
+        self, session: Session, isolation: Isolation = "snapshot", durability: Durability | None = None
+    ) -> None:
         if isolation not in ISOLATION_LEVELS:
             raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, got {isolation!r}")
         self._session = session
@@ -82,8 +83,9 @@ class Transaction:
                 self.seq = self.base_seq
                 return self.seq
             reads = [list(path) for path in self._writes.reads] if self.serializable else []
-            request = self._session.prepare_commit(self._epoch, self.base_seq, self.serializable, self.durability,
-                                                   ops, reads, self._check_encodable)
+            request = self._session.prepare_commit(
+                self._epoch, self.base_seq, self.serializable, self.durability, ops, reads, self._check_encodable
+            )
             self._request = request
             self._writes.state = "committing"  # from here on, the coordinator may commit it
             self._session.send_commit(request)
@@ -134,8 +136,12 @@ class Transaction:
         return self.seq
 
     def _answer_may_come(self) -> bool:
-        return (self.seq is None and self._refusal is None and self._request is not None
-                and self._request.may_have_been_sent)
+        return (
+            self.seq is None
+            and self._refusal is None
+            and self._request is not None
+            and self._request.may_have_been_sent
+        )
 
     def _settle(self) -> None:
         """Committed, aborted, or (a commit sent whose answer is still to come) unknown.
@@ -179,7 +185,7 @@ class Transaction:
 
     @property
     def state(self) -> str:
-        """"active", "committed", "aborted", or "unknown": its commit was sent and the answer has not come.
+        """ "active", "committed", "aborted", or "unknown": its commit was sent and the answer has not come.
 
         A commit whose wait was interrupted (Ctrl-C) is "unknown" until
         `outcome()` collects the coordinator's answer.

@@ -52,7 +52,7 @@ def _check_keys(value: Any, path: tuple[Any, ...]) -> None:
 
 
 def index_name(fields: tuple[Any, ...]) -> str | tuple[str, ...]:
-    """"city" for one field, ("city", "score") for a composite index; TypeError for a bad name."""
+    """ "city" for one field, ("city", "score") for a composite index; TypeError for a bad name."""
     if not fields:
         raise TypeError("create_index() needs at least one field name, e.g. create_index('city')")
     for field in fields:
@@ -103,8 +103,11 @@ class WriteSet:
     def keys_written_below(self, path: tuple[Any, ...]) -> set[Any]:
         """The keys of the mapping at `path` that an op was recorded at, or inside."""
         depth = len(path)
-        return {key[depth] for key in self.ops
-                if key and key[0] is not INDEX_OP and len(key) > depth and key[:depth] == path}
+        return {
+            key[depth]
+            for key in self.ops
+            if key and key[0] is not INDEX_OP and len(key) > depth and key[:depth] == path
+        }
 
     def wire_ops(self) -> list[Any]:
         """The ops as the commit request sends them: `[code, [key, ...], argument]`, in order."""

@@ -69,8 +69,9 @@ def daemonize(args: argparse.Namespace) -> int:
     os.close(null)
     try:
         coordinator = build(args)
-        log_fd = os.open(coordinator.datadir.file("coordinator.log"),
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        log_fd = os.open(
+            coordinator.datadir.file("coordinator.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
         os.dup2(log_fd, 2)
         os.close(log_fd)
         coordinator.start()

@@ -35,8 +35,16 @@ __all__ = ["Checkpoints"]
 class Checkpoints:
     """The checkpoint and backup requests in flight, and when to ask for the next checkpoint."""
 
-    def __init__(self, durability: Durability, arena: ArenaWriter, commits: Commits, connections: Connections, *,
-                 checkpoint_bytes: int, changed: bool) -> None:
+    def __init__(
+        self,
+        durability: Durability,
+        arena: ArenaWriter,
+        commits: Commits,
+        connections: Connections,
+        *,
+        checkpoint_bytes: int,
+        changed: bool,
+    ) -> None:
         self.durability = durability  # carries the requests to the persistence process, counts the WAL bytes
         self.arena = arena  # the segments a checkpoint copies
         self.commits = commits  # the latest commit, which a checkpoint holds
@@ -72,13 +80,15 @@ class Checkpoints:
             return
         seq, root = self.commits.seq, self.commits.root
         segments = self.arena.generation()
-        assert not root or segment_of(root) >= self.arena.generation_start, \
+        assert not root or segment_of(root) >= self.arena.generation_start, (
             f"root {root:#x} lies outside the generation {segments} a checkpoint copies"
+        )
         self.requests.append((seq, asker))
         if directory is None:
             self.changed_since_checkpoint = False
-        self.durability.request_checkpoint(seq=seq, root=root, segments=segments,
-                                           next_segment=self.arena.next_index, directory=directory)
+        self.durability.request_checkpoint(
+            seq=seq, root=root, segments=segments, next_segment=self.arena.next_index, directory=directory
+        )
 
     def backup(self, asker: Asker, destination: str) -> None:
         """Start a hot, consistent backup of the latest commit into a new data directory."""

@@ -62,8 +62,14 @@ class Asker:
 class Connections:
     """The connected clients, their incomplete requests and their replies."""
 
-    def __init__(self, selector: selectors.BaseSelector, release_slot: Callable[[int], None], *,
-                 max_buffered_bytes: int, partial_frame_timeout: float) -> None:
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        release_slot: Callable[[int], None],
+        *,
+        max_buffered_bytes: int,
+        partial_frame_timeout: float,
+    ) -> None:
         self.selector = selector  # the event loop's: a client's socket is registered while it is connected
         self.release_slot = release_slot  # gives back the reader-table slot of a client that leaves
         self.max_buffered_bytes = max_buffered_bytes  # bound on incomplete requests held for all clients
@@ -94,7 +100,8 @@ class Connections:
         if self.buffered_bytes > self.max_buffered_bytes and client.reader.buffered:
             raise ProtocolError(
                 f"the coordinator holds {self.buffered_bytes} bytes of incomplete requests, over its "
-                f"{self.max_buffered_bytes}-byte bound; send smaller commits (split the transaction)")
+                f"{self.max_buffered_bytes}-byte bound; send smaller commits (split the transaction)"
+            )
         return bodies
 
     def answer(self, asker: Asker | None, reply: list[Any] | None) -> None:
@@ -111,8 +118,11 @@ class Connections:
         for client in list(self.clients.values()):
             if client.watching is None or not paths:
                 continue
-            touched = [list(path) for path in paths
-                       if any(path[:len(prefix)] == prefix or prefix[:len(path)] == path for prefix in client.watching)]
+            touched = [
+                list(path)
+                for path in paths
+                if any(path[: len(prefix)] == prefix or prefix[: len(path)] == path for prefix in client.watching)
+            ]
             if touched:
                 self.answer(Asker(client, PUSH), ["changed", seq, touched])
 
@@ -139,8 +149,12 @@ class Connections:
         now = time.monotonic()
         for client in list(self.clients.values()):
             if client.reader.buffered and now - client.partial_since > self.partial_frame_timeout:
-                log.warning("closing the connection of client %d: it left %d bytes of a request unfinished "
-                            "for %ss", client.pid, client.reader.buffered, self.partial_frame_timeout)
+                log.warning(
+                    "closing the connection of client %d: it left %d bytes of a request unfinished for %ss",
+                    client.pid,
+                    client.reader.buffered,
+                    self.partial_frame_timeout,
+                )
                 self.drop(client.sock)
 
     def __len__(self) -> int:

@@ -65,8 +65,13 @@ Op = list[Any]  # [op code, key path (a list), argument]: one operation of a com
 Reply = list[Any]  # [status, *fields]: a reply without its request id
 
 _OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argument may be}
-    OP_SET: (object,), OP_DELETE: (type(None),), OP_LIST: (list,), OP_SET_ADD: (list,), OP_SET_DISCARD: (list,),
-    OP_CREATE_INDEX: (str, tuple), OP_DROP_INDEX: (str, tuple),
+    OP_SET: (object,),
+    OP_DELETE: (type(None),),
+    OP_LIST: (list,),
+    OP_SET_ADD: (list,),
+    OP_SET_DISCARD: (list,),
+    OP_CREATE_INDEX: (str, tuple),
+    OP_DROP_INDEX: (str, tuple),
 }
 _LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
 
@@ -89,12 +94,15 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
             raise ProtocolError("malformed request: an op is [code, key path, argument]")
         code, path, argument = op
         if code not in _OP_ARGUMENT_TYPES or not isinstance(argument, _OP_ARGUMENT_TYPES[code]):
-            raise ProtocolError(f"malformed request: op code {code} with an argument of type "
-                                f"{type(argument).__name__} is not an operation")
+            raise ProtocolError(
+                f"malformed request: op code {code} with an argument of type "
+                f"{type(argument).__name__} is not an operation"
+            )
         for key in path:
             check_key(key, tuple(path))
-        if code == OP_LIST and not all(type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES
-                                       for item in op[2]):  # (op[2] is the argument: a list, checked above)
+        if code == OP_LIST and not all(
+            type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES for item in op[2]
+        ):  # (op[2] is the argument: a list, checked above)
             raise ProtocolError("malformed request: a list operation is [code, index, value]")
     return ops
 
@@ -114,8 +122,18 @@ class Pending:
 class Commits:
     """Validates, applies, publishes and acknowledges commits, one at a time."""
 
-    def __init__(self, writer: Writer, control: ControlBlock, durability: Durability, connections: Connections, *,
-                 seq: int, root: int, directory: str, on_applied: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        writer: Writer,
+        control: ControlBlock,
+        durability: Durability,
+        connections: Connections,
+        *,
+        seq: int,
+        root: int,
+        directory: str,
+        on_applied: Callable[[], None],
+    ) -> None:
         self.writer = writer  # applies a commit's ops to the latest root and writes its atoms
         self.control = control  # where roots are published (the seqlock)
         self.durability = durability  # takes each commit's WAL record; says what is durable
@@ -134,8 +152,9 @@ class Commits:
         self.conflicts = 0  # commits refused for a conflict since start
         self.refusing = False  # True once durability failed: every commit is refused from then on
 
-    def commit(self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes,
-               reads: list[Any]) -> Reply | None:
+    def commit(
+        self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes, reads: list[Any]
+    ) -> Reply | None:
         """Validate, apply, write, log and publish one transaction; None when the reply waits for fsync.
 
         Raises ProtoBaseError for a request to refuse (answered as an error,
@@ -146,9 +165,11 @@ class Commits:
         if durability not in DURABILITY_MODES:
             return error_fields(ProtoBaseError, f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         if type(base) is not int or not 0 <= base <= self.seq:
-            raise ProtoBaseError(f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
-                                 f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
-                                 f"snapshot it read")
+            raise ProtoBaseError(
+                f"commit refused, nothing was applied: it is based on snapshot seq {base!r}, but "
+                f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
+                f"snapshot it read"
+            )
         ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
         checked = paths + [tuple(path) for path in reads] if serializable else paths
@@ -252,7 +273,7 @@ class Commits:
             f"later one. Fix the disk (free space, check the device), close every handle on "
             f"{self.directory} (its coordinator stops once the last one is closed), then open it again: "
             f"recovery restores every commit whose WAL record reached the disk, which includes every "
-            f"\"sync\" commit that returned (\"async\" commits of the last flush interval may be lost)",
+            f'"sync" commit that returned ("async" commits of the last flush interval may be lost)',
         )
 
     def fail(self, why: str) -> None:

@@ -62,17 +62,26 @@ class DurabilityFailed(Exception):
 class Durability:
     """Ring producer and persistence supervisor (coordinator only)."""
 
-    def __init__(self, datadir: DataDir, instance_id: str, control: ControlBlock, *, next_lsn: int,
-                 flush_interval: float, ring_capacity: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        datadir: DataDir,
+        instance_id: str,
+        control: ControlBlock,
+        *,
+        next_lsn: int,
+        flush_interval: float,
+        ring_capacity: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
         self.control = control  # where the persistence process publishes the durable LSN
         self.flush_interval = flush_interval
         self.next_lsn = next_lsn  # LSN of the next commit
         self.durable_lsn = next_lsn - 1  # every commit up to here is fsynced
-        self.ring = CommitRing.create(names.segment_name(instance_id, "ring"),
-                                      **({"capacity": ring_capacity} if ring_capacity else {}))
+        self.ring = CommitRing.create(
+            names.segment_name(instance_id, "ring"), **({"capacity": ring_capacity} if ring_capacity else {})
+        )
         self.process: subprocess.Popen[bytes] | None = None  # the persistence process, once started
         self.sock: socket.socket | None = None  # our end of the socketpair with the child
         self.reader = FrameReader()
@@ -90,13 +99,27 @@ class Durability:
         ours.setblocking(False)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        command = [sys.executable, "-m", "protobase.persistence", self.datadir.path,
-                   "--instance", self.instance_id, "--fd", str(theirs.fileno()),
-                   "--flush-interval", str(self.flush_interval), "--next-lsn", str(self.durable_lsn + 1),
-                   "--last-lsn", str(self.next_lsn - 1),
-                   "--log-level", logging.getLevelName(logging.getLogger().level)]
-        self.process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, env=env)
+        command = [
+            sys.executable,
+            "-m",
+            "protobase.persistence",
+            self.datadir.path,
+            "--instance",
+            self.instance_id,
+            "--fd",
+            str(theirs.fileno()),
+            "--flush-interval",
+            str(self.flush_interval),
+            "--next-lsn",
+            str(self.durable_lsn + 1),
+            "--last-lsn",
+            str(self.next_lsn - 1),
+            "--log-level",
+            logging.getLevelName(logging.getLogger().level),
+        ]
+        self.process = subprocess.Popen(
+            command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env
+        )
         theirs.close()
         self.sock = ours
         self.reader = FrameReader()
@@ -112,8 +135,11 @@ class Durability:
                 return
             if self.failure or process.poll() is not None:
                 break
-        raise DurabilityFailed(self.failure or f"the persistence process did not start (exit status "
-                                               f"{process.poll()}); see {self.datadir.file('coordinator.log')}")
+        raise DurabilityFailed(
+            self.failure
+            or f"the persistence process did not start (exit status "
+            f"{process.poll()}); see {self.datadir.file('coordinator.log')}"
+        )
 
     @property
     def pid(self) -> int | None:
@@ -137,8 +163,10 @@ class Durability:
         while self.restart_times and self.restart_times[0] <= now - RESTART_WINDOW:
             self.restart_times.popleft()
         if len(self.restart_times) >= RESTART_LIMIT:
-            self.failure = (f"the persistence process died {RESTART_LIMIT + 1} times within {RESTART_WINDOW:.0f}s "
-                            f"(last exit status {code}); see {self.datadir.file('coordinator.log')}")
+            self.failure = (
+                f"the persistence process died {RESTART_LIMIT + 1} times within {RESTART_WINDOW:.0f}s "
+                f"(last exit status {code}); see {self.datadir.file('coordinator.log')}"
+            )
             raise DurabilityFailed(self.failure)
         self.restart_times.append(now)
         log.warning("persistence process %d exited with status %s; restarting it", self.process.pid, code)
@@ -192,8 +220,9 @@ class Durability:
         full_fence()
         return self.control.durable_lsn >= lsn - 1
 
-    def request_checkpoint(self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int,
-                           directory: str | None = None) -> int:
+    def request_checkpoint(
+        self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int, directory: str | None = None
+    ) -> int:
         """Ask for a checkpoint of the state after the last enqueued commit; return its LSN.
 
         With `directory` it is a backup written there; the WAL is not touched.
@@ -201,8 +230,16 @@ class Durability:
         """
         self._check_not_failed()
         lsn = self.next_lsn - 1
-        payload = codec.encode({"lsn": lsn, "seq": seq, "root": root, "next_segment": next_segment,
-                                "segments": [list(entry) for entry in segments], "directory": directory})
+        payload = codec.encode(
+            {
+                "lsn": lsn,
+                "seq": seq,
+                "root": root,
+                "next_segment": next_segment,
+                "segments": [list(entry) for entry in segments],
+                "directory": directory,
+            }
+        )
         self.ring.append(0, CONTROL, payload, wait=self._wait_for_room)
         if directory is None:
             self.wal_bytes = 0

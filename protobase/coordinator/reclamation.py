@@ -41,8 +41,16 @@ log = logging.getLogger("protobase.coordinator")
 class Reclamation:
     """Compactions, the segments they retired, and the readers that hold those back."""
 
-    def __init__(self, arena: ArenaWriter, writer: Writer, control: ControlBlock, commits: Commits,
-                 checkpoints: Checkpoints, *, compact_min_bytes: int) -> None:
+    def __init__(
+        self,
+        arena: ArenaWriter,
+        writer: Writer,
+        control: ControlBlock,
+        commits: Commits,
+        checkpoints: Checkpoints,
+        *,
+        compact_min_bytes: int,
+    ) -> None:
         self.arena = arena  # the data segments: copied into, released below a generation
         self.writer = writer  # copies the live atoms; its store caches atoms of released segments
         self.control = control  # the reader table: which snapshots are held
@@ -70,15 +78,22 @@ class Reclamation:
         """
         threshold = max(self.live_after_compaction, self.compact_min_bytes)
         allocated = self.arena.allocated_bytes
-        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt \
-                or self.retired:
+        if (
+            allocated - self.allocated_at_compaction <= threshold
+            or allocated < self.next_compaction_attempt
+            or self.retired
+        ):
             return
         try:
             self.compact()
         except Exception as error:  # the commit is applied and queued: its client gets "ok", whatever happens here
             self.next_compaction_attempt = allocated + threshold
-            log.error("compaction failed and was undone; serving the uncompacted data, next attempt after %d more "
-                      "bytes: %s", threshold, error, exc_info=not isinstance(error, ProtoBaseError))
+            log.error(
+                "compaction failed and was undone; serving the uncompacted data, next attempt after %d more bytes: %s",
+                threshold,
+                error,
+                exc_info=not isinstance(error, ProtoBaseError),
+            )
 
     def compact(self) -> None:
         """Copy the live data into fresh segments and publish it; old segments go once unpinned.
@@ -98,8 +113,7 @@ class Reclamation:
             self.arena.abandon_generation()
             self.writer.store.clear()  # it caches nodes of the abandoned copy
             if isinstance(error, ProtoBaseError):
-                raise ProtoBaseError(f"compaction failed and was undone, the database is unchanged: {error}") \
-                    from error
+                raise ProtoBaseError(f"compaction failed and was undone, the database is unchanged: {error}") from error
             raise
         seq = self.commits.replace_root(root)
         self.live_after_compaction = self.arena.allocated_bytes - before
@@ -108,8 +122,12 @@ class Reclamation:
         self.retired.append((seq, first_new))
         self.writer.store.clear()
         self.compactions += 1
-        log.info("compaction %d copied %d live bytes in %.3fs", self.compactions,
-                 self.live_after_compaction, time.monotonic() - started)
+        log.info(
+            "compaction %d copied %d live bytes in %.3fs",
+            self.compactions,
+            self.live_after_compaction,
+            time.monotonic() - started,
+        )
         self.release_retired()
 
     def release_retired(self) -> None:
@@ -137,8 +155,7 @@ class Reclamation:
                 continue
             before = self.pins_seen.get(reader.slot)
             unchanged = before is not None and before[:2] == (reader.pid, reader.snapshot_seq)
-            seen[reader.slot] = before if unchanged and before is not None else \
-                (reader.pid, reader.snapshot_seq, now)
+            seen[reader.slot] = before if unchanged and before is not None else (reader.pid, reader.snapshot_seq, now)
         self.pins_seen = seen
 
     def oldest_reader(self) -> OldestReaderCounters | None:
@@ -153,8 +170,13 @@ class Reclamation:
             return None
         slot, (pid, seq, since) = min(self.pins_seen.items(), key=lambda item: item[1][1])
         kept_below = max((first_live for retired_seq, first_live in self.retired if retired_seq > seq), default=0)
-        return {"slot": slot, "pid": pid, "snapshot_seq": seq, "held_seconds": time.monotonic() - since,
-                "retained_bytes": self.arena.bytes_below(kept_below)}
+        return {
+            "slot": slot,
+            "pid": pid,
+            "snapshot_seq": seq,
+            "held_seconds": time.monotonic() - since,
+            "retained_bytes": self.arena.bytes_below(kept_below),
+        }
 
     def live_bytes(self) -> int:
         """Estimated bytes reachable from the root (exact right after a compaction)."""

@@ -86,8 +86,9 @@ def _apply_record(writer: Writer, root: Any, payload: bytes) -> tuple[int, Any]:
     return record_seq, root
 
 
-def replay(records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq: int,
-           lsn: int) -> tuple[int, int, int, int]:
+def replay(
+    records: Iterator[tuple[int, bytes]], writer: Writer, root: Any, seq: int, lsn: int
+) -> tuple[int, int, int, int]:
     """Apply WAL records in order; return (seq, root pointer, last lsn, records applied).
 
     Records must follow `lsn` without a gap, and each must apply: anything
@@ -128,8 +129,14 @@ def recover(directory: str, arena: ArenaWriter, writer: Writer) -> Recovered:
     seq, root, lsn, replayed = replay(wal.read_directory(directory, lsn, origin=origin), writer, root, seq, lsn)
     recovered = Recovered(seq, root, lsn, checkpoint_lsn, replayed, time.monotonic() - started)
     if checkpoint is not None or replayed:
-        log.warning("recovered %s: checkpoint at LSN %d, %d WAL records replayed, seq %d, in %.3fs",
-                    directory, checkpoint_lsn, replayed, seq, recovered.seconds)
+        log.warning(
+            "recovered %s: checkpoint at LSN %d, %d WAL records replayed, seq %d, in %.3fs",
+            directory,
+            checkpoint_lsn,
+            replayed,
+            seq,
+            recovered.seconds,
+        )
     return recovered
 
 
@@ -155,8 +162,9 @@ class SalvageReport:
     past_gaps: bool  # whether records after a lost one were applied
 
 
-def salvage(source: str, destination: str, progress: Callable[[str], None] = lambda line: None, *,
-            past_gaps: bool = False) -> SalvageReport:
+def salvage(
+    source: str, destination: str, progress: Callable[[str], None] = lambda line: None, *, past_gaps: bool = False
+) -> SalvageReport:
     """Rebuild the intact commits of `source` into the new data directory `destination`.
 
     Reads only: `source` is never changed. Starts from the newest intact
@@ -178,18 +186,23 @@ def salvage(source: str, destination: str, progress: Callable[[str], None] = lam
     try:
         seq, root, lsn = (checkpoint.seq, checkpoint.root, checkpoint.lsn) if checkpoint is not None else (0, 0, 0)
         records, known_end, ranges = _intact_records(source_dir.path, lsn, progress)
-        seq, root, lsn, applied, skipped, left = _apply_in_order(records, known_end, writer, root, seq, lsn,
-                                                                 past_gaps)
-        write_checkpoint(target.path, lsn=lsn, seq=seq, root=root, next_segment=arena.next_index,
-                         segments=[(index, arena.segments[index].buf[:length])
-                                   for index, length in arena.generation()],
-                         fsync_directory=wal.fsync_directory)
+        seq, root, lsn, applied, skipped, left = _apply_in_order(records, known_end, writer, root, seq, lsn, past_gaps)
+        write_checkpoint(
+            target.path,
+            lsn=lsn,
+            seq=seq,
+            root=root,
+            next_segment=arena.next_index,
+            segments=[(index, arena.segments[index].buf[:length]) for index, length in arena.generation()],
+            fsync_directory=wal.fsync_directory,
+        )
         lost = sum(last - first + 1 for first, last, _ in skipped)
         progress(f"wrote {target.path}: seq {seq}, LSN {lsn}, {applied} records applied, {lost} skipped")
     finally:
         arena.close(unlink=True)
-    return SalvageReport(target.path, used, tuple(damaged), applied, tuple(skipped), left, tuple(ranges), lsn, seq,
-                         past_gaps)
+    return SalvageReport(
+        target.path, used, tuple(damaged), applied, tuple(skipped), left, tuple(ranges), lsn, seq, past_gaps
+    )
 
 
 def _unserved_directory(source: str) -> DataDir:
@@ -213,8 +226,9 @@ def _new_arena() -> tuple[ArenaWriter, Writer]:
     return arena, Writer(arena, Store(AtomReader(arena.instance_id, writer=arena)))
 
 
-def _restore_newest_intact_checkpoint(directory: str, damaged: list[str], progress: Callable[[str], None]
-                                      ) -> tuple[ArenaWriter, Writer, str | None, Checkpoint | None]:
+def _restore_newest_intact_checkpoint(
+    directory: str, damaged: list[str], progress: Callable[[str], None]
+) -> tuple[ArenaWriter, Writer, str | None, Checkpoint | None]:
     """(arena, writer, path, checkpoint) of the newest checkpoint of `directory` that restores whole.
 
     Appends the path of each damaged one it skipped to `damaged`; path and
@@ -241,8 +255,9 @@ def _restore_newest_intact_checkpoint(directory: str, damaged: list[str], progre
     return arena, writer, None, None
 
 
-def _intact_records(directory: str, after_lsn: int, progress: Callable[[str], None]
-                    ) -> tuple[list[tuple[int, bytes]], int, list[tuple[str, int, int]]]:
+def _intact_records(
+    directory: str, after_lsn: int, progress: Callable[[str], None]
+) -> tuple[list[tuple[int, bytes]], int, list[tuple[str, int, int]]]:
     """The intact WAL records of `directory` after `after_lsn`, sorted by LSN; the last LSN the WAL
     proves was written; and the (file, start, end) of every unreadable byte range."""
     records: list[tuple[int, bytes]] = []
@@ -258,8 +273,9 @@ def _intact_records(directory: str, after_lsn: int, progress: Callable[[str], No
     return records, known_end, ranges
 
 
-def _apply_in_order(records: list[tuple[int, bytes]], known_end: int, writer: Writer, root: Any, seq: int, lsn: int,
-                    past_gaps: bool) -> tuple[int, int, int, int, list[tuple[int, int, str]], int]:
+def _apply_in_order(
+    records: list[tuple[int, bytes]], known_end: int, writer: Writer, root: Any, seq: int, lsn: int, past_gaps: bool
+) -> tuple[int, int, int, int, list[tuple[int, int, str]], int]:
     """Apply salvaged records after `lsn`; (seq, root pointer, last lsn, applied, skipped ranges, records left).
 
     `records` are the intact records, sorted by LSN; LSNs up to `known_end`

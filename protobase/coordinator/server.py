@@ -84,9 +84,12 @@ class Coordinator:
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.selector = selectors.DefaultSelector()  # the loop's: listener, clients, persistence socket
-        self.connections = Connections(self.selector, self._release_reader,
-                                       max_buffered_bytes=self.settings.max_buffered_bytes,
-                                       partial_frame_timeout=self.settings.partial_frame_timeout)
+        self.connections = Connections(
+            self.selector,
+            self._release_reader,
+            max_buffered_bytes=self.settings.max_buffered_bytes,
+            partial_frame_timeout=self.settings.partial_frame_timeout,
+        )
         self.listener: socket.socket | None = None  # None before start and after stop
         # One reused buffer for every recv: a fresh 1 MiB bytes per recv costs mmap, mremap and munmap.
         self.receive_buffer = bytearray(self.settings.receive_bytes)
@@ -119,8 +122,12 @@ class Coordinator:
         try:
             self._sweep_previous_instance()
             pid = os.getpid()
-            control = ControlBlock.create(names.control_name(self.instance_id), reader_slots=self.settings.reader_slots,
-                                          coordinator_pid=pid, coordinator_start=process_start_time(pid))
+            control = ControlBlock.create(
+                names.control_name(self.instance_id),
+                reader_slots=self.settings.reader_slots,
+                coordinator_pid=pid,
+                coordinator_start=process_start_time(pid),
+            )
             self.datadir.write_instance(self.instance_id)
             arena = ArenaWriter(self.instance_id, _segment_counter(control))
             self._recover(control, arena)
@@ -144,8 +151,11 @@ class Coordinator:
         """Rebuild the state, publish it, start the persistence process; build the parts that serve."""
         self.control, self.arena = control, arena
         settings = self.settings
-        store = Store(AtomReader(self.instance_id, writer=arena), object_cache=settings.object_cache,
-                      bytes_cache=settings.bytes_cache)
+        store = Store(
+            AtomReader(self.instance_id, writer=arena),
+            object_cache=settings.object_cache,
+            bytes_cache=settings.bytes_cache,
+        )
         self.writer = Writer(arena, store, settings)
         wal_lock = FileLock(self.datadir.file("wal.lock"))
         self._acquire(wal_lock, "a persistence process still writes the WAL")
@@ -153,15 +163,35 @@ class Coordinator:
             self.recovered = recover(self.datadir.path, arena, self.writer)
         finally:
             wal_lock.release()
-        self.durability = Durability(self.datadir, self.instance_id, control, next_lsn=self.recovered.lsn + 1,
-                                     flush_interval=settings.flush_interval)
-        self.commits = Commits(self.writer, control, self.durability, self.connections, seq=self.recovered.seq,
-                               root=self.recovered.root, directory=self.datadir.path, on_applied=self._after_commit)
+        self.durability = Durability(
+            self.datadir,
+            self.instance_id,
+            control,
+            next_lsn=self.recovered.lsn + 1,
+            flush_interval=settings.flush_interval,
+        )
+        self.commits = Commits(
+            self.writer,
+            control,
+            self.durability,
+            self.connections,
+            seq=self.recovered.seq,
+            root=self.recovered.root,
+            directory=self.datadir.path,
+            on_applied=self._after_commit,
+        )
         self.commits.publish(self.recovered.seq, self.recovered.root)
-        self.checkpoints = Checkpoints(self.durability, arena, self.commits, self.connections,
-                                       checkpoint_bytes=settings.checkpoint_bytes, changed=self.recovered.replayed > 0)
-        self.reclamation = Reclamation(arena, self.writer, control, self.commits, self.checkpoints,
-                                       compact_min_bytes=settings.compact_min_bytes)
+        self.checkpoints = Checkpoints(
+            self.durability,
+            arena,
+            self.commits,
+            self.connections,
+            checkpoint_bytes=settings.checkpoint_bytes,
+            changed=self.recovered.replayed > 0,
+        )
+        self.reclamation = Reclamation(
+            arena, self.writer, control, self.commits, self.checkpoints, compact_min_bytes=settings.compact_min_bytes
+        )
         self.durability.start()
         try:
             self.durability.wait_started()
@@ -311,23 +341,32 @@ class Coordinator:
             except OSError:
                 refused = None
         if refused is not None:
-            message = (f"the coordinator of {self.datadir.path} (pid {os.getpid()}) is out of file descriptors "
-                       f"({error.strerror}) and refused this connection; close idle database handles, or raise "
-                       f"its limit (ulimit -n, LimitNOFILE= for systemd), then open the database again")
+            message = (
+                f"the coordinator of {self.datadir.path} (pid {os.getpid()}) is out of file descriptors "
+                f"({error.strerror}) and refused this connection; close idle database handles, or raise "
+                f"its limit (ulimit -n, LimitNOFILE= for systemd), then open the database again"
+            )
             try:
                 refused.setblocking(False)
                 send(refused, [PUSH, *error_fields(CoordinatorError, message)])
             except OSError:
                 pass  # it is refused either way
             refused.close()
-            log.error("refused a connection: out of file descriptors (%s); still serving %d clients",
-                      error.strerror, len(self.connections))
+            log.error(
+                "refused a connection: out of file descriptors (%s); still serving %d clients",
+                error.strerror,
+                len(self.connections),
+            )
         else:
             self.selector.unregister(self.listener)
             self.accept_paused = True
             if not self.short_of_descriptors:  # once, not on every retry
-                log.error("out of file descriptors (%s), even with the spare one closed: new connections wait "
-                          "until some are free; still serving %d clients", error.strerror, len(self.connections))
+                log.error(
+                    "out of file descriptors (%s), even with the spare one closed: new connections wait "
+                    "until some are free; still serving %d clients",
+                    error.strerror,
+                    len(self.connections),
+                )
         self.short_of_descriptors = True
         self.spare_fd = _spare_descriptor()
 
@@ -378,9 +417,12 @@ class Coordinator:
             reply = self._handle(asker, verb, arguments)
         except Exception as error:  # a bug: refuse this request, keep serving
             log.exception("request %r of client %d failed", verb, client.pid)
-            reply = error_fields(ProtoBaseError, f"the coordinator could not process the {verb!r} request "
-                                                 f"({type(error).__name__}: {error}); nothing was committed. "
-                                                 f"Please report this bug")
+            reply = error_fields(
+                ProtoBaseError,
+                f"the coordinator could not process the {verb!r} request "
+                f"({type(error).__name__}: {error}); nothing was committed. "
+                f"Please report this bug",
+            )
         if reply is not None:
             self.connections.answer(asker, reply)
 
@@ -486,24 +528,35 @@ class Coordinator:
     def counters(self) -> Counters:
         """One consistent reading of the coordinator's state: the reply to "stats"."""
         return {
-            "seq": self.commits.seq, "published_seq": self.commits.published_seq, "commits": self.commits.commits,
-            "conflicts": self.commits.conflicts, "compactions": self.reclamation.compactions,
+            "seq": self.commits.seq,
+            "published_seq": self.commits.published_seq,
+            "commits": self.commits.commits,
+            "conflicts": self.commits.conflicts,
+            "compactions": self.reclamation.compactions,
             "checkpoints": self.checkpoints.checkpoints,
             "compaction_failures": self.reclamation.compaction_failures,
             "oldest_reader": self.reclamation.oldest_reader(),
-            "allocated_bytes": self.arena.allocated_bytes, "live_bytes": self.reclamation.live_bytes(),
-            "mapped_bytes": self.arena.mapped_bytes(), "segments": len(self.arena.segments),
-            "clients": len(self.connections), "pid": os.getpid(), "persistence_pid": self.durability.pid,
-            "durable_lsn": self.durability.durable_lsn, "last_lsn": self.durability.next_lsn - 1,
-            "wal_bytes_since_checkpoint": self.durability.wal_bytes, "wal_syncs": self.durability.syncs,
+            "allocated_bytes": self.arena.allocated_bytes,
+            "live_bytes": self.reclamation.live_bytes(),
+            "mapped_bytes": self.arena.mapped_bytes(),
+            "segments": len(self.arena.segments),
+            "clients": len(self.connections),
+            "pid": os.getpid(),
+            "persistence_pid": self.durability.pid,
+            "durable_lsn": self.durability.durable_lsn,
+            "last_lsn": self.durability.next_lsn - 1,
+            "wal_bytes_since_checkpoint": self.durability.wal_bytes,
+            "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed,
         }
 
 
 def _segment_counter(control: ControlBlock) -> Callable[[int], None]:
     """The arena's new-segment callback: publish the next segment index in the control block."""
+
     def on_new_segment(next_index: int) -> None:
         control.next_segment = next_index
+
     return on_new_segment
 
 
@@ -518,8 +571,9 @@ def _release_shared_memory(instance_id: str, control: ControlBlock | None, arena
 
 
 def _version_mismatch(version: int) -> Reply:
-    return error_fields(ProtoBaseError,
-                        f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together")
+    return error_fields(
+        ProtoBaseError, f"client speaks format {version}, coordinator {FORMAT_VERSION}; upgrade both together"
+    )
 
 
 def _spare_descriptor() -> int | None:

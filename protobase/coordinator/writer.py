@@ -95,7 +95,8 @@ def decode_ops(ops_bytes: bytes) -> object:
         raise EncodingError(
             f"commit refused, nothing was applied: a value in it holds an internal reference (msgpack extension "
             f"type {codec.EXT_REF}, which only the coordinator writes); internal reference types cannot be "
-            f"stored: send plain values") from None
+            f"stored: send plain values"
+        ) from None
     return ops
 
 
@@ -122,9 +123,11 @@ def _check_dataclass(payload: bytes) -> None:
     except CorruptionError:
         fields = None
     if type(fields) is not list or len(fields) != 2 or type(fields[0]) is not str or type(fields[1]) is not dict:
-        raise EncodingError("commit refused, nothing was applied: a dataclass value in it is malformed (its "
-                            "payload must be [registered name, {field: value}] in protobase's value format); "
-                            "send values encoded by protobase")
+        raise EncodingError(
+            "commit refused, nothing was applied: a dataclass value in it is malformed (its "
+            "payload must be [registered name, {field: value}] in protobase's value format); "
+            "send values encoded by protobase"
+        )
     _check_dataclasses(payload)  # the dataclasses inside this one
 
 
@@ -136,8 +139,12 @@ class Writer:
         self.store = store  # decodes the coordinator's own reads of clean atoms
         self.access = TreeWriter(store.node, on_discard=self.retire)
         # {container type -> entries above which it is a tree, not one atom}
-        self.flat_limit: dict[type, int] = {dict: settings.flat_dict_entries, set: settings.flat_set_entries,
-                                            frozenset: settings.flat_set_entries, list: settings.flat_list_entries}
+        self.flat_limit: dict[type, int] = {
+            dict: settings.flat_dict_entries,
+            set: settings.flat_set_entries,
+            frozenset: settings.flat_set_entries,
+            list: settings.flat_list_entries,
+        }
         self.flat_max_bytes = settings.flat_max_bytes  # a container whose atom would be larger becomes a tree
         self.inline_bytes = settings.inline_bytes  # longer str/bytes get their own atom
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
@@ -232,8 +239,11 @@ class Writer:
             return IndexedColl(target.data, indexes) if indexes else self.access.node(target.data, DICT_LEAF)
 
         if field not in indexes:
-            found = [(kind, value, key) for key, slot in self.access.items(target.data)
-                     for kind, value in index_entries(self._readable(slot), field, self._readable)]
+            found = [
+                (kind, value, key)
+                for key, slot in self.access.items(target.data)
+                for kind, value in index_entries(self._readable(slot), field, self._readable)
+            ]
             indexes[field] = self.access.build(SET_LEAF, _sorted_keys(found), None)
         return IndexedColl(target.data, indexes)
 
@@ -415,8 +425,12 @@ class Writer:
         return value
 
     def _indexed_payload(self, collection: IndexedColl) -> bytes:
-        return codec.encode({"data": self._flush_tree(collection.data),
-                             "indexes": {field: self._flush_tree(root) for field, root in collection.indexes.items()}})
+        return codec.encode(
+            {
+                "data": self._flush_tree(collection.data),
+                "indexes": {field: self._flush_tree(root) for field, root in collection.indexes.items()},
+            }
+        )
 
     def _inline(self, value: Any) -> Any:
         """A container ready to encode in one atom: nested trees and big containers as Refs."""
@@ -478,9 +492,10 @@ class Writer:
             return Ref(self._copy_tree(slot.ptr) if slot.ptr else 0, slot.kind)
         if slot.kind == INDEXED:
             fields = codec.decode(self.store.atom(slot.ptr)[1], frozen=False)  # pointers: {"data", "indexes"}
-            copy = {"data": self._copy_tree(fields["data"]) if fields["data"] else 0,
-                    "indexes": {field: self._copy_tree(root) if root else 0
-                                for field, root in fields["indexes"].items()}}
+            copy = {
+                "data": self._copy_tree(fields["data"]) if fields["data"] else 0,
+                "indexes": {field: self._copy_tree(root) if root else 0 for field, root in fields["indexes"].items()},
+            }
             return Ref(self.arena.append(INDEXED, codec.encode(copy)), INDEXED)
         kind, payload = self.store.reader.atom(slot.ptr)  # read once: not worth a place in the cache
         if not codec.may_hold_refs(payload):
@@ -528,7 +543,6 @@ class _TreeReader:
             except PathError:
                 raise IndexError(key) from None
         return self.writer.access.lookup(self.tree, key, self.leaf_kind)
-
 
     def __iter__(self) -> Any:
         if self.leaf_kind == LIST_LEAF:

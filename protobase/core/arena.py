@@ -35,15 +35,32 @@ from protobase.shm import names
 from protobase.shm.segment import Segment
 
 __all__ = [
-    "VALUE", "DICT_LEAF", "DICT_BRANCH", "SET_LEAF", "SET_BRANCH", "LIST_LEAF", "LIST_BRANCH", "INDEXED",
-
-    "KIND_NAMES", "make_pointer", "segment_of", "offset_of", "ArenaWriter", "AtomReader",
+    "VALUE",
+    "DICT_LEAF",
+    "DICT_BRANCH",
+    "SET_LEAF",
+    "SET_BRANCH",
+    "LIST_LEAF",
+    "LIST_BRANCH",
+    "INDEXED",
+    "KIND_NAMES",
+    "make_pointer",
+    "segment_of",
+    "offset_of",
+    "ArenaWriter",
+    "AtomReader",
 ]
 
 VALUE, DICT_LEAF, DICT_BRANCH, SET_LEAF, SET_BRANCH, LIST_LEAF, LIST_BRANCH, INDEXED = range(1, 9)
 KIND_NAMES = {
-    VALUE: "value", DICT_LEAF: "dict leaf", DICT_BRANCH: "dict branch", SET_LEAF: "set leaf",
-    SET_BRANCH: "set branch", LIST_LEAF: "list leaf", LIST_BRANCH: "list branch", INDEXED: "indexed collection",
+    VALUE: "value",
+    DICT_LEAF: "dict leaf",
+    DICT_BRANCH: "dict branch",
+    SET_LEAF: "set leaf",
+    SET_BRANCH: "set branch",
+    LIST_LEAF: "list leaf",
+    LIST_BRANCH: "list branch",
+    INDEXED: "indexed collection",
 }
 
 HEADER = struct.Struct("<I")
@@ -98,8 +115,10 @@ class ArenaWriter:
     def append(self, kind: int, payload: bytes) -> int:
         """Write one atom and return its AtomPointer."""
         if len(payload) > MAX_PAYLOAD:
-            raise EncodingError(f"a single stored value of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte "
-                                f"atom limit; split it (large dicts, lists and sets are split for you)")
+            raise EncodingError(
+                f"a single stored value of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte "
+                f"atom limit; split it (large dicts, lists and sets are split for you)"
+            )
         need = HEADER.size + len(payload)
         padded = atom_size(len(payload))
         current = self.current
@@ -108,7 +127,7 @@ class ArenaWriter:
         offset = self.used
         buf = current.buf
         HEADER.pack_into(buf, offset, kind << LENGTH_BITS | len(payload))
-        buf[offset + HEADER.size: offset + need] = payload
+        buf[offset + HEADER.size : offset + need] = payload
         self.used += padded
         self.allocated_bytes += padded
         return make_pointer(self.current_index, offset)
@@ -120,8 +139,11 @@ class ArenaWriter:
         segment without reserving a quarter of the old generation as well.
         Until the copy is published, `abandon_generation` can take it back.
         """
-        self.resume_point = (self.generation_start, self.current_index if self.current is not None else 0,
-                             self.allocated_bytes)
+        self.resume_point = (
+            self.generation_start,
+            self.current_index if self.current is not None else 0,
+            self.allocated_bytes,
+        )
         self._finish_current()
         self.generation_start = self.next_index
         self.size_hint = expected_bytes
@@ -184,8 +206,10 @@ class ArenaWriter:
         self._finish_current()
         index = self.next_index
         if index >= MAX_SEGMENTS:
-            raise ProtoBaseError(f"this instance has used all {MAX_SEGMENTS} segment numbers; restart the "
-                                 f"database (a restart starts numbering again from its checkpoint)")
+            raise ProtoBaseError(
+                f"this instance has used all {MAX_SEGMENTS} segment numbers; restart the "
+                f"database (a restart starts numbering again from its checkpoint)"
+            )
         segment = Segment.create(names.data_name(self.instance_id, index), size)
         self.next_index += 1
         self.segments[index] = segment
@@ -249,10 +273,8 @@ class AtomReader:
             raise CorruptionError(f"atom pointer {ptr:#x} is past the end of segment {index}") from None
         end = offset + HEADER.size + length
         if end > len(buf) or not VALUE <= kind <= INDEXED:
-            raise CorruptionError(
-                f"atom {ptr:#x} has a bad header (length {length}, kind {kind}) in segment {index}"
-            )
-        return kind, buf[offset + HEADER.size: end]
+            raise CorruptionError(f"atom {ptr:#x} has a bad header (length {length}, kind {kind}) in segment {index}")
+        return kind, buf[offset + HEADER.size : end]
 
     def _map(self, index: int, ptr: int) -> memoryview:
         if ptr == 0:

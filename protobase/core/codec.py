@@ -61,8 +61,18 @@ from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, dataclass_f
 from protobase.errors import CorruptionError, EncodingError, format_path
 from protobase.keyorder import check_text
 
-__all__ = ["Ref", "encode", "decode", "register_dataclass", "validate", "may_hold_refs", "array_header", "KeyMemo",
-           "MAX_ATOM_BYTES", "MAX_DEPTH"]
+__all__ = [
+    "Ref",
+    "encode",
+    "decode",
+    "register_dataclass",
+    "validate",
+    "may_hold_refs",
+    "array_header",
+    "KeyMemo",
+    "MAX_ATOM_BYTES",
+    "MAX_DEPTH",
+]
 
 EXT_REF, EXT_TUPLE, EXT_SET, EXT_DATETIME, EXT_DATE = 1, 2, 3, 4, 5
 EXT_DECIMAL, EXT_UUID, EXT_DATACLASS, EXT_BIGINT, EXT_FROZENSET = 6, 7, 8, 9, 10
@@ -124,7 +134,8 @@ def register_dataclass(cls: type, name: str | None = None) -> type:
             f"cannot register dataclass {cls.__qualname__} of the script being run ({cls.__module__}) under "
             f"its default name {cls.__module__ + '.' + cls.__qualname__!r}: other processes (pool workers, "
             f"other programs) have another {cls.__module__} and could not read it back. Define it in an "
-            f"importable module, or register it with name='...' in every process")
+            f"importable module, or register it with name='...' in every process"
+        )
     name = name or f"{cls.__module__}.{cls.__qualname__}"
     _dataclasses_by_name[name] = cls
     _names_by_class[cls] = name
@@ -289,11 +300,13 @@ def _validate(value: Any, path: tuple[Any, ...], enclosing: set[int]) -> None:
         raise EncodingError(
             f"cannot store a {kind.__qualname__} nested {len(path)} keys deep at {format_path(path)}: values "
             f"may nest at most {MAX_DEPTH} keys below the root; flatten it, e.g. store the deep part under "
-            f"its own top-level key and refer to that key")
+            f"its own top-level key and refer to that key"
+        )
     if id(value) in enclosing or _encloses(value, path):
         raise EncodingError(
             f"cannot store a value that contains itself: a {kind.__qualname__} reappears inside itself at "
-            f"{format_path(path)}; stored values are trees of plain data, so store a key that refers to it instead")
+            f"{format_path(path)}; stored values are trees of plain data, so store a key that refers to it instead"
+        )
     enclosing.add(id(value))
     try:
         _validate_parts(value, kind, path, enclosing)
@@ -308,7 +321,7 @@ def _encloses(value: Any, path: tuple[Any, ...]) -> bool:
     when assigned: its path tells.
     """
     own = getattr(value, "_protobase_path_", None)
-    return own is not None and len(own) < len(path) and path[:len(own)] == own
+    return own is not None and len(own) < len(path) and path[: len(own)] == own
 
 
 def _validate_parts(value: Any, kind: type, path: tuple[Any, ...], enclosing: set[int]) -> None:
@@ -391,7 +404,8 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
             if cls is None:  # the reader's omission: nothing is corrupt
                 raise EncodingError(
                     f"stored value holds dataclass {name!r}, which this process has not registered; "
-                    f"call protobase.register_dataclass() for it (under that name) before reading")
+                    f"call protobase.register_dataclass() for it (under that name) before reading"
+                )
             instance = cls(**fields)
             variant = read_only_dataclass(cls) if frozen else cls
             if variant is not cls:  # built by the class's own __init__, then made read-only
@@ -418,8 +432,13 @@ def may_hold_refs(data: bytes | memoryview) -> bool:
     return _REF_MARKER_PATTERN.search(data) is not None  # a pattern searches a memoryview in place
 
 
-def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int, int], Any] | None = None,
-           opaque_dataclasses: bool = False) -> Any:
+def decode(
+    data: bytes | memoryview,
+    *,
+    frozen: bool = True,
+    ref: Callable[[int, int], Any] | None = None,
+    opaque_dataclasses: bool = False,
+) -> Any:
     """Decode bytes made by `encode`.
 
     With `frozen`, containers come back as FrozenDict/FrozenList/FrozenSet
@@ -436,6 +455,14 @@ def decode(data: bytes | memoryview, *, frozen: bool = True, ref: Callable[[int,
         return msgpack.unpackb(data, **options)
     except (CorruptionError, EncodingError):
         raise
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, struct.error,
-            ArithmeticError, msgpack.UnpackException) as error:  # ArithmeticError: decimal.InvalidOperation
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        UnicodeDecodeError,
+        OverflowError,
+        struct.error,
+        ArithmeticError,
+        msgpack.UnpackException,
+    ) as error:  # ArithmeticError: decimal.InvalidOperation
         raise CorruptionError(f"cannot decode a stored value ({type(error).__name__}: {error})") from error

@@ -62,15 +62,18 @@ class DataDir:
         format version, saying what to do.
         """
         if not os.fspath(path):
-            raise DataDirectoryError("the data directory path is empty; pass the directory's path (for the "
-                                     "current directory, pass '.')")
+            raise DataDirectoryError(
+                "the data directory path is empty; pass the directory's path (for the current directory, pass '.')"
+            )
         path = os.path.abspath(os.fspath(path))
         if os.path.lexists(path) and not os.path.isdir(path):
             raise DataDirectoryError(f"{path} exists and is not a directory; pass a directory path")
         if not os.path.exists(path):
             if not create:
-                raise DataDirectoryError(f"data directory {path} does not exist; check the path (only an open "
-                                         f"that may create it and start its coordinator makes one)")
+                raise DataDirectoryError(
+                    f"data directory {path} does not exist; check the path (only an open "
+                    f"that may create it and start its coordinator makes one)"
+                )
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
             except OSError as error:
@@ -99,11 +102,13 @@ class DataDir:
         if info.st_uid != os.getuid():
             raise DataDirectoryError(
                 f"data directory {self.path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
-                f"open it as its owner or copy it")
+                f"open it as its owner or copy it"
+            )
         if stat.S_IMODE(info.st_mode) & 0o077:
             raise DataDirectoryError(
                 f"data directory {self.path} has mode {stat.S_IMODE(info.st_mode):o}, open to other users; "
-                f"run `chmod 700 {self.path}`")
+                f"run `chmod 700 {self.path}`"
+            )
 
     def _check_or_write_stamp(self, create: bool) -> None:
         stamp = os.path.join(self.path, STAMP)
@@ -118,11 +123,13 @@ class DataDir:
                     return self._check_or_write_stamp(create)
                 raise DataDirectoryError(
                     f"{self.path} is not empty and has no {STAMP} stamp: it is not a ProtoBase data "
-                    f"directory; pass an empty or new directory") from None
+                    f"directory; pass an empty or new directory"
+                ) from None
             if not create:
                 raise DataDirectoryError(
                     f"{self.path} is not a ProtoBase data directory (it has no {STAMP} stamp); check the path "
-                    f"(only an open that may create it and start its coordinator makes one)") from None
+                    f"(only an open that may create it and start its coordinator makes one)"
+                ) from None
             self._write_stamp(stamp)
             return
         except (ValueError, AttributeError, OSError) as error:
@@ -130,7 +137,8 @@ class DataDir:
         if found != FORMAT_VERSION:
             raise DataDirectoryError(
                 f"{self.path} holds format version {found}; this ProtoBase reads version "
-                f"{FORMAT_VERSION}: open it with a matching ProtoBase release, or dump and load it")
+                f"{FORMAT_VERSION}: open it with a matching ProtoBase release, or dump and load it"
+            )
 
     def _write_stamp(self, stamp: str) -> None:
         temporary = f"{stamp}.{os.getpid()}.tmp"  # per process: concurrent first opens each write their own
@@ -216,14 +224,18 @@ class DataDir:
 def _write_error(directory: str, error: OSError, action: str) -> DataDirectoryError:
     """The DataDirectoryError for failing to `action` in `directory`: what failed, and what to do about it."""
     if error.errno == errno.EROFS:
-        remedy = (f"{directory} is on a read-only filesystem: remount it read-write, or copy the database to a "
-                  f"writable filesystem and open the copy")
+        remedy = (
+            f"{directory} is on a read-only filesystem: remount it read-write, or copy the database to a "
+            f"writable filesystem and open the copy"
+        )
     elif error.errno in (errno.EACCES, errno.EPERM):
         remedy = f"make {directory} writable for you (`chmod u+w {directory}`), or open a copy in a writable place"
     else:
         remedy = "free space on its filesystem (or check the device), then open it again"
-    return DataDirectoryError(f"cannot {action} ({error.strerror}): ProtoBase writes its lock files, socket and "
-                              f"write-ahead log in the data directory, even to read it; {remedy}")
+    return DataDirectoryError(
+        f"cannot {action} ({error.strerror}): ProtoBase writes its lock files, socket and "
+        f"write-ahead log in the data directory, even to read it; {remedy}"
+    )
 
 
 class FileLock:

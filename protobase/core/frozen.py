@@ -34,14 +34,24 @@ from protobase.keyorder import is_key, order_key
 from protobase.query import Expr, Query
 from protobase.query.source import NO_INDEXES, IndexName, IndexReader
 
-__all__ = ["FrozenDict", "FrozenList", "FrozenSet", "freeze", "thaw", "json_default", "READ_ONLY_HINT",
-           "refuse_write", "dataclass_variant", "read_only_dataclass", "plain_dataclass", "dataclass_fields",
-           "dataclass_copy", "is_dataclass_instance"]
+__all__ = [
+    "FrozenDict",
+    "FrozenList",
+    "FrozenSet",
+    "freeze",
+    "thaw",
+    "json_default",
+    "READ_ONLY_HINT",
+    "refuse_write",
+    "dataclass_variant",
+    "read_only_dataclass",
+    "plain_dataclass",
+    "dataclass_fields",
+    "dataclass_copy",
+    "is_dataclass_instance",
+]
 
-READ_ONLY_HINT = (
-    "values read from a snapshot are read-only; change them inside "
-    "`with db.transaction() as tx:` instead"
-)
+READ_ONLY_HINT = "values read from a snapshot are read-only; change them inside `with db.transaction() as tx:` instead"
 
 
 def refuse_write(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
@@ -134,8 +144,9 @@ def plain_dataclass(cls: type) -> type:
     return plain
 
 
-def _field_comparison(cls: type, names: tuple[str, ...],
-                      compare: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _field_comparison(
+    cls: type, names: tuple[str, ...], compare: Callable[[Any, Any], Any]
+) -> Callable[[Any, Any], Any]:
     def comparison(self: Any, other: Any) -> Any:
         if plain_dataclass(type(other)) is not cls:
             return NotImplemented
@@ -166,8 +177,15 @@ def dataclass_variant(cls: type, namespace: dict[str, Any]) -> type:
     def reduce(self: Any) -> tuple[Any, ...]:
         return (dataclass_copy, (cls, dataclass_fields(self)))
 
-    body: dict[str, Any] = {"__slots__": (), "__new__": new, "__reduce__": reduce, "__hash__": cls.__hash__,
-                            "__module__": cls.__module__, "__qualname__": cls.__qualname__, _PLAIN_CLASS: cls}
+    body: dict[str, Any] = {
+        "__slots__": (),
+        "__new__": new,
+        "__reduce__": reduce,
+        "__hash__": cls.__hash__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        _PLAIN_CLASS: cls,
+    }
     if params.eq:
         body["__eq__"] = _field_comparison(cls, compared, operator.eq)
     if params.order:
@@ -177,8 +195,9 @@ def dataclass_variant(cls: type, namespace: dict[str, Any]) -> type:
 
 
 def _refuse_attribute_write(self: Any, name: str, *value: Any) -> NoReturn:
-    raise ReadOnlyError(f"cannot set {type(self).__name__}.{name}: {READ_ONLY_HINT} "
-                        f"(or make a changed copy with dataclasses.replace())")
+    raise ReadOnlyError(
+        f"cannot set {type(self).__name__}.{name}: {READ_ONLY_HINT} (or make a changed copy with dataclasses.replace())"
+    )
 
 
 @functools.cache
@@ -237,9 +256,11 @@ def json_default(value: Any) -> Any:
     plain = getattr(value, "_protobase_plain_", None)  # tree views, transaction wrappers
     if plain is not None:
         return plain()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable; protobase.json_default "
-                    f"writes ProtoBase's containers, sets and dataclasses: convert other types in a default= "
-                    f"of your own, which then returns protobase.json_default(value)")
+    raise TypeError(
+        f"Object of type {type(value).__name__} is not JSON serializable; protobase.json_default "
+        f"writes ProtoBase's containers, sets and dataclasses: convert other types in a default= "
+        f"of your own, which then returns protobase.json_default(value)"
+    )
 
 
 def freeze(value: Any) -> Any:

@@ -39,9 +39,22 @@ from protobase.keyorder import family, is_key, order_key
 from protobase.query.fields import MISSING, field_path, field_value
 from protobase.query.source import IndexName, Interval
 
-__all__ = ["IndexedColl", "IndexTreeReader", "Postings", "entries", "index_entries", "scan_between", "scan_equal",
-           "scan_range", "count_range", "composite_bounds", "equal_bounds", "range_bounds", "VALUE_ENTRY",
-           "ELEMENT_ENTRY"]
+__all__ = [
+    "IndexedColl",
+    "IndexTreeReader",
+    "Postings",
+    "entries",
+    "index_entries",
+    "scan_between",
+    "scan_equal",
+    "scan_range",
+    "count_range",
+    "composite_bounds",
+    "equal_bounds",
+    "range_bounds",
+    "VALUE_ENTRY",
+    "ELEMENT_ENTRY",
+]
 
 
 VALUE_ENTRY, ELEMENT_ENTRY = 0, 1
@@ -150,8 +163,7 @@ def scan_equal(access: TreeAccess, root: int, kind: int, value: Any) -> list[Any
     return scan_between(access, root, *equal_bounds(kind, value))
 
 
-def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: bool,
-               include_high: bool) -> list[Any]:
+def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: bool, include_high: bool) -> list[Any]:
     """Keys of the records whose value lies between `low` and `high` (None: unbounded).
 
     Only values of the bounds' family compare with them, as in Python, where
@@ -168,8 +180,9 @@ def scan_range(access: TreeAccess, root: int, low: Any, high: Any, include_low: 
     return scan_between(access, root, *range_bounds(low, high, include_low, include_high))
 
 
-def _scan_tuple_range(access: TreeAccess, root: int, start: OrderKey, low: Any, high: Any, include_low: bool,
-                      include_high: bool) -> list[Any]:
+def _scan_tuple_range(
+    access: TreeAccess, root: int, start: OrderKey, low: Any, high: Any, include_low: bool, include_high: bool
+) -> list[Any]:
     high_key = order_key(high) if high is not None else None
     found: list[Any] = []
     for leaf, first in _chunks_from(access, root, start):
@@ -216,8 +229,7 @@ def equal_bounds(kind: int, value: Any) -> tuple[OrderKey, OrderKey]:
     return low, (low[0], low[1] + ((99,),))
 
 
-def range_bounds(low: Any, high: Any, include_low: bool = True,
-                 include_high: bool = True) -> tuple[OrderKey, OrderKey]:
+def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bool = True) -> tuple[OrderKey, OrderKey]:
     """Order keys bracketing exactly the entries with low <(=) value <(=) high (None: open)."""
     bound = low if low is not None else high
     rank = family(bound)
@@ -241,8 +253,7 @@ def range_bounds(low: Any, high: Any, include_low: bool = True,
 # select one contiguous slice: the work is the size of the result.
 
 
-def index_entries(record: Any, field: IndexName,
-                  resolve: Callable[[Any], Any] | None = None) -> set[tuple[int, Any]]:
+def index_entries(record: Any, field: IndexName, resolve: Callable[[Any], Any] | None = None) -> set[tuple[int, Any]]:
     """The (kind, value) entries `record` contributes to the index named `field`."""
     if isinstance(field, str):
         return entries(field_value(record, field_path(field), resolve))
@@ -257,8 +268,14 @@ def _entry_bound(value_key: OrderKey) -> OrderKey:
     return (7, ((1, VALUE_ENTRY), value_key))
 
 
-def composite_bounds(prefix: tuple[Any, ...], low: Any = None, high: Any = None, include_low: bool = True,
-                     include_high: bool = True, ranged: bool = False) -> tuple[OrderKey, OrderKey]:
+def composite_bounds(
+    prefix: tuple[Any, ...],
+    low: Any = None,
+    high: Any = None,
+    include_low: bool = True,
+    include_high: bool = True,
+    ranged: bool = False,
+) -> tuple[OrderKey, OrderKey]:
     """Order keys bracketing the entries whose fields start with `prefix` (equalities),
     then, when `ranged`, whose next field lies in the range (None: an open side)."""
     head = tuple(order_key(value) for value in prefix)

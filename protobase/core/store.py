@@ -32,8 +32,9 @@ DEFAULT_BYTES_CACHE = DEFAULTS.bytes_cache
 class Store:
     """Pointer -> object for one process, with write-through caches."""
 
-    def __init__(self, reader: AtomReader, *, object_cache: int = DEFAULT_OBJECT_CACHE,
-                 bytes_cache: int = DEFAULT_BYTES_CACHE) -> None:
+    def __init__(
+        self, reader: AtomReader, *, object_cache: int = DEFAULT_OBJECT_CACHE, bytes_cache: int = DEFAULT_BYTES_CACHE
+    ) -> None:
         self.reader = reader
         self.objects = AtomObjectCache(object_cache)
         self.bytes = AtomBytesCache(bytes_cache)
@@ -100,4 +101,3 @@ class Store:
         """Empty both caches: a compaction unlinked the atoms their entries came from."""
         self.objects.clear()
         self.bytes.clear()
-

@@ -225,8 +225,9 @@ class IndexedTreeDict(TreeDict):
         readers = self._readers
         if readers is None:
             access, postings = self._store.access, self._postings
-            readers = self._readers = {name: IndexTreeReader(access, ptr, name, postings)
-                                       for name, ptr in self._indexes.items()}
+            readers = self._readers = {
+                name: IndexTreeReader(access, ptr, name, postings) for name, ptr in self._indexes.items()
+            }
         return readers
 
     def __repr__(self) -> str:
@@ -293,7 +294,6 @@ class TreeList(_TreeView, Sequence[Any]):
     __slots__ = ()
     _leaf_kind = LIST_LEAF
     _index_elements_ = True  # an index holds an entry per element, as for a list
-
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):

@@ -86,18 +86,28 @@ class Checkpoint:
                 buffer = make_segment(index, length)
                 crc = 0
                 for start in range(0, length, CHUNK):
-                    view = buffer[start:min(length, start + CHUNK)]
+                    view = buffer[start : min(length, start + CHUNK)]
                     if file.readinto(view) != len(view):
                         raise CorruptionError(f"checkpoint {self.path} is truncated inside segment {index}")
                     crc = zlib.crc32(view, crc)
                 if crc != expected:
-                    raise CorruptionError(f"checkpoint {self.path}: segment {index} fails its checksum; "
-                                          f"the file is damaged: run `protobase recover`")
+                    raise CorruptionError(
+                        f"checkpoint {self.path}: segment {index} fails its checksum; "
+                        f"the file is damaged: run `protobase recover`"
+                    )
 
 
-def write_checkpoint(directory: str, *, lsn: int, seq: int, root: int, next_segment: int,
-                     segments: Iterable[tuple[int, memoryview]], fsync_directory: Callable[[str], None],
-                     progress: Callable[[int], None] | None = None) -> str:
+def write_checkpoint(
+    directory: str,
+    *,
+    lsn: int,
+    seq: int,
+    root: int,
+    next_segment: int,
+    segments: Iterable[tuple[int, memoryview]],
+    fsync_directory: Callable[[str], None],
+    progress: Callable[[int], None] | None = None,
+) -> str:
     """Write, fsync and atomically publish a checkpoint; return its path."""
     segments = list(segments)
     table = b"".join(_ENTRY.pack(index, len(data), zlib.crc32(data)) for index, data in segments)
@@ -110,7 +120,7 @@ def write_checkpoint(directory: str, *, lsn: int, seq: int, root: int, next_segm
         written = 0
         for _, data in segments:
             for start in range(0, len(data), CHUNK):
-                _write_all(fd, data[start:start + CHUNK])
+                _write_all(fd, data[start : start + CHUNK])
             written += len(data)
             if progress is not None:
                 progress(written)
@@ -153,11 +163,13 @@ def read_checkpoint(path: str) -> Checkpoint:
         if magic != MAGIC:
             raise CorruptionError(f"{path} is not a ProtoBase checkpoint (bad magic)")
         if version != VERSION:
-            raise CorruptionError(f"checkpoint {path} has format version {version}, this ProtoBase reads "
-                                  f"{VERSION}; open it with a matching release")
+            raise CorruptionError(
+                f"checkpoint {path} has format version {version}, this ProtoBase reads "
+                f"{VERSION}; open it with a matching release"
+            )
         table = file.read(count * _ENTRY.size)
         (expected,) = _CRC.unpack_from(head, _HEADER.size)
-        if len(table) != count * _ENTRY.size or zlib.crc32(table, zlib.crc32(head[:_HEADER.size])) != expected:
+        if len(table) != count * _ENTRY.size or zlib.crc32(table, zlib.crc32(head[: _HEADER.size])) != expected:
             raise CorruptionError(f"checkpoint {path} has a damaged header; run `protobase recover`")
     segments = tuple(_ENTRY.unpack_from(table, i * _ENTRY.size) for i in range(count))
     return Checkpoint(path, lsn, seq, root, next_segment, segments)

@@ -186,11 +186,13 @@ class Persistence:
                 f"WAL file {writer.path} ends at lsn {writer.last_lsn}, past lsn {last_lsn}, the last commit of the "
                 f"state being served: the WAL belongs to a later state (was a checkpoint-*.pb file moved or "
                 f"deleted?); put the missing file back, or salvage with `protobase recover {self.datadir.path} "
-                f"NEW_DIR`")
+                f"NEW_DIR`"
+            )
         if writer.last_lsn >= next_lsn and writer.first_lsn > next_lsn:
             raise CorruptionError(
                 f"WAL records {next_lsn}..{writer.first_lsn - 1} are in no WAL file: {writer.path} starts at lsn "
-                f"{writer.first_lsn}; the database must stop and recover (`protobase recover`)")
+                f"{writer.first_lsn}; the database must stop and recover (`protobase recover`)"
+            )
 
     def _check_covered(self, lsn: int, writer: WalWriter | None) -> None:
         """CorruptionError unless a checkpoint holds the state up to `lsn` (which no WAL file we read holds)."""
@@ -199,7 +201,8 @@ class Persistence:
         where = f"the last WAL file, {writer.path}, ends at lsn {writer.last_lsn}" if writer else "there is no WAL file"
         raise CorruptionError(
             f"the state being served goes up to lsn {lsn}, but {where} and no checkpoint covers lsn {lsn}: records "
-            f"are missing; the database must stop and recover (`protobase recover`)")
+            f"are missing; the database must stop and recover (`protobase recover`)"
+        )
 
     def _already_written(self, lsn: int, payload: bytes) -> bool:
         """True if the ring record `lsn` is in the WAL already (we skip it); CorruptionError if another record is.
@@ -215,7 +218,8 @@ class Persistence:
         if expected is not None and expected != zlib.crc32(payload):
             raise CorruptionError(
                 f"WAL file {self.writer.path} holds a record {lsn} that is not the commit {lsn} being written: the "
-                f"WAL belongs to another history; the database must stop and recover (`protobase recover`)")
+                f"WAL belongs to another history; the database must stop and recover (`protobase recover`)"
+            )
         return True
 
     def _wait(self) -> None:
@@ -258,8 +262,10 @@ class Persistence:
             if self._already_written(lsn, payload):
                 continue  # written by our predecessor before it died
             if lsn != self.writer.next_lsn + len(batch):
-                raise CorruptionError(f"the commit ring hands over lsn {lsn}, but the WAL continues at lsn "
-                                      f"{self.writer.next_lsn + len(batch)}; the database must stop and recover")
+                raise CorruptionError(
+                    f"the commit ring hands over lsn {lsn}, but the WAL continues at lsn "
+                    f"{self.writer.next_lsn + len(batch)}; the database must stop and recover"
+                )
             batch.append(payload)
             sync_needed |= bool(flags & SYNC)
         self._append(batch)
@@ -314,9 +320,15 @@ class Persistence:
         try:
             views = [(index, segment.buf[:used]) for (index, segment), (_, used) in zip(segments, wanted)]
             started = time.monotonic()
-            path = write_checkpoint(backup or self.datadir.path, lsn=lsn, seq=request["seq"], root=request["root"],
-                                    next_segment=request["next_segment"], segments=views,
-                                    fsync_directory=fsync_directory)
+            path = write_checkpoint(
+                backup or self.datadir.path,
+                lsn=lsn,
+                seq=request["seq"],
+                root=request["root"],
+                next_segment=request["next_segment"],
+                segments=views,
+                fsync_directory=fsync_directory,
+            )
             del views
         finally:
             for _, segment in segments:
@@ -361,4 +373,3 @@ def main(argv: list[str] | None = None) -> int:
     sock.setblocking(True)
     datadir = DataDir(os.path.abspath(args.path))
     return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn, args.last_lsn)
-

@@ -27,5 +27,18 @@ from protobase.query.plans import (
 from protobase.query.results import Grouped, Query
 from protobase.query.source import IndexReader, QuerySource
 
-__all__ = ["F", "Expr", "Query", "Plan", "IndexedSearchPlan", "IndexedRangeSearchPlan", "AndMerge", "OrMerge",
-           "FilterPlan", "FullScanPlan", "Grouped", "QuerySource", "IndexReader"]
+__all__ = [
+    "F",
+    "Expr",
+    "Query",
+    "Plan",
+    "IndexedSearchPlan",
+    "IndexedRangeSearchPlan",
+    "AndMerge",
+    "OrMerge",
+    "FilterPlan",
+    "FullScanPlan",
+    "Grouped",
+    "QuerySource",
+    "IndexReader",
+]

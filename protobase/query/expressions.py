@@ -24,8 +24,21 @@ from typing import Any, Final
 
 from protobase.query.fields import MISSING, FieldPath, field_name, field_value
 
-__all__ = ["F", "Field", "Expr", "Compare", "Range", "In", "Contains", "And", "Or", "Not", "Everything", "OPEN",
-           "values_equal"]
+__all__ = [
+    "F",
+    "Field",
+    "Expr",
+    "Compare",
+    "Range",
+    "In",
+    "Contains",
+    "And",
+    "Or",
+    "Not",
+    "Everything",
+    "OPEN",
+    "values_equal",
+]
 
 
 class Expr:
@@ -56,7 +69,13 @@ def _parts(expr: Expr, kind: type[And] | type[Or]) -> list[Expr]:
 
 
 _COMPARE: Final[dict[str, Callable[[Any, Any], Any]]] = {
-    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
 
 
 class Compare(Expr):
@@ -77,9 +96,11 @@ class Compare(Expr):
     def __bool__(self) -> bool:
         if self.op in ("==", "!="):  # what `F.x in [1, 2]` asks of each `element == F.x`
             field = Field(self.path)
-            raise TypeError(f"a query condition has no truth value: to test membership use {field!r}.isin(values) "
-                            f"(`{field!r} in values` cannot build a condition); to combine conditions use & | ~, "
-                            f"not and / or / not")
+            raise TypeError(
+                f"a query condition has no truth value: to test membership use {field!r}.isin(values) "
+                f"(`{field!r} in values` cannot build a condition); to combine conditions use & | ~, "
+                f"not and / or / not"
+            )
         return super().__bool__()
 
     def __repr__(self) -> str:
@@ -261,8 +282,9 @@ class Field:
         return Contains(self.path, value)
 
     def __hash__(self) -> int:  # what `F.x in {1, 2}` asks first
-        raise TypeError(f"a query field cannot be hashed: to test membership use {self!r}.isin(values), "
-                        f"not `{self!r} in values`")
+        raise TypeError(
+            f"a query field cannot be hashed: to test membership use {self!r}.isin(values), not `{self!r} in values`"
+        )
 
     def __repr__(self) -> str:
         return f"F.{field_name(self.path)}"

@@ -72,5 +72,5 @@ def field_value(record: Any, path: FieldPath, resolve: Callable[[Any], Any] | No
 
 
 def field_name(path: FieldPath) -> str:
-    """"address.city" for ("address", "city"): how explain() and reprs show a field."""
+    """ "address.city" for ("address", "city"): how explain() and reprs show a field."""
     return ".".join(str(segment) for segment in path)

@@ -129,13 +129,25 @@ class Planner:
             prefix: list[Compare] = []
             ranged = None
             for path in fields:
-                equal = next((part for part in parts if isinstance(part, Compare) and part.op == "=="
-                              and part.path == path and is_key(part.value)), None)
+                equal = next(
+                    (
+                        part
+                        for part in parts
+                        if isinstance(part, Compare) and part.op == "==" and part.path == path and is_key(part.value)
+                    ),
+                    None,
+                )
                 if equal is not None:
                     prefix.append(equal)
                     continue
-                ranged = next((part for part in parts if isinstance(part, Range) and part.path == path
-                               and _range_indexable(part)), None)
+                ranged = next(
+                    (
+                        part
+                        for part in parts
+                        if isinstance(part, Range) and part.path == path and _range_indexable(part)
+                    ),
+                    None,
+                )
                 break
             # A record lacking any field of the index has no entry in it, yet may match a
             # query that leaves that field free: only a query constraining every field may use it.

@@ -28,8 +28,16 @@ from protobase.query.expressions import Compare, Expr, Range
 from protobase.query.fields import FieldPath, field_name
 from protobase.query.source import IndexReader, Interval, QuerySource
 
-__all__ = ["Plan", "IndexedSearchPlan", "IndexedRangeSearchPlan", "CompositeSearchPlan", "AndMerge", "OrMerge",
-           "FilterPlan", "FullScanPlan"]
+__all__ = [
+    "Plan",
+    "IndexedSearchPlan",
+    "IndexedRangeSearchPlan",
+    "CompositeSearchPlan",
+    "AndMerge",
+    "OrMerge",
+    "FilterPlan",
+    "FullScanPlan",
+]
 
 
 class Plan:
@@ -66,8 +74,11 @@ class Plan:
     def lines(self, depth: int = 0) -> list[str]:
         """explain()'s lines for this subtree, indented by `depth`."""
         detail = self.describe()
-        head = f"{'  ' * depth}{self.name}({detail}) ~{self.estimate} records" if detail else \
-            f"{'  ' * depth}{self.name} ~{self.estimate} records"
+        head = (
+            f"{'  ' * depth}{self.name}({detail}) ~{self.estimate} records"
+            if detail
+            else f"{'  ' * depth}{self.name} ~{self.estimate} records"
+        )
         return [head] + [line for child in self.children() for line in child.lines(depth + 1)]
 
 
@@ -123,8 +134,9 @@ class CompositeSearchPlan(Plan):
     """Equalities on the first fields of a composite index, and maybe a range on the next one:
     one contiguous slice of the index, so exactly the matching keys are read."""
 
-    def __init__(self, index: IndexReader, index_name: tuple[str, ...], prefix: list[Compare],
-                 ranged: Range | None) -> None:
+    def __init__(
+        self, index: IndexReader, index_name: tuple[str, ...], prefix: list[Compare], ranged: Range | None
+    ) -> None:
         self.index, self.index_name, self.prefix, self.ranged = index, index_name, prefix, ranged
         self.name = "IndexedRangeSearchPlan" if ranged is not None else "IndexedSearchPlan"
         self.values = tuple(term.value for term in prefix)

@@ -68,7 +68,7 @@ class Query:
         if self._order is not None:
             keys = _ordered(keys, source, *self._order)
         if self._limit is not None:
-            keys = keys[:self._limit]
+            keys = keys[: self._limit]
         return keys
 
     def keys(self) -> list[Any]:
@@ -200,8 +200,9 @@ def _sum(values: list[Any], field: Any) -> Any:
         return sum(values)
     except TypeError:
         kinds = sorted({type(value).__name__ for value in values})
-        raise TypeError(f"cannot sum field {field!r}: it holds {', '.join(kinds)} values; "
-                        f"filter the query to numeric records first") from None
+        raise TypeError(
+            f"cannot sum field {field!r}: it holds {', '.join(kinds)} values; filter the query to numeric records first"
+        ) from None
 
 
 def _extreme(values: list[Any], pick: Callable[..., Any]) -> Any:

@@ -391,9 +391,7 @@ class ControlBlock:
         held = [seq for _slot, pid, seq in self._snapshots() if pid != 0 and seq != NO_SNAPSHOT]
         return min(held, default=None)
 
-    def reap_dead_readers(
-        self, is_alive: Callable[[int, float], bool] | None = None
-    ) -> list[ReaderSlot]:
+    def reap_dead_readers(self, is_alive: Callable[[int, float], bool] | None = None) -> list[ReaderSlot]:
         """Free the slots of readers that are no longer running; return them as they were. Coordinator only.
 
         *is_alive(pid, start_time)* decides; the default, `process_is_alive`,
@@ -545,8 +543,7 @@ class ControlBlock:
 
     def _snapshots(self) -> list[tuple[int, int, int]]:
         return [
-            (slot, pid, seq)
-            for slot, (pid, _start, seq, _reserved) in enumerate(self._iter_slots(self._live_buf()))
+            (slot, pid, seq) for slot, (pid, _start, seq, _reserved) in enumerate(self._iter_slots(self._live_buf()))
         ]
 
 
@@ -558,8 +555,7 @@ def _validate(segment: Segment) -> int:
     # Returns the reader slot count of a segment that passed every check.
     if segment.size < HEADER_SIZE:
         raise CorruptionError(
-            f"control segment {segment.name} is {segment.size} bytes, shorter than its "
-            f"{HEADER_SIZE}-byte header"
+            f"control segment {segment.name} is {segment.size} bytes, shorter than its {HEADER_SIZE}-byte header"
         )
     magic: bytes
     version: int
@@ -579,7 +575,6 @@ def _validate(segment: Segment) -> int:
     needed = HEADER_SIZE + slots * SLOT_SIZE
     if slots == 0 or segment.size < needed:
         raise CorruptionError(
-            f"control segment {segment.name} declares {slots} reader slots ({needed} bytes) "
-            f"but is {segment.size} bytes"
+            f"control segment {segment.name} declares {slots} reader slots ({needed} bytes) but is {segment.size} bytes"
         )
     return slots

@@ -133,7 +133,7 @@ class CommitRing:
         view = memoryview(payload)
         continuation = 0
         while True:
-            fragment, view = view[:self.max_fragment], view[self.max_fragment:]
+            fragment, view = view[: self.max_fragment], view[self.max_fragment :]
             more = MORE if len(view) else 0
             self._append_one(lsn, flags | more | continuation, fragment, wait)
             if not more:
@@ -156,7 +156,7 @@ class CommitRing:
             offset = 0
         start = DATA_OFFSET + offset
         _RECORD.pack_into(buf, start, len(payload), flags, lsn)
-        buf[start + _RECORD.size: start + _RECORD.size + len(payload)] = payload
+        buf[start + _RECORD.size : start + _RECORD.size + len(payload)] = payload
         self.words[_W_HEAD] = head + size  # publish: the record is whole
 
     # -- consumer ----------------------------------------------------------------
@@ -187,8 +187,9 @@ class CommitRing:
             if bool(flags & CONT) != bool(self.partial):
                 raise CorruptionError(
                     f"commit ring: a fragment of commit {lsn} arrived without its beginning (the previous "
-                    f"persistence process died inside a large commit); the database must restart to recover")
-            self.partial.append(bytes(self.buf[start:start + length]))
+                    f"persistence process died inside a large commit); the database must restart to recover"
+                )
+            self.partial.append(bytes(self.buf[start : start + length]))
             position += (_RECORD.size + length + 7) & ~7
             total += length
             consumed = position
@@ -211,4 +212,3 @@ class CommitRing:
 
 def _short_sleep() -> None:
     time.sleep(0.0005)
-

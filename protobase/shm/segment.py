@@ -197,9 +197,7 @@ def _reserve(fd: int, name: str, size: int) -> None:
                 f"segment {name} ({exc.strerror}); free space in /dev/shm or raise the "
                 f"tmpfs size (mount -o remount,size=... /dev/shm, or docker --shm-size)"
             ) from exc
-        raise ProtoBaseError(
-            f"could not reserve {size} bytes for shared memory segment {name}: {exc}"
-        ) from exc
+        raise ProtoBaseError(f"could not reserve {size} bytes for shared memory segment {name}: {exc}") from exc
 
 
 class _Faults:

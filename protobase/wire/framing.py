@@ -37,8 +37,9 @@ def encode_frame(message: Any) -> bytes:
     """The frame of one message: its length, then its body."""
     body = codec.encode(message)
     if len(body) > MAX_FRAME:
-        raise CoordinatorError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit; "
-                               f"split the transaction")
+        raise CoordinatorError(
+            f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit; split the transaction"
+        )
     return LENGTH.pack(len(body)) + body
 
 
@@ -59,7 +60,7 @@ def send(sock: socket.socket, message: Any, stall_timeout: float = STALL_TIMEOUT
     deadline = None
     while view:
         try:
-            view = view[sock.send(view):]
+            view = view[sock.send(view) :]
         except BlockingIOError:
             deadline = deadline or time.monotonic() + stall_timeout
             remaining = deadline - time.monotonic()
@@ -97,7 +98,7 @@ class FrameReader:
             end = start + LENGTH.size + length
             if len(buffer) < end:
                 break
-            bodies.append(bytes(buffer[start + LENGTH.size:end]))
+            bodies.append(bytes(buffer[start + LENGTH.size : end]))
             start = end
         if start:
             del buffer[:start]

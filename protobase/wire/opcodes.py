@@ -10,8 +10,17 @@ operation gets a new number.
 from __future__ import annotations
 
 __all__ = [
-    "OP_SET", "OP_DELETE", "OP_LIST", "OP_SET_ADD", "OP_SET_DISCARD", "OP_CREATE_INDEX", "OP_DROP_INDEX",
-    "LIST_APPEND", "LIST_SET", "LIST_INSERT", "LIST_DELETE",
+    "OP_SET",
+    "OP_DELETE",
+    "OP_LIST",
+    "OP_SET_ADD",
+    "OP_SET_DISCARD",
+    "OP_CREATE_INDEX",
+    "OP_DROP_INDEX",
+    "LIST_APPEND",
+    "LIST_SET",
+    "LIST_INSERT",
+    "LIST_DELETE",
 ]
 
 OP_SET = 1  # [OP_SET, path, value]: bind the last key of path to value

@@ -44,8 +44,15 @@ from typing import Any, Literal, get_args
 from protobase.core import codec
 from protobase.errors import CorruptionError, ProtocolError
 
-__all__ = ["PUSH", "MAX_REQUEST_ID", "REQUEST_ARGUMENTS", "Durability", "DURABILITY_MODES", "MalformedRequest",
-           "parse_request"]
+__all__ = [
+    "PUSH",
+    "MAX_REQUEST_ID",
+    "REQUEST_ARGUMENTS",
+    "Durability",
+    "DURABILITY_MODES",
+    "MalformedRequest",
+    "parse_request",
+]
 
 PUSH = 0  # request id of the messages the coordinator sends unasked
 MAX_REQUEST_ID = 2**63 - 1
@@ -95,11 +102,14 @@ def parse_request(body: bytes) -> tuple[int, str, list[Any]]:
         raise MalformedRequest(request_id, f"unknown request {verb}; known: {sorted(REQUEST_ARGUMENTS)}")
     verb, arguments = message[1], message[2:]
     expected = REQUEST_ARGUMENTS[verb]
-    if len(arguments) != len(expected) or not all(type(argument) is kind
-                                                  for argument, kind in zip(arguments, expected)):
+    if len(arguments) != len(expected) or not all(
+        type(argument) is kind for argument, kind in zip(arguments, expected)
+    ):
         received = [type(argument).__name__ for argument in arguments]
-        raise MalformedRequest(request_id, f"a {verb!r} request takes arguments of types "
-                                     f"{[kind.__name__ for kind in expected]}, got {received}")
+        raise MalformedRequest(
+            request_id,
+            f"a {verb!r} request takes arguments of types {[kind.__name__ for kind in expected]}, got {received}",
+        )
     return request_id, verb, arguments
 
 

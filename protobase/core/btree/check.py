@@ -42,8 +42,17 @@ def check_tree(node_of: NodeOf, root: Slot, leaf_kind: int, visit_value: Callabl
     return count
 
 
-def _check(node_of: NodeOf, node: Node, leaf_kind: int, low: Any, high: Any, depth: int, depths: set[int],
-           visit_value: Callable[[Any], None], is_root: bool = False) -> int:
+def _check(
+    node_of: NodeOf,
+    node: Node,
+    leaf_kind: int,
+    low: Any,
+    high: Any,
+    depth: int,
+    depths: set[int],
+    visit_value: Callable[[Any], None],
+    is_root: bool = False,
+) -> int:
     """Check `node` and its subtree, whose keys must lie in [low, high); return its entry count."""
     if LEAF_OF.get(node.kind) != leaf_kind:
         raise CorruptionError(f"node {_where(node)} of kind {node.kind} inside a tree of kind {leaf_kind}")
@@ -65,7 +74,8 @@ def _check(node_of: NodeOf, node: Node, leaf_kind: int, low: Any, high: Any, dep
         count = _check(node_of, child, leaf_kind, child_low, child_high, depth + 1, depths, visit_value)
         if count != node.sizes[i]:
             raise CorruptionError(
-                f"branch {_where(node)} records {node.sizes[i]} entries under child {i}, found {count}")
+                f"branch {_where(node)} records {node.sizes[i]} entries under child {i}, found {count}"
+            )
         total += count
     return total
 

@@ -41,16 +41,31 @@ from protobase.core.arena import DICT_BRANCH, DICT_LEAF, LIST_BRANCH, LIST_LEAF,
 from protobase.errors import CorruptionError
 
 __all__ = [
-    "Node", "MAX_ENTRIES", "MERGE_BELOW", "BRANCH_OF", "LEAF_OF", "BRANCHES", "TREE_KINDS",
-    "Slot", "empty", "decode_node", "encode_node",
+    "Node",
+    "MAX_ENTRIES",
+    "MERGE_BELOW",
+    "BRANCH_OF",
+    "LEAF_OF",
+    "BRANCHES",
+    "TREE_KINDS",
+    "Slot",
+    "empty",
+    "decode_node",
+    "encode_node",
 ]
 
 MAX_ENTRIES = 64  # entries per leaf, children per branch
 MERGE_BELOW = MAX_ENTRIES // 4  # a node this small is merged into a neighbour
 
 BRANCH_OF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH, LIST_LEAF: LIST_BRANCH}  # {leaf kind -> branch kind}
-LEAF_OF = {DICT_BRANCH: DICT_LEAF, SET_BRANCH: SET_LEAF, LIST_BRANCH: LIST_LEAF,
-           DICT_LEAF: DICT_LEAF, SET_LEAF: SET_LEAF, LIST_LEAF: LIST_LEAF}  # {any tree kind -> its leaf kind}
+LEAF_OF = {
+    DICT_BRANCH: DICT_LEAF,
+    SET_BRANCH: SET_LEAF,
+    LIST_BRANCH: LIST_LEAF,
+    DICT_LEAF: DICT_LEAF,
+    SET_LEAF: SET_LEAF,
+    LIST_LEAF: LIST_LEAF,
+}  # {any tree kind -> its leaf kind}
 BRANCHES = frozenset(BRANCH_OF.values())
 TREE_KINDS = frozenset(BRANCH_OF) | BRANCHES
 
@@ -61,8 +76,14 @@ class Node:
 
     __slots__ = ("kind", "keys", "values", "sizes", "ptr", "ends", "order_keys")
 
-    def __init__(self, kind: int, keys: list[Any] | None, values: list[Any] | None,
-                 sizes: list[int] | None = None, ptr: int | None = None) -> None:
+    def __init__(
+        self,
+        kind: int,
+        keys: list[Any] | None,
+        values: list[Any] | None,
+        sizes: list[int] | None = None,
+        ptr: int | None = None,
+    ) -> None:
         self.kind = kind
         self.keys = keys  # sorted keys (dict/set leaves), separators (dict/set branches), or None
         # Leaf values (scalars and Refs once written, any user value while dirty), or
@@ -98,8 +119,7 @@ Slot: TypeAlias = Node | int  # a tree as its callers pass it: a Node, or the po
 
 def empty(leaf_kind: int) -> Node:
     """A new, empty, dirty tree root."""
-    return Node(leaf_kind, None if leaf_kind == LIST_LEAF else [],
-                None if leaf_kind == SET_LEAF else [])
+    return Node(leaf_kind, None if leaf_kind == LIST_LEAF else [], None if leaf_kind == SET_LEAF else [])
 
 
 def decode_node(kind: int, payload: memoryview | bytes, ptr: int) -> Node:
@@ -156,4 +176,3 @@ def encode_node(node: Node, encode_keys: Callable[[list[Any]], bytes] | None = N
     if kind == LIST_BRANCH:
         return codec.encode([node.values, node.sizes])
     return codec.encode([node.keys, node.values, node.sizes])
-

@@ -94,8 +94,9 @@ class TreeAccess:
             if first is not None and not reverse and i < first:
                 continue
             child = children[i]
-            yield from self.leaves(child if type(child) is Node else self.load(child), leaf_kind,
-                                   start if i == first else None, reverse)
+            yield from self.leaves(
+                child if type(child) is Node else self.load(child), leaf_kind, start if i == first else None, reverse
+            )
 
     def keys_at(self, root: Slot, leaf_kind: int, start: int, stop: int) -> Iterator[Any]:
         """Keys at positions [start, stop) of a dict or set tree, found through subtree sizes."""

@@ -46,9 +46,12 @@ class TreeWriter(TreeAccess):
             return node
         if node.ptr is not None and self.on_discard is not None:
             self.on_discard(node.ptr)
-        return Node(node.kind, None if node.keys is None else node.keys[:],
-                    None if node.values is None else node.values[:],
-                    None if node.sizes is None else node.sizes[:])
+        return Node(
+            node.kind,
+            None if node.keys is None else node.keys[:],
+            None if node.values is None else node.values[:],
+            None if node.sizes is None else node.sizes[:],
+        )
 
     def build(self, leaf_kind: int, keys: list[Any] | None, values: list[Any] | None) -> Node:
         """A new tree holding `keys` (already in canonical order) and/or `values`, packed full."""
@@ -57,13 +60,20 @@ class TreeWriter(TreeAccess):
         level: list[Node] = []
         for start in range(0, len(entries), MAX_ENTRIES):
             stop = start + MAX_ENTRIES
-            level.append(Node(leaf_kind, None if keys is None else keys[start:stop],
-                              None if values is None else values[start:stop]))
+            level.append(
+                Node(
+                    leaf_kind,
+                    None if keys is None else keys[start:stop],
+                    None if values is None else values[start:stop],
+                )
+            )
         if not level:
             return empty(leaf_kind)
         while len(level) > 1:
-            level = [self._branch_over(BRANCH_OF[leaf_kind], level[i:i + MAX_ENTRIES])
-                     for i in range(0, len(level), MAX_ENTRIES)]
+            level = [
+                self._branch_over(BRANCH_OF[leaf_kind], level[i : i + MAX_ENTRIES])
+                for i in range(0, len(level), MAX_ENTRIES)
+            ]
         return level[0]
 
     def _branch_over(self, kind: int, children: list[Node]) -> Node:
@@ -180,8 +190,9 @@ class TreeWriter(TreeAccess):
         self._discard_value(removed[0])
         return self._shrink(node), removed[0]
 
-    def _positional(self, node: Node, index: int, change: Callable[[Node, int], None], delta: int,
-                    inserting: bool = False) -> None:
+    def _positional(
+        self, node: Node, index: int, change: Callable[[Node, int], None], delta: int, inserting: bool = False
+    ) -> None:
         """Apply `change(leaf, i)` at position `index` below `node`, adjusting sizes by `delta` on the way up."""
         node.ends = None
         if node.sizes is None:
@@ -215,8 +226,11 @@ class TreeWriter(TreeAccess):
         half = width // 2
         separator: Any
         if child.sizes is None:
-            right = Node(child.kind, None if child.keys is None else child.keys[half:],
-                         None if child.values is None else child.values[half:])
+            right = Node(
+                child.kind,
+                None if child.keys is None else child.keys[half:],
+                None if child.values is None else child.values[half:],
+            )
             if child.keys is not None:
                 del child.keys[half:]
             if child.values is not None:
@@ -225,15 +239,16 @@ class TreeWriter(TreeAccess):
         else:
             assert child.values is not None, "a branch has children"
             separator = None if child.keys is None else child.keys[half - 1]
-            right = Node(child.kind, None if child.keys is None else child.keys[half:],
-                         child.values[half:], child.sizes[half:])
+            right = Node(
+                child.kind, None if child.keys is None else child.keys[half:], child.values[half:], child.sizes[half:]
+            )
             if child.keys is not None:
-                del child.keys[half - 1:]
+                del child.keys[half - 1 :]
             del child.values[half:]
             del child.sizes[half:]
         child.ends = right.ends = None
         parent.values.insert(i + 1, right)
-        parent.sizes[i:i + 1] = [child.count(), right.count()]
+        parent.sizes[i : i + 1] = [child.count(), right.count()]
         if parent.keys is not None:
             parent.keys.insert(i, separator)
         parent.ends = None
@@ -262,7 +277,7 @@ class TreeWriter(TreeAccess):
         self._merge(left, right, None if parent.keys is None else parent.keys[left_i])
         parent.values[left_i] = left
         del parent.values[left_i + 1]
-        parent.sizes[left_i:left_i + 2] = [left.count()]
+        parent.sizes[left_i : left_i + 2] = [left.count()]
         if parent.keys is not None:
             del parent.keys[left_i]
         parent.ends = None
@@ -291,8 +306,9 @@ class TreeWriter(TreeAccess):
         """A root over MAX_ENTRIES split under a new branch, as often as needed."""
         if root.width() <= MAX_ENTRIES:
             return root
-        parent = Node(BRANCH_OF[LEAF_OF[root.kind]], None if root.kind in (LIST_LEAF, LIST_BRANCH) else [],
-                      [root], [root.count()])
+        parent = Node(
+            BRANCH_OF[LEAF_OF[root.kind]], None if root.kind in (LIST_LEAF, LIST_BRANCH) else [], [root], [root.count()]
+        )
         self._split_child(parent, 0)
         return self._grow(parent)
 
@@ -328,7 +344,6 @@ class TreeWriter(TreeAccess):
                 node.values = [write_value(v) for v in node.values]
         else:
             assert node.values is not None, "a branch has children"
-            node.values = [self.flush(c, write_node, write_value) if type(c) is Node else c
-                           for c in node.values]
+            node.values = [self.flush(c, write_node, write_value) if type(c) is Node else c for c in node.values]
         node.ptr = write_node(node)
         return node.ptr

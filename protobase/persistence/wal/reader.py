@@ -174,8 +174,7 @@ def check_file_header(path: str, data: bytes) -> tuple[int, int]:
     named_lsn = parse_wal_file_name(path)
     if named_lsn is not None and named_lsn != first_lsn:
         raise CorruptionError(
-            f"{path} has a damaged file header: first lsn {first_lsn} but its name says {named_lsn}; "
-            f"{RECOVER_HINT}"
+            f"{path} has a damaged file header: first lsn {first_lsn} but its name says {named_lsn}; {RECOVER_HINT}"
         )
     return salt, first_lsn
 
@@ -201,12 +200,23 @@ def _scan_records(path: str, data: memoryview, salt: int, first_lsn: int) -> Sca
     resume = find_valid_record(data, offset, salt, expected_lsn)
     if resume is None:
         return ScanResult(path, salt, first_lsn, len(data), records, offset, torn=True)
-    return ScanResult(path, salt, first_lsn, len(data), records, offset, torn=False,
-                      corrupt_offset=offset, resume_offset=resume[0], resume_lsn=resume[1])
+    return ScanResult(
+        path,
+        salt,
+        first_lsn,
+        len(data),
+        records,
+        offset,
+        torn=False,
+        corrupt_offset=offset,
+        resume_offset=resume[0],
+        resume_lsn=resume[1],
+    )
 
 
-def _check_first_record(path: str, data: memoryview, salt: int, first_lsn: int,
-                        found: tuple[int, int, int] | None) -> None:
+def _check_first_record(
+    path: str, data: memoryview, salt: int, first_lsn: int, found: tuple[int, int, int] | None
+) -> None:
     """Tell a damaged file header from a damaged first record.
 
     The first record's prev field holds the salt and its lsn the first_lsn. If
@@ -246,8 +256,9 @@ def read_records(path: str, after_lsn: int = 0, *, strict: bool = True) -> Itera
     return WalReader(path).records(after_lsn, strict=strict)
 
 
-def read_directory(directory: str, after_lsn: int = 0, *, strict: bool = True,
-                   origin: str | None = None) -> Iterator[tuple[int, bytes]]:
+def read_directory(
+    directory: str, after_lsn: int = 0, *, strict: bool = True, origin: str | None = None
+) -> Iterator[tuple[int, bytes]]:
     """Yield (lsn, payload) with lsn > after_lsn from all WAL files of `directory`, in order.
 
     This is what recovery replays after loading a checkpoint at `after_lsn`;

@@ -57,7 +57,7 @@ def salvage_records(path: str) -> tuple[list[WalRecord], list[tuple[int, int]]]:
             continue
         length, lsn, _ = found
         start = offset + RECORD_HEADER_SIZE
-        records.append(WalRecord(lsn, bytes(data[start:start + length]), offset))
+        records.append(WalRecord(lsn, bytes(data[start : start + length]), offset))
         next_lsn, offset = lsn + 1, start + length
     return records, skipped
 

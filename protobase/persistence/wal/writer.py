@@ -61,8 +61,9 @@ class WalWriter:
     after a write error) fails the writer: every later call raises it again.
     """
 
-    def __init__(self, path: str, fd: int, salt: int, first_lsn: int, size: int, next_lsn: int,
-                 last_offset: int | None) -> None:
+    def __init__(
+        self, path: str, fd: int, salt: int, first_lsn: int, size: int, next_lsn: int, last_offset: int | None
+    ) -> None:
         """Wrap an open descriptor. Internal: use `create` or `open_for_append`."""
         self._path = path  # the file, absolute if the directory given was
         self._fd: int | None = fd  # O_WRONLY | O_CLOEXEC, written with pwrite; None once closed
