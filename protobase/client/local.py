@@ -12,19 +12,18 @@ else is recorded for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 from protobase.client.writeset import WriteSet, index_name, validate
 from protobase.keyorder import check_key
-from protobase.query import Expr, IndexReader, Query
-from protobase.query.source import NO_INDEXES, IndexName
+from protobase.query.results import Unindexed
 from protobase.wire.opcodes import OP_CREATE_INDEX, OP_DROP_INDEX
 
 __all__ = ["LocalDict"]
 
 
-class LocalDict(MutableMapping[Any, Any]):
+class LocalDict(Unindexed, MutableMapping[Any, Any]):
     """A dict assigned in this transaction, read back through `tx.root`: the dict itself, plus queries.
 
     Changes go straight into the assigned dict, which the transaction stores
@@ -62,18 +61,6 @@ class LocalDict(MutableMapping[Any, Any]):
 
     def __len__(self) -> int:
         return len(self._dict)
-
-    def where(self, expr: Expr | None = None) -> Query:
-        """Records matching `expr` (see protobase.query): a dict assigned in this transaction has no index."""
-        return Query(self, expr)
-
-    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
-        """No indexes until the commit stores the dict (protobase.query.QuerySource)."""
-        return NO_INDEXES
-
-    def query_changed_keys(self) -> frozenset[Any]:
-        """None: every record is read from the dict itself (protobase.query.QuerySource)."""
-        return frozenset()
 
     def create_index(self, *fields: str) -> None:
         self._writes.record_index_op(self._path, OP_CREATE_INDEX, index_name(fields))

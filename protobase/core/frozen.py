@@ -25,14 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any, NoReturn
 
 from protobase.errors import ReadOnlyError
 from protobase.keyorder import is_key, order_key
-from protobase.query import Expr, Query
-from protobase.query.source import NO_INDEXES, IndexName, IndexReader
+from protobase.query.results import Unindexed
 
 __all__ = [
     "FrozenDict",
@@ -59,7 +58,7 @@ def refuse_write(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
     raise ReadOnlyError(f"cannot modify a {type(self).__name__}: {READ_ONLY_HINT}")
 
 
-class FrozenDict(dict[Any, Any]):
+class FrozenDict(Unindexed, dict[Any, Any]):
     """A dict from a snapshot: reads like a dict, refuses every write."""
 
     __slots__ = ()
@@ -68,23 +67,6 @@ class FrozenDict(dict[Any, Any]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenDict, (dict(self),))
-
-    def where(self, expr: Expr | None = None) -> Query:
-        """The records (values) matching `expr`; see protobase.query."""
-        return Query(self, expr)
-
-    @property
-    def indexes(self) -> tuple[IndexName, ...]:
-        """The indexed fields: none (a small dict is read whole)."""
-        return ()
-
-    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
-        """No indexes (protobase.query.QuerySource)."""
-        return NO_INDEXES
-
-    def query_changed_keys(self) -> frozenset[Any]:
-        """No changed keys: a snapshot's value (protobase.query.QuerySource)."""
-        return frozenset()
 
     def __repr__(self) -> str:
         return f"FrozenDict({dict.__repr__(self)})"

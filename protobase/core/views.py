@@ -28,8 +28,8 @@ from protobase.core.btree import TreeAccess
 from protobase.core.cache import AtomObjectCache
 from protobase.core.frozen import refuse_write, thaw
 from protobase.core.index import IndexTreeReader, Postings
-from protobase.query import Expr, Query
-from protobase.query.source import NO_INDEXES, IndexName, IndexReader
+from protobase.query.results import Unindexed
+from protobase.query.source import IndexName, IndexReader
 
 __all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND", "TreeSource"]
 
@@ -81,7 +81,7 @@ class _TreeView:
         return thaw(self)
 
 
-class TreeDict(_TreeView, Mapping[Any, Any]):
+class TreeDict(Unindexed, _TreeView, Mapping[Any, Any]):
     """A large dict from a snapshot: a read-only Mapping that loads entries from its tree on demand.
 
     Not a dict subclass: every read answers from the whole tree, and C code
@@ -171,23 +171,6 @@ class TreeDict(_TreeView, Mapping[Any, Any]):
 
     def __ror__(self, other: Any) -> dict[Any, Any]:
         return {**other, **self.copy()}
-
-    def where(self, expr: Expr | None = None) -> Query:
-        """The records (values) matching `expr`, through indexes when there are some; see protobase.query."""
-        return Query(self, expr)
-
-    @property
-    def indexes(self) -> tuple[IndexName, ...]:
-        """The indexed fields (none for a plain TreeDict)."""
-        return ()
-
-    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
-        """{index name -> reader} for the planner (protobase.query.QuerySource): none here."""
-        return NO_INDEXES
-
-    def query_changed_keys(self) -> frozenset[Any]:
-        """No changed keys: a view is one version of the tree (protobase.query.QuerySource)."""
-        return frozenset()
 
     def _protobase_plain_(self) -> dict[Any, Any]:
         return self.copy()

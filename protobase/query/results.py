@@ -16,7 +16,7 @@ changes the collection.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from protobase.keyorder import is_key, order_key
@@ -24,9 +24,37 @@ from protobase.query.expressions import Everything, Expr
 from protobase.query.fields import MISSING, FieldName, FieldPath, field_name, field_path, field_value
 from protobase.query.planner import Planner
 from protobase.query.plans import Plan
-from protobase.query.source import QuerySource
+from protobase.query.source import NO_INDEXES, IndexName, IndexReader, QuerySource
 
-__all__ = ["Query", "Grouped"]
+__all__ = ["Query", "Grouped", "Unindexed"]
+
+
+class Unindexed:
+    """`where()` and the QuerySource methods of a collection that has no index and no pending changes.
+
+    A mixin for the read-only dict values (FrozenDict, TreeDict) and the dicts a
+    transaction assigned (LocalDict): every query over them is a scan, answered
+    from the records themselves.
+    """
+
+    __slots__ = ()
+
+    def where(self: QuerySource, expr: Expr | None = None) -> Query:
+        """The records (values) matching `expr`; see protobase.query."""
+        return Query(self, expr)
+
+    @property
+    def indexes(self) -> tuple[IndexName, ...]:
+        """The indexed fields: none."""
+        return ()
+
+    def query_indexes(self) -> Mapping[IndexName, IndexReader]:
+        """No indexes (protobase.query.QuerySource)."""
+        return NO_INDEXES
+
+    def query_changed_keys(self) -> frozenset[Any]:
+        """No keys to recheck: the records are read as they are (protobase.query.QuerySource)."""
+        return frozenset()
 
 
 class Query:
