@@ -17,13 +17,13 @@ from typing import Any
 
 from protobase.client.writeset import WriteSet, index_name, validate
 from protobase.keyorder import check_key
-from protobase.query.results import Unindexed
+from protobase.query.results import Queryable
 from protobase.wire.opcodes import OP_CREATE_INDEX, OP_DROP_INDEX
 
 __all__ = ["LocalDict"]
 
 
-class LocalDict(Unindexed, MutableMapping[Any, Any]):
+class LocalDict(Queryable, MutableMapping[Any, Any]):
     """A dict assigned in this transaction, read back through `tx.root`: the dict itself, plus queries.
 
     Changes go straight into the assigned dict, which the transaction stores

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 from protobase.errors import ReadOnlyError
 from protobase.keyorder import is_key, order_key
-from protobase.query.results import Unindexed
+from protobase.query.results import Queryable
 
 __all__ = [
     "FrozenDict",
@@ -58,7 +58,7 @@ def refuse_write(self: Any, *args: Any, **kwargs: Any) -> NoReturn:
     raise ReadOnlyError(f"cannot modify a {type(self).__name__}: {READ_ONLY_HINT}")
 
 
-class FrozenDict(Unindexed, dict[Any, Any]):
+class FrozenDict(Queryable, dict[Any, Any]):
     """A dict from a snapshot: reads like a dict, refuses every write."""
 
     __slots__ = ()

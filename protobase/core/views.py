@@ -28,7 +28,7 @@ from protobase.core.btree import TreeAccess
 from protobase.core.cache import AtomObjectCache
 from protobase.core.frozen import refuse_write, thaw
 from protobase.core.index import IndexTreeReader, Postings
-from protobase.query.results import Unindexed
+from protobase.query.results import Queryable
 from protobase.query.source import IndexName, IndexReader
 
 __all__ = ["TreeDict", "IndexedTreeDict", "TreeSet", "TreeList", "VIEW_OF_LEAF_KIND", "TreeSource"]
@@ -81,7 +81,7 @@ class _TreeView:
         return thaw(self)
 
 
-class TreeDict(Unindexed, _TreeView, Mapping[Any, Any]):
+class TreeDict(Queryable, _TreeView, Mapping[Any, Any]):
     """A large dict from a snapshot: a read-only Mapping that loads entries from its tree on demand.
 
     Not a dict subclass: every read answers from the whole tree, and C code

@@ -26,15 +26,16 @@ from protobase.query.planner import Planner
 from protobase.query.plans import Plan
 from protobase.query.source import NO_INDEXES, IndexName, IndexReader, QuerySource
 
-__all__ = ["Query", "Grouped", "Unindexed"]
+__all__ = ["Query", "Grouped", "Queryable"]
 
 
-class Unindexed:
-    """`where()` and the QuerySource methods of a collection that has no index and no pending changes.
+class Queryable:
+    """`where()` for a collection, and the QuerySource defaults: no index, no pending changes.
 
-    A mixin for the read-only dict values (FrozenDict, TreeDict) and the dicts a
-    transaction assigned (LocalDict): every query over them is a scan, answered
-    from the records themselves.
+    A mixin for the dicts of records users query: FrozenDict, TreeDict and the
+    dicts a transaction assigned (LocalDict) scan their records;
+    IndexedTreeDict overrides `indexes` and `query_indexes()` with its index
+    readers.
     """
 
     __slots__ = ()
