@@ -37,6 +37,12 @@ what they read, the coordinator encodes atoms, recovery decodes the WAL.
 Only the coordinator's writer produces Refs; a client's commit holding one
 is refused (coordinator/writer.py, `decode_ops`).
 
+Two implementations of the packing: `pack_python` and `unpack_python` here,
+the oracle and the fallback, and their compiled twins in ccodec.c (with a
+compiled `Ref`), which `pack` and `unpack` are unless PROTOBASE_PURE_PYTHON=1
+or the build lacked a compiler (protobase/native.py). They write the same
+bytes; the C code calls this module's hooks for the rare types.
+
 Invariant: `decode(encode(v))` equals `v` (NaN aside) for every value
 `validate` accepts, and encoding is deterministic: the same object always
 gives the same bytes, which KeyMemo's memo of node keys relies on.
@@ -57,6 +63,7 @@ from typing import Any, TypedDict
 
 import msgpack
 
+from protobase import native
 from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, dataclass_fields, read_only_dataclass
 from protobase.errors import CorruptionError, EncodingError, format_path
 from protobase.keyorder import check_text
@@ -70,6 +77,11 @@ __all__ = [
     "may_hold_refs",
     "array_header",
     "KeyMemo",
+    "pack",
+    "unpack",
+    "pack_python",
+    "unpack_python",
+    "COMPILED",
     "MAX_ATOM_BYTES",
     "MAX_DEPTH",
 ]
@@ -155,42 +167,47 @@ def _ext(code: int, data: bytes) -> msgpack.ExtType:
     return _new_tuple(msgpack.ExtType, (code, data))
 
 
-def _ext_default(value: Any) -> object:
-    """What msgpack encodes in place of `value`, a type it lacks: an ExtType, or a plain dict or list."""
-    kind = type(value)
-    if kind is tuple:
-        return _ext(EXT_TUPLE, _pack(list(value)))
-    if kind is set or kind is FrozenSet:
-        return _ext(EXT_SET, _pack(list(value)))
-    if kind is frozenset:
-        return _ext(EXT_FROZENSET, _pack(list(value)))
-    if kind is FrozenDict:
-        return dict(value)
-    if kind is FrozenList:
-        return list(value)
-    if kind is int:  # only reached when outside msgpack's range
-        return _ext(EXT_BIGINT, value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True))
-    if kind is _dt.datetime:
-        return _ext(EXT_DATETIME, value.isoformat().encode())
-    if kind is _dt.date:
-        return _ext(EXT_DATE, value.isoformat().encode())
-    if kind is Decimal:
-        return _ext(EXT_DECIMAL, str(value).encode())
-    if kind is uuid.UUID:
-        return _ext(EXT_UUID, value.bytes)
-    if kind is Ref:
-        return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
-    name = _names_by_class.get(kind)
-    if name is not None:
-        return _ext(EXT_DATACLASS, _pack([name, dataclass_fields(value)]))
-    plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
-    if plain is not None:
-        value = plain()
-        # msgpack does not call `default` again on what it returns: a set or dataclass still needs its
-        # extension type
+def _default_for(pack_nested: Callable[[Any], bytes]) -> Callable[[Any], object]:
+    """msgpack's `default` for the types it lacks, packing extension payloads with `pack_nested`."""
+
+    def default(value: Any) -> object:
+        """What msgpack encodes in place of `value`, a type it lacks: an ExtType, or a plain dict or list."""
         kind = type(value)
-        return _ext_default(value) if kind in (set, frozenset, tuple) or kind in _names_by_class else value
-    raise TypeError(kind.__name__)
+        if kind is tuple:
+            return _ext(EXT_TUPLE, pack_nested(list(value)))
+        if kind is set or kind is FrozenSet:
+            return _ext(EXT_SET, pack_nested(list(value)))
+        if kind is frozenset:
+            return _ext(EXT_FROZENSET, pack_nested(list(value)))
+        if kind is FrozenDict:
+            return dict(value)
+        if kind is FrozenList:
+            return list(value)
+        if kind is int:  # only reached when outside msgpack's range
+            return _ext(EXT_BIGINT, value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True))
+        if kind is _dt.datetime:
+            return _ext(EXT_DATETIME, value.isoformat().encode())
+        if kind is _dt.date:
+            return _ext(EXT_DATE, value.isoformat().encode())
+        if kind is Decimal:
+            return _ext(EXT_DECIMAL, str(value).encode())
+        if kind is uuid.UUID:
+            return _ext(EXT_UUID, value.bytes)
+        if kind is Ref:
+            return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
+        name = _names_by_class.get(kind)
+        if name is not None:
+            return _ext(EXT_DATACLASS, pack_nested([name, dataclass_fields(value)]))
+        plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers
+        if plain is not None:
+            value = plain()
+            # msgpack does not call `default` again on what it returns: a set or dataclass still needs its
+            # extension type
+            kind = type(value)
+            return default(value) if kind in (set, frozenset, tuple) or kind in _names_by_class else value
+        raise TypeError(kind.__name__)
+
+    return default
 
 
 class _Packers(threading.local):
@@ -204,7 +221,12 @@ class _Packers(threading.local):
 _packers = _Packers()
 
 
-def _pack(value: Any) -> bytes:
+def pack_python(value: Any) -> bytes:
+    """The msgpack bytes of `value` with ProtoBase's extension types: the pure-Python oracle of ccodec.pack.
+
+    Raises TypeError, ValueError, OverflowError or UnicodeEncodeError for what
+    it cannot encode (`encode` turns them into an EncodingError).
+    """
     # msgpack.packb builds a new Packer per call, and extension payloads (a tuple's
     # items, say) are packed inside the packing of their parent: an index leaf of 64
     # nested tuples made hundreds of Packers. Reuse one Packer per depth instead
@@ -212,12 +234,15 @@ def _pack(value: Any) -> bytes:
     packers = _packers
     depth = packers.depth
     if depth == len(packers.stack):
-        packers.stack.append(msgpack.Packer(default=_ext_default, use_bin_type=True, strict_types=True))
+        packers.stack.append(msgpack.Packer(default=_python_default, use_bin_type=True, strict_types=True))
     packers.depth = depth + 1
     try:
         return packers.stack[depth].pack(value)
     finally:
         packers.depth = depth
+
+
+_python_default = _default_for(pack_python)
 
 
 def array_header(length: int) -> bytes:
@@ -247,8 +272,8 @@ class KeyMemo:
 
     def __call__(self, keys: list[Any]) -> bytes:
         """The encoding of the list `keys`, byte for byte what `encode(keys)` returns."""
-        if not keys or type(keys[0]) is not tuple:
-            return _pack(keys)  # plain keys: one call encodes them all faster than any memo
+        if COMPILED or not keys or type(keys[0]) is not tuple:  # the compiled packer beats any memo
+            return pack(keys)  # plain keys: one call encodes them all faster than any memo
         memo = self.encoded
         parts: list[bytes] = []
         for key in keys:
@@ -256,7 +281,7 @@ class KeyMemo:
             if entry is not None and entry[0] is key:
                 parts.append(entry[1])
                 continue
-            encoded = _pack(key)
+            encoded = pack(key)
             if type(key) is tuple:
                 if len(memo) >= self.limit:
                     memo.clear()
@@ -268,7 +293,7 @@ class KeyMemo:
 def encode(value: Any) -> bytes:
     """Encode a value to bytes; raise EncodingError naming the bad type and its path."""
     try:
-        return _pack(value)
+        return pack(value)
     except (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError):
         validate(value)
         raise  # validate found nothing: a bug in this module, not in the value
@@ -422,6 +447,39 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
     return options
 
 
+def unpack_python(
+    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
+) -> Any:
+    """The value `pack_python` encoded as `data`: the pure-Python oracle of ccodec.unpack.
+
+    Raises ValueError, TypeError and the like for bytes it did not make
+    (`decode` turns them into a CorruptionError).
+    """
+    return msgpack.unpackb(data, **_options(frozen, ref, opaque_dataclasses))
+
+
+def _compiled_unpack(
+    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
+) -> Any:
+    """unpack_python's signature on the compiled unpacker, which leaves the rare extensions to Python."""
+    return _unpack_compiled(data, frozen, ref, _options(frozen, ref, opaque_dataclasses)["ext_hook"])
+
+
+_compiled = native.load("protobase.core.ccodec")
+if _compiled is not None:
+    Ref = _compiled.Ref  # type: ignore[misc]  # the same class, compiled: decoding builds it without a call
+    _compiled.configure(Ref, FrozenDict, FrozenList, FrozenSet, msgpack.ExtType, _default_for(_compiled.pack))
+    _unpack_compiled = _compiled.unpack
+    pack: Callable[[Any], bytes] = _compiled.pack
+    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, bool], Any] = _compiled_unpack
+else:
+    pack = pack_python
+    unpack = unpack_python
+
+#: Whether this process encodes and decodes with the compiled core (protobase.native).
+COMPILED = _compiled is not None
+
+
 def may_hold_refs(data: bytes | memoryview) -> bool:
     """False only if `data` (an encoded value) certainly holds no Ref; True may be a false alarm.
 
@@ -450,9 +508,8 @@ def decode(
     user dataclasses without ever importing or registering them.
     """
 
-    options = _options(frozen, ref, opaque_dataclasses)
     try:
-        return msgpack.unpackb(data, **options)
+        return unpack(data, frozen, ref, opaque_dataclasses)
     except (CorruptionError, EncodingError):
         raise
     except (

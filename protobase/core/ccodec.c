@@ -1,0 +1,771 @@
+/* protobase.core.ccodec: the compiled twin of codec.py's value packing.
+ *
+ * Owns nothing of its own: it mirrors, function for function, the two
+ * pure-Python functions of protobase/core/codec.py that every commit and every
+ * cold read spends its time in:
+ *
+ *     pack(value) -> bytes          codec.pack_python
+ *     unpack(data, frozen, ref, ext_hook) -> value      codec.unpack_python
+ *
+ * Runs in every process that imports protobase (clients, coordinator,
+ * persistence), unless PROTOBASE_PURE_PYTHON=1 selects the fallback.
+ *
+ * Invariant: for every value, pack() returns byte for byte what
+ * codec.pack_python() returns (msgpack with use_bin_type and strict_types,
+ * plus ProtoBase's extension types), and unpack() returns what
+ * codec.unpack_python() returns for every byte string pack_python produced.
+ * Types this module does not encode itself (datetime, Decimal, UUID,
+ * dataclasses, ints beyond 64 bits, transaction wrappers) are handed to the
+ * Python `default` given to configure(), and extension codes it does not
+ * decode itself to the `ext_hook` passed to unpack(): the Python code stays
+ * the one definition of those formats. Decoding trusts nothing: every length
+ * is checked against the bytes that remain before anything is allocated, and
+ * every failure is a ValueError or TypeError (codec.decode makes it a
+ * CorruptionError).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Extension codes: codec.py's EXT_* constants. */
+#define EXT_REF 1
+#define EXT_TUPLE 2
+#define EXT_SET 3
+#define EXT_FROZENSET 10
+
+#define REF_KIND_SHIFT 60
+#define REF_POINTER_MASK ((UINT64_C(1) << REF_KIND_SHIFT) - 1)
+
+/* msgpack-python's packer refuses to nest deeper than 511; its unpacker stacks 1024. */
+#define PACK_NEST_LIMIT 511
+#define UNPACK_NEST_LIMIT 1024
+
+/* Set once by configure(); strong references kept for the life of the process. */
+static PyObject *ref_type;       /* codec.Ref */
+static PyObject *frozen_dict;    /* frozen.FrozenDict */
+static PyObject *frozen_list;    /* frozen.FrozenList */
+static PyObject *frozen_set;     /* frozen.FrozenSet */
+static PyObject *ext_type;       /* msgpack.ExtType */
+static PyObject *default_hook;   /* codec's encoder of the types handled in Python */
+static PyObject *str_ptr, *str_kind;
+
+/* ---- Ref: a reference to a value stored in its own atom (codec.Ref, compiled) ------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ptr;  /* AtomPointer of the referenced atom (an int) */
+    PyObject *kind; /* atom kind (an int), so a reader knows the shape without a fetch */
+} RefObject;
+
+static PyTypeObject RefType;
+
+static PyObject *ref_new_from(PyObject *ptr, PyObject *kind) {
+    RefObject *self = PyObject_New(RefObject, &RefType);
+    if (self == NULL) return NULL;
+    Py_INCREF(ptr);
+    Py_INCREF(kind);
+    self->ptr = ptr;
+    self->kind = kind;
+    return (PyObject *)self;
+}
+
+static PyObject *ref_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"ptr", "kind", NULL};
+    PyObject *ptr, *kind;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Ref", keywords, &ptr, &kind)) return NULL;
+    return ref_new_from(ptr, kind);
+}
+
+static void ref_dealloc(RefObject *self) {
+    Py_DECREF(self->ptr);
+    Py_DECREF(self->kind);
+    PyObject_Free(self);
+}
+
+static PyObject *ref_richcompare(PyObject *a, PyObject *b, int op) {
+    if ((op != Py_EQ && op != Py_NE) || !PyObject_TypeCheck(b, &RefType)) Py_RETURN_NOTIMPLEMENTED;
+    return PyObject_RichCompare(((RefObject *)a)->ptr, ((RefObject *)b)->ptr, op);
+}
+
+static Py_hash_t ref_hash(RefObject *self) { return PyObject_Hash(self->ptr); }
+
+static PyObject *ref_repr(RefObject *self) {
+    PyObject *hex = PyNumber_ToBase(self->ptr, 16);
+    if (hex == NULL) return NULL;
+    PyObject *text = PyUnicode_FromFormat("Ref(%U, kind=%R)", hex, self->kind);
+    Py_DECREF(hex);
+    return text;
+}
+
+static PyObject *ref_reduce(RefObject *self, PyObject *unused) {
+    return Py_BuildValue("O(OO)", (PyObject *)Py_TYPE(self), self->ptr, self->kind);
+}
+
+static PyMemberDef ref_members[] = {
+    {"ptr", T_OBJECT_EX, offsetof(RefObject, ptr), READONLY, "AtomPointer of the referenced atom"},
+    {"kind", T_OBJECT_EX, offsetof(RefObject, kind), READONLY, "atom kind of the referenced atom"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef ref_methods[] = {
+    {"__reduce__", (PyCFunction)ref_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RefType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "protobase.core.ccodec.Ref",
+    .tp_doc = "A reference to a value stored in its own atom: (AtomPointer, atom kind).",
+    .tp_basicsize = sizeof(RefObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = ref_new,
+    .tp_dealloc = (destructor)ref_dealloc,
+    .tp_richcompare = ref_richcompare,
+    .tp_hash = (hashfunc)ref_hash,
+    .tp_repr = (reprfunc)ref_repr,
+    .tp_members = ref_members,
+    .tp_methods = ref_methods,
+};
+
+/* ---- the output buffer ------------------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t length;
+    Py_ssize_t capacity;
+    char inline_space[512]; /* most values (keys, small records) fit without a heap buffer */
+} Buffer;
+
+static void buffer_init(Buffer *b) {
+    b->data = b->inline_space;
+    b->length = 0;
+    b->capacity = (Py_ssize_t)sizeof(b->inline_space);
+}
+
+static void buffer_free(Buffer *b) {
+    if (b->data != b->inline_space) PyMem_Free(b->data);
+}
+
+static int buffer_reserve(Buffer *b, Py_ssize_t extra) {
+    if (b->length + extra <= b->capacity) return 0;
+    Py_ssize_t wanted = b->capacity * 2;
+    if (wanted < b->length + extra) wanted = b->length + extra;
+    char *grown;
+    if (b->data == b->inline_space) {
+        grown = PyMem_Malloc((size_t)wanted);
+        if (grown != NULL) memcpy(grown, b->data, (size_t)b->length);
+    } else {
+        grown = PyMem_Realloc(b->data, (size_t)wanted);
+    }
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = grown;
+    b->capacity = wanted;
+    return 0;
+}
+
+static int buffer_write(Buffer *b, const void *bytes, Py_ssize_t n) {
+    if (buffer_reserve(b, n) < 0) return -1;
+    memcpy(b->data + b->length, bytes, (size_t)n);
+    b->length += n;
+    return 0;
+}
+
+/* A type byte followed by an n-byte big-endian number. */
+static int write_tagged(Buffer *b, unsigned char tag, uint64_t number, int n) {
+    unsigned char out[9];
+    out[0] = tag;
+    for (int i = 0; i < n; i++) out[1 + i] = (unsigned char)(number >> (8 * (n - 1 - i)));
+    return buffer_write(b, out, 1 + n);
+}
+
+/* ---- packing: msgpack-python's choices of encoding, exactly ----------------------------- */
+
+static int pack_unsigned(Buffer *b, uint64_t v) {
+    if (v < 128) return write_tagged(b, (unsigned char)v, 0, 0);
+    if (v < 256) return write_tagged(b, 0xcc, v, 1);
+    if (v < 65536) return write_tagged(b, 0xcd, v, 2);
+    if (v < (UINT64_C(1) << 32)) return write_tagged(b, 0xce, v, 4);
+    return write_tagged(b, 0xcf, v, 8);
+}
+
+static int pack_signed(Buffer *b, int64_t v) {
+    if (v >= 0) return pack_unsigned(b, (uint64_t)v);
+    if (v >= -32) return write_tagged(b, (unsigned char)(int8_t)v, 0, 0);
+    if (v >= -128) return write_tagged(b, 0xd0, (uint64_t)v & 0xff, 1);
+    if (v >= -32768) return write_tagged(b, 0xd1, (uint64_t)v & 0xffff, 2);
+    if (v >= -(INT64_C(1) << 31)) return write_tagged(b, 0xd2, (uint64_t)v & 0xffffffffu, 4);
+    return write_tagged(b, 0xd3, (uint64_t)v, 8);
+}
+
+/* 1: packed; 0: outside 64 bits (the Python default encodes it); -1: error. */
+static int pack_int(Buffer *b, PyObject *o) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow == 0) {
+        if (v == -1 && PyErr_Occurred()) return -1;
+        return pack_signed(b, v) < 0 ? -1 : 1;
+    }
+    if (overflow < 0) return 0;
+    unsigned long long u = PyLong_AsUnsignedLongLong(o);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    return pack_unsigned(b, u) < 0 ? -1 : 1;
+}
+
+static int pack_double(Buffer *b, double d) {
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    return write_tagged(b, 0xcb, bits, 8);
+}
+
+static int check_item_limit(Py_ssize_t n, const char *what) {
+    if ((uint64_t)n > UINT64_C(0xffffffff)) {
+        PyErr_Format(PyExc_ValueError, "%s is too large", what);
+        return -1;
+    }
+    return 0;
+}
+
+static int pack_bin(Buffer *b, const char *bytes, Py_ssize_t n) {
+    if (check_item_limit(n, "bytes object") < 0) return -1;
+    int r = n < 256 ? write_tagged(b, 0xc4, (uint64_t)n, 1)
+            : n < 65536 ? write_tagged(b, 0xc5, (uint64_t)n, 2)
+                        : write_tagged(b, 0xc6, (uint64_t)n, 4);
+    return r < 0 ? -1 : buffer_write(b, bytes, n);
+}
+
+static int pack_str(Buffer *b, PyObject *o) {
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(o, &n);
+    if (text == NULL) return -1; /* surrogates: codec.encode's validate names the path */
+    if (check_item_limit(n, "unicode string") < 0) return -1;
+    int r = n < 32 ? write_tagged(b, (unsigned char)(0xa0 | n), 0, 0)
+            : n < 256 ? write_tagged(b, 0xd9, (uint64_t)n, 1)
+            : n < 65536 ? write_tagged(b, 0xda, (uint64_t)n, 2)
+                        : write_tagged(b, 0xdb, (uint64_t)n, 4);
+    return r < 0 ? -1 : buffer_write(b, text, n);
+}
+
+static int pack_array_header(Buffer *b, Py_ssize_t n) {
+    if (check_item_limit(n, "list") < 0) return -1;
+    if (n < 16) return write_tagged(b, (unsigned char)(0x90 | n), 0, 0);
+    if (n < 65536) return write_tagged(b, 0xdc, (uint64_t)n, 2);
+    return write_tagged(b, 0xdd, (uint64_t)n, 4);
+}
+
+static int pack_map_header(Buffer *b, Py_ssize_t n) {
+    if (check_item_limit(n, "dict") < 0) return -1;
+    if (n < 16) return write_tagged(b, (unsigned char)(0x80 | n), 0, 0);
+    if (n < 65536) return write_tagged(b, 0xde, (uint64_t)n, 2);
+    return write_tagged(b, 0xdf, (uint64_t)n, 4);
+}
+
+/* The header of an extension of `n` payload bytes, as msgpack picks it. */
+static Py_ssize_t ext_header(unsigned char *out, int code, Py_ssize_t n) {
+    unsigned char fixed = n == 1 ? 0xd4 : n == 2 ? 0xd5 : n == 4 ? 0xd6 : n == 8 ? 0xd7 : n == 16 ? 0xd8 : 0;
+    if (fixed) {
+        out[0] = fixed;
+        out[1] = (unsigned char)code;
+        return 2;
+    }
+    int width = n < 256 ? 1 : n < 65536 ? 2 : 4;
+    out[0] = width == 1 ? 0xc7 : width == 2 ? 0xc8 : 0xc9;
+    for (int i = 0; i < width; i++) out[1 + i] = (unsigned char)((uint64_t)n >> (8 * (width - 1 - i)));
+    out[1 + width] = (unsigned char)code;
+    return 2 + width;
+}
+
+static int pack_ext_bytes(Buffer *b, int code, const char *payload, Py_ssize_t n) {
+    unsigned char header[6];
+    if (check_item_limit(n, "EXT data") < 0) return -1;
+    Py_ssize_t h = ext_header(header, code, n);
+    if (buffer_write(b, header, h) < 0) return -1;
+    return buffer_write(b, payload, n);
+}
+
+static int pack_object(Buffer *b, PyObject *o, int depth, int may_default);
+
+/* Pack every item of an iterable as a msgpack array of `n` items. */
+static int pack_items(Buffer *b, PyObject *items, Py_ssize_t n, int depth) {
+    if (pack_array_header(b, n) < 0) return -1;
+    if (PyList_Check(items)) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i >= PyList_GET_SIZE(items)) break; /* the list shrank under a Python default */
+            PyObject *item = PyList_GET_ITEM(items, i);
+            Py_INCREF(item);
+            int r = pack_object(b, item, depth, 1);
+            Py_DECREF(item);
+            if (r < 0) return -1;
+        }
+        if (PyList_GET_SIZE(items) == n) return 0;
+        PyErr_SetString(PyExc_RuntimeError, "list changed size during encoding");
+        return -1;
+    }
+    if (PyTuple_Check(items)) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (pack_object(b, PyTuple_GET_ITEM(items, i), depth, 1) < 0) return -1;
+        return 0;
+    }
+    PyObject *iterator = PyObject_GetIter(items), *item;
+    if (iterator == NULL) return -1;
+    Py_ssize_t packed = 0;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        int r = pack_object(b, item, depth, 1);
+        Py_DECREF(item);
+        if (r < 0) break;
+        packed++;
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) return -1;
+    if (packed != n) {
+        PyErr_SetString(PyExc_RuntimeError, "set changed size during encoding");
+        return -1;
+    }
+    return 0;
+}
+
+/* An extension whose payload is the msgpack array of `items` (a tuple or a set).
+ * The payload is packed in place after the largest header, then moved down
+ * if its real header is shorter: one pass, no second buffer. */
+static int pack_ext_array(Buffer *b, int code, PyObject *items, int depth) {
+    Py_ssize_t n = PyObject_Length(items);
+    if (n < 0) return -1;
+    const Py_ssize_t room = 6;
+    if (buffer_reserve(b, room) < 0) return -1;
+    Py_ssize_t start = b->length;
+    b->length += room;
+    if (pack_items(b, items, n, depth) < 0) return -1;
+    Py_ssize_t size = b->length - start - room;
+    if (check_item_limit(size, "EXT data") < 0) return -1;
+    unsigned char header[6];
+    Py_ssize_t h = ext_header(header, code, size);
+    memmove(b->data + start + h, b->data + start + room, (size_t)size);
+    memcpy(b->data + start, header, (size_t)h);
+    b->length = start + h + size;
+    return 0;
+}
+
+/* 1: packed; 0: its fields are not those of a valid Ref (the Python default decides). */
+static int pack_ref(Buffer *b, PyObject *o) {
+    PyObject *ptr, *kind;
+    if (Py_TYPE(o) == &RefType) {
+        ptr = ((RefObject *)o)->ptr;
+        kind = ((RefObject *)o)->kind;
+        Py_INCREF(ptr);
+        Py_INCREF(kind);
+    } else if ((ptr = PyObject_GetAttr(o, str_ptr)) == NULL) {
+        return -1;
+    } else if ((kind = PyObject_GetAttr(o, str_kind)) == NULL) {
+        Py_DECREF(ptr);
+        return -1;
+    }
+    unsigned long long p = PyLong_Check(ptr) ? PyLong_AsUnsignedLongLong(ptr) : (unsigned long long)-1;
+    unsigned long long k = PyLong_Check(kind) ? PyLong_AsUnsignedLongLong(kind) : (unsigned long long)-1;
+    Py_DECREF(ptr);
+    Py_DECREF(kind);
+    if (PyErr_Occurred()) PyErr_Clear();
+    if (k >= 16 || p == (unsigned long long)-1) return 0;
+    uint64_t word = ((uint64_t)k << REF_KIND_SHIFT) | (uint64_t)p;
+    unsigned char payload[8];
+    for (int i = 0; i < 8; i++) payload[i] = (unsigned char)(word >> (8 * i)); /* little-endian */
+    return pack_ext_bytes(b, EXT_REF, (const char *)payload, 8) < 0 ? -1 : 1;
+}
+
+static int pack_dict(Buffer *b, PyObject *o, int depth) {
+    if (pack_map_header(b, PyDict_GET_SIZE(o)) < 0) return -1;
+    Py_ssize_t position = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(o, &position, &key, &value)) {
+        Py_INCREF(key);
+        Py_INCREF(value);
+        int r = pack_object(b, key, depth, 1) < 0 || pack_object(b, value, depth, 1) < 0 ? -1 : 0;
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (r < 0) return -1;
+    }
+    return 0;
+}
+
+static int pack_memoryview(Buffer *b, PyObject *o) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0) return -1;
+    int r = pack_bin(b, view.buf, view.len);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+/* Hand a type this module does not encode to codec's Python default, then pack what it returns. */
+static int pack_by_default(Buffer *b, PyObject *o, int depth, int may_default) {
+    if (!may_default || default_hook == NULL) {
+        PyErr_Format(PyExc_TypeError, "can not serialize '%.200s' object", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    PyObject *replacement = PyObject_CallOneArg(default_hook, o);
+    if (replacement == NULL) return -1;
+    int r = pack_object(b, replacement, depth, 0);
+    Py_DECREF(replacement);
+    return r;
+}
+
+static int pack_object(Buffer *b, PyObject *o, int depth, int may_default) {
+    if (++depth > PACK_NEST_LIMIT) {
+        PyErr_SetString(PyExc_ValueError, "recursion limit exceeded.");
+        return -1;
+    }
+    PyTypeObject *type = Py_TYPE(o);
+    int r;
+    if (o == Py_None) return write_tagged(b, 0xc0, 0, 0);
+    if (o == Py_True) return write_tagged(b, 0xc3, 0, 0);
+    if (o == Py_False) return write_tagged(b, 0xc2, 0, 0);
+    if (type == &PyLong_Type) {
+        if ((r = pack_int(b, o)) != 0) return r < 0 ? -1 : 0;
+        return pack_by_default(b, o, depth, may_default);
+    }
+    if (type == &PyUnicode_Type) return pack_str(b, o);
+    if (type == &PyFloat_Type) return pack_double(b, PyFloat_AS_DOUBLE(o));
+    if (type == &PyBytes_Type) return pack_bin(b, PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
+    if (type == &PyByteArray_Type) return pack_bin(b, PyByteArray_AS_STRING(o), PyByteArray_GET_SIZE(o));
+    if (type == &PyDict_Type || (PyObject *)type == frozen_dict) return pack_dict(b, o, depth);
+    if (type == &PyList_Type || (PyObject *)type == frozen_list) return pack_items(b, o, PyList_GET_SIZE(o), depth);
+    if (type == &PyTuple_Type) return pack_ext_array(b, EXT_TUPLE, o, depth);
+    if (type == &RefType || (PyObject *)type == ref_type) {
+        if ((r = pack_ref(b, o)) != 0) return r < 0 ? -1 : 0;
+        return pack_by_default(b, o, depth, may_default);
+    }
+    if (type == &PySet_Type || (PyObject *)type == frozen_set) return pack_ext_array(b, EXT_SET, o, depth);
+    if (type == &PyFrozenSet_Type) return pack_ext_array(b, EXT_FROZENSET, o, depth);
+    if ((PyObject *)type == ext_type) {
+        PyObject *code = PyTuple_GET_ITEM(o, 0), *data = PyTuple_GET_ITEM(o, 1);
+        long c = PyLong_AsLong(code);
+        if (c == -1 && PyErr_Occurred()) return -1;
+        if (!PyBytes_Check(data)) {
+            PyErr_SetString(PyExc_TypeError, "ExtType data must be bytes");
+            return -1;
+        }
+        return pack_ext_bytes(b, (int)c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data));
+    }
+    if (PyMemoryView_Check(o)) return pack_memoryview(b, o);
+    return pack_by_default(b, o, depth, may_default);
+}
+
+static PyObject *pack(PyObject *module, PyObject *value) {
+    Buffer b;
+    buffer_init(&b);
+    PyObject *result = NULL;
+    if (pack_object(&b, value, 0, 1) == 0) result = PyBytes_FromStringAndSize(b.data, b.length);
+    buffer_free(&b);
+    return result;
+}
+
+/* ---- unpacking -------------------------------------------------------------------------- */
+
+typedef struct {
+    const unsigned char *at;
+    const unsigned char *end;
+    int frozen;
+    PyObject *ref;      /* ref(ptr, kind) builds what a Ref decodes to; None: a codec.Ref */
+    PyObject *ext_hook; /* ext_hook(code, payload) decodes the extensions left to Python */
+} Reader;
+
+static int truncated(void) {
+    PyErr_SetString(PyExc_ValueError, "encoded value is truncated");
+    return -1;
+}
+
+static int take(Reader *r, Py_ssize_t n, const unsigned char **out) {
+    if (r->end - r->at < n) return truncated();
+    *out = r->at;
+    r->at += n;
+    return 0;
+}
+
+static int take_number(Reader *r, int n, uint64_t *out) {
+    const unsigned char *p;
+    if (take(r, n, &p) < 0) return -1;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    *out = v;
+    return 0;
+}
+
+/* A count of items that each take at least `unit` bytes must fit in what remains. */
+static int check_count(Reader *r, uint64_t count, int unit) {
+    if (count > (uint64_t)(r->end - r->at) / (uint64_t)unit) return truncated();
+    return 0;
+}
+
+static PyObject *read_object(Reader *r, int depth);
+
+static PyObject *read_list(Reader *r, uint64_t n, int depth) {
+    if (check_count(r, n, 1) < 0) return NULL;
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL) return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *item = read_object(r, depth);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
+/* An empty instance of a frozen container type (a subclass of dict or list, no __init__ of its own),
+ * filled afterwards through the C API, which its refusing Python methods do not guard. */
+static PyObject *new_empty(PyObject *type) {
+    PyObject *none = PyTuple_New(0);
+    if (none == NULL) return NULL;
+    PyObject *instance = ((PyTypeObject *)type)->tp_new((PyTypeObject *)type, none, NULL);
+    Py_DECREF(none);
+    return instance;
+}
+
+static PyObject *frozen_list_of(Reader *r, PyObject *plain) {
+    if (!r->frozen || plain == NULL) return plain;
+    PyObject *frozen = new_empty(frozen_list);
+    if (frozen != NULL && PyList_SetSlice(frozen, 0, 0, plain) < 0) Py_CLEAR(frozen);
+    Py_DECREF(plain);
+    return frozen;
+}
+
+static PyObject *read_map(Reader *r, uint64_t n, int depth) {
+    if (check_count(r, n, 2) < 0) return NULL;
+    PyObject *dict = r->frozen ? new_empty(frozen_dict) : PyDict_New();
+    if (dict == NULL) return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *key = read_object(r, depth);
+        if (key == NULL) goto fail;
+        PyObject *value = read_object(r, depth);
+        if (value == NULL) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        int failed = PyDict_SetItem(dict, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (failed) goto fail;
+    }
+    return dict;
+fail:
+    Py_DECREF(dict);
+    return NULL;
+}
+
+static PyObject *read_ref(const unsigned char *payload, Py_ssize_t n, Reader *r) {
+    if (n != 8) {
+        PyErr_SetString(PyExc_ValueError, "a Ref extension holds 8 bytes");
+        return NULL;
+    }
+    uint64_t word = 0;
+    for (int i = 7; i >= 0; i--) word = (word << 8) | payload[i];
+    PyObject *args[2];
+    args[0] = PyLong_FromUnsignedLongLong(word & REF_POINTER_MASK);
+    args[1] = PyLong_FromUnsignedLongLong(word >> REF_KIND_SHIFT);
+    PyObject *result = NULL;
+    if (args[0] != NULL && args[1] != NULL) {
+        if (r->ref != Py_None)
+            result = PyObject_Vectorcall(r->ref, args, 2, NULL);
+        else if (ref_type == (PyObject *)&RefType)
+            result = ref_new_from(args[0], args[1]);
+        else
+            result = PyObject_Vectorcall(ref_type, args, 2, NULL);
+    }
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    return result;
+}
+
+/* The items of an extension whose payload is one msgpack array and nothing more. */
+static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, Reader *outer, int depth) {
+    Reader r = {payload, payload + n, outer->frozen, outer->ref, outer->ext_hook};
+    const unsigned char *tag;
+    if (take(&r, 1, &tag) < 0) return NULL;
+    uint64_t count;
+    if ((*tag & 0xf0) == 0x90) {
+        count = *tag & 0x0f;
+    } else if (*tag == 0xdc || *tag == 0xdd) {
+        if (take_number(&r, *tag == 0xdc ? 2 : 4, &count) < 0) return NULL;
+    } else {
+        PyErr_SetString(PyExc_ValueError, "a tuple or set extension does not hold an array");
+        return NULL;
+    }
+    PyObject *items = read_list(&r, count, depth);
+    if (items != NULL && r.at != r.end) {
+        Py_DECREF(items);
+        PyErr_SetString(PyExc_ValueError, "extra data after an extension's array");
+        return NULL;
+    }
+    return items;
+}
+
+static PyObject *read_ext(Reader *r, int code, Py_ssize_t n, int depth) {
+    const unsigned char *payload;
+    if (take(r, n, &payload) < 0) return NULL;
+    if (code == EXT_REF) return read_ref(payload, n, r);
+    if (code == EXT_TUPLE || code == EXT_SET || code == EXT_FROZENSET) {
+        PyObject *items = read_payload_items(payload, n, r, depth), *result;
+        if (items == NULL) return NULL;
+        if (code == EXT_TUPLE)
+            result = PyList_AsTuple(items);
+        else if (r->frozen)
+            result = PyObject_CallOneArg(frozen_set, items);
+        else
+            result = code == EXT_SET ? PySet_New(items) : PyFrozenSet_New(items);
+        Py_DECREF(items);
+        return result;
+    }
+    return PyObject_CallFunction(r->ext_hook, "iy#", code, (const char *)payload, n);
+}
+
+static PyObject *read_sized(Reader *r, unsigned char tag, int depth) {
+    uint64_t n;
+    static const int widths[] = {1, 2, 4};
+    const unsigned char *p = NULL;
+    if (tag >= 0xc4 && tag <= 0xc6) { /* bin 8/16/32 */
+        if (take_number(r, widths[tag - 0xc4], &n) < 0 || take(r, (Py_ssize_t)n, &p) < 0) return NULL;
+        return PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+    }
+    if (tag >= 0xd9 && tag <= 0xdb) { /* str 8/16/32 */
+        if (take_number(r, widths[tag - 0xd9], &n) < 0 || take(r, (Py_ssize_t)n, &p) < 0) return NULL;
+        return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, NULL);
+    }
+    if (tag >= 0xc7 && tag <= 0xc9) { /* ext 8/16/32 */
+        if (take_number(r, widths[tag - 0xc7], &n) < 0 || take(r, 1, &p) < 0) return NULL;
+        return read_ext(r, (int)(signed char)p[0], (Py_ssize_t)n, depth);
+    }
+    if (tag >= 0xd4 && tag <= 0xd8) { /* fixext 1/2/4/8/16 */
+        if (take(r, 1, &p) < 0) return NULL;
+        return read_ext(r, (int)(signed char)p[0], (Py_ssize_t)1 << (tag - 0xd4), depth);
+    }
+    if (tag == 0xdc || tag == 0xdd) {
+        if (take_number(r, tag == 0xdc ? 2 : 4, &n) < 0) return NULL;
+        return frozen_list_of(r, read_list(r, n, depth));
+    }
+    if (tag == 0xde || tag == 0xdf) {
+        if (take_number(r, tag == 0xde ? 2 : 4, &n) < 0) return NULL;
+        return read_map(r, n, depth);
+    }
+    PyErr_Format(PyExc_ValueError, "byte 0x%02x does not start a msgpack value", tag);
+    return NULL;
+}
+
+static PyObject *read_number(Reader *r, unsigned char tag) {
+    uint64_t v;
+    if (tag >= 0xcc && tag <= 0xcf) { /* uint 8/16/32/64 */
+        if (take_number(r, 1 << (tag - 0xcc), &v) < 0) return NULL;
+        return PyLong_FromUnsignedLongLong(v);
+    }
+    if (tag >= 0xd0 && tag <= 0xd3) { /* int 8/16/32/64 */
+        int n = 1 << (tag - 0xd0);
+        if (take_number(r, n, &v) < 0) return NULL;
+        if (n < 8 && (v >> (8 * n - 1)) & 1) v |= ~UINT64_C(0) << (8 * n); /* sign-extend */
+        return PyLong_FromLongLong((long long)(int64_t)v);
+    }
+    if (tag == 0xca) {
+        if (take_number(r, 4, &v) < 0) return NULL;
+        uint32_t bits = (uint32_t)v;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return PyFloat_FromDouble((double)f);
+    }
+    if (take_number(r, 8, &v) < 0) return NULL; /* 0xcb float 64 */
+    double d;
+    memcpy(&d, &v, sizeof d);
+    return PyFloat_FromDouble(d);
+}
+
+static PyObject *read_object(Reader *r, int depth) {
+    if (++depth > UNPACK_NEST_LIMIT) {
+        PyErr_SetString(PyExc_ValueError, "encoded value nests too deeply");
+        return NULL;
+    }
+    const unsigned char *p;
+    if (take(r, 1, &p) < 0) return NULL;
+    unsigned char tag = *p;
+    if (tag < 0x80) return PyLong_FromLong(tag);
+    if (tag >= 0xe0) return PyLong_FromLong((long)(signed char)tag);
+    if (tag < 0x90) return read_map(r, tag & 0x0f, depth);
+    if (tag < 0xa0) return frozen_list_of(r, read_list(r, tag & 0x0f, depth));
+    if (tag < 0xc0) {
+        Py_ssize_t n = tag & 0x1f;
+        if (take(r, n, &p) < 0) return NULL;
+        return PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+    }
+    if (tag == 0xc0) Py_RETURN_NONE;
+    if (tag == 0xc2) Py_RETURN_FALSE;
+    if (tag == 0xc3) Py_RETURN_TRUE;
+    if ((tag >= 0xca && tag <= 0xd3)) return read_number(r, tag);
+    return read_sized(r, tag, depth);
+}
+
+static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "unpack(data, frozen, ref, ext_hook) takes 4 arguments");
+        return NULL;
+    }
+    if (ref_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ccodec.configure() was not called");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    int frozen = PyObject_IsTrue(args[1]);
+    Reader r = {view.buf, (const unsigned char *)view.buf + view.len, frozen, args[2], args[3]};
+    PyObject *result = frozen < 0 ? NULL : read_object(&r, 0);
+    if (result != NULL && r.at != r.end) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "extra data after the encoded value");
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* ---- the module ------------------------------------------------------------------------- */
+
+static PyObject *configure(PyObject *module, PyObject *args) {
+    PyObject *refs, *fdict, *flist, *fset, *ext, *hook;
+    if (!PyArg_ParseTuple(args, "OOOOOO:configure", &refs, &fdict, &flist, &fset, &ext, &hook)) return NULL;
+    PyObject **slots[] = {&ref_type, &frozen_dict, &frozen_list, &frozen_set, &ext_type, &default_hook};
+    PyObject *values[] = {refs, fdict, flist, fset, ext, hook};
+    for (int i = 0; i < 6; i++) {
+        Py_INCREF(values[i]);
+        Py_XSETREF(*slots[i], values[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(Ref, FrozenDict, FrozenList, FrozenSet, ExtType, default): the types codec.py defines"},
+    {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
+    {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
+     "unpack(data, frozen, ref, ext_hook): codec.unpack_python, compiled"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "protobase.core.ccodec", "The compiled twin of codec.py's packing.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit_ccodec(void) {
+    str_ptr = PyUnicode_InternFromString("ptr");
+    str_kind = PyUnicode_InternFromString("kind");
+    if (str_ptr == NULL || str_kind == NULL || PyType_Ready(&RefType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL) return NULL;
+    Py_INCREF(&RefType);
+    if (PyModule_AddObject(module, "Ref", (PyObject *)&RefType) < 0) {
+        Py_DECREF(&RefType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

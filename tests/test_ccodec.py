@@ -1,0 +1,192 @@
+"""The compiled codec (protobase/core/ccodec.c) against its pure-Python oracle (codec.py).
+
+Byte identity on generated values, the same decoded values (types included)
+on generated encodings, and on damaged bytes the compiled decoder either
+refuses them or agrees with the oracle: it never accepts what it cannot read
+and never crashes the process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protobase import native
+from protobase.core import codec
+from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet
+from protobase.errors import CorruptionError, EncodingError
+
+if codec.COMPILED:
+    from protobase.core import ccodec
+needs_compiled = pytest.mark.skipif(not codec.COMPILED, reason="the compiled core is not loaded (see the test below)")
+
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 80), max_value=1 << 80),
+    st.sampled_from([0, 127, 128, 255, 256, 65535, 65536, -32, -33, -128, -129, -32768, -32769, 1 << 63, -(1 << 63)]),
+    st.sampled_from([(1 << 32) - 1, 1 << 32, (1 << 64) - 1, 1 << 64, -(1 << 31), -(1 << 31) - 1]),
+    st.floats(allow_nan=False),
+    st.text(max_size=40),
+    st.text(min_size=250, max_size=300),
+    st.binary(max_size=40),
+    st.sampled_from([b"x" * 255, b"x" * 256, b"y" * 70000, "z" * 70000, "é" * 20]),
+    st.datetimes(),
+    st.dates(),
+    st.decimals(allow_nan=False),
+    st.uuids(),
+    st.builds(codec.Ref, st.integers(min_value=0, max_value=(1 << 60) - 1), st.integers(min_value=0, max_value=15)),
+)
+hashable = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10), st.binary(max_size=5)),
+    lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.lists(children, max_size=20),
+        st.dictionaries(hashable, children, max_size=20),
+        st.lists(children, max_size=5).map(tuple),
+        st.sets(hashable, max_size=8),
+        st.frozensets(hashable, max_size=8),
+        st.lists(children, max_size=5).map(FrozenList),
+        st.dictionaries(st.text(max_size=5), children, max_size=5).map(FrozenDict),
+        st.sets(hashable, max_size=5).map(FrozenSet),
+    )
+
+
+values = st.recursive(scalars, containers, max_leaves=60)
+
+
+def typed(value: Any) -> Any:
+    """`value` as a tree that compares types too (1, 1.0 and True differ; so do list and FrozenList)."""
+    if isinstance(value, dict):
+        return (type(value), sorted((repr(typed(k)), typed(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), [typed(item) for item in value])
+    if isinstance(value, (set, frozenset)):
+        return (type(value), sorted(repr(typed(item)) for item in value))
+    if isinstance(value, float) and math.isnan(value):
+        return (float, "nan")
+    if isinstance(value, codec.Ref):
+        return (codec.Ref, value.ptr, value.kind)
+    return (type(value), value)
+
+
+def test_the_compiled_core_is_built() -> None:
+    if native.PURE_PYTHON:
+        pytest.skip("PROTOBASE_PURE_PYTHON=1 chose the pure-Python modules")
+    assert codec.COMPILED, f"protobase.core.ccodec is not built: {native.BUILD_HINT}"
+
+
+@needs_compiled
+@SETTINGS
+@given(values)
+def test_compiled_pack_writes_the_bytes_of_the_oracle(value: Any) -> None:
+    assert ccodec.pack(value) == codec.pack_python(value)
+
+
+@needs_compiled
+@SETTINGS
+@given(values, st.booleans())
+def test_compiled_unpack_reads_what_the_oracle_reads(value: Any, frozen: bool) -> None:
+    data = codec.pack_python(value)
+    expected = codec.unpack_python(data, frozen, None, False)
+    assert typed(codec.unpack(data, frozen, None, False)) == typed(expected)
+    assert typed(codec.unpack(memoryview(data), frozen, None, False)) == typed(expected)
+
+
+@needs_compiled
+@SETTINGS
+@given(values, st.data())
+def test_damaged_bytes_are_refused_or_read_as_the_oracle_reads_them(value: Any, data: st.DataObject) -> None:
+    encoded = bytearray(codec.pack_python([value, value]))
+    cut = data.draw(st.integers(min_value=0, max_value=len(encoded)))
+    if data.draw(st.booleans()):
+        damaged = bytes(encoded[:cut])  # truncated
+    else:
+        encoded[min(cut, len(encoded) - 1)] = data.draw(st.integers(min_value=0, max_value=255))
+        damaged = bytes(encoded)
+    try:
+        compiled = codec.decode(damaged)
+    except (CorruptionError, EncodingError):
+        return  # refusing is always allowed: a stricter reader never stores what it misread
+    assert typed(compiled) == typed(codec.unpack_python(damaged, True, None, False))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xdd\xff\xff\xff\xff",  # an array claiming 4 billion items in 5 bytes
+        b"\xdf\xff\xff\xff\xff\x01",  # a map likewise
+        b"\xc6\xff\xff\xff\xff",  # bin longer than the buffer
+        b"\xdb\x00\x00\x00\x05ab",  # str longer than the buffer
+        b"\xc1",  # the byte msgpack never uses
+        b"\x91" * 5000 + b"\xc0",  # nesting far past any stored value
+        b"\xd7\x01" + b"\x00" * 7,  # a Ref cut short
+        b"\xd6\x01\x00\x00\x00\x00",  # a Ref of 4 bytes
+        b"\xd4\x02\x05",  # a tuple whose payload is not an array
+        b"\xc7\x02\x02\x90\xc0",  # a tuple with bytes after its array
+        b"\x81\x90\xc0",  # an unhashable map key
+        b"\xa2\xff\xfe",  # text that is not UTF-8
+        b"\xc0\xc0",  # bytes after the value
+        b"",
+    ],
+)
+def test_malformed_bytes_are_a_corruption_error(data: bytes) -> None:
+    with pytest.raises(CorruptionError):
+        codec.decode(data)
+
+
+def test_a_ref_decodes_through_the_callers_function() -> None:
+    data = codec.pack([codec.Ref(0x1234, 5), codec.Ref((1 << 60) - 1, 15)])
+    assert codec.decode(data, ref=lambda ptr, kind: ("ref", ptr, kind)) == [
+        ("ref", 0x1234, 5),
+        ("ref", (1 << 60) - 1, 15),
+    ]
+
+
+def test_rare_types_round_trip_through_the_python_hooks() -> None:
+    value = {
+        "when": dt.datetime(2026, 12, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "day": dt.date(2026, 12, 2),
+        "price": Decimal("-1.50"),
+        "id": uuid.UUID(int=7),
+        "big": -(1 << 100),
+    }
+    data = codec.pack(value)
+    assert data == codec.pack_python(value)
+    assert codec.decode(data, frozen=False) == value
+
+
+def test_what_neither_can_encode_is_an_encoding_error_naming_the_path() -> None:
+    with pytest.raises(EncodingError, match=r"type object at root\['x'\]\[1\]"):
+        codec.encode({"x": [1, object()]})
+    with pytest.raises(EncodingError, match="Unicode"):
+        codec.encode(["\ud800"])
+
+
+@needs_compiled
+def test_the_pure_python_switch_is_inherited_by_child_processes() -> None:
+    import subprocess
+    import sys
+
+    probe = "from protobase.core import codec; print(codec.COMPILED)"
+    environment = dict(os.environ, PROTOBASE_PURE_PYTHON="1")
+    pure = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    environment.pop("PROTOBASE_PURE_PYTHON")
+    built = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
+    assert (pure.stdout.strip(), built.stdout.strip()) == ("False", "True")
+    assert pure.stderr == built.stderr == ""  # choosing the fallback on purpose warns of nothing
