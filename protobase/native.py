@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 
@@ -35,6 +36,8 @@ BUILD_HINT = (
 
 def load(name: str) -> ModuleType | None:
     """The compiled module `name`, or None when this process runs the pure-Python original."""
+    if name in _loaded:  # asked before (one compiled module may serve several Python ones): decided, warned
+        return sys.modules[name] if _loaded[name] else None
     if PURE_PYTHON:
         _loaded[name] = False
         return None

@@ -1,13 +1,16 @@
-"""The compiled codec (protobase/core/ccodec.c) against its pure-Python oracle (codec.py).
+"""The compiled core (protobase/core/ccodec.c) against its pure-Python oracles (codec.py, frozen.py).
 
 Byte identity on generated values, the same decoded values (types included)
 on generated encodings, and on damaged bytes the compiled decoder either
 refuses them or agrees with the oracle: it never accepts what it cannot read
-and never crashes the process.
+and never crashes the process. `storable` (the fast path of a client's
+checks) only vouches for what the Python checks accept; `freeze` copies as
+frozen.freeze_python does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -20,7 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protobase import native
+from protobase.client import writeset
 from protobase.core import codec
+from protobase.core import frozen as frozen_module
 from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet
 from protobase.errors import CorruptionError, EncodingError
 
@@ -190,3 +195,94 @@ def test_the_pure_python_switch_is_inherited_by_child_processes() -> None:
     built = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True)
     assert (pure.stdout.strip(), built.stdout.strip()) == ("False", "True")
     assert pure.stderr == built.stderr == ""  # choosing the fallback on purpose warns of nothing
+
+
+def accepted_by_python(value: Any, path: tuple[Any, ...]) -> bool:
+    """Whether the pure-Python checks of a client's write (codec.validate and the key checks) accept `value`."""
+    try:
+        validate_python(value, path)
+    except EncodingError:
+        return False
+    return True
+
+
+def validate_python(value: Any, path: tuple[Any, ...]) -> None:
+    codec.validate(value, path)
+    writeset.check_keys(value, path)
+
+
+@needs_compiled
+@SETTINGS
+@given(values, st.integers(min_value=0, max_value=100))
+def test_storable_only_vouches_for_what_the_python_checks_accept(value: Any, depth: int) -> None:
+    path = ("k",) * depth
+    if ccodec.storable(value, depth):
+        assert accepted_by_python(value, path)
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"id": 5, "name": "Zoë", "tags": ["a", "b"], "at": dt.datetime(2026, 1, 1), "score": 1.5},
+        {(1, "a"): {2, 3.5, "x", (None, b"y")}, None: [uuid.UUID(int=1), dt.date(2026, 1, 1), Decimal("1.5")]},
+        [[[[[]]]]],
+        {"ok": frozenset({1, 2}), "also": FrozenDict(a=FrozenList([1]))},
+    ],
+)
+def test_storable_vouches_for_plain_data(value: Any) -> None:
+    assert ccodec.storable(value, 2)
+    assert accepted_by_python(value, ("users", "k"))
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+looped: list[Any] = []
+looped.append(looped)
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["\ud800"],  # a lone surrogate
+        {float("nan"): 1},  # a key that is not equal to itself
+        {Decimal("1"): 1},  # Decimal keys: Python decides (a NaN is refused)
+        {"x": {frozenset({1})}},  # a set element that is not a key type
+        {"x": {b"a": object()}},  # a type nobody stores
+        nested(200),  # deeper than MAX_DEPTH
+        looped,  # a list that holds itself
+        {"x": codec.Ref(1, 1)},  # internal references: the Python checks decide
+    ],
+)
+def test_storable_leaves_the_doubtful_to_the_python_checks(value: Any) -> None:
+    assert not ccodec.storable(value, 2)
+
+
+@needs_compiled
+@SETTINGS
+@given(values)
+def test_compiled_freeze_copies_as_the_oracle_does(value: Any) -> None:
+    assert typed(ccodec.freeze(value)) == typed(frozen_module.freeze_python(value))
+
+
+@needs_compiled
+def test_compiled_freeze_copies_deeply_and_hands_dataclasses_to_python() -> None:
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: list[int]
+
+    codec.register_dataclass(Point, name="tests.test_ccodec.Point")
+    original = {"a": [1, {"b": {2}}], "p": Point(1, [2])}
+    frozen = ccodec.freeze(original)
+    original["a"][1]["b"].add(3)  # type: ignore[index, union-attr]
+    original["p"].y.append(3)  # type: ignore[union-attr]
+    assert type(frozen) is FrozenDict and type(frozen["a"]) is FrozenList and type(frozen["a"][1]["b"]) is FrozenSet
+    assert frozen["a"][1]["b"] == {2} and list(frozen["p"].y) == [2]
+    assert frozen == frozen_module.freeze_python({"a": [1, {"b": {2}}], "p": Point(1, [2])})

@@ -34,18 +34,21 @@ INDEX_OP = object()  # first element of the `ops` key of an index operation
 
 def validate(value: Any, path: tuple[Any, ...]) -> None:
     """Raise EncodingError, naming `path`, unless `value` can be stored (its keys included)."""
+    if codec.storable(value, len(path)):
+        return  # plain data, checked by the compiled core in one walk
     codec.validate(value, path)
-    _check_keys(value, path)
+    check_keys(value, path)
 
 
-def _check_keys(value: Any, path: tuple[Any, ...]) -> None:
+def check_keys(value: Any, path: tuple[Any, ...]) -> None:
+    """Raise EncodingError unless every dict key and set element in `value` may be a stored key."""
     if isinstance(value, dict):
         for key, item in value.items():
             check_key(key, path + (key,))
-            _check_keys(item, path + (key,))
+            check_keys(item, path + (key,))
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_keys(item, path + (index,))
+            check_keys(item, path + (index,))
     elif isinstance(value, (set, frozenset)):
         for item in value:
             check_key(item, path)

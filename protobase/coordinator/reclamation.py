@@ -78,12 +78,14 @@ class Reclamation:
         """
         threshold = max(self.live_after_compaction, self.compact_min_bytes)
         allocated = self.arena.allocated_bytes
-        if (
-            allocated - self.allocated_at_compaction <= threshold
-            or allocated < self.next_compaction_attempt
-            or self.retired
-        ):
+        if allocated - self.allocated_at_compaction <= threshold or allocated < self.next_compaction_attempt:
             return
+        if self.retired:
+            # The readers may have let go since: do not wait for the housekeeping tick, or
+            # commits fast enough to outrun it pile up garbage past every bound.
+            self.release_retired()
+            if self.retired:
+                return
         try:
             self.compact()
         except Exception as error:  # the commit is applied and queued: its client gets "ok", whatever happens here

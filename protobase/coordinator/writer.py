@@ -149,7 +149,9 @@ class Writer:
         self.inline_bytes = settings.inline_bytes  # longer str/bytes get their own atom
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
-        self.key_memo = codec.KeyMemo()  # encodings of index entries, which every copy of their node repeats
+        # Encodings of index entries, which every copy of their node repeats; the compiled packer
+        # encodes a tuple faster than a memo finds it.
+        self.key_memo = None if codec.COMPILED else codec.KeyMemo()
         self.discarded_bytes = 0  # bytes of atoms that later roots no longer use (an estimate: see retire)
 
     def retire(self, ptr: int) -> None:
@@ -380,7 +382,7 @@ class Writer:
         return self._flush_tree(root)
 
     def _flush_tree(self, root: Node | int) -> int:
-        return self.access.flush(root, self._write_node, self.write_value)
+        return self.access.flush(root, self._write_node, self.write_value, _STORED_AS_IS)
 
     def flat_pointer(self, value: Any) -> int | None:
         """Where the last flush stored `value`, if it became exactly one VALUE atom."""

@@ -27,6 +27,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* Extension codes: codec.py's EXT_* constants. */
@@ -42,13 +43,16 @@
 #define PACK_NEST_LIMIT 511
 #define UNPACK_NEST_LIMIT 1024
 
-/* Set once by configure(); strong references kept for the life of the process. */
-static PyObject *ref_type;       /* codec.Ref */
-static PyObject *frozen_dict;    /* frozen.FrozenDict */
-static PyObject *frozen_list;    /* frozen.FrozenList */
-static PyObject *frozen_set;     /* frozen.FrozenSet */
-static PyObject *ext_type;       /* msgpack.ExtType */
-static PyObject *default_hook;   /* codec's encoder of the types handled in Python */
+/* Set by configure() (codec.py) and configure_frozen() (frozen.py); strong references kept for the
+ * life of the process. */
+static PyObject *ref_type;     /* codec.Ref (the compiled one, unless PROTOBASE_PURE_PYTHON) */
+static PyObject *frozen_dict;  /* frozen.FrozenDict */
+static PyObject *frozen_list;  /* frozen.FrozenList */
+static PyObject *frozen_set;   /* frozen.FrozenSet */
+static PyObject *ext_type;     /* msgpack.ExtType */
+static PyObject *default_hook; /* codec's encoder of the types handled in Python */
+static PyObject *freeze_hook;  /* frozen.freeze_python, for whatever freeze() does not copy itself */
+static PyObject *decimal_type, *uuid_type, *datetime_type, *date_type; /* scalars of the stdlib */
 static PyObject *str_ptr, *str_kind;
 
 /* ---- Ref: a reference to a value stored in its own atom (codec.Ref, compiled) ------------- */
@@ -728,23 +732,180 @@ static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/* ---- storable: the fast path of codec.validate and the client's key checks ---------------- */
+
+/* codec.MAX_DEPTH, less a margin: a container this deep is left to the Python checks. */
+#define STORABLE_DEPTH 95
+
+static int text_ok(PyObject *text) {
+    if (PyUnicode_IS_ASCII(text)) return 1;
+    if (PyUnicode_AsUTF8AndSize(text, NULL) != NULL) return 1;
+    PyErr_Clear(); /* a lone surrogate: codec.validate names it */
+    return 0;
+}
+
+/* 1 if keyorder.check_key accepts `key`; 0 if it might not (Decimal keys: a NaN is refused). */
+static int key_ok(PyObject *key, int depth) {
+    PyTypeObject *type = Py_TYPE(key);
+    if (key == Py_None || key == Py_True || key == Py_False || type == &PyLong_Type || type == &PyBytes_Type)
+        return 1;
+    if (type == &PyFloat_Type) return !isnan(PyFloat_AS_DOUBLE(key));
+    if (type == &PyUnicode_Type) return text_ok(key);
+    PyObject *t = (PyObject *)type;
+    if (t == datetime_type || t == date_type || t == uuid_type) return 1;
+    if (type == &PyTuple_Type && depth < STORABLE_DEPTH) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(key); i++)
+            if (!key_ok(PyTuple_GET_ITEM(key, i), depth + 1)) return 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* 1 if codec.validate and the client's key checks accept `value` at `depth` keys below the root;
+ * 0 if they might not (or if it is not plain data: dataclasses, wrappers), for Python to decide. */
+static int value_ok(PyObject *value, int depth) {
+    PyTypeObject *type = Py_TYPE(value);
+    PyObject *t = (PyObject *)type;
+    if (value == Py_None || value == Py_True || value == Py_False || type == &PyLong_Type ||
+        type == &PyFloat_Type || type == &PyBytes_Type || type == &PyByteArray_Type || t == decimal_type ||
+        t == uuid_type || t == datetime_type || t == date_type)
+        return 1;
+    if (type == &PyUnicode_Type) return text_ok(value);
+    if (depth >= STORABLE_DEPTH) return 0; /* too deep, or a value that holds itself */
+    if (type == &PyDict_Type || t == frozen_dict) {
+        Py_ssize_t position = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(value, &position, &k, &v))
+            if (!key_ok(k, depth + 1) || !value_ok(v, depth + 1)) return 0;
+        return 1;
+    }
+    if (type == &PyList_Type || t == frozen_list) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++)
+            if (!value_ok(PyList_GET_ITEM(value, i), depth + 1)) return 0;
+        return 1;
+    }
+    if (type == &PyTuple_Type) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(value); i++)
+            if (!value_ok(PyTuple_GET_ITEM(value, i), depth + 1)) return 0;
+        return 1;
+    }
+    if (type == &PySet_Type || type == &PyFrozenSet_Type || t == frozen_set) {
+        PyObject *iterator = PyObject_GetIter(value), *item;
+        int ok = iterator != NULL;
+        while (ok && (item = PyIter_Next(iterator)) != NULL) {
+            ok = key_ok(item, depth + 1);
+            Py_DECREF(item);
+        }
+        Py_XDECREF(iterator);
+        if (PyErr_Occurred()) PyErr_Clear();
+        return ok;
+    }
+    return 0;
+}
+
+static PyObject *storable(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "storable(value, depth) takes a value and an int");
+        return NULL;
+    }
+    if (decimal_type == NULL) Py_RETURN_FALSE; /* not configured: let Python decide */
+    long depth = PyLong_AsLong(args[1]);
+    if (depth == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(depth >= 0 && depth < STORABLE_DEPTH && value_ok(args[0], (int)depth));
+}
+
+/* ---- freeze: frozen.freeze_python, compiled ---------------------------------------------- */
+
+static PyObject *new_empty(PyObject *type);
+
+static PyObject *freeze_object(PyObject *value, int depth) {
+    PyTypeObject *type = Py_TYPE(value);
+    PyObject *t = (PyObject *)type;
+    if (value == Py_None || value == Py_True || value == Py_False || type == &PyLong_Type ||
+        type == &PyFloat_Type || type == &PyUnicode_Type || type == &PyBytes_Type || t == decimal_type ||
+        t == uuid_type || t == datetime_type || t == date_type) {
+        Py_INCREF(value);
+        return value;
+    }
+    if (++depth > UNPACK_NEST_LIMIT) {
+        PyErr_SetString(PyExc_RecursionError, "maximum recursion depth exceeded while freezing a value");
+        return NULL;
+    }
+    if (type == &PyDict_Type || t == frozen_dict) {
+        PyObject *copy = new_empty(frozen_dict), *k, *v;
+        Py_ssize_t position = 0;
+        while (copy != NULL && PyDict_Next(value, &position, &k, &v)) {
+            PyObject *frozen = freeze_object(v, depth);
+            if (frozen == NULL || PyDict_SetItem(copy, k, frozen) < 0) Py_CLEAR(copy);
+            Py_XDECREF(frozen);
+        }
+        return copy;
+    }
+    if (type == &PyList_Type || t == frozen_list || type == &PyTuple_Type) {
+        int is_tuple = type == &PyTuple_Type;
+        Py_ssize_t n = Py_SIZE(value);
+        PyObject *items = is_tuple ? PyTuple_New(n) : PyList_New(n);
+        for (Py_ssize_t i = 0; items != NULL && i < n; i++) {
+            PyObject *frozen = freeze_object(is_tuple ? PyTuple_GET_ITEM(value, i) : PyList_GET_ITEM(value, i), depth);
+            if (frozen == NULL) {
+                Py_CLEAR(items);
+            } else if (is_tuple) {
+                PyTuple_SET_ITEM(items, i, frozen);
+            } else {
+                PyList_SET_ITEM(items, i, frozen);
+            }
+        }
+        if (is_tuple || items == NULL) return items;
+        PyObject *copy = new_empty(frozen_list);
+        if (copy != NULL && PyList_SetSlice(copy, 0, 0, items) < 0) Py_CLEAR(copy);
+        Py_DECREF(items);
+        return copy;
+    }
+    if (type == &PySet_Type || type == &PyFrozenSet_Type || t == frozen_set) return PyObject_CallOneArg(frozen_set, value);
+    return PyObject_CallOneArg(freeze_hook, value); /* dataclasses, wrappers, other scalars: Python's rules */
+}
+
+static PyObject *freeze(PyObject *module, PyObject *value) {
+    if (freeze_hook == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ccodec.configure_frozen() was not called");
+        return NULL;
+    }
+    return freeze_object(value, 0);
+}
+
 /* ---- the module ------------------------------------------------------------------------- */
 
-static PyObject *configure(PyObject *module, PyObject *args) {
-    PyObject *refs, *fdict, *flist, *fset, *ext, *hook;
-    if (!PyArg_ParseTuple(args, "OOOOOO:configure", &refs, &fdict, &flist, &fset, &ext, &hook)) return NULL;
-    PyObject **slots[] = {&ref_type, &frozen_dict, &frozen_list, &frozen_set, &ext_type, &default_hook};
-    PyObject *values[] = {refs, fdict, flist, fset, ext, hook};
-    for (int i = 0; i < 6; i++) {
+/* Keep strong references to the objects passed, in the static slots given. */
+static PyObject *keep(PyObject *args, const char *format, PyObject **slots[], int n) {
+    PyObject *values[8];
+    if (!PyArg_ParseTuple(args, format, &values[0], &values[1], &values[2], &values[3], &values[4], &values[5],
+                          &values[6], &values[7]))
+        return NULL;
+    for (int i = 0; i < n; i++) {
         Py_INCREF(values[i]);
         Py_XSETREF(*slots[i], values[i]);
     }
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_frozen(PyObject *module, PyObject *args) {
+    PyObject **slots[] = {&frozen_dict, &frozen_list, &frozen_set, &freeze_hook};
+    return keep(args, "OOOO|OOOO:configure_frozen", slots, 4);
+}
+
+static PyObject *configure(PyObject *module, PyObject *args) {
+    PyObject **slots[] = {&ref_type, &ext_type, &default_hook, &decimal_type, &uuid_type, &datetime_type, &date_type};
+    return keep(args, "OOOOOOO|O:configure", slots, 7);
+}
+
 static PyMethodDef methods[] = {
+    {"configure_frozen", configure_frozen, METH_VARARGS,
+     "configure_frozen(FrozenDict, FrozenList, FrozenSet, freeze_python): the types frozen.py defines"},
+    {"storable", (PyCFunction)(void (*)(void))storable, METH_FASTCALL,
+     "storable(value, depth) -> bool: True only if codec.validate and the key checks accept value"},
+    {"freeze", freeze, METH_O, "freeze(value): frozen.freeze_python, compiled"},
     {"configure", configure, METH_VARARGS,
-     "configure(Ref, FrozenDict, FrozenList, FrozenSet, ExtType, default): the types codec.py defines"},
+     "configure(Ref, ExtType, default, Decimal, UUID, datetime, date): what codec.py defines and uses"},
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
     {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
      "unpack(data, frozen, ref, ext_hook): codec.unpack_python, compiled"},

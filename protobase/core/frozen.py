@@ -11,7 +11,8 @@ The decoded objects live in the per-process `AtomObjectCache` and are shared
 by every snapshot of the process, so nothing a user does through the public
 methods may change them.
 
-`thaw` makes a deep plain mutable copy of any of them (and of tree views and
+`freeze` makes a deep read-only copy of a plain value (compiled in
+ccodec.c, `freeze_python` here); `thaw` makes a deep plain mutable copy of any of them (and of tree views and
 transaction wrappers); `json_default` is the `default=` that lets json.dumps
 write them.
 
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from typing import Any, NoReturn
 
+from protobase import native
 from protobase.errors import ReadOnlyError
 from protobase.keyorder import is_key, order_key
 from protobase.query.results import Queryable
@@ -38,6 +40,7 @@ __all__ = [
     "FrozenList",
     "FrozenSet",
     "freeze",
+    "freeze_python",
     "thaw",
     "json_default",
     "READ_ONLY_HINT",
@@ -245,19 +248,27 @@ def json_default(value: Any) -> Any:
     )
 
 
-def freeze(value: Any) -> Any:
-    """A deep read-only copy of a plain value, as a snapshot would decode it."""
+def freeze_python(value: Any) -> Any:
+    """A deep read-only copy of a plain value, as a snapshot would decode it: the oracle of ccodec.freeze."""
     kind = type(value)
     if isinstance(value, dict):
-        return FrozenDict({key: freeze(item) for key, item in value.items()})
+        return FrozenDict({key: freeze_python(item) for key, item in value.items()})
     if isinstance(value, list):
-        return FrozenList(freeze(item) for item in value)
+        return FrozenList(freeze_python(item) for item in value)
     if isinstance(value, (set, frozenset)):
         return FrozenSet(value)
     if kind is tuple:
-        return tuple(freeze(item) for item in value)
+        return tuple(freeze_python(item) for item in value)
     if is_dataclass_instance(value):  # a copy: the caller keeps its own instance, and may change it
         cls = read_only_dataclass(plain_dataclass(kind))
-        return dataclass_copy(cls, {name: freeze(item) for name, item in dataclass_fields(value).items()})
+        return dataclass_copy(cls, {name: freeze_python(item) for name, item in dataclass_fields(value).items()})
     plain = getattr(value, "_protobase_plain_", None)  # transaction wrappers, tree views
-    return freeze(plain()) if plain is not None else value
+    return freeze_python(plain()) if plain is not None else value
+
+
+_compiled = native.load("protobase.core.ccodec")
+if _compiled is not None:
+    _compiled.configure_frozen(FrozenDict, FrozenList, FrozenSet, freeze_python)
+    freeze: Callable[[Any], Any] = _compiled.freeze  # copies plain data in C, hands the rest to freeze_python
+else:
+    freeze = freeze_python

@@ -326,11 +326,19 @@ class TreeWriter(TreeAccess):
 
     # -- writing ------------------------------------------------------------------
 
-    def flush(self, node: Slot, write_node: Callable[[Node], int], write_value: Callable[[Any], Any]) -> int:
+    def flush(
+        self,
+        node: Slot,
+        write_node: Callable[[Node], int],
+        write_value: Callable[[Any], Any],
+        stored: frozenset[type] = frozenset(),
+    ) -> int:
         """Write every dirty node under `node` bottom-up; return the root's pointer.
 
         `write_node(node)` appends a node whose children are pointers and returns
-        its pointer; `write_value(v)` turns a leaf value into a scalar or Ref.
+        its pointer; `write_value(v)` turns a leaf value into a scalar or Ref,
+        and is not called for values of the `stored` types, which are already
+        in their stored form (a copied leaf holds one new value among 63 Refs).
         An empty tree is the null pointer 0.
         """
         if type(node) is not Node:
@@ -341,9 +349,11 @@ class TreeWriter(TreeAccess):
             return 0
         if node.sizes is None:
             if node.values is not None:
-                node.values = [write_value(v) for v in node.values]
+                node.values = [v if type(v) in stored else write_value(v) for v in node.values]
         else:
             assert node.values is not None, "a branch has children"
-            node.values = [self.flush(c, write_node, write_value) if type(c) is Node else c for c in node.values]
+            node.values = [
+                self.flush(c, write_node, write_value, stored) if type(c) is Node else c for c in node.values
+            ]
         node.ptr = write_node(node)
         return node.ptr
