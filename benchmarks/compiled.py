@@ -8,8 +8,10 @@ Two parts, each a ratio of the two implementations measured in the same run:
 2. end to end, in child processes started with and without
    PROTOBASE_PURE_PYTHON=1, interleaved: single-key commits from one client
    into a 100,000-key dict (`async` and `sync`), with the coordinator's and
-   the client's CPU time per commit, and a load of 100,000 records in
-   transactions of 10,000.
+   the client's CPU time per commit; a load of 100,000 records in
+   transactions of 10,000; then point reads of 2,000 of them in a fresh
+   reader process, cold (each decodes the nodes it walks) and warm, with the
+   reader's private memory (USS) afterwards.
 
 It prints; nothing is asserted (tests/test_ccodec.py checks that both write
 the same bytes).
@@ -32,6 +34,7 @@ import psutil
 from .common import median, temporary_directory
 
 LEAF = 64
+LOAD_RECORDS = 100_000
 GRACE = 0.05  # the coordinator stops soon after the benchmark's handle closes
 
 
@@ -101,11 +104,11 @@ def child(seconds: float) -> dict[str, float]:
             results[f"{durability} commits/s"] = commits / elapsed
             results[f"{durability} coordinator us/commit"] = (sum(after[:2]) - sum(before[:2])) / commits * 1e6
             results[f"{durability} client us/commit"] = (time.process_time() - mine) / commits * 1e6
-    results["load us/record"] = load(100_000, 10_000)
+    results.update(load(LOAD_RECORDS, 10_000))
     return results
 
 
-def load(count: int, batch: int) -> float:
+def load(count: int, batch: int) -> dict[str, float]:
     import protobase
 
     records = {f"user{i:07d}": {"id": i, "name": f"n{i}", "city": f"c{i % 50}", "score": i % 100} for i in range(count)}
@@ -122,7 +125,31 @@ def load(count: int, batch: int) -> float:
                 users = tx.root["users"]
                 for key in keys[first : first + batch]:
                     users[key] = records[key]
-        return (time.perf_counter() - start) / count * 1e6
+        per_record = (time.perf_counter() - start) / count * 1e6
+        command = [sys.executable, "-m", "benchmarks.compiled", "--cold-reader", path]
+        cold = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    return {"load us/record": per_record, **cold}
+
+
+def cold_reader(path: str, reads: int = 2000) -> dict[str, float]:
+    """Point reads of distinct random keys in a fresh process: every one decodes what it walks through."""
+    import random
+
+    import protobase
+
+    keys = [f"user{i:07d}" for i in random.Random(7).sample(range(LOAD_RECORDS), reads)]
+    with protobase.open(path, start_coordinator=False) as db, db.snapshot() as snapshot:
+        users = snapshot.root["users"]
+        start = time.perf_counter()
+        for key in keys:
+            users[key]["score"]
+        cold = (time.perf_counter() - start) / reads * 1e6
+        start = time.perf_counter()
+        for key in keys:
+            users[key]["score"]
+        warm = (time.perf_counter() - start) / reads * 1e6
+        heap = psutil.Process().memory_full_info().uss / 2**20
+    return {"cold read us/get": cold, "warm read us/get": warm, "reader USS MiB": heap}
 
 
 def end_to_end(rounds: int, seconds: float) -> None:
@@ -140,7 +167,7 @@ def end_to_end(rounds: int, seconds: float) -> None:
     print(f"\n{'end to end (median of ' + str(rounds) + ' interleaved rounds)':44s} {'pure':>9s} {'compiled':>12s}")
     for name in samples["pure"]:
         pure, compiled = median(samples["pure"][name]), median(samples["compiled"][name])
-        print(f"{name:44s} {pure:9.0f} {compiled:12.0f} {compiled / pure:8.2f}x")
+        print(f"{name:44s} {pure:9.2f} {compiled:12.2f} {compiled / pure:8.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of commits of each kind per round")
     parser.add_argument("--micro-only", action="store_true", help="skip the end-to-end part")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cold-reader", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cold_reader:
+        print(json.dumps(cold_reader(args.cold_reader)))
+        return 0
     if args.child:
         print(json.dumps(child(args.seconds)))
         return 0

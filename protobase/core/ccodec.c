@@ -507,20 +507,26 @@ static int check_count(Reader *r, uint64_t count, int unit) {
 
 static PyObject *read_object(Reader *r, int depth);
 
-static PyObject *read_list(Reader *r, uint64_t n, int depth) {
+/* `n` items into a new list, or a new tuple (a tuple extension's payload, built in place). */
+static PyObject *read_items(Reader *r, uint64_t n, int depth, int as_tuple) {
     if (check_count(r, n, 1) < 0) return NULL;
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    if (list == NULL) return NULL;
+    PyObject *items = as_tuple ? PyTuple_New((Py_ssize_t)n) : PyList_New((Py_ssize_t)n);
+    if (items == NULL) return NULL;
     for (uint64_t i = 0; i < n; i++) {
         PyObject *item = read_object(r, depth);
         if (item == NULL) {
-            Py_DECREF(list);
+            Py_DECREF(items);
             return NULL;
         }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        if (as_tuple)
+            PyTuple_SET_ITEM(items, (Py_ssize_t)i, item);
+        else
+            PyList_SET_ITEM(items, (Py_ssize_t)i, item);
     }
-    return list;
+    return items;
 }
+
+static PyObject *read_list(Reader *r, uint64_t n, int depth) { return read_items(r, n, depth, 0); }
 
 /* An empty instance of a frozen container type (a subclass of dict or list, no __init__ of its own),
  * filled afterwards through the C API, which its refusing Python methods do not guard. */
@@ -540,12 +546,41 @@ static PyObject *frozen_list_of(Reader *r, PyObject *plain) {
     return frozen;
 }
 
+/* Short ASCII map keys seen lately (record field names, mostly), so decoding a thousand
+ * records makes their field names once, not a thousand times: a direct-mapped table, each
+ * slot holding one str (strings are immutable, so sharing one is invisible). */
+#define KEY_SLOTS 1024
+#define KEY_MAX_LENGTH 24
+static PyObject *recent_keys[KEY_SLOTS];
+
+static PyObject *read_key(Reader *r, int depth) {
+    unsigned char tag = r->at < r->end ? *r->at : 0;
+    Py_ssize_t n = tag & 0x1f;
+    if ((tag & 0xe0) != 0xa0 || n > KEY_MAX_LENGTH || r->end - r->at < 1 + n) return read_object(r, depth);
+    const unsigned char *text = r->at + 1;
+    uint32_t hash = 2166136261u; /* FNV-1a */
+    for (Py_ssize_t i = 0; i < n; i++) hash = (hash ^ text[i]) * 16777619u;
+    PyObject **slot = &recent_keys[(hash ^ (uint32_t)n) % KEY_SLOTS];
+    PyObject *cached = *slot;
+    if (cached != NULL && PyUnicode_GET_LENGTH(cached) == n && memcmp(PyUnicode_DATA(cached), text, (size_t)n) == 0) {
+        r->at += 1 + n;
+        Py_INCREF(cached);
+        return cached;
+    }
+    PyObject *key = read_object(r, depth);
+    if (key != NULL && PyUnicode_IS_ASCII(key)) {
+        Py_INCREF(key);
+        Py_XSETREF(*slot, key);
+    }
+    return key;
+}
+
 static PyObject *read_map(Reader *r, uint64_t n, int depth) {
     if (check_count(r, n, 2) < 0) return NULL;
     PyObject *dict = r->frozen ? new_empty(frozen_dict) : PyDict_New();
     if (dict == NULL) return NULL;
     for (uint64_t i = 0; i < n; i++) {
-        PyObject *key = read_object(r, depth);
+        PyObject *key = read_key(r, depth);
         if (key == NULL) goto fail;
         PyObject *value = read_object(r, depth);
         if (value == NULL) {
@@ -587,8 +622,9 @@ static PyObject *read_ref(const unsigned char *payload, Py_ssize_t n, Reader *r)
     return result;
 }
 
-/* The items of an extension whose payload is one msgpack array and nothing more. */
-static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, Reader *outer, int depth) {
+/* The items (a list, or a tuple) of an extension whose payload is one msgpack array and nothing more. */
+static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, Reader *outer, int depth,
+                                    int as_tuple) {
     Reader r = {payload, payload + n, outer->frozen, outer->ref, outer->ext_hook};
     const unsigned char *tag;
     if (take(&r, 1, &tag) < 0) return NULL;
@@ -601,7 +637,7 @@ static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, 
         PyErr_SetString(PyExc_ValueError, "a tuple or set extension does not hold an array");
         return NULL;
     }
-    PyObject *items = read_list(&r, count, depth);
+    PyObject *items = read_items(&r, count, depth, as_tuple);
     if (items != NULL && r.at != r.end) {
         Py_DECREF(items);
         PyErr_SetString(PyExc_ValueError, "extra data after an extension's array");
@@ -615,11 +651,9 @@ static PyObject *read_ext(Reader *r, int code, Py_ssize_t n, int depth) {
     if (take(r, n, &payload) < 0) return NULL;
     if (code == EXT_REF) return read_ref(payload, n, r);
     if (code == EXT_TUPLE || code == EXT_SET || code == EXT_FROZENSET) {
-        PyObject *items = read_payload_items(payload, n, r, depth), *result;
-        if (items == NULL) return NULL;
-        if (code == EXT_TUPLE)
-            result = PyList_AsTuple(items);
-        else if (r->frozen)
+        PyObject *items = read_payload_items(payload, n, r, depth, code == EXT_TUPLE), *result;
+        if (items == NULL || code == EXT_TUPLE) return items;
+        if (r->frozen)
             result = PyObject_CallOneArg(frozen_set, items);
         else
             result = code == EXT_SET ? PySet_New(items) : PyFrozenSet_New(items);
