@@ -22,6 +22,7 @@ LAYERS = [
     ("protobase.errors", 0),
     ("protobase.keyorder", 0),
     ("protobase.settings", 0),
+    ("protobase.collector", 0),
     ("protobase.shm", 1),
     ("protobase.query", 2),
     ("protobase.core", 3),
