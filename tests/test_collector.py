@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from protobase import ConflictError, DatabaseClosedError
 from protobase.collector import POLICY_ENV, THRESHOLDS, Collector, PauseRecorder
 from protobase.wire.opcodes import (
     LIST_APPEND,
@@ -225,3 +226,71 @@ def test_the_coordinators_commits_leave_no_cyclic_garbage(loaded_harness):
         for n in range(1, ROUNDS + 1):
             coordinator_round(loaded_harness, n)
     assert garbage == [], f"{ROUNDS} rounds of commits left cycles: {kinds(garbage)}"
+
+
+def client_round(db: Any, n: int) -> None:
+    """One transaction of each kind a client runs: every wrapper, a conflict retried, a refusal, an abort."""
+    with db.transaction() as tx:
+        tx.root["users"][f"new{n}"] = {"id": n, "tags": ["a"]}
+        tx.root["users"]["u1"]["tags"].append(n)  # a tracked copy of a small list, and its owner
+        tx.root["users"]["u1"]["roles"].add(n)  # of a small set
+        tx.root["log"].append(n)  # a tree list: element ops
+        tx.root["log"][0]["seen"] = n  # a tracked element of a tree list
+        tx.root["big"].add(n)  # a tree set
+        _ = tx.root["users"]["u2"]["tags"][0]  # only read: its tracked copy is handed out all the same
+    lost: list[bool] = []
+    for attempt in db.attempts(retries=3):  # a conflict, then a retry that commits
+        with attempt as tx:
+            tx.root["users"]["u3"] = n
+            if not lost:
+                lost.append(True)
+                with db.transaction() as other:
+                    other.root["users"]["u3"] = -n
+    assert len(lost) == 1
+    loser = db.transaction()
+    loser.root["users"]["u4"] = n
+    with db.transaction() as winner:
+        winner.root["users"]["u4"] = -n
+    with pytest.raises(ConflictError):
+        loser.commit()
+    with pytest.raises(ConflictError):
+        loser.outcome()  # the refusal, raised again
+    with pytest.raises(ValueError), db.transaction() as tx:
+        tx.root["users"]["u5"] = n
+        raise ValueError("the body failed: aborted")
+    with db.transaction(isolation="serializable", durability="async") as tx:
+        tx.root["users"]["u6"] = tx.root["users"]["u7"]["id"] + n
+
+
+@pytest.fixture
+def loaded_db(db):
+    with db.transaction() as tx:
+        tx.root["users"] = {f"u{i}": {"id": i, "tags": ["x"], "roles": {"r"}} for i in range(100)}
+        tx.root["log"] = [{"i": i} for i in range(300)]
+        tx.root["big"] = set(range(100))
+    client_round(db, 0)
+    return db
+
+
+def test_the_clients_commits_leave_no_cyclic_garbage(loaded_db):
+    with saved_garbage() as garbage:
+        for n in range(1, ROUNDS + 1):
+            client_round(loaded_db, n)
+    assert garbage == [], f"{ROUNDS} rounds of transactions left cycles: {kinds(garbage)}"
+
+
+def test_wrappers_refuse_use_once_their_transaction_released_them(db):
+    with db.transaction() as tx:
+        tx.root["l"] = [1, 2]
+        tx.root["log"] = [{"i": i} for i in range(300)]
+    with db.transaction() as tx:
+        small = tx.root["l"]
+        small.append(3)
+        element = tx.root["log"][0]
+    message = r"^this transaction is committed; start a new one with db.transaction\(\)$"
+    for change in (lambda: small.append(4), lambda: element.__setitem__("i", 9)):
+        with pytest.raises(DatabaseClosedError, match=message):
+            change()
+    assert repr(tx) == f"<Transaction committed base_seq={tx.base_seq} writes=1>"  # its ops still counted
+    with db.snapshot() as snap:
+        assert snap.root["l"] == [1, 2, 3] and snap.root["log"][0] == {"i": 0}
