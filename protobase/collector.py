@@ -19,30 +19,35 @@ The policy:
   again (reference counting still frees its objects when they die).
 * Every collection stays automatic, so it also happens inside a long commit
   (a bulk load of 10,000 records), but with `THRESHOLDS` small enough that
-  each one visits few objects: generation 0 about threshold0, generation 1
-  about threshold0 * (threshold1 + 1), and the old generation only what the
-  young ones promoted into it since its last collection, about threshold2
-  times that. The old generation never holds more, because right after each
-  of its collections its survivors are frozen (`Collector.__call__`, a
-  `gc.callbacks` hook). So no collection visits the long-lived heap, however
-  large it grows, and an object is visited a few times in its youth, then
-  never again.
+  each one visits few objects: a collection of generation 0 about
+  threshold0 of them, one of generation 1 about threshold0 * (threshold1 + 1).
+* Right after each collection of generation 1 (or 2), what survived it is
+  frozen too (`Collector.__call__`, a `gc.callbacks` hook). So the old
+  generation is always empty, a collection of it costs what one of
+  generation 1 does, and no collection ever visits the long-lived heap,
+  however large it grows: an object is visited once or twice in its youth,
+  then never again.
 
 Invariant: only objects that a collection of every unfrozen generation just
-found reachable are ever frozen, so cyclic garbage, such as an exception whose
-traceback holds the frame that holds it, is collected by a young collection
-or by the next old one, and never frozen for good. What this cannot collect is
-a frozen object that becomes part of an unreachable cycle later; the commit
-paths of the coordinator and of clients create no cycles
-(tests/test_collector.py counts them), so that stays rare. `Collector.audit`
-(unfreeze, collect) counts such objects for tests; it pauses as long as the
-whole heap takes, so no server calls it.
+found reachable are ever frozen (with the old generation empty, a collection
+of generation 1 is one), so cyclic garbage, such as an exception whose
+traceback holds the frame that holds it, is collected by the next young
+collection and never frozen for good. What this cannot collect is a frozen
+object that becomes part of an unreachable cycle later: a cycle still in use
+at a freeze (an exception being handled), or a long-lived structure that
+turns into one. The commit paths of the coordinator and of clients create no
+cycles (tests/test_collector.py counts them), so that stays rare.
+`Collector.audit` (unfreeze, collect) counts such objects for tests; it
+pauses as long as the whole heap takes, so no server calls it.
 
-Why freezing inside a callback is safe: CPython (3.11, 3.12) runs the "stop"
-callbacks once the collection is done with the generation lists, and
-`gc.freeze()` only splices those lists onto the permanent one. (A collection
-cannot be started from a callback: that is why the old generation's is
-automatic, and its threshold bounds it.)
+Why freezing inside a callback is safe: CPython (3.10 to 3.13) runs the
+"stop" callbacks once the collection is done with the generation lists, and
+`gc.freeze()` only splices those lists onto the permanent one. From 3.14 on,
+whose collector is incremental (it never visits the whole old generation at
+once), the policy stays off and only records. (Freezing from
+the process's loop instead would let one long commit promote its every
+object into the old generation first, and its next collection visit them
+all.)
 
 Pauses: `PauseRecorder`, another `gc.callbacks` hook, counts every
 collection, its total and its longest duration; the coordinator reports them
@@ -56,6 +61,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,8 +69,8 @@ from typing import Any
 __all__ = ["Collector", "PauseRecorder", "POLICY_ENV", "THRESHOLDS"]
 
 POLICY_ENV = "PROTOBASE_GC"  # "default": keep CPython's collector policy (pauses are still recorded)
-THRESHOLDS = (1000, 4, 1)  # gc.set_threshold (CPython's: 700, 10, 10); see the module docstring
-OLDEST = 2  # the generation whose survivors are frozen
+THRESHOLDS = (1000, 4, 10)  # gc.set_threshold (CPython's: 700, 10, 10); see the module docstring
+FREEZE_AFTER = 1  # a collection of this generation or an older one freezes what survived it
 
 
 class PauseRecorder:
@@ -119,9 +125,10 @@ class Collector:
     """The collector policy of one long-lived ProtoBase process (see the module docstring)."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
-        self.enabled = environ.get(POLICY_ENV, "") != "default"  # False: CPython's own policy, recorded
+        # False: CPython's own policy, recorded (asked for, or an incremental collector: 3.14 on)
+        self.enabled = environ.get(POLICY_ENV, "") != "default" and sys.version_info < (3, 14)
         self.recorder = PauseRecorder()
-        self.freezes = 0  # collections of the old generation whose survivors were frozen
+        self.freezes = 0  # collections whose survivors were frozen
         self.installed = False
         self.previous_thresholds: tuple[int, int, int] | None = None  # gc's, before `install`
 
@@ -138,16 +145,13 @@ class Collector:
             self.previous_thresholds = gc.get_threshold()
             gc.collect()
             gc.freeze()
-            # A collection of the now empty old generation: CPython collects it automatically only once
-            # it took in a quarter of what its last collection left, which was the whole start-up heap.
-            gc.collect(OLDEST)
             gc.set_threshold(*THRESHOLDS)
             gc.callbacks.append(self)
         self.recorder.install()  # from here on: the start-up collection is not a pause of the service
 
     def __call__(self, phase: str, info: Mapping[str, Any]) -> None:
-        """The `gc.callbacks` hook: freeze what a collection of the old generation left."""
-        if phase == "stop" and info["generation"] == OLDEST:
+        """The `gc.callbacks` hook: freeze what a collection of generation 1 or 2 left."""
+        if phase == "stop" and info["generation"] >= FREEZE_AFTER:
             gc.freeze()
             self.freezes += 1
 

@@ -133,12 +133,12 @@ def cycle_of_an_exception():
     kept.node = node
     return weakref.ref(node)
 
-bound = THRESHOLDS[0] * (THRESHOLDS[1] + 1) * (THRESHOLDS[2] + 2)  # what the young ones may promote
+bound = 2 * THRESHOLDS[0] * (THRESHOLDS[1] + 1)  # what the young ones may promote (with a margin)
 heap, dead, largest_old = [], [], 0
 for step in range(200):
     heap.extend({"k": [i]} for i in range(1_000))  # the long-lived heap grows
     dead.append(cycle_of_an_exception())
-    largest_old = max(largest_old, len(gc.get_objects(generation=2)))
+    largest_old = max(largest_old, len(gc.get_objects(generation=1)) + len(gc.get_objects(generation=2)))
 frozen = gc.get_freeze_count()
 assert collector.freezes > 10, collector.freezes
 assert frozen > 300_000, frozen  # the heap went to the permanent generation...
@@ -161,10 +161,9 @@ def test_the_policy_freezes_the_heap_and_still_collects_later_cycles():
     assert done.stdout.startswith("ok ")
 
 
-def test_thresholds_keep_every_young_collection_small():
-    threshold0, threshold1, threshold2 = THRESHOLDS
-    assert threshold0 * (threshold1 + 1) <= 10_000  # what a collection of generation 1 visits
-    assert threshold2 <= 2  # how many of those the old generation takes in before its (frozen) collection
+def test_thresholds_keep_every_collection_small():
+    threshold0, threshold1, _ = THRESHOLDS
+    assert threshold0 * (threshold1 + 1) <= 10_000  # what a collection of generation 1 (or 2) visits at most
 
 
 # -- no cyclic garbage per commit ---------------------------------------------------------------
