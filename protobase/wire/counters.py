@@ -49,6 +49,7 @@ class Counters(TypedDict):
     gc_pauses: int  # collections of the cyclic GC in the coordinator since it started (protobase/collector.py)
     gc_longest_pause_ms: float  # the longest of them
     gc_pause_total_ms: float  # all of them together
+    gc_frozen_objects: int  # objects the policy froze, that no collection visits; 0 with PROTOBASE_GC=default
 
 
 #: The keys of a "stats" reply, in schema order.
