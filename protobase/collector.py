@@ -128,7 +128,9 @@ class Collector:
         # False: CPython's own policy, recorded (asked for, or an incremental collector: 3.14 on)
         self.enabled = environ.get(POLICY_ENV, "") != "default" and sys.version_info < (3, 14)
         self.recorder = PauseRecorder()
-        self.freezes = 0  # collections whose survivors were frozen
+        # Times what survived a collection was frozen (start-up's included). Count them here:
+        # gc.get_freeze_count() walks the whole permanent generation (46 ms for 2M objects).
+        self.freezes = 0
         self.installed = False
         self.previous_thresholds: tuple[int, int, int] | None = None  # gc's, before `install`
 
@@ -145,6 +147,7 @@ class Collector:
             self.previous_thresholds = gc.get_threshold()
             gc.collect()
             gc.freeze()
+            self.freezes += 1
             gc.set_threshold(*THRESHOLDS)
             gc.callbacks.append(self)
         self.recorder.install()  # from here on: the start-up collection is not a pause of the service

@@ -97,7 +97,7 @@ def test_with_the_policy_off_install_changes_nothing_but_records():
     thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
     collector.install()
     try:
-        assert gc.get_threshold() == thresholds and gc.get_freeze_count() == frozen
+        assert gc.get_threshold() == thresholds and gc.get_freeze_count() == frozen and collector.freezes == 0
         assert collector.recorder in gc.callbacks and collector not in gc.callbacks
         gc.collect()
         assert collector.recorder.pauses >= 1

@@ -263,7 +263,7 @@ def test_the_coordinator_freezes_its_start_up_heap_and_reports_its_collector(db)
         with db.transaction() as tx:
             tx.root[f"k{n}"] = {"n": n, "tags": [n]}
     stats = db.stats()
-    assert stats.gc_frozen_objects > 1000  # the modules and state it started with, at least
+    assert stats.gc_freezes >= 1  # the heap it started with, at least
     assert stats.gc_pauses >= 0 and 0 <= stats.gc_longest_pause_ms <= stats.gc_pause_total_ms
     assert gc.get_threshold() == thresholds and db.coordinator_pid != os.getpid()
 
@@ -274,7 +274,7 @@ def test_a_coordinator_started_with_protobase_gc_default_keeps_cpythons_collecto
         with db.transaction() as tx:
             tx.root["k"] = 1
         stats = db.stats()
-    assert stats.gc_frozen_objects == 0 and stats.gc_pauses >= 0
+    assert stats.gc_freezes == 0 and stats.gc_pauses >= 0
 
 
 # -- file descriptors and reader slots ---------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_every_counter_lands_in_its_field():
         "gc_pauses",
         "gc_longest_pause_ms",
         "gc_pause_total_ms",
-        "gc_frozen_objects",
+        "gc_freezes",
         "segments",
         "allocated_bytes",
         "live_bytes",

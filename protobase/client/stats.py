@@ -71,7 +71,7 @@ class DatabaseStats:
     gc_pauses: int  # collections of the cyclic GC in the coordinator since it started
     gc_longest_pause_ms: float  # the longest of them (protobase/collector.py keeps it short)
     gc_pause_total_ms: float  # all of them together
-    gc_frozen_objects: int  # objects it froze (never visited again by a collection); 0: CPython's policy
+    gc_freezes: int  # times its GC policy froze what survived a collection; 0: it runs CPython's policy
     segments: int  # live data segments
     shared_bytes: int  # bytes of shared memory the instance holds (data + control)
     data_bytes: int  # bytes of the live data segments
@@ -125,7 +125,7 @@ def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
         gc_pauses=counters["gc_pauses"],
         gc_longest_pause_ms=counters["gc_longest_pause_ms"],
         gc_pause_total_ms=counters["gc_pause_total_ms"],
-        gc_frozen_objects=counters["gc_frozen_objects"],
+        gc_freezes=counters["gc_freezes"],
         segments=counters["segments"],
         shared_bytes=shared,
         data_bytes=counters["mapped_bytes"],

@@ -49,7 +49,7 @@ class Counters(TypedDict):
     gc_pauses: int  # collections of the cyclic GC in the coordinator since it started (protobase/collector.py)
     gc_longest_pause_ms: float  # the longest of them
     gc_pause_total_ms: float  # all of them together
-    gc_frozen_objects: int  # objects the policy froze, that no collection visits; 0 with PROTOBASE_GC=default
+    gc_freezes: int  # times its GC policy froze what survived a collection (start-up's too); 0: CPython's policy
 
 
 #: The keys of a "stats" reply, in schema order.
