@@ -30,9 +30,8 @@ coordinator.
 
 Every tunable comes from one `Settings` (protobase/settings.py). The cyclic
 GC follows protobase/collector.py, installed once recovery is done: what it
-built is frozen, and so is whatever survives a collection of the old
-generation later, so no collection visits the whole heap; its pauses are in
-the counters.
+built is frozen, and so is whatever survives a young collection later, so no
+collection visits the whole heap; its pauses are in the counters.
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
