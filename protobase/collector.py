@@ -69,7 +69,7 @@ from typing import Any
 __all__ = ["Collector", "PauseRecorder", "POLICY_ENV", "THRESHOLDS"]
 
 POLICY_ENV = "PROTOBASE_GC"  # "default": keep CPython's collector policy (pauses are still recorded)
-THRESHOLDS = (1000, 4, 10)  # gc.set_threshold (CPython's: 700, 10, 10); see the module docstring
+THRESHOLDS = (500, 4, 10)  # gc.set_threshold (CPython's: 700, 10, 10); see the module docstring
 FREEZE_AFTER = 1  # a collection of this generation or an older one freezes what survived it
 
 
