@@ -1,4 +1,4 @@
-"""`python -m benchmarks core|suite [options]`: run a benchmark and report it."""
+"""`python -m benchmarks core|suite|gcpauses [options]`: run a benchmark and report it."""
 
 from __future__ import annotations
 
@@ -42,8 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     suite_parser.add_argument("--no-memory", action="store_true", help="skip W6")
     suite_parser.add_argument("--doc", default=None, help="markdown file to write the results into")
     suite_parser.add_argument("--no-doc", action="store_true", help="print only; leave the doc alone")
+    gc_parser = commands.add_parser("gcpauses", help="commit latency and the coordinator's GC pauses, before/after")
+    gc_parser.add_argument("--records", type=int, default=None, help="records loaded first (default 1,000,000)")
+    gc_parser.add_argument("--commits", type=int, default=None, help="timed single-key commits (default 20,000)")
+    gc_parser.add_argument("--durability", choices=("async", "sync"), default="async")
+    gc_parser.add_argument("--only", nargs="+", choices=("before", "after"), default=None, help="only these runs")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks", *argv])
+    if args.benchmark == "gcpauses":
+        from . import gcpauses
+
+        return gcpauses.run(
+            args.records or gcpauses.DEFAULT_RECORDS,
+            args.commits or gcpauses.DEFAULT_COMMITS,
+            args.durability,
+            args.only,
+        )
     if args.benchmark == "suite":
         from . import suite
 

@@ -23,6 +23,7 @@ LAYERS = [
     ("protobase.keyorder", 0),
     ("protobase.settings", 0),
     ("protobase.native", 0),
+    ("protobase.collector", 0),
     ("protobase.shm", 1),
     ("protobase.query", 2),
     ("protobase.core", 3),

@@ -116,6 +116,7 @@ def test_stats_is_json(datadir, capsys):
         assert reading["durable_lsn"] <= reading["last_lsn"]
         assert any(reader["pid"] == os.getpid() for reader in reading["readers"])
         assert {"snapshot_age", "slot"} <= set(reading["readers"][0]) and "hits" in reading["object_cache"]
+        assert 0 <= reading["gc_longest_pause_ms"] <= reading["gc_pause_total_ms"] and reading["gc_pauses"] >= 0
 
 
 def test_stats_never_starts_a_coordinator(datadir, capsys):

@@ -18,6 +18,7 @@ coordinator process itself with prlimit.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ import pytest
 
 import protobase
 from protobase.client import launcher
+from protobase.collector import POLICY_ENV
 from protobase.coordinator.server import Coordinator
 from protobase.core import codec
 from protobase.core.arena import FIRST_SEGMENT, VALUE, segment_of
@@ -252,6 +254,27 @@ def test_the_stats_reply_holds_exactly_the_counters_of_the_schema(db):
     assert reply[0] == "ok"
     assert list(reply[1]) == list(COUNTER_NAMES)
     assert set(reply[1]["oldest_reader"]) == set(OldestReaderCounters.__annotations__)
+
+
+def test_the_coordinator_freezes_its_start_up_heap_and_reports_its_collector(db):
+    # The policy runs in the coordinator (protobase/collector.py), never in this client.
+    thresholds = gc.get_threshold()
+    for n in range(50):
+        with db.transaction() as tx:
+            tx.root[f"k{n}"] = {"n": n, "tags": [n]}
+    stats = db.stats()
+    assert stats.gc_freezes >= 1  # the heap it started with, at least
+    assert stats.gc_pauses >= 0 and 0 <= stats.gc_longest_pause_ms <= stats.gc_pause_total_ms
+    assert gc.get_threshold() == thresholds and db.coordinator_pid != os.getpid()
+
+
+def test_a_coordinator_started_with_protobase_gc_default_keeps_cpythons_collector(datadir, monkeypatch):
+    monkeypatch.setenv(POLICY_ENV, "default")  # the coordinator the open starts inherits it
+    with open_test_db(datadir) as db:
+        with db.transaction() as tx:
+            tx.root["k"] = 1
+        stats = db.stats()
+    assert stats.gc_freezes == 0 and stats.gc_pauses >= 0
 
 
 # -- file descriptors and reader slots ---------------------------------------------------------------

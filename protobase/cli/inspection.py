@@ -94,6 +94,10 @@ def _print_status(path: str, first: DatabaseStats, latest: DatabaseStats, mine: 
         f"{human_bytes(latest.reclaimable_bytes)} reclaimable"
     )
     print(f"  commit rate: {rate:.1f} commits/s (over {elapsed:.2f}s)")
+    print(
+        f"  coordinator GC: {latest.gc_pauses} collections, longest {latest.gc_longest_pause_ms:.2f} ms, "
+        f"{latest.gc_pause_total_ms:.1f} ms in all"
+    )
     others = [reader for reader in latest.readers if reader.slot != mine]
     print(f"  readers: {len(others)}" + ("" if others else " (besides this command)"))
     for reader in others:

@@ -371,9 +371,7 @@ class Session:
             if reply[0] == "error":
                 raise error_from_reply(reply)
             if reply[0] == "conflict":
-                conflict = ConflictError(tuple(reply[1]), reply[2], reply[3])
-                log.debug("conflict: %s", conflict)
-                raise conflict
+                raise _conflict(reply)  # (not bound to a local here: its traceback would hold this frame)
             seq: int = reply[1]
             if request.epoch == self.epoch:
                 for index, ptr in reply[2]:
@@ -456,3 +454,10 @@ def _detach_sessions_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_detach_sessions_after_fork)
+
+
+def _conflict(reply: list[Any]) -> ConflictError:
+    """The ConflictError of a "conflict" reply, logged."""
+    conflict = ConflictError(tuple(reply[1]), reply[2], reply[3])
+    log.debug("conflict: %s", conflict)
+    return conflict

@@ -68,6 +68,10 @@ class DatabaseStats:
     conflicts: int
     compactions: int
     compaction_failures: int  # compactions undone (/dev/shm full, ...): the data stayed as it was
+    gc_pauses: int  # collections of the cyclic GC in the coordinator since it started
+    gc_longest_pause_ms: float  # the longest of them (protobase/collector.py keeps it short)
+    gc_pause_total_ms: float  # all of them together
+    gc_freezes: int  # times its GC policy froze what survived a collection; 0: it runs CPython's policy
     segments: int  # live data segments
     shared_bytes: int  # bytes of shared memory the instance holds (data + control)
     data_bytes: int  # bytes of the live data segments
@@ -118,6 +122,10 @@ def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
         conflicts=counters["conflicts"],
         compactions=counters["compactions"],
         compaction_failures=counters["compaction_failures"],
+        gc_pauses=counters["gc_pauses"],
+        gc_longest_pause_ms=counters["gc_longest_pause_ms"],
+        gc_pause_total_ms=counters["gc_pause_total_ms"],
+        gc_freezes=counters["gc_freezes"],
         segments=counters["segments"],
         shared_bytes=shared,
         data_bytes=counters["mapped_bytes"],

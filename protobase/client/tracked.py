@@ -59,7 +59,11 @@ class Owner:
         self.container: Any = None  # the tracked container, set once built
 
     def __call__(self) -> None:
-        self.writes.record(self.path, OP_SET, self.container)
+        self.writes.record(self.path, OP_SET, self.container)  # (refused once the transaction ended)
+
+    def release(self) -> None:
+        """Let go of the container (which holds this owner): the transaction ended (WriteSet.release)."""
+        self.container = None
 
 
 def _notify(method: Callable[..., Any]) -> Callable[..., Any]:

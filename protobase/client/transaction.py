@@ -26,6 +26,7 @@ once, when the transaction ends (or its commit went out).
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from protobase.client.txvalues import TxDict
@@ -94,7 +95,7 @@ class Transaction:
             return seq
         except ProtoBaseError as error:  # the session maps the socket's OSErrors to these
             if not isinstance(error, OutcomeUnknownError):
-                self._refusal = error  # refused, or never sent: nothing was committed
+                self._refusal = _kept(error)  # refused, or never sent: nothing was committed
             raise
         finally:
             self._settle()
@@ -116,7 +117,7 @@ class Transaction:
                 self._await(timeout)
             except ProtoBaseError as error:
                 if not isinstance(error, OutcomeUnknownError):
-                    self._refusal = error
+                    self._refusal = _kept(error)
                 raise
             finally:
                 self._settle()
@@ -127,7 +128,7 @@ class Transaction:
         if self._writes.state == "unknown":
             return None
         if self._refusal is not None:
-            raise self._refusal
+            raise _kept(self._refusal)  # a copy: raised, the kept one would hold this frame, which holds us
         raise DatabaseClosedError(f"this transaction is {self._writes.state}: nothing of it was committed")
 
     def _await(self, timeout: float | None) -> int | None:
@@ -169,6 +170,7 @@ class Transaction:
 
     def _finish(self, state: str) -> None:
         self._writes.state = state
+        self._writes.release()  # no wrapper of it is left in a reference cycle
         if self._pinned:
             # Flag first: an interruption between the two leaks a pin (memory held a
             # while longer), never unpins twice (which could free another snapshot's).
@@ -210,3 +212,14 @@ class Transaction:
 
     def __repr__(self) -> str:
         return f"<Transaction {self._writes.state} base_seq={self.base_seq} writes={len(self._writes)}>"
+
+
+def _kept(error: BaseException) -> BaseException:
+    """A copy of `error` without its traceback, for a transaction to keep.
+
+    The traceback holds the frames the error went through, and their locals
+    the transaction: keeping the error itself made a reference cycle of every
+    refused commit (a conflict), which only the cyclic GC could free. Errors
+    copy with their arguments and attributes (errors.py: they pickle so).
+    """
+    return copy.copy(error)

@@ -55,6 +55,7 @@ def adopt(writes: WriteSet, path: tuple[Any, ...], value: Any) -> Any:
     if kind is FrozenList or kind is FrozenSet or is_mutable_dataclass(value):
         owner = Owner(writes, path)
         owner.container = track(value, owner, path)
+        writes.own(owner)
         return owner.container
     if kind is TreeList:
         return TxList(writes, path, value)
@@ -275,8 +276,9 @@ class TxList(MutableSequence[Any]):
         # Positions move with inserts and deletes, so an element is not a stable key
         # path: a container element reports its changes to the list instead.
         if tracked_whole(value):
-            owner = _ElementOwner(self)
+            owner = _ElementOwner(self._writes, self)
             owner.element = track(value, owner, self._path + (index,))
+            self._writes.own(owner)
             return owner.element
         return adopt(self._writes, self._path + (index,), value)
 
@@ -346,14 +348,22 @@ class TxList(MutableSequence[Any]):
 class _ElementOwner:
     """Tells a TxList that one of its container elements changed."""
 
-    __slots__ = ("txlist", "element")
+    __slots__ = ("writes", "txlist", "element")
 
-    def __init__(self, txlist: TxList) -> None:
-        self.txlist = txlist
+    def __init__(self, writes: WriteSet, txlist: TxList) -> None:
+        self.writes = writes  # the list's
+        self.txlist: TxList | None = txlist  # None once released
         self.element: Any = None  # the tracked element, set once built
 
     def __call__(self) -> None:
+        self.writes.check_active()  # once the transaction ended: DatabaseClosedError
+        assert self.txlist is not None, "an element owner is released only once its transaction ended"
         self.txlist._element_changed(self.element)
+
+    def release(self) -> None:
+        """Let go of the list, which holds the element, which holds this owner: the transaction ended."""
+        self.txlist = None
+        self.element = None
 
 
 class TxSet(MutableSet[Any]):

@@ -10,7 +10,9 @@ transaction.
 
 Invariant: each path holds one op, `[code, path, argument]`; a wrapper whose
 element operations are collected at commit is recorded as DEFERRED with a
-callable returning them, so recording stays O(1) per change.
+callable returning them, so recording stays O(1) per change. Once the
+transaction ended, `release` leaves no reference cycle among the write set and
+its wrappers.
 
 Also the checks every stored value goes through at assignment (`validate`),
 so a bad value fails on the line that stored it, and index-name validation.
@@ -19,14 +21,14 @@ so a bad value fails on the line that stored it, and index-name validation.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from protobase.core import codec
 from protobase.errors import DatabaseClosedError
 from protobase.keyorder import check_key
 from protobase.query.fields import field_path
 
-__all__ = ["WriteSet", "DEFERRED", "INDEX_OP", "validate", "index_name"]
+__all__ = ["WriteSet", "Releasable", "DEFERRED", "INDEX_OP", "validate", "index_name"]
 
 DEFERRED = 0  # op code of a tree list/set wrapper whose ops are collected at commit
 INDEX_OP = object()  # first element of the `ops` key of an index operation
@@ -68,13 +70,14 @@ def index_name(fields: tuple[Any, ...]) -> str | tuple[str, ...]:
 class WriteSet:
     """The ops, reads and state of one transaction, as its wrappers record them."""
 
-    __slots__ = ("serializable", "ops", "reads", "state")
+    __slots__ = ("serializable", "ops", "reads", "state", "owners")
 
     def __init__(self, serializable: bool) -> None:
         self.serializable = serializable  # record reads too
         self.ops: dict[Any, list[Any]] = {}  # {path (or index key) -> [code, path, argument]}, in order of last write
         self.reads: set[tuple[Any, ...]] = set()  # paths read (serializable only)
         self.state = "active"  # "active", "committing", "committed", "aborted" or "unknown"
+        self.owners: list[Releasable] = []  # owners of the tracked copies handed out, cut loose by `release`
 
     def check_active(self) -> None:
         """DatabaseClosedError unless the transaction may still be read and written."""
@@ -124,5 +127,33 @@ class WriteSet:
                 ops.append([code, list(path), argument])
         return ops
 
+    def own(self, owner: Releasable) -> None:
+        """Remember the owner of a tracked copy handed out, so that `release` can cut it loose."""
+        self.owners.append(owner)
+
+    def release(self) -> None:
+        """Once the transaction has ended: let go of the wrappers, so that none of them is cyclic garbage.
+
+        A tracked copy and its owner refer to each other, a tree list or set
+        wrapper is held here by the method that lists its ops, and a written
+        copy is held here while its owner holds this write set: cycles only
+        the cyclic GC would free, a few per transaction. Cut here (each op
+        keeps its code and path, and `len()` still counts them), reference
+        counting frees them with the last wrapper the user drops. Idempotent;
+        the wrappers refuse to be used from then on, as `state` says.
+        """
+        assert self.state not in ("active", "committing"), "a write set is released once its transaction ended"
+        for op in self.ops.values():
+            op[2] = None
+        for owner in self.owners:
+            owner.release()
+        self.owners = []
+
     def __len__(self) -> int:
         return len(self.ops)
+
+
+class Releasable(Protocol):
+    """The owner of a tracked copy (tracked.py, txvalues.py): it lets go of the copy when told."""
+
+    def release(self) -> None: ...

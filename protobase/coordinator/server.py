@@ -28,7 +28,10 @@ reader slots are reaped by pid and start time at each housekeeping pass
 error reply when a spare descriptor allows it) and never stops the
 coordinator.
 
-Every tunable comes from one `Settings` (protobase/settings.py).
+Every tunable comes from one `Settings` (protobase/settings.py). The cyclic
+GC follows protobase/collector.py, installed once recovery is done: what it
+built is frozen, and so is whatever survives a young collection later, so no
+collection visits the whole heap; its pauses are in the counters.
 
 Invariants: only this process creates, writes or unlinks the instance's
 segments; published roots only ever point into live segments; after `stop`
@@ -48,6 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from protobase.collector import Collector
 from protobase.coordinator.checkpoints import Checkpoints
 from protobase.coordinator.clients import Asker, Client, Connections
 from protobase.coordinator.commits import Commits, Reply
@@ -111,6 +115,7 @@ class Coordinator:
         self.accept_paused = False  # True while the listener is out of the selector (out of descriptors)
         self.short_of_descriptors = False  # True from a failed accept to the next successful one
         self.running = False
+        self.collector = Collector()  # the GC policy of this process, installed once recovery is done
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -136,6 +141,7 @@ class Coordinator:
             _release_shared_memory(self.instance_id, control, arena)
             self.lock.release()
             raise
+        self.collector.install()  # what start-up and recovery built lives on: frozen, never visited again
         self.started = self.running = True
         log.info("coordinator %d serving %s (instance %s)", os.getpid(), self.datadir.path, self.instance_id)
 
@@ -548,6 +554,10 @@ class Coordinator:
             "wal_bytes_since_checkpoint": self.durability.wal_bytes,
             "wal_syncs": self.durability.syncs,
             "recovered_records": self.recovered.replayed,
+            "gc_pauses": self.collector.recorder.pauses,
+            "gc_longest_pause_ms": self.collector.recorder.longest_ms,
+            "gc_pause_total_ms": self.collector.recorder.total_ms,
+            "gc_freezes": self.collector.freezes,  # (never gc.get_freeze_count(): it walks the frozen heap)
         }
 
 

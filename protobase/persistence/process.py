@@ -26,6 +26,9 @@ very record, read back and compared by checksum. A WAL of another history
 (a checkpoint deleted after a clean stop leaves it ahead of the state) stops
 us with CorruptionError instead of swallowing new commits.
 
+The cyclic GC follows protobase/collector.py (installed once the WAL is open)
+when started by `main`, as the coordinator starts it.
+
 Control records in the ring ask for a checkpoint: the WAL is synced first,
 the checkpoint written from the segments the coordinator keeps pinned, then a
 new WAL file is started and the files the checkpoint covers are removed.
@@ -48,6 +51,7 @@ import socket
 import time
 import zlib
 
+from protobase.collector import Collector
 from protobase.core import codec
 from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CorruptionError, WalSyncError, WalWriteError
@@ -72,7 +76,14 @@ LOCK_WAIT = 30.0
 class Persistence:
     """The consumer of one instance's commit ring."""
 
-    def __init__(self, datadir: DataDir, instance_id: str, sock: socket.socket, flush_interval: float) -> None:
+    def __init__(
+        self,
+        datadir: DataDir,
+        instance_id: str,
+        sock: socket.socket,
+        flush_interval: float,
+        collector: Collector | None = None,
+    ) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
         self.sock = sock  # doorbell in, reports out
@@ -84,6 +95,7 @@ class Persistence:
         self.inherited: dict[int, int] = {}  # {lsn -> crc32 of the payload} of records a predecessor wrote
         self.unsynced_since: float | None = None  # when the oldest unsynced record was written
         self.coordinator_gone = False
+        self.collector = collector  # the process's GC policy (main() passes one; tests running us in place none)
 
     def run(self, next_lsn: int, last_lsn: int) -> int:
         """Serve until the coordinator goes; return the exit status.
@@ -106,6 +118,8 @@ class Persistence:
             self.writer.sync()
             self.control.durable_lsn = self.writer.last_lsn
             self._report(["started", self.writer.last_lsn])
+            if self.collector is not None:
+                self.collector.install()
 
             while not self.coordinator_gone:
                 self._wait()
@@ -372,4 +386,5 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     datadir = DataDir(os.path.abspath(args.path))
-    return Persistence(datadir, args.instance, sock, args.flush_interval).run(args.next_lsn, args.last_lsn)
+    persistence = Persistence(datadir, args.instance, sock, args.flush_interval, collector=Collector())
+    return persistence.run(args.next_lsn, args.last_lsn)

@@ -46,6 +46,10 @@ class Counters(TypedDict):
     wal_bytes_since_checkpoint: int
     wal_syncs: int
     recovered_records: int  # WAL records replayed at start-up
+    gc_pauses: int  # collections of the cyclic GC in the coordinator since it started (protobase/collector.py)
+    gc_longest_pause_ms: float  # the longest of them
+    gc_pause_total_ms: float  # all of them together
+    gc_freezes: int  # times its GC policy froze what survived a collection (start-up's too); 0: CPython's policy
 
 
 #: The keys of a "stats" reply, in schema order.
