@@ -553,10 +553,17 @@ static PyObject *frozen_list_of(Reader *r, PyObject *plain) {
 #define KEY_MAX_LENGTH 24
 static PyObject *recent_keys[KEY_SLOTS];
 
+/* A map key; text keys interned, as msgpack does: a lookup by a literal then matches by identity. */
+static PyObject *read_interned(Reader *r, int depth) {
+    PyObject *key = read_object(r, depth);
+    if (key != NULL && PyUnicode_CheckExact(key)) PyUnicode_InternInPlace(&key);
+    return key;
+}
+
 static PyObject *read_key(Reader *r, int depth) {
     unsigned char tag = r->at < r->end ? *r->at : 0;
     Py_ssize_t n = tag & 0x1f;
-    if ((tag & 0xe0) != 0xa0 || n > KEY_MAX_LENGTH || r->end - r->at < 1 + n) return read_object(r, depth);
+    if ((tag & 0xe0) != 0xa0 || n > KEY_MAX_LENGTH || r->end - r->at < 1 + n) return read_interned(r, depth);
     const unsigned char *text = r->at + 1;
     uint32_t hash = 2166136261u; /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++) hash = (hash ^ text[i]) * 16777619u;
@@ -567,8 +574,8 @@ static PyObject *read_key(Reader *r, int depth) {
         Py_INCREF(cached);
         return cached;
     }
-    PyObject *key = read_object(r, depth);
-    if (key != NULL && PyUnicode_IS_ASCII(key)) {
+    PyObject *key = read_interned(r, depth);
+    if (key != NULL && PyUnicode_CheckExact(key) && PyUnicode_IS_ASCII(key)) {
         Py_INCREF(key);
         Py_XSETREF(*slot, key);
     }
