@@ -144,7 +144,10 @@ assert collector.freezes > 10, collector.freezes
 assert frozen > 300_000, frozen  # the heap went to the permanent generation...
 assert largest_old < bound, (largest_old, bound)  # ...and the old generation never held much of it
 alive = sum(ref() is not None for ref in dead[:-5])  # (the last few may wait for the next collection)
-assert alive == 0, f"{alive} exception cycles made after start-up were never collected"
+# A collection that runs while a cycle is being built (inside cycle_of_an_exception) finds it
+# reachable and freezes it: the policy's known gap, one cycle at most per such collection, which
+# happened once in 195 on Python 3.10. Freezing them all would leave ~195.
+assert alive <= 3, f"{alive} exception cycles made after start-up were never collected"
 assert collector.audit() < 100  # what stayed frozen unreachable: cycles alive when frozen, none since
 print("ok", collector.freezes, frozen, largest_old)
 """

@@ -346,7 +346,9 @@ def test_a_handle_opened_while_the_coordinator_is_out_of_descriptors_gets_its_re
         started = time.monotonic()
         with pytest.raises(CoordinatorError, match=r"is out of file descriptors .* and refused this connection"):
             open_test_db(db.path)
-        assert time.monotonic() - started < 10  # not retried as if the coordinator were stopping
+        # Not retried as if the coordinator were stopping (that waits up to launcher.START_TIMEOUT, 600 s);
+        # the refusal itself took 10.3 s once on a loaded machine, hence the margin.
+        assert time.monotonic() - started < 60
     with db.transaction() as tx:
         tx.root["still"] = "served"
 
