@@ -1,11 +1,18 @@
-/* protobase.core.ccodec: the compiled twin of codec.py's value packing.
+/* protobase.core.ccodec: the compiled twins of the pure-Python hot paths of core/.
  *
- * Owns nothing of its own: it mirrors, function for function, the two
- * pure-Python functions of protobase/core/codec.py that every commit and every
- * cold read spends its time in:
+ * Owns nothing of its own: it mirrors, function for function, the
+ * pure-Python functions that every commit and every cold read spends its
+ * time in:
  *
- *     pack(value) -> bytes          codec.pack_python
- *     unpack(data, frozen, ref, ext_hook) -> value      codec.unpack_python
+ *     pack(value) -> bytes                            codec.pack_python
+ *     unpack(data, frozen, ref, ext_hook) -> value    codec.unpack_python
+ *     Ref(ptr, kind)                                  codec.Ref
+ *     freeze(value)                                   frozen.freeze_python
+ *     storable(value, depth) -> bool                  the fast path of codec.validate and
+ *                                                     client/writeset.check_keys (False: ask them)
+ *
+ * codec.py and frozen.py hand it their types and hooks (configure,
+ * configure_frozen) when they are imported.
  *
  * Runs in every process that imports protobase (clients, coordinator,
  * persistence), unless PROTOBASE_PURE_PYTHON=1 selects the fallback.
