@@ -19,7 +19,7 @@ import sys
 import warnings
 from types import ModuleType
 
-__all__ = ["PURE_PYTHON", "load", "loaded"]
+__all__ = ["PURE_PYTHON", "load"]
 
 #: Set in the environment to `1` to run the pure-Python modules even where the compiled ones are built.
 PURE_PYTHON = os.environ.get("PROTOBASE_PURE_PYTHON") == "1"
@@ -54,8 +54,3 @@ def load(name: str) -> ModuleType | None:
         return None
     _loaded[name] = True
     return module
-
-
-def loaded() -> dict[str, bool]:
-    """{compiled module name -> whether this process uses it}, for the ones asked for so far."""
-    return dict(_loaded)

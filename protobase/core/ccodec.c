@@ -5,7 +5,7 @@
  * time in:
  *
  *     pack(value) -> bytes                            codec.pack_python
- *     unpack(data, frozen, ref, ext_hook) -> value    codec.unpack_python
+ *     unpack(data, frozen, ref, opaque) -> value      codec.unpack_python
  *     Ref(ptr, kind)                                  codec.Ref
  *     freeze(value)                                   frozen.freeze_python
  *     storable(value, depth) -> bool                  the fast path of codec.validate and
@@ -24,7 +24,7 @@
  * Types this module does not encode itself (datetime, Decimal, UUID,
  * dataclasses, ints beyond 64 bits, transaction wrappers) are handed to the
  * Python `default` given to configure(), and extension codes it does not
- * decode itself to the `ext_hook` passed to unpack(): the Python code stays
+ * decode itself to its `rare_hook`: the Python code stays
  * the one definition of those formats. Decoding trusts nothing: every length
  * is checked against the bytes that remain before anything is allocated, and
  * every failure is a ValueError or TypeError (codec.decode makes it a
@@ -52,15 +52,14 @@
 
 /* Set by configure() (codec.py) and configure_frozen() (frozen.py); strong references kept for the
  * life of the process. */
-static PyObject *ref_type;     /* codec.Ref (the compiled one, unless PROTOBASE_PURE_PYTHON) */
 static PyObject *frozen_dict;  /* frozen.FrozenDict */
 static PyObject *frozen_list;  /* frozen.FrozenList */
 static PyObject *frozen_set;   /* frozen.FrozenSet */
 static PyObject *ext_type;     /* msgpack.ExtType */
 static PyObject *default_hook; /* codec's encoder of the types handled in Python */
+static PyObject *rare_hook;    /* codec's decoder of the extensions handled in Python */
 static PyObject *freeze_hook;  /* frozen.freeze_python, for whatever freeze() does not copy itself */
 static PyObject *decimal_type, *uuid_type, *datetime_type, *date_type; /* scalars of the stdlib */
-static PyObject *str_ptr, *str_kind;
 
 /* ---- Ref: a reference to a value stored in its own atom (codec.Ref, compiled) ------------- */
 
@@ -364,23 +363,9 @@ static int pack_ext_array(Buffer *b, int code, PyObject *items, int depth) {
 }
 
 /* 1: packed; 0: its fields are not those of a valid Ref (the Python default decides). */
-static int pack_ref(Buffer *b, PyObject *o) {
-    PyObject *ptr, *kind;
-    if (Py_TYPE(o) == &RefType) {
-        ptr = ((RefObject *)o)->ptr;
-        kind = ((RefObject *)o)->kind;
-        Py_INCREF(ptr);
-        Py_INCREF(kind);
-    } else if ((ptr = PyObject_GetAttr(o, str_ptr)) == NULL) {
-        return -1;
-    } else if ((kind = PyObject_GetAttr(o, str_kind)) == NULL) {
-        Py_DECREF(ptr);
-        return -1;
-    }
-    unsigned long long p = PyLong_Check(ptr) ? PyLong_AsUnsignedLongLong(ptr) : (unsigned long long)-1;
-    unsigned long long k = PyLong_Check(kind) ? PyLong_AsUnsignedLongLong(kind) : (unsigned long long)-1;
-    Py_DECREF(ptr);
-    Py_DECREF(kind);
+static int pack_ref(Buffer *b, RefObject *ref) {
+    unsigned long long p = PyLong_Check(ref->ptr) ? PyLong_AsUnsignedLongLong(ref->ptr) : (unsigned long long)-1;
+    unsigned long long k = PyLong_Check(ref->kind) ? PyLong_AsUnsignedLongLong(ref->kind) : (unsigned long long)-1;
     if (PyErr_Occurred()) PyErr_Clear();
     if (k >= 16 || p == (unsigned long long)-1) return 0;
     uint64_t word = ((uint64_t)k << REF_KIND_SHIFT) | (uint64_t)p;
@@ -446,8 +431,8 @@ static int pack_object(Buffer *b, PyObject *o, int depth, int may_default) {
     if (type == &PyDict_Type || (PyObject *)type == frozen_dict) return pack_dict(b, o, depth);
     if (type == &PyList_Type || (PyObject *)type == frozen_list) return pack_items(b, o, PyList_GET_SIZE(o), depth);
     if (type == &PyTuple_Type) return pack_ext_array(b, EXT_TUPLE, o, depth);
-    if (type == &RefType || (PyObject *)type == ref_type) {
-        if ((r = pack_ref(b, o)) != 0) return r < 0 ? -1 : 0;
+    if (type == &RefType) {
+        if ((r = pack_ref(b, (RefObject *)o)) != 0) return r < 0 ? -1 : 0;
         return pack_by_default(b, o, depth, may_default);
     }
     if (type == &PySet_Type || (PyObject *)type == frozen_set) return pack_ext_array(b, EXT_SET, o, depth);
@@ -482,7 +467,7 @@ typedef struct {
     const unsigned char *end;
     int frozen;
     PyObject *ref;      /* ref(ptr, kind) builds what a Ref decodes to; None: a codec.Ref */
-    PyObject *ext_hook; /* ext_hook(code, payload) decodes the extensions left to Python */
+    PyObject *frozen_arg, *opaque; /* unpack's arguments, handed back to rare_hook with the rare extensions */
 } Reader;
 
 static int truncated(void) {
@@ -626,10 +611,8 @@ static PyObject *read_ref(const unsigned char *payload, Py_ssize_t n, Reader *r)
     if (args[0] != NULL && args[1] != NULL) {
         if (r->ref != Py_None)
             result = PyObject_Vectorcall(r->ref, args, 2, NULL);
-        else if (ref_type == (PyObject *)&RefType)
-            result = ref_new_from(args[0], args[1]);
         else
-            result = PyObject_Vectorcall(ref_type, args, 2, NULL);
+            result = ref_new_from(args[0], args[1]);
     }
     Py_XDECREF(args[0]);
     Py_XDECREF(args[1]);
@@ -639,7 +622,9 @@ static PyObject *read_ref(const unsigned char *payload, Py_ssize_t n, Reader *r)
 /* The items (a list, or a tuple) of an extension whose payload is one msgpack array and nothing more. */
 static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, Reader *outer, int depth,
                                     int as_tuple) {
-    Reader r = {payload, payload + n, outer->frozen, outer->ref, outer->ext_hook};
+    Reader r = *outer;
+    r.at = payload;
+    r.end = payload + n;
     const unsigned char *tag;
     if (take(&r, 1, &tag) < 0) return NULL;
     uint64_t count;
@@ -674,7 +659,9 @@ static PyObject *read_ext(Reader *r, int code, Py_ssize_t n, int depth) {
         Py_DECREF(items);
         return result;
     }
-    return PyObject_CallFunction(r->ext_hook, "iy#", code, (const char *)payload, n);
+    /* rare_hook(code, payload, frozen, ref, opaque_dataclasses) */
+    return PyObject_CallFunction(rare_hook, "iy#OOO", code, (const char *)payload, n, r->frozen_arg, r->ref,
+                                 r->opaque);
 }
 
 static PyObject *read_sized(Reader *r, unsigned char tag, int depth) {
@@ -760,17 +747,17 @@ static PyObject *read_object(Reader *r, int depth) {
 
 static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "unpack(data, frozen, ref, ext_hook) takes 4 arguments");
+        PyErr_SetString(PyExc_TypeError, "unpack(data, frozen, ref, opaque_dataclasses) takes 4 arguments");
         return NULL;
     }
-    if (ref_type == NULL) {
+    if (rare_hook == NULL || frozen_dict == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "ccodec.configure() was not called");
         return NULL;
     }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     int frozen = PyObject_IsTrue(args[1]);
-    Reader r = {view.buf, (const unsigned char *)view.buf + view.len, frozen, args[2], args[3]};
+    Reader r = {view.buf, (const unsigned char *)view.buf + view.len, frozen, args[2], args[1], args[3]};
     PyObject *result = frozen < 0 ? NULL : read_object(&r, 0);
     if (result != NULL && r.at != r.end) {
         Py_CLEAR(result);
@@ -942,7 +929,7 @@ static PyObject *configure_frozen(PyObject *module, PyObject *args) {
 }
 
 static PyObject *configure(PyObject *module, PyObject *args) {
-    PyObject **slots[] = {&ref_type, &ext_type, &default_hook, &decimal_type, &uuid_type, &datetime_type, &date_type};
+    PyObject **slots[] = {&ext_type, &default_hook, &rare_hook, &decimal_type, &uuid_type, &datetime_type, &date_type};
     return keep(args, "OOOOOOO|O:configure", slots, 7);
 }
 
@@ -953,10 +940,10 @@ static PyMethodDef methods[] = {
      "storable(value, depth) -> bool: True only if codec.validate and the key checks accept value"},
     {"freeze", freeze, METH_O, "freeze(value): frozen.freeze_python, compiled"},
     {"configure", configure, METH_VARARGS,
-     "configure(Ref, ExtType, default, Decimal, UUID, datetime, date): what codec.py defines and uses"},
+     "configure(ExtType, default, rare_hook, Decimal, UUID, datetime, date): what codec.py defines and uses"},
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
     {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
-     "unpack(data, frozen, ref, ext_hook): codec.unpack_python, compiled"},
+     "unpack(data, frozen, ref, opaque_dataclasses): codec.unpack_python, compiled"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -965,9 +952,7 @@ static struct PyModuleDef module_definition = {
 };
 
 PyMODINIT_FUNC PyInit_ccodec(void) {
-    str_ptr = PyUnicode_InternFromString("ptr");
-    str_kind = PyUnicode_InternFromString("kind");
-    if (str_ptr == NULL || str_kind == NULL || PyType_Ready(&RefType) < 0) return NULL;
+    if (PyType_Ready(&RefType) < 0) return NULL;
     PyObject *module = PyModule_Create(&module_definition);
     if (module == NULL) return NULL;
     Py_INCREF(&RefType);

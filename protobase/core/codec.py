@@ -460,20 +460,21 @@ def unpack_python(
     return msgpack.unpackb(data, **_options(frozen, ref, opaque_dataclasses))
 
 
-def _compiled_unpack(
-    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
+def _rare_extension(
+    code: int, payload: bytes, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
 ) -> Any:
-    """unpack_python's signature on the compiled unpacker, which leaves the rare extensions to Python."""
-    return _unpack_compiled(data, frozen, ref, _options(frozen, ref, opaque_dataclasses)["ext_hook"])
+    """What the compiled unpacker leaves to Python (datetime, Decimal, UUID, dataclasses, big ints): decoded here."""
+    return _options(frozen, ref, opaque_dataclasses)["ext_hook"](code, payload)
 
 
 _compiled = native.load("protobase.core.ccodec")
 if _compiled is not None:
     Ref = _compiled.Ref  # type: ignore[misc]  # the same class, compiled: decoding builds it without a call
-    _compiled.configure(Ref, msgpack.ExtType, _default_for(_compiled.pack), Decimal, uuid.UUID, _dt.datetime, _dt.date)
-    _unpack_compiled = _compiled.unpack
+    _compiled.configure(
+        msgpack.ExtType, _default_for(_compiled.pack), _rare_extension, Decimal, uuid.UUID, _dt.datetime, _dt.date
+    )
     pack: Callable[[Any], bytes] = _compiled.pack
-    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, bool], Any] = _compiled_unpack
+    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, bool], Any] = _compiled.unpack
     storable: Callable[[Any, int], bool] = _compiled.storable
 else:
     pack = pack_python
