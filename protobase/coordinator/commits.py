@@ -190,6 +190,9 @@ class Commits:
         self.groups = 0  # groups they were applied in
         self.conflicts = 0  # commits refused for a conflict since start
         self.refusing = False  # True once durability failed: every commit is refused from then on
+        # While a compaction is made in steps, the ops of every commit applied meanwhile (reclamation.py
+        # replays them onto the copy), else None.
+        self.recording: list[bytes] | None = None
 
     def commit(
         self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes, reads: list[Any]
@@ -310,6 +313,8 @@ class Commits:
                 replies[index] = self.failure_reply()
             self.fail(str(error))
             return
+        if self.recording is not None:
+            self.recording.extend(applied.ops_bytes for applied in group.applied)
         for index, applied in zip(slots, group.applied):
             reply: Reply = ["ok", applied.seq, self._written_values(applied.ops, applied.paths)]
             if applied.sync:  # answered with the group, once its last record is durable

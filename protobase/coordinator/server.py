@@ -197,7 +197,13 @@ class Coordinator:
             changed=self.recovered.replayed > 0,
         )
         self.reclamation = Reclamation(
-            arena, self.writer, control, self.commits, self.checkpoints, compact_min_bytes=settings.compact_min_bytes
+            arena,
+            self.writer,
+            control,
+            self.commits,
+            self.checkpoints,
+            compact_min_bytes=settings.compact_min_bytes,
+            compact_in_steps_above=settings.compact_in_steps_above,
         )
         self.durability.start()
         try:
@@ -240,7 +246,8 @@ class Coordinator:
         tick = self.settings.tick
         try:
             while self.running:
-                for key, _ in self.selector.select(tick):
+                step_due = self.reclamation.due_in()  # a compaction in steps goes on while no commit comes
+                for key, _ in self.selector.select(tick if step_due is None else min(tick, step_due)):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self.watched_persistence:
@@ -248,6 +255,7 @@ class Coordinator:
                     elif key.fileobj in self.connections.clients:
                         self._read(key.fileobj)
                 self._commit_queued()
+                self.reclamation.advance()
                 now = time.monotonic()
                 if now - self.housekept_at >= tick:  # not on every wake-up: it scans the reader table
                     self.housekept_at = now
