@@ -1,23 +1,33 @@
 """Reclamation: copying compaction, and unlinking retired segments once nothing can reach them.
 
-Owns when to compact, the segments a compaction retired and when they may go,
-and what the coordinator knows of the readers that pin them. Runs in the
-coordinator process, in its event loop (a compaction runs between two
-commits, as part of the first).
+Owns when to compact, the compaction under way, the segments a compaction
+retired and when they may go, and what the coordinator knows of the readers
+that pin them. Runs in the coordinator process, in its event loop.
 
 Once the bytes appended since the last compaction exceed the live bytes then
 (and `compact_min_bytes`), every atom reachable from the root is copied into
 fresh segments and the copy becomes the latest root (commits.py publishes it
-in order). The old segments are unlinked once the copy is published and no
-reader's snapshot, nor a checkpoint being written (checkpoints.py), is older
-than it. A compaction is all or nothing: one that fails (/dev/shm full)
-unlinks its half-built copy and leaves the root, the generation and the
-retired segments as they were. While a reader still pins the previous
-compaction's segments, no automatic compaction starts (it could free
-nothing). A reader that is alive but stopped is named by `oldest_reader`.
+in order). A small database (up to `compact_in_steps_above` live bytes) is
+copied at once, between two commits. A larger one is copied in steps of at
+most COMPACTION_STEP_SECONDS between commits (`advance`, called by the loop):
+the copy is of the root the compaction started from, so the commits made
+meanwhile are recorded (commits.py) and replayed onto it, and the step that
+replays the last of them publishes it. Until then the generation keeps its
+start, so a checkpoint copies everything the latest root reaches.
+
+The old segments are unlinked once the copy is published and no reader's
+snapshot, nor a checkpoint being written (checkpoints.py), is older than it.
+A compaction that fails (/dev/shm full) changes no data: at once, its
+half-built copy is unlinked and the root, the generation and the retired
+segments stay as they were; in steps, the copy is dropped (its atoms share
+segments with the commits made meanwhile, so they wait for the next
+compaction). While a reader still pins the previous compaction's segments,
+no automatic compaction starts (it could free nothing). A reader that is
+alive but stopped is named by `oldest_reader`.
 
 Invariant: a segment is unlinked only when no published root, no snapshot in
-the reader table and no checkpoint in flight can reach it.
+the reader table and no checkpoint in flight can reach it; the latest root
+never points into a copy that is not finished.
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@ the life of the process from start to stop. One runs per data directory,
 guarded by an flock on `coordinator.lock`. It serves clients over the Unix
 socket in a single-threaded event loop, which is what serialises commits:
 `Coordinator` accepts connections, reads their frames and dispatches each
-request to the part that handles it:
+request to the part that handles it. The commits read in one pass of the
+loop (from every ready socket) are committed as one group at its end, and
+before any other request, so replies keep the order of the requests:
 
     clients.py       the connected clients: frames, memory bounds, replies, watchers
     commits.py       validating, applying and publishing commits (writer.py, conflicts.py)
     checkpoints.py   checkpoint and backup requests to the persistence process
-    reclamation.py   compaction and the unlinking of retired segments
+    reclamation.py   compaction (at once, or in steps between passes) and the unlinking of retired segments
     durability.py    the commit ring and the persistence process (its reports come in here)
     recovery.py      the state rebuilt from checkpoint and WAL at start-up
 
