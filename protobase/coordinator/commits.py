@@ -65,6 +65,7 @@ log = logging.getLogger("protobase.coordinator")
 
 DURABILITY_MODES = ("sync", "async")
 PRUNE_VERSIONS_ABOVE = 100_000  # paths in the version table past which housekeeping prunes it
+PRUNE_PATHS_PER_TICK = 20_000  # at most this many written paths forgotten per tick: a few ms
 
 Op = list[Any]  # [op code, key path (a list), argument]: one operation of a commit, as decoded
 Reply = list[Any]  # [status, *fields]: a reply without its request id
@@ -403,7 +404,7 @@ class Commits:
         """Forget the writes no transaction can be based before, once the version table grew large."""
         if len(self.versions) > PRUNE_VERSIONS_ABOVE:
             oldest = self.control.oldest_snapshot()
-            self.versions.prune(self.published_seq if oldest is None else oldest)
+            self.versions.prune(self.published_seq if oldest is None else oldest, budget=PRUNE_PATHS_PER_TICK)
 
     # -- a failed disk ----------------------------------------------------------------
 
