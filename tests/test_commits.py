@@ -345,6 +345,17 @@ def test_the_version_table_is_pruned_only_once_large(harness, monkeypatch):
     assert (len(harness.commits.versions), harness.commits.versions.horizon) == (2, 3)
 
 
+def test_the_history_of_one_key_written_again_and_again_is_pruned_too(harness, monkeypatch):
+    from protobase.coordinator import commits as commits_module
+
+    monkeypatch.setattr(commits_module, "PRUNE_VERSIONS_ABOVE", 4)
+    for number in range(10):
+        harness.commit("a", [OP_SET, ["counter"], number])
+    assert len(harness.commits.versions) == 1 and len(harness.commits.versions.history) == 10
+    harness.commits.prune_versions()  # no reader: up to the published seq
+    assert len(harness.commits.versions.history) == 0 and harness.commits.versions.horizon == 10
+
+
 # -- groups: the commits of one pass of the event loop ---------------------------------------------
 
 

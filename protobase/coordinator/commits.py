@@ -64,7 +64,7 @@ __all__ = ["Commits", "GroupFailed", "Pending", "Request", "parse_ops", "DURABIL
 log = logging.getLogger("protobase.coordinator")
 
 DURABILITY_MODES = ("sync", "async")
-PRUNE_VERSIONS_ABOVE = 100_000  # paths in the version table past which housekeeping prunes it
+PRUNE_VERSIONS_ABOVE = 100_000  # paths (or commits) in the version table past which housekeeping prunes it
 PRUNE_PATHS_PER_TICK = 20_000  # at most this many written paths forgotten per tick: a few ms
 
 Op = list[Any]  # [op code, key path (a list), argument]: one operation of a commit, as decoded
@@ -402,7 +402,7 @@ class Commits:
 
     def prune_versions(self) -> None:
         """Forget the writes no transaction can be based before, once the version table grew large."""
-        if len(self.versions) > PRUNE_VERSIONS_ABOVE:
+        if max(len(self.versions), len(self.versions.history)) > PRUNE_VERSIONS_ABOVE:  # (one hot key: a long history)
             oldest = self.control.oldest_snapshot()
             self.versions.prune(self.published_seq if oldest is None else oldest, budget=PRUNE_PATHS_PER_TICK)
 

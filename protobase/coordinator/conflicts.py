@@ -9,9 +9,10 @@ which rules out write skew.
 
 Invariant: `last_write[p]` is the sequence of the latest commit that wrote p
 exactly, `last_below[p]` the latest that wrote strictly below p, for every
-commit after `horizon`, and `history` holds each of those commits' paths. Entries at or before the horizon are pruned; a commit
-based before the horizon is refused as a conflict, conservatively, since its
-history is gone (it cannot happen while snapshots pin the reader table).
+commit after `horizon`, and `history` holds each of those commits' paths.
+Entries at or before the horizon are pruned; a commit based before the
+horizon is refused as a conflict, conservatively, since its history is gone
+(it cannot happen while snapshots pin the reader table).
 """
 
 from __future__ import annotations
