@@ -9,7 +9,9 @@ durable ones (ProtoBase `sync`, SQLite `FULL`, LMDB `sync=True`, Redis
 spawned process, all released at once, for `--seconds`; the stores' rounds
 are interleaved and repeated `--rounds` times, and each figure is the median
 of its rounds. Ratios are ProtoBase over the peer (above 1.00x ProtoBase is
-faster). Nothing is asserted; everything started is stopped.
+faster); for ProtoBase, how many commits the coordinator applied per group
+(one write and publish) and per WAL fsync. Nothing is asserted; everything
+started is stopped.
 """
 
 from __future__ import annotations
@@ -42,9 +44,17 @@ TIMEOUT = 600.0
 
 def _round(ref: tuple[str, str], store: Any, mode: str, writers: int, seconds: float) -> dict[str, float]:
     store.set_mode(mode)
+    db = getattr(store, "db", None)  # ProtoBase's: how its commits grouped
+    before = db.stats() if db is not None else None
     out = run_workers(ref, store.spec(), mode, "commits", writers, TIMEOUT, seconds=seconds, rate=None)
     latencies = [x for o in out for x in o["latencies"]]
-    return {"rate": sum(o["commits"] / o["seconds"] for o in out), "p99": percentile(latencies, 0.99)}
+    result = {"rate": sum(o["commits"] / o["seconds"] for o in out), "p99": percentile(latencies, 0.99)}
+    if db is not None and before is not None:
+        after = db.stats()
+        commits = after.commits - before.commits
+        result["per_group"] = commits / max(1, getattr(after, "commit_groups", 0) - getattr(before, "commit_groups", 0))
+        result["per_sync"] = commits / max(1, after.wal_syncs - before.wal_syncs)
+    return result
 
 
 def run(writer_counts: list[int], modes: list[str], rounds: int, seconds: float, records: int) -> int:
@@ -89,8 +99,10 @@ def _report(results: dict, writer_counts: list[int], modes: list[str], rounds: i
         f"\n{info['date']}; {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, load average at start "
         f"{info['load']}; medians of {rounds} rounds of {seconds:g} s"
     )
-    print("| writers | mode | store (setting) | commits/s | p99 ms | ProtoBase / store |")
-    print("|---:|---|---|---:|---:|---:|")
+    print(
+        "| writers | mode | store (setting) | commits/s | p99 ms | ProtoBase / store | commits per group, per fsync |"
+    )
+    print("|---:|---|---|---:|---:|---:|---|")
     for mode in modes:
         for writers in writer_counts:
             ours = results.get(("ProtoBase", mode, writers))
@@ -102,7 +114,12 @@ def _report(results: dict, writer_counts: list[int], modes: list[str], rounds: i
                 ratios = [o["rate"] / r["rate"] for o, r in zip(ours, rows)] if ours else []
                 ratio = f"{median(ratios):.2f}x" if ratios and name != "ProtoBase" else ""
                 setting = MODE_NAMES.get(name, {}).get(mode, mode)
-                print(f"| {writers} | {mode} | {name} ({setting}) | {rate:,.0f} | {p99:.2f} | {ratio} |")
+                grouping = ""
+                if "per_group" in rows[0]:
+                    grouping = (
+                        f"{median([r['per_group'] for r in rows]):.2f}, {median([r['per_sync'] for r in rows]):.2f}"
+                    )
+                print(f"| {writers} | {mode} | {name} ({setting}) | {rate:,.0f} | {p99:.2f} | {ratio} | {grouping} |")
 
 
 def main(argv: list[str] | None = None) -> int:
