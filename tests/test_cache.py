@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protobase.core.cache import AtomBytesCache, AtomObjectCache, CacheStats
+from protobase.core.cache import DEFAULT_CHARGE, AtomBytesCache, AtomObjectCache, CacheStats
 
 
 @pytest.mark.parametrize("capacity", [0, -1])
@@ -39,7 +39,7 @@ def test_stats_are_a_frozen_record_of_the_counters() -> None:
         if cache.get(ptr) is None:
             cache.put(ptr, (1, memoryview(b"payload")))
     stats = cache.stats()
-    assert stats == CacheStats("AtomBytesCache", entries=3, capacity=4, hits=2, misses=3)
+    assert stats == CacheStats("AtomBytesCache", entries=3, capacity=4, hits=2, misses=3, held_bytes=3 * DEFAULT_CHARGE)
     assert stats.hit_rate == pytest.approx(2 / 5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.hits = 0  # type: ignore[misc]
