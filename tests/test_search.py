@@ -347,3 +347,20 @@ def test_a_store_read_caches_the_record_and_no_node(trees: Trees) -> None:
     assert store.objects.held_bytes == sum(store.objects.charges.values())
     with pytest.raises(KeyError):
         store.get(root, "nobody")
+
+
+def test_a_clients_object_cache_is_bounded_by_bytes_and_the_coordinators_is_not(trees: Trees) -> None:
+    from protobase.core.store import DEFAULT_OBJECT_BYTES
+
+    assert trees.store.objects.max_bytes == DEFAULT_OBJECT_BYTES  # a reader without a writer: a client
+    assert Store(AtomReader(trees.reader.instance_id, writer=trees.arena)).objects.max_bytes is None
+    keys = [f"k{i:05d}" for i in range(2_000)]
+    root = trees.tree(
+        DICT_LEAF, keys, [Ref(trees.arena.append(VALUE, codec.encode({"n": i})), VALUE) for i in range(2_000)]
+    )
+    small = Store(trees.reader, object_bytes=50_000)
+    for key in keys:
+        small.get(root, key)
+        assert small.objects.held_bytes <= 50_000
+    assert 0 < len(small.objects.data) < 2_000
+    assert all(small.get(root, key) == {"n": i} for i, key in enumerate(keys))  # evicted ones decode again

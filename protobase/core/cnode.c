@@ -665,49 +665,73 @@ typedef struct {
     PyObject *fallback; /* fallback(root, key, leaf_kind): the decoded-node lookup, for other key types */
 } SearcherObject;
 
-/* The atom at `ptr`: its kind and payload bytes, `view` holding the buffer (release it). */
-static int open_atom(SearcherObject *self, uint64_t ptr, Py_buffer *view, Bytes *b, int *kind) {
-    PyObject *index = PyLong_FromUnsignedLongLong(ptr >> OFFSET_BITS);
-    if (index == NULL) return -1;
-    PyObject *segment = PyDict_GetItemWithError(self->buffers, index); /* borrowed */
-    Py_DECREF(index);
-    if (segment == NULL) {
-        if (PyErr_Occurred()) return -1;
-        /* not mapped yet: AtomReader.atom maps it (and checks the header) */
-        PyObject *pointer = PyLong_FromUnsignedLongLong(ptr);
-        if (pointer == NULL) return -1;
-        PyObject *found = PyObject_CallOneArg(self->atom, pointer);
-        Py_DECREF(pointer);
-        if (found == NULL) return -1;
-        if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
-            Py_DECREF(found);
-            PyErr_SetString(PyExc_TypeError, "atom(ptr) must return (kind, payload)");
-            return -1;
-        }
-        *kind = PyLong_AsLong(PyTuple_GET_ITEM(found, 0));
-        int failed = (*kind == -1 && PyErr_Occurred()) || open_bytes(PyTuple_GET_ITEM(found, 1), view, b) < 0;
-        Py_DECREF(found); /* the payload view stays alive through `view` */
-        return failed ? -1 : 0;
+/* The segment a walk reads, held from one node to the next while they share it (they mostly do). */
+typedef struct {
+    Py_buffer view;
+    int held;
+    uint64_t index; /* segment index of `view`; NO_SEGMENT when it holds one atom's payload only */
+} Mapping;
+
+#define NO_SEGMENT UINT64_MAX
+
+static void release(Mapping *m) {
+    if (m->held) PyBuffer_Release(&m->view);
+    m->held = 0;
+}
+
+/* Ask AtomReader.atom(ptr) for an atom whose segment is not mapped yet (it maps it): then read the
+ * segment, or, should it still not be among the buffers, the payload it returned. */
+static int map_through_hook(SearcherObject *self, Mapping *m, uint64_t ptr, Bytes *b, int *kind) {
+    PyObject *pointer = PyLong_FromUnsignedLongLong(ptr);
+    if (pointer == NULL) return -1;
+    PyObject *found = PyObject_CallOneArg(self->atom, pointer);
+    Py_DECREF(pointer);
+    if (found == NULL) return -1;
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
+        Py_DECREF(found);
+        PyErr_SetString(PyExc_TypeError, "atom(ptr) must return (kind, payload)");
+        return -1;
     }
-    if (open_bytes(segment, view, b) < 0) return -1;
-    uint64_t offset = ptr & OFFSET_MASK, size = (uint64_t)(b->end - b->at);
+    *kind = PyLong_AsLong(PyTuple_GET_ITEM(found, 0));
+    int failed = (*kind == -1 && PyErr_Occurred()) || open_bytes(PyTuple_GET_ITEM(found, 1), &m->view, b) < 0;
+    Py_DECREF(found); /* the payload stays alive through m->view */
+    if (failed) return -1;
+    m->held = 1;
+    m->index = NO_SEGMENT;
+    return 0;
+}
+
+/* The atom at `ptr`: its kind and payload bytes, read from the segment `m` holds (mapped first if
+ * another). Its header is checked as AtomReader.atom checks it. */
+static int open_atom(SearcherObject *self, Mapping *m, uint64_t ptr, Bytes *b, int *kind) {
+    uint64_t index = ptr >> OFFSET_BITS;
+    if (!m->held || m->index != index) {
+        release(m);
+        PyObject *key = PyLong_FromUnsignedLongLong(index);
+        if (key == NULL) return -1;
+        PyObject *segment = PyDict_GetItemWithError(self->buffers, key); /* borrowed */
+        Py_DECREF(key);
+        if (segment == NULL) return PyErr_Occurred() ? -1 : map_through_hook(self, m, ptr, b, kind);
+        if (PyObject_GetBuffer(segment, &m->view, PyBUF_SIMPLE) < 0) return -1;
+        m->held = 1;
+        m->index = index;
+    }
+    const unsigned char *base = m->view.buf;
+    uint64_t offset = ptr & OFFSET_MASK, size = (uint64_t)m->view.len;
+    char text[160];
     if (offset > size || size - offset < HEADER_SIZE) {
-        PyBuffer_Release(view);
-        char text[120];
         snprintf(text, sizeof text, "atom pointer %#llx is past the end of segment %llu", (unsigned long long)ptr,
-                 (unsigned long long)(ptr >> OFFSET_BITS));
+                 (unsigned long long)index);
         PyErr_SetString(corruption_error, text);
         return -1;
     }
-    const unsigned char *h = b->at + offset;
+    const unsigned char *h = base + offset;
     uint32_t word = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
     uint32_t length = word & MAX_PAYLOAD;
     *kind = (int)(word >> LENGTH_BITS);
     if (size - offset - HEADER_SIZE < length || *kind < VALUE || *kind > INDEXED) {
-        PyBuffer_Release(view);
-        char text[160];
         snprintf(text, sizeof text, "atom %#llx has a bad header (length %u, kind %d) in segment %llu",
-                 (unsigned long long)ptr, (unsigned)length, *kind, (unsigned long long)(ptr >> OFFSET_BITS));
+                 (unsigned long long)ptr, (unsigned)length, *kind, (unsigned long long)index);
         PyErr_SetString(corruption_error, text);
         return -1;
     }
@@ -735,25 +759,24 @@ static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py
     if (ok == 0) return PyObject_Vectorcall(self->fallback, args, 3, NULL);
     if (ptr == 0) return key_error(k.key);
     PyObject *slot = NULL;
+    Mapping m = {.held = 0};
     for (int depth = 0;; depth++) {
         if (depth > MAX_DEPTH) {
             corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
             break;
         }
-        Py_buffer view;
         Bytes b;
         int kind;
-        if (open_atom(self, ptr, &view, &b, &kind) < 0) break;
+        if (open_atom(self, &m, ptr, &b, &kind) < 0) break;
         if (kind == leaf_kind) {
             slot = leaf_slot_of(kind, &b, &k);
-            PyBuffer_Release(&view);
             break;
         }
         uint64_t child = kind == leaf_kind + 1 ? branch_child_of(&b, &k) : (corrupt_at(ptr, "not a node of its tree"), 0);
-        PyBuffer_Release(&view);
         if (child == 0) break;
         ptr = child;
     }
+    release(&m);
     Py_XDECREF(k.ordered);
     return slot;
 }
@@ -763,13 +786,13 @@ static PyObject *searcher_value(SearcherObject *self, PyObject *const *args, Py_
     if (nargs != 2) return PyErr_Format(PyExc_TypeError, "value(ptr, ref) takes 2 arguments");
     uint64_t ptr;
     if (take_pointer(args[0], &ptr) < 0) return NULL;
-    Py_buffer view;
+    Mapping m = {.held = 0};
     Bytes b;
     int kind;
-    if (open_atom(self, ptr, &view, &b, &kind) < 0) return NULL;
+    if (open_atom(self, &m, ptr, &b, &kind) < 0) return release(&m), NULL;
     PyObject *value = decode_range(b.at, b.end, 1, args[1]);
     Py_ssize_t length = b.end - b.at;
-    PyBuffer_Release(&view);
+    release(&m);
     if (value == NULL) return NULL;
     untrack(value, 0);
     return Py_BuildValue("(Nn)", value, length);
