@@ -20,7 +20,9 @@ a rotating order, starts a fresh reader process that:
 4. reads `--gets` *other* distinct keys: the *tree-warm* pass (the branches
    and some leaves were read before, the records were not);
 5. reads the first keys again, best of 20 passes: the *warm* pass (for
-   ProtoBase the view's memo; for LMDB the OS page cache).
+   ProtoBase the view's memo; for LMDB the OS page cache);
+6. ProtoBase only: walks to the second keys again, with the compiled walk
+   over the nodes' bytes and with the walk over decoded, cached nodes.
 
 A plain dict of the same records, built in its reader process, gives the
 warm floor. Medians of the rounds; ratios are ProtoBase's speed over the
@@ -113,6 +115,7 @@ def reader(store: str, path: str, count: int, gets: int, seed: int) -> dict[str,
                 return users[key]["score"]
 
             results.update(measure(get, first, second))
+            results.update(walks(db.session.store, users.ptr, second))
     elif store == "LMDB":
         import lmdb
 
@@ -149,6 +152,28 @@ def measure(get: Any, first: list[str], second: list[str]) -> dict[str, float]:
         "tree-warm us/get": tree_warm,
         "tree-warm CPU us/get": tree_warm_cpu,
         "warm us/get": warm,
+    }
+
+
+def walks(store: Any, root: int, keys: list[str]) -> dict[str, float]:
+    """CPU us per walk from the collection's root to a key's slot, on nodes already read: the compiled
+    walk over the encoded bytes against the walk over decoded, cached nodes (the first decoded pass
+    decodes and caches them; the second is timed). Tells whether caching decoded nodes would help."""
+    from protobase.core.arena import DICT_LEAF
+
+    if not hasattr(store, "searcher"):  # a ProtoBase from before the compiled walk (a before/after run)
+        return {}
+
+    def per_walk(lookup: Any) -> float:
+        start = time.process_time()
+        for key in keys:
+            lookup(root, key, DICT_LEAF)
+        return (time.process_time() - start) / len(keys) * 1e6
+
+    per_walk(store.access.lookup)
+    return {
+        "walk, bytes CPU us": per_walk(store.searcher.lookup),
+        "walk, decoded CPU us": per_walk(store.access.lookup),
     }
 
 
@@ -203,8 +228,8 @@ def report(samples: dict[str, dict[str, list[float]]]) -> None:
     names = list(samples["ProtoBase"])
     print(f"\n{'median of rounds':22s}" + "".join(f"{store:>14s}" for store in STORES) + "   PB vs LMDB   PB vs dict")
     for name in names:
-        values = {store: median(samples[store][name]) for store in STORES}
-        row = f"{name:22s}" + "".join(f"{values[store]:14.2f}" for store in STORES)
+        values = {store: median(samples[store][name]) if name in samples[store] else None for store in STORES}
+        row = f"{name:22s}" + "".join("{:>14s}".format(f"{v:.2f}" if v is not None else "-") for v in values.values())
         if name.endswith("us/get"):
             row += f"   {values['LMDB'] / values['ProtoBase']:9.2f}x   {values['dict'] / values['ProtoBase']:9.2f}x"
         print(row)

@@ -364,3 +364,36 @@ def test_a_clients_object_cache_is_bounded_by_bytes_and_the_coordinators_is_not(
         assert small.objects.held_bytes <= 50_000
     assert 0 < len(small.objects.data) < 2_000
     assert all(small.get(root, key) == {"n": i} for i, key in enumerate(keys))  # evicted ones decode again
+
+
+def test_damaged_nodes_walked_again_through_their_index_give_corruption_errors_too() -> None:
+    """The compiled walk indexes a node it walks through a second time: damage must be seen then too."""
+    rng = random.Random(21)
+    keys = [f"k{i:03d}" for i in range(MAX_ENTRIES)]
+    leaf = atom(DICT_LEAF, encode_node(Node(DICT_LEAF, keys, [Ref(8 * i + 8, VALUE) for i in range(MAX_ENTRIES)])))
+    outcomes = set()
+    for _ in range(400):
+        damaged = bytearray(leaf)
+        for _ in range(rng.randint(1, 3)):
+            damaged[rng.randrange(4, len(damaged))] = rng.randrange(256)  # the header stays whole
+        buffers, (ptr,) = segment_of(bytes(damaged))
+        for searcher in searchers_over(buffers):
+            for probe in rng.sample(keys, 3) * 2:  # each probe twice: the second walk reads the index
+                try:
+                    searcher.lookup(ptr, probe, DICT_LEAF)
+                    outcomes.add("answered")
+                except CorruptionError:
+                    outcomes.add("corrupt")
+                except KeyError:
+                    outcomes.add("absent")
+    assert "corrupt" in outcomes
+
+
+def test_a_walk_through_indexed_nodes_finds_what_the_first_walk_found(trees: Trees) -> None:
+    keys = mixed_keys(3_000, seed=9)
+    root = trees.tree(DICT_LEAF, keys, list(range(len(keys))))
+    searcher = trees.searchers()[-1]
+    first = [outcome(searcher.lookup, root, key, DICT_LEAF) for key in keys]
+    for _ in range(2):  # every node now walked through more than once: indexed
+        assert [outcome(searcher.lookup, root, key, DICT_LEAF) for key in keys] == first
+    assert first == [("ok", (int, i)) for i in range(len(keys))]

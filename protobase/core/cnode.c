@@ -66,6 +66,9 @@
 
 /* A 64-way tree of 2^40-byte segments is far shallower than this: deeper is a cycle. */
 #define MAX_DEPTH 64
+/* Node indexes (see build_index): slots of the table, and the widest node indexed. */
+#define INDEX_SLOTS 2048
+#define INDEX_MAX_ENTRIES 256
 /* Values up to this many bytes are decoded from a copy (see decode_range). */
 #define COPY_BELOW 4096
 /* msgpack-python's unpacker nests at most this deep (as ccodec.c does). */
@@ -446,7 +449,7 @@ static int compare_next(Key *k, Bytes *b) {
     }
     int rank = tag_rank(b);
     if (rank == RANK_NOT_KEY) return corrupt("a key of a type no key can have"), -2;
-    if (rank != RANK_DECODE && rank != k->rank && k->rank != RANK_DATETIME && k->rank != RANK_AWARE) {
+    if (rank != RANK_DECODE && rank != k->rank) { /* known families apart (a datetime's is RANK_DECODE) */
         if (skip(b, 0) < 0) return -2;
         return k->rank < rank ? -1 : 1;
     }
@@ -656,6 +659,107 @@ static int untrack(PyObject *o, int depth) {
     return settled;
 }
 
+/* ---- node indexes: decode-on-second-touch, in C -------------------------------------------
+ *
+ * A walk scans a node's keys in order (msgpack has no offsets), ~350 ns for 64 entries. A node
+ * walked through a second time (the branches near the root on every read; the leaves of a hot
+ * range) gets an index: the offsets of its keys and values in its payload, so a search is a
+ * binary search (about 6 comparisons) and the value is read in place. Nothing is decoded into
+ * Python objects: an index takes 8 bytes an entry, a decoded 64-entry node 9 KB. The table is
+ * direct-mapped by pointer, INDEX_SLOTS slots (at most ~1.2 MB), so it is bounded whatever is read;
+ * a pointer names one immutable atom forever, so an index never goes stale, and it is only used
+ * after the atom's own bytes were reached (its segment still mapped). */
+
+typedef struct NodeIndex {
+    uint64_t ptr;
+    uint32_t keys, values;  /* entries: keys (separators), values (children); 0 values for a set leaf */
+    uint32_t offsets[];     /* keys offsets, then values offsets, from the payload's start */
+} NodeIndex;
+
+static uint32_t slot_of(uint64_t ptr) { return (uint32_t)((ptr >> 2) * UINT64_C(0x9E3779B97F4A7C15) >> 53) % INDEX_SLOTS; }
+
+/* Index the node whose payload is [base, end): its shape checked as a scan checks it. */
+static NodeIndex *build_index(uint64_t ptr, int kind, const unsigned char *base, const unsigned char *end) {
+    Bytes b = {base, end};
+    int branch = is_branch_kind(kind);
+    uint64_t keys, values = 0;
+    if (open_node(&b, kind == DICT_LEAF ? 2 : kind == SET_LEAF ? 1 : 3) < 0 || take_array(&b, &keys) < 0) return NULL;
+    if (keys > INDEX_MAX_ENTRIES) return NULL; /* not a node the coordinator writes: scan it */
+    NodeIndex *index = PyMem_Malloc(sizeof(NodeIndex) + sizeof(uint32_t) * (2 * keys + 1));
+    if (index == NULL) return (NodeIndex *)PyErr_NoMemory();
+    index->ptr = ptr;
+    index->keys = (uint32_t)keys;
+    index->values = 0;
+    for (uint64_t i = 0; i < keys; i++) {
+        index->offsets[i] = (uint32_t)(b.at - base);
+        if (skip(&b, 0) < 0) goto fail;
+    }
+    if (kind != SET_LEAF) {
+        if (take_array(&b, &values) < 0) goto fail;
+        if (values != keys + (uint64_t)branch) {
+            corrupt("has mismatched key, value and size counts");
+            goto fail;
+        }
+        for (uint64_t i = 0; i < values; i++) {
+            index->offsets[keys + i] = (uint32_t)(b.at - base);
+            if (skip_items(&b, 1, 0) < 0) goto fail;
+        }
+        index->values = (uint32_t)values;
+    }
+    return index;
+fail:
+    PyMem_Free(index);
+    return NULL;
+}
+
+/* bisect (right for a branch, left for a leaf) over an indexed node; -1 with an exception set. */
+static int64_t indexed_bisect(NodeIndex *index, const unsigned char *base, const unsigned char *end, Key *k,
+                              int right, int *equal) {
+    uint32_t lo = 0, hi = index->keys;
+    *equal = 0;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        Bytes e = {base + index->offsets[mid], end};
+        int c = compare_next(k, &e);
+        if (c == -2) return -1;
+        if (c < 0 || (!right && c == 0)) {
+            hi = mid;
+            if (c == 0) *equal = 1;
+        } else
+            lo = mid + 1;
+    }
+    if (!right && *equal) { /* the first key not below k: equal only if it is the one compared equal */
+        Bytes e = {base + index->offsets[lo], end};
+        int c = lo < index->keys ? compare_next(k, &e) : 1;
+        if (c == -2) return -1;
+        *equal = c == 0;
+    }
+    return lo;
+}
+
+/* The child pointer an indexed branch leads `k` to; 0 with an exception set. */
+static uint64_t indexed_child(NodeIndex *index, const unsigned char *base, const unsigned char *end, Key *k) {
+    int equal;
+    int64_t i = indexed_bisect(index, base, end, k, 1, &equal);
+    if (i < 0) return 0;
+    const unsigned char *at = base + index->offsets[index->keys + i];
+    int negative;
+    uint64_t child;
+    if (at >= end || !encoded_integer(at, end, &negative, &child) || negative || child == 0 || *at == 0xc2 || *at == 0xc3)
+        return corrupt("a child pointer is not a pointer"), 0;
+    return child;
+}
+
+/* The slot an indexed leaf holds under `k`; KeyError if none. */
+static PyObject *indexed_slot(NodeIndex *index, int kind, const unsigned char *base, const unsigned char *end, Key *k) {
+    int equal;
+    int64_t i = indexed_bisect(index, base, end, k, 0, &equal);
+    if (i < 0) return NULL;
+    if (!equal) return key_error(k->key);
+    Bytes e = {base + index->offsets[kind == SET_LEAF ? (uint32_t)i : index->keys + (uint32_t)i], end};
+    return decode_next(&e);
+}
+
 /* ---- Searcher: walks from a tree's root to an entry, reading segments in place ---------- */
 
 typedef struct {
@@ -663,6 +767,8 @@ typedef struct {
     PyObject *buffers;  /* AtomReader.buffers: {segment index -> memoryview of the mapped segment} */
     PyObject *atom;     /* AtomReader.atom(ptr) -> (kind, payload): maps a segment on first use */
     PyObject *fallback; /* fallback(root, key, leaf_kind): the decoded-node lookup, for other key types */
+    uint64_t seen[INDEX_SLOTS];       /* {slot -> pointer of the node last walked through it once} */
+    struct NodeIndex *index[INDEX_SLOTS]; /* {slot -> the index of a node walked through twice}, or NULL */
 } SearcherObject;
 
 /* The segment a walk reads, held from one node to the next while they share it (they mostly do). */
@@ -745,6 +851,39 @@ static int take_pointer(PyObject *o, uint64_t *ptr) {
     return (*ptr == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* The index of the node at `ptr` if it has one, or builds one if it was walked through before;
+ * NULL otherwise (scan it), or NULL with an exception for a malformed node. The index is taken out
+ * of the table while in use (a comparison may run Python code, and another thread a walk that
+ * would replace it): give_back() returns it. */
+static NodeIndex *indexed(SearcherObject *self, uint64_t ptr, int kind, Bytes *b) {
+    uint32_t slot = slot_of(ptr);
+    NodeIndex *index = self->index[slot];
+    if (index != NULL && index->ptr == ptr) {
+        self->index[slot] = NULL;
+        return index;
+    }
+    if (self->seen[slot] != ptr) {
+        self->seen[slot] = ptr;
+        return NULL;
+    }
+    return build_index(ptr, kind, b->at, b->end);
+}
+
+static void give_back(SearcherObject *self, NodeIndex *index) {
+    if (index == NULL) return;
+    uint32_t slot = slot_of(index->ptr);
+    PyMem_Free(self->index[slot]); /* another node's index (or one a concurrent walk built): ours is newer */
+    self->index[slot] = index;
+}
+
+static void forget_indexes(SearcherObject *self) {
+    for (int i = 0; i < INDEX_SLOTS; i++) {
+        PyMem_Free(self->index[i]);
+        self->index[i] = NULL;
+        self->seen[i] = 0;
+    }
+}
+
 /* lookup(root, key, leaf_kind) -> the slot under key (a set tree: the key); KeyError if absent */
 static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) return PyErr_Format(PyExc_TypeError, "lookup(root, key, leaf_kind) takes 3 arguments");
@@ -768,11 +907,19 @@ static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py
         Bytes b;
         int kind;
         if (open_atom(self, &m, ptr, &b, &kind) < 0) break;
-        if (kind == leaf_kind) {
-            slot = leaf_slot_of(kind, &b, &k);
+        if (kind != leaf_kind && kind != leaf_kind + 1) {
+            corrupt_at(ptr, "not a node of its tree");
             break;
         }
-        uint64_t child = kind == leaf_kind + 1 ? branch_child_of(&b, &k) : (corrupt_at(ptr, "not a node of its tree"), 0);
+        NodeIndex *index = indexed(self, ptr, kind, &b);
+        if (index == NULL && PyErr_Occurred()) break;
+        if (kind == leaf_kind) {
+            slot = index != NULL ? indexed_slot(index, kind, b.at, b.end, &k) : leaf_slot_of(kind, &b, &k);
+            give_back(self, index);
+            break;
+        }
+        uint64_t child = index != NULL ? indexed_child(index, b.at, b.end, &k) : branch_child_of(&b, &k);
+        give_back(self, index);
         if (child == 0) break;
         ptr = child;
     }
@@ -824,6 +971,7 @@ static int searcher_traverse(SearcherObject *self, visitproc visit, void *arg) {
 }
 
 static int searcher_clear(SearcherObject *self) {
+    forget_indexes(self);
     Py_CLEAR(self->buffers);
     Py_CLEAR(self->atom);
     Py_CLEAR(self->fallback);
