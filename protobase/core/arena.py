@@ -132,6 +132,35 @@ class ArenaWriter:
         self.allocated_bytes += padded
         return make_pointer(self.current_index, offset)
 
+    def append_many(self, kind: int, payloads: list[bytes]) -> list[int]:
+        """Write atoms of one kind back to back; return their AtomPointers, in order.
+
+        The same atoms, at the same places, as `append` called for each; one
+        copy into the segment for all of them (a bulk load writes millions of
+        small records, and each `append` costs a dozen Python steps).
+        """
+        sizes = [atom_size(len(payload)) for payload in payloads]
+        total = sum(sizes)
+        current = self.current
+        if current is None or self.used + total > current.size or max(map(len, payloads), default=0) > MAX_PAYLOAD:
+            return [self.append(kind, payload) for payload in payloads]  # a new segment on the way, or an error
+        parts: list[bytes] = []
+        pointers: list[int] = []
+        offset = self.used
+        base = make_pointer(self.current_index, 0)
+        for payload, size in zip(payloads, sizes):
+            parts.append(HEADER.pack(kind << LENGTH_BITS | len(payload)))
+            parts.append(payload)
+            padding = size - HEADER.size - len(payload)
+            if padding:
+                parts.append(bytes(padding))  # what `append` leaves there: a fresh segment's zeros
+            pointers.append(base + offset)
+            offset += size
+        current.buf[self.used : offset] = b"".join(parts)
+        self.used = offset
+        self.allocated_bytes += total
+        return pointers
+
     def start_generation(self, expected_bytes: int = 0) -> int:
         """Begin appending in a fresh segment sized for `expected_bytes`; return its index.
 

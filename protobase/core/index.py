@@ -255,6 +255,12 @@ def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bo
 
 def index_entries(record: Any, field: IndexName, resolve: Callable[[Any], Any] | None = None) -> set[tuple[int, Any]]:
     """The (kind, value) entries `record` contributes to the index named `field`."""
+    if type(record) is dict and type(field) is str and "." not in field:
+        # The common record, on the path of every bulk load and index build: a plain dict whose
+        # field holds a str or an int, which `resolve` leaves as it is (it only reads stored forms).
+        value = record.get(field, MISSING)
+        if type(value) is str or type(value) is int:
+            return {(VALUE_ENTRY, value)}
     if isinstance(field, str):
         return entries(field_value(record, field_path(field), resolve))
     values = tuple(field_value(record, field_path(part), resolve) for part in field)
