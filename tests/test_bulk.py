@@ -411,3 +411,35 @@ def test_a_coordinator_killed_during_bulk_commits_loses_no_acknowledged_one(data
             assert set(range(1, floor + 1)) <= rounds, f"acknowledged rounds 1..{floor}, found {sorted(rounds)}"
             assert rounds == set(range(1, max(rounds) + 1)), "a commit was applied in part"
             assert len(users) == 5_000 * len(rounds), "a commit was applied in part"
+
+
+# -- the client: TxDict.update, the bulk write -----------------------------------------------
+
+
+def test_update_records_what_assigning_each_key_records(db):
+    records = {f"u{i}": {"n": i, "tags": ["a"]} for i in range(300)}
+    with db.transaction() as tx:
+        tx.root["a"] = {}
+        tx.root["b"] = {}
+    with db.transaction() as tx:
+        tx.root["a"].update(records, extra=1)
+        tx.root["a"].update([("u1", {"n": -1})])
+        for key, value in {**records, "extra": 1, "u1": {"n": -1}}.items():
+            tx.root["b"][key] = value
+        assert dict(tx.root["a"].items()) == dict(tx.root["b"].items())
+    with db.snapshot() as snap:
+        assert len(snap.root["a"]) == 301 and snap.root["a"] == snap.root["b"]
+
+
+def test_update_with_a_value_that_cannot_be_stored_names_it_and_records_nothing(db):
+    from protobase import EncodingError
+
+    with db.transaction() as tx:
+        tx.root["users"] = {}
+    with db.transaction() as tx:
+        with pytest.raises(EncodingError, match=r"users.*'bad'"):
+            tx.root["users"].update({"good": 1, "bad": object()})
+        assert "good" not in tx.root["users"]
+        tx.root["users"]["other"] = 2
+    with db.snapshot() as snap:
+        assert dict(snap.root["users"]) == {"other": 2}

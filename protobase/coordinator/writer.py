@@ -51,7 +51,7 @@ from protobase.core.btree import (
     sorted_keys,
 )
 from protobase.core.codec import Ref
-from protobase.core.index import IndexedColl, index_entries
+from protobase.core.index import IndexedColl, collect_entries, index_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.query.fields import MISSING
@@ -85,6 +85,8 @@ Op = tuple[int, KeyPath, Any]  # (op code, key path, argument): one operation, a
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 # Values a record may hold and still be written by `_flat_record`'s fast path (str and bytes: when short).
 _FLAT_SCALARS = frozenset({int, float, bool, type(None)})
+# What the packer raises for a value it cannot encode as it is (a Node inside; codec.encode's list).
+_PACK_ERRORS = (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError)
 
 
 class _ReferenceFromClient(Exception):
@@ -262,15 +264,13 @@ class Writer:
         replaced = dict(replaced_pairs)  # {key -> the stored value it had}
         indexes: dict[IndexName, Node | int] = {}
         for field, root in collection.indexes.items():
-            added: list[tuple[int, Any, Any]] = []
+            added = collect_entries(((key, batch[key]) for key in keys if key not in replaced), field, self._readable)
             removed: list[tuple[int, Any, Any]] = []
-            for key, value in zip(keys, values):
-                after = index_entries(self._readable(value), field, self._readable)
-                if key in replaced:
-                    before = index_entries(self._readable(replaced[key]), field, self._readable)
-                    removed.extend((kind, item, key) for kind, item in before - after)
-                    after -= before
-                added.extend((kind, item, key) for kind, item in after)
+            for key, old in replaced.items():  # overwritten records: only the entries that changed
+                before = index_entries(self._readable(old), field, self._readable)
+                after = index_entries(self._readable(batch[key]), field, self._readable)
+                removed.extend((kind, item, key) for kind, item in before - after)
+                added.extend((kind, item, key) for kind, item in after - before)
             for entry in removed:
                 root = self.access.remove(root, entry, SET_LEAF)[0]
             if added:
@@ -350,11 +350,7 @@ class Writer:
             return IndexedColl(target.data, indexes) if indexes else self.access.node(target.data, DICT_LEAF)
 
         if field not in indexes:
-            found = [
-                (kind, value, key)
-                for key, slot in self.access.items(target.data)
-                for kind, value in index_entries(self._readable(slot), field, self._readable)
-            ]
+            found = collect_entries(self.access.items(target.data), field, self._readable)
             indexes[field] = self.access.build(SET_LEAF, sorted_keys(found), None)
         return IndexedColl(target.data, indexes)
 
@@ -498,23 +494,28 @@ class Writer:
     def _write_leaf(self, values: list[Any]) -> list[Any]:
         """A leaf's values in their stored form: `write_value` of each, small records in one copy.
 
-        A bulk load's leaves hold 64 new records each; appending their atoms
-        together (`ArenaWriter.append_many`) saves most of the per-record cost.
+        A bulk load's leaves hold 64 new records each; encoding each in one call
+        and appending their atoms together (`ArenaWriter.append_many`) saves
+        most of the per-record cost. The loop inlines `_flat_record`'s test.
         """
         stored = values[:]
         flat: list[int] = []  # positions of the small records
         payloads: list[bytes] = []
-        dict_limit = self.flat_limit[dict]
+        dict_limit, surely_flat_bytes, pack = self.flat_limit[dict], self.surely_flat_bytes, codec.pack
         for position, value in enumerate(values):
             kind = type(value)
-            if kind in _STORED_AS_IS:
+            if kind is dict:
+                if len(value) <= dict_limit:
+                    try:
+                        payload = pack(value)
+                    except _PACK_ERRORS:  # a working tree inside, or a value the general path names
+                        payload = b""
+                    if payload and (len(payload) <= surely_flat_bytes or self._plain_record(value, payload)):
+                        flat.append(position)
+                        payloads.append(payload)
+                        continue
+            elif kind in _STORED_AS_IS:
                 continue
-            if kind is dict and len(value) <= dict_limit:
-                payload = self._flat_record(value)
-                if payload is not None:
-                    flat.append(position)
-                    payloads.append(payload)
-                    continue
             stored[position] = self.write_value(value)
         if payloads:
             written = self.flat_written
@@ -589,19 +590,23 @@ class Writer:
         """
         try:
             payload = codec.pack(record)
-        except TypeError:  # a Node or an IndexedColl inside: only the general path writes those
+        except _PACK_ERRORS:
             return None
-        if len(payload) <= self.surely_flat_bytes:
+        if len(payload) <= self.surely_flat_bytes or self._plain_record(record, payload):
             return payload
+        return None
+
+    def _plain_record(self, record: dict[Any, Any], payload: bytes) -> bool:
+        """Whether `record`, encoded as `payload`, holds only scalars and short text and is not too big."""
         inline_bytes = self.inline_bytes
         for item in record.values():
             kind = type(item)
             if kind is str or kind is bytes:
                 if len(item) > inline_bytes:
-                    return None
+                    return False
             elif kind not in _FLAT_SCALARS:
-                return None
-        return payload if len(payload) <= self.flat_max_bytes else None
+                return False
+        return len(payload) <= self.flat_max_bytes
 
     def _indexed_payload(self, collection: IndexedColl) -> bytes:
         return codec.encode(
@@ -634,8 +639,11 @@ class Writer:
             return None
 
         if kind is dict:
-            keys = sorted_keys(value)
-            return self.access.build(DICT_LEAF, keys, [value[key] for key in keys])
+            keys = list(value)
+            ordered = sorted_keys(keys)
+            # Records are often inserted in key order: then the values are in order too, no lookups.
+            values = list(value.values()) if ordered == keys else [value[key] for key in ordered]
+            return self.access.build(DICT_LEAF, ordered, values)
         if kind is list:
             return self.access.build(LIST_LEAF, None, list(value))
         return self.access.build(SET_LEAF, sorted_keys(value), None)

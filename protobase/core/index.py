@@ -30,7 +30,7 @@ collection's records produce.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from protobase.core.arena import SET_LEAF
@@ -45,6 +45,7 @@ __all__ = [
     "Postings",
     "entries",
     "index_entries",
+    "collect_entries",
     "scan_between",
     "scan_equal",
     "scan_range",
@@ -267,6 +268,28 @@ def index_entries(record: Any, field: IndexName, resolve: Callable[[Any], Any] |
     if any(value is MISSING for value in values) or not is_key(values):
         return set()
     return {(VALUE_ENTRY, values)}
+
+
+def collect_entries(
+    records: Iterable[tuple[Any, Any]], field: IndexName, resolve: Callable[[Any], Any]
+) -> list[tuple[int, Any, Any]]:
+    """Every index entry `(kind, value, key)` of the `(key, record)` pairs, in their order: an index build.
+
+    `resolve` turns a stored record (and each step into it) into a readable
+    one, as for `index_entries`. The same entries as `index_entries` of each
+    record, a million records faster: a plain dict whose one-segment field
+    holds a str or an int costs one lookup and one tuple here.
+    """
+    found: list[tuple[int, Any, Any]] = []
+    simple = type(field) is str and "." not in field
+    for key, record in records:
+        if simple and type(record) is dict:
+            value = record.get(field, MISSING)
+            if type(value) is str or type(value) is int:
+                found.append((VALUE_ENTRY, value, key))
+                continue
+        found.extend((kind, value, key) for kind, value in index_entries(resolve(record), field, resolve))
+    return found
 
 
 def _entry_bound(value_key: OrderKey) -> OrderKey:
