@@ -14,7 +14,9 @@ committed:
   `create_index("city")` and `create_index("score")` in that transaction;
   "update" merges the records into an existing empty `users` with
   `tx.root["users"].update(records)` (one SET per record), "update + 2
-  indexes" into one that already has both indexes;
+  indexes" into one that already has both indexes (these two take the merge
+  path once commits.py applies a commit through `Writer.apply_all`; before
+  that they path-copy one key at a time and take minutes at 1M records);
 * SQLite WAL (`synchronous=NORMAL`): `executemany` of an INSERT per record in
   one transaction, into a table (key TEXT PRIMARY KEY, id, name, city,
   score); "+ 2 indexes" creates the indexes on city and score in the same
