@@ -593,3 +593,26 @@ def test_persistence_restarts_are_limited_within_a_window_not_over_a_lifetime(da
         ):
             supervisor.check_child()
         assert not supervisor.check_child()  # failed for good: no restart, no second report
+
+
+def test_a_commit_waiting_for_room_in_the_ring_wakes_the_persistence_process(durability, monkeypatch):
+    # Everything is durable, so the persistence process sleeps (up to a second). A record
+    # three times the ring's size fills it before it is whole: the producer must ring while
+    # it waits, or each ringful waited out that sleep (a bulk load of 1M records: 1.6 s of 16).
+    def durable(lsn: int) -> bool:
+        durability.read_reports()  # takes note of the durable LSN reported
+        return durability.durable_lsn >= lsn
+
+    durability.enqueue(b"first", sync=True)
+    wait_until(lambda: durable(1), "the first record to be durable")
+    rung_while_full: list[int] = []
+    ring_doorbell = durability.doorbell
+
+    def doorbell() -> None:
+        rung_while_full.append(durability.ring.head - durability.ring.tail)
+        ring_doorbell()
+
+    monkeypatch.setattr(durability, "doorbell", doorbell)
+    durability.enqueue(b"x" * (3 * durability.ring.capacity), sync=False)
+    assert len(rung_while_full) > 1, "the producer waited for room without waking the consumer"
+    wait_until(lambda: durable(2), "the big record to be durable")

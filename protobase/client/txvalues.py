@@ -23,6 +23,7 @@ from typing import Any
 from protobase.client.local import LocalDict
 from protobase.client.tracked import Owner, is_mutable_dataclass, track, tracked_whole
 from protobase.client.writeset import WriteSet, index_name, validate
+from protobase.core import codec
 from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, thaw
 from protobase.core.views import IndexedTreeDict, TreeDict, TreeList, TreeSet
 from protobase.keyorder import check_key
@@ -116,6 +117,30 @@ class TxDict(MutableMapping[Any, Any]):
         self._local[key] = value
         self._children.pop(key, None)
         self._writes.record(path, OP_SET, value)
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """Set each key of `other` (a mapping, or (key, value) pairs) and of `kwargs`, as `dict.update` does.
+
+        The way to write many records at once (`users.update(records)`): the
+        values are checked in one walk of the compiled core and recorded as
+        one SET each without the per-key work of `self[key] = value`; the
+        coordinator merges such a run of SETs into the collection in one pass.
+        A value that cannot be stored raises EncodingError naming its key, and
+        then nothing of this update is recorded.
+        """
+        writes = self._writes
+        writes.check_active()
+        items = other if type(other) is dict and not kwargs else dict(other, **kwargs)
+        if not codec.storable(items, len(self._path)):
+            for key, value in items.items():  # the per-key checks name what cannot be stored
+                check_key(key, self._path + (key,))
+                validate(value, self._path + (key,))
+            # Everything passed them: storable() only has no fast path here (pure Python).
+        self._local.update(items)
+        if self._children:
+            for key in items:
+                self._children.pop(key, None)
+        writes.record_sets(self._path, items)
 
     def __delitem__(self, key: Any) -> None:
         if key not in self:

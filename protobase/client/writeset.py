@@ -27,6 +27,7 @@ from protobase.core import codec
 from protobase.errors import DatabaseClosedError
 from protobase.keyorder import check_key
 from protobase.query.fields import field_path
+from protobase.wire.opcodes import OP_SET
 
 __all__ = ["WriteSet", "Releasable", "DEFERRED", "INDEX_OP", "validate", "index_name"]
 
@@ -90,6 +91,15 @@ class WriteSet:
         self.check_active()
         self.ops.pop(path, None)  # re-insert: ops replay in the order of their last write
         self.ops[path] = [code, path, argument]
+
+    def record_sets(self, parent: tuple[Any, ...], items: dict[Any, Any]) -> None:
+        """Record `SET parent + (key,) = value` for every item, as `record` would one by one."""
+        self.check_active()
+        ops = self.ops
+        for key, value in items.items():
+            path = parent + (key,)
+            ops.pop(path, None)
+            ops[path] = [OP_SET, path, value]
 
     def record_deferred(self, path: tuple[Any, ...], wire_ops: Callable[[], list[Any]]) -> None:
         """Record that the container at `path` has element ops, which `wire_ops()` returns at commit."""

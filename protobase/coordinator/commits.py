@@ -281,9 +281,7 @@ class Commits:
         return None
 
     def _apply_ops(self, root: Any, ops: list[Op], paths: list[KeyPath]) -> Any:
-        for (code, _, argument), path in zip(ops, paths):
-            root = self.writer.apply(root, code, path, argument)
-        return root
+        return self.writer.apply_all(root, [(code, path, argument) for (code, _, argument), path in zip(ops, paths)])
 
     def _reapply(self, group: _Group) -> Any:
         """The group's working root rebuilt from the latest root: its applied commits, decoded afresh.

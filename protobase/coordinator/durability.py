@@ -259,8 +259,11 @@ class Durability:
 
     def _wait_for_room(self) -> None:
         # Back-pressure: the ring is full. The child frees room as it writes, unless it failed.
+        # Ring: with everything before this record durable it may be asleep (for up to a
+        # second), and a record larger than the ring is only rung for once it is whole.
         self._check_not_failed()
         self.check_child()
+        self.doorbell()
         time.sleep(0.0005)
 
     # -- reports ------------------------------------------------------------------

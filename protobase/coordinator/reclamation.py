@@ -198,8 +198,9 @@ class Reclamation:
         replayed = 0
         root: Any = running.copy
         while replayed < len(made) and (replayed == 0 or time.monotonic() < deadline):
-            for code, path, argument in parse_ops(made[replayed]):
-                root = self.writer.apply(root, code, tuple(path), argument)
+            root = self.writer.apply_all(
+                root, [(code, tuple(path), argument) for code, path, argument in parse_ops(made[replayed])]
+            )
             replayed += 1
         if replayed:
             running.copy = self.writer.flush(root)

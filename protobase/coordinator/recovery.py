@@ -81,9 +81,8 @@ def _apply_record(writer: Writer, root: Any, payload: bytes) -> tuple[int, Any]:
     itself is never changed (path copying), so the caller may go on without it.
     """
     record_seq, ops_bytes = codec.decode(payload, frozen=False)
-    for code, path, argument in codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True):
-        root = writer.apply(root, code, tuple(path), argument)
-    return record_seq, root
+    ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True)
+    return record_seq, writer.apply_all(root, [(code, tuple(path), argument) for code, path, argument in ops])
 
 
 def replay(

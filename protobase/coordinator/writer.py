@@ -28,9 +28,8 @@ was, since the working copy is simply dropped.
 from __future__ import annotations
 
 import datetime
-import re
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -39,12 +38,22 @@ import msgpack
 from protobase.coordinator.conflicts import KeyPath
 from protobase.core import codec
 from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
-from protobase.core.btree import BRANCHES, LEAF_OF, TREE_KINDS, Node, TreeWriter, decode_node, empty, encode_node
+from protobase.core.btree import (
+    BRANCHES,
+    LEAF_OF,
+    TREE_KINDS,
+    Node,
+    TreeWriter,
+    decode_node,
+    empty,
+    encode_node,
+    merge_entries,
+    sorted_keys,
+)
 from protobase.core.codec import Ref
-from protobase.core.index import IndexedColl, index_entries
+from protobase.core.index import IndexedColl, collect_entries, index_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
-from protobase.keyorder import order_key
 from protobase.query.fields import MISSING
 from protobase.query.source import IndexName
 from protobase.settings import DEFAULTS, Settings
@@ -60,17 +69,24 @@ from protobase.wire.opcodes import (
     OP_SET_ADD,
 )
 
-__all__ = ["Writer", "decode_ops"]
+__all__ = ["Writer", "decode_ops", "MERGE_AT_LEAST", "WRITE_THROUGH_AT_MOST"]
+
+# Consecutive SETs of keys of one container from which `apply_all` merges them in one pass,
+# bottom-up; fewer are applied one by one (a path copy each costs less than a merge's set-up).
+MERGE_AT_LEAST = 16
+# One-atom values a flush names for the committing client's write-through (`flat_pointer`). A bulk
+# load writes millions: caching them all would only churn the client's cache, at ~1 us each.
+WRITE_THROUGH_AT_MOST = 4096
+
+Op = tuple[int, KeyPath, Any]  # (op code, key path, argument): one operation, as `apply` takes it
 
 
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
-
-
-# Where an extension of type DATACLASS may start, in any of msgpack's ext encodings
-# (fixext 1-16, ext 8/16/32), at any depth: a nested payload's bytes are embedded as they are.
-_MAY_HOLD_DATACLASS = re.compile(rb"[\xd4-\xd8]\x08|\xc7.\x08|\xc8..\x08|\xc9....\x08", re.DOTALL)
-_CONTAINER_EXTS = frozenset({codec.EXT_TUPLE, codec.EXT_SET, codec.EXT_FROZENSET})
+# Values a record may hold and still be written by `_flat_record`'s fast path (str and bytes: when short).
+_FLAT_SCALARS = frozenset({int, float, bool, type(None)})
+# What the packer raises for a value it cannot encode as it is (a Node inside; codec.encode's list).
+_PACK_ERRORS = (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError)
 
 
 class _ReferenceFromClient(Exception):
@@ -89,9 +105,8 @@ def decode_ops(ops_bytes: bytes) -> object:
     dataclass, CorruptionError for bytes that are not msgpack at all.
     """
     try:
-        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=True, ref=_refuse_reference)
-        if _MAY_HOLD_DATACLASS.search(ops_bytes):
-            _check_dataclasses(ops_bytes)
+        # One pass: every dataclass payload met is checked by _check_dataclass as it is decoded.
+        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=_check_dataclass, ref=_refuse_reference)
     except _ReferenceFromClient:
         raise EncodingError(
             f"commit refused, nothing was applied: a value in it holds an internal reference (msgpack extension "
@@ -105,22 +120,10 @@ def _refuse_reference(ptr: int, kind: int) -> Any:
     raise _ReferenceFromClient
 
 
-def _check_dataclasses(data: bytes | memoryview) -> None:
-    """Check every dataclass payload in `data` (bytes that decode), at any depth."""
-    msgpack.unpackb(data, ext_hook=_check_extension, raw=False, strict_map_key=False)
-
-
-def _check_extension(code: int, payload: bytes) -> None:
-    if code in _CONTAINER_EXTS:
-        _check_dataclasses(payload)
-    elif code == codec.EXT_DATACLASS:
-        _check_dataclass(payload)
-
-
 def _check_dataclass(payload: bytes) -> None:
     """A dataclass payload must be [registered name, {field: value}] with plain values (their Refs refused)."""
-    try:
-        fields = codec.decode(payload, frozen=False, opaque_dataclasses=True, ref=_refuse_reference)
+    try:  # the dataclasses inside this one are checked on the way, by this function
+        fields = codec.decode(payload, frozen=False, opaque_dataclasses=_check_dataclass, ref=_refuse_reference)
     except CorruptionError:
         fields = None
     if type(fields) is not list or len(fields) != 2 or type(fields[0]) is not str or type(fields[1]) is not dict:
@@ -129,7 +132,6 @@ def _check_dataclass(payload: bytes) -> None:
             "payload must be [registered name, {field: value}] in protobase's value format); "
             "send values encoded by protobase"
         )
-    _check_dataclasses(payload)  # the dataclasses inside this one
 
 
 class Writer:
@@ -148,6 +150,16 @@ class Writer:
         }
         self.flat_max_bytes = settings.flat_max_bytes  # a container whose atom would be larger becomes a tree
         self.inline_bytes = settings.inline_bytes  # longer str/bytes get their own atom
+        # An encoded container this short holds no str or bytes over inline_bytes, and no
+        # container over its flat limit (every entry takes a byte at least, a dict's two),
+        # so it is one atom exactly as encoded (Writer._flat_record).
+        self.surely_flat_bytes = min(
+            settings.inline_bytes,
+            settings.flat_max_bytes,
+            settings.flat_list_entries,
+            settings.flat_set_entries,
+            2 * settings.flat_dict_entries + 1,
+        )
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
         # Encodings of index entries, which every copy of their node repeats; the compiled packer
@@ -169,6 +181,102 @@ class Writer:
         if not path:
             raise PathError("an operation needs a non-empty key path")
         return self._apply_in(root, path, code, argument)
+
+    def apply_all(self, root: Any, ops: Iterable[Op]) -> Any:
+        """Apply a commit's operations in order; return the new working root.
+
+        The same result as `apply` op by op, but a run of at least
+        `MERGE_AT_LEAST` consecutive SETs of keys of one container (a bulk
+        load: `users.update(records)`, or many `users[key] = record` in one
+        transaction) is merged into it in one pass, bottom-up (btree/build.py),
+        its indexes too, instead of path-copying it once per key.
+        """
+        run: list[Op] = []  # consecutive SETs into the container at run[0]'s path[:-1]
+        for op in ops:
+            code, path, argument = op
+            if code == OP_SET and path:
+                if run and path[:-1] != run[0][1][:-1]:
+                    root = self._apply_run(root, run)
+                    run = []
+                run.append(op)
+                continue
+            root = self._apply_run(root, run)
+            run = []
+            root = self.apply(root, code, path, argument)
+        return self._apply_run(root, run)
+
+    def _apply_run(self, root: Any, run: list[Op]) -> Any:
+        """Apply SETs into one container: merged in one pass when they are many and it is a dict."""
+        parent = run[0][1][:-1] if run else ()
+        if len(run) < MERGE_AT_LEAST or not self._mergeable(root, parent):
+            for code, path, argument in run:
+                root = self.apply(root, code, path, argument)
+            return root
+        batch: dict[Any, Any] = {}  # {key -> value}: the last write wins, the first key object stays
+        for _, path, argument in run:
+            batch[path[-1]] = argument
+        return self._apply_at(root, parent, lambda target: self._merge_into(target, batch))
+
+    def _mergeable(self, root: Any, parent: KeyPath) -> bool:
+        """Whether the container at `parent` is a dict (tree, flat, or indexed) reached through no index.
+
+        Read-only: nothing is copied, so a refusal leaves no trace. An indexed
+        collection on the way keeps its records' index entries op by op.
+        """
+        container = root
+        try:
+            for key in parent:
+                opened = self._open(container)
+                if type(opened) is IndexedColl:
+                    return False
+                container = self._child(opened, key, parent)
+        except PathError:
+            return False  # applied op by op, which raises the error naming the op
+        target = self._open(container)
+        if type(target) is IndexedColl or type(target) is dict:
+            return True
+        return (type(target) is Node or type(target) is int) and self._leaf_kind(target) == DICT_LEAF
+
+    def _apply_at(self, container: Any, parent: KeyPath, change: Callable[[Any], Any]) -> Any:
+        """`change` applied to the container at `parent` below `container`, by path copying."""
+        if not parent:
+            return change(container)
+        key = parent[0]
+        child = self._child(container, key, parent)
+        return self._assign(container, key, self._apply_at(child, parent[1:], change), parent)
+
+    def _merge_into(self, target: Any, batch: dict[Any, Any]) -> Any:
+        """The dict `target` with every key of `batch` assigned (what `_mergeable` accepted)."""
+        target = self._open(target)
+        if type(target) is dict:
+            target.update(batch)
+            return target
+        if type(target) is IndexedColl:
+            return self._merge_indexed(target, batch)
+        keys = sorted_keys(batch)
+        return merge_entries(self.access, target, keys, [batch[key] for key in keys], DICT_LEAF)[0]
+
+    def _merge_indexed(self, collection: IndexedColl, batch: dict[Any, Any]) -> IndexedColl:
+        """`_merge_into` for an indexed collection: records merged, then each index's entries in one pass."""
+        keys = sorted_keys(batch)
+        values = [batch[key] for key in keys]
+        data, replaced_pairs = merge_entries(self.access, collection.data, keys, values, DICT_LEAF)
+        replaced = dict(replaced_pairs)  # {key -> the stored value it had}
+        indexes: dict[IndexName, Node | int] = {}
+        for field, root in collection.indexes.items():
+            added = collect_entries(((key, batch[key]) for key in keys if key not in replaced), field, self._readable)
+            removed: list[tuple[int, Any, Any]] = []
+            for key, old in replaced.items():  # overwritten records: only the entries that changed
+                before = index_entries(self._readable(old), field, self._readable)
+                after = index_entries(self._readable(batch[key]), field, self._readable)
+                removed.extend((kind, item, key) for kind, item in before - after)
+                added.extend((kind, item, key) for kind, item in after - before)
+            for entry in removed:
+                root = self.access.remove(root, entry, SET_LEAF)[0]
+            if added:
+                root = merge_entries(self.access, root, sorted_keys(added), None, SET_LEAF)[0]
+            indexes[field] = root
+        return IndexedColl(data, indexes)
 
     def _apply_in(self, container: Any, path: KeyPath, code: int, argument: Any) -> Any:
         container = self._open(container)
@@ -242,12 +350,8 @@ class Writer:
             return IndexedColl(target.data, indexes) if indexes else self.access.node(target.data, DICT_LEAF)
 
         if field not in indexes:
-            found = [
-                (kind, value, key)
-                for key, slot in self.access.items(target.data)
-                for kind, value in index_entries(self._readable(slot), field, self._readable)
-            ]
-            indexes[field] = self.access.build(SET_LEAF, _sorted_keys(found), None)
+            found = collect_entries(self.access.items(target.data), field, self._readable)
+            indexes[field] = self.access.build(SET_LEAF, sorted_keys(found), None)
         return IndexedColl(target.data, indexes)
 
     def _as_dict_tree(self, target: Any, path: KeyPath) -> Node | int:
@@ -255,7 +359,7 @@ class Writer:
             if self._leaf_kind(target) == DICT_LEAF:
                 return target
         elif isinstance(target, dict):
-            keys = _sorted_keys(target)
+            keys = sorted_keys(target)
             return self.access.build(DICT_LEAF, keys, [target[key] for key in keys])
         raise PathError(f"an index needs a dict of records at {path!r}, found a {type(target).__name__}")
 
@@ -357,6 +461,8 @@ class Writer:
     def _set_ops(self, target: Any, elements: list[Any], adding: bool, path: KeyPath) -> Any:
         target = self._open(target)
         if type(target) is Node or type(target) is int:
+            if adding and len(elements) >= MERGE_AT_LEAST:
+                return merge_entries(self.access, target, sorted_keys(set(elements)), None, SET_LEAF)[0]
             for element in elements:
                 if adding:
                     target = self.access.assign(target, element, None, SET_LEAF)[0]
@@ -383,10 +489,48 @@ class Writer:
         return self._flush_tree(root)
 
     def _flush_tree(self, root: Node | int) -> int:
-        return self.access.flush(root, self._write_node, self.write_value, _STORED_AS_IS)
+        return self.access.flush(root, self._write_node, self.write_value, _STORED_AS_IS, self._write_leaf)
+
+    def _write_leaf(self, values: list[Any]) -> list[Any]:
+        """A leaf's values in their stored form: `write_value` of each, small records in one copy.
+
+        A bulk load's leaves hold 64 new records each; encoding each in one call
+        and appending their atoms together (`ArenaWriter.append_many`) saves
+        most of the per-record cost. The loop inlines `_flat_record`'s test.
+        """
+        stored = values[:]
+        flat: list[int] = []  # positions of the small records
+        payloads: list[bytes] = []
+        dict_limit, surely_flat_bytes, pack = self.flat_limit[dict], self.surely_flat_bytes, codec.pack
+        for position, value in enumerate(values):
+            kind = type(value)
+            if kind is dict:
+                if len(value) <= dict_limit:
+                    try:
+                        payload = pack(value)
+                    except _PACK_ERRORS:  # a working tree inside, or a value the general path names
+                        payload = b""
+                    if payload and (len(payload) <= surely_flat_bytes or self._plain_record(value, payload)):
+                        flat.append(position)
+                        payloads.append(payload)
+                        continue
+            elif kind in _STORED_AS_IS:
+                continue
+            stored[position] = self.write_value(value)
+        if payloads:
+            written = self.flat_written
+            for position, ptr in zip(flat, self.arena.append_many(VALUE, payloads)):
+                if len(written) < WRITE_THROUGH_AT_MOST:
+                    written[id(values[position])] = ptr
+                stored[position] = Ref(ptr, VALUE)
+        return stored
 
     def flat_pointer(self, value: Any) -> int | None:
-        """Where the last flush stored `value`, if it became exactly one VALUE atom."""
+        """Where the last flush stored `value`, if it became exactly one VALUE atom.
+
+        Known for the first `WRITE_THROUGH_AT_MOST` such values of a flush only
+        (None for the others): a write-through is a cache warm-up, not a duty.
+        """
         return self.flat_written.get(id(value))
 
     def _write_node(self, node: Node) -> int:
@@ -402,6 +546,13 @@ class Writer:
         kind = type(value)
         if kind in _STORED_AS_IS:
             return value
+        if kind is dict and len(value) <= self.flat_limit[dict]:
+            payload = self._flat_record(value)
+            if payload is not None:
+                ptr = self.arena.append(VALUE, payload)
+                if len(self.flat_written) < WRITE_THROUGH_AT_MOST:
+                    self.flat_written[id(value)] = ptr
+                return Ref(ptr, VALUE)
         if kind is Node:
             return Ref(self._flush_tree(value), value.kind)
         if kind is IndexedColl:
@@ -422,10 +573,40 @@ class Writer:
                 assert tree is not None  # forced, and a type of flat_limit
                 return Ref(self._flush_tree(tree), tree.kind)
             ptr = self.arena.append(VALUE, payload)
-            if self.refs_made == refs_before:
+            if self.refs_made == refs_before and len(self.flat_written) < WRITE_THROUGH_AT_MOST:
                 self.flat_written[id(value)] = ptr
             return Ref(ptr, VALUE)
         return value
+
+    def _flat_record(self, record: dict[Any, Any]) -> bytes | None:
+        """The payload of a small dict that is one atom with nothing below it, else None.
+
+        The common record, on the path of every bulk load: encoded in one call,
+        the same bytes as `_inline` and `encode` give. A payload of at most
+        `surely_flat_bytes` cannot hold what would need an atom or a tree of its
+        own; a longer one is accepted if it holds only scalars and short text.
+        None: the general path lays it out (a working tree inside, which the
+        packer refuses, or anything it has to look into).
+        """
+        try:
+            payload = codec.pack(record)
+        except _PACK_ERRORS:
+            return None
+        if len(payload) <= self.surely_flat_bytes or self._plain_record(record, payload):
+            return payload
+        return None
+
+    def _plain_record(self, record: dict[Any, Any], payload: bytes) -> bool:
+        """Whether `record`, encoded as `payload`, holds only scalars and short text and is not too big."""
+        inline_bytes = self.inline_bytes
+        for item in record.values():
+            kind = type(item)
+            if kind is str or kind is bytes:
+                if len(item) > inline_bytes:
+                    return False
+            elif kind not in _FLAT_SCALARS:
+                return False
+        return len(payload) <= self.flat_max_bytes
 
     def _indexed_payload(self, collection: IndexedColl) -> bytes:
         return codec.encode(
@@ -458,11 +639,14 @@ class Writer:
             return None
 
         if kind is dict:
-            keys = _sorted_keys(value)
-            return self.access.build(DICT_LEAF, keys, [value[key] for key in keys])
+            keys = list(value)
+            ordered = sorted_keys(keys)
+            # Records are often inserted in key order: then the values are in order too, no lookups.
+            values = list(value.values()) if ordered == keys else [value[key] for key in ordered]
+            return self.access.build(DICT_LEAF, ordered, values)
         if kind is list:
             return self.access.build(LIST_LEAF, None, list(value))
-        return self.access.build(SET_LEAF, _sorted_keys(value), None)
+        return self.access.build(SET_LEAF, sorted_keys(value), None)
 
     # -- compaction ---------------------------------------------------------------
 
@@ -596,10 +780,3 @@ def _decode_indexed(payload: Any) -> IndexedColl:
 
 def _empty_like(kind: int) -> Node:
     return empty(LEAF_OF[kind])
-
-
-def _sorted_keys(keys: Any) -> list[Any]:
-    try:
-        return sorted(keys)  # one family compares natively: the canonical order
-    except TypeError:
-        return sorted(keys, key=order_key)

@@ -392,8 +392,12 @@ class _UnpackOptions(_RequiredOptions, total=False):
     list_hook: Callable[[list[Any]], Any]
 
 
+#: `decode`'s opaque_dataclasses: False, True, or a check called with each dataclass payload kept opaque.
+Opaque = bool | Callable[[bytes], None]
+
+
 @functools.lru_cache(maxsize=64)
-def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool) -> _UnpackOptions:
+def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: Opaque) -> _UnpackOptions:
     """unpackb options for one way of decoding, built once: decoding is on the cold read path."""
 
     def ext_hook(code: int, payload: bytes) -> Any:
@@ -424,6 +428,8 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
             return value
 
         if code == EXT_DATACLASS and opaque_dataclasses:
+            if opaque_dataclasses is not True:
+                opaque_dataclasses(bytes(payload))  # the caller's check of every dataclass it keeps opaque
             return msgpack.ExtType(code, bytes(payload))
         if code == EXT_DATACLASS:
             name, fields = msgpack.unpackb(payload, **options)
@@ -450,7 +456,7 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
 
 
 def unpack_python(
-    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
+    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: Opaque
 ) -> Any:
     """The value `pack_python` encoded as `data`: the pure-Python oracle of ccodec.unpack.
 
@@ -461,7 +467,7 @@ def unpack_python(
 
 
 def _rare_extension(
-    code: int, payload: bytes, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: bool
+    code: int, payload: bytes, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: Opaque
 ) -> Any:
     """What the compiled unpacker leaves to Python (datetime, Decimal, UUID, dataclasses, big ints): decoded here."""
     return _options(frozen, ref, opaque_dataclasses)["ext_hook"](code, payload)
@@ -474,7 +480,7 @@ if _compiled is not None:
         msgpack.ExtType, _default_for(_compiled.pack), _rare_extension, Decimal, uuid.UUID, _dt.datetime, _dt.date
     )
     pack: Callable[[Any], bytes] = _compiled.pack
-    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, bool], Any] = _compiled.unpack
+    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, Opaque], Any] = _compiled.unpack
     storable: Callable[[Any, int], bool] = _compiled.storable
 else:
     pack = pack_python
@@ -509,7 +515,7 @@ def decode(
     *,
     frozen: bool = True,
     ref: Callable[[int, int], Any] | None = None,
-    opaque_dataclasses: bool = False,
+    opaque_dataclasses: Opaque = False,
 ) -> Any:
     """Decode bytes made by `encode`.
 
@@ -519,7 +525,10 @@ def decode(
     embedded Ref into the object to return in its place (default: the Ref).
     With `opaque_dataclasses` a dataclass comes back as the msgpack ExtType it
     was stored as, which `encode` writes back unchanged: the coordinator stores
-    user dataclasses without ever importing or registering them.
+    user dataclasses without ever importing or registering them. A callable
+    `opaque_dataclasses` does so too, called first with each such payload (at
+    any depth), so a caller checks them in the same pass (the coordinator
+    refuses malformed ones and Refs hidden inside).
     """
 
     try:

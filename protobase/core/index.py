@@ -30,7 +30,7 @@ collection's records produce.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from protobase.core.arena import SET_LEAF
@@ -45,6 +45,7 @@ __all__ = [
     "Postings",
     "entries",
     "index_entries",
+    "collect_entries",
     "scan_between",
     "scan_equal",
     "scan_range",
@@ -255,12 +256,40 @@ def range_bounds(low: Any, high: Any, include_low: bool = True, include_high: bo
 
 def index_entries(record: Any, field: IndexName, resolve: Callable[[Any], Any] | None = None) -> set[tuple[int, Any]]:
     """The (kind, value) entries `record` contributes to the index named `field`."""
+    if type(record) is dict and type(field) is str and "." not in field:
+        # The common record, on the path of every bulk load and index build: a plain dict whose
+        # field holds a str or an int, which `resolve` leaves as it is (it only reads stored forms).
+        value = record.get(field, MISSING)
+        if type(value) is str or type(value) is int:
+            return {(VALUE_ENTRY, value)}
     if isinstance(field, str):
         return entries(field_value(record, field_path(field), resolve))
     values = tuple(field_value(record, field_path(part), resolve) for part in field)
     if any(value is MISSING for value in values) or not is_key(values):
         return set()
     return {(VALUE_ENTRY, values)}
+
+
+def collect_entries(
+    records: Iterable[tuple[Any, Any]], field: IndexName, resolve: Callable[[Any], Any]
+) -> list[tuple[int, Any, Any]]:
+    """Every index entry `(kind, value, key)` of the `(key, record)` pairs, in their order: an index build.
+
+    `resolve` turns a stored record (and each step into it) into a readable
+    one, as for `index_entries`. The same entries as `index_entries` of each
+    record, a million records faster: a plain dict whose one-segment field
+    holds a str or an int costs one lookup and one tuple here.
+    """
+    found: list[tuple[int, Any, Any]] = []
+    simple = type(field) is str and "." not in field
+    for key, record in records:
+        if simple and type(record) is dict:
+            value = record.get(field, MISSING)
+            if type(value) is str or type(value) is int:
+                found.append((VALUE_ENTRY, value, key))
+                continue
+        found.extend((kind, value, key) for kind, value in index_entries(resolve(record), field, resolve))
+    return found
 
 
 def _entry_bound(value_key: OrderKey) -> OrderKey:

@@ -8,10 +8,12 @@ the whole collection.
 Modules, bottom-up: `node` (the Node type, the node byte format, the tree
 kinds), `check` (the tree invariants, verified), `read` (lookups, positions,
 iteration, counts; every process), `write` (insert, delete, split, merge,
-build, flush; the coordinator only). This package re-exports their public
-names, so callers import from `protobase.core.btree`.
+build, flush; the coordinator only), `build` (many sorted entries merged
+into a tree bottom-up, for bulk loads; the coordinator only). This package
+re-exports their public names, so callers import from `protobase.core.btree`.
 """
 
+from protobase.core.btree.build import merge_entries, sorted_keys
 from protobase.core.btree.check import check_tree
 from protobase.core.btree.node import (
     BRANCH_OF,
@@ -44,4 +46,6 @@ __all__ = [
     "decode_node",
     "empty",
     "encode_node",
+    "merge_entries",
+    "sorted_keys",
 ]

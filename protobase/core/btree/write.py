@@ -44,14 +44,18 @@ class TreeWriter(TreeAccess):
         node = self.node(slot, leaf_kind)
         if node.ptr is None and type(slot) is Node:
             return node
-        if node.ptr is not None and self.on_discard is not None:
-            self.on_discard(node.ptr)
+        self.discard_node(node)
         return Node(
             node.kind,
             None if node.keys is None else node.keys[:],
             None if node.values is None else node.values[:],
             None if node.sizes is None else node.sizes[:],
         )
+
+    def discard_node(self, node: Node) -> None:
+        """Report a node a change stops using (a clean one: a dirty node was never written)."""
+        if node.ptr is not None and self.on_discard is not None:
+            self.on_discard(node.ptr)
 
     def build(self, leaf_kind: int, keys: list[Any] | None, values: list[Any] | None) -> Node:
         """A new tree holding `keys` (already in canonical order) and/or `values`, packed full."""
@@ -103,7 +107,7 @@ class TreeWriter(TreeAccess):
             i = bisect_left(keys, key)
             if i < len(keys) and keys[i] == key:
                 if node.values is not None:
-                    self._discard_value(node.values[i])
+                    self.discard_value(node.values[i])
                     node.values[i] = value
                 return False
             keys.insert(i, key)
@@ -135,7 +139,7 @@ class TreeWriter(TreeAccess):
             del keys[i]
             if node.values is None:
                 return key
-            self._discard_value(node.values[i])
+            self.discard_value(node.values[i])
             return node.values.pop(i)
         assert node.keys is not None and node.values is not None, "a dict or set branch"
         i = bisect_right(node.keys, key)
@@ -146,7 +150,8 @@ class TreeWriter(TreeAccess):
         self._rebalance_child(node, i)
         return removed
 
-    def _discard_value(self, value: Any) -> None:
+    def discard_value(self, value: Any) -> None:
+        """Report a leaf value a change replaced or removed, if it was an atom of its own."""
         # Only one-atom values: a replaced tree's root node is counted by `mutable`
         # when the tree was changed in place (counting it here too would count it twice).
         if type(value) is Ref and value.ptr and value.kind not in TREE_KINDS and self.on_discard is not None:
@@ -160,7 +165,7 @@ class TreeWriter(TreeAccess):
 
         def replace(leaf: Node, i: int) -> None:
             assert leaf.values is not None
-            self._discard_value(leaf.values[i])
+            self.discard_value(leaf.values[i])
             leaf.values[i] = value
 
         self._positional(node, index, replace, 0)
@@ -187,7 +192,7 @@ class TreeWriter(TreeAccess):
             removed.append(leaf.values.pop(i))
 
         self._positional(node, index, delete, -1)
-        self._discard_value(removed[0])
+        self.discard_value(removed[0])
         return self._shrink(node), removed[0]
 
     def _positional(
@@ -332,6 +337,7 @@ class TreeWriter(TreeAccess):
         write_node: Callable[[Node], int],
         write_value: Callable[[Any], Any],
         stored: frozenset[type] = frozenset(),
+        write_leaf: Callable[[list[Any]], list[Any]] | None = None,
     ) -> int:
         """Write every dirty node under `node` bottom-up; return the root's pointer.
 
@@ -339,6 +345,8 @@ class TreeWriter(TreeAccess):
         its pointer; `write_value(v)` turns a leaf value into a scalar or Ref,
         and is not called for values of the `stored` types, which are already
         in their stored form (a copied leaf holds one new value among 63 Refs).
+        `write_leaf(values)`, when given, does that for a whole leaf's values
+        at once instead (the coordinator writes a leaf's records in one copy).
         An empty tree is the null pointer 0.
         """
         if type(node) is not Node:
@@ -348,12 +356,15 @@ class TreeWriter(TreeAccess):
         if node.sizes is None and node.width() == 0:
             return 0
         if node.sizes is None:
-            if node.values is not None:
+            if node.values is not None and write_leaf is not None:
+                node.values = write_leaf(node.values)
+            elif node.values is not None:
                 node.values = [v if type(v) in stored else write_value(v) for v in node.values]
         else:
             assert node.values is not None, "a branch has children"
             node.values = [
-                self.flush(c, write_node, write_value, stored) if type(c) is Node else c for c in node.values
+                self.flush(c, write_node, write_value, stored, write_leaf) if type(c) is Node else c
+                for c in node.values
             ]
         node.ptr = write_node(node)
         return node.ptr
