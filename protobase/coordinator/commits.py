@@ -39,7 +39,7 @@ from typing import Any
 from protobase.coordinator.clients import Asker, Connections
 from protobase.coordinator.conflicts import KeyPath, VersionTable
 from protobase.coordinator.durability import Durability, DurabilityFailed
-from protobase.coordinator.writer import Writer, decode_ops
+from protobase.coordinator.writer import WRITE_THROUGH_AT_MOST, Writer, decode_ops
 from protobase.core import codec
 from protobase.errors import CoordinatorError, CorruptionError, PathError, ProtoBaseError, ProtocolError
 from protobase.keyorder import check_key
@@ -152,6 +152,7 @@ class _Group:
         self.latest_seq = seq  # the seq before the group
         self.versions = VersionTable()  # what the group wrote, seen by its later commits' validation
         self.applied: list[_Applied] = []
+        self.more_to_come = False  # whether a commit of the group follows the one being applied
 
     @property
     def next_seq(self) -> int:
@@ -222,7 +223,8 @@ class Commits:
             return [self.failure_reply() for _ in requests]
         group = _Group(self.root, self.seq)
         replies: list[Reply | None] = []
-        for asker, arguments in requests:
+        for index, (asker, arguments) in enumerate(requests):
+            group.more_to_come = index < len(requests) - 1
             try:
                 replies.append(self._apply(group, asker, *arguments))
             except ProtoBaseError as error:
@@ -276,7 +278,8 @@ class Commits:
             group.working = self._reapply(group)  # undo its first ops: the working root is changed in place
             return error_fields(PathError, f"commit refused: {error}")
         applied = _Applied(asker, group.next_seq, ops, paths, ops_bytes, durability == "sync")
-        group.versions.record(applied.seq, paths)
+        if group.more_to_come:  # (only later commits of the group look: a bulk commit's million paths need not)
+            group.versions.record(applied.seq, paths)
         group.applied.append(applied)
         return None
 
@@ -347,6 +350,8 @@ class Commits:
         # other commit of its group changed them: their paths would conflict.)
         # Walk backwards keeping every prefix of the later paths: one set lookup
         # per op, not a scan of the later ops (which made a 10k-key commit quadratic).
+        if len(ops) > WRITE_THROUGH_AT_MOST:
+            return []  # the writer names only so many values: not worth a walk over a bulk commit's ops
         pointers = []
         later: set[KeyPath] = set()  # {prefix of a path written later in this commit}
         for index in range(len(ops) - 1, -1, -1):
