@@ -107,5 +107,20 @@ def test_pruning_in_any_steps_leaves_exactly_the_writes_after_the_horizon(commit
     versions = table(*((seq, written) for seq, written in enumerate(commits, start=1)))
     for oldest, budget in prunes:
         versions.prune(oldest, budget)
+        if versions.pruned_paths:  # a commit forgotten in part lies at or before the horizon
+            assert versions.history[0][0] <= versions.horizon
+    versions.prune(versions.horizon)  # the rest of one forgotten in part
     kept = table(*((seq, written) for seq, written in enumerate(commits, start=1) if seq > versions.horizon))
     assert (versions.last_write, versions.last_below) == (kept.last_write, kept.last_below)
+    assert versions.pruned_paths == 0 and all(seq > versions.horizon for seq, _ in versions.history)
+
+
+def test_a_bulk_commit_is_forgotten_over_several_prunes_and_refuses_bases_before_it_at_once():
+    versions = table((1, [("a",)]), (2, [("users", key) for key in range(10)]), (3, [("b",)]))
+    versions.prune(2, budget=4)  # commit 1, and 3 of commit 2's paths
+    assert versions.horizon == 2 and versions.pruned_paths == 3
+    assert versions.first_conflict(1, [("zzz",)]) == ((), 2)  # its entries are going: bases before it refused
+    assert versions.first_conflict(2, [("b",)]) == (("b",), 3)
+    versions.prune(2, budget=4)
+    versions.prune(2, budget=4)
+    assert versions.pruned_paths == 0 and set(versions.last_write) == {("b",)}

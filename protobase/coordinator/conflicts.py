@@ -36,58 +36,89 @@ class VersionTable:
         # (seq, paths) of every commit recorded after the horizon, oldest first: what `prune` visits,
         # so that forgetting costs what is forgotten, not the size of the table.
         self.history: collections.deque[tuple[int, list[KeyPath]]] = collections.deque()
+        self.pruned_paths = 0  # of the oldest commit in `history`, how many paths `prune` forgot already
 
     def first_conflict(self, base: int, paths: Iterable[KeyPath]) -> tuple[KeyPath, int] | None:
         """(path, seq) of a change after `base` that touches one of `paths`, or None."""
         if base < self.horizon:
             return (), self.horizon
         last_write, last_below = self.last_write, self.last_below
+        seen: set[KeyPath] = set()  # prefixes checked already, with all of theirs (a bulk commit shares them)
         for path in paths:
-            seq = last_below.get(path, 0)
+            seq = max(last_below.get(path, 0), last_write.get(path, 0))
             if seq > base:
                 return path, seq
-            for end in range(len(path), 0, -1):
-                seq = last_write.get(path[:end], 0)
+            for end in range(len(path) - 1, 0, -1):
+                prefix = path[:end]
+                if prefix in seen:
+                    break
+                seen.add(prefix)
+                seq = last_write.get(prefix, 0)
                 if seq > base:
-                    return path[:end], seq
+                    return prefix, seq
         return None
 
     def record(self, seq: int, paths: Iterable[KeyPath]) -> None:
         """Remember that commit `seq` wrote `paths`."""
         written = list(paths)
+        last_write, last_below = self.last_write, self.last_below
+        seen: set[KeyPath] = set()  # prefixes done, with all of theirs
         for path in written:
-            self.last_write[path] = seq
-            for end in range(len(path)):
-                self.last_below[path[:end]] = seq
+            last_write[path] = seq
+            for end in range(len(path) - 1, -1, -1):
+                prefix = path[:end]
+                if prefix in seen:
+                    break
+                seen.add(prefix)
+                last_below[prefix] = seq
         self.history.append((seq, written))
 
     def prune(self, oldest_base: int, budget: int | None = None) -> int:
         """Forget writes at or before `oldest_base`, the oldest snapshot any commit can have.
 
-        Oldest first, and with a `budget` only that many commits' paths at a
-        time (a housekeeping tick must not hold commits up): the horizon then
-        stops before the first commit not yet forgotten. Returns the entries
-        forgotten.
+        Oldest first, and with a `budget` at most that many written paths at
+        a time, so a housekeeping tick never holds commits up (a bulk commit
+        is forgotten over several): the horizon covers every commit whose
+        writes are forgotten, even in part. Returns the entries forgotten.
         """
-        if oldest_base <= self.horizon:
+        if oldest_base <= self.horizon and not (self.history and self.history[0][0] <= self.horizon):
             return 0
-        last_write, last_below, history = self.last_write, self.last_below, self.history
+        history = self.history
         forgotten = visited = 0
         while history and history[0][0] <= oldest_base:
-            if budget is not None and visited >= budget:
-                self.horizon = history[0][0] - 1
+            seq, paths = history[0]
+            self.horizon = max(self.horizon, seq)  # bases before it can no longer be checked
+            start = self.pruned_paths
+            stop = len(paths) if budget is None else min(len(paths), start + budget - visited)
+            forgotten += self._forget(seq, paths[start:stop])
+            visited += stop - start
+            if stop < len(paths):
+                self.pruned_paths = stop
                 return forgotten
-            seq, paths = history.popleft()
-            visited += len(paths)
-            for path in paths:
-                if last_write.get(path) == seq:  # (else a later commit wrote it: kept)
-                    del last_write[path]
+            history.popleft()
+            self.pruned_paths = 0
+            if budget is not None and visited >= budget:
+                return forgotten
+        self.horizon = max(self.horizon, oldest_base)
+        return forgotten
+
+    def _forget(self, seq: int, paths: list[KeyPath]) -> int:
+        """Drop the entries commit `seq` left for `paths` (those no later commit overwrote); how many."""
+        last_write, last_below = self.last_write, self.last_below
+        forgotten = 0
+        seen: set[KeyPath] = set()
+        for path in paths:
+            if last_write.get(path) == seq:  # (else a later commit wrote it: kept)
+                del last_write[path]
+                forgotten += 1
+            for end in range(len(path) - 1, -1, -1):
+                prefix = path[:end]
+                if prefix in seen:
+                    break
+                seen.add(prefix)
+                if last_below.get(prefix) == seq:
+                    del last_below[prefix]
                     forgotten += 1
-                for end in range(len(path)):
-                    if last_below.get(path[:end]) == seq:
-                        del last_below[path[:end]]
-                        forgotten += 1
-        self.horizon = oldest_base
         return forgotten
 
     def __len__(self) -> int:
