@@ -15,7 +15,7 @@ in the same round; the table shows the median of `--rounds` rounds (the stores
 in a rotating order per round). For ProtoBase also the attempts per add and the
 longest run of conflicts one add lost before it committed. After each store's
 run the benchmark checks the counter against the adds the workers served (a lost
-update would show). `--variants rmw` adds ProtoBase with the counter read and
+update would show). `--stores protobase rmw` adds ProtoBase with the counter read and
 written in every add (`stats["adds"] += 1`, every add conflicting on it) instead
 of `stats.incr("adds")`.
 
@@ -272,7 +272,7 @@ def _no_server() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    variants = [VARIANTS[name] for name in ["protobase", *args.variants, "sqlite", "redis"]]
+    variants = [VARIANTS[name] for name in dict.fromkeys([*args.stores, "sqlite", "redis"])]  # the peers always
     info = machine()
     print(f"# cart web app under gunicorn ({WORKERS} sync workers), wrk -t{args.threads} -c{args.connections}")
     print(f"# {info['cpu']}, Python {info['python']}, load {info['load']}; {args.rounds} rounds of {args.duration}s")
@@ -346,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         "--durability", nargs="+", choices=("durable", "relaxed"), default=["durable", "relaxed"], help="which to run"
     )
     parser.add_argument(
-        "--variants", nargs="*", choices=("rmw",), default=[], help="more ProtoBase variants (rmw: contended counter)"
+        "--stores",
+        nargs="+",
+        choices=tuple(VARIANTS),
+        default=["protobase"],
+        help="ProtoBase variants to run beside SQLite and Redis (rmw: the counter read and written)",
     )
     return run(parser.parse_args(argv))
 
