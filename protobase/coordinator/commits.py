@@ -7,7 +7,8 @@ at a time: that is what serialises commits.
 
 A commit is checked (`parse_ops`: the ops are data of known shapes, since the
 socket is untrusted), validated against the version table (a key it wrote,
-or read in serializable mode, changed after its snapshot: a conflict),
+or read in serializable mode, changed after its snapshot: a conflict; so is
+a write at a path another client holds a turn at, conflicts.py's Reservations),
 applied to the latest root by path copying and written to atoms (writer.py),
 and handed to the persistence process (durability.py). An "async" commit is
 then published and acknowledged at once; a "sync" one waits in `pending`
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from protobase.coordinator.clients import Asker, Connections
-from protobase.coordinator.conflicts import KeyPath, VersionTable
+from protobase.coordinator.conflicts import KeyPath, Reservations, VersionTable, validated_paths
 from protobase.coordinator.durability import Durability
 from protobase.coordinator.writer import Writer, decode_ops
 from protobase.core import codec
@@ -41,6 +43,7 @@ from protobase.keyorder import check_key
 from protobase.shm.control import ControlBlock
 from protobase.wire.error_table import error_fields
 from protobase.wire.opcodes import (
+    INCR_LIMIT,
     LIST_APPEND,
     LIST_DELETE,
     LIST_INSERT,
@@ -48,6 +51,7 @@ from protobase.wire.opcodes import (
     OP_CREATE_INDEX,
     OP_DELETE,
     OP_DROP_INDEX,
+    OP_INCR,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -72,6 +76,7 @@ _OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argu
     OP_SET_DISCARD: (list,),
     OP_CREATE_INDEX: (str, tuple),
     OP_DROP_INDEX: (str, tuple),
+    OP_INCR: (int, float),  # (not bool: see parse_ops)
 }
 _LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
 
@@ -104,7 +109,16 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
             type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES for item in op[2]
         ):  # (op[2] is the argument: a list, checked above)
             raise ProtocolError("malformed request: a list operation is [code, index, value]")
+        if code == OP_INCR and not _is_increment(argument):
+            shown = repr(argument)[:40]  # (an int of any size decodes)
+            raise ProtocolError(f"malformed request: an increment is a 64-bit int or a finite float, got {shown}")
     return ops
+
+
+def _is_increment(n: Any) -> bool:
+    if type(n) is int:
+        return -INCR_LIMIT < n < INCR_LIMIT
+    return type(n) is float and math.isfinite(n)
 
 
 @dataclass
@@ -144,6 +158,7 @@ class Commits:
         # Commits before the restart are not in the version table: a transaction
         # based on one of them cannot be checked, so it is refused as a conflict.
         self.versions.horizon = seq
+        self.reservations = Reservations()  # turns for clients that keep losing a key path
         self.seq = seq  # sequence number of the latest commit (maybe not yet published)
         self.root = root  # its root pointer
         self.published_seq = 0  # sequence number of the published root
@@ -172,11 +187,17 @@ class Commits:
             )
         ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
-        checked = paths + [tuple(path) for path in reads] if serializable else paths
+        checked = validated_paths(ops, paths)  # perf-cart: an increment's path is not validated (it commutes)
+        if serializable:
+            checked += [tuple(path) for path in reads]
         conflict = self.versions.first_conflict(base, checked)
+        if conflict is None and self.reservations.holders:  # perf-cart: another client's turn at a path
+            reserved = self.reservations.blocking(asker.client, paths)
+            conflict = None if reserved is None else (reserved, self.seq)
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
+            self.reservations.lost(asker.client, path)  # perf-cart: repeated losers get a turn
             return ["conflict", list(path), base, seq]
         root: Any = self.root
         try:
@@ -188,6 +209,7 @@ class Commits:
         self.seq += 1
         self.root = new_root
         self.versions.record(self.seq, paths)
+        self.reservations.won(asker.client)  # perf-cart: its run of losses (and its turn) ends
         self.commits += 1
         lsn = self.durability.enqueue(codec.encode([self.seq, ops_bytes]), sync=durability == "sync")
         reply: Reply | None = ["ok", self.seq, self._written_values(ops, paths)]  # while the persistence writes
