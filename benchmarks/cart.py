@@ -41,6 +41,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from .adapters.redis_store import Redis
 from .cartapp import stores
@@ -271,7 +272,12 @@ def _no_server() -> Iterator[None]:
     yield None
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds the context managers: what was started is stopped
+
+
 def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     variants = [VARIANTS[name] for name in dict.fromkeys([*args.stores, "sqlite", "redis"])]  # the peers always
     info = machine()
     print(f"# cart web app under gunicorn ({WORKERS} sync workers), wrk -t{args.threads} -c{args.connections}")

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Database", "open", "Attempt"]
 
-MAX_BACKOFF = 0.01  # seconds a retry waits at most (attempts): bounded, unlike 2**n
+MAX_BACKOFF = 0.005  # seconds a retry waits at most (attempts): bounded, unlike 2**n
 VISIBLE_WAIT = 1.0  # seconds a retry waits at most for the commit it lost to to be published
 VISIBLE_POLL = 0.0001  # seconds between two looks at the published root meanwhile
 

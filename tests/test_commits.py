@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from protobase.coordinator.clients import Asker
 from protobase.coordinator.commits import Commits, parse_ops
 from protobase.coordinator.writer import Writer
 from protobase.core import codec
@@ -128,6 +129,7 @@ class Named:
     def __init__(self, name: Any) -> None:
         self.name = name
         self.client = self
+        self.request_id = 0
 
     def __eq__(self, other: object) -> bool:
         return other == self.name if not isinstance(other, Named) else other.name == self.name
@@ -170,7 +172,7 @@ class Harness:
         serializable: bool = False,
     ) -> Any:
         return self.commits.commit(
-            Named(asker),
+            asker if isinstance(asker, Named) else Named(asker),
             self.commits.seq if base is None else base,
             serializable,
             durability,
@@ -330,3 +332,20 @@ def test_the_version_table_is_pruned_only_once_large(harness, monkeypatch):
     monkeypatch.setattr(commits_module, "PRUNE_VERSIONS_ABOVE", 4)
     harness.commits.prune_versions()
     assert (len(harness.commits.versions), harness.commits.versions.horizon) == (2, 3)
+
+
+# -- turns for repeated losers (conflicts.py, Reservations) ------------------------------------------
+
+
+def test_a_loser_gets_a_turn_and_a_commit_refused_meanwhile_is_answered_when_the_turn_ends(harness):
+    alice, bob, carol = Named("alice"), Named("bob"), Named("carol")
+    harness.commit(alice, [OP_SET, ["k"], 0])
+    harness.commit(alice, [OP_SET, ["k"], 1], base=1)
+    assert harness.commit(bob, [OP_SET, ["k"], 2], base=1) == ["conflict", ["k"], 1, 2]  # bob's turn starts
+    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) is None  # refused for bob's turn: parked
+    assert harness.commit(alice, [OP_SET, ["other"], 3], base=2)[:2] == ["ok", 3]  # other paths are free
+    assert harness.commit(bob, [OP_SET, ["k"], 4], base=3)[:2] == ["ok", 4]  # bob's retry commits
+    parked = [(asker.client, reply) for asker, reply in harness.connections.sent if isinstance(asker, Asker)]
+    assert parked == [(carol, ["conflict", ["k"], 2, 4])]  # carol's turn: retry once commit 4 is visible
+    assert harness.commit(carol, [OP_SET, ["k"], 5], base=4)[:2] == ["ok", 5]
+    assert harness.commits.conflicts == 2 and harness.commits.reservations.turns == 2

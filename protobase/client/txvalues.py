@@ -151,7 +151,10 @@ class TxDict(MutableMapping[Any, Any]):
         only access to `key` is `incr` is serializable at its commit. One that
         also reads `key` sees its snapshot's value (snapshot isolation); with
         `isolation="serializable"` that read is validated, and a concurrent
-        change to `key` makes it conflict. A transaction that assigned or
+        change to `key` makes it conflict. (Serializable transactions also
+        validate the dicts they reached: `tx.root["stats"].incr("adds")` reads
+        `root["stats"]`, so a concurrent write inside it conflicts; only
+        snapshot isolation, the default, makes that increment conflict-free.) A transaction that assigned or
         deleted `key` before incrementing it adds `n` to its own value (an
         ordinary write, validated as one). Raises TypeError for an `n` that is
         not an int of 64 bits or a finite float, or when this transaction

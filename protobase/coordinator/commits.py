@@ -158,7 +158,7 @@ class Commits:
         # Commits before the restart are not in the version table: a transaction
         # based on one of them cannot be checked, so it is refused as a conflict.
         self.versions.horizon = seq
-        self.reservations = Reservations()  # turns for clients that keep losing a key path
+        self.reservations = Reservations(self._turn_started)  # turns for clients that keep losing a key path
         self.seq = seq  # sequence number of the latest commit (maybe not yet published)
         self.root = root  # its root pointer
         self.published_seq = 0  # sequence number of the published root
@@ -197,7 +197,8 @@ class Commits:
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
-            self.reservations.lost(asker.client, path)  # perf-cart: repeated losers get a turn
+            if self.reservations.lost(asker.client, path, (asker.request_id, base)):  # perf-cart: queued:
+                return None  # answered when its turn at path starts (_turn_started)
             return ["conflict", list(path), base, seq]
         root: Any = self.root
         try:
@@ -221,6 +222,14 @@ class Commits:
             self.connections.notify(self.seq, paths)
         self.on_applied()
         return reply
+
+    def _turn_started(self, client: Any, token: tuple[int, int], path: KeyPath) -> None:
+        """perf-cart: answer a conflict parked until its client's turn at `path` (conflicts.py, Reservations).
+
+        It names the latest commit, which the client waits to see published before its retry.
+        """
+        request_id, base = token
+        self.connections.answer(Asker(client, request_id), ["conflict", list(path), base, self.seq])
 
     def _written_values(self, ops: list[Op], paths: list[KeyPath]) -> list[list[int]]:
         # Tell the client where each SET value now lives, so it can cache the
@@ -280,7 +289,11 @@ class Commits:
             self.connections.answer(pending.asker, pending.reply)
 
     def prune_versions(self) -> None:
-        """Forget the writes no transaction can be based before, once the version table grew large."""
+        """Forget the writes no transaction can be based before, once the version table grew large.
+
+        (Every housekeeping tick: so it also ends the turns whose hold is over, answering whoever is next.)
+        """
+        self.reservations.expire()  # perf-cart
         if len(self.versions) > PRUNE_VERSIONS_ABOVE:
             oldest = self.control.oldest_snapshot()
             self.versions.prune(self.published_seq if oldest is None else oldest)

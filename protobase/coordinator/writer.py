@@ -201,7 +201,7 @@ class Writer:
             current = 0  # missing (if the container cannot hold `key`, assigning it says so)
         if type(current) is not int and type(current) is not float:
             shown = "a container" if type(current) in (Ref, Node, IndexedColl) else f"{type(current).__name__}"
-            raise PathError(f"cannot increment {shown} at {path!r}: incr() adds to a number (or a missing key)")
+            raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
         return current + n
 
     # -- indexed collections ----------------------------------------------------
