@@ -147,7 +147,7 @@ def test_a_client_gets_a_turn_after_losing_a_path_as_often_as_it_takes():
 
 
 def test_a_win_ends_the_run_of_losses_and_the_turn():
-    turns, alice, bob = Turns(after_losses=2), Client("alice"), Client("bob")
+    turns, alice, bob = Turns(after_losses=2, contended_for=0.0), Client("alice"), Client("bob")
     reservations = turns.reservations
     reservations.lost(alice, ("k",), 1)
     reservations.lost(alice, ("k",), 2)
@@ -158,7 +158,7 @@ def test_a_win_ends_the_run_of_losses_and_the_turn():
 
 
 def test_queued_losers_are_answered_one_by_one_as_their_turns_start():
-    turns = Turns()  # the default: a turn from the first conflict on
+    turns = Turns(after_losses=1)
     reservations = turns.reservations
     first, second, third = Client("first"), Client("second"), Client("third")
     assert not reservations.lost(first, ("k",), "f")  # the first gets the turn, answered at once
@@ -175,7 +175,7 @@ def test_queued_losers_are_answered_one_by_one_as_their_turns_start():
 
 
 def test_a_commit_refused_for_another_clients_turn_queues_behind_it():
-    turns, alice, bob = Turns(), Client("alice"), Client("bob")
+    turns, alice, bob = Turns(after_losses=1), Client("alice"), Client("bob")
     reservations = turns.reservations
     reservations.lost(alice, ("k",), "a")
     blocked = reservations.blocking(bob, [("k", "x")])
@@ -188,7 +188,7 @@ def test_a_commit_refused_for_another_clients_turn_queues_behind_it():
 def test_a_turn_ends_when_its_hold_expires(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(conflicts.time, "monotonic", lambda: now[0])
-    turns, alice, bob = Turns(hold=0.1), Client("alice"), Client("bob")
+    turns, alice, bob = Turns(after_losses=1, hold=0.1), Client("alice"), Client("bob")
     reservations = turns.reservations
     reservations.lost(alice, ("k",), "a")
     reservations.lost(bob, ("k",), "b")
@@ -202,7 +202,7 @@ def test_a_turn_ends_when_its_hold_expires(monkeypatch):
 
 
 def test_a_client_that_is_gone_drops_out_of_the_turns_and_its_answers_with_it():
-    turns, bob = Turns(), Client("bob")
+    turns, bob = Turns(after_losses=1), Client("bob")
     reservations = turns.reservations
     alice, carol = Client("alice"), Client("carol")
     reservations.lost(alice, ("k",), "a")
@@ -212,3 +212,23 @@ def test_a_client_that_is_gone_drops_out_of_the_turns_and_its_answers_with_it():
     assert reservations.blocking(bob, [("k",)]) is None
     assert not reservations.holders and not reservations.queues and turns.given == []
     assert len(reservations.losses) == 0 and len(reservations.parked) == 0
+
+
+def test_by_default_a_second_loss_in_a_row_queues_and_then_the_first_does_for_a_while(monkeypatch):
+    """A plain transaction that lost once and gave up holds nobody up; a client retrying on a hot path does."""
+    now = [100.0]
+    monkeypatch.setattr(conflicts.time, "monotonic", lambda: now[0])
+    turns, alice, bob = Turns(), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    assert not reservations.lost(alice, ("k",), "a1")
+    assert reservations.blocking(bob, [("k",)]) is None  # one conflict: no turn
+    assert not reservations.lost(alice, ("k",), "a2")  # the second in a row: alice's turn
+    assert reservations.blocking(bob, [("k",)]) == ("k",)
+    reservations.won(alice)
+    now[0] += 0.5
+    assert not reservations.lost(alice, ("k",), "a3")  # contended a while ago: its first loss is enough
+    assert reservations.blocking(bob, [("k",)]) == ("k",)
+    reservations.won(alice)
+    now[0] += 1.0
+    reservations.lost(alice, ("k",), "a4")  # a second later: counted afresh
+    assert reservations.blocking(bob, [("k",)]) is None

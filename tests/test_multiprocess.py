@@ -316,9 +316,10 @@ def test_database_used_in_forked_child(db, children):
 
 HOT_PROCESSES = 4
 HOT_TRANSACTIONS = 40  # per process
-# A loser queues for the key at its first conflict and is answered once its turn starts; it can lose
-# once more only if its retry's snapshot still predates the commit it waited for (a wait bounded at
-# VISIBLE_WAIT, database.py, that a very loaded machine may exceed). Before turns it lost up to 18.
+# A loser queues for the key at its second conflict in a row (its first, for a second after a turn),
+# and is answered once its turn starts; it can lose once more only if its retry's snapshot still
+# predates the commit it waited for (a wait bounded at VISIBLE_WAIT, database.py, that a very loaded
+# machine may exceed). Before turns it lost up to 18 times in a row.
 MAX_LOSSES_IN_A_ROW = 3
 
 

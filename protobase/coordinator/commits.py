@@ -191,13 +191,14 @@ class Commits:
         if serializable:
             checked += [tuple(path) for path in reads]
         conflict = self.versions.first_conflict(base, checked)
-        if conflict is None and self.reservations.holders:  # perf-cart: another client's turn at a path
+        blocked = False  # perf-cart: refused for another client's turn at a path it writes
+        if conflict is None and self.reservations.holders:
             reserved = self.reservations.blocking(asker.client, paths)
-            conflict = None if reserved is None else (reserved, self.seq)
+            blocked, conflict = reserved is not None, None if reserved is None else (reserved, self.seq)
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
-            if self.reservations.lost(asker.client, path, (asker.request_id, base)):  # perf-cart: queued:
+            if self.reservations.lost(asker.client, path, (asker.request_id, base), blocked):  # perf-cart: queued:
                 return None  # answered when its turn at path starts (_turn_started)
             return ["conflict", list(path), base, seq]
         root: Any = self.root

@@ -93,10 +93,15 @@ class Reservations:
     client can lose again and again to faster or luckier ones (a cart app's
     shared counter: 18 conflicts in a row, a p99 of 2.4 s). So the
     coordinator counts each client's conflicts in a row; from `after_losses`
-    on, the client queues for the path it lost, and the head of the queue
+    on (2: a transaction that lost twice is one that retries, while a plain
+    one that gave up after a conflict must not hold others up), and from the
+    first for `contended_for` seconds after a turn of its own (its next
+    transactions on the hot path), the client queues for the path it lost,
+    and the head of the queue
     holds a turn: until it commits, or for `hold` seconds at most, no other
     client's commit writing the path (at it, above or below it) is accepted.
-    Those commits are refused as conflicts, and their clients queue too.
+    Those commits are refused as conflicts, and their clients queue too, at
+    once.
 
     A queued client's conflict is not answered at once: its answer is parked
     (`lost` returns True) until its turn starts (`on_turn`), so it does not
@@ -106,6 +111,8 @@ class Reservations:
     client loses at most `after_losses` times plus once while it waits, and
     waits for the clients queued before it, each of which commits at its
     first retry: the run of conflicts is bounded by the queue, not by luck.
+    (A client that gave up and never retries can make others lose once,
+    for as long as its turn lasts; a conflict is always retryable.)
     The turn passes to the next in the queue when the holder commits
     anything, when its hold expires (a holder that gave up or died:
     `expire`, at every housekeeping tick and every commit while turns are
@@ -121,11 +128,20 @@ class Reservations:
     path, and is given (`on_turn`) when that client's turn starts.
     """
 
-    def __init__(self, on_turn: Callable[[Any, Any, KeyPath], None], after_losses: int = 1, hold: float = 0.1) -> None:
+    def __init__(
+        self,
+        on_turn: Callable[[Any, Any, KeyPath], None],
+        after_losses: int = 2,
+        hold: float = 0.1,
+        contended_for: float = 1.0,
+    ) -> None:
         self.on_turn = on_turn  # on_turn(client, token, path): answer a parked conflict, its turn began
         self.after_losses = after_losses  # conflicts in a row before a client queues for its path
         self.hold = hold  # seconds a turn lasts at most
+        self.contended_for = contended_for  # seconds after a turn in which one conflict is enough for the next
         self.losses: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # {client -> in a row}
+        # {client -> time.monotonic() its last turn started}: a client retrying on a hot path
+        self.contended: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.holders: dict[KeyPath, tuple[weakref.ref[Any], float]] = {}  # {path -> (holder, turn ends at)}
         self.queues: dict[KeyPath, collections.deque[weakref.ref[Any]]] = {}  # {path -> clients waiting, in order}
         # {client -> [(token, path), ...]}: conflicts answered once the client's turn at path starts
@@ -146,11 +162,17 @@ class Reservations:
                     return reserved
         return None
 
-    def lost(self, client: Any, path: KeyPath, token: Any) -> bool:
-        """Count a conflict of `client` at `path`; True if its answer waits for its turn (then `on_turn(token)`)."""
+    def lost(self, client: Any, path: KeyPath, token: Any, blocked: bool = False) -> bool:
+        """Count a conflict of `client` at `path`; True if its answer waits for its turn (then `on_turn(token)`).
+
+        `blocked`: the commit was refused for another client's turn at `path` (`blocking`), so it
+        queues at once: it contends for a path a client is retrying on.
+        """
         count = self.losses.get(client, 0) + 1
         self.losses[client] = count
-        if count < self.after_losses:
+        now = time.monotonic()
+        recently = now - self.contended.get(client, -self.contended_for) < self.contended_for
+        if count < self.after_losses and not recently and not blocked:
             return False
         holder = self.holders.get(path)
         if holder is not None and holder[0]() is client:
@@ -159,7 +181,7 @@ class Reservations:
         if not any(waiting() is client for waiting in queue):
             queue.append(weakref.ref(client))
         if holder is None:
-            self._pass_turn(path, time.monotonic())
+            self._pass_turn(path, now)
             holder = self.holders.get(path)
             if holder is not None and holder[0]() is client:
                 return False  # its turn, at once
@@ -188,6 +210,7 @@ class Reservations:
             client = queue.popleft()()
             if client is not None:
                 self.holders[path] = (weakref.ref(client), now + self.hold)
+                self.contended[client] = now
                 self.turns += 1
                 self._answer_parked(client, path)
                 break
