@@ -90,6 +90,15 @@ def test_incr_refuses_an_amount_that_is_not_a_64_bit_int_or_a_finite_float(stats
     assert read(stats, "stats", "adds") == 10
 
 
+def test_the_increments_of_one_key_in_a_transaction_are_one_amount_and_bounded_as_one(stats):
+    with stats.transaction() as tx:
+        tx.root["stats"].incr("adds", 2**62)
+        with pytest.raises(TypeError, match="adds an int of 64 bits"):
+            tx.root["stats"].incr("adds", 2**62)  # the sum would not fit the one op that carries it
+        tx.root["stats"].incr("adds", -1)
+    assert read(stats, "stats", "adds") == 10 + 2**62 - 1
+
+
 def test_incr_of_something_else_than_a_number_is_refused_where_the_transaction_sees_it(stats):
     tx = stats.transaction()
     with pytest.raises(TypeError, match=r"^incr\(\) adds to a number, but \('stats', 'name'\) holds a str$"):

@@ -154,12 +154,15 @@ class TxDict(MutableMapping[Any, Any]):
         change to `key` makes it conflict. (Serializable transactions also
         validate the dicts they reached: `tx.root["stats"].incr("adds")` reads
         `root["stats"]`, so a concurrent write inside it conflicts; only
-        snapshot isolation, the default, makes that increment conflict-free.) A transaction that assigned or
-        deleted `key` before incrementing it adds `n` to its own value (an
-        ordinary write, validated as one). Raises TypeError for an `n` that is
-        not an int of 64 bits or a finite float, or when this transaction
-        already knows `key` holds something else than a number; the commit is
-        refused (PathError) if the latest value is not a number.
+        snapshot isolation, the default, makes that increment conflict-free.)
+        A transaction that assigned or deleted `key` before incrementing it
+        adds `n` to its own value (an ordinary write, validated as one).
+
+        Raises TypeError for an `n` that is not an int of 64 bits or a finite
+        float (this transaction's increments of one key summed, too), or when
+        this transaction already knows `key` holds something else than a
+        number; the commit is refused (PathError) if the latest value is not a
+        number.
         """
         self._writes.check_active()
         path = self._path + (key,)
@@ -167,6 +170,7 @@ class TxDict(MutableMapping[Any, Any]):
         check_increment(n)
         local = self._local.get(key)
         if type(local) is _Increment:
+            check_increment(local.n + n)  # one op carries the sum
             local.n += n
             self._writes.record(path, OP_INCR, local.n)
         elif local is _DELETED:
