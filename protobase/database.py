@@ -214,23 +214,29 @@ class Database:
 
         A ConflictError ends an attempt; after `retries` retries the last one
         is raised. The next attempt starts once the commit it lost to is
-        visible (a snapshot taken before would lose again, for nothing), after
-        a random back-off (full jitter) of up to `backoff * 2**n` seconds at
-        the n-th retry, never more than `max_backoff`: bounded, so a retry
-        never sleeps long, and jittered, so the losers do not collide again.
-        A client that keeps losing one key path gets a turn at it from the
-        coordinator (coordinator/conflicts.py, Reservations): no transaction
-        starves. Counters that many transactions bump are best written with
-        `incr`, which never conflicts.
+        visible (a snapshot taken before would lose again, for nothing). After
+        the first conflict it also waits a random while of up to `backoff`
+        seconds (jitter, so that the losers do not collide again); after a
+        second conflict in a row it does not: the coordinator answers that
+        one when the client's turn at the key path starts (coordinator/
+        conflicts.py, Reservations), and a sleep then would only hold up the
+        clients queued behind it. So no transaction starves, and none sleeps
+        long. Other retryable errors (a coordinator restart) back off up to
+        `backoff * 2**n` seconds at the n-th retry, never more than
+        `max_backoff`. Counters that many transactions bump are best written
+        with `incr`, which never conflicts.
         """
         for number in range(retries + 1):
             attempt = Attempt(self, isolation, last=number == retries)
             yield attempt
             if attempt.committed:
                 return
-            if attempt.lost_to is not None:
-                self._wait_until_visible(attempt.lost_to)
-            time.sleep(random.uniform(0, min(backoff * 2**number, max_backoff)))
+            if attempt.lost_to is None:
+                time.sleep(random.uniform(0, min(backoff * 2**number, max_backoff)))
+                continue
+            self._wait_until_visible(attempt.lost_to)
+            if number == 0:
+                time.sleep(random.uniform(0, min(backoff, max_backoff)))
 
     def _wait_until_visible(self, seq: int) -> None:
         """Wait (a bounded while) until commit `seq` is published: a "sync" one only is once durable."""
