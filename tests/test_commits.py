@@ -343,10 +343,11 @@ def test_a_loser_gets_a_turn_and_a_commit_refused_meanwhile_is_answered_when_the
     harness.commit(alice, [OP_SET, ["k"], 1], base=1)
     assert harness.commit(bob, [OP_SET, ["k"], 2], base=1) == ["conflict", ["k"], 1, 2]
     assert harness.commit(bob, [OP_SET, ["k"], 2], base=1) == ["conflict", ["k"], 1, 2]  # twice: bob's turn
-    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) is None  # refused for bob's turn: parked
+    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) == ["conflict", ["k"], 2, 2]  # bob's turn
+    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) is None  # refused twice in a row: parked
     assert harness.commit(alice, [OP_SET, ["other"], 3], base=2)[:2] == ["ok", 3]  # other paths are free
     assert harness.commit(bob, [OP_SET, ["k"], 4], base=3)[:2] == ["ok", 4]  # bob's retry commits
     parked = [(asker.client, reply) for asker, reply in harness.connections.sent if isinstance(asker, Asker)]
     assert parked == [(carol, ["conflict", ["k"], 2, 4])]  # carol's turn: retry once commit 4 is visible
     assert harness.commit(carol, [OP_SET, ["k"], 5], base=4)[:2] == ["ok", 5]
-    assert harness.commits.conflicts == 3 and harness.commits.reservations.turns == 2
+    assert harness.commits.conflicts == 4 and harness.commits.reservations.turns == 2

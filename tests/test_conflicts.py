@@ -214,21 +214,29 @@ def test_a_client_that_is_gone_drops_out_of_the_turns_and_its_answers_with_it():
     assert len(reservations.losses) == 0 and len(reservations.parked) == 0
 
 
-def test_by_default_a_second_loss_in_a_row_queues_and_then_the_first_does_for_a_while(monkeypatch):
+def test_by_default_a_second_loss_in_a_row_queues_and_a_sync_commits_first_may(monkeypatch):
     """A plain transaction that lost once and gave up holds nobody up; a client retrying on a hot path does."""
     now = [100.0]
     monkeypatch.setattr(conflicts.time, "monotonic", lambda: now[0])
     turns, alice, bob = Turns(), Client("alice"), Client("bob")
     reservations = turns.reservations
-    assert not reservations.lost(alice, ("k",), "a1")
+    assert not reservations.lost(alice, ("k",), "a1", eager=True)
     assert reservations.blocking(bob, [("k",)]) is None  # one conflict: no turn
     assert not reservations.lost(alice, ("k",), "a2")  # the second in a row: alice's turn
     assert reservations.blocking(bob, [("k",)]) == ("k",)
+    assert not reservations.lost(bob, ("k",), "b1")  # blocked, "async": answered, it retries
+    assert reservations.lost(bob, ("k",), "b2")  # the second in a row: parked
     reservations.won(alice)
+    reservations.won(bob)
     now[0] += 0.5
-    assert not reservations.lost(alice, ("k",), "a3")  # contended a while ago: its first loss is enough
+    assert not reservations.lost(alice, ("k",), "a3")  # "async": counted afresh
+    assert reservations.blocking(bob, [("k",)]) is None
+    assert not reservations.lost(alice, ("k",), "a4", eager=True)  # "sync", a turn 0.5 s ago: queues at once
     assert reservations.blocking(bob, [("k",)]) == ("k",)
+    assert reservations.lost(bob, ("k",), "b3", blocked=True, eager=True)  # "sync" and blocked: parked at once
     reservations.won(alice)
-    now[0] += 1.0
-    reservations.lost(alice, ("k",), "a4")  # a second later: counted afresh
+    assert turns.given == [(bob, "b2", ("k",)), (bob, "b3", ("k",))]
+    reservations.won(bob)
+    now[0] += 2.0
+    reservations.lost(alice, ("k",), "a5", eager=True)  # two seconds later: counted afresh
     assert reservations.blocking(bob, [("k",)]) is None

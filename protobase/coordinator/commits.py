@@ -198,7 +198,8 @@ class Commits:
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
-            if self.reservations.lost(asker.client, path, (asker.request_id, base), blocked):  # perf-cart: queued:
+            token, eager = (asker.request_id, base), durability == "sync"
+            if self.reservations.lost(asker.client, path, token, blocked, eager):  # perf-cart: it queued:
                 return None  # answered when its turn at path starts (_turn_started)
             return ["conflict", list(path), base, seq]
         root: Any = self.root
