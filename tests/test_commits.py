@@ -128,8 +128,11 @@ class Named:
 
     def __init__(self, name: Any) -> None:
         self.name = name
-        self.client = self
         self.request_id = 0
+
+    @property
+    def client(self) -> Named:
+        return self  # (a property: an attribute holding itself would be a reference cycle per commit)
 
     def __eq__(self, other: object) -> bool:
         return other == self.name if not isinstance(other, Named) else other.name == self.name
