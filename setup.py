@@ -8,20 +8,19 @@ get the fast build (protobase/native.py).
 
 from setuptools import Extension, setup
 
+_FLAGS = [
+    "-O2",
+    "-std=c99",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+    "-Wno-missing-field-initializers",
+]
+
 setup(
     ext_modules=[
-        Extension(
-            "protobase.core.ccodec",
-            ["protobase/core/ccodec.c"],
-            optional=True,
-            extra_compile_args=[
-                "-O2",
-                "-std=c99",
-                "-Wall",
-                "-Wextra",
-                "-Wno-unused-parameter",
-                "-Wno-missing-field-initializers",
-            ],
-        ),
+        Extension("protobase.core.ccodec", ["protobase/core/ccodec.c"], optional=True, extra_compile_args=_FLAGS),
+        # point searches in encoded tree nodes (btree/search.py); uses ccodec's unpack, so built alike
+        Extension("protobase.core.cnode", ["protobase/core/cnode.c"], optional=True, extra_compile_args=_FLAGS),
     ],
 )

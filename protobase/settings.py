@@ -93,6 +93,13 @@ class Settings:
     compact_min_bytes: int = _tunable(
         64 << 20, "bytes appended since the last compaction below which none runs", unit="bytes", minimum=0
     )
+    compact_in_steps_above: int = _tunable(
+        1 << 20,
+        "live bytes above which an automatic compaction copies in steps of a few ms between commits "
+        "(a copy at once would hold them up for as long as it takes)",
+        unit="bytes",
+        minimum=0,
+    )
     reader_slots: int = _tunable(
         1024,
         "database handles that can be open at once, one per protobase.open() in each process",

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protobase.core.cache import AtomBytesCache, AtomObjectCache, CacheStats
+from protobase.core.cache import DEFAULT_CHARGE, AtomBytesCache, AtomObjectCache, CacheStats
 
 
 @pytest.mark.parametrize("capacity", [0, -1])
@@ -39,7 +39,7 @@ def test_stats_are_a_frozen_record_of_the_counters() -> None:
         if cache.get(ptr) is None:
             cache.put(ptr, (1, memoryview(b"payload")))
     stats = cache.stats()
-    assert stats == CacheStats("AtomBytesCache", entries=3, capacity=4, hits=2, misses=3)
+    assert stats == CacheStats("AtomBytesCache", entries=3, capacity=4, hits=2, misses=3, held_bytes=3 * DEFAULT_CHARGE)
     assert stats.hit_rate == pytest.approx(2 / 5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.hits = 0  # type: ignore[misc]
@@ -132,3 +132,44 @@ def test_the_cache_matches_a_fifo_model(capacity: int, operations: list[tuple[bo
         assert len(cache.data) <= capacity
         assert set(cache.data) == set(model)
     assert (cache.hits, cache.misses) == (hits, misses)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(1, 40),
+    max_bytes=st.integers(1, 4_000),
+    puts=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 1_500)), min_size=1, max_size=200),
+)
+def test_the_byte_bound_holds_and_charges_add_up(capacity: int, max_bytes: int, puts: list[tuple[int, int]]) -> None:
+    """Random puts with random charges: never over either bound, held_bytes the sum of what is held,
+    eviction oldest first, and an entry charged over the whole bound returned but not kept."""
+    cache = AtomObjectCache(capacity, max_bytes)
+    for ptr, charge in puts:
+        value = f"v{ptr}-{charge}"
+        order_before = list(cache.data)
+        assert cache.put(ptr, value, charge) is value
+        assert len(cache.data) <= capacity
+        assert cache.held_bytes == sum(cache.charges.values()) <= max_bytes
+        assert list(cache.data) == list(cache.charges)  # the same keys, in the same (insertion) order
+        if charge > max_bytes:
+            assert cache.data.get(ptr) != value
+        else:
+            assert cache.data[ptr] == value and cache.charges[ptr] == charge
+            others = [key for key in order_before if key != ptr]
+            survivors = [key for key in others if key in cache.data]
+            assert survivors == others[len(others) - len(survivors) :]  # the oldest went
+
+
+def test_a_put_without_a_charge_asks_the_estimate() -> None:
+    cache = AtomObjectCache(8, 1_000, estimate=len)
+    cache.put(1, "x" * 300)
+    cache.put(2, "y" * 300)
+    assert cache.held_bytes == 600
+    cache.put(3, "z" * 500)  # over the bound: the oldest go until it fits, with a sixteenth of the bound to spare
+    assert list(cache.data) == [2, 3] and cache.held_bytes == 800
+    assert cache.stats().held_bytes == 800 and cache.stats().max_bytes == 1_000
+
+
+def test_a_byte_bound_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="cache byte bound must be at least 1, got 0"):
+        AtomObjectCache(8, 0)

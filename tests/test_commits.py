@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from protobase.coordinator.clients import Asker
-from protobase.coordinator.commits import Commits, parse_ops
+from protobase.coordinator.commits import Commits, GroupFailed, parse_ops
+from protobase.coordinator.durability import DurabilityFailed
 from protobase.coordinator.writer import Writer
 from protobase.core import codec
-from protobase.core.arena import ArenaWriter, AtomReader
+from protobase.core.arena import DICT_LEAF, ArenaWriter, AtomReader
+from protobase.core.codec import Ref
 from protobase.core.store import Store
-from protobase.errors import EncodingError, ProtoBaseError, ProtocolError
+from protobase.errors import EncodingError, ProtocolError
 from protobase.shm import new_instance_id, sweep
 from protobase.shm.control import ReaderSlot
 from protobase.wire.opcodes import LIST_APPEND, OP_CREATE_INDEX, OP_DELETE, OP_LIST, OP_SET
@@ -144,6 +146,10 @@ class Named:
         return repr(self.name)
 
 
+def _named(asker: Any) -> Any:
+    return asker if isinstance(asker, Named) or asker is None else Named(asker)
+
+
 class Harness:
     def __init__(self) -> None:
         self.instance = new_instance_id()
@@ -175,13 +181,27 @@ class Harness:
         serializable: bool = False,
     ) -> Any:
         return self.commits.commit(
-            asker if isinstance(asker, Named) else Named(asker),
+            _named(asker),
             self.commits.seq if base is None else base,
             serializable,
             durability,
             codec.encode(list(ops)),
             reads or [],
         )
+
+    def group(self, *requests: tuple[Any, list[list[Any]]], base: int | None = None, durability: str = "async") -> Any:
+        """Commit (asker, ops) requests as one group, all based on `base` (default: the latest seq)."""
+        based = self.commits.seq if base is None else base
+        return self.commits.commit_group(
+            [(_named(asker), [based, False, durability, codec.encode(ops), []]) for asker, ops in requests]
+        )
+
+    def read(self, *path: Any) -> Any:
+        """The value at `path` in the latest root, as a reader would decode it."""
+        value: Any = self.writer.store.value(Ref(self.commits.root, DICT_LEAF))
+        for key in path:
+            value = value[key]
+        return value
 
     def close(self) -> None:
         self.writer.store.reader.close()
@@ -223,15 +243,28 @@ def test_a_sync_commit_is_published_and_answered_once_durable_and_in_order(harne
     ]
 
 
-def test_an_async_commit_behind_a_waiting_sync_one_is_not_published_past_it(harness):
+def test_an_async_commit_behind_a_waiting_sync_one_waits_for_it(harness):
     harness.commit("sync", [OP_SET, ["a"], 1], durability="sync")
-    harness.commit("async", [OP_SET, ["b"], 2])
-    # Published at once, though the older sync commit waits: the root holds both, seq 2.
-    assert harness.control.published == [(2, harness.commits.root)]
-    harness.durability.durable_lsn = 1
+    assert harness.commit("async", [OP_SET, ["b"], 2]) is None
+    # Its root holds the sync commit's data, which a crash could still take back: not shown yet
+    # (before: published at once, so a reader saw "a" before it was durable).
+    assert harness.control.published == [] and harness.connections.sent == []
+    harness.durability.durable_lsn = 1  # the sync record; the async one need not be durable
     harness.commits.answer_durable()
-    assert harness.control.published == [(2, harness.commits.root)]  # never back to seq 1
-    assert ("sync", ["ok", 1, []]) in harness.connections.sent
+    assert harness.control.published == [(2, harness.commits.root)]
+    assert [(who, reply[:2]) for who, reply in harness.connections.sent if who != "watchers"] == [
+        ("sync", ["ok", 1]),
+        ("async", ["ok", 2]),
+    ]
+    assert harness.commit("later", [OP_SET, ["c"], 3])[:2] == ["ok", 3]  # nothing waits: published at once
+    assert harness.control.published[-1] == (3, harness.commits.root)
+
+
+def test_an_async_commit_behind_a_waiting_compaction_root_is_published_at_once(harness):
+    harness.commit("a", [OP_SET, ["k"], 1])  # not yet durable: the compaction's root waits for it
+    harness.commits.replace_root(harness.commits.root)
+    assert harness.commit("b", [OP_SET, ["k"], 2])[:2] == ["ok", 3]
+    assert harness.control.published[-1] == (3, harness.commits.root)
 
 
 def test_a_conflict_names_the_path_and_both_seqs_and_applies_nothing(harness):
@@ -266,8 +299,9 @@ def test_a_commit_that_cannot_apply_is_refused_and_changes_nothing(harness):
         "ProtoBaseError",
         "durability must be one of ('sync', 'async'), got 'later'",
     ]
-    with pytest.raises(ProtoBaseError, match="it is based on snapshot seq 5, but the latest commit is seq 1"):
-        harness.commit("b", [OP_SET, ["k"], 2], base=5)
+    error, name, message = harness.commit("b", [OP_SET, ["k"], 2], base=5)
+    assert (error, name) == ("error", "ProtoBaseError")
+    assert "it is based on snapshot seq 5, but the latest commit is seq 1" in message
     assert (harness.commits.seq, harness.commits.root, harness.applied) == (1, root, 1)
 
 
@@ -354,3 +388,144 @@ def test_a_loser_gets_a_turn_and_a_commit_refused_meanwhile_is_answered_when_the
     assert parked == [(carol, ["conflict", ["k"], 2, 4])]  # carol's turn: retry once commit 4 is visible
     assert harness.commit(carol, [OP_SET, ["k"], 5], base=4)[:2] == ["ok", 5]
     assert harness.commits.conflicts == 4 and harness.commits.reservations.turns == 2
+
+
+def test_the_history_of_one_key_written_again_and_again_is_pruned_too(harness, monkeypatch):
+    from protobase.coordinator import commits as commits_module
+
+    monkeypatch.setattr(commits_module, "PRUNE_VERSIONS_ABOVE", 4)
+    for number in range(10):
+        harness.commit("a", [OP_SET, ["counter"], number])
+    assert len(harness.commits.versions) == 1 and len(harness.commits.versions.history) == 10
+    harness.commits.prune_versions()  # no reader: up to the published seq
+    assert len(harness.commits.versions.history) == 0 and harness.commits.versions.horizon == 10
+
+
+# -- groups: the commits of one pass of the event loop ---------------------------------------------
+
+
+def test_a_group_is_written_and_published_once_and_each_commit_logged_under_its_own_seq(harness):
+    harness.commit("first", [OP_SET, ["k"], 0])
+    replies = harness.group(
+        ("a", [[OP_SET, ["a"], {"n": 1}]]),
+        ("b", [[OP_SET, ["b"], {"n": 2}], [OP_SET, ["count"], 2]]),
+        ("c", [[OP_SET, ["c"], 3]]),
+    )
+    assert [reply[:2] for reply in replies] == [["ok", 2], ["ok", 3], ["ok", 4]]
+    assert [[index for index, _ in reply[2]] for reply in replies] == [[0], [0], []]  # write-through, each its own
+    assert harness.control.published[1:] == [(4, harness.commits.root)]  # one publish, of the last seq
+    assert [(lsn, record[0]) for lsn, record, _ in harness.durability.enqueued[1:]] == [(2, 2), (3, 3), (4, 4)]
+    assert [message for who, message in harness.connections.sent[1:]] == [
+        [2, [["a"]]],
+        [3, [["b"], ["count"]]],
+        [4, [["c"]]],
+    ]
+    assert (harness.commits.commits, harness.commits.groups, harness.applied) == (4, 2, 2)
+    assert [harness.read(key) for key in ("a", "b", "c", "count")] == [{"n": 1}, {"n": 2}, 3, 2]
+
+
+def test_a_commit_is_validated_against_the_commits_before_it_in_its_group(harness):
+    harness.commit("first", [OP_SET, ["users"], {"a": 0}])
+    replies = harness.group(
+        ("a", [[OP_SET, ["users", "a"], 1]]),
+        ("b", [[OP_SET, ["users", "a"], 2]]),  # the same snapshot, the same key: it lost to a
+        ("c", [[OP_SET, ["users"], {}]]),  # replaces what a wrote
+        ("d", [[OP_SET, ["users", "d"], 4]]),  # a sibling: no conflict
+    )
+    assert replies[0][:2] == ["ok", 2] and replies[3][:2] == ["ok", 3]
+    assert replies[1] == ["conflict", ["users", "a"], 1, 2] and replies[2] == ["conflict", ["users"], 1, 2]
+    assert dict(harness.read("users")) == {"a": 1, "d": 4} and harness.commits.conflicts == 2
+
+
+def test_a_commit_of_a_group_that_cannot_apply_leaves_the_others_as_if_it_never_came(harness):
+    harness.commit("first", [OP_SET, ["log"], [0]], [OP_SET, ["other"], [0]], [OP_SET, ["n"], 0])
+    replies = harness.group(
+        (
+            "a",
+            [
+                [OP_LIST, ["log"], [[LIST_APPEND, 0, 1]]],
+                [OP_SET, ["fresh"], [1]],
+                [OP_LIST, ["fresh"], [[LIST_APPEND, 0, 2]]],
+            ],
+        ),
+        ("bad", [[OP_SET, ["n"], 1], [OP_SET, ["missing", "y"], 1]]),  # its first op must not stay
+        ("c", [[OP_LIST, ["other"], [[LIST_APPEND, 0, 3]]]]),
+    )
+    assert replies[0][:2] == ["ok", 2] and replies[2][:2] == ["ok", 3]
+    assert replies[1][:2] == ["error", "PathError"]
+    # Rebuilt from fresh decodes: "a" appended once to the log and to its own new list, not twice.
+    assert [list(harness.read(key)) for key in ("log", "fresh", "other")] == [[0, 1], [1, 2], [0, 3]]
+    assert harness.read("n") == 0
+    assert [record[0] for _, record, _ in harness.durability.enqueued] == [1, 2, 3]
+
+
+def test_a_sync_group_is_published_and_answered_once_its_last_record_is_durable(harness):
+    replies = harness.group(("a", [[OP_SET, ["a"], 1]]), ("b", [[OP_SET, ["b"], 2]]), durability="sync")
+    assert replies == [None, None] and harness.control.published == []
+    harness.durability.durable_lsn = 1  # a is on disk, b not yet: the root holds both, so it waits
+    harness.commits.answer_durable()
+    assert harness.control.published == [] and harness.connections.sent == []
+    harness.durability.durable_lsn = 2
+    harness.commits.answer_durable()
+    assert harness.control.published == [(2, harness.commits.root)]
+    assert [(who, reply[:2]) for who, reply in harness.connections.sent if who != "watchers"] == [
+        ("a", ["ok", 1]),
+        ("b", ["ok", 2]),
+    ]
+
+
+def test_a_group_that_fails_to_be_written_changes_nothing(harness, monkeypatch):
+    harness.commit("first", [OP_SET, ["k"], 0])
+    before = (harness.commits.seq, harness.commits.root, len(harness.durability.enqueued), harness.control.published)
+
+    def broken_flush(root: Any) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(harness.writer, "flush", broken_flush)
+    with pytest.raises(GroupFailed):
+        harness.group(("a", [[OP_SET, ["a"], 1]]), ("b", [[OP_SET, ["b"], 2]]))
+    assert (
+        harness.commits.seq,
+        harness.commits.root,
+        len(harness.durability.enqueued),
+        harness.control.published,
+    ) == before
+    monkeypatch.undo()
+    assert [reply[:2] for reply in harness.group(("a", [[OP_SET, ["a"], 1]]))] == [["ok", 2]]  # its seq was not taken
+
+
+def test_a_value_too_big_to_store_refuses_its_commit_alone_but_a_group_is_then_served_one_by_one(harness, monkeypatch):
+    from protobase.core import arena as arena_module
+
+    monkeypatch.setattr(arena_module, "MAX_PAYLOAD", 1000)
+    big = "x" * 2000
+    (reply,) = harness.group(("a", [[OP_SET, ["a"], big]]))
+    assert reply[:2] == ["error", "EncodingError"] and harness.commits.seq == 0
+    with pytest.raises(GroupFailed):
+        harness.group(("a", [[OP_SET, ["a"], 1]]), ("b", [[OP_SET, ["b"], big]]))
+    assert harness.commits.seq == 0
+
+
+def test_a_disk_failure_while_a_group_is_logged_refuses_all_of_it(harness):
+    def failing_enqueue(payload: bytes, sync: bool) -> int:
+        raise DurabilityFailed("the write-ahead log failed: EIO")
+
+    harness.durability.enqueue = failing_enqueue  # type: ignore[method-assign]
+    replies = harness.group(("a", [[OP_SET, ["a"], 1]]), ("b", [[OP_SET, ["a"], 2]]))
+    assert replies[0][:2] == ["error", "CoordinatorError"] and replies[1][0] == "conflict"
+    assert harness.commits.refusing and harness.control.published == []
+
+
+def test_a_commit_parked_for_a_turn_inside_a_group_leaves_the_others_answers_in_place(harness):
+    alice, carol, dave = Named("alice"), Named("carol"), Named("dave")
+    harness.commit(alice, [OP_SET, ["k"], 0])
+    harness.commit(dave, [OP_SET, ["k"], 1], base=1)
+    harness.commit(alice, [OP_SET, ["k"], 2], base=1)
+    harness.commit(alice, [OP_SET, ["k"], 2], base=1)  # alice lost twice: her turn at k
+    assert harness.commit(carol, [OP_SET, ["k"], 3]) == ["conflict", ["k"], 2, 2]  # alice's turn: refused
+    replies = harness.group((carol, [[OP_SET, ["k"], 3]]), (dave, [[OP_SET, ["other"], 4]]))
+    assert replies[0] is None and replies[1][:2] == ["ok", 3]  # carol parked; dave's commit is his
+    assert harness.read("other") == 4 and harness.read("k") == 1
+    harness.commit(alice, [OP_SET, ["k"], 5])
+    parked = [(asker.client, reply) for asker, reply in harness.connections.sent if isinstance(asker, Asker)]
+    assert parked == [(carol, ["conflict", ["k"], 2, 4])]

@@ -240,3 +240,25 @@ def test_by_default_a_second_loss_in_a_row_queues_and_a_sync_commits_first_may(m
     now[0] += 2.0
     reservations.lost(alice, ("k",), "a5", eager=True)  # two seconds later: counted afresh
     assert reservations.blocking(bob, [("k",)]) is None
+
+
+def test_pruning_with_a_budget_forgets_the_oldest_first_and_stops_the_horizon_before_the_rest():
+    versions = table((1, [("a",), ("b",)]), (2, [("c",)]), (3, [("a",)]), (4, [("d",)]))
+    assert versions.prune(3, budget=2) == 1  # commit 1's two paths: ('b',) gone, ('a',) kept (rewritten at 3)
+    assert versions.horizon == 1 and versions.last_write == {("a",): 3, ("c",): 2, ("d",): 4}
+    assert versions.first_conflict(1, [("c",)]) == (("c",), 2)  # still known: bases from 1 on are checked
+    assert versions.first_conflict(0, [("x",)]) == ((), 1)
+    versions.prune(3, budget=2)
+    assert versions.horizon == 3 and versions.last_write == {("d",): 4}
+
+
+@given(
+    st.lists(st.lists(PATHS, min_size=1, max_size=3), max_size=10),
+    st.lists(st.tuples(st.integers(0, 10), st.one_of(st.none(), st.integers(1, 4))), max_size=6),
+)
+def test_pruning_in_any_steps_leaves_exactly_the_writes_after_the_horizon(commits, prunes):
+    versions = table(*((seq, written) for seq, written in enumerate(commits, start=1)))
+    for oldest, budget in prunes:
+        versions.prune(oldest, budget)
+    kept = table(*((seq, written) for seq, written in enumerate(commits, start=1) if seq > versions.horizon))
+    assert (versions.last_write, versions.last_below) == (kept.last_write, kept.last_below)

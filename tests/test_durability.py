@@ -344,6 +344,30 @@ def test_concurrent_sync_commits_share_fsyncs(datadir, monkeypatch, spawn_proces
     assert syncs <= made * 0.75, f"{made} sync commits took {syncs} fsyncs: group commit did not group"
 
 
+def _commit_one_sync(path: str) -> None:
+    with open_test_db(path) as db:
+        commit_counter(db, "sync", 1, durability="sync")
+
+
+def test_an_async_commit_behind_a_slow_sync_one_is_not_shown_before_that_one_is_durable(
+    datadir, monkeypatch, spawn_process
+):
+    # Every fdatasync takes 0.5 s more. The async commit's root holds the sync commit's data:
+    # before, it was published (and answered) at once, so readers saw a commit a crash could take back.
+    monkeypatch.setenv(FAULTS_ENV, "fsync_delay_ms=500")
+    with open_test_db(datadir) as db:
+        before = db.stats()
+        writer = spawn_process(_commit_one_sync, datadir)
+        wait_until(lambda: db.stats().seq == before.seq + 1, "the sync commit to be applied")
+        applied = db.stats()  # its last_lsn is the sync commit's record
+        commit_counter(db, "async", 2, durability="async")
+        assert db.stats().durable_lsn >= applied.last_lsn, "the async commit returned before the sync one was durable"
+        with db.snapshot() as snap:
+            assert (snap.root["sync"]["value"], snap.root["async"]["value"]) == (1, 2)
+        writer.join(timeout=60)
+        assert writer.exitcode == 0
+
+
 def _write_calls(pid: int) -> int:
     with open(f"/proc/{pid}/io") as io:
         return next(int(line.split()[1]) for line in io if line.startswith("syscw:"))

@@ -34,8 +34,9 @@ import pytest
 
 import protobase
 from protobase.cli import main as cli
+from protobase.core import codec
 from protobase.shm import names
-from tests.conftest import open_test_db, wait_until
+from tests.conftest import open_test_db, served, wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 DEADLINE = 60.0  # seconds any one wait may take before the test fails
@@ -410,3 +411,138 @@ def test_oldest_reader_names_the_reader_of_the_oldest_snapshot_and_what_it_keeps
     harness.control.reader_slots = [ReaderSlot(3, 79, 0.0, 3)]  # another process in that slot: a new pin
     oldest = reclamation.oldest_reader()
     assert oldest is not None and oldest["pid"] == 79 and oldest["held_seconds"] < 0.05
+
+
+# -- compactions in steps ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stepping(parts: Any, monkeypatch: Any) -> Any:
+    """The parts with every automatic compaction made in steps, each as small as can be: a node or a replay."""
+    from protobase.coordinator import reclamation as reclamation_module
+
+    harness, pins, reclamation = parts
+    reclamation.compact_in_steps_above = 0
+    monkeypatch.setattr(reclamation_module, "STEPS_BETWEEN_CLOCK_READS", 1)
+    monkeypatch.setattr(reclamation_module, "COMPACTION_STEP_SECONDS", 0.0)
+    return harness, reclamation
+
+
+def step(reclamation: Any) -> None:
+    """One step of the running compaction, due now (the loop would wait while commits come)."""
+    reclamation.running.next_step_at = 0.0
+    reclamation.advance()
+
+
+def pointers_below(harness: Any, root: int, segment: int) -> list[int]:
+    """Every atom reachable from `root` that lies in a segment before `segment`."""
+    from protobase.core.arena import segment_of
+
+    found = []
+
+    def visit(ptr: int, kind: int) -> None:
+        if segment_of(ptr) < segment:
+            found.append(ptr)
+        payload = harness.writer.store.reader.atom(ptr)[1]
+        codec.decode(payload, frozen=False, opaque_dataclasses=True, ref=lambda p, k: visit(p, k) if p else None)
+
+    visit(root, 0)
+    return found
+
+
+def test_a_compaction_in_steps_replays_the_commits_made_meanwhile_and_then_becomes_the_root(stepping):
+    from protobase.wire.opcodes import OP_SET
+
+    harness, reclamation = stepping
+    harness.commit("fill", [OP_SET, ["users"], {f"u{i:04d}": {"n": i} for i in range(3000)}])
+    garbage(harness, 10)
+    all_durable(harness)
+    reclamation.maybe_compact()
+    assert reclamation.running is not None and reclamation.compactions == 0
+    first_new = reclamation.running.first_new
+    steps = 0
+    while reclamation.running is not None:
+        step(reclamation)
+        steps += 1
+        if steps % 7 == 0 and steps < 400:  # commits between the steps, the copy's and the catch-up's
+            harness.commit("w", [OP_SET, ["users", f"u{steps:04d}"], {"n": -steps}], [OP_SET, ["n"], steps])
+    assert steps > 50 and reclamation.compactions == 1
+    all_durable(harness)
+    assert harness.control.published[-1] == (harness.commits.seq, harness.commits.root)
+    users = harness.read("users")
+    assert [users[f"u{i:04d}"]["n"] for i in (1, 7, 14, 399, 2999)] == [1, -7, -14, 399, 2999]
+    assert harness.read("n") == max(s for s in range(7, 400, 7) if s <= steps)
+    assert pointers_below(harness, harness.commits.root, first_new) == []  # nothing left in the old segments
+    reclamation.release_retired()
+    assert min(harness.arena.segments) == first_new
+    assert harness.arena.generation()[0][0] == first_new
+
+
+def test_a_checkpoint_taken_while_a_compaction_runs_in_steps_holds_the_old_segments_too(stepping):
+    harness, reclamation = stepping
+    garbage(harness, 10)
+    all_durable(harness)
+    before = {index for index, _ in harness.arena.generation()}
+    reclamation.maybe_compact()
+    step(reclamation)
+    assert reclamation.running is not None
+    assert before <= {index for index, _ in harness.arena.generation()}  # the latest root still points there
+
+
+def test_a_compaction_in_steps_that_fails_leaves_the_data_as_it_is(stepping, monkeypatch, caplog):
+    import logging
+
+    from protobase.errors import ProtoBaseError
+
+    harness, reclamation = stepping
+    garbage(harness, 10)
+    all_durable(harness)
+    seq, root = harness.commits.seq, harness.commits.root
+
+    def no_room(root: int) -> Any:
+        yield
+        harness.arena.append(1, b"y" * 1000)
+        raise ProtoBaseError("/dev/shm is full")
+
+    monkeypatch.setattr(harness.writer, "copy_steps", no_room)
+    reclamation.maybe_compact()
+    with caplog.at_level(logging.ERROR, logger="protobase.coordinator"):
+        while reclamation.running is not None:
+            step(reclamation)
+    assert [record.getMessage() for record in caplog.records] == [
+        "compaction failed and was abandoned; serving the uncompacted data, next attempt after 65536 more bytes: "
+        "/dev/shm is full"
+    ]
+    assert (reclamation.compaction_failures, reclamation.compactions, reclamation.retired) == (1, 0, [])
+    assert (harness.commits.seq, harness.commits.root, harness.commits.recording) == (seq, root, None)
+    garbage(harness, 4)  # under the 64 KiB to wait for
+    reclamation.maybe_compact()
+    assert reclamation.running is None
+
+
+def test_an_explicit_compaction_drops_one_in_steps_and_copies_at_once(stepping):
+    harness, reclamation = stepping
+    garbage(harness, 10)
+    all_durable(harness)
+    reclamation.maybe_compact()
+    step(reclamation)
+    reclamation.compact()
+    assert reclamation.running is None and reclamation.compactions == 1 and harness.commits.recording is None
+    assert harness.read("n") == 9
+
+
+def test_a_served_database_compacts_in_steps_while_it_commits(datadir):
+    with served(datadir, "--compact-min-bytes", str(COMPACT_MIN), "--compact-in-steps-above", "0") as server:
+        with open_test_db(datadir, durability="async") as db:
+            keys = sorted(fill(db, 10_000))
+            rng = random.Random(5)
+            update_until_compacted(db, keys, rng, 2)
+            with db.snapshot() as snap:
+                assert len(snap.root["d"]) == len(keys)
+                newest = db.stats().seq
+            update_round(db, keys, rng, newest)
+            with db.snapshot() as snap:
+                assert sum(record["n"] == newest for record in snap.root["d"].values()) == 200
+            db.check()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=DEADLINE) == 0

@@ -58,8 +58,13 @@ COMPACT_MIN = 1 << 20
 
 def receive(sock: socket.socket) -> list:
     """The next message from the coordinator, without its request id (blocking)."""
+    return receive_message(sock)[1:]
+
+
+def receive_message(sock: socket.socket) -> list:
+    """The next message from the coordinator: [request id, *reply] (blocking)."""
     (length,) = framing.LENGTH.unpack(_exactly(sock, framing.LENGTH.size))
-    return codec.decode(_exactly(sock, length), frozen=False)[1:]
+    return codec.decode(_exactly(sock, length), frozen=False)
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
@@ -244,6 +249,35 @@ def test_a_commit_on_a_missing_container_arrives_as_a_path_error_and_changes_not
     received = error_from_reply(reply)
     assert type(received) is PathError and isinstance(received, protobase.ProtoBaseError)
     assert db.stats().seq == seq
+
+
+def test_commits_read_in_one_pass_are_applied_as_one_group_and_answered_in_order(db):
+    with db.transaction() as tx:
+        tx.root["k"] = 0
+    before = db.stats()
+    seq = before.seq
+    commits = [
+        [request_id, "commit", seq, False, "async", ops, []]
+        for request_id, ops in [
+            (1, codec.encode([[OP_SET, ["a"], 1]])),
+            (2, codec.encode([[OP_SET, ["a"], 2]])),  # the same snapshot and key as 1: it conflicts with 1
+            (3, codec.encode([[OP_SET, ["b"], 3]])),
+            (4, codec.encode([[OP_SET, ["missing", "c"], 4]])),  # refused: nothing else changes
+        ]
+    ]
+    stats = [5, "stats"]  # served after the commits before it
+    with connection(db) as sock:
+        sock.sendall(b"".join(framing.encode_frame(message) for message in [*commits, stats]))  # one pass
+        replies = [receive_message(sock) for _ in range(5)]
+    assert [reply[0] for reply in replies] == [1, 2, 3, 4, 5]  # in the order asked
+    assert replies[0][1:3] == ["ok", seq + 1] and replies[2][1:3] == ["ok", seq + 2]
+    assert replies[1][1:] == ["conflict", ["a"], seq, seq + 1] and replies[3][1:3] == ["error", "PathError"]
+    counters = replies[4][2]
+    assert (counters["seq"], counters["published_seq"]) == (seq + 2, seq + 2)
+    assert counters["commits"] - before.commits == 2 and counters["commit_groups"] - before.commit_groups == 1
+    with db.snapshot() as snap:
+        assert (snap.root["a"], snap.root["b"], "missing" in snap.root) == (1, 3, False)
+    db.check()
 
 
 def test_the_stats_reply_holds_exactly_the_counters_of_the_schema(db):

@@ -65,6 +65,7 @@ class DatabaseStats:
     wal_bytes_since_checkpoint: int
     wal_syncs: int  # fdatasyncs of the WAL since the coordinator started; commits per sync = group commit
     commits: int  # since the coordinator started
+    commit_groups: int  # groups they were applied in, one write and publish each (commits / groups)
     conflicts: int
     compactions: int
     compaction_failures: int  # compactions undone (/dev/shm full, ...): the data stayed as it was
@@ -119,6 +120,7 @@ def collect_stats(session: Session, counters: Counters) -> DatabaseStats:
         wal_bytes_since_checkpoint=counters["wal_bytes_since_checkpoint"],
         wal_syncs=counters["wal_syncs"],
         commits=counters["commits"],
+        commit_groups=counters["commit_groups"],
         conflicts=counters["conflicts"],
         compactions=counters["compactions"],
         compaction_failures=counters["compaction_failures"],

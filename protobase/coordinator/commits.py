@@ -2,19 +2,24 @@
 
 Owns the coordinator's latest commit (`seq`, `root`), the published root, the
 version table (conflicts.py) and the commits that wait for their WAL record
-to be fsynced. Runs in the coordinator process, in its event loop, one commit
-at a time: that is what serialises commits.
+to be fsynced. Runs in the coordinator process, in its event loop, one group
+of commits at a time and each group's commits in order: that is what
+serialises commits. A group is every commit the loop read in one pass (the
+server queues them): each is validated against the state its predecessors
+left, all are applied to one working root, and the root is written once and
+published once, so commits arriving together share the path copies near the
+root, the publish and the wake-ups (`commit_group`).
 
 A commit is checked (`parse_ops`: the ops are data of known shapes, since the
 socket is untrusted), validated against the version table (a key it wrote,
 or read in serializable mode, changed after its snapshot: a conflict; so is
 a write at a path another client holds a turn at, conflicts.py's Reservations),
 applied to the latest root by path copying and written to atoms (writer.py),
-and handed to the persistence process (durability.py). An "async" commit is
-then published and acknowledged at once; a "sync" one waits in `pending`
-until the durable LSN covers its record (`answer_durable`), and so does every
-root published after it (a compaction's too), since roots are published in
-order.
+and handed to the persistence process (durability.py) under its own seq. An
+"async" commit is then published and acknowledged at once; a "sync" one waits
+in `pending` until the durable LSN covers its record (`answer_durable`), and
+so does every root published after it (an "async" commit's, a compaction's),
+since roots are published in order and each holds the commits before it.
 
 Once durability failed (a disk error), every waiting and later commit is
 answered with that failure (`fail`): never acknowledged, never published.
@@ -35,13 +40,13 @@ from typing import Any
 
 from protobase.coordinator.clients import Asker, Connections
 from protobase.coordinator.conflicts import KeyPath, Reservations, VersionTable, validated_paths
-from protobase.coordinator.durability import Durability
+from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.writer import Writer, decode_ops
 from protobase.core import codec
 from protobase.errors import CoordinatorError, CorruptionError, PathError, ProtoBaseError, ProtocolError
 from protobase.keyorder import check_key
 from protobase.shm.control import ControlBlock
-from protobase.wire.error_table import error_fields
+from protobase.wire.error_table import error_fields, error_reply
 from protobase.wire.opcodes import (
     INCR_LIMIT,
     LIST_APPEND,
@@ -58,12 +63,13 @@ from protobase.wire.opcodes import (
     OP_SET_DISCARD,
 )
 
-__all__ = ["Commits", "Pending", "parse_ops", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
+__all__ = ["Commits", "GroupFailed", "Pending", "Request", "parse_ops", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
 
 log = logging.getLogger("protobase.coordinator")
 
 DURABILITY_MODES = ("sync", "async")
-PRUNE_VERSIONS_ABOVE = 100_000  # paths in the version table past which housekeeping prunes it
+PRUNE_VERSIONS_ABOVE = 100_000  # paths (or commits) in the version table past which housekeeping prunes it
+PRUNE_PATHS_PER_TICK = 20_000  # at most this many written paths forgotten per tick: a few ms
 
 Op = list[Any]  # [op code, key path (a list), argument]: one operation of a commit, as decoded
 Reply = list[Any]  # [status, *fields]: a reply without its request id
@@ -133,6 +139,41 @@ class Pending:
     paths: list[KeyPath] = field(default_factory=list)  # what the commit wrote, for watchers
 
 
+Request = tuple[Asker, list[Any]]  # a commit request: who asks, [base, serializable, durability, ops, reads]
+
+
+class GroupFailed(Exception):
+    """Applying or writing a group of commits failed for a reason no refusal names; nothing was changed."""
+
+
+@dataclass
+class _Applied:
+    """A commit of the group being applied: what the rest of its way (seq, WAL, reply) needs."""
+
+    asker: Asker
+    seq: int
+    ops: list[Op]
+    paths: list[KeyPath]
+    ops_bytes: bytes
+    sync: bool
+
+
+class _Group:
+    """The commits of one pass applied so far: their working root and what they wrote."""
+
+    def __init__(self, root: Any, seq: int) -> None:
+        self.working: Any = root  # the latest root with the group's commits applied, not yet written
+        self.latest_seq = seq  # the seq before the group
+        self.versions = VersionTable()  # what the group wrote, seen by its later commits' validation
+        self.applied: list[_Applied] = []
+        # perf-cart: [(conflict reply, asker, path, base, blocked, eager)]: losses counted once the group is done
+        self.losses: list[tuple[Reply, Asker, KeyPath, int, bool, bool]] = []
+
+    @property
+    def next_seq(self) -> int:
+        return self.latest_seq + len(self.applied) + 1
+
+
 class Commits:
     """Validates, applies, publishes and acknowledges commits, one at a time."""
 
@@ -164,19 +205,83 @@ class Commits:
         self.published_seq = 0  # sequence number of the published root
         self.pending: collections.deque[Pending] = collections.deque()  # in LSN order
         self.commits = 0  # commits applied since start
+        self.groups = 0  # groups they were applied in
         self.conflicts = 0  # commits refused for a conflict since start
         self.refusing = False  # True once durability failed: every commit is refused from then on
+        # While a compaction is made in steps, the ops of every commit applied meanwhile (reclamation.py
+        # replays them onto the copy), else None.
+        self.recording: list[bytes] | None = None
 
     def commit(
         self, asker: Asker, base: int, serializable: bool, durability: str, ops_bytes: bytes, reads: list[Any]
     ) -> Reply | None:
-        """Validate, apply, write, log and publish one transaction; None when the reply waits for fsync.
+        """Validate, apply, write, log and publish one transaction: a group of one (`commit_group`)."""
+        (reply,) = self.commit_group([(asker, [base, serializable, durability, ops_bytes, reads])])
+        return reply
 
-        Raises ProtoBaseError for a request to refuse (answered as an error,
-        nothing applied) and DurabilityFailed when the WAL failed.
+    def commit_group(self, requests: list[Request]) -> list[Reply | None]:
+        """Commit every request of one pass of the event loop, in order, with one flush and one publish.
+
+        Each is validated against the latest state, earlier commits of the
+        group included, and applied to one working root; the root is written
+        once, then each commit gets its own seq and WAL record, and the root is
+        published once (for "sync" commits: once the group's last record is
+        durable). The replies, in request order: None for a commit that waits
+        for fsync; a refusal (conflict, error) changes nothing. All requests
+        must ask for the same durability (the server groups them so): one
+        published root must not hold an "async" commit waiting behind a "sync" one.
+
+        Raises GroupFailed, having changed nothing, when applying or writing
+        failed for a reason no refusal names (a bug): serve them one at a time.
+        When the WAL fails, every commit of the group is refused (`fail`).
         """
         if self.durability.failure:
-            return self.failure_reply()
+            return [self.failure_reply() for _ in requests]
+        group = _Group(self.root, self.seq)
+        replies: list[Reply | None] = []
+        for asker, arguments in requests:
+            try:
+                replies.append(self._apply(group, asker, *arguments))
+            except ProtoBaseError as error:
+                replies.append(error_reply(error))
+            except Exception as error:
+                raise GroupFailed(error) from error
+        if group.applied:
+            try:
+                root = self.writer.flush(group.working)
+            except ProtoBaseError as error:  # a value that cannot be stored (EncodingError): refuse its commit
+                if len(group.applied) > 1:
+                    raise GroupFailed(error) from error  # which commit holds it? one at a time tells
+                replies[replies.index(None)] = error_reply(error)
+                return self._count_losses(group, replies)
+            except Exception as error:
+                raise GroupFailed(error) from error
+            self._log_and_publish(group, root, replies)
+        return self._count_losses(group, replies)  # perf-cart
+
+    def _count_losses(self, group: _Group, replies: list[Reply | None]) -> list[Reply | None]:
+        """perf-cart: count the group's conflicts as their clients' losses (conflicts.py, Reservations).
+
+        Once the group is done, so that a group that fails changes nothing. A
+        client that queued for a turn gets None: its conflict is answered when
+        its turn starts (`_turn_started`).
+        """
+        for reply, asker, path, base, blocked, eager in group.losses:
+            if self.reservations.lost(asker.client, path, (asker.request_id, base), blocked, eager):
+                replies[next(i for i, candidate in enumerate(replies) if candidate is reply)] = None
+        return replies
+
+    def _apply(
+        self,
+        group: _Group,
+        asker: Asker,
+        base: int,
+        serializable: bool,
+        durability: str,
+        ops_bytes: bytes,
+        reads: list[Any],
+    ) -> Reply | None:
+        """Validate one commit and apply it to the group's working root; its refusal, or None once applied."""
         if durability not in DURABILITY_MODES:
             return error_fields(ProtoBaseError, f"durability must be one of {DURABILITY_MODES}, got {durability!r}")
         if type(base) is not int or not 0 <= base <= self.seq:
@@ -190,7 +295,8 @@ class Commits:
         checked = validated_paths(ops, paths)  # perf-cart: an increment's path is not validated (it commutes)
         if serializable:
             checked += [tuple(path) for path in reads]
-        conflict = self.versions.first_conflict(base, checked)
+        conflict = group.versions.first_conflict(base, checked) if group.applied else None
+        conflict = conflict or self.versions.first_conflict(base, checked)
         blocked = False  # perf-cart: refused for another client's turn at a path it writes
         if conflict is None and self.reservations.holders:
             reserved = self.reservations.blocking(asker.client, paths)
@@ -198,32 +304,82 @@ class Commits:
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
-            token, eager = (asker.request_id, base), durability == "sync"
-            if self.reservations.lost(asker.client, path, token, blocked, eager):  # perf-cart: it queued:
-                return None  # answered when its turn at path starts (_turn_started)
-            return ["conflict", list(path), base, seq]
-        root: Any = self.root
+            reply = ["conflict", list(path), base, seq]
+            group.losses.append((reply, asker, path, base, blocked, durability == "sync"))  # perf-cart
+            return reply
         try:
-            for (code, _, argument), path in zip(ops, paths):
-                root = self.writer.apply(root, code, path, argument)
-            new_root = self.writer.flush(root)
+            group.working = self._apply_ops(group.working, ops, paths)
         except PathError as error:
+            group.working = self._reapply(group)  # undo its first ops: the working root is changed in place
             return error_fields(PathError, f"commit refused: {error}")
-        self.seq += 1
-        self.root = new_root
-        self.versions.record(self.seq, paths)
-        self.reservations.won(asker.client)  # perf-cart: its run of losses (and its turn) ends
-        self.commits += 1
-        lsn = self.durability.enqueue(codec.encode([self.seq, ops_bytes]), sync=durability == "sync")
-        reply: Reply | None = ["ok", self.seq, self._written_values(ops, paths)]  # while the persistence writes
-        if durability == "sync":
-            self.pending.append(Pending(lsn, self.seq, new_root, asker, reply, paths))
-            reply = None
-        else:
-            self.publish(self.seq, new_root)
-            self.connections.notify(self.seq, paths)
+        applied = _Applied(asker, group.next_seq, ops, paths, ops_bytes, durability == "sync")
+        group.versions.record(applied.seq, paths)
+        group.applied.append(applied)
+        return None
+
+    def _apply_ops(self, root: Any, ops: list[Op], paths: list[KeyPath]) -> Any:
+        for (code, _, argument), path in zip(ops, paths):
+            root = self.writer.apply(root, code, path, argument)
+        return root
+
+    def _reapply(self, group: _Group) -> Any:
+        """The group's working root rebuilt from the latest root: its applied commits, decoded afresh.
+
+        Afresh, since applying a commit may change its own decoded values in
+        place (a list op appends to the list an earlier op of it SET).
+        """
+        working: Any = self.root
+        for applied in group.applied:
+            applied.ops = parse_ops(applied.ops_bytes)
+            working = self._apply_ops(working, applied.ops, applied.paths)
+        return working
+
+    def _log_and_publish(self, group: _Group, root: int, replies: list[Reply | None]) -> None:
+        """The group is written at `root`: log each commit under its seq, then publish and answer them."""
+        self.root = root
+        self.seq = group.applied[-1].seq
+        self.commits += len(group.applied)
+        self.groups += 1
+        for applied in group.applied:  # perf-cart: their runs of losses (and their turns) end
+            self.reservations.won(applied.asker.client)
+        slots = [index for index, reply in enumerate(replies) if reply is None]
+        try:
+            lsn = 0
+            for applied in group.applied:
+                self.versions.record(applied.seq, applied.paths)
+                lsn = self.durability.enqueue(codec.encode([applied.seq, applied.ops_bytes]), sync=applied.sync)
+        except DurabilityFailed as error:  # none of them is acknowledged: see `fail`
+            for index in slots:
+                replies[index] = self.failure_reply()
+            self.fail(str(error))
+            return
+        if self.recording is not None:
+            self.recording.extend(applied.ops_bytes for applied in group.applied)
+        for index, applied in zip(slots, group.applied):
+            reply: Reply = ["ok", applied.seq, self._written_values(applied.ops, applied.paths)]
+            if applied.sync:  # answered with the group, once its last record is durable
+                self.pending.append(Pending(lsn, applied.seq, root, applied.asker, reply, applied.paths))
+            else:
+                replies[index] = reply
+        if not group.applied[0].sync:
+            if any(pending.asker is not None for pending in self.pending):
+                self._wait_behind_sync(group, root, replies, slots)
+            else:
+                self.publish(self.seq, root)
+                for applied in group.applied:
+                    self.connections.notify(applied.seq, applied.paths)
         self.on_applied()
-        return reply
+
+    def _wait_behind_sync(self, group: _Group, root: int, replies: list[Reply | None], slots: list[int]) -> None:
+        """Hold an "async" group until the "sync" commits before it are durable: its root holds their data.
+
+        Published now, it would show readers a commit a crash could take back;
+        answered now, its client would not see its own commit in its next snapshot.
+        """
+        behind = self.pending[-1].lsn  # the newest record waited for (pending is in LSN order)
+        for index, applied in zip(slots, group.applied):
+            self.pending.append(Pending(behind, applied.seq, root, applied.asker, replies[index], applied.paths))
+            replies[index] = None
 
     def _turn_started(self, client: Any, token: tuple[int, int], path: KeyPath) -> None:
         """perf-cart: answer a conflict parked until its client's turn at `path` (conflicts.py, Reservations).
@@ -236,7 +392,8 @@ class Commits:
     def _written_values(self, ops: list[Op], paths: list[KeyPath]) -> list[list[int]]:
         # Tell the client where each SET value now lives, so it can cache the
         # value it already holds (write-through). Only for values nothing later
-        # in the commit changed, and only for values stored as one atom.
+        # in the commit changed, and only for values stored as one atom. (No
+        # other commit of its group changed them: their paths would conflict.)
         # Walk backwards keeping every prefix of the later paths: one set lookup
         # per op, not a scan of the later ops (which made a 10k-key commit quadratic).
         pointers = []
@@ -296,9 +453,9 @@ class Commits:
         (Every housekeeping tick: so it also ends the turns whose hold is over, answering whoever is next.)
         """
         self.reservations.expire()  # perf-cart
-        if len(self.versions) > PRUNE_VERSIONS_ABOVE:
+        if max(len(self.versions), len(self.versions.history)) > PRUNE_VERSIONS_ABOVE:  # (one hot key: a long history)
             oldest = self.control.oldest_snapshot()
-            self.versions.prune(self.published_seq if oldest is None else oldest)
+            self.versions.prune(self.published_seq if oldest is None else oldest, budget=PRUNE_PATHS_PER_TICK)
 
     # -- a failed disk ----------------------------------------------------------------
 

@@ -5,12 +5,14 @@ the life of the process from start to stop. One runs per data directory,
 guarded by an flock on `coordinator.lock`. It serves clients over the Unix
 socket in a single-threaded event loop, which is what serialises commits:
 `Coordinator` accepts connections, reads their frames and dispatches each
-request to the part that handles it:
+request to the part that handles it. The commits read in one pass of the
+loop (from every ready socket) are committed as one group at its end, and
+before any other request, so replies keep the order of the requests:
 
     clients.py       the connected clients: frames, memory bounds, replies, watchers
     commits.py       validating, applying and publishing commits (writer.py, conflicts.py)
     checkpoints.py   checkpoint and backup requests to the persistence process
-    reclamation.py   compaction and the unlinking of retired segments
+    reclamation.py   compaction (at once, or in steps between passes) and the unlinking of retired segments
     durability.py    the commit ring and the persistence process (its reports come in here)
     recovery.py      the state rebuilt from checkpoint and WAL at start-up
 
@@ -54,7 +56,7 @@ from typing import Any
 from protobase.collector import Collector
 from protobase.coordinator.checkpoints import Checkpoints
 from protobase.coordinator.clients import Asker, Client, Connections
-from protobase.coordinator.commits import Commits, Reply
+from protobase.coordinator.commits import Commits, GroupFailed, Reply, Request
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.reclamation import Reclamation
 from protobase.coordinator.recovery import Recovered, recover
@@ -115,6 +117,7 @@ class Coordinator:
         self.accept_paused = False  # True while the listener is out of the selector (out of descriptors)
         self.short_of_descriptors = False  # True from a failed accept to the next successful one
         self.running = False
+        self.queued_commits: list[Request] = []  # read in this pass of the loop, committed as one group at its end
         self.collector = Collector()  # the GC policy of this process, installed once recovery is done
 
     # -- lifecycle --------------------------------------------------------------
@@ -196,7 +199,13 @@ class Coordinator:
             changed=self.recovered.replayed > 0,
         )
         self.reclamation = Reclamation(
-            arena, self.writer, control, self.commits, self.checkpoints, compact_min_bytes=settings.compact_min_bytes
+            arena,
+            self.writer,
+            control,
+            self.commits,
+            self.checkpoints,
+            compact_min_bytes=settings.compact_min_bytes,
+            compact_in_steps_above=settings.compact_in_steps_above,
         )
         self.durability.start()
         try:
@@ -239,13 +248,16 @@ class Coordinator:
         tick = self.settings.tick
         try:
             while self.running:
-                for key, _ in self.selector.select(tick):
+                step_due = self.reclamation.due_in()  # a compaction in steps goes on while no commit comes
+                for key, _ in self.selector.select(tick if step_due is None else min(tick, step_due)):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self.watched_persistence:
                         self._on_persistence_report()
                     elif key.fileobj in self.connections.clients:
                         self._read(key.fileobj)
+                self._commit_queued()
+                self.reclamation.advance()
                 now = time.monotonic()
                 if now - self.housekept_at >= tick:  # not on every wake-up: it scans the reader table
                     self.housekept_at = now
@@ -419,24 +431,49 @@ class Coordinator:
             self.connections.answer(Asker(client, error.request_id), error_reply(error))
             return
         asker = Asker(client, request_id)
+        if verb == "commit":
+            self._queue_commit(asker, arguments)
+            return
+        self._commit_queued()  # the commits that came before this request are answered before it
         try:
             reply = self._handle(asker, verb, arguments)
         except Exception as error:  # a bug: refuse this request, keep serving
-            log.exception("request %r of client %d failed", verb, client.pid)
-            reply = error_fields(
-                ProtoBaseError,
-                f"the coordinator could not process the {verb!r} request "
-                f"({type(error).__name__}: {error}); nothing was committed. "
-                f"Please report this bug",
-            )
+            reply = _bug_reply(asker, verb, error)
         if reply is not None:
             self.connections.answer(asker, reply)
+
+    def _queue_commit(self, asker: Asker, arguments: list[Any]) -> None:
+        """Hold a commit until the loop has read every socket that is ready: they are applied as one group.
+
+        A group holds commits of one durability mode (see `Commits.commit_group`).
+        """
+        if self.queued_commits and self.queued_commits[0][1][2] != arguments[2]:
+            self._commit_queued()
+        self.queued_commits.append((asker, arguments))
+
+    def _commit_queued(self) -> None:
+        """Commit the queued commits as one group and answer them, in order."""
+        if not self.queued_commits:
+            return
+        group, self.queued_commits = self.queued_commits, []
+        try:
+            replies = self.commits.commit_group(group)
+        except GroupFailed as failure:  # a bug: find the commit it is in by committing them one by one
+            if len(group) == 1:
+                replies = [_bug_reply(group[0][0], "commit", failure.__cause__ or failure)]
+            else:
+                log.warning("a group of %d commits failed (%s); committing them one by one", len(group), failure)
+                for request in group:
+                    self.queued_commits = [request]
+                    self._commit_queued()
+                return
+        for (asker, _), reply in zip(group, replies):
+            if reply is not None:
+                self.connections.answer(asker, reply)
 
     def _handle(self, asker: Asker, verb: str, arguments: list[Any]) -> Reply | None:
         """The reply to one well-formed request; None when it is answered later."""
         try:
-            if verb == "commit":
-                return self.commits.commit(asker, *arguments)
             if verb == "hello":
                 return self._hello(asker.client, *arguments)
             if verb == "watch":
@@ -537,6 +574,7 @@ class Coordinator:
             "seq": self.commits.seq,
             "published_seq": self.commits.published_seq,
             "commits": self.commits.commits,
+            "commit_groups": self.commits.groups,
             "conflicts": self.commits.conflicts,
             "compactions": self.reclamation.compactions,
             "checkpoints": self.checkpoints.checkpoints,
@@ -578,6 +616,16 @@ def _release_shared_memory(instance_id: str, control: ControlBlock | None, arena
         control.unlink()
         control.close()
     names.sweep(instance_id)
+
+
+def _bug_reply(asker: Asker, verb: str, error: BaseException) -> Reply:
+    """The reply to a request that failed for a reason no refusal names: a bug; logged, and nothing committed."""
+    log.error("request %r of client %d failed", verb, asker.client.pid, exc_info=error)
+    return error_fields(
+        ProtoBaseError,
+        f"the coordinator could not process the {verb!r} request ({type(error).__name__}: {error}); "
+        f"nothing was committed. Please report this bug",
+    )
 
 
 def _version_mismatch(version: int) -> Reply:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import re
 import uuid
+from collections.abc import Generator
 from decimal import Decimal
 from typing import Any
 
@@ -481,38 +482,64 @@ class Writer:
 
     def copy_root(self, root_ptr: int) -> int:
         """Copy every atom reachable from `root_ptr` into new atoms; return the new root."""
-        return self._copy_tree(root_ptr) if root_ptr else 0
+        copied: int = _drained(self.copy_steps(root_ptr))
+        return copied
 
-    def _copy_tree(self, ptr: int) -> int:
+    def copy_steps(self, root_ptr: int) -> Generator[None, None, int]:
+        """`copy_root` a node at a time: yields after each tree node it wrote; returns the new root.
+
+        Between two steps the caller may commit: the atoms being copied are
+        immutable, so the copy stays that of `root_ptr` (reclamation.py
+        replays the commits made meanwhile onto it).
+        """
+        if not root_ptr:
+            return 0
+        copied: int = yield from self._copy_tree(root_ptr)
+        return copied
+
+    def _copy_tree(self, ptr: int) -> Generator[None, None, int]:
         kind, payload = self.store.reader.atom(ptr)
         if kind not in BRANCHES and not codec.may_hold_refs(payload):
             # A leaf of scalars (every index leaf, most small dicts): no pointer to
             # rewrite, so its bytes are the copy. Branches always point at children.
+            yield
             return self.arena.append(kind, bytes(payload))
         node = self.store.objects.get(ptr)
         if node is None:  # decode the bytes already read; not worth caching, a compaction reads it once
             node = decode_node(kind, payload, ptr)
-        if node.kind in BRANCHES:
-            assert node.values is not None, "a branch has children"
-            children = [self._copy_tree(child) for child in node.values]
-            copy = Node(node.kind, node.keys, children, node.sizes)
-        else:
-            values = None if node.values is None else [self._copy_slot(v) for v in node.values]
-            copy = Node(node.kind, node.keys, values)
-        return self._write_node(copy)
+        assert node.values is not None or node.kind not in BRANCHES, "a branch has children"
+        values = None
+        if node.values is not None:
+            values = []
+            for slot in node.values:
+                if node.kind in BRANCHES:
+                    slot = yield from self._copy_tree(slot)
+                elif type(slot) is Ref and (slot.kind in TREE_KINDS or slot.kind == INDEXED):
+                    slot = yield from self._copy_collection(slot)  # a collection in a leaf: in steps too
+                else:
+                    slot = self._copy_slot(slot)
+                values.append(slot)
+        yield
+        return self._write_node(Node(node.kind, node.keys, values, node.sizes))
+
+    def _copy_collection(self, slot: Ref) -> Generator[None, None, Ref]:
+        """A copy of a tree or indexed collection held in a leaf, made in steps."""
+        if slot.kind in TREE_KINDS:
+            copied: int = (yield from self._copy_tree(slot.ptr)) if slot.ptr else 0
+            return Ref(copied, slot.kind)
+        fields = codec.decode(self.store.atom(slot.ptr)[1], frozen=False)  # pointers: {"data", "indexes"}
+        data = (yield from self._copy_tree(fields["data"])) if fields["data"] else 0
+        indexes = {}
+        for field, root in fields["indexes"].items():
+            indexes[field] = (yield from self._copy_tree(root)) if root else 0
+        return Ref(self.arena.append(INDEXED, codec.encode({"data": data, "indexes": indexes})), INDEXED)
 
     def _copy_slot(self, slot: Any) -> Any:
+        """A copy of a leaf value; a collection nested in a value is copied at once (values are small)."""
         if type(slot) is not Ref:
             return slot
-        if slot.kind in TREE_KINDS:
-            return Ref(self._copy_tree(slot.ptr) if slot.ptr else 0, slot.kind)
-        if slot.kind == INDEXED:
-            fields = codec.decode(self.store.atom(slot.ptr)[1], frozen=False)  # pointers: {"data", "indexes"}
-            copy = {
-                "data": self._copy_tree(fields["data"]) if fields["data"] else 0,
-                "indexes": {field: self._copy_tree(root) if root else 0 for field, root in fields["indexes"].items()},
-            }
-            return Ref(self.arena.append(INDEXED, codec.encode(copy)), INDEXED)
+        if slot.kind in TREE_KINDS or slot.kind == INDEXED:
+            return _drained(self._copy_collection(slot))
         kind, payload = self.store.reader.atom(slot.ptr)  # read once: not worth a place in the cache
         if not codec.may_hold_refs(payload):
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
@@ -526,6 +553,15 @@ class Writer:
         if not nested:
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         return Ref(self.arena.append(VALUE, codec.encode(_replace_refs(value, self._copy_slot))), VALUE)
+
+
+def _drained(steps: Generator[None, None, Any]) -> Any:
+    """What a generator of steps returns, all its steps taken at once."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _replace_refs(value: Any, copy: Any) -> Any:

@@ -149,6 +149,21 @@ class ArenaWriter:
         self.size_hint = expected_bytes
         return self.next_index
 
+    def open_next_generation(self, expected_bytes: int = 0) -> int:
+        """Begin appending in a fresh segment for a copy made in steps; return its index.
+
+        Unlike `start_generation`, the generation still starts where it did, so
+        a checkpoint taken meanwhile copies everything the latest root reaches;
+        `move_generation_start(index)` moves it once the copy is the latest root.
+        """
+        self._finish_current()
+        self.size_hint = expected_bytes
+        return self.next_index
+
+    def move_generation_start(self, index: int) -> None:
+        """Make the generation start at segment `index` (see `open_next_generation`)."""
+        self.generation_start = index
+
     def abandon_generation(self) -> int:
         """Undo `start_generation`: unlink the segments made since, append to the previous generation again.
 

@@ -5,6 +5,20 @@ pointer into a node, a frozen value or a read-only tree view, decoding each
 atom at most once while it stays cached. Used by workers for snapshots and
 transactions, and by the coordinator (with its own writable mappings).
 
+A point read (`lookup`) walks the tree's atoms in place with the compiled
+searcher (btree/search.py, cnode.c) and decodes only the entry it returns:
+no node is decoded, none is cached, so a reader's heap grows by the records
+it reads (cached, bounded by bytes), not by the 64-entry leaves around them
+(9 KB each decoded). Iteration, ranges and index queries still decode whole
+nodes (`node`), cached and charged by their size. Without the compiled core,
+lookups walk decoded, cached nodes as before (decoding a node in Python each
+time would cost more than caching it).
+
+Memory: the object cache of a client is bounded by bytes as well as entries
+(`DEFAULT_OBJECT_BYTES`); each entry is charged an estimate of the heap it
+holds. The coordinator's Store (its reader has a writer) keeps the byte bound
+off by default: its cached nodes are the working set of path copying.
+
 Invariant: everything a Store hands out is immutable (frozen values, clean
 nodes, read-only views), so one cached object serves every snapshot of the
 process safely.
@@ -12,14 +26,14 @@ process safely.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from protobase.core import codec
 from protobase.core.arena import DICT_LEAF, INDEXED, VALUE, AtomReader
-from protobase.core.btree import LEAF_OF, Node, TreeAccess, decode_node
+from protobase.core.btree import LEAF_OF, Node, TreeAccess, decode_node, search
 from protobase.core.cache import AtomBytesCache, AtomObjectCache
 from protobase.core.codec import Ref
-from protobase.core.views import VIEW_OF_LEAF_KIND, IndexedTreeDict
+from protobase.core.views import VIEW_OF_LEAF_KIND, IndexedTreeDict, TreeDict
 from protobase.settings import DEFAULTS
 
 __all__ = ["Store"]
@@ -27,19 +41,48 @@ __all__ = ["Store"]
 # Entries (protobase/settings.py): ~150 MB of small decoded records at most; raise with cache_size=.
 DEFAULT_OBJECT_CACHE = DEFAULTS.object_cache
 DEFAULT_BYTES_CACHE = DEFAULTS.bytes_cache
+#: Bytes of decoded objects a client's object cache holds at most (estimated: see `charge_of`).
+DEFAULT_OBJECT_BYTES = 64 << 20
+
+# What a cached object is charged (measured with tracemalloc, Python 3.11, on decoded records of 40-240
+# payload bytes: 420-575 bytes each; on dict leaves of 64 Refs: 8.8 KB for 1.28 KB of payload).
+RECORD_OVERHEAD = 384  # the container, its header and the cache's own entry
+NODE_OVERHEAD = 256
+NODE_ENTRY = 120  # a decoded key and slot of a node, beyond their bytes
+VIEW_CHARGE = 256  # a tree view without its memo
+
+
+def charge_of(value: Any) -> int:
+    """The charge of a cached object whose payload is unknown (a write-through value, a view, a node)."""
+    if type(value) is Node:
+        return NODE_OVERHEAD + 2 * NODE_ENTRY * value.width()
+    return VIEW_CHARGE if isinstance(value, TreeDict) else RECORD_OVERHEAD * 2
 
 
 class Store:
     """Pointer -> object for one process, with write-through caches."""
 
     def __init__(
-        self, reader: AtomReader, *, object_cache: int = DEFAULT_OBJECT_CACHE, bytes_cache: int = DEFAULT_BYTES_CACHE
+        self,
+        reader: AtomReader,
+        *,
+        object_cache: int = DEFAULT_OBJECT_CACHE,
+        bytes_cache: int = DEFAULT_BYTES_CACHE,
+        object_bytes: int | None | Literal["default"] = "default",
     ) -> None:
+        """`object_bytes` bounds the object cache in bytes: None for no byte bound; by default
+        DEFAULT_OBJECT_BYTES in a client, none in the coordinator (whose reader has a writer)."""
         self.reader = reader
-        self.objects = AtomObjectCache(object_cache)
+        if object_bytes == "default":
+            object_bytes = None if reader.writer is not None else DEFAULT_OBJECT_BYTES
+        self.objects = AtomObjectCache(object_cache, object_bytes, charge_of)
         self.bytes = AtomBytesCache(bytes_cache)
         self.access = TreeAccess(self.node)
         self._ref_hook = self._ref  # one bound method, so the codec's decoder cache hits
+        self.searcher = search.Searcher(reader.buffers, reader.atom, self.access.lookup)
+        # lookup(root, key, leaf_kind) -> slot: the compiled walk over the atoms' bytes, or the walk over
+        # decoded, cached nodes without the compiled core (see the module docstring).
+        self.lookup: Any = self.searcher.lookup if search.COMPILED else self.access.lookup
 
     def atom(self, ptr: int) -> tuple[int, memoryview]:
         """(kind, payload view) of the atom at `ptr`, its header checked once while cached."""
@@ -53,17 +96,42 @@ class Store:
         node: Node | None = self.objects.get(ptr)
         if node is None:
             kind, payload = self.atom(ptr)
-            node = self.objects.put(ptr, decode_node(kind, payload, ptr))
+            node = decode_node(kind, payload, ptr)
+            self.objects.put(ptr, node, NODE_OVERHEAD + 2 * len(payload) + NODE_ENTRY * node.width())
         return node
+
+    def get(self, root: int, key: Any) -> Any:
+        """The value under `key` in the dict tree at `root` as users see it; KeyError if absent.
+
+        A point read: the walk decodes only the slot it returns (see `lookup`).
+        """
+        slot = self.lookup(root, key, DICT_LEAF)
+        if type(slot) is not Ref:
+            return slot
+        if slot.kind != VALUE:
+            return self.value(slot)
+        # self.record(slot.ptr), inlined: this is every cold point read's path
+        ptr, objects = slot.ptr, self.objects
+        value = objects.data.get(ptr)
+        if value is not None:
+            objects.hits += 1
+            return value
+        objects.misses += 1
+        value, length = self.searcher.value(ptr, self._ref_hook)
+        return objects.put(ptr, value, RECORD_OVERHEAD + length)
+
+    def record(self, ptr: int) -> Any:
+        """The frozen value of the VALUE atom at `ptr`, cached (charged its payload and an overhead)."""
+        value = self.objects.get(ptr)
+        if value is None:
+            value, length = self.searcher.value(ptr, self._ref_hook)
+            self.objects.put(ptr, value, RECORD_OVERHEAD + length)
+        return value
 
     def value(self, ref: Ref) -> Any:
         """The read-only object a Ref stands for: a frozen value or a tree view."""
         if ref.kind == VALUE:
-            value = self.objects.get(ref.ptr)
-            if value is None:
-                kind, payload = self.atom(ref.ptr)
-                value = self.objects.put(ref.ptr, codec.decode(payload, frozen=True, ref=self._ref_hook))
-            return value
+            return self.record(ref.ptr)
         if ref.kind == INDEXED:
             view = self.objects.get(ref.ptr)
             if view is None:

@@ -51,6 +51,14 @@ class TreeSource(Protocol):
         """A leaf value as users see it: Refs resolved, scalars as they are."""
         ...
 
+    def get(self, root: int, key: Any) -> Any:
+        """The value under `key` in the dict tree at `root`, resolved; KeyError if absent (a point read)."""
+        ...
+
+    def lookup(self, root: int, key: Any, leaf_kind: int) -> Any:
+        """The slot under `key` in the dict or set tree at `root`; KeyError if absent."""
+        ...
+
 
 class _TreeView:
     __slots__ = ("_store", "_ptr")
@@ -114,10 +122,9 @@ class TreeDict(Queryable, _TreeView, Mapping[Any, Any]):
             raise KeyError(key)
         store = self._store
         try:
-            slot = store.access.lookup(self._ptr, key)
+            value = store.get(self._ptr, key)
         except TypeError:  # a key that cannot be stored cannot be found
             raise KeyError(key) from None
-        value = store.resolve(slot)
         if len(self._memo) < store.objects.capacity:
             self._memo[key] = value
         return value
@@ -248,7 +255,7 @@ class TreeSet(_TreeView, Set[Any]):
         if not self._ptr:
             return False
         try:
-            self._store.access.lookup(self._ptr, item, SET_LEAF)
+            self._store.lookup(self._ptr, item, SET_LEAF)
         except (KeyError, TypeError):
             return False
         return True

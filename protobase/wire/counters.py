@@ -29,6 +29,7 @@ class Counters(TypedDict):
     seq: int  # the last commit
     published_seq: int  # the last commit readers can see
     commits: int  # commits applied since the coordinator started
+    commit_groups: int  # groups they were applied in (one write and publish each); commits / groups = grouping
     conflicts: int  # commits refused for a conflict
     compactions: int
     checkpoints: int

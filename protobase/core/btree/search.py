@@ -1,0 +1,145 @@
+"""Point searches in encoded tree nodes: from a tree's root pointer to the slot under a key.
+
+Owns the point lookup of a clean dict or set tree read straight from its
+atoms: `Searcher.lookup(root, key, leaf_kind)` walks branch to leaf and
+returns the slot stored under `key` (a scalar or a Ref; for a set tree the
+key), `Searcher.value(ptr, ref)` decodes one VALUE atom. Nothing is cached
+here: the Store (store.py) decides what to keep.
+
+Two implementations, function for function: these pure-Python ones decode a
+node and bisect it (the oracle, and the fallback without a compiler), and
+their compiled twins in cnode.c read the node's bytes in place and build a
+Python object for the one entry they return, so a cold point read does not
+build the 64 entries of every node it passes. `leaf_slot`, `branch_child` and
+`Searcher` are the compiled ones unless PROTOBASE_PURE_PYTHON=1 or the build
+lacked a compiler (protobase/native.py); the `*_python` names are always these.
+
+Runs in every process that reads trees (clients, pool workers, the
+coordinator's Store).
+
+Invariant: both implementations return the same slot (or raise KeyError) for
+every key of keyorder.py's key types on every tree the coordinator writes, and
+neither trusts the bytes: a malformed node, a bad pointer or a walk deeper than
+`MAX_DEPTH` levels (a cycle) is a CorruptionError.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from protobase import native
+from protobase.core import codec
+from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF
+from protobase.core.btree.node import decode_node
+from protobase.core.frozen import FrozenDict, FrozenList
+from protobase.errors import CorruptionError
+from protobase.keyorder import bisect_left, bisect_right, order_key
+
+__all__ = [
+    "MAX_DEPTH",
+    "Searcher",
+    "SearcherPython",
+    "branch_child",
+    "branch_child_python",
+    "leaf_slot",
+    "leaf_slot_python",
+    "COMPILED",
+]
+
+#: No tree of 64-way nodes in 2^40-byte segments is this deep: a deeper walk is a cycle.
+MAX_DEPTH = 64
+
+_BRANCH_OF_LEAF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH}
+
+Atom = Callable[[int], tuple[int, memoryview]]  # AtomReader.atom: pointer -> (kind, payload)
+Fallback = Callable[[int, Any, int], Any]  # (root, key, leaf_kind) -> slot: the decoded-node lookup
+
+
+def leaf_slot_python(kind: int, payload: memoryview | bytes, key: Any) -> Any:
+    """The slot under `key` in an encoded dict leaf (for a set leaf: the key); KeyError if absent."""
+    if kind != DICT_LEAF and kind != SET_LEAF:
+        raise CorruptionError(f"tree node: a dict or set leaf was expected, found kind {kind}")
+    node = decode_node(kind, payload, 0)
+    keys = node.keys
+    if type(keys) is not list or (node.values is not None and type(node.values) is not list):
+        raise CorruptionError("tree node: does not have the node shape")
+    i = _bisect(bisect_left, keys, key)
+    if i < len(keys) and keys[i] == key:
+        return node.values[i] if node.values is not None else keys[i]
+    raise KeyError(key)
+
+
+def branch_child_python(kind: int, payload: memoryview | bytes, key: Any) -> int:
+    """The pointer of the child of an encoded dict or set branch whose subtree may hold `key`."""
+    if kind != DICT_BRANCH and kind != SET_BRANCH:
+        raise CorruptionError(f"tree node: a dict or set branch was expected, found kind {kind}")
+    node = decode_node(kind, payload, 0)
+    if type(node.keys) is not list or type(node.values) is not list:
+        raise CorruptionError("tree node: does not have the node shape")
+    child = node.values[_bisect(bisect_right, node.keys, key)]
+    if type(child) is not int or child <= 0:
+        raise CorruptionError("tree node: a child pointer is not a pointer")
+    return child
+
+
+def _bisect(bisect: Callable[[list[Any], Any], int], keys: list[Any], key: Any) -> int:
+    """`bisect(keys, key)`; a stored key of no key type (keyorder cannot place it) is a corruption."""
+    try:
+        return bisect(keys, key)
+    except (TypeError, KeyError):
+        raise CorruptionError("tree node: a stored key is of no key type") from None
+
+
+class SearcherPython:
+    """Point lookups in the trees of one process's mapped segments (the oracle of cnode.Searcher).
+
+    `buffers` is the AtomReader's {segment index -> mapped bytes} (the compiled
+    twin reads atoms from it in place), `atom` its `atom(ptr)`, and
+    `fallback(root, key, leaf_kind)` the lookup the compiled twin hands keys to
+    that are not of an exact key type (a str subclass, say); this one needs neither.
+    """
+
+    def __init__(self, buffers: dict[int, memoryview], atom: Atom, fallback: Fallback) -> None:
+        self.buffers = buffers  # {segment index -> memoryview}: unused here, read by the compiled twin
+        self.atom = atom
+        self.fallback = fallback
+
+    def lookup(self, root: int, key: Any, leaf_kind: int) -> Any:
+        """The slot under `key` in the dict (or set) tree at `root`; KeyError if absent."""
+        if leaf_kind != DICT_LEAF and leaf_kind != SET_LEAF:
+            raise ValueError("lookup needs a dict or set tree")
+        branch_kind = _BRANCH_OF_LEAF[leaf_kind]
+        ptr = root
+        if ptr == 0:
+            raise KeyError(key)
+        for _ in range(MAX_DEPTH + 1):
+            kind, payload = self.atom(ptr)
+            if kind == leaf_kind:
+                return leaf_slot_python(kind, payload, key)
+            if kind != branch_kind:
+                raise CorruptionError(f"tree node {ptr:#x}: not a node of its tree")
+            ptr = branch_child_python(kind, payload, key)
+        raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
+
+    def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
+        """(the VALUE atom at `ptr` decoded frozen, Refs in it through `ref`; its payload length)."""
+        payload = self.atom(ptr)[1]
+        return codec.decode(payload, frozen=True, ref=ref), len(payload)
+
+
+_compiled = native.load("protobase.core.cnode") if codec.COMPILED else None
+if _compiled is not None:
+    _compiled.configure(codec.unpack, codec.Ref, CorruptionError, order_key, Decimal, uuid.UUID, FrozenDict, FrozenList)
+    leaf_slot: Callable[[int, memoryview | bytes, Any], Any] = _compiled.leaf_slot
+    branch_child: Callable[[int, memoryview | bytes, Any], int] = _compiled.branch_child
+    Searcher: type[SearcherPython] = _compiled.Searcher
+else:
+    leaf_slot = leaf_slot_python
+    branch_child = branch_child_python
+    Searcher = SearcherPython
+
+#: Whether this process searches encoded nodes with the compiled twin (cnode.c).
+COMPILED = _compiled is not None

@@ -1,0 +1,1052 @@
+/* protobase.core.cnode: point searches in encoded tree nodes, the compiled twin of btree/search.py.
+ *
+ * Mirrors, function for function, the pure-Python module protobase/core/btree/search.py:
+ *
+ *     leaf_slot(kind, payload, key) -> slot       search.leaf_slot
+ *     branch_child(kind, payload, key) -> int     search.branch_child
+ *     Searcher(buffers, atom, fallback)           search.Searcher
+ *         .lookup(root, key, leaf_kind) -> slot   search.Searcher.lookup
+ *         .value(ptr, ref) -> (value, length)     search.Searcher.value (and the value it returns untracked
+ *                                                 by the cyclic GC where it cannot be in a cycle: see untrack)
+ *
+ * The Python functions decode a whole node and bisect it; these read the node's msgpack bytes
+ * (btree/node.py's format) in place and build a Python object for the one entry they return, so
+ * a cold point read decodes one key path, not 64 entries a level. Keys are compared in
+ * keyorder.py's canonical order: families by rank, inside a family natively. Text, integers,
+ * bytes and None are compared on their bytes (UTF-8 orders as code points do); any other key is
+ * decoded and compared by Python itself (keyorder.order_key for tuples), so both agree for every
+ * key type. The Searcher reads atoms straight out of the AtomReader's segment buffers
+ * ({segment index -> memoryview}), asking `atom(ptr)` (AtomReader.atom, which maps a segment on
+ * first use) only for a segment not mapped yet, and hands a key of a type outside the key types
+ * (a str subclass, say) to `fallback(root, key, leaf_kind)`: the decoded-node lookup.
+ *
+ * codec.py's compiled unpacker (ccodec.unpack) decodes what is returned; configure() is given it
+ * with Ref, CorruptionError and keyorder.order_key when btree/search.py is imported.
+ *
+ * Runs in every client process (and the coordinator's Store), unless PROTOBASE_PURE_PYTHON=1.
+ *
+ * Invariant: for every clean tree, lookup() returns what search.Searcher.lookup returns (the same
+ * slot, or KeyError), and nothing in shared memory is trusted: every length and count is checked
+ * against the bytes of its atom before it is used, a walk deeper than MAX_DEPTH levels (a cycle)
+ * stops, and every malformed byte is a CorruptionError, never a crash.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <datetime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Atom kinds (arena.py). */
+#define VALUE 1
+#define DICT_LEAF 2
+#define DICT_BRANCH 3
+#define SET_LEAF 4
+#define SET_BRANCH 5
+#define INDEXED 8
+
+/* The atom header (arena.py): u32 little-endian, kind in the top 4 bits, payload length below. */
+#define HEADER_SIZE 4
+#define LENGTH_BITS 28
+#define MAX_PAYLOAD ((UINT32_C(1) << LENGTH_BITS) - 1)
+#define OFFSET_BITS 40
+#define OFFSET_MASK ((UINT64_C(1) << OFFSET_BITS) - 1)
+/* A Ref's u64 (codec.py): atom kind << 60 | AtomPointer. */
+#define REF_KIND_SHIFT 60
+#define REF_POINTER_MASK ((UINT64_C(1) << REF_KIND_SHIFT) - 1)
+
+/* Extension codes (codec.py). */
+#define EXT_REF 1
+#define EXT_TUPLE 2
+#define EXT_DATETIME 4
+#define EXT_DATE 5
+#define EXT_DECIMAL 6
+#define EXT_UUID 7
+#define EXT_BIGINT 9
+
+/* A 64-way tree of 2^40-byte segments is far shallower than this: deeper is a cycle. */
+#define MAX_DEPTH 64
+/* Node indexes (see build_index): slots of the table, and the widest node indexed. */
+#define INDEX_SLOTS 2048
+#define INDEX_MAX_ENTRIES 256
+/* Values up to this many bytes are decoded from a copy (see decode_range). */
+#define COPY_BELOW 4096
+/* msgpack-python's unpacker nests at most this deep (as ccodec.c does). */
+#define SKIP_NEST_LIMIT 1024
+
+/* keyorder.py's family ranks; AWARE: aware datetimes, a family of their own. */
+enum { RANK_NONE = 0, RANK_NUMBER = 1, RANK_STR = 2, RANK_BYTES = 3, RANK_DATETIME = 4, RANK_DATE = 5,
+       RANK_UUID = 6, RANK_TUPLE = 7, RANK_AWARE = 8, RANK_DECODE = -1, RANK_NOT_KEY = -2 };
+
+/* Set by configure(); strong references kept for the life of the process. */
+static PyObject *unpack_function; /* ccodec.unpack(data, frozen, ref, opaque_dataclasses) */
+static PyObject *ref_type;        /* codec.Ref (ccodec.Ref) */
+static PyObject *corruption_error; /* protobase.errors.CorruptionError */
+static PyObject *order_key;       /* keyorder.order_key */
+static PyObject *decimal_type, *uuid_type;
+static PyObject *frozen_dict, *frozen_list; /* frozen.FrozenDict, frozen.FrozenList */
+
+static int corrupt(const char *message) {
+    PyErr_Format(corruption_error, "tree node: %s", message);
+    return -1;
+}
+
+static int corrupt_at(uint64_t ptr, const char *message) {
+    char text[160]; /* PyErr_Format has no %llx: format here */
+    snprintf(text, sizeof text, "tree node %#llx: %s", (unsigned long long)ptr, message);
+    PyErr_SetString(corruption_error, text);
+    return -1;
+}
+
+/* ---- reading msgpack bytes in place ----------------------------------------------------- */
+
+typedef struct {
+    const unsigned char *at;
+    const unsigned char *end;
+} Bytes;
+
+static int need(Bytes *b, Py_ssize_t n) {
+    if (n < 0 || b->end - b->at < n) return corrupt("truncated");
+    return 0;
+}
+
+static uint64_t big_endian(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* A big-endian number of `n` bytes at the reader, consumed. */
+static int take_number(Bytes *b, int n, uint64_t *out) {
+    if (need(b, n) < 0) return -1;
+    *out = big_endian(b->at, n);
+    b->at += n;
+    return 0;
+}
+
+/* An array header; its count must fit in what remains (each item takes at least a byte). */
+static int take_array(Bytes *b, uint64_t *count) {
+    if (need(b, 1) < 0) return -1;
+    unsigned char tag = *b->at++;
+    if ((tag & 0xf0) == 0x90)
+        *count = tag & 0x0f;
+    else if (tag == 0xdc || tag == 0xdd) {
+        if (take_number(b, tag == 0xdc ? 2 : 4, count) < 0) return -1;
+    } else
+        return corrupt("an array was expected");
+    if (*count > (uint64_t)(b->end - b->at)) return corrupt("an array holds more items than its bytes");
+    return 0;
+}
+
+static int skip(Bytes *b, int depth);
+
+/* Move past `n` values. The shapes of node entries (short text, small ints, Refs) are stepped over
+ * inline; anything else goes through skip(). */
+static int skip_items(Bytes *b, uint64_t n, int depth) {
+    if (n > (uint64_t)(b->end - b->at)) return corrupt("a container holds more items than its bytes");
+    for (uint64_t i = 0; i < n; i++) {
+        if (b->at >= b->end) return corrupt("truncated");
+        unsigned char tag = *b->at;
+        Py_ssize_t size;
+        if (tag < 0x80 || tag >= 0xe0 || tag == 0xc0 || tag == 0xc2 || tag == 0xc3)
+            size = 1;
+        else if ((tag & 0xe0) == 0xa0)
+            size = 1 + (tag & 0x1f); /* fixstr */
+        else if (tag == 0xd7)
+            size = 10; /* fixext 8: a Ref */
+        else if (tag >= 0xcc && tag <= 0xd3)
+            size = 1 + (1 << ((tag - 0xcc) & 3)); /* (u)int 8-64: child pointers, subtree sizes */
+        else {
+            if (skip(b, depth) < 0) return -1;
+            continue;
+        }
+        if (b->end - b->at < size) return corrupt("truncated");
+        b->at += size;
+    }
+    return 0;
+}
+
+/* Move past one msgpack value without building it. */
+static int skip(Bytes *b, int depth) {
+    if (++depth > SKIP_NEST_LIMIT) return corrupt("a value nests too deeply");
+    if (need(b, 1) < 0) return -1;
+    unsigned char tag = *b->at++;
+    uint64_t n;
+    if (tag < 0x80 || tag >= 0xe0 || tag == 0xc0 || tag == 0xc2 || tag == 0xc3) return 0;
+    if (tag < 0x90) return skip_items(b, 2 * (uint64_t)(tag & 0x0f), depth);
+    if (tag < 0xa0) return skip_items(b, tag & 0x0f, depth);
+    if (tag < 0xc0) return need(b, tag & 0x1f) < 0 ? -1 : (b->at += tag & 0x1f, 0);
+    switch (tag) {
+    case 0xcc: case 0xd0: return need(b, 1) < 0 ? -1 : (b->at += 1, 0);
+    case 0xcd: case 0xd1: return need(b, 2) < 0 ? -1 : (b->at += 2, 0);
+    case 0xca: case 0xce: case 0xd2: return need(b, 4) < 0 ? -1 : (b->at += 4, 0);
+    case 0xcb: case 0xcf: case 0xd3: return need(b, 8) < 0 ? -1 : (b->at += 8, 0);
+    case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8: { /* fixext: type byte + 1..16 */
+        Py_ssize_t size = 1 + ((Py_ssize_t)1 << (tag - 0xd4));
+        return need(b, size) < 0 ? -1 : (b->at += size, 0);
+    }
+    case 0xc4: case 0xd9: n = 1; break; /* bin 8, str 8 */
+    case 0xc5: case 0xda: n = 2; break;
+    case 0xc6: case 0xdb: n = 4; break;
+    case 0xc7: n = 1; break; /* ext 8/16/32: length, type byte, payload */
+    case 0xc8: n = 2; break;
+    case 0xc9: n = 4; break;
+    case 0xdc: case 0xdd:
+        if (take_number(b, tag == 0xdc ? 2 : 4, &n) < 0) return -1;
+        return skip_items(b, n, depth);
+    case 0xde: case 0xdf:
+        if (take_number(b, tag == 0xde ? 2 : 4, &n) < 0) return -1;
+        return n > UINT32_MAX ? corrupt("a map is too long") : skip_items(b, 2 * n, depth);
+    default:
+        return corrupt("a byte that starts no msgpack value");
+    }
+    uint64_t length;
+    if (take_number(b, (int)n, &length) < 0) return -1;
+    if (tag >= 0xc7 && tag <= 0xc9) length += 1; /* the extension's type byte */
+    if (length > (uint64_t)(b->end - b->at)) return corrupt("truncated");
+    b->at += length;
+    return 0;
+}
+
+/* The value at [start, end) decoded by ccodec.unpack (frozen as asked, Refs as codec.Ref). */
+static PyObject *decode_range(const unsigned char *start, const unsigned char *end, int frozen, PyObject *ref) {
+    /* A small value is copied to a bytes object: one plain allocation, where a memoryview over the
+     * segment is two objects the cyclic GC tracks (and counts towards its next collection). */
+    PyObject *view = end - start <= COPY_BELOW ? PyBytes_FromStringAndSize((const char *)start, end - start)
+                                               : PyMemoryView_FromMemory((char *)start, end - start, PyBUF_READ);
+    if (view == NULL) return NULL;
+    PyObject *args[4] = {view, frozen ? Py_True : Py_False, ref, Py_False};
+    PyObject *value = PyObject_Vectorcall(unpack_function, args, 4, NULL);
+    Py_DECREF(view);
+    if (value == NULL && !PyErr_ExceptionMatches(corruption_error) && (PyErr_ExceptionMatches(PyExc_ValueError) ||
+        PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_OverflowError) ||
+        PyErr_ExceptionMatches(PyExc_KeyError) || PyErr_ExceptionMatches(PyExc_ArithmeticError))) {
+        /* codec.decode's rule: bytes that do not decode are corrupt (UnicodeDecodeError is a ValueError) */
+        PyObject *type, *error, *traceback;
+        PyErr_Fetch(&type, &error, &traceback);
+        PyErr_NormalizeException(&type, &error, &traceback);
+        PyErr_Format(corruption_error, "cannot decode a stored value (%S)", error);
+        Py_XDECREF(type);
+        Py_XDECREF(error);
+        Py_XDECREF(traceback);
+    }
+    return value;
+}
+
+/* A Ref (codec.Ref) from the 8 payload bytes of its extension: u64 little-endian, kind << 60 | pointer. */
+static PyObject *new_ref(const unsigned char *payload) {
+    uint64_t word = 0;
+    for (int i = 7; i >= 0; i--) word = (word << 8) | payload[i];
+    PyObject *args[2] = {PyLong_FromUnsignedLongLong(word & REF_POINTER_MASK),
+                         PyLong_FromUnsignedLongLong(word >> REF_KIND_SHIFT)};
+    PyObject *ref = args[0] != NULL && args[1] != NULL ? PyObject_Vectorcall(ref_type, args, 2, NULL) : NULL;
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    return ref;
+}
+
+/* The next value, decoded (frozen=False, as decode_node decodes a node), and consumed. The shapes
+ * of node entries (Refs, ints, short text, None, booleans) are built here, exactly as
+ * ccodec.unpack builds them; anything else is handed to it. */
+static PyObject *decode_next(Bytes *b) {
+    const unsigned char *start = b->at;
+    if (need(b, 1) < 0) return NULL;
+    unsigned char tag = *start;
+    if (tag < 0x80 || tag >= 0xe0) {
+        b->at++;
+        return PyLong_FromLong(tag < 0x80 ? (long)tag : (long)(signed char)tag);
+    }
+    if (tag == 0xc0 || tag == 0xc2 || tag == 0xc3) {
+        b->at++;
+        return tag == 0xc0 ? Py_NewRef(Py_None) : PyBool_FromLong(tag == 0xc3);
+    }
+    if (tag == 0xd7 && b->end - b->at >= 10 && b->at[1] == EXT_REF) {
+        b->at += 10;
+        return new_ref(start + 2);
+    }
+    if ((tag & 0xe0) == 0xa0) {
+        Py_ssize_t n = tag & 0x1f;
+        if (need(b, 1 + n) < 0) return NULL;
+        b->at += 1 + n;
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)start + 1, n, NULL);
+        if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            corrupt("text that is not UTF-8");
+        }
+        return text;
+    }
+    if (skip(b, 0) < 0) return NULL;
+    return decode_range(start, b->at, 0, Py_None);
+}
+
+/* ---- keys in canonical order ------------------------------------------------------------ */
+
+/* The search key, prepared once per search. */
+typedef struct {
+    PyObject *key;
+    int rank;
+    const char *text; /* str keys: UTF-8 */
+    Py_ssize_t text_length;
+    int integer;      /* int (or bool) keys that fit 64 bits: their value, as `negative` and `magnitude` */
+    int negative;
+    uint64_t magnitude;
+    PyObject *ordered; /* keyorder.order_key(key), made when a tuple is first compared */
+} Key;
+
+static int is_aware(PyObject *datetime) {
+    PyObject *offset = PyObject_CallMethod(datetime, "utcoffset", NULL);
+    if (offset == NULL) return -1;
+    int aware = offset != Py_None;
+    Py_DECREF(offset);
+    return aware;
+}
+
+/* keyorder's rank of a Python object of an exact key type; RANK_NOT_KEY for anything else. */
+static int rank_of(PyObject *o) {
+    PyTypeObject *type = Py_TYPE(o);
+    if (o == Py_None) return RANK_NONE;
+    if (type == &PyUnicode_Type) return RANK_STR;
+    if (type == &PyLong_Type || type == &PyBool_Type || type == &PyFloat_Type) return RANK_NUMBER;
+    if (type == &PyBytes_Type) return RANK_BYTES;
+    if (type == &PyTuple_Type) return RANK_TUPLE;
+    if ((PyObject *)type == decimal_type) return RANK_NUMBER;
+    if ((PyObject *)type == uuid_type) return RANK_UUID;
+    if (type == PyDateTimeAPI->DateTimeType) {
+        int aware = is_aware(o);
+        return aware < 0 ? -3 : aware ? RANK_AWARE : RANK_DATETIME;
+    }
+    if (type == PyDateTimeAPI->DateType) return RANK_DATE;
+    return RANK_NOT_KEY;
+}
+
+/* Prepare `key`; 0 if it is not of an exact key type (the caller falls back), -1 on error. */
+static int prepare_key(Key *k, PyObject *key) {
+    memset(k, 0, sizeof *k);
+    k->key = key;
+    k->rank = rank_of(key);
+    if (k->rank == -3) return -1;
+    if (k->rank == RANK_NOT_KEY) return 0;
+    if (k->rank == RANK_STR) {
+        k->text = PyUnicode_AsUTF8AndSize(key, &k->text_length);
+        if (k->text == NULL) { /* a lone surrogate: no stored key can equal it */
+            PyErr_Clear();
+            k->rank = RANK_NOT_KEY;
+            return 0;
+        }
+    } else if (PyLong_Check(key)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(key, &overflow);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (!overflow) {
+            k->integer = 1;
+            k->negative = v < 0;
+            k->magnitude = v < 0 ? (uint64_t)(-(v + 1)) + 1 : (uint64_t)v;
+        } else if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(key);
+            if (u == (unsigned long long)-1 && PyErr_Occurred())
+                PyErr_Clear(); /* beyond 64 bits: compared by Python */
+            else {
+                k->integer = 1;
+                k->magnitude = u;
+            }
+        }
+    }
+    return 1;
+}
+
+static int sign(int c) { return (c > 0) - (c < 0); }
+
+/* The rank of the value at the reader, from its first byte; RANK_DECODE when it must be decoded
+ * to tell (datetimes, naive or aware), RANK_NOT_KEY for a value that is no key at all. */
+static int tag_rank(Bytes *b) {
+    unsigned char tag = *b->at;
+    if (tag < 0x80 || tag >= 0xe0 || (tag >= 0xca && tag <= 0xd3) || tag == 0xc2 || tag == 0xc3) return RANK_NUMBER;
+    if ((tag >= 0xa0 && tag <= 0xbf) || (tag >= 0xd9 && tag <= 0xdb)) return RANK_STR;
+    if (tag == 0xc0) return RANK_NONE;
+    if (tag >= 0xc4 && tag <= 0xc6) return RANK_BYTES;
+    int code;
+    if (tag >= 0xd4 && tag <= 0xd8) {
+        if (b->end - b->at < 2) return RANK_DECODE;
+        code = (signed char)b->at[1];
+    } else if (tag >= 0xc7 && tag <= 0xc9) {
+        int n = 1 << (tag - 0xc7);
+        if (b->end - b->at < 2 + n) return RANK_DECODE;
+        code = (signed char)b->at[1 + n];
+    } else
+        return RANK_NOT_KEY;
+    switch (code) {
+    case EXT_TUPLE: return RANK_TUPLE;
+    case EXT_DATE: return RANK_DATE;
+    case EXT_DECIMAL: case EXT_BIGINT: return RANK_NUMBER;
+    case EXT_UUID: return RANK_UUID;
+    case EXT_DATETIME: return RANK_DECODE;
+    default: return RANK_NOT_KEY;
+    }
+}
+
+/* An encoded integer's value as (negative, magnitude); 0 if the value is no msgpack integer. */
+static int encoded_integer(const unsigned char *at, const unsigned char *end, int *negative, uint64_t *magnitude) {
+    unsigned char tag = *at;
+    if (tag < 0x80) { *negative = 0; *magnitude = tag; return 1; }
+    if (tag >= 0xe0) { *negative = 1; *magnitude = (uint64_t)(256 - tag); return 1; }
+    if (tag == 0xc2 || tag == 0xc3) { *negative = 0; *magnitude = tag == 0xc3; return 1; } /* False == 0, True == 1 */
+    if (tag >= 0xcc && tag <= 0xd3) {
+        int n = 1 << ((tag - 0xcc) & 3);
+        if (end - at < 1 + n) return 0;
+        uint64_t v = big_endian(at + 1, n);
+        if (tag <= 0xcf) { *negative = 0; *magnitude = v; return 1; }
+        if (n < 8 && ((v >> (8 * n - 1)) & 1)) v |= ~UINT64_C(0) << (8 * n); /* sign-extend */
+        int64_t s = (int64_t)v;
+        *negative = s < 0;
+        *magnitude = s < 0 ? (uint64_t)(-(s + 1)) + 1 : (uint64_t)s;
+        return 1;
+    }
+    return 0;
+}
+
+static int compare_integers(int negative_a, uint64_t a, int negative_b, uint64_t b) {
+    if (negative_a != negative_b) return negative_a ? -1 : 1;
+    int c = (a > b) - (a < b);
+    return negative_a ? -c : c;
+}
+
+/* Compare two Python keys of one rank as keyorder does: natively, tuples through order_key. */
+static int compare_objects(Key *k, PyObject *other, int rank) {
+    PyObject *a = k->key, *b = other, *ordered_other = NULL;
+    if (rank == RANK_TUPLE) {
+        if (k->ordered == NULL && (k->ordered = PyObject_CallOneArg(order_key, k->key)) == NULL) return -2;
+        if ((ordered_other = PyObject_CallOneArg(order_key, other)) == NULL) return -2;
+        a = k->ordered;
+        b = ordered_other;
+    }
+    int result = -2, less = PyObject_RichCompareBool(a, b, Py_LT);
+    if (less == 1)
+        result = -1;
+    else if (less == 0) {
+        int equal = PyObject_RichCompareBool(a, b, Py_EQ);
+        result = equal < 0 ? -2 : equal ? 0 : 1;
+    }
+    Py_XDECREF(ordered_other);
+    if (result == -2 && rank == RANK_TUPLE && (PyErr_ExceptionMatches(PyExc_KeyError) ||
+                                               PyErr_ExceptionMatches(PyExc_TypeError))) {
+        PyErr_Clear(); /* order_key cannot place an item of the stored tuple (search.py's _bisect says so too) */
+        corrupt("a stored key is of no key type");
+    }
+    return result;
+}
+
+/* The search key against the key at the reader: -1, 0 or 1 (key <, ==, > it), the reader moved past
+ * it; -2 with an exception set. */
+static int compare_next(Key *k, Bytes *b) {
+    if (need(b, 1) < 0) return -2;
+    if (k->text != NULL && (*b->at & 0xe0) == 0xa0) { /* text against fixstr: the common case, first */
+        Py_ssize_t n = *b->at & 0x1f;
+        if (b->end - b->at < 1 + n) return corrupt("truncated"), -2;
+        Py_ssize_t common = n < k->text_length ? n : k->text_length;
+        int c = memcmp(k->text, b->at + 1, (size_t)common);
+        b->at += 1 + n;
+        return c ? sign(c) : (k->text_length > n) - (k->text_length < n);
+    }
+    int rank = tag_rank(b);
+    if (rank == RANK_NOT_KEY) return corrupt("a key of a type no key can have"), -2;
+    if (rank != RANK_DECODE && rank != k->rank) { /* known families apart (a datetime's is RANK_DECODE) */
+        if (skip(b, 0) < 0) return -2;
+        return k->rank < rank ? -1 : 1;
+    }
+    if (rank == RANK_STR && k->text != NULL) {
+        unsigned char tag = *b->at++;
+        uint64_t n = tag & 0x1f;
+        if (tag >= 0xd9 && take_number(b, 1 << (tag - 0xd9), &n) < 0) return -2;
+        if (n > (uint64_t)(b->end - b->at)) return corrupt("truncated"), -2;
+        size_t common = (size_t)n < (size_t)k->text_length ? (size_t)n : (size_t)k->text_length;
+        int c = memcmp(k->text, b->at, common);
+        b->at += n;
+        return c ? sign(c) : ((size_t)k->text_length > (size_t)n) - ((size_t)k->text_length < (size_t)n);
+    }
+    int negative;
+    uint64_t magnitude;
+    if (rank == RANK_NUMBER && k->integer && encoded_integer(b->at, b->end, &negative, &magnitude)) {
+        if (skip(b, 0) < 0) return -2;
+        return compare_integers(k->negative, k->magnitude, negative, magnitude);
+    }
+    if (rank == RANK_NONE && k->rank == RANK_NONE) {
+        b->at++;
+        return 0;
+    }
+    if (rank == RANK_BYTES && k->rank == RANK_BYTES) {
+        unsigned char tag = *b->at++;
+        uint64_t n;
+        if (take_number(b, 1 << (tag - 0xc4), &n) < 0) return -2;
+        if (n > (uint64_t)(b->end - b->at)) return corrupt("truncated"), -2;
+        Py_ssize_t length = PyBytes_GET_SIZE(k->key);
+        size_t common = (size_t)n < (size_t)length ? (size_t)n : (size_t)length;
+        int c = memcmp(PyBytes_AS_STRING(k->key), b->at, common);
+        b->at += n;
+        return c ? sign(c) : ((size_t)length > (size_t)n) - ((size_t)length < (size_t)n);
+    }
+    /* Anything else: decode the stored key and let Python compare, as keyorder does. */
+    PyObject *other = decode_next(b);
+    if (other == NULL) return -2;
+    int other_rank = rank_of(other), result;
+    if (other_rank == -3)
+        result = -2;
+    else if (other_rank == RANK_NOT_KEY)
+        result = (corrupt("a key of a type no key can have"), -2);
+    else if (other_rank != k->rank)
+        result = k->rank < other_rank ? -1 : 1;
+    else
+        result = compare_objects(k, other, other_rank);
+    Py_DECREF(other);
+    return result;
+}
+
+/* ---- nodes ------------------------------------------------------------------------------ */
+
+/* Open a node's payload: its array header must count `parts` parts. */
+static int open_node(Bytes *b, uint64_t parts) {
+    uint64_t n;
+    if (take_array(b, &n) < 0) return -1;
+    if (n != parts) return corrupt("does not have the node shape");
+    return 0;
+}
+
+/* bisect_left over the keys array at the reader: the position of `k` and whether the key there
+ * equals it, the reader left at that key (at the array's end when every key is below `k`). */
+static int find_key(Bytes *b, Key *k, uint64_t *count, uint64_t *position, int *equal) {
+    if (take_array(b, count) < 0) return -1;
+    uint64_t i = 0;
+    *equal = 0;
+    for (; i < *count; i++) {
+        const unsigned char *here = b->at;
+        int c = compare_next(k, b);
+        if (c == -2) return -1;
+        if (c <= 0) {
+            *equal = c == 0;
+            b->at = here;
+            break;
+        }
+    }
+    *position = i;
+    return 0;
+}
+
+static PyObject *key_error(PyObject *key) {
+    PyObject *error = PyTuple_Pack(1, key);
+    if (error != NULL) {
+        PyErr_SetObject(PyExc_KeyError, error);
+        Py_DECREF(error);
+    }
+    return NULL;
+}
+
+/* search.leaf_slot on prepared bytes. */
+static PyObject *leaf_slot_of(int kind, Bytes *b, Key *k) {
+    if (open_node(b, kind == DICT_LEAF ? 2 : 1) < 0) return NULL;
+    uint64_t count, position, values;
+    int equal;
+    if (find_key(b, k, &count, &position, &equal) < 0) return NULL;
+    if (kind == SET_LEAF) return equal ? decode_next(b) : key_error(k->key);
+    if (skip_items(b, count - position, 0) < 0) return NULL; /* the keys from `position` on */
+    if (take_array(b, &values) < 0) return NULL;
+    if (values != count) return corrupt("has mismatched key, value and size counts"), NULL;
+    if (!equal) return key_error(k->key);
+    if (skip_items(b, position, 0) < 0) return NULL;
+    return decode_next(b);
+}
+
+/* search.branch_child on prepared bytes: the child pointer, or 0 with an exception set. */
+static uint64_t branch_child_of(Bytes *b, Key *k) {
+    if (open_node(b, 3) < 0) return 0;
+    uint64_t count, i = 0;
+    if (take_array(b, &count) < 0) return 0;
+    for (; i < count; i++) { /* bisect_right: the first separator above the key */
+        int c = compare_next(k, b);
+        if (c == -2) return 0;
+        if (c < 0) break;
+    }
+    if (i < count && skip_items(b, count - i - 1, 0) < 0) return 0;
+    uint64_t children;
+    if (take_array(b, &children) < 0) return 0;
+    if (children != count + 1) return corrupt("has mismatched key, value and size counts"), 0;
+    if (skip_items(b, i, 0) < 0) return 0;
+    int negative;
+    uint64_t child;
+    if (need(b, 1) < 0) return 0;
+    if (!encoded_integer(b->at, b->end, &negative, &child) || negative || child == 0 || *b->at == 0xc2 ||
+        *b->at == 0xc3)
+        return corrupt("a child pointer is not a pointer"), 0;
+    return child;
+}
+
+static int is_leaf_kind(int kind) { return kind == DICT_LEAF || kind == SET_LEAF; }
+static int is_branch_kind(int kind) { return kind == DICT_BRANCH || kind == SET_BRANCH; }
+
+static int open_bytes(PyObject *payload, Py_buffer *view, Bytes *b) {
+    if (PyObject_GetBuffer(payload, view, PyBUF_SIMPLE) < 0) return -1;
+    b->at = view->buf;
+    b->end = (const unsigned char *)view->buf + view->len;
+    return 0;
+}
+
+/* leaf_slot(kind, payload, key) */
+static PyObject *leaf_slot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "leaf_slot(kind, payload, key) takes 3 arguments");
+    if (unpack_function == NULL) return PyErr_Format(PyExc_RuntimeError, "cnode.configure() was not called");
+    int kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred()) return NULL;
+    if (!is_leaf_kind(kind)) return corrupt("a dict or set leaf was expected"), NULL;
+    Key k;
+    int ok = prepare_key(&k, args[2]);
+    if (ok <= 0) return ok < 0 ? NULL : PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2]));
+    Py_buffer view;
+    Bytes b;
+    if (open_bytes(args[1], &view, &b) < 0) return NULL;
+    PyObject *slot = leaf_slot_of(kind, &b, &k);
+    PyBuffer_Release(&view);
+    Py_XDECREF(k.ordered);
+    return slot;
+}
+
+/* branch_child(kind, payload, key) */
+static PyObject *branch_child(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "branch_child(kind, payload, key) takes 3 arguments");
+    if (unpack_function == NULL) return PyErr_Format(PyExc_RuntimeError, "cnode.configure() was not called");
+    int kind = PyLong_AsLong(args[0]);
+    if (kind == -1 && PyErr_Occurred()) return NULL;
+    if (!is_branch_kind(kind)) return corrupt("a dict or set branch was expected"), NULL;
+    Key k;
+    int ok = prepare_key(&k, args[2]);
+    if (ok <= 0) return ok < 0 ? NULL : PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2]));
+    Py_buffer view;
+    Bytes b;
+    if (open_bytes(args[1], &view, &b) < 0) return NULL;
+    uint64_t child = branch_child_of(&b, &k);
+    PyBuffer_Release(&view);
+    Py_XDECREF(k.ordered);
+    return child ? PyLong_FromUnsignedLongLong(child) : NULL;
+}
+
+/* ---- records the cyclic GC need not visit ---------------------------------------------- */
+
+/* Untrack a decoded frozen value from the cyclic GC wherever it cannot be part of a cycle, bottom
+ * up; 1 if `o` is now untracked or no container at all.
+ *
+ * Why: a FrozenDict is a dict subclass, which CPython never untracks (it does for exact dicts
+ * and tuples that hold only atomic values), so every cached record stayed tracked, and a
+ * reader's collections visited all of them: with 10,000 records in its cache a cold point read
+ * spent more time in the collector than in the read. A frozen container holding only untracked
+ * objects and atomic values (str, int, float, bytes, None, Refs) cannot be part of a reference
+ * cycle: it is never mutated after decoding (its Python mutators refuse), so none can appear
+ * later. The cost is one pass over the value, which decoding just made. Were C code to mutate it
+ * anyway, a dict re-tracks itself when given a container (MAINTAIN_TRACKING), and a list could at
+ * worst leak a cycle: refcounting still frees everything else. */
+static int untrack(PyObject *o, int depth) {
+    if (!PyObject_IS_GC(o) || !PyObject_GC_IsTracked(o)) return 1;
+    if (depth > SKIP_NEST_LIMIT) return 0;
+    PyObject *type = (PyObject *)Py_TYPE(o);
+    int settled = 1;
+    if (type == frozen_dict) {
+        Py_ssize_t at = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(o, &at, &key, &value)) settled &= untrack(key, depth + 1) & untrack(value, depth + 1);
+    } else if (type == frozen_list) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(o); i++) settled &= untrack(PyList_GET_ITEM(o, i), depth + 1);
+    } else if (type == (PyObject *)&PyTuple_Type) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++) settled &= untrack(PyTuple_GET_ITEM(o, i), depth + 1);
+    } else
+        return 0;
+    if (settled) PyObject_GC_UnTrack(o);
+    return settled;
+}
+
+/* ---- node indexes: decode-on-second-touch, in C -------------------------------------------
+ *
+ * A walk scans a node's keys in order (msgpack has no offsets), ~350 ns for 64 entries. A node
+ * walked through a second time (the branches near the root on every read; the leaves of a hot
+ * range) gets an index: the offsets of its keys and values in its payload, so a search is a
+ * binary search (about 6 comparisons) and the value is read in place. Nothing is decoded into
+ * Python objects: an index takes 8 bytes an entry, a decoded 64-entry node 9 KB. The table is
+ * direct-mapped by pointer, INDEX_SLOTS slots (at most ~1.2 MB), so it is bounded whatever is read;
+ * a pointer names one immutable atom forever, so an index never goes stale, and it is only used
+ * after the atom's own bytes were reached (its segment still mapped). */
+
+typedef struct NodeIndex {
+    uint64_t ptr;
+    uint32_t keys, values;  /* entries: keys (separators), values (children); 0 values for a set leaf */
+    uint32_t offsets[];     /* keys offsets, then values offsets, from the payload's start */
+} NodeIndex;
+
+static uint32_t slot_of(uint64_t ptr) { return (uint32_t)((ptr >> 2) * UINT64_C(0x9E3779B97F4A7C15) >> 53) % INDEX_SLOTS; }
+
+/* Index the node whose payload is [base, end): its shape checked as a scan checks it. */
+static NodeIndex *build_index(uint64_t ptr, int kind, const unsigned char *base, const unsigned char *end) {
+    Bytes b = {base, end};
+    int branch = is_branch_kind(kind);
+    uint64_t keys, values = 0;
+    if (open_node(&b, kind == DICT_LEAF ? 2 : kind == SET_LEAF ? 1 : 3) < 0 || take_array(&b, &keys) < 0) return NULL;
+    if (keys > INDEX_MAX_ENTRIES) return NULL; /* not a node the coordinator writes: scan it */
+    NodeIndex *index = PyMem_Malloc(sizeof(NodeIndex) + sizeof(uint32_t) * (2 * keys + 1));
+    if (index == NULL) return (NodeIndex *)PyErr_NoMemory();
+    index->ptr = ptr;
+    index->keys = (uint32_t)keys;
+    index->values = 0;
+    for (uint64_t i = 0; i < keys; i++) {
+        index->offsets[i] = (uint32_t)(b.at - base);
+        if (skip(&b, 0) < 0) goto fail;
+    }
+    if (kind != SET_LEAF) {
+        if (take_array(&b, &values) < 0) goto fail;
+        if (values != keys + (uint64_t)branch) {
+            corrupt("has mismatched key, value and size counts");
+            goto fail;
+        }
+        for (uint64_t i = 0; i < values; i++) {
+            index->offsets[keys + i] = (uint32_t)(b.at - base);
+            if (skip_items(&b, 1, 0) < 0) goto fail;
+        }
+        index->values = (uint32_t)values;
+    }
+    return index;
+fail:
+    PyMem_Free(index);
+    return NULL;
+}
+
+/* bisect (right for a branch, left for a leaf) over an indexed node; -1 with an exception set. */
+static int64_t indexed_bisect(NodeIndex *index, const unsigned char *base, const unsigned char *end, Key *k,
+                              int right, int *equal) {
+    uint32_t lo = 0, hi = index->keys;
+    *equal = 0;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        Bytes e = {base + index->offsets[mid], end};
+        int c = compare_next(k, &e);
+        if (c == -2) return -1;
+        if (c < 0 || (!right && c == 0)) {
+            hi = mid;
+            if (c == 0) *equal = 1;
+        } else
+            lo = mid + 1;
+    }
+    if (!right && *equal) { /* the first key not below k: equal only if it is the one compared equal */
+        Bytes e = {base + index->offsets[lo], end};
+        int c = lo < index->keys ? compare_next(k, &e) : 1;
+        if (c == -2) return -1;
+        *equal = c == 0;
+    }
+    return lo;
+}
+
+/* The child pointer an indexed branch leads `k` to; 0 with an exception set. */
+static uint64_t indexed_child(NodeIndex *index, const unsigned char *base, const unsigned char *end, Key *k) {
+    int equal;
+    int64_t i = indexed_bisect(index, base, end, k, 1, &equal);
+    if (i < 0) return 0;
+    const unsigned char *at = base + index->offsets[index->keys + i];
+    int negative;
+    uint64_t child;
+    if (at >= end || !encoded_integer(at, end, &negative, &child) || negative || child == 0 || *at == 0xc2 || *at == 0xc3)
+        return corrupt("a child pointer is not a pointer"), 0;
+    return child;
+}
+
+/* The slot an indexed leaf holds under `k`; KeyError if none. */
+static PyObject *indexed_slot(NodeIndex *index, int kind, const unsigned char *base, const unsigned char *end, Key *k) {
+    int equal;
+    int64_t i = indexed_bisect(index, base, end, k, 0, &equal);
+    if (i < 0) return NULL;
+    if (!equal) return key_error(k->key);
+    Bytes e = {base + index->offsets[kind == SET_LEAF ? (uint32_t)i : index->keys + (uint32_t)i], end};
+    return decode_next(&e);
+}
+
+/* ---- Searcher: walks from a tree's root to an entry, reading segments in place ---------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buffers;  /* AtomReader.buffers: {segment index -> memoryview of the mapped segment} */
+    PyObject *atom;     /* AtomReader.atom(ptr) -> (kind, payload): maps a segment on first use */
+    PyObject *fallback; /* fallback(root, key, leaf_kind): the decoded-node lookup, for other key types */
+    uint64_t seen[INDEX_SLOTS];       /* {slot -> pointer of the node last walked through it once} */
+    struct NodeIndex *index[INDEX_SLOTS]; /* {slot -> the index of a node walked through twice}, or NULL */
+} SearcherObject;
+
+/* The segment a walk reads, held from one node to the next while they share it (they mostly do). */
+typedef struct {
+    Py_buffer view;
+    int held;
+    uint64_t index; /* segment index of `view`; NO_SEGMENT when it holds one atom's payload only */
+} Mapping;
+
+#define NO_SEGMENT UINT64_MAX
+
+static void release(Mapping *m) {
+    if (m->held) PyBuffer_Release(&m->view);
+    m->held = 0;
+}
+
+/* Ask AtomReader.atom(ptr) for an atom whose segment is not mapped yet (it maps it): then read the
+ * segment, or, should it still not be among the buffers, the payload it returned. */
+static int map_through_hook(SearcherObject *self, Mapping *m, uint64_t ptr, Bytes *b, int *kind) {
+    PyObject *pointer = PyLong_FromUnsignedLongLong(ptr);
+    if (pointer == NULL) return -1;
+    PyObject *found = PyObject_CallOneArg(self->atom, pointer);
+    Py_DECREF(pointer);
+    if (found == NULL) return -1;
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
+        Py_DECREF(found);
+        PyErr_SetString(PyExc_TypeError, "atom(ptr) must return (kind, payload)");
+        return -1;
+    }
+    *kind = PyLong_AsLong(PyTuple_GET_ITEM(found, 0));
+    int failed = (*kind == -1 && PyErr_Occurred()) || open_bytes(PyTuple_GET_ITEM(found, 1), &m->view, b) < 0;
+    Py_DECREF(found); /* the payload stays alive through m->view */
+    if (failed) return -1;
+    m->held = 1;
+    m->index = NO_SEGMENT;
+    return 0;
+}
+
+/* The atom at `ptr`: its kind and payload bytes, read from the segment `m` holds (mapped first if
+ * another). Its header is checked as AtomReader.atom checks it. */
+static int open_atom(SearcherObject *self, Mapping *m, uint64_t ptr, Bytes *b, int *kind) {
+    uint64_t index = ptr >> OFFSET_BITS;
+    if (!m->held || m->index != index) {
+        release(m);
+        PyObject *key = PyLong_FromUnsignedLongLong(index);
+        if (key == NULL) return -1;
+        PyObject *segment = PyDict_GetItemWithError(self->buffers, key); /* borrowed */
+        Py_DECREF(key);
+        if (segment == NULL) return PyErr_Occurred() ? -1 : map_through_hook(self, m, ptr, b, kind);
+        if (PyObject_GetBuffer(segment, &m->view, PyBUF_SIMPLE) < 0) return -1;
+        m->held = 1;
+        m->index = index;
+    }
+    const unsigned char *base = m->view.buf;
+    uint64_t offset = ptr & OFFSET_MASK, size = (uint64_t)m->view.len;
+    char text[160];
+    if (offset > size || size - offset < HEADER_SIZE) {
+        snprintf(text, sizeof text, "atom pointer %#llx is past the end of segment %llu", (unsigned long long)ptr,
+                 (unsigned long long)index);
+        PyErr_SetString(corruption_error, text);
+        return -1;
+    }
+    const unsigned char *h = base + offset;
+    uint32_t word = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
+    uint32_t length = word & MAX_PAYLOAD;
+    *kind = (int)(word >> LENGTH_BITS);
+    if (size - offset - HEADER_SIZE < length || *kind < VALUE || *kind > INDEXED) {
+        snprintf(text, sizeof text, "atom %#llx has a bad header (length %u, kind %d) in segment %llu",
+                 (unsigned long long)ptr, (unsigned)length, *kind, (unsigned long long)index);
+        PyErr_SetString(corruption_error, text);
+        return -1;
+    }
+    b->at = h + HEADER_SIZE;
+    b->end = b->at + length;
+    return 0;
+}
+
+static int take_pointer(PyObject *o, uint64_t *ptr) {
+    *ptr = PyLong_AsUnsignedLongLong(o);
+    return (*ptr == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The index of the node at `ptr` if it has one, or builds one if it was walked through before;
+ * NULL otherwise (scan it), or NULL with an exception for a malformed node. The index is taken out
+ * of the table while in use (a comparison may run Python code, and another thread a walk that
+ * would replace it): give_back() returns it. */
+static NodeIndex *indexed(SearcherObject *self, uint64_t ptr, int kind, Bytes *b) {
+    uint32_t slot = slot_of(ptr);
+    NodeIndex *index = self->index[slot];
+    if (index != NULL && index->ptr == ptr) {
+        self->index[slot] = NULL;
+        return index;
+    }
+    if (self->seen[slot] != ptr) {
+        self->seen[slot] = ptr;
+        return NULL;
+    }
+    return build_index(ptr, kind, b->at, b->end);
+}
+
+static void give_back(SearcherObject *self, NodeIndex *index) {
+    if (index == NULL) return;
+    uint32_t slot = slot_of(index->ptr);
+    PyMem_Free(self->index[slot]); /* another node's index (or one a concurrent walk built): ours is newer */
+    self->index[slot] = index;
+}
+
+static void forget_indexes(SearcherObject *self) {
+    for (int i = 0; i < INDEX_SLOTS; i++) {
+        PyMem_Free(self->index[i]);
+        self->index[i] = NULL;
+        self->seen[i] = 0;
+    }
+}
+
+/* lookup(root, key, leaf_kind) -> the slot under key (a set tree: the key); KeyError if absent */
+static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "lookup(root, key, leaf_kind) takes 3 arguments");
+    uint64_t ptr;
+    if (take_pointer(args[0], &ptr) < 0) return NULL;
+    int leaf_kind = PyLong_AsLong(args[2]);
+    if (leaf_kind == -1 && PyErr_Occurred()) return NULL;
+    if (!is_leaf_kind(leaf_kind)) return PyErr_Format(PyExc_ValueError, "lookup needs a dict or set tree");
+    Key k;
+    int ok = prepare_key(&k, args[1]);
+    if (ok < 0) return NULL;
+    if (ok == 0) return PyObject_Vectorcall(self->fallback, args, 3, NULL);
+    if (ptr == 0) return key_error(k.key);
+    PyObject *slot = NULL;
+    Mapping m = {.held = 0};
+    for (int depth = 0;; depth++) {
+        if (depth > MAX_DEPTH) {
+            corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
+            break;
+        }
+        Bytes b;
+        int kind;
+        if (open_atom(self, &m, ptr, &b, &kind) < 0) break;
+        if (kind != leaf_kind && kind != leaf_kind + 1) {
+            corrupt_at(ptr, "not a node of its tree");
+            break;
+        }
+        NodeIndex *index = indexed(self, ptr, kind, &b);
+        if (index == NULL && PyErr_Occurred()) break;
+        if (kind == leaf_kind) {
+            slot = index != NULL ? indexed_slot(index, kind, b.at, b.end, &k) : leaf_slot_of(kind, &b, &k);
+            give_back(self, index);
+            break;
+        }
+        uint64_t child = index != NULL ? indexed_child(index, b.at, b.end, &k) : branch_child_of(&b, &k);
+        give_back(self, index);
+        if (child == 0) break;
+        ptr = child;
+    }
+    release(&m);
+    Py_XDECREF(k.ordered);
+    return slot;
+}
+
+/* value(ptr, ref) -> (value, payload length): the VALUE atom at ptr decoded frozen, Refs through ref */
+static PyObject *searcher_value(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "value(ptr, ref) takes 2 arguments");
+    uint64_t ptr;
+    if (take_pointer(args[0], &ptr) < 0) return NULL;
+    Mapping m = {.held = 0};
+    Bytes b;
+    int kind;
+    if (open_atom(self, &m, ptr, &b, &kind) < 0) return release(&m), NULL;
+    PyObject *value = decode_range(b.at, b.end, 1, args[1]);
+    Py_ssize_t length = b.end - b.at;
+    release(&m);
+    if (value == NULL) return NULL;
+    untrack(value, 0);
+    return Py_BuildValue("(Nn)", value, length);
+}
+
+static int searcher_init(SearcherObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"buffers", "atom", "fallback", NULL};
+    PyObject *buffers, *atom, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO:Searcher", keywords, &PyDict_Type, &buffers, &atom, &fallback))
+        return -1;
+    if (unpack_function == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cnode.configure() was not called");
+        return -1;
+    }
+    Py_INCREF(buffers);
+    Py_INCREF(atom);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->buffers, buffers);
+    Py_XSETREF(self->atom, atom);
+    Py_XSETREF(self->fallback, fallback);
+    return 0;
+}
+
+static int searcher_traverse(SearcherObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->buffers);
+    Py_VISIT(self->atom);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int searcher_clear(SearcherObject *self) {
+    forget_indexes(self);
+    Py_CLEAR(self->buffers);
+    Py_CLEAR(self->atom);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void searcher_dealloc(SearcherObject *self) {
+    PyObject_GC_UnTrack(self);
+    searcher_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef searcher_methods[] = {
+    {"lookup", (PyCFunction)(void (*)(void))searcher_lookup, METH_FASTCALL,
+     "lookup(root, key, leaf_kind) -> the slot under key; KeyError if absent (search.Searcher.lookup)"},
+    {"value", (PyCFunction)(void (*)(void))searcher_value, METH_FASTCALL,
+     "value(ptr, ref) -> (the VALUE atom at ptr decoded frozen, its payload length) (search.Searcher.value)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SearcherType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "protobase.core.cnode.Searcher",
+    .tp_basicsize = sizeof(SearcherObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Searcher(buffers, atom, fallback): point lookups in a process's mapped trees (search.Searcher)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)searcher_init,
+    .tp_dealloc = (destructor)searcher_dealloc,
+    .tp_traverse = (traverseproc)searcher_traverse,
+    .tp_clear = (inquiry)searcher_clear,
+    .tp_methods = searcher_methods,
+};
+
+/* ---- the module ------------------------------------------------------------------------- */
+
+static PyObject *configure(PyObject *module, PyObject *args) {
+    PyObject *values[8];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:configure", &values[0], &values[1], &values[2], &values[3], &values[4],
+                          &values[5], &values[6], &values[7]))
+        return NULL;
+    PyObject **slots[] = {&unpack_function, &ref_type,     &corruption_error, &order_key,
+                          &decimal_type,    &uuid_type,    &frozen_dict,      &frozen_list};
+    for (int i = 0; i < 8; i++) {
+        Py_INCREF(values[i]);
+        Py_XSETREF(*slots[i], values[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(unpack, Ref, CorruptionError, order_key, Decimal, UUID, FrozenDict, FrozenList): what search.py "
+     "hands over"},
+    {"leaf_slot", (PyCFunction)(void (*)(void))leaf_slot, METH_FASTCALL,
+     "leaf_slot(kind, payload, key) -> the slot under key in an encoded leaf; KeyError if absent"},
+    {"branch_child", (PyCFunction)(void (*)(void))branch_child, METH_FASTCALL,
+     "branch_child(kind, payload, key) -> the pointer of the child of an encoded branch that may hold key"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "protobase.core.cnode", "The compiled twin of btree/search.py.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit_cnode(void) {
+    PyDateTime_IMPORT;
+    if (PyDateTimeAPI == NULL) return NULL;
+    if (PyType_Ready(&SearcherType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL) return NULL;
+    Py_INCREF(&SearcherType);
+    if (PyModule_AddObject(module, "Searcher", (PyObject *)&SearcherType) < 0) {
+        Py_DECREF(&SearcherType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,399 @@
+"""Tests of protobase.core.btree.search and its compiled twin cnode.c: point searches in encoded nodes.
+
+The compiled functions must return what the pure-Python ones return (which
+decode the node and bisect it with keyorder.py) for every key type a stored
+dict may have, mixed in one node; both must match a plain dict model; and
+neither may crash on damaged bytes: a malformed node is a CorruptionError.
+Trees are written to real segments by an ArenaWriter and walked through an
+AtomReader attached read-only, as in a client. Under PROTOBASE_PURE_PYTHON=1
+the compiled module is not loaded and the comparisons are skipped; the model
+tests still run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import random
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protobase import native
+from protobase.core import codec
+from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF, VALUE, ArenaWriter, AtomReader
+from protobase.core.btree import MAX_ENTRIES, Node, TreeWriter, encode_node, search
+from protobase.core.codec import Ref
+from protobase.core.store import Store
+from protobase.errors import CorruptionError
+from protobase.keyorder import bisect_right, order_key
+from protobase.shm import instance_entries, new_instance_id, sweep
+
+cnode = native.load("protobase.core.cnode") if search.COMPILED else None
+needs_compiled = pytest.mark.skipif(cnode is None, reason="the compiled core is not in use")
+
+_ZONES = st.sampled_from([dt.timezone.utc, dt.timezone(dt.timedelta(hours=2)), dt.timezone(-dt.timedelta(hours=5))])
+_scalar_keys = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-300, 300),
+    st.floats(allow_nan=False),
+    st.decimals(allow_nan=False, allow_infinity=False, places=3),
+    st.text(max_size=12),
+    st.text(alphabet="ab\u00e9\u4e2d\U0001f600", max_size=4),  # multi-byte UTF-8: byte order is code point order
+    st.binary(max_size=8),
+    st.datetimes(),
+    st.datetimes(timezones=_ZONES),
+    st.dates(),
+    st.uuids(),
+)
+keys_strategy = st.recursive(_scalar_keys, lambda inner: st.tuples(inner, inner) | st.tuples(inner), max_leaves=4)
+
+
+def canonical(keys: list[Any]) -> list[Any]:
+    """Distinct keys (as a dict tells them apart: 1 == 1.0 == True) in canonical order."""
+    return sorted(dict.fromkeys(keys), key=order_key)
+
+
+def outcome(call: Any, *args: Any) -> tuple[str, Any]:
+    """('ok', result) or ('KeyError', None): what a search gave, comparable across implementations."""
+    try:
+        result = call(*args)
+    except KeyError:
+        return "KeyError", None
+    return "ok", (type(result), result)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys=st.lists(keys_strategy, min_size=0, max_size=MAX_ENTRIES), probes=st.lists(keys_strategy, max_size=8))
+def test_leaf_search_matches_a_dict_model_and_the_pure_search(keys: list[Any], probes: list[Any]) -> None:
+    keys = canonical(keys)
+    values = [Ref(8 * (i + 1), VALUE) if i % 3 else f"v{i}" for i in range(len(keys))]
+    model = dict(zip(keys, values))
+    payloads = {
+        DICT_LEAF: encode_node(Node(DICT_LEAF, keys, values)),
+        SET_LEAF: encode_node(Node(SET_LEAF, keys, None)),
+    }
+    for probe in keys + probes:
+        for kind, payload in payloads.items():
+            expected = outcome(search.leaf_slot_python, kind, payload, probe)
+            if probe in model:
+                found = model[probe] if kind == DICT_LEAF else next(key for key in keys if key == probe)
+                assert expected == ("ok", (type(found), found))
+            else:
+                assert expected == ("KeyError", None)
+            if cnode is not None:
+                assert outcome(cnode.leaf_slot, kind, payload, probe) == expected, (kind, probe)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keys=st.lists(keys_strategy, min_size=2, max_size=MAX_ENTRIES + 1), probes=st.lists(keys_strategy, max_size=8))
+def test_branch_search_picks_the_child_bisect_right_picks(keys: list[Any], probes: list[Any]) -> None:
+    separators = canonical(keys)[1:]
+    children = [(i + 1) * 1024 for i in range(len(separators) + 1)]
+    for kind in (DICT_BRANCH, SET_BRANCH):
+        payload = encode_node(Node(kind, separators, children, [1] * len(children)))
+        for probe in separators + keys + probes:
+            expected = children[bisect_right(separators, probe)]
+            assert search.branch_child_python(kind, payload, probe) == expected
+            if cnode is not None:
+                assert cnode.branch_child(kind, payload, probe) == expected, probe
+
+
+class Trees:
+    """An arena to write trees into, and a Store reading them back read-only (as a client does)."""
+
+    def __init__(self, arena: ArenaWriter, reader: AtomReader) -> None:
+        self.arena = arena
+        self.reader = reader
+        self.store = Store(reader, object_cache=4096, bytes_cache=64)
+        self.writer = TreeWriter(self.store.node)
+
+    def tree(self, leaf_kind: int, keys: list[Any], values: list[Any] | None) -> int:
+        root = self.writer.build(leaf_kind, keys, values)
+        return self.writer.flush(root, lambda node: self.arena.append(node.kind, encode_node(node)), lambda v: v)
+
+    def searchers(self) -> list[Any]:
+        """The pure searcher, and the compiled one when it is in use: each must give the same answers."""
+        made = [search.SearcherPython(self.reader.buffers, self.reader.atom, self.store.access.lookup)]
+        if cnode is not None:
+            made.append(cnode.Searcher(self.reader.buffers, self.reader.atom, self.store.access.lookup))
+        return made
+
+
+@pytest.fixture
+def trees() -> Iterator[Trees]:
+    instance = new_instance_id()
+    arena = ArenaWriter(instance)
+    reader = AtomReader(instance)  # no writer: data segments are attached read-only
+    try:
+        yield Trees(arena, reader)
+    finally:
+        reader.close()
+        arena.close(unlink=True)
+        assert sweep(instance) == [], "the arena left segments behind"
+        assert instance_entries(instance) == []
+
+
+def mixed_keys(count: int, seed: int) -> list[Any]:
+    rng = random.Random(seed)
+    makers = [
+        lambda i: i * 7 - count,
+        lambda i: f"user{i:06d}",
+        lambda i: f"\u00e9t\u00e9{i}",
+        lambda i: str(i).encode(),
+        lambda i: i / 4 + 0.5,
+        lambda i: (i % 5, f"k{i}"),
+        lambda i: dt.date(2000, 1, 1) + dt.timedelta(days=i),
+        lambda i: dt.datetime(2020, 1, 1) + dt.timedelta(minutes=i),
+        lambda i: dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(minutes=i),
+        lambda i: uuid.UUID(int=i * 977),
+        lambda i: Decimal(i) / 3,
+        lambda i: 2**65 + i,
+    ]
+    return canonical([rng.choice(makers)(i) for i in range(count)] + [None, True])
+
+
+@pytest.mark.parametrize("leaf_kind", [DICT_LEAF, SET_LEAF])
+def test_a_walk_from_the_root_finds_every_key_of_a_mixed_tree_as_the_decoded_walk_does(
+    trees: Trees, leaf_kind: int
+) -> None:
+    keys = mixed_keys(5_000, seed=leaf_kind)
+    values = [Ref(trees.arena.append(VALUE, codec.encode({"n": i})), VALUE) for i in range(len(keys))]
+    root = trees.tree(leaf_kind, keys, values if leaf_kind == DICT_LEAF else None)
+    absent = [-(10**30), "zzz", "user", b"", (9, "z"), dt.date(1900, 1, 1), 1.25e300, uuid.UUID(int=1)]
+    for searcher in trees.searchers():
+        for key in keys + absent:
+            expected = outcome(trees.store.access.lookup, root, key, leaf_kind)
+            assert outcome(searcher.lookup, root, key, leaf_kind) == expected, (type(searcher), key)
+        assert outcome(searcher.lookup, 0, "any", leaf_kind) == ("KeyError", None)  # the empty tree
+
+
+def test_a_key_of_no_key_type_goes_to_the_fallback(trees: Trees) -> None:
+    class Name(str):
+        pass
+
+    root = trees.tree(DICT_LEAF, ["a", "b"], [1, 2])
+    for searcher in trees.searchers():
+        assert searcher.lookup(root, Name("b"), DICT_LEAF) == 2  # as the decoded walk finds it
+        with pytest.raises(KeyError):
+            searcher.lookup(root, Name("c"), DICT_LEAF)
+
+
+def test_value_decodes_a_record_frozen_with_its_payload_length(trees: Trees) -> None:
+    record = {"id": 1, "tags": ["a", "b"], "at": dt.date(2020, 1, 2)}
+    ptr = trees.arena.append(VALUE, codec.encode(record))
+    for searcher in trees.searchers():
+        value, length = searcher.value(ptr, None)
+        assert value == record and type(value).__name__ == "FrozenDict"
+        assert length == len(codec.encode(record))
+
+
+@needs_compiled
+def test_a_decoded_record_is_not_left_for_the_cyclic_collector(trees: Trees) -> None:
+    """Regression: FrozenDicts (dict subclasses) stayed tracked, so a reader's collections visited
+    every cached record; with 10,000 cached, the collector took more time than the reads."""
+    flat = trees.arena.append(VALUE, codec.encode({"id": 1, "tags": ["a", (1, "b")], "name": "x"}))
+    holding = trees.arena.append(VALUE, codec.encode({"tree": Ref(flat, VALUE), "tags": ["a"]}))
+    searcher = trees.searchers()[-1]
+    value, _ = searcher.value(flat, None)
+    assert not gc.is_tracked(value) and not gc.is_tracked(value["tags"])
+    value, _ = searcher.value(holding, lambda ptr, kind: ["a container the ref hook made"])
+    assert gc.is_tracked(value)  # it holds a tracked container: it could be in a cycle
+    assert not gc.is_tracked(value["tags"])
+
+
+def atom(kind: int, payload: bytes) -> bytes:
+    """An atom as arena.py lays it out: u32 kind << 28 | length, the payload, padding to 4 bytes."""
+    raw = (kind << 28 | len(payload)).to_bytes(4, "little") + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def segment_of(*atoms: bytes) -> tuple[dict[int, memoryview], list[int]]:
+    """Buffers {1 -> the atoms laid out one after the other} and each atom's pointer."""
+    pointers, offset = [], 0
+    for raw in atoms:
+        pointers.append(1 << 40 | offset)
+        offset += len(raw)
+    return {1: memoryview(b"".join(atoms))}, pointers
+
+
+def unmapped(ptr: int) -> tuple[int, memoryview]:
+    raise CorruptionError(f"segment of {ptr:#x} is not mapped")
+
+
+def searchers_over(buffers: dict[int, memoryview]) -> list[Any]:
+    def fallback(root: int, key: Any, leaf_kind: int) -> Any:
+        raise AssertionError("no fallback for a str key")
+
+    def atom_python(ptr: int) -> tuple[int, memoryview]:
+        """AtomReader.atom over `buffers` (the pure searcher reads through it)."""
+        buf = buffers.get(ptr >> 40)
+        if buf is None:
+            return unmapped(ptr)
+        offset = ptr & ((1 << 40) - 1)
+        if offset + 4 > len(buf):
+            raise CorruptionError("past the end")
+        word = int.from_bytes(buf[offset : offset + 4], "little")
+        if offset + 4 + (word & ((1 << 28) - 1)) > len(buf) or not 1 <= word >> 28 <= 8:
+            raise CorruptionError("bad header")
+        return word >> 28, buf[offset + 4 : offset + 4 + (word & ((1 << 28) - 1))]
+
+    made: list[Any] = [search.SearcherPython(buffers, atom_python, fallback)]
+    if cnode is not None:
+        made.append(cnode.Searcher(buffers, unmapped, fallback))
+    return made
+
+
+def test_a_branch_that_leads_back_to_itself_is_a_corruption_not_an_endless_walk() -> None:
+    first = 1 << 40  # the pointer of the first atom of segment 1: the branch's children point at it
+    buffers, (ptr,) = segment_of(atom(DICT_BRANCH, encode_node(Node(DICT_BRANCH, ["m"], [first, first], [1, 1]))))
+    assert ptr == first
+    for searcher in searchers_over(buffers):
+        with pytest.raises(CorruptionError, match="deeper than any tree can be"):
+            searcher.lookup(ptr, "a", DICT_LEAF)
+
+
+def test_a_node_of_another_tree_kind_is_a_corruption() -> None:
+    buffers, (leaf,) = segment_of(atom(SET_LEAF, encode_node(Node(SET_LEAF, ["a"], None))))
+    for searcher in searchers_over(buffers):
+        with pytest.raises(CorruptionError):
+            searcher.lookup(leaf, "a", DICT_LEAF)
+
+
+def test_a_pointer_past_its_segment_or_a_bad_header_is_a_corruption() -> None:
+    good = atom(DICT_LEAF, encode_node(Node(DICT_LEAF, ["a"], [1])))
+    buffers, (ptr, _) = segment_of(good, b"\xff\xff\xff\xff")
+    for searcher in searchers_over(buffers):
+        assert searcher.lookup(ptr, "a", DICT_LEAF) == 1
+        for bad in (ptr + len(good), ptr + 4096, ptr + len(good) + 4):  # a bad header, then past the end
+            with pytest.raises(CorruptionError):
+                searcher.lookup(bad, "a", DICT_LEAF)
+
+
+def _damaged(payload: bytes, rng: random.Random) -> bytes:
+    damaged = bytearray(payload)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and damaged:
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        elif choice < 0.7:
+            del damaged[rng.randrange(len(damaged) + 1) :]
+        else:
+            at = rng.randrange(len(damaged) + 1)
+            damaged[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 9)))
+    return bytes(damaged)
+
+
+def test_damaged_nodes_give_corruption_errors_never_a_crash() -> None:
+    """Random byte flips, truncations and insertions in leaves and branches of every key type."""
+    rng = random.Random(12)
+    keys = mixed_keys(60, seed=3)[:MAX_ENTRIES]
+    nodes = [
+        (DICT_LEAF, encode_node(Node(DICT_LEAF, keys, [Ref(8 * i + 8, VALUE) for i in range(len(keys))]))),
+        (SET_LEAF, encode_node(Node(SET_LEAF, keys, None))),
+        (DICT_BRANCH, encode_node(Node(DICT_BRANCH, keys[1:], [8 * i + 8 for i in range(len(keys))], [1] * len(keys)))),
+    ]
+    functions = [(search.leaf_slot_python, search.branch_child_python)]
+    if cnode is not None:
+        functions.append((cnode.leaf_slot, cnode.branch_child))
+    outcomes = set()
+    for _ in range(3_000):
+        kind, payload = rng.choice(nodes)
+        damaged = _damaged(payload, rng)
+        probe = rng.choice(keys)
+        for leaf_slot, branch_child in functions:
+            try:
+                (branch_child if kind == DICT_BRANCH else leaf_slot)(kind, damaged, probe)
+                outcomes.add("answered")  # damage the search did not need to read, or a plausible node
+            except CorruptionError:
+                outcomes.add("corrupt")
+            except KeyError:
+                outcomes.add("absent")
+    assert "corrupt" in outcomes  # the damage was seen, as an error, every time it mattered
+
+
+@needs_compiled
+def test_damaged_records_give_corruption_errors(trees: Trees) -> None:
+    rng = random.Random(5)
+    payload = codec.encode({"id": 1, "name": "n", "tags": ["a", (1, 2)], "when": dt.date(2020, 1, 1)})
+    searcher = trees.searchers()[-1]
+    for _ in range(500):
+        ptr = trees.arena.append(VALUE, _damaged(payload, rng))
+        try:
+            searcher.value(ptr, None)
+        except CorruptionError:
+            pass
+
+
+def test_a_store_read_caches_the_record_and_no_node(trees: Trees) -> None:
+    keys = [f"user{i:05d}" for i in range(3_000)]
+    records = [{"id": i, "name": f"n{i}"} for i in range(3_000)]
+    root = trees.tree(DICT_LEAF, keys, [Ref(trees.arena.append(VALUE, codec.encode(r)), VALUE) for r in records])
+    store = trees.store
+    for i in random.Random(1).sample(range(3_000), 300):
+        assert store.get(root, keys[i]) == records[i]
+    cached = list(store.objects.data.values())
+    if search.COMPILED:
+        assert len(cached) == 300 and not any(type(value) is Node for value in cached)
+    else:  # the pure walk caches the decoded nodes it passes
+        assert any(type(value) is Node for value in cached)
+    assert store.objects.held_bytes == sum(store.objects.charges.values())
+    with pytest.raises(KeyError):
+        store.get(root, "nobody")
+
+
+def test_a_clients_object_cache_is_bounded_by_bytes_and_the_coordinators_is_not(trees: Trees) -> None:
+    from protobase.core.store import DEFAULT_OBJECT_BYTES
+
+    assert trees.store.objects.max_bytes == DEFAULT_OBJECT_BYTES  # a reader without a writer: a client
+    assert Store(AtomReader(trees.reader.instance_id, writer=trees.arena)).objects.max_bytes is None
+    keys = [f"k{i:05d}" for i in range(2_000)]
+    root = trees.tree(
+        DICT_LEAF, keys, [Ref(trees.arena.append(VALUE, codec.encode({"n": i})), VALUE) for i in range(2_000)]
+    )
+    small = Store(trees.reader, object_bytes=50_000)
+    for key in keys:
+        small.get(root, key)
+        assert small.objects.held_bytes <= 50_000
+    assert 0 < len(small.objects.data) < 2_000
+    assert all(small.get(root, key) == {"n": i} for i, key in enumerate(keys))  # evicted ones decode again
+
+
+def test_damaged_nodes_walked_again_through_their_index_give_corruption_errors_too() -> None:
+    """The compiled walk indexes a node it walks through a second time: damage must be seen then too."""
+    rng = random.Random(21)
+    keys = [f"k{i:03d}" for i in range(MAX_ENTRIES)]
+    leaf = atom(DICT_LEAF, encode_node(Node(DICT_LEAF, keys, [Ref(8 * i + 8, VALUE) for i in range(MAX_ENTRIES)])))
+    outcomes = set()
+    for _ in range(400):
+        damaged = bytearray(leaf)
+        for _ in range(rng.randint(1, 3)):
+            damaged[rng.randrange(4, len(damaged))] = rng.randrange(256)  # the header stays whole
+        buffers, (ptr,) = segment_of(bytes(damaged))
+        for searcher in searchers_over(buffers):
+            for probe in rng.sample(keys, 3) * 2:  # each probe twice: the second walk reads the index
+                try:
+                    searcher.lookup(ptr, probe, DICT_LEAF)
+                    outcomes.add("answered")
+                except CorruptionError:
+                    outcomes.add("corrupt")
+                except KeyError:
+                    outcomes.add("absent")
+    assert "corrupt" in outcomes
+
+
+def test_a_walk_through_indexed_nodes_finds_what_the_first_walk_found(trees: Trees) -> None:
+    keys = mixed_keys(3_000, seed=9)
+    root = trees.tree(DICT_LEAF, keys, list(range(len(keys))))
+    searcher = trees.searchers()[-1]
+    first = [outcome(searcher.lookup, root, key, DICT_LEAF) for key in keys]
+    for _ in range(2):  # every node now walked through more than once: indexed
+        assert [outcome(searcher.lookup, root, key, DICT_LEAF) for key in keys] == first
+    assert first == [("ok", (int, i)) for i in range(len(keys))]
