@@ -33,7 +33,7 @@ from protobase.client.stats import DatabaseStats, ReaderStats, collect_stats
 from protobase.client.transaction import Isolation, Transaction
 from protobase.core.datadir import DataDir
 from protobase.core.store import DEFAULT_OBJECT_CACHE
-from protobase.errors import ProtoBaseError
+from protobase.errors import ConflictError, ProtoBaseError
 from protobase.settings import DEFAULTS, Settings
 from protobase.wire.verbs import DURABILITY_MODES, Durability
 
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from protobase.client.watch import Watcher
 
 __all__ = ["Database", "open", "Attempt"]
+
+MAX_BACKOFF = 0.005  # seconds a retry waits at most (attempts): bounded, unlike 2**n
+VISIBLE_WAIT = 1.0  # seconds a retry waits at most for the commit it lost to to be published
+VISIBLE_POLL = 0.0001  # seconds between two looks at the published root meanwhile
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -200,19 +204,49 @@ class Database:
         return tx
 
     def attempts(
-        self, retries: int = 5, isolation: Isolation = "snapshot", backoff: float = 0.001
+        self,
+        retries: int = 5,
+        isolation: Isolation = "snapshot",
+        backoff: float = 0.001,
+        max_backoff: float = MAX_BACKOFF,
     ) -> Iterator[Attempt]:
         """Yield attempts until one commits: `for attempt in db.attempts(): with attempt as tx: ...`.
 
-        A ConflictError ends an attempt and starts the next after a short
-        randomised back-off; after `retries` retries the last one is raised.
+        A ConflictError ends an attempt; after `retries` retries the last one
+        is raised. The next attempt starts once the commit it lost to is
+        visible (a snapshot taken before would lose again, for nothing). After
+        the first conflict it also waits a random while of up to `backoff`
+        seconds (jitter, so that the losers do not collide again); after a
+        second conflict in a row it does not: the coordinator answers that
+        one when the client's turn at the key path starts (coordinator/
+        conflicts.py, Reservations), and a sleep then would only hold up the
+        clients queued behind it. So no transaction starves, and none sleeps
+        long. Other retryable errors (a coordinator restart) back off up to
+        `backoff * 2**n` seconds at the n-th retry, never more than
+        `max_backoff`. Counters that many transactions bump are best written
+        with `incr`, which never conflicts.
         """
         for number in range(retries + 1):
             attempt = Attempt(self, isolation, last=number == retries)
             yield attempt
             if attempt.committed:
                 return
-            time.sleep(random.uniform(0, backoff * 2 ** min(number, 10)))
+            if attempt.lost_to is None:
+                time.sleep(random.uniform(0, min(backoff * 2**number, max_backoff)))
+                continue
+            self._wait_until_visible(attempt.lost_to)
+            if number == 0:
+                time.sleep(random.uniform(0, min(backoff, max_backoff)))
+
+    def _wait_until_visible(self, seq: int) -> None:
+        """Wait (a bounded while) until commit `seq` is published: a "sync" one only is once durable."""
+        deadline = time.monotonic() + VISIBLE_WAIT
+        try:
+            control = self.session.control
+            while control.read_root()[0] < seq and time.monotonic() < deadline:
+                time.sleep(VISIBLE_POLL)
+        except ProtoBaseError:  # detached or closed meanwhile: the next attempt says what happened
+            pass
 
     @overload
     def transactional(self, function: Callable[Concatenate[Transaction, P], R], /) -> Callable[P, R]: ...
@@ -336,6 +370,7 @@ class Attempt:
         self._last = last
         self.committed = False
         self.tx: Transaction | None = None
+        self.lost_to: int | None = None  # the seq of the commit a conflict of this attempt lost to
 
     def __enter__(self) -> Transaction:
         self.tx = self._db.transaction(self._isolation)
@@ -351,13 +386,20 @@ class Attempt:
             except ProtoBaseError as error:
                 if self._last or not error.retryable:
                     raise
+                self._note_conflict(error)
                 return False
             self.committed = True
             return False
         self.tx.abort()
+        if isinstance(exc, ProtoBaseError):
+            self._note_conflict(exc)
         # swallow a retryable error raised by the body (a conflict of a nested
         # read-modify-write, a coordinator restart) unless it is the last try
         return issubclass(exc_type, ProtoBaseError) and exc_type.retryable and not self._last
+
+    def _note_conflict(self, error: ProtoBaseError) -> None:
+        if isinstance(error, ConflictError) and type(error.conflicting_seq) is int:
+            self.lost_to = error.conflicting_seq
 
 
 _ASYNC_HINT = (

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from protobase.coordinator.clients import Asker
 from protobase.coordinator.commits import Commits, GroupFailed, parse_ops
 from protobase.coordinator.durability import DurabilityFailed
 from protobase.coordinator.writer import Writer
@@ -124,6 +125,31 @@ class Connections:
         self.sent.append(("watchers", [seq, [list(path) for path in paths]]))
 
 
+class Named:
+    """A test's asker: a name that stands for its client too (Commits counts a client's losses by `asker.client`)."""
+
+    def __init__(self, name: Any) -> None:
+        self.name = name
+        self.request_id = 0
+
+    @property
+    def client(self) -> Named:
+        return self  # (a property: an attribute holding itself would be a reference cycle per commit)
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.name if not isinstance(other, Named) else other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+def _named(asker: Any) -> Any:
+    return asker if isinstance(asker, Named) or asker is None else Named(asker)
+
+
 class Harness:
     def __init__(self) -> None:
         self.instance = new_instance_id()
@@ -155,7 +181,7 @@ class Harness:
         serializable: bool = False,
     ) -> Any:
         return self.commits.commit(
-            asker,
+            _named(asker),
             self.commits.seq if base is None else base,
             serializable,
             durability,
@@ -167,7 +193,7 @@ class Harness:
         """Commit (asker, ops) requests as one group, all based on `base` (default: the latest seq)."""
         based = self.commits.seq if base is None else base
         return self.commits.commit_group(
-            [(asker, [based, False, durability, codec.encode(ops), []]) for asker, ops in requests]
+            [(_named(asker), [based, False, durability, codec.encode(ops), []]) for asker, ops in requests]
         )
 
     def read(self, *path: Any) -> Any:
@@ -345,6 +371,25 @@ def test_the_version_table_is_pruned_only_once_large(harness, monkeypatch):
     assert (len(harness.commits.versions), harness.commits.versions.horizon) == (2, 3)
 
 
+# -- turns for repeated losers (conflicts.py, Reservations) ------------------------------------------
+
+
+def test_a_loser_gets_a_turn_and_a_commit_refused_meanwhile_is_answered_when_the_turn_ends(harness):
+    alice, bob, carol = Named("alice"), Named("bob"), Named("carol")
+    harness.commit(alice, [OP_SET, ["k"], 0])
+    harness.commit(alice, [OP_SET, ["k"], 1], base=1)
+    assert harness.commit(bob, [OP_SET, ["k"], 2], base=1) == ["conflict", ["k"], 1, 2]
+    assert harness.commit(bob, [OP_SET, ["k"], 2], base=1) == ["conflict", ["k"], 1, 2]  # twice: bob's turn
+    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) == ["conflict", ["k"], 2, 2]  # bob's turn
+    assert harness.commit(carol, [OP_SET, ["k"], 3], base=2) is None  # refused twice in a row: parked
+    assert harness.commit(alice, [OP_SET, ["other"], 3], base=2)[:2] == ["ok", 3]  # other paths are free
+    assert harness.commit(bob, [OP_SET, ["k"], 4], base=3)[:2] == ["ok", 4]  # bob's retry commits
+    parked = [(asker.client, reply) for asker, reply in harness.connections.sent if isinstance(asker, Asker)]
+    assert parked == [(carol, ["conflict", ["k"], 2, 4])]  # carol's turn: retry once commit 4 is visible
+    assert harness.commit(carol, [OP_SET, ["k"], 5], base=4)[:2] == ["ok", 5]
+    assert harness.commits.conflicts == 4 and harness.commits.reservations.turns == 2
+
+
 def test_the_history_of_one_key_written_again_and_again_is_pruned_too(harness, monkeypatch):
     from protobase.coordinator import commits as commits_module
 
@@ -469,3 +514,18 @@ def test_a_disk_failure_while_a_group_is_logged_refuses_all_of_it(harness):
     replies = harness.group(("a", [[OP_SET, ["a"], 1]]), ("b", [[OP_SET, ["a"], 2]]))
     assert replies[0][:2] == ["error", "CoordinatorError"] and replies[1][0] == "conflict"
     assert harness.commits.refusing and harness.control.published == []
+
+
+def test_a_commit_parked_for_a_turn_inside_a_group_leaves_the_others_answers_in_place(harness):
+    alice, carol, dave = Named("alice"), Named("carol"), Named("dave")
+    harness.commit(alice, [OP_SET, ["k"], 0])
+    harness.commit(dave, [OP_SET, ["k"], 1], base=1)
+    harness.commit(alice, [OP_SET, ["k"], 2], base=1)
+    harness.commit(alice, [OP_SET, ["k"], 2], base=1)  # alice lost twice: her turn at k
+    assert harness.commit(carol, [OP_SET, ["k"], 3]) == ["conflict", ["k"], 2, 2]  # alice's turn: refused
+    replies = harness.group((carol, [[OP_SET, ["k"], 3]]), (dave, [[OP_SET, ["other"], 4]]))
+    assert replies[0] is None and replies[1][:2] == ["ok", 3]  # carol parked; dave's commit is his
+    assert harness.read("other") == 4 and harness.read("k") == 1
+    harness.commit(alice, [OP_SET, ["k"], 5])
+    parked = [(asker.client, reply) for asker, reply in harness.connections.sent if isinstance(asker, Asker)]
+    assert parked == [(carol, ["conflict", ["k"], 2, 4])]

@@ -5,14 +5,25 @@ path, above it (a container holding it was replaced) or below it (something
 inside it changed), and with nothing else. Pruning forgets old writes, and a
 commit based before what was forgotten is refused conservatively. A property
 test checks the table against a plain list of every write.
+
+Reservations give a client that keeps losing a path a turn at it: its own
+commits go through, every other client's write at, above or below the path
+is refused until the turn ends (it commits, its hold expires, it is gone),
+and turns pass in the order the losers queued. Increments are not validated
+(`validated_paths`).
 """
 
 from __future__ import annotations
 
+import gc
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protobase.coordinator.conflicts import KeyPath, VersionTable
+from protobase.coordinator import conflicts
+from protobase.coordinator.conflicts import KeyPath, Reservations, VersionTable, validated_paths
+from protobase.wire.opcodes import OP_INCR, OP_SET
 
 
 def table(*writes: tuple[int, list[KeyPath]]) -> VersionTable:
@@ -87,6 +98,148 @@ def test_a_conflict_is_reported_exactly_when_a_later_write_overlaps_a_path(commi
     if conflict is not None:
         path, seq = conflict
         assert seq in overlapping and any(overlaps(path, other) for other in paths)
+
+
+# -- increments are not validated --------------------------------------------------------------
+
+
+def test_an_increments_path_is_not_validated_but_every_other_write_is():
+    ops = [[OP_SET, ["a"], 1], [OP_INCR, ["stats", "adds"], 1], [OP_SET, ["b"], 2]]
+    assert validated_paths(ops, [("a",), ("stats", "adds"), ("b",)]) == [("a",), ("b",)]
+
+
+# -- reservations: turns for repeated losers -------------------------------------------------------
+
+
+class Client:
+    """Stands for a coordinator's connection: anything that can be weakly referenced."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Turns:
+    """Reservations whose parked answers are recorded as (client, token, path), in the order given."""
+
+    def __init__(self, **options: Any) -> None:
+        self.given: list[tuple[Any, Any, KeyPath]] = []
+        self.reservations = Reservations(
+            lambda client, token, path: self.given.append((client, token, path)), **options
+        )
+
+
+def test_a_client_gets_a_turn_after_losing_a_path_as_often_as_it_takes():
+    turns, alice, bob = Turns(after_losses=3), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    assert not reservations.lost(alice, ("stats", "adds"), "a1")  # answered at once
+    assert not reservations.lost(alice, ("stats", "adds"), "a2")
+    assert reservations.blocking(bob, [("stats", "adds")]) is None  # two losses: no turn yet
+    assert not reservations.lost(alice, ("stats", "adds"), "a3")  # its turn starts now: answered at once
+    assert reservations.turns == 1 and turns.given == []
+    assert reservations.blocking(bob, [("stats", "adds")]) == ("stats", "adds")
+    assert reservations.blocking(bob, [("stats",)]) == ("stats", "adds")  # above it: replaces it
+    assert reservations.blocking(bob, [("stats", "adds", "x")]) == ("stats", "adds")  # below it
+    assert reservations.blocking(bob, [("stats", "views"), ("carts", "u1")]) is None  # siblings are free
+    assert reservations.blocking(alice, [("stats", "adds")]) is None  # the holder's own commit goes through
+
+
+def test_a_win_ends_the_run_of_losses_and_the_turn():
+    turns, alice, bob = Turns(after_losses=2, contended_for=0.0), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    reservations.lost(alice, ("k",), 1)
+    reservations.lost(alice, ("k",), 2)
+    reservations.won(alice)
+    assert reservations.blocking(bob, [("k",)]) is None and not reservations.holders
+    reservations.lost(alice, ("k",), 3)  # counted afresh: one in a row is not enough
+    assert reservations.blocking(bob, [("k",)]) is None
+
+
+def test_queued_losers_are_answered_one_by_one_as_their_turns_start():
+    turns = Turns(after_losses=1)
+    reservations = turns.reservations
+    first, second, third = Client("first"), Client("second"), Client("third")
+    assert not reservations.lost(first, ("k",), "f")  # the first gets the turn, answered at once
+    assert reservations.lost(second, ("k",), "s")  # the others wait, unanswered
+    assert reservations.lost(third, ("k",), "t")
+    assert turns.given == []
+    reservations.won(first)
+    assert turns.given == [(second, "s", ("k",))]
+    assert reservations.blocking(second, [("k",)]) is None and reservations.blocking(first, [("k",)]) == ("k",)
+    reservations.won(second)
+    assert turns.given[1:] == [(third, "t", ("k",))]
+    reservations.won(third)
+    assert not reservations.holders and not reservations.queues and not reservations.parked
+
+
+def test_a_commit_refused_for_another_clients_turn_queues_behind_it():
+    turns, alice, bob = Turns(after_losses=1), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    reservations.lost(alice, ("k",), "a")
+    blocked = reservations.blocking(bob, [("k", "x")])
+    assert blocked == ("k",)
+    assert reservations.lost(bob, blocked, "b")  # parked until alice's turn ends
+    reservations.won(alice)
+    assert turns.given == [(bob, "b", ("k",))]
+
+
+def test_a_turn_ends_when_its_hold_expires(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(conflicts.time, "monotonic", lambda: now[0])
+    turns, alice, bob = Turns(after_losses=1, hold=0.1), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    reservations.lost(alice, ("k",), "a")
+    reservations.lost(bob, ("k",), "b")
+    now[0] += 0.09
+    reservations.expire()
+    assert turns.given == [] and reservations.blocking(bob, [("k",)]) == ("k",)
+    now[0] += 0.02  # alice gave up (or stalled): bob's turn
+    reservations.expire()
+    assert turns.given == [(bob, "b", ("k",))]
+    assert reservations.blocking(alice, [("k",)]) == ("k",)
+
+
+def test_a_client_that_is_gone_drops_out_of_the_turns_and_its_answers_with_it():
+    turns, bob = Turns(after_losses=1), Client("bob")
+    reservations = turns.reservations
+    alice, carol = Client("alice"), Client("carol")
+    reservations.lost(alice, ("k",), "a")
+    reservations.lost(carol, ("k",), "c")
+    del alice, carol
+    gc.collect()
+    assert reservations.blocking(bob, [("k",)]) is None
+    assert not reservations.holders and not reservations.queues and turns.given == []
+    assert len(reservations.losses) == 0 and len(reservations.parked) == 0
+
+
+def test_by_default_a_second_loss_in_a_row_queues_and_a_sync_commits_first_may(monkeypatch):
+    """A plain transaction that lost once and gave up holds nobody up; a client retrying on a hot path does."""
+    now = [100.0]
+    monkeypatch.setattr(conflicts.time, "monotonic", lambda: now[0])
+    turns, alice, bob = Turns(), Client("alice"), Client("bob")
+    reservations = turns.reservations
+    assert not reservations.lost(alice, ("k",), "a1", eager=True)
+    assert reservations.blocking(bob, [("k",)]) is None  # one conflict: no turn
+    assert not reservations.lost(alice, ("k",), "a2")  # the second in a row: alice's turn
+    assert reservations.blocking(bob, [("k",)]) == ("k",)
+    assert not reservations.lost(bob, ("k",), "b1")  # blocked, "async": answered, it retries
+    assert reservations.lost(bob, ("k",), "b2")  # the second in a row: parked
+    reservations.won(alice)
+    reservations.won(bob)
+    now[0] += 0.5
+    assert not reservations.lost(alice, ("k",), "a3")  # "async": counted afresh
+    assert reservations.blocking(bob, [("k",)]) is None
+    assert not reservations.lost(alice, ("k",), "a4", eager=True)  # "sync", a turn 0.5 s ago: queues at once
+    assert reservations.blocking(bob, [("k",)]) == ("k",)
+    assert reservations.lost(bob, ("k",), "b3", blocked=True, eager=True)  # "sync" and blocked: parked at once
+    reservations.won(alice)
+    assert turns.given == [(bob, "b2", ("k",)), (bob, "b3", ("k",))]
+    reservations.won(bob)
+    now[0] += 2.0
+    reservations.lost(alice, ("k",), "a5", eager=True)  # two seconds later: counted afresh
+    assert reservations.blocking(bob, [("k",)]) is None
 
 
 def test_pruning_with_a_budget_forgets_the_oldest_first_and_stops_the_horizon_before_the_rest():

@@ -12,6 +12,7 @@ import pytest
 import protobase
 from protobase import (
     ConflictError,
+    CoordinatorRestartedError,
     DatabaseClosedError,
     EncodingError,
     FrozenDict,
@@ -491,6 +492,41 @@ def test_attempts_retry_until_commit(db):
                     other.root["c"] = 100 * bodies
     assert bodies == 3 and attempt.committed
     assert read(db, "c") == 201
+
+
+def test_attempts_back_off_a_bounded_random_while(db, monkeypatch):
+    """Regression: the n-th retry slept up to 1 ms * 2**n, 1 s from the tenth on (p99 of 2.4 s in a cart app)."""
+    import protobase.database
+
+    slept = []
+    monkeypatch.setattr(protobase.database.time, "sleep", slept.append)
+    bodies = 0
+    for attempt in db.attempts(retries=20):
+        with attempt as tx:
+            bodies += 1
+            tx.root["c"] = bodies
+            if bodies <= 20:
+                raise CoordinatorRestartedError("the coordinator restarted")
+    assert bodies == 21 and attempt.committed
+    assert len(slept) == 20 and max(slept) <= protobase.database.MAX_BACKOFF == 0.005
+    assert slept[0] <= 0.001 and len(set(slept)) == 20  # jittered from the first retry on
+
+
+def test_attempts_jitter_after_a_first_conflict_and_retry_at_once_when_the_turn_comes(db, monkeypatch):
+    """From the second conflict in a row on, the coordinator answers when it is the client's turn: no sleep."""
+    import protobase.database
+
+    slept = []
+    monkeypatch.setattr(protobase.database.time, "sleep", slept.append)
+    bodies = 0
+    for attempt in db.attempts(retries=5):
+        with attempt as tx:
+            bodies += 1
+            tx.root["c"] = bodies
+            if bodies <= 3:
+                raise ConflictError(("c",), 0, 0)  # lost to a commit already visible: no wait for it
+    assert bodies == 4 and attempt.committed and attempt.lost_to is None
+    assert len(slept) == 1 and 0 <= slept[0] <= 0.001
 
 
 def test_attempts_reraise_after_the_last_retry(db):

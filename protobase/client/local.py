@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from protobase.client.writeset import WriteSet, index_name, validate
+from protobase.client.writeset import WriteSet, check_increment, index_name, validate
 from protobase.keyorder import check_key
 from protobase.query.results import Queryable
 from protobase.wire.opcodes import OP_CREATE_INDEX, OP_DROP_INDEX
@@ -51,6 +51,16 @@ class LocalDict(Queryable, MutableMapping[Any, Any]):
         check_key(key, self._path + (key,))
         validate(value, self._path + (key,))
         self._dict[key] = value
+
+    def incr(self, key: Any, n: int | float = 1) -> None:
+        """Add `n` to the number at `key` (0 if missing), in this dict, which is stored whole at commit."""
+        self._writes.check_active()
+        check_key(key, self._path + (key,))
+        check_increment(n)
+        current = self._dict.get(key, 0)
+        if type(current) is not int and type(current) is not float:
+            raise TypeError(f"incr() adds to a number, but {self._path + (key,)!r} holds a {type(current).__name__}")
+        self._dict[key] = current + n
 
     def __delitem__(self, key: Any) -> None:
         self._writes.check_active()

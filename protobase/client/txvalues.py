@@ -22,7 +22,7 @@ from typing import Any
 
 from protobase.client.local import LocalDict
 from protobase.client.tracked import Owner, is_mutable_dataclass, track, tracked_whole
-from protobase.client.writeset import WriteSet, index_name, validate
+from protobase.client.writeset import WriteSet, check_increment, index_name, validate
 from protobase.core import codec
 from protobase.core.frozen import FrozenDict, FrozenList, FrozenSet, thaw
 from protobase.core.views import IndexedTreeDict, TreeDict, TreeList, TreeSet
@@ -37,6 +37,7 @@ from protobase.wire.opcodes import (
     OP_CREATE_INDEX,
     OP_DELETE,
     OP_DROP_INDEX,
+    OP_INCR,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -46,6 +47,21 @@ from protobase.wire.opcodes import (
 __all__ = ["TxDict", "TxList", "TxSet", "adopt"]
 
 _DELETED = object()  # marks a key deleted in this transaction
+
+
+class _Increment:
+    """What a TxDict holds for a key this transaction only incremented: the amount, added at commit."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int | float) -> None:
+        self.n = n  # the sum of this transaction's increments of the key
+
+
+def _number(value: object, path: tuple[Any, ...]) -> int | float:
+    if type(value) is int or type(value) is float:
+        return value
+    raise TypeError(f"incr() adds to a number, but {path!r} holds a {type(value).__name__}")
 
 
 def adopt(writes: WriteSet, path: tuple[Any, ...], value: Any) -> Any:
@@ -99,6 +115,8 @@ class TxDict(MutableMapping[Any, Any]):
             value = local[key]
             if value is _DELETED:
                 raise KeyError(key)
+            if type(value) is _Increment:  # what this snapshot shows plus this transaction's increments
+                return self._base.get(key, 0) + value.n
             return LocalDict(writes, self._path + (key,), value) if type(value) is dict else value
         child = self._children.get(key)
         if child is not None:
@@ -141,6 +159,55 @@ class TxDict(MutableMapping[Any, Any]):
             for key in items:
                 self._children.pop(key, None)
         writes.record_sets(self._path, items)
+
+    def incr(self, key: Any, n: int | float = 1) -> None:
+        """Add `n` to the number at `key` when the transaction commits; a missing key counts as 0.
+
+        Conflict-free: the coordinator adds `n` to the latest value at commit,
+        whatever other transactions committed meanwhile, so concurrent `incr`s
+        of one key never conflict (as Redis INCR). Returns nothing: the value
+        is only known once committed. Reading the key in this transaction
+        gives its snapshot value plus this transaction's increments, which
+        the committed value may exceed; a transaction that needs the exact
+        committed value reads it afterwards, or reads and assigns
+        (`d[key] = d[key] + 1`, which conflicts with a concurrent write).
+
+        What stays serializable: increments commute, so a transaction whose
+        only access to `key` is `incr` is serializable at its commit. One that
+        also reads `key` sees its snapshot's value (snapshot isolation); with
+        `isolation="serializable"` that read is validated, and a concurrent
+        change to `key` makes it conflict. (Serializable transactions also
+        validate the dicts they reached: `tx.root["stats"].incr("adds")` reads
+        `root["stats"]`, so a concurrent write inside it conflicts; only
+        snapshot isolation, the default, makes that increment conflict-free.)
+        A transaction that assigned or deleted `key` before incrementing it
+        adds `n` to its own value (an ordinary write, validated as one).
+
+        Raises TypeError for an `n` that is not an int of 64 bits or a finite
+        float (this transaction's increments of one key summed, too), or when
+        this transaction already knows `key` holds something else than a
+        number; the commit is refused (PathError) if the latest value is not a
+        number.
+        """
+        self._writes.check_active()
+        path = self._path + (key,)
+        check_key(key, path)
+        check_increment(n)
+        local = self._local.get(key)
+        if type(local) is _Increment:
+            check_increment(local.n + n)  # one op carries the sum
+            local.n += n
+            self._writes.record(path, OP_INCR, local.n)
+        elif local is _DELETED:
+            self[key] = n
+        elif key in self._local:
+            self[key] = _number(local, path) + n
+        else:
+            if key in self._base:
+                _number(self._base[key], path)  # fail here, not at commit, for what the snapshot shows
+            self._local[key] = _Increment(n)
+            self._children.pop(key, None)
+            self._writes.record(path, OP_INCR, n)
 
     def __delitem__(self, key: Any) -> None:
         if key not in self:

@@ -15,7 +15,8 @@ transaction ended, `release` leaves no reference cycle among the write set and
 its wrappers.
 
 Also the checks every stored value goes through at assignment (`validate`),
-so a bad value fails on the line that stored it, and index-name validation.
+so a bad value fails on the line that stored it, the check of an increment's
+amount (`check_increment`) and index-name validation.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from protobase.core import codec
 from protobase.errors import DatabaseClosedError
 from protobase.keyorder import check_key
 from protobase.query.fields import field_path
-from protobase.wire.opcodes import OP_SET
+from protobase.wire.opcodes import INCR_LIMIT, OP_SET
 
-__all__ = ["WriteSet", "Releasable", "DEFERRED", "INDEX_OP", "validate", "index_name"]
+__all__ = ["WriteSet", "Releasable", "DEFERRED", "INDEX_OP", "validate", "check_increment", "index_name"]
 
 DEFERRED = 0  # op code of a tree list/set wrapper whose ops are collected at commit
 INDEX_OP = object()  # first element of the `ops` key of an index operation
@@ -55,6 +56,15 @@ def check_keys(value: Any, path: tuple[Any, ...]) -> None:
     elif isinstance(value, (set, frozenset)):
         for item in value:
             check_key(item, path)
+
+
+def check_increment(n: object) -> None:
+    """TypeError unless `n` is an amount `incr` accepts: an int of 64 bits or a finite float (not a bool)."""
+    if type(n) is int and -INCR_LIMIT < n < INCR_LIMIT:
+        return
+    if type(n) is float and n - n == 0:  # finite (inf - inf and nan - nan are nan)
+        return
+    raise TypeError(f"incr() adds an int of 64 bits or a finite float, got {n!r}")
 
 
 def index_name(fields: tuple[Any, ...]) -> str | tuple[str, ...]:

@@ -12,7 +12,8 @@ root, the publish and the wake-ups (`commit_group`).
 
 A commit is checked (`parse_ops`: the ops are data of known shapes, since the
 socket is untrusted), validated against the version table (a key it wrote,
-or read in serializable mode, changed after its snapshot: a conflict),
+or read in serializable mode, changed after its snapshot: a conflict; so is
+a write at a path another client holds a turn at, conflicts.py's Reservations),
 applied to the latest root by path copying and written to atoms (writer.py),
 and handed to the persistence process (durability.py) under its own seq. An
 "async" commit is then published and acknowledged at once; a "sync" one waits
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from protobase.coordinator.clients import Asker, Connections
-from protobase.coordinator.conflicts import KeyPath, VersionTable
+from protobase.coordinator.conflicts import KeyPath, Reservations, VersionTable, validated_paths
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.writer import WRITE_THROUGH_AT_MOST, Writer, decode_ops
 from protobase.core import codec
@@ -46,6 +48,7 @@ from protobase.keyorder import check_key
 from protobase.shm.control import ControlBlock
 from protobase.wire.error_table import error_fields, error_reply
 from protobase.wire.opcodes import (
+    INCR_LIMIT,
     LIST_APPEND,
     LIST_DELETE,
     LIST_INSERT,
@@ -53,6 +56,7 @@ from protobase.wire.opcodes import (
     OP_CREATE_INDEX,
     OP_DELETE,
     OP_DROP_INDEX,
+    OP_INCR,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -78,6 +82,7 @@ _OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argu
     OP_SET_DISCARD: (list,),
     OP_CREATE_INDEX: (str, tuple),
     OP_DROP_INDEX: (str, tuple),
+    OP_INCR: (int, float),  # (not bool: see parse_ops)
 }
 _LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
 
@@ -113,7 +118,16 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
             type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES for item in op[2]
         ):  # (op[2] is the argument: a list, checked above)
             raise ProtocolError("malformed request: a list operation is [code, index, value]")
+        if code == OP_INCR and not _is_increment(argument):
+            shown = repr(argument)[:40]  # (an int of any size decodes)
+            raise ProtocolError(f"malformed request: an increment is a 64-bit int or a finite float, got {shown}")
     return ops
+
+
+def _is_increment(n: Any) -> bool:
+    if type(n) is int:
+        return -INCR_LIMIT < n < INCR_LIMIT
+    return type(n) is float and math.isfinite(n)
 
 
 @dataclass
@@ -156,6 +170,8 @@ class _Group:
         self.versions = VersionTable()  # what the group wrote, seen by its later commits' validation
         self.applied: list[_Applied] = []
         self.more_to_come = False  # whether a commit of the group follows the one being applied
+        # perf-cart: [(conflict reply, asker, path, base, blocked, eager)]: losses counted once the group is done
+        self.losses: list[tuple[Reply, Asker, KeyPath, int, bool, bool]] = []
 
     @property
     def next_seq(self) -> int:
@@ -187,6 +203,7 @@ class Commits:
         # Commits before the restart are not in the version table: a transaction
         # based on one of them cannot be checked, so it is refused as a conflict.
         self.versions.horizon = seq
+        self.reservations = Reservations(self._turn_started)  # turns for clients that keep losing a key path
         self.seq = seq  # sequence number of the latest commit (maybe not yet published)
         self.root = root  # its root pointer
         self.published_seq = 0  # sequence number of the published root
@@ -241,10 +258,22 @@ class Commits:
                 if len(group.applied) > 1:
                     raise GroupFailed(error) from error  # which commit holds it? one at a time tells
                 replies[replies.index(None)] = error_reply(error)
-                return replies
+                return self._count_losses(group, replies)
             except Exception as error:
                 raise GroupFailed(error) from error
             self._log_and_publish(group, root, replies)
+        return self._count_losses(group, replies)  # perf-cart
+
+    def _count_losses(self, group: _Group, replies: list[Reply | None]) -> list[Reply | None]:
+        """perf-cart: count the group's conflicts as their clients' losses (conflicts.py, Reservations).
+
+        Once the group is done, so that a group that fails changes nothing. A
+        client that queued for a turn gets None: its conflict is answered when
+        its turn starts (`_turn_started`).
+        """
+        for reply, asker, path, base, blocked, eager in group.losses:
+            if self.reservations.lost(asker.client, path, (asker.request_id, base), blocked, eager):
+                replies[next(i for i, candidate in enumerate(replies) if candidate is reply)] = None
         return replies
 
     def _apply(
@@ -268,13 +297,21 @@ class Commits:
             )
         ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
-        checked = paths + [tuple(path) for path in reads] if serializable else paths
+        checked = validated_paths(ops, paths)  # perf-cart: an increment's path is not validated (it commutes)
+        if serializable:
+            checked += [tuple(path) for path in reads]
         conflict = group.versions.first_conflict(base, checked) if group.applied else None
         conflict = conflict or self.versions.first_conflict(base, checked)
+        blocked = False  # perf-cart: refused for another client's turn at a path it writes
+        if conflict is None and self.reservations.holders:
+            reserved = self.reservations.blocking(asker.client, paths)
+            blocked, conflict = reserved is not None, None if reserved is None else (reserved, self.seq)
         if conflict is not None:
             self.conflicts += 1
             path, seq = conflict
-            return ["conflict", list(path), base, seq]
+            reply = ["conflict", list(path), base, seq]
+            group.losses.append((reply, asker, path, base, blocked, durability == "sync"))  # perf-cart
+            return reply
         try:
             group.working = self._apply_ops(group.working, ops, paths)
         except PathError as error:
@@ -307,6 +344,8 @@ class Commits:
         self.seq = group.applied[-1].seq
         self.commits += len(group.applied)
         self.groups += 1
+        for applied in group.applied:  # perf-cart: their runs of losses (and their turns) end
+            self.reservations.won(applied.asker.client)
         slots = [index for index, reply in enumerate(replies) if reply is None]
         try:
             lsn = 0
@@ -345,6 +384,14 @@ class Commits:
         for index, applied in zip(slots, group.applied):
             self.pending.append(Pending(behind, applied.seq, root, applied.asker, replies[index], applied.paths))
             replies[index] = None
+
+    def _turn_started(self, client: Any, token: tuple[int, int], path: KeyPath) -> None:
+        """perf-cart: answer a conflict parked until its client's turn at `path` (conflicts.py, Reservations).
+
+        It names the latest commit, which the client waits to see published before its retry.
+        """
+        request_id, base = token
+        self.connections.answer(Asker(client, request_id), ["conflict", list(path), base, self.seq])
 
     def _written_values(self, ops: list[Op], paths: list[KeyPath]) -> list[list[int]]:
         # Tell the client where each SET value now lives, so it can cache the
@@ -407,7 +454,11 @@ class Commits:
             self.connections.answer(pending.asker, pending.reply)
 
     def prune_versions(self) -> None:
-        """Forget the writes no transaction can be based before, once the version table grew large."""
+        """Forget the writes no transaction can be based before, once the version table grew large.
+
+        (Every housekeeping tick: so it also ends the turns whose hold is over, answering whoever is next.)
+        """
+        self.reservations.expire()  # perf-cart
         if max(len(self.versions), len(self.versions.history)) > PRUNE_VERSIONS_ABOVE:  # (one hot key: a long history)
             oldest = self.control.oldest_snapshot()
             self.versions.prune(self.published_seq if oldest is None else oldest, budget=PRUNE_PATHS_PER_TICK)

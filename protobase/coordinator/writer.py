@@ -64,6 +64,7 @@ from protobase.wire.opcodes import (
     OP_CREATE_INDEX,
     OP_DELETE,
     OP_DROP_INDEX,
+    OP_INCR,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -290,6 +291,8 @@ class Writer:
             return self._assign(container, key, argument, path)
         if code == OP_DELETE:
             return self._delete(container, key, path)
+        if code == OP_INCR:
+            return self._assign(container, key, self._incremented(container, key, argument, path), path)
         target = self._child(container, key, path)
         if code == OP_LIST:
             target = self._list_ops(target, argument, path)
@@ -298,6 +301,17 @@ class Writer:
         else:
             target = self._set_ops(target, argument, code == OP_SET_ADD, path)
         return self._assign(container, key, target, path)
+
+    def _incremented(self, container: Any, key: Any, n: int | float, path: KeyPath) -> int | float:
+        """The latest number at `key` plus `n` (OP_INCR): a missing key counts as 0, anything else is refused."""
+        try:
+            current = self._child(container, key, path)
+        except PathError:
+            current = 0  # missing (if the container cannot hold `key`, assigning it says so)
+        if type(current) is not int and type(current) is not float:
+            shown = "a container" if type(current) in (Ref, Node, IndexedColl) else f"{type(current).__name__}"
+            raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
+        return current + n
 
     # -- indexed collections ----------------------------------------------------
 

@@ -17,6 +17,8 @@ __all__ = [
     "OP_SET_DISCARD",
     "OP_CREATE_INDEX",
     "OP_DROP_INDEX",
+    "OP_INCR",
+    "INCR_LIMIT",
     "LIST_APPEND",
     "LIST_SET",
     "LIST_INSERT",
@@ -30,6 +32,12 @@ OP_SET_ADD = 4  # [OP_SET_ADD, path, [element, ...]]
 OP_SET_DISCARD = 5  # [OP_SET_DISCARD, path, [element, ...]]
 OP_CREATE_INDEX = 6  # [OP_CREATE_INDEX, path, index name]
 OP_DROP_INDEX = 7  # [OP_DROP_INDEX, path, index name]
+# [OP_INCR, path, n]: add n (an int or a finite float) to the number at path, a missing key counting
+# as 0. Applied to the latest value at commit and never validated against the snapshot, so
+# concurrent increments of one key never conflict (coordinator/conflicts.py, `validated_paths`).
+OP_INCR = 8
+
+INCR_LIMIT = 2**63  # |n| of an integer OP_INCR is below this: one increment is a 64-bit amount
 
 LIST_APPEND = 1  # [LIST_APPEND, None, value]
 LIST_SET = 2  # [LIST_SET, index, value]
