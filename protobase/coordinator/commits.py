@@ -170,7 +170,7 @@ class _Group:
         self.versions = VersionTable()  # what the group wrote, seen by its later commits' validation
         self.applied: list[_Applied] = []
         self.more_to_come = False  # whether a commit of the group follows the one being applied
-        # perf-cart: [(conflict reply, asker, path, base, blocked, eager)]: losses counted once the group is done
+        # [(conflict reply, asker, path, base, blocked, eager)]: losses, counted once the group is done
         self.losses: list[tuple[Reply, Asker, KeyPath, int, bool, bool]] = []
 
     @property
@@ -262,10 +262,10 @@ class Commits:
             except Exception as error:
                 raise GroupFailed(error) from error
             self._log_and_publish(group, root, replies)
-        return self._count_losses(group, replies)  # perf-cart
+        return self._count_losses(group, replies)
 
     def _count_losses(self, group: _Group, replies: list[Reply | None]) -> list[Reply | None]:
-        """perf-cart: count the group's conflicts as their clients' losses (conflicts.py, Reservations).
+        """Count the group's conflicts as their clients' losses (conflicts.py, Reservations).
 
         Once the group is done, so that a group that fails changes nothing. A
         client that queued for a turn gets None: its conflict is answered when
@@ -297,12 +297,12 @@ class Commits:
             )
         ops = parse_ops(ops_bytes)
         paths = [tuple(op[1]) for op in ops]
-        checked = validated_paths(ops, paths)  # perf-cart: an increment's path is not validated (it commutes)
+        checked = validated_paths(ops, paths)  # an increment's path is not validated (it commutes)
         if serializable:
             checked += [tuple(path) for path in reads]
         conflict = group.versions.first_conflict(base, checked) if group.applied else None
         conflict = conflict or self.versions.first_conflict(base, checked)
-        blocked = False  # perf-cart: refused for another client's turn at a path it writes
+        blocked = False  # refused for another client's turn at a path it writes
         if conflict is None and self.reservations.holders:
             reserved = self.reservations.blocking(asker.client, paths)
             blocked, conflict = reserved is not None, None if reserved is None else (reserved, self.seq)
@@ -310,7 +310,7 @@ class Commits:
             self.conflicts += 1
             path, seq = conflict
             reply = ["conflict", list(path), base, seq]
-            group.losses.append((reply, asker, path, base, blocked, durability == "sync"))  # perf-cart
+            group.losses.append((reply, asker, path, base, blocked, durability == "sync"))
             return reply
         try:
             group.working = self._apply_ops(group.working, ops, paths)
@@ -344,7 +344,7 @@ class Commits:
         self.seq = group.applied[-1].seq
         self.commits += len(group.applied)
         self.groups += 1
-        for applied in group.applied:  # perf-cart: their runs of losses (and their turns) end
+        for applied in group.applied:  # their runs of losses (and their turns) end
             self.reservations.won(applied.asker.client)
         slots = [index for index, reply in enumerate(replies) if reply is None]
         try:
@@ -386,7 +386,7 @@ class Commits:
             replies[index] = None
 
     def _turn_started(self, client: Any, token: tuple[int, int], path: KeyPath) -> None:
-        """perf-cart: answer a conflict parked until its client's turn at `path` (conflicts.py, Reservations).
+        """Answer a conflict parked until its client's turn at `path` (conflicts.py, Reservations).
 
         It names the latest commit, which the client waits to see published before its retry.
         """
@@ -458,7 +458,7 @@ class Commits:
 
         (Every housekeeping tick: so it also ends the turns whose hold is over, answering whoever is next.)
         """
-        self.reservations.expire()  # perf-cart
+        self.reservations.expire()
         if max(len(self.versions), len(self.versions.history)) > PRUNE_VERSIONS_ABOVE:  # (one hot key: a long history)
             oldest = self.control.oldest_snapshot()
             self.versions.prune(self.published_seq if oldest is None else oldest, budget=PRUNE_PATHS_PER_TICK)
