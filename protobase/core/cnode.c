@@ -588,41 +588,48 @@ static int open_bytes(PyObject *payload, Py_buffer *view, Bytes *b) {
     return 0;
 }
 
+/* The arguments of leaf_slot and branch_child, (kind, payload, key): checked, the key prepared and
+ * the payload's buffer taken (release both with close_search); -1 with an exception set. */
+static int open_search(const char *name, PyObject *const *args, Py_ssize_t nargs, int branch, int *kind, Key *k,
+                       Py_buffer *view, Bytes *b) {
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "%s(kind, payload, key) takes 3 arguments", name), -1;
+    if (unpack_function == NULL) return PyErr_Format(PyExc_RuntimeError, "cnode.configure() was not called"), -1;
+    *kind = PyLong_AsLong(args[0]);
+    if (*kind == -1 && PyErr_Occurred()) return -1;
+    if (branch ? !is_branch_kind(*kind) : !is_leaf_kind(*kind))
+        return corrupt(branch ? "a dict or set branch was expected" : "a dict or set leaf was expected"), -1;
+    int ok = prepare_key(k, args[2]);
+    if (ok <= 0) return ok < 0 ? -1 : (PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2])), -1);
+    if (open_bytes(args[1], view, b) < 0) return Py_XDECREF(k->ordered), -1;
+    return 0;
+}
+
+static void close_search(Key *k, Py_buffer *view) {
+    PyBuffer_Release(view);
+    Py_XDECREF(k->ordered);
+}
+
 /* leaf_slot(kind, payload, key) */
 static PyObject *leaf_slot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "leaf_slot(kind, payload, key) takes 3 arguments");
-    if (unpack_function == NULL) return PyErr_Format(PyExc_RuntimeError, "cnode.configure() was not called");
-    int kind = PyLong_AsLong(args[0]);
-    if (kind == -1 && PyErr_Occurred()) return NULL;
-    if (!is_leaf_kind(kind)) return corrupt("a dict or set leaf was expected"), NULL;
+    int kind;
     Key k;
-    int ok = prepare_key(&k, args[2]);
-    if (ok <= 0) return ok < 0 ? NULL : PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2]));
     Py_buffer view;
     Bytes b;
-    if (open_bytes(args[1], &view, &b) < 0) return NULL;
+    if (open_search("leaf_slot", args, nargs, 0, &kind, &k, &view, &b) < 0) return NULL;
     PyObject *slot = leaf_slot_of(kind, &b, &k);
-    PyBuffer_Release(&view);
-    Py_XDECREF(k.ordered);
+    close_search(&k, &view);
     return slot;
 }
 
 /* branch_child(kind, payload, key) */
 static PyObject *branch_child(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "branch_child(kind, payload, key) takes 3 arguments");
-    if (unpack_function == NULL) return PyErr_Format(PyExc_RuntimeError, "cnode.configure() was not called");
-    int kind = PyLong_AsLong(args[0]);
-    if (kind == -1 && PyErr_Occurred()) return NULL;
-    if (!is_branch_kind(kind)) return corrupt("a dict or set branch was expected"), NULL;
+    int kind;
     Key k;
-    int ok = prepare_key(&k, args[2]);
-    if (ok <= 0) return ok < 0 ? NULL : PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2]));
     Py_buffer view;
     Bytes b;
-    if (open_bytes(args[1], &view, &b) < 0) return NULL;
+    if (open_search("branch_child", args, nargs, 1, &kind, &k, &view, &b) < 0) return NULL;
     uint64_t child = branch_child_of(&b, &k);
-    PyBuffer_Release(&view);
-    Py_XDECREF(k.ordered);
+    close_search(&k, &view);
     return child ? PyLong_FromUnsignedLongLong(child) : NULL;
 }
 
