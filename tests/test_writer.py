@@ -170,6 +170,32 @@ def test_an_index_follows_the_records_it_indexes(make):
     assert [(value, key) for _, value, key in entries] == [("Lyon", "alice")]
 
 
+def test_a_stored_number_is_never_taken_for_a_tree_pointer(make):
+    # An int in a slot is a number; only a Ref points at an atom. A client that
+    # stores the offset of another tree as a number, then writes below it, must
+    # be refused, not handed that tree (or garbage at any offset) as a container.
+    store = make(flat_dict_entries=2)
+    root = store.commit(0, (OP_SET, ("t",), {f"k{i}": i for i in range(40)}))
+    pointer = store.slot(root, "t").ptr
+    root = store.commit(root, (OP_SET, ("n",), pointer), (OP_SET, ("small",), {"m": pointer}))
+    below_a_number = [
+        (OP_SET, ("n", "x"), 1),
+        (OP_DELETE, ("n", "k1"), None),
+        (OP_LIST, ("n",), [[LIST_APPEND, 0, 1]]),
+        (OP_SET_ADD, ("n",), [1]),
+        (OP_CREATE_INDEX, ("n",), "city"),
+        (OP_SET, ("small", "m", "x"), 1),
+        (OP_SET, ("n", "x", "y"), 1),
+    ]
+    for code, path, argument in below_a_number:
+        with pytest.raises(PathError, match=r"^no container at .*: a key on the way holds a number, not a container$"):
+            store.writer.apply(root, code, path, argument)
+    merged = [(OP_SET, ("n", f"key{i}"), i) for i in range(40)]  # enough for a bulk merge
+    with pytest.raises(PathError, match=r"^no container at .*: a key on the way holds a number, not a container$"):
+        store.writer.apply_all(root, merged)
+    assert store.read(root)["n"] == pointer
+
+
 # -- the layout, from the Settings --------------------------------------------------------------
 
 

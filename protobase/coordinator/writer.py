@@ -224,16 +224,14 @@ class Writer:
         Read-only: nothing is copied, so a refusal leaves no trace. An indexed
         collection on the way keeps its records' index entries op by op.
         """
-        container = root
+        target = root
         try:
             for key in parent:
-                opened = self._open(container)
-                if type(opened) is IndexedColl:
+                if type(target) is IndexedColl:
                     return False
-                container = self._child(opened, key, parent)
+                target = self._container(self._child(target, key, parent), parent)
         except PathError:
             return False  # applied op by op, which raises the error naming the op
-        target = self._open(container)
         if type(target) is IndexedColl or type(target) is dict:
             return True
         return (type(target) is Node or type(target) is int) and self._leaf_kind(target) == DICT_LEAF
@@ -243,7 +241,7 @@ class Writer:
         if not parent:
             return change(container)
         key = parent[0]
-        child = self._child(container, key, parent)
+        child = self._container(self._child(container, key, parent), parent)
         return self._assign(container, key, self._apply_at(child, parent[1:], change), parent)
 
     def _merge_into(self, target: Any, batch: dict[Any, Any]) -> Any:
@@ -285,7 +283,7 @@ class Writer:
             return self._apply_indexed(container, path, code, argument)
         key = path[0]
         if len(path) > 1:
-            child = self._child(container, key, path)
+            child = self._container(self._child(container, key, path), path)
             return self._assign(container, key, self._apply_in(child, path[1:], code, argument), path)
         if code == OP_SET:
             return self._assign(container, key, argument, path)
@@ -293,7 +291,7 @@ class Writer:
             return self._delete(container, key, path)
         if code == OP_INCR:
             return self._assign(container, key, self._incremented(container, key, argument, path), path)
-        target = self._child(container, key, path)
+        target = self._container(self._child(container, key, path), path)
         if code == OP_LIST:
             target = self._list_ops(target, argument, path)
         elif code in (OP_CREATE_INDEX, OP_DROP_INDEX):
@@ -388,6 +386,17 @@ class Writer:
             kind, payload = self.store.atom(slot.ptr)
             return codec.decode(payload, frozen=False, opaque_dataclasses=True)
         return slot
+
+    def _container(self, slot: Any, path: KeyPath) -> Any:
+        """A stored slot opened to be descended into or changed; refused if it holds a number.
+
+        In working form an int is a tree's pointer, but in a slot it is a
+        number: opening one as a container would let a client graft any atom
+        (or read garbage at any offset) by storing its offset and writing below it.
+        """
+        if type(slot) is int:
+            raise PathError(f"no container at {path!r}: a key on the way holds a number, not a container")
+        return self._open(slot)
 
     def _child(self, container: Any, key: Any, path: KeyPath) -> Any:
         container = self._open(container)
