@@ -29,7 +29,18 @@ from protobase.core.store import Store
 from protobase.errors import EncodingError, ProtocolError
 from protobase.shm import new_instance_id, sweep
 from protobase.shm.control import ReaderSlot
-from protobase.wire.opcodes import LIST_APPEND, OP_CREATE_INDEX, OP_DELETE, OP_LIST, OP_SET
+from protobase.wire.opcodes import (
+    LIST_APPEND,
+    LIST_DELETE,
+    LIST_INSERT,
+    LIST_SET,
+    OP_CREATE_INDEX,
+    OP_DELETE,
+    OP_LIST,
+    OP_SET,
+    OP_SET_ADD,
+    OP_SET_DISCARD,
+)
 
 # -- parse_ops ------------------------------------------------------------------------------
 
@@ -65,9 +76,26 @@ def test_parse_ops_returns_the_ops_of_a_well_formed_commit():
         (
             codec.encode([[OP_LIST, ["l"], [[LIST_APPEND, 0]]]]),
             ProtocolError,
-            r"malformed request: a list operation is \[code, index, value\]",
+            r"malformed request: a list operation is \[code, index \(a 64-bit int; None to append\), value\]",
+        ),
+        (
+            codec.encode([[OP_LIST, ["l"], [[LIST_SET, "x", 1]]]]),
+            ProtocolError,
+            r"malformed request: a list operation is \[code, index",
+        ),
+        (
+            codec.encode([[OP_LIST, ["l"], [[LIST_INSERT, 10**30, 1]]]]),
+            ProtocolError,
+            r"malformed request: a list operation is \[code, index",
+        ),
+        (
+            codec.encode([[OP_LIST, ["l"], [[LIST_SET, None, 1]]]]),
+            ProtocolError,
+            r"malformed request: a list operation",
         ),
         (codec.encode([[OP_SET, ["a", [1]], 1]]), EncodingError, "cannot use a key of type list at"),
+        (codec.encode([[OP_SET_ADD, ["s"], [[1]]]]), EncodingError, r"cannot use a key of type list at root\['s'\]"),
+        (codec.encode([[OP_SET_DISCARD, ["s"], [float("nan")]]]), EncodingError, "cannot use NaN as a key"),
     ],
 )
 def test_parse_ops_refuses_what_no_client_of_ours_sends(ops, error, message):
@@ -265,6 +293,24 @@ def test_an_async_commit_behind_a_waiting_compaction_root_is_published_at_once(h
     harness.commits.replace_root(harness.commits.root)
     assert harness.commit("b", [OP_SET, ["k"], 2])[:2] == ["ok", 3]
     assert harness.control.published[-1] == (3, harness.commits.root)
+
+
+@pytest.mark.parametrize("length", [3, 300])  # one atom, and a tree
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [[OP_LIST, ["l"], [[LIST_SET, 5000, "x"]]]],  # a tree list wrapped it: l[5000 % 300] was overwritten
+        [[OP_LIST, ["l"], [[LIST_DELETE, -5000, None]]]],
+        [[OP_SET, ["l", 5000], "x"]],
+        [[OP_DELETE, ["l", "x"], None]],  # a small list raised TypeError inside the coordinator
+        [[OP_SET, ["l", "x"], 1]],
+    ],
+)
+def test_a_list_index_out_of_range_is_refused_and_changes_nothing(harness, length, ops):
+    harness.commit("a", [OP_SET, ["l"], list(range(length))])
+    reply = harness.commits.commit(_named("b"), harness.commits.seq, False, "async", codec.encode(ops), [])
+    assert reply[:2] == ["error", "PathError"] and "out of range" in reply[2]
+    assert list(harness.read("l")) == list(range(length))
 
 
 def test_a_conflict_names_the_path_and_both_seqs_and_applies_nothing(harness):

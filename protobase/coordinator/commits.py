@@ -85,6 +85,7 @@ _OP_ARGUMENT_TYPES: dict[int, tuple[type, ...]] = {  # {op code -> what its argu
     OP_INCR: (int, float),  # (not bool: see parse_ops)
 }
 _LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
+INDEX_LIMIT = 1 << 63  # a list index is a signed 64-bit int (a list holds far fewer entries)
 
 
 def parse_ops(ops_bytes: bytes) -> list[Op]:
@@ -115,13 +116,27 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
                 continue  # the usual keys, which check_key accepts as they are: a bulk commit has millions
             check_key(key, tuple(path))
         if code == OP_LIST and not all(
-            type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES for item in op[2]
+            type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES and _is_list_index(item[0], item[1])
+            for item in op[2]
         ):  # (op[2] is the argument: a list, checked above)
-            raise ProtocolError("malformed request: a list operation is [code, index, value]")
+            raise ProtocolError(
+                "malformed request: a list operation is [code, index (a 64-bit int; None to append), value]"
+            )
+        if code == OP_SET_ADD or code == OP_SET_DISCARD:
+            for element in argument:
+                kind = type(element)
+                if kind is not int and not (kind is str and element.isascii()):
+                    check_key(element, tuple(path))  # an element of a stored set is a key, as a dict's
         if code == OP_INCR and not _is_increment(argument):
             shown = repr(argument)[:40]  # (an int of any size decodes)
             raise ProtocolError(f"malformed request: an increment is a 64-bit int or a finite float, got {shown}")
     return ops
+
+
+def _is_list_index(code: int, index: Any) -> bool:
+    if index is None:
+        return code == LIST_APPEND  # (an append's index is not used)
+    return type(index) is int and -INDEX_LIMIT <= index < INDEX_LIMIT
 
 
 def _is_increment(n: Any) -> bool:
