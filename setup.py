@@ -22,5 +22,7 @@ setup(
         Extension("protobase.core.ccodec", ["protobase/core/ccodec.c"], optional=True, extra_compile_args=_FLAGS),
         # point searches in encoded tree nodes (btree/search.py); uses ccodec's unpack, so built alike
         Extension("protobase.core.cnode", ["protobase/core/cnode.c"], optional=True, extra_compile_args=_FLAGS),
+        # atoms framed into a segment (arena.write_atoms): the coordinator's appends of many records
+        Extension("protobase.core.carena", ["protobase/core/carena.c"], optional=True, extra_compile_args=_FLAGS),
     ],
 )

@@ -8,7 +8,8 @@ one inherits the environment, so they choose alike (and either choice writes
 the same bytes, so mixing them would be slower, never wrong).
 
 Invariant: a compiled module is used only if it imported, and a missing
-build is reported once, with how to get it, never silently.
+build is reported once per process (naming the first module missing), with
+how to get it, never silently.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ def load(name: str) -> ModuleType | None:
     try:
         module = importlib.import_module(name)
     except ImportError as error:
+        already_warned = False in _loaded.values()  # one build makes them all: its hint is said once
         _loaded[name] = False
+        if already_warned:
+            return None
         warnings.warn(
             f"ProtoBase's compiled core ({name}) is not built ({error}), so it runs on pure Python, several "
             f"times slower on writes and cold reads; {BUILD_HINT}",

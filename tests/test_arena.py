@@ -9,8 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from protobase.core.arena import FIRST_SEGMENT, VALUE, ArenaWriter, AtomReader, segment_of
+from protobase import native
+from protobase.core import arena as arena_module
+from protobase.core.arena import (
+    DICT_LEAF,
+    FIRST_SEGMENT,
+    INDEXED,
+    VALUE,
+    ArenaWriter,
+    AtomReader,
+    segment_of,
+    write_atoms,
+)
 from protobase.shm import instance_entries, new_instance_id, sweep
 
 ATOM = b"x" * ((64 << 10) - 4)  # the payload of a 64 KiB atom (its header is 4 bytes)
@@ -70,3 +83,64 @@ def test_an_abandoned_generation_is_unlinked_and_appending_resumes_where_it_was(
     assert arena.next_index > first_new  # segment numbers are never reused
     reader = AtomReader(arena.instance_id, writer=arena)
     assert all(bytes(reader.atom(ptr)[1]) == ATOM for ptr in kept)
+
+
+# -- write_atoms: the pure function and its compiled twin (carena.c) write the same bytes ------------
+
+carena = native.load("protobase.core.carena")
+needs_compiled = pytest.mark.skipif(carena is None, reason="the compiled core is not in use")
+_BASE = (7 << 40) + 0  # a pointer base, as for segment 7
+
+
+def _written(write, room: int, offset: int, kind: int, payloads: list[bytes]):
+    buf = bytearray(b"\xee" * room)  # not zeros: the padding must be written, not left
+    return write(memoryview(buf), offset, kind, payloads, _BASE), bytes(buf)
+
+
+@needs_compiled
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(max_size=70), max_size=40),
+    st.integers(0, 12),
+    st.sampled_from([VALUE, DICT_LEAF, INDEXED]),
+    st.integers(0, 3000),
+)
+def test_compiled_write_atoms_writes_the_bytes_and_pointers_of_the_oracle(payloads, offset, kind, room):
+    expected = _written(write_atoms, room, offset, kind, payloads)
+    assert _written(carena.write_atoms, room, offset, kind, payloads) == expected
+    result, buf = expected
+    if result is None:  # they did not fit: nothing was written
+        assert buf == b"\xee" * room
+    else:
+        pointers, end = result
+        reader_view = memoryview(buf)
+        for pointer, payload in zip(pointers, payloads):
+            at = pointer - _BASE
+            word = int.from_bytes(reader_view[at : at + 4], "little")
+            assert (word >> 28, word & ((1 << 28) - 1)) == (kind, len(payload))
+            assert reader_view[at + 4 : at + 4 + len(payload)] == payload
+        assert end == offset + sum((4 + len(payload) + 3) & ~3 for payload in payloads)
+
+
+@pytest.mark.parametrize("write", [write_atoms, getattr(carena, "write_atoms", None)], ids=["pure", "compiled"])
+def test_write_atoms_refuses_a_payload_that_is_not_bytes_and_writes_nothing(write):
+    if write is None:
+        pytest.skip("the compiled core is not in use")
+    buf = bytearray(64)
+    with pytest.raises(TypeError):
+        write(memoryview(buf), 0, VALUE, [b"ok", "text"], _BASE)
+    assert buf == bytearray(64)
+
+
+def test_append_many_places_atoms_where_append_would(arena):
+    payloads = [bytes([n]) * n for n in range(70)]
+    first = arena.append_many(VALUE, payloads[:35])
+    second = [arena.append(VALUE, payload) for payload in payloads[35:]]
+    reader = AtomReader(arena.instance_id, writer=arena)
+    try:
+        assert [bytes(reader.atom(pointer)[1]) for pointer in first + second] == payloads
+        assert all(b - a == (4 + len(p) + 3) & ~3 for a, b, p in zip(first, first[1:], payloads))
+        assert second[0] - first[-1] == (4 + 34 + 3) & ~3
+    finally:
+        reader.close()
+    assert arena_module._write_atoms is (write_atoms if carena is None else carena.write_atoms)

@@ -172,8 +172,9 @@ class Writer:
         """Count the atom at `ptr` as no longer used by the working root.
 
         A lower bound of the garbage: a dropped subtree counts only its root.
+        Read past the bytes cache: a retired atom is the last thing to keep there.
         """
-        self.discarded_bytes += atom_size(len(self.store.atom(ptr)[1]))
+        self.discarded_bytes += atom_size(len(self.store.reader.atom(ptr)[1]))
 
     # -- applying -------------------------------------------------------------
 
@@ -417,10 +418,7 @@ class Writer:
         return LEAF_OF[node.kind]
 
     def _index(self, tree: Node | int, index: Any, path: KeyPath) -> int:
-        length = self.access.count(tree, LIST_LEAF)
-        if type(index) is not int or not -length <= index < length:
-            raise PathError(f"list index {index!r} out of range at {path!r}")
-        return index % length if length else index
+        return _list_index(self.access.count(tree, LIST_LEAF), index, path)
 
     def _assign(self, container: Any, key: Any, value: Any, path: KeyPath) -> Any:
         container = self._open(container)
@@ -434,7 +432,7 @@ class Writer:
             container[key] = value
             return container
         elif isinstance(container, list):
-            container[key] = value
+            container[_list_index(len(container), key, path)] = value
             return container
         raise PathError(f"cannot set a key inside a {type(container).__name__} at {path!r}")
 
@@ -446,7 +444,10 @@ class Writer:
                 if kind == LIST_LEAF:
                     return self.access.delete_at(container, self._index(container, key, path))[0]
                 return self.access.remove(container, key, kind)[0]
-            if isinstance(container, (dict, list)):
+            if isinstance(container, list):
+                del container[_list_index(len(container), key, path)]
+                return container
+            if isinstance(container, dict):
                 del container[key]
                 return container
         except KeyError:
@@ -460,26 +461,26 @@ class Writer:
             raise PathError(f"list operation on a {type(target).__name__} at {path!r}")
         for code, index, value in ops:
             if is_tree:
-                target = self._tree_list_op(target, code, index, value)
+                target = self._tree_list_op(target, code, index, value, path)
             elif code == LIST_APPEND:
                 target.append(value)
             elif code == LIST_SET:
-                target[index] = value
+                target[_list_index(len(target), index, path)] = value
             elif code == LIST_INSERT:
-                target.insert(index, value)
+                target.insert(index, value)  # clamped to the ends, as list.insert does
             else:
-                del target[index]
+                del target[_list_index(len(target), index, path)]
         return target
 
-    def _tree_list_op(self, tree: Any, code: int, index: int, value: Any) -> Node:
+    def _tree_list_op(self, tree: Any, code: int, index: int, value: Any, path: KeyPath) -> Node:
         length = self.access.count(tree, LIST_LEAF)
         if code == LIST_APPEND:
             return self.access.insert_at(tree, length, value)
         if code == LIST_INSERT:
             return self.access.insert_at(tree, max(0, min(length, index if index >= 0 else length + index)), value)
         if code == LIST_SET:
-            return self.access.set_at(tree, index % length, value)
-        return self.access.delete_at(tree, index % length)[0]
+            return self.access.set_at(tree, _list_index(length, index, path), value)
+        return self.access.delete_at(tree, _list_index(length, index, path))[0]
 
     def _set_ops(self, target: Any, elements: list[Any], adding: bool, path: KeyPath) -> Any:
         target = self._open(target)
@@ -746,6 +747,13 @@ class Writer:
         if not nested:
             return Ref(self.arena.append(VALUE, bytes(payload)), VALUE)
         return Ref(self.arena.append(VALUE, codec.encode(_replace_refs(value, self._copy_slot))), VALUE)
+
+
+def _list_index(length: int, index: Any, path: KeyPath) -> int:
+    """`index` of a list of `length` as a position (a negative one counts from the end); PathError if out of range."""
+    if type(index) is not int or not -length <= index < length:
+        raise PathError(f"list index {index!r} out of range at {path!r}")
+    return index % length
 
 
 def _drained(steps: Generator[None, None, Any]) -> Any:

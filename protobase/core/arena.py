@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from protobase import native
 from protobase.errors import CorruptionError, EncodingError, ProtoBaseError
 from protobase.shm import names
 from protobase.shm.segment import Segment
@@ -49,6 +50,7 @@ __all__ = [
     "offset_of",
     "ArenaWriter",
     "AtomReader",
+    "write_atoms",
 ]
 
 VALUE, DICT_LEAF, DICT_BRANCH, SET_LEAF, SET_BRANCH, LIST_LEAF, LIST_BRANCH, INDEXED = range(1, 9)
@@ -75,6 +77,7 @@ MAX_SEGMENT = 256 << 20
 
 
 _PADDING = [bytes(n) for n in range(ALIGN)]  # the zeros that align an atom's end, by count
+WrittenAtoms = tuple[list[int], int]  # (their pointers, the offset after the last)
 
 
 def atom_size(payload_length: int) -> int:
@@ -93,6 +96,41 @@ def segment_of(ptr: int) -> int:
 
 def offset_of(ptr: int) -> int:
     return ptr & OFFSET_MASK
+
+
+def write_atoms(buf: memoryview, offset: int, kind: int, payloads: list[bytes], base: int) -> WrittenAtoms | None:
+    """Write `payloads` as atoms of `kind` into `buf` from `offset`, back to back: (pointers, end offset).
+
+    The pointer of the atom at offset o is `base + o`. None, with nothing
+    written, when they do not all fit before the end of `buf` or one exceeds
+    MAX_PAYLOAD. The padding is zeros, as in a fresh segment. (carena.c has
+    the compiled twin, which writes the same bytes.)
+    """
+    parts: list[bytes] = []
+    pointers: list[int] = []
+    end = offset
+    header, pack_header = kind << LENGTH_BITS, HEADER.pack
+    for payload in payloads:
+        length = len(payload)
+        if length > MAX_PAYLOAD:
+            return None
+        parts.append(pack_header(header | length))
+        parts.append(payload)
+        padding = -length & (ALIGN - 1)  # HEADER.size is a multiple of ALIGN
+        if padding:
+            parts.append(_PADDING[padding])
+        pointers.append(base + end)
+        end += HEADER.size + length + padding
+    if end > len(buf):
+        return None
+    buf[offset:end] = b"".join(parts)
+    return pointers, end
+
+
+_compiled = native.load("protobase.core.carena")
+_write_atoms: Callable[[memoryview, int, int, list[bytes], int], WrittenAtoms | None] = (
+    write_atoms if _compiled is None else _compiled.write_atoms
+)
 
 
 class ArenaWriter:
@@ -139,33 +177,18 @@ class ArenaWriter:
         """Write atoms of one kind back to back; return their AtomPointers, in order.
 
         The same atoms, at the same places, as `append` called for each; one
-        copy into the segment for all of them (a bulk load writes millions of
-        small records, and each `append` costs a dozen Python steps).
+        pass over them into the segment (a bulk load writes millions of small
+        records, and each `append` costs a dozen Python steps).
         """
         current = self.current
-        if current is None:
+        written = None
+        if current is not None:
+            written = _write_atoms(current.buf, self.used, kind, payloads, make_pointer(self.current_index, 0))
+        if written is None:  # a new segment on the way, or an error: `append` says which
             return [self.append(kind, payload) for payload in payloads]
-        parts: list[bytes] = []
-        pointers: list[int] = []
-        start = offset = self.used
-        base = make_pointer(self.current_index, 0)
-        header, pack_header = kind << LENGTH_BITS, HEADER.pack
-        largest = 0
-        for payload in payloads:
-            length = len(payload)
-            largest = max(largest, length)
-            parts.append(pack_header(header | length))
-            parts.append(payload)
-            padding = -length & (ALIGN - 1)  # HEADER.size is a multiple of ALIGN
-            if padding:
-                parts.append(_PADDING[padding])  # what `append` leaves there: a fresh segment's zeros
-            pointers.append(base + offset)
-            offset += HEADER.size + length + padding
-        if offset > current.size or largest > MAX_PAYLOAD:
-            return [self.append(kind, payload) for payload in payloads]  # a new segment on the way, or an error
-        current.buf[start:offset] = b"".join(parts)
-        self.used = offset
-        self.allocated_bytes += offset - start
+        pointers, end = written
+        self.allocated_bytes += end - self.used
+        self.used = end
         return pointers
 
     def start_generation(self, expected_bytes: int = 0) -> int:
