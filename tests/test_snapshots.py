@@ -379,6 +379,23 @@ def test_snapshot_open_across_a_compaction_still_reads(filled):
     db.check()
 
 
+def test_a_client_that_notices_a_compaction_unmaps_the_old_segments_and_keeps_its_decoded_objects(filled):
+    db = filled
+    store = db.session.store
+    with db.snapshot() as snap:
+        expected = thaw(snap.root)
+    cached = len(store.objects.data)
+    assert cached and len(store.bytes.data)
+    db.compact()
+    with db.snapshot() as snap:  # the first pin after it notices the compaction
+        oldest = db.session.control.oldest_segment
+        assert not store.bytes.data and all(index >= oldest for index in store.reader.buffers)
+        # The old atoms' objects age out instead of being freed at once, on this transaction's time.
+        assert len(store.objects.data) >= cached
+        assert thaw(snap.root) == expected
+    db.check()
+
+
 # -- what C-level and stdlib consumers see ---------------------------------------------------------
 
 CARTS = {f"u{i:03}": {"items": [f"sku{i}", f"sku{i + 1}"], "total": i} for i in range(100)}

@@ -166,6 +166,6 @@ class Store:
         self.objects.put(ptr, value)
 
     def clear(self) -> None:
-        """Empty both caches: a compaction unlinked the atoms their entries came from."""
+        """Empty both caches: their atoms are gone (an abandoned copy), or this store is (a closed session)."""
         self.objects.clear()
         self.bytes.clear()
