@@ -123,7 +123,7 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
                 "malformed request: a list operation is [code, index (a 64-bit int; None to append), value]"
             )
         if code == OP_SET_ADD or code == OP_SET_DISCARD:
-            for element in argument:
+            for element in op[2]:  # (a list, checked above)
                 kind = type(element)
                 if kind is not int and not (kind is str and element.isascii()):
                     check_key(element, tuple(path))  # an element of a stored set is a key, as a dict's
