@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -25,7 +26,7 @@ from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
 from protobase.shm.ring import SYNC, CommitRing
 from protobase.wire.framing import FrameReader
-from tests.conftest import open_test_db, wait_for_coordinator_exit, wait_until
+from tests.conftest import SPAWN, open_test_db, wait_for_coordinator_exit, wait_until
 
 
 def commit_counter(db, key: str, value: int, durability: str | None = None) -> None:
@@ -318,8 +319,10 @@ def test_a_commit_larger_than_the_commit_ring_goes_through_and_survives(datadir)
             assert len(snap.root["big"]) == 30_000 and snap.root["big"]["u29999"]["n"] == 29_999
 
 
-def _commit_sync_many(path: str, writer: int, commits: int) -> None:
+def _commit_sync_many(path: str, writer: int, commits: int, start: Any = None) -> None:
     with open_test_db(path) as db:
+        if start is not None:
+            start.wait(60)  # every writer is connected: their commits overlap, whatever spawning took
         for i in range(commits):
             commit_counter(db, f"w{writer}", i)
 
@@ -331,7 +334,8 @@ def test_concurrent_sync_commits_share_fsyncs(datadir, monkeypatch, spawn_proces
     writers, commits = 4, 15
     with open_test_db(datadir) as db:
         before = db.stats()
-        processes = [spawn_process(_commit_sync_many, datadir, writer, commits) for writer in range(writers)]
+        start = SPAWN.Barrier(writers)  # (without it, one writer could be done before the next had started)
+        processes = [spawn_process(_commit_sync_many, datadir, writer, commits, start) for writer in range(writers)]
         for process in processes:
             process.join(timeout=120)
             assert process.exitcode == 0
