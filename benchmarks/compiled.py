@@ -2,9 +2,10 @@
 
 Two parts, each a ratio of the two implementations measured in the same run:
 
-1. the functions the compiled core mirrors (codec.pack/unpack, frozen.freeze
-   and a client's value checks) on the shapes the engine handles: a dict leaf
-   of 64 Refs, an index leaf of 64 composite entries, 64 small records;
+1. the functions the compiled core mirrors (codec.pack/unpack, frozen.freeze,
+   a client's value checks and arena.write_atoms) on the shapes the engine
+   handles: a dict leaf of 64 Refs, an index leaf of 64 composite entries, 64
+   small records (and their atoms framed into a segment's buffer);
 2. end to end, in child processes started with and without
    PROTOBASE_PURE_PYTHON=1, interleaved: single-key commits from one client
    into a 100,000-key dict (`async` and `sync`), with the coordinator's and
@@ -59,12 +60,30 @@ def micro() -> None:
             lambda d=data: codec.unpack_python(d, False, None, False),
             lambda d=data: codec.unpack(d, False, None, False),
         )
+    frame_records(records)
     record = records["user1"]
     compare("freeze one record (write-through)", lambda: frozen.freeze_python(record), lambda: frozen.freeze(record))
     compare(
         "check one record (a client's assignment)",
         lambda: (codec.validate(record, ("users", "k")), check_keys(record, ("users", "k"))),  # the pure walks
         lambda: validate(record, ("users", "k")),
+    )
+
+
+def frame_records(records: dict[str, Any]) -> None:
+    """arena.write_atoms against carena.c: a leaf's 64 record atoms framed into a buffer."""
+    from protobase import native
+    from protobase.core import arena, codec
+
+    carena = native.load("protobase.core.carena")
+    if carena is None:
+        return
+    payloads = [codec.pack(record) for record in records.values()]
+    buf = memoryview(bytearray(64 << 10))
+    compare(
+        "frame 64 record atoms (append_many)",
+        lambda: arena.write_atoms(buf, 0, arena.VALUE, payloads, 1 << 40),
+        lambda: carena.write_atoms(buf, 0, arena.VALUE, payloads, 1 << 40),
     )
 
 
