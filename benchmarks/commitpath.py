@@ -54,7 +54,7 @@ class _Durability:
     def __init__(self) -> None:
         self.next_lsn = 1
 
-    def enqueue(self, payload: bytes, sync: bool) -> int:
+    def enqueue(self, payload: list[bytes], sync: bool) -> int:
         self.next_lsn += 1
         return self.next_lsn - 1
 

@@ -5,7 +5,8 @@ Two parts, each a ratio of the two implementations measured in the same run:
 1. the functions the compiled core mirrors (codec.pack/unpack, frozen.freeze,
    a client's value checks and arena.write_atoms) on the shapes the engine
    handles: a dict leaf of 64 Refs, an index leaf of 64 composite entries, 64
-   small records (and their atoms framed into a segment's buffer);
+   small records (a commit's, kept as their bytes, and their atoms framed
+   into a segment's buffer);
 2. end to end, in child processes started with and without
    PROTOBASE_PURE_PYTHON=1, interleaved: single-key commits from one client
    into a 100,000-key dict (`async` and `sync`), with the coordinator's and
@@ -60,6 +61,7 @@ def micro() -> None:
             lambda d=data: codec.unpack_python(d, False, None, False),
             lambda d=data: codec.unpack(d, False, None, False),
         )
+    keep_records(records)
     frame_records(records)
     record = records["user1"]
     compare("freeze one record (write-through)", lambda: frozen.freeze_python(record), lambda: frozen.freeze(record))
@@ -68,6 +70,22 @@ def micro() -> None:
         lambda: (codec.validate(record, ("users", "k")), check_keys(record, ("users", "k"))),  # the pure walks
         lambda: validate(record, ("users", "k")),
     )
+
+
+def keep_records(records: dict[str, Any]) -> None:
+    """decode_ops's records kept as their bytes (codec.Packed) against decoded: a SET of 64 plain records."""
+    from protobase.core import codec
+
+    plain = {key: {field: item for field, item in record.items() if field != "tags"} for key, record in records.items()}
+    data = codec.pack([[1, ["users"], plain]])
+    kept = codec.PlainRecords(64, 32, 16 << 10)  # the writer's, with the default Settings
+    compare(
+        "decode a SET of 64 records, kept as bytes",
+        lambda: codec.unpack_python(data, False, None, False, kept),
+        lambda: codec.unpack(data, False, None, False, kept),
+    )
+    decoded, as_bytes = (per_call(lambda r=r: codec.unpack(data, False, None, False, r)) for r in (None, kept))
+    print(f"{'  compiled: decoded / kept as bytes':44s} {decoded:9.2f} {as_bytes:12.2f} {decoded / as_bytes:8.1f}x")
 
 
 def frame_records(records: dict[str, Any]) -> None:

@@ -87,6 +87,8 @@ def typed(value: Any) -> Any:
         return (float, "nan")
     if isinstance(value, codec.Ref):
         return (codec.Ref, value.ptr, value.kind)
+    if isinstance(value, codec.Packed):
+        return (codec.Packed, value.payload)
     return (type(value), value)
 
 
@@ -286,3 +288,84 @@ def test_compiled_freeze_copies_deeply_and_hands_dataclasses_to_python() -> None
     assert type(frozen) is FrozenDict and type(frozen["a"]) is FrozenList and type(frozen["a"][1]["b"]) is FrozenSet
     assert frozen["a"][1]["b"] == {2} and list(frozen["p"].y) == [2]
     assert frozen == frozen_module.freeze_python({"a": [1, {"b": {2}}], "p": Point(1, [2])})
+
+
+# -- plain records kept as their bytes (unpack's `records`, for the coordinator's decode_ops) ------
+
+record_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 64), max_value=1 << 65),
+    st.sampled_from([127, 128, 255, 256, 65535, 65536, -32, -33, -128, -129, -32768, -32769, (1 << 32) - 1, 1 << 32]),
+    st.floats(),
+    st.text(max_size=40),
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=40),
+    st.binary(max_size=40),
+    st.lists(st.integers(), max_size=2),
+)
+records = st.dictionaries(st.text(max_size=6), record_values, max_size=8) | st.dictionaries(
+    st.text(alphabet="abcdefgh", min_size=1, max_size=3), st.integers(), min_size=60, max_size=70
+)
+commits = st.lists(
+    st.tuples(
+        st.just(1), st.lists(st.text(max_size=4), max_size=2), records | st.dictionaries(st.text(max_size=8), records)
+    ).map(list),
+    min_size=1,
+    max_size=4,
+)
+limits = st.builds(
+    codec.PlainRecords,
+    st.integers(min_value=0, max_value=80),
+    st.integers(min_value=0, max_value=40),
+    st.integers(min_value=0, max_value=400),
+)
+
+
+def unpacked(value: Any) -> Any:
+    """`value` with every Packed decoded, checking on the way that its payload is what pack writes for it."""
+    if type(value) is codec.Packed:
+        record = codec.unpack_python(value.payload, False, None, False)
+        assert type(record) is dict and codec.pack_python(record) == value.payload
+        return record
+    if type(value) is dict:
+        return {key: unpacked(item) for key, item in value.items()}
+    if type(value) is list:
+        return [unpacked(item) for item in value]
+    return value
+
+
+@needs_compiled
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commits, limits)
+def test_compiled_unpack_keeps_the_records_the_oracle_keeps(ops: Any, records: codec.PlainRecords) -> None:
+    data = codec.pack_python(ops)
+    expected = codec.unpack_python(data, False, None, False, records)
+    assert typed(codec.unpack(data, False, None, False, records)) == typed(expected)
+    assert typed(unpacked(expected)) == typed(codec.unpack_python(data, False, None, False))
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (b"\x81\xa1a\xcc\x05", "5 as a uint 8"),
+        (b"\x81\xa1a\xd0\x05", "5 as an int 8"),
+        (b"\x81\xa1a\xd1\xff\x80", "-128 as an int 16"),
+        (b"\x81\xa1a\xca\x3f\x80\x00\x00", "a float 32"),
+        (b"\x81\xa1a\xd9\x01x", "a short text as a str 8"),
+        (b"\x81\xd9\x01a\x01", "a short key as a str 8"),
+        (b"\xde\x00\x01\xa1a\x01", "one entry in a map 16"),
+        (b"\x82\xa1a\x01\xa1a\x02", "a key twice"),
+        (b"\x81\xa1a\xa2\xc3\xa9", "text that is not ASCII"),
+        (b"\x81\x01\x01", "a key that is not text"),
+        (b"\x81\xa1a\x91\x01", "an array inside"),
+    ],
+)
+def test_a_record_is_kept_as_its_bytes_only_if_they_are_what_pack_writes(record: bytes, why: str) -> None:
+    # Not canonical, or not plain: the compiled core decodes it (the oracle packs what it decoded),
+    # so a Packed's bytes are always those of the dict it stands for, whoever made them.
+    data = b"\x91\x93\x01\x90" + record  # [[1, [], record]]
+    records = codec.PlainRecords(64, 32, 16 << 10)
+    value = codec.decode(data, frozen=False, records=records)
+    assert type(value[0][2]) is dict, why
+    assert unpacked(codec.unpack_python(data, False, None, False, records)) == value

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from protobase.coordinator.clients import Asker
-from protobase.coordinator.commits import Commits, GroupFailed, parse_ops
+from protobase.coordinator.commits import Commits, GroupFailed, parse_ops, wal_record
 from protobase.coordinator.durability import DurabilityFailed
 from protobase.coordinator.writer import Writer
 from protobase.core import codec
@@ -53,6 +53,20 @@ def test_parse_ops_returns_the_ops_of_a_well_formed_commit():
         [OP_CREATE_INDEX, ["users"], ("city", "score")],
     ]
     assert parse_ops(codec.encode(ops)) == ops
+    # With the writer's record limits the small plain record comes back as its bytes, nothing else changes.
+    with_records = parse_ops(codec.encode(ops), RECORDS)
+    assert with_records[0][2] == codec.Packed(codec.pack({"x": 1}))
+    assert with_records[1:] == ops[1:]
+
+
+@pytest.mark.parametrize("seq", [0, 127, 128, 1 << 40])
+@pytest.mark.parametrize("size", [0, 255, 256, 65535, 65536])
+def test_a_wal_record_given_as_parts_is_the_encoding_of_seq_and_ops(seq, size):
+    ops_bytes = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert b"".join(wal_record(seq, ops_bytes)) == codec.encode([seq, ops_bytes])
+
+
+RECORDS = codec.PlainRecords(entries=64, text=32, size=16 << 10)  # the writer's, with the default Settings
 
 
 @pytest.mark.parametrize(
@@ -96,11 +110,20 @@ def test_parse_ops_returns_the_ops_of_a_well_formed_commit():
         (codec.encode([[OP_SET, ["a", [1]], 1]]), EncodingError, "cannot use a key of type list at"),
         (codec.encode([[OP_SET_ADD, ["s"], [[1]]]]), EncodingError, r"cannot use a key of type list at root\['s'\]"),
         (codec.encode([[OP_SET_DISCARD, ["s"], [float("nan")]]]), EncodingError, "cannot use NaN as a key"),
+        # A small dict where no dict belongs: named a dict though it is kept as its bytes (a Packed).
+        (codec.encode([[OP_SET, ["a", {"k": 1}], 1]]), EncodingError, "cannot use a key of type dict at"),
+        (codec.encode([[OP_SET_ADD, ["s"], [{"k": 1}]]]), EncodingError, "cannot use a key of type dict at"),
+        (
+            codec.encode([[OP_DELETE, ["a"], {"k": 1}]]),
+            ProtocolError,
+            f"malformed request: op code {OP_DELETE} with an argument of type dict is not an operation",
+        ),
     ],
 )
 def test_parse_ops_refuses_what_no_client_of_ours_sends(ops, error, message):
-    with pytest.raises(error, match=f"^{message}"):
-        parse_ops(ops)
+    for records in (None, RECORDS):
+        with pytest.raises(error, match=f"^{message}"):
+            parse_ops(ops, records)
 
 
 # -- the commit sequence ----------------------------------------------------------------------
@@ -133,8 +156,8 @@ class Durability:
         self.durable_lsn = 0
         self.enqueued: list[tuple[int, list[Any], bool]] = []
 
-    def enqueue(self, payload: bytes, sync: bool) -> int:
-        self.enqueued.append((self.next_lsn, codec.decode(payload, frozen=False), sync))
+    def enqueue(self, payload: list[bytes], sync: bool) -> int:
+        self.enqueued.append((self.next_lsn, codec.decode(b"".join(payload), frozen=False), sync))
         self.next_lsn += 1
         return self.next_lsn - 1
 

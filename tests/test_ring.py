@@ -19,7 +19,7 @@ def ring_name():
     names.sweep(instance)
 
 
-def test_random_records_arrive_whole_and_in_order_even_larger_than_the_ring(ring_name):
+def test_random_records_arrive_whole_and_in_order_even_larger_than_the_ring_and_given_as_parts(ring_name):
     rng = random.Random(7)
     producer = CommitRing.create(ring_name, 8192)
     consumer = CommitRing.attach(ring_name)
@@ -34,7 +34,12 @@ def test_random_records_arrive_whole_and_in_order_even_larger_than_the_ring(ring
         for lsn in range(1, 400):
             size = rng.choice([0, 10, 500, 3000, 20_000])  # 20 kB: more than twice the ring
             record = (lsn, rng.choice([0, SYNC, CONTROL]), os.urandom(size))
-            producer.append(*record, wait=drain)  # a full ring waits for the consumer
+            if rng.random() < 0.5:  # as parts (a WAL record: its header, then the ops), some empty
+                cuts = sorted(rng.randrange(size + 1) for _ in range(rng.randrange(4)))
+                parts = [record[2][start:end] for start, end in zip([0, *cuts], [*cuts, size])]
+                producer.append(record[0], record[1], parts, wait=drain)
+            else:
+                producer.append(*record, wait=drain)  # a full ring waits for the consumer
             sent.append(record)
             if rng.random() < 0.3:
                 drain(rng.randrange(1, 20_000))

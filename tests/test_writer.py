@@ -32,6 +32,7 @@ from protobase.wire.opcodes import (
     LIST_SET,
     OP_CREATE_INDEX,
     OP_DELETE,
+    OP_INCR,
     OP_LIST,
     OP_SET,
     OP_SET_ADD,
@@ -277,6 +278,59 @@ def test_copy_root_copies_everything_reachable_into_the_new_generation(make):
 
 
 # -- decode_ops ----------------------------------------------------------------------------------
+
+
+def _packed_in(value: Any) -> int:
+    """How many Packed records `value` holds, at any depth."""
+    if type(value) is codec.Packed:
+        return 1
+    if isinstance(value, dict):
+        return sum(_packed_in(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_packed_in(item) for item in value)
+    return 0
+
+
+def test_records_kept_as_their_bytes_are_stored_byte_for_byte_as_their_dicts_would_be(make):
+    # decode_ops with the writer's `records` keeps small plain records as Packed, and the writer
+    # stores their bytes as they are. Every way of using a record in the commit that set it (a
+    # write below it, an increment, an index, a merge, a list) must give the atoms the dicts give.
+    users = {f"u{i:04d}": {"id": i, "name": f"user{i}", "score": i % 7, "ok": i % 2 == 0} for i in range(300)}
+    users["u0001"] = {"id": 1, "tags": ["a", "b"]}  # not plain: a list inside
+    users["u0002"] = {"id": 2, "bio": "x" * 200}  # not plain: text over inline_bytes
+    users["u0003"] = {"id": 3, "name": "Zoë"}  # not plain: not ASCII
+    ops = [
+        [OP_SET, ["users"], users],
+        [OP_SET, ["cfg"], {"a": 1, "b": 2.5, "c": None}],
+        [OP_SET, ["users", "u0004", "name"], "renamed"],
+        [OP_INCR, ["users", "u0005", "score"], 10],
+        [OP_CREATE_INDEX, ["users"], "score"],
+        *([OP_SET, ["users", f"n{i:02d}"], {"id": i, "score": 3}] for i in range(20)),
+        [OP_SET, ["log"], [{"at": 1}, {"at": 2}]],
+        [OP_LIST, ["log"], [[LIST_APPEND, None, {"at": 3}]]],
+        [OP_SET, ["nested"], {"inner": {"x": 1}, "list": [1]}],
+    ]
+    encoded = codec.encode(ops)
+    fixtures = []
+    for keep_records in (False, True):
+        store = make()
+        decoded = decode_ops(encoded, store.writer.records if keep_records else None)
+        assert (_packed_in(decoded) > 300) is keep_records  # the test exercises what it says
+        root = store.writer.apply_all(0, [(code, tuple(path), argument) for code, path, argument in decoded])
+        fixtures.append((store, store.writer.flush(root)))
+    (plain, plain_root), (packed, packed_root) = fixtures
+    assert packed_root == plain_root and packed.arena.used == plain.arena.used
+    assert bytes(packed.arena.current.buf[: packed.arena.used]) == bytes(plain.arena.current.buf[: plain.arena.used])
+    read = packed.read(packed_root)
+    assert read["users"]["u0004"] == {"id": 4, "name": "renamed", "score": 4, "ok": True}
+    assert read["users"]["u0005"]["score"] == 15 and read["users"]["n07"] == {"id": 7, "score": 3}
+    assert read["log"] == [{"at": 1}, {"at": 2}, {"at": 3}] and read["nested"] == {"inner": {"x": 1}, "list": [1]}
+    slot = packed.slot(packed_root, "users")
+    indexes = codec.decode(packed.writer.store.atom(slot.ptr)[1], frozen=False)["indexes"]
+    entries = list(packed.writer.access.keys(indexes["score"], SET_LEAF))
+    assert sum(1 for _, score, _ in entries if score == 3) == 20 + sum(
+        1 for key, user in read["users"].items() if user.get("score") == 3 and not key.startswith("n")
+    )
 
 
 def test_decode_ops_returns_plain_data_and_refuses_references_and_garbage():

@@ -43,6 +43,7 @@ from protobase.coordinator.conflicts import KeyPath, Reservations, VersionTable,
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.coordinator.writer import WRITE_THROUGH_AT_MOST, Writer, decode_ops
 from protobase.core import codec
+from protobase.core.codec import Packed, PlainRecords
 from protobase.errors import CoordinatorError, CorruptionError, PathError, ProtoBaseError, ProtocolError
 from protobase.keyorder import check_key
 from protobase.shm.control import ControlBlock
@@ -63,7 +64,7 @@ from protobase.wire.opcodes import (
     OP_SET_DISCARD,
 )
 
-__all__ = ["Commits", "GroupFailed", "Pending", "Request", "parse_ops", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
+__all__ = ["Commits", "GroupFailed", "Pending", "Request", "parse_ops", "wal_record", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
 
 log = logging.getLogger("protobase.coordinator")
 
@@ -88,15 +89,15 @@ _LIST_OP_CODES = (LIST_APPEND, LIST_SET, LIST_INSERT, LIST_DELETE)
 INDEX_LIMIT = 1 << 63  # a list index is a signed 64-bit int (a list holds far fewer entries)
 
 
-def parse_ops(ops_bytes: bytes) -> list[Op]:
+def parse_ops(ops_bytes: bytes, records: PlainRecords | None = None) -> list[Op]:
     """A commit's ops, decoded, each checked to be [known code, key path, argument of that code's type].
 
     Raises ProtocolError (nothing applied) for ops no client of ours sends,
     EncodingError for a key no stored dict may have and for an internal
-    reference (see `decode_ops`).
+    reference (see `decode_ops`, which keeps the plain `records` as Packed).
     """
     try:
-        ops = decode_ops(ops_bytes)
+        ops = decode_ops(ops_bytes, records)
     except CorruptionError as error:
         raise ProtocolError(f"malformed request: the commit's ops cannot be decoded ({error})") from None
     if type(ops) is not list or not ops:
@@ -107,14 +108,13 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
         code, path, argument = op
         if code not in _OP_ARGUMENT_TYPES or not isinstance(argument, _OP_ARGUMENT_TYPES[code]):
             raise ProtocolError(
-                f"malformed request: op code {code} with an argument of type "
-                f"{type(argument).__name__} is not an operation"
+                f"malformed request: op code {code} with an argument of type {_type_name(argument)} is not an operation"
             )
         for key in path:
             kind = type(key)
             if kind is int or (kind is str and key.isascii()):
                 continue  # the usual keys, which check_key accepts as they are: a bulk commit has millions
-            check_key(key, tuple(path))
+            check_key(_unpacked(key), tuple(path))
         if code == OP_LIST and not all(
             type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES and _is_list_index(item[0], item[1])
             for item in op[2]
@@ -126,11 +126,25 @@ def parse_ops(ops_bytes: bytes) -> list[Op]:
             for element in op[2]:  # (a list, checked above)
                 kind = type(element)
                 if kind is not int and not (kind is str and element.isascii()):
-                    check_key(element, tuple(path))  # an element of a stored set is a key, as a dict's
+                    check_key(_unpacked(element), tuple(path))  # an element of a stored set is a key, as a dict's
         if code == OP_INCR and not _is_increment(argument):
             shown = repr(argument)[:40]  # (an int of any size decodes)
             raise ProtocolError(f"malformed request: an increment is a 64-bit int or a finite float, got {shown}")
     return ops
+
+
+def wal_record(seq: int, ops_bytes: bytes) -> list[bytes]:
+    """The WAL payload of commit `seq`, `encode([seq, ops_bytes])`, as parts: the ops are not copied into it."""
+    return [codec.array_header(2) + codec.pack(seq) + codec.bin_header(len(ops_bytes)), ops_bytes]
+
+
+def _unpacked(value: Any) -> Any:
+    """A Packed as the dict it stands for, so an error names what the client sent."""
+    return codec.decode(value.payload, frozen=False) if type(value) is Packed else value
+
+
+def _type_name(value: Any) -> str:
+    return type(_unpacked(value)).__name__
 
 
 def _is_list_index(code: int, index: Any) -> bool:
@@ -310,7 +324,7 @@ class Commits:
                 f"the latest commit is seq {self.seq}; a transaction is based on the seq of the "
                 f"snapshot it read"
             )
-        ops = parse_ops(ops_bytes)
+        ops = parse_ops(ops_bytes, self.writer.records)
         paths = [tuple(op[1]) for op in ops]
         checked = validated_paths(ops, paths)  # an increment's path is not validated (it commutes)
         if serializable:
@@ -349,7 +363,7 @@ class Commits:
         """
         working: Any = self.root
         for applied in group.applied:
-            applied.ops = parse_ops(applied.ops_bytes)
+            applied.ops = parse_ops(applied.ops_bytes, self.writer.records)
             working = self._apply_ops(working, applied.ops, applied.paths)
         return working
 
@@ -366,7 +380,7 @@ class Commits:
             lsn = 0
             for applied in group.applied:
                 self.versions.record(applied.seq, applied.paths)
-                lsn = self.durability.enqueue(codec.encode([applied.seq, applied.ops_bytes]), sync=applied.sync)
+                lsn = self.durability.enqueue(wal_record(applied.seq, applied.ops_bytes), sync=applied.sync)
         except DurabilityFailed as error:  # none of them is acknowledged: see `fail`
             for index in slots:
                 replies[index] = self.failure_reply()
@@ -424,7 +438,7 @@ class Commits:
             path = paths[index]
             changed_later = path in later
             later.update(path[:end] for end in range(1, len(path) + 1))
-            if changed_later or code != OP_SET or not isinstance(argument, (dict, list, set, tuple)):
+            if changed_later or code != OP_SET or not isinstance(argument, (dict, list, set, tuple, Packed)):
                 continue
             ptr = self.writer.flat_pointer(argument)
             if ptr:

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from protobase.core import codec
@@ -182,8 +182,8 @@ class Durability:
 
     # -- producing --------------------------------------------------------------
 
-    def enqueue(self, payload: bytes, sync: bool) -> int:
-        """Hand one commit's WAL payload to the persistence process; return its LSN.
+    def enqueue(self, payload: bytes | Sequence[bytes], sync: bool) -> int:
+        """Hand one commit's WAL payload (or its parts, see Ring.append) to the persistence process; return its LSN.
 
         Raises DurabilityFailed once the WAL failed, which the persistence
         process flags in the control segment the moment it happens: an
@@ -195,7 +195,7 @@ class Durability:
         lsn = self.next_lsn
         self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
         self.next_lsn += 1
-        self.wal_bytes += len(payload)
+        self.wal_bytes += len(payload) if isinstance(payload, bytes) else sum(len(part) for part in payload)
         if sync or self._persistence_may_sleep(lsn) or self.ring.head - self.ring.tail > self.ring.capacity // 2:
             self.doorbell()
         return lsn

@@ -204,9 +204,8 @@ class Reclamation:
         replayed = 0
         root: Any = running.copy
         while replayed < len(made) and (replayed < at_least or time.monotonic() < deadline):
-            root = self.writer.apply_all(
-                root, [(code, tuple(path), argument) for code, path, argument in parse_ops(made[replayed])]
-            )
+            ops = parse_ops(made[replayed], self.writer.records)
+            root = self.writer.apply_all(root, [(code, tuple(path), argument) for code, path, argument in ops])
             replayed += 1
         if replayed:
             running.copy = self.writer.flush(root)

@@ -50,7 +50,7 @@ from protobase.core.btree import (
     merge_entries,
     sorted_keys,
 )
-from protobase.core.codec import Ref
+from protobase.core.codec import Packed, PlainRecords, Ref
 from protobase.core.index import IndexedColl, collect_entries, index_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
@@ -94,8 +94,12 @@ class _ReferenceFromClient(Exception):
     """Raised inside decoding when a client's bytes hold a Ref; `decode_ops` turns it into EncodingError."""
 
 
-def decode_ops(ops_bytes: bytes) -> object:
+def decode_ops(ops_bytes: bytes, records: PlainRecords | None = None) -> object:
     """A commit's operations as a client sent them, [[code, path, argument], ...]: data only, of any shape.
+
+    With `records` (a Writer's `records`), the small plain records in them
+    come back as codec.Packed, their bytes, which the writer stores as they
+    are: a bulk load's records are never decoded.
 
     The coordinator stores what comes back, so a Ref in it would be a pointer
     the coordinator never wrote: dangling after a compaction, or into any
@@ -107,7 +111,9 @@ def decode_ops(ops_bytes: bytes) -> object:
     """
     try:
         # One pass: every dataclass payload met is checked by _check_dataclass as it is decoded.
-        ops = codec.decode(ops_bytes, frozen=False, opaque_dataclasses=_check_dataclass, ref=_refuse_reference)
+        ops = codec.decode(
+            ops_bytes, frozen=False, opaque_dataclasses=_check_dataclass, ref=_refuse_reference, records=records
+        )
     except _ReferenceFromClient:
         raise EncodingError(
             f"commit refused, nothing was applied: a value in it holds an internal reference (msgpack extension "
@@ -161,6 +167,9 @@ class Writer:
             settings.flat_set_entries,
             2 * settings.flat_dict_entries + 1,
         )
+        # The records decode_ops may keep as their bytes: exactly those `write_value` stores as one
+        # atom holding what `pack` gives (see _plain_record).
+        self.records = PlainRecords(settings.flat_dict_entries, settings.inline_bytes, settings.flat_max_bytes)
         self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
         # Encodings of index entries, which every copy of their node repeats; the compiled packer
@@ -308,7 +317,7 @@ class Writer:
         except PathError:
             current = 0  # missing (if the container cannot hold `key`, assigning it says so)
         if type(current) is not int and type(current) is not float:
-            shown = "a container" if type(current) in (Ref, Node, IndexedColl) else f"{type(current).__name__}"
+            shown = "a container" if type(current) in (Ref, Node, IndexedColl, Packed) else f"{type(current).__name__}"
             raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
         return current + n
 
@@ -348,6 +357,8 @@ class Writer:
             return _TreeReader(self, slot)
         if kind is IndexedColl:
             return _TreeReader(self, slot.data)
+        if kind is Packed:
+            return _unpacked(slot)
         return slot
 
     def _index_op(self, target: Any, create: bool, field: IndexName, path: KeyPath) -> Any:
@@ -386,6 +397,8 @@ class Writer:
                 return _decode_indexed(payload)
             kind, payload = self.store.atom(slot.ptr)
             return codec.decode(payload, frozen=False, opaque_dataclasses=True)
+        if type(slot) is Packed:
+            return _unpacked(slot)  # a record of this commit, written into
         return slot
 
     def _container(self, slot: Any, path: KeyPath) -> Any:
@@ -518,9 +531,10 @@ class Writer:
     def _write_leaf(self, values: list[Any]) -> list[Any]:
         """A leaf's values in their stored form: `write_value` of each, small records in one copy.
 
-        A bulk load's leaves hold 64 new records each; encoding each in one call
-        and appending their atoms together (`ArenaWriter.append_many`) saves
-        most of the per-record cost. The loop inlines `_flat_record`'s test.
+        A bulk load's leaves hold 64 new records each, kept as their bytes by
+        decode_ops (Packed); appending their atoms together
+        (`ArenaWriter.append_many`) saves most of the per-record cost. The loop
+        inlines `_flat_record`'s test for the records that were decoded.
         """
         stored = values[:]
         flat: list[int] = []  # positions of the small records
@@ -528,18 +542,21 @@ class Writer:
         dict_limit, surely_flat_bytes, pack = self.flat_limit[dict], self.surely_flat_bytes, codec.pack
         for position, value in enumerate(values):
             kind = type(value)
-            if kind is dict:
-                if len(value) <= dict_limit:
-                    try:
-                        payload = pack(value)
-                    except _PACK_ERRORS:  # a working tree inside, or a value the general path names
-                        payload = b""
-                    if payload and (len(payload) <= surely_flat_bytes or self._plain_record(value, payload)):
-                        flat.append(position)
-                        payloads.append(payload)
-                        continue
-            elif kind in _STORED_AS_IS:
+            if kind is Packed:  # a bulk load's records, as the client sent them
+                flat.append(position)
+                payloads.append(value.payload)
                 continue
+            if kind in _STORED_AS_IS:  # the untouched entries of a copied leaf
+                continue
+            if kind is dict and len(value) <= dict_limit:
+                try:
+                    payload = pack(value)
+                except _PACK_ERRORS:  # a working tree inside, or a value the general path names
+                    payload = b""
+                if payload and (len(payload) <= surely_flat_bytes or self._plain_record(value, payload)):
+                    flat.append(position)
+                    payloads.append(payload)
+                    continue
             stored[position] = self.write_value(value)
         if payloads:
             written = self.flat_written
@@ -570,8 +587,8 @@ class Writer:
         kind = type(value)
         if kind in _STORED_AS_IS:
             return value
-        if kind is dict and len(value) <= self.flat_limit[dict]:
-            payload = self._flat_record(value)
+        if kind is Packed or (kind is dict and len(value) <= self.flat_limit[dict]):
+            payload = value.payload if kind is Packed else self._flat_record(value)
             if payload is not None:
                 ptr = self.arena.append(VALUE, payload)
                 if len(self.flat_written) < WRITE_THROUGH_AT_MOST:
@@ -763,6 +780,12 @@ def _drained(steps: Generator[None, None, Any]) -> Any:
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def _unpacked(record: Packed) -> dict[Any, Any]:
+    """The dict a Packed record stands for, to change or read (a fresh copy each time)."""
+    value: dict[Any, Any] = codec.decode(record.payload, frozen=False)
+    return value
 
 
 def _replace_refs(value: Any, copy: Any) -> Any:

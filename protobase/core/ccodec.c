@@ -5,8 +5,9 @@
  * time in:
  *
  *     pack(value) -> bytes                            codec.pack_python
- *     unpack(data, frozen, ref, opaque) -> value      codec.unpack_python
+ *     unpack(data, frozen, ref, opaque[, records])    codec.unpack_python
  *     Ref(ptr, kind)                                  codec.Ref
+ *     Packed(payload)                                 codec.Packed
  *     freeze(value)                                   frozen.freeze_python
  *     storable(value, depth) -> bool                  the fast path of codec.validate and
  *                                                     client/writeset.check_keys (False: ask them)
@@ -20,7 +21,10 @@
  * Invariant: for every value, pack() returns byte for byte what
  * codec.pack_python() returns (msgpack with use_bin_type and strict_types,
  * plus ProtoBase's extension types), and unpack() returns what
- * codec.unpack_python() returns for every byte string pack_python produced.
+ * codec.unpack_python() returns for every byte string pack_python produced
+ * (with `records`: a Packed of exactly the bytes a plain record's map took,
+ * where the Python twin packs the dict it decoded; `records` keeps a map as
+ * its bytes only if they are canonical, so both give the same Packed).
  * Types this module does not encode itself (datetime, Decimal, UUID,
  * dataclasses, ints beyond 64 bits, transaction wrappers) are handed to the
  * Python `default` given to configure(), and extension codes it does not
@@ -136,6 +140,64 @@ static PyTypeObject RefType = {
     .tp_repr = (reprfunc)ref_repr,
     .tp_members = ref_members,
     .tp_methods = ref_methods,
+};
+
+/* ---- Packed: a small plain record kept as its encoding (codec.Packed, compiled) ----------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *payload; /* bytes: what pack() gives for the dict it stands for */
+} PackedObject;
+
+static PyTypeObject PackedType;
+
+static PyObject *packed_new_from(const unsigned char *bytes, Py_ssize_t n) {
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)bytes, n);
+    if (payload == NULL) return NULL;
+    PackedObject *self = PyObject_New(PackedObject, &PackedType);
+    if (self == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    self->payload = payload;
+    return (PyObject *)self;
+}
+
+static PyObject *packed_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"payload", NULL};
+    PyObject *payload;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "S:Packed", keywords, &payload)) return NULL;
+    return packed_new_from((const unsigned char *)PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload));
+}
+
+static void packed_dealloc(PackedObject *self) {
+    Py_DECREF(self->payload);
+    PyObject_Free(self);
+}
+
+static PyObject *packed_richcompare(PyObject *a, PyObject *b, int op) {
+    if ((op != Py_EQ && op != Py_NE) || !PyObject_TypeCheck(b, &PackedType)) Py_RETURN_NOTIMPLEMENTED;
+    return PyObject_RichCompare(((PackedObject *)a)->payload, ((PackedObject *)b)->payload, op);
+}
+
+static PyObject *packed_repr(PackedObject *self) { return PyUnicode_FromFormat("Packed(%R)", self->payload); }
+
+static PyMemberDef packed_members[] = {
+    {"payload", T_OBJECT_EX, offsetof(PackedObject, payload), READONLY, "the record's encoding"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject PackedType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "protobase.core.ccodec.Packed",
+    .tp_doc = "A small plain record kept as its encoding: the coordinator's working form of it.",
+    .tp_basicsize = sizeof(PackedObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = packed_new,
+    .tp_dealloc = (destructor)packed_dealloc,
+    .tp_richcompare = packed_richcompare,
+    .tp_hash = PyObject_HashNotImplemented, /* like the dict it stands for */
+    .tp_repr = (reprfunc)packed_repr,
+    .tp_members = packed_members,
 };
 
 /* ---- the output buffer ------------------------------------------------------------------ */
@@ -468,6 +530,8 @@ typedef struct {
     int frozen;
     PyObject *ref;      /* ref(ptr, kind) builds what a Ref decodes to; None: a codec.Ref */
     PyObject *frozen_arg, *opaque; /* unpack's arguments, handed back to rare_hook with the rare extensions */
+    int records;                   /* keep plain records as Packed (codec.PlainRecords): then the limits */
+    Py_ssize_t record_entries, record_text, record_size;
 } Reader;
 
 static int truncated(void) {
@@ -581,7 +645,95 @@ static PyObject *read_key(Reader *r, int depth) {
  * flat_dict_entries (64 by default) is a tree. */
 #define DATA_KEYS_ABOVE 256
 
-static PyObject *read_map(Reader *r, uint64_t n, int depth) {
+/* codec.RECORDS_FROM_DEPTH and MAX_RECORD_ENTRIES. */
+#define RECORDS_FROM_DEPTH 3
+#define MAX_RECORD_ENTRIES 64
+
+/* The length of the canonical header (what pack writes) of a str, bin or map of n items. */
+static Py_ssize_t str_header(uint64_t n) { return n < 32 ? 1 : n < 256 ? 2 : n < 65536 ? 3 : 5; }
+static Py_ssize_t bin_header(uint64_t n) { return n < 256 ? 2 : n < 65536 ? 3 : 5; }
+static Py_ssize_t map_header(uint64_t n) { return n < 16 ? 1 : n < 65536 ? 3 : 5; }
+
+/* The length of a str or bin at `at` if it is canonical, ASCII (a str), of at most `limit` bytes,
+ * and whole before `end`; -1 otherwise. */
+static Py_ssize_t plain_text(const unsigned char *at, const unsigned char *end, Py_ssize_t limit,
+                             Py_ssize_t *header) {
+    unsigned char tag = *at;
+    uint64_t n;
+    int is_str = 1;
+    if ((tag & 0xe0) == 0xa0) {
+        n = tag & 0x1f;
+        *header = 1;
+    } else {
+        int width = tag == 0xd9 || tag == 0xc4 ? 1 : tag == 0xda || tag == 0xc5 ? 2 : tag == 0xdb || tag == 0xc6 ? 4 : 0;
+        if (width == 0 || end - at < 1 + width) return -1;
+        is_str = tag >= 0xd9;
+        n = 0;
+        for (int i = 1; i <= width; i++) n = (n << 8) | at[i];
+        *header = 1 + width;
+    }
+    if (n > (uint64_t)limit || *header != (is_str ? str_header(n) : bin_header(n)) ||
+        (uint64_t)(end - at - *header) < n)
+        return -1;
+    if (is_str)
+        for (uint64_t i = 0; i < n; i++)
+            if (at[*header + i] >= 0x80) return -1;
+    return (Py_ssize_t)n;
+}
+
+/* The length of a canonical plain scalar at `at` (nil, bool, int, float 64, short text), or -1. */
+static Py_ssize_t plain_scalar(const unsigned char *at, const unsigned char *end, Py_ssize_t text_limit) {
+    unsigned char tag = *at;
+    if (tag < 0x80 || tag >= 0xe0 || tag == 0xc0 || tag == 0xc2 || tag == 0xc3) return 1;
+    if (tag == 0xcb) return end - at >= 9 ? 9 : -1;
+    if (tag >= 0xcc && tag <= 0xd3) { /* the smallest width that holds the number, as pack chooses */
+        int width = 1 << ((tag - 0xcc) & 3);
+        if (end - at < 1 + width) return -1;
+        uint64_t v = 0;
+        for (int i = 1; i <= width; i++) v = (v << 8) | at[i];
+        if (tag <= 0xcf) { /* unsigned: above what the next smaller width holds */
+            static const uint64_t above[] = {0x7f, 0xff, 0xffff, 0xffffffffu};
+            return v > above[tag - 0xcc] ? 1 + width : -1;
+        }
+        if (width < 8 && (v >> (8 * width - 1)) & 1) v |= ~UINT64_C(0) << (8 * width);
+        static const int64_t below[] = {-32, -128, -32768, -2147483648LL};
+        return (int64_t)v < below[tag - 0xd0] ? 1 + width : -1;
+    }
+    Py_ssize_t header, n = plain_text(at, end, text_limit, &header);
+    return n < 0 ? -1 : header + n;
+}
+
+/* Where the map of `n` entries whose header starts at `start` ends, if it is a plain record as
+ * codec.PlainRecords describes; NULL if it is not (or is malformed: read_map then says how). */
+static const unsigned char *plain_record_end(Reader *r, const unsigned char *start, uint64_t n) {
+    if (n > (uint64_t)r->record_entries || r->at - start != map_header(n)) return NULL;
+    const unsigned char *at = r->at, *end = r->end;
+    const unsigned char *keys[MAX_RECORD_ENTRIES];
+    Py_ssize_t key_lengths[MAX_RECORD_ENTRIES];
+    for (uint64_t i = 0; i < n; i++) {
+        int is_text = at < end && ((*at & 0xe0) == 0xa0 || (*at >= 0xd9 && *at <= 0xdb));
+        Py_ssize_t header, length = is_text ? plain_text(at, end, r->record_size, &header) : -1;
+        if (length < 0) return NULL;
+        keys[i] = at + header;
+        key_lengths[i] = length;
+        for (uint64_t j = 0; j < i; j++) /* a duplicate key: pack of the dict would drop one */
+            if (key_lengths[j] == length && memcmp(keys[j], keys[i], (size_t)length) == 0) return NULL;
+        at += header + length;
+        Py_ssize_t value = at < end ? plain_scalar(at, end, r->record_text) : -1;
+        if (value < 0) return NULL;
+        at += value;
+    }
+    return at - start <= r->record_size ? at : NULL;
+}
+
+static PyObject *read_map(Reader *r, uint64_t n, int depth, const unsigned char *start) {
+    if (r->records && depth >= RECORDS_FROM_DEPTH) {
+        const unsigned char *end = plain_record_end(r, start, n);
+        if (end != NULL) {
+            r->at = end;
+            return packed_new_from(start, end - start);
+        }
+    }
     if (check_count(r, n, 2) < 0) return NULL;
     PyObject *dict = r->frozen ? new_empty(frozen_dict) : PyDict_New();
     if (dict == NULL) return NULL;
@@ -631,6 +783,7 @@ static PyObject *read_ref(const unsigned char *payload, Py_ssize_t n, Reader *r)
 static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, Reader *outer, int depth,
                                     int as_tuple) {
     Reader r = *outer;
+    r.records = 0; /* inside a tuple or a set, maps stay maps, as in codec._packed_records */
     r.at = payload;
     r.end = payload + n;
     const unsigned char *tag;
@@ -698,7 +851,7 @@ static PyObject *read_sized(Reader *r, unsigned char tag, int depth) {
     }
     if (tag == 0xde || tag == 0xdf) {
         if (take_number(r, tag == 0xde ? 2 : 4, &n) < 0) return NULL;
-        return read_map(r, n, depth);
+        return read_map(r, n, depth, r->at - (tag == 0xde ? 3 : 5));
     }
     PyErr_Format(PyExc_ValueError, "byte 0x%02x does not start a msgpack value", tag);
     return NULL;
@@ -739,7 +892,7 @@ static PyObject *read_object(Reader *r, int depth) {
     unsigned char tag = *p;
     if (tag < 0x80) return PyLong_FromLong(tag);
     if (tag >= 0xe0) return PyLong_FromLong((long)(signed char)tag);
-    if (tag < 0x90) return read_map(r, tag & 0x0f, depth);
+    if (tag < 0x90) return read_map(r, tag & 0x0f, depth, p);
     if (tag < 0xa0) return frozen_list_of(r, read_list(r, tag & 0x0f, depth));
     if (tag < 0xc0) {
         Py_ssize_t n = tag & 0x1f;
@@ -754,10 +907,14 @@ static PyObject *read_object(Reader *r, int depth) {
 }
 
 static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "unpack(data, frozen, ref, opaque_dataclasses) takes 4 arguments");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "unpack(data, frozen, ref, opaque_dataclasses[, records]) takes 4 or 5 arguments");
         return NULL;
     }
+    Py_ssize_t limits[3] = {0, 0, 0};
+    int records = nargs == 5 && args[4] != Py_None;
+    if (records && !PyArg_ParseTuple(args[4], "nnn:records", &limits[0], &limits[1], &limits[2])) return NULL;
+    if (limits[0] > MAX_RECORD_ENTRIES) limits[0] = MAX_RECORD_ENTRIES;
     if (rare_hook == NULL || frozen_dict == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "ccodec.configure() was not called");
         return NULL;
@@ -765,7 +922,8 @@ static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t narg
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     int frozen = PyObject_IsTrue(args[1]);
-    Reader r = {view.buf, (const unsigned char *)view.buf + view.len, frozen, args[2], args[1], args[3]};
+    Reader r = {view.buf, (const unsigned char *)view.buf + view.len, frozen, args[2], args[1], args[3],
+                records && !frozen, limits[0], limits[1], limits[2]};
     PyObject *result = frozen < 0 ? NULL : read_object(&r, 0);
     if (result != NULL && r.at != r.end) {
         Py_CLEAR(result);
@@ -951,7 +1109,7 @@ static PyMethodDef methods[] = {
      "configure(ExtType, default, rare_hook, Decimal, UUID, datetime, date): what codec.py defines and uses"},
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
     {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
-     "unpack(data, frozen, ref, opaque_dataclasses): codec.unpack_python, compiled"},
+     "unpack(data, frozen, ref, opaque_dataclasses[, records]): codec.unpack_python, compiled"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -960,12 +1118,11 @@ static struct PyModuleDef module_definition = {
 };
 
 PyMODINIT_FUNC PyInit_ccodec(void) {
-    if (PyType_Ready(&RefType) < 0) return NULL;
+    if (PyType_Ready(&RefType) < 0 || PyType_Ready(&PackedType) < 0) return NULL;
     PyObject *module = PyModule_Create(&module_definition);
     if (module == NULL) return NULL;
-    Py_INCREF(&RefType);
-    if (PyModule_AddObject(module, "Ref", (PyObject *)&RefType) < 0) {
-        Py_DECREF(&RefType);
+    if (PyModule_AddObjectRef(module, "Ref", (PyObject *)&RefType) < 0 ||
+        PyModule_AddObjectRef(module, "Packed", (PyObject *)&PackedType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -59,7 +59,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import msgpack
 
@@ -70,12 +70,15 @@ from protobase.keyorder import check_text
 
 __all__ = [
     "Ref",
+    "Packed",
+    "PlainRecords",
     "encode",
     "decode",
     "register_dataclass",
     "validate",
     "may_hold_refs",
     "array_header",
+    "bin_header",
     "KeyMemo",
     "pack",
     "unpack",
@@ -126,6 +129,50 @@ class Ref:
 
     def __repr__(self) -> str:
         return f"Ref({self.ptr:#x}, kind={self.kind})"
+
+
+class Packed:
+    """A small plain record kept as its encoding: the coordinator's working form of it (`decode` with records).
+
+    Its `payload` is byte for byte what `pack` gives for the dict it encodes,
+    so the writer stores it as it is, and `pack` of a container holding one
+    writes those bytes. Not hashable, like the dict it stands for.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Packed) and other.payload == self.payload
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Packed({self.payload!r})"
+
+
+class PlainRecords(NamedTuple):
+    """Which maps `decode` keeps as their bytes (a Packed): the small plain records the writer stores as one atom.
+
+    A map qualifies when it sits `RECORDS_FROM_DEPTH` or more containers deep,
+    reached through arrays and maps only, has at most `entries` entries
+    (at most `MAX_RECORD_ENTRIES`), ASCII text keys, and values that are
+    None, bools, ints of 64 bits, floats, ASCII text or bytes of at most
+    `text` bytes, and when its encoding takes at most `size` bytes and is
+    canonical (what `pack` writes for the dict it decodes to).
+    """
+
+    entries: int
+    text: int
+    size: int
+
+
+#: In a commit's ops ([[code, path, argument], ...]), an op's argument and what it holds.
+RECORDS_FROM_DEPTH = 3
+#: The most entries of a record `decode` keeps as a Packed (the compiled core compares keys pairwise).
+MAX_RECORD_ENTRIES = 64
 
 
 def register_dataclass(cls: type, name: str | None = None) -> type:
@@ -196,6 +243,8 @@ def _default_for(pack_nested: Callable[[Any], bytes]) -> Callable[[Any], object]
             return _ext(EXT_UUID, value.bytes)
         if kind is Ref:
             return _ext(EXT_REF, _REF.pack(value.kind << _REF_KIND_SHIFT | value.ptr))
+        if kind is Packed:  # the dict it stands for, which packs to its payload
+            return unpack_python(value.payload, False, None, False)
         name = _names_by_class.get(kind)
         if name is not None:
             return _ext(EXT_DATACLASS, pack_nested([name, dataclass_fields(value)]))
@@ -253,6 +302,15 @@ def array_header(length: int) -> bytes:
     if length < 1 << 16:
         return b"\xdc" + length.to_bytes(2, "big")
     return b"\xdd" + length.to_bytes(4, "big")
+
+
+def bin_header(length: int) -> bytes:
+    """The msgpack header of `length` bytes (use_bin_type): what `pack` writes before them."""
+    if length < 1 << 8:
+        return b"\xc4" + length.to_bytes(1, "big")
+    if length < 1 << 16:
+        return b"\xc5" + length.to_bytes(2, "big")
+    return b"\xc6" + length.to_bytes(4, "big")
 
 
 class KeyMemo:
@@ -456,14 +514,62 @@ def _options(frozen: bool, ref: Callable[[int, int], Any] | None, opaque_datacla
 
 
 def unpack_python(
-    data: bytes | memoryview, frozen: bool, ref: Callable[[int, int], Any] | None, opaque_dataclasses: Opaque
+    data: bytes | memoryview,
+    frozen: bool,
+    ref: Callable[[int, int], Any] | None,
+    opaque_dataclasses: Opaque,
+    records: PlainRecords | None = None,
 ) -> Any:
     """The value `pack_python` encoded as `data`: the pure-Python oracle of ccodec.unpack.
 
     Raises ValueError, TypeError and the like for bytes it did not make
-    (`decode` turns them into a CorruptionError).
+    (`decode` turns them into a CorruptionError). With `records` (and not
+    `frozen`), the plain records it describes come back as Packed: here by
+    encoding the dicts decoded, in C by keeping their bytes, never decoded.
     """
-    return msgpack.unpackb(data, **_options(frozen, ref, opaque_dataclasses))
+    value = msgpack.unpackb(data, **_options(frozen, ref, opaque_dataclasses))
+    if records is None or frozen:
+        return value
+    return _packed_records(value, records, 1)
+
+
+def _packed_records(value: Any, records: PlainRecords, depth: int) -> Any:
+    """`value` (decoded `depth` containers deep) with every plain record in it a Packed."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= RECORDS_FROM_DEPTH and _is_plain_record(value, records):
+            payload = pack_python(value)
+            if len(payload) <= records.size:
+                return Packed(payload)
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                value[key] = _packed_records(item, records, depth + 1)
+    elif kind is list:
+        for position, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                value[position] = _packed_records(item, records, depth + 1)
+    return value
+
+
+def _is_plain_record(record: dict[Any, Any], records: PlainRecords) -> bool:
+    if len(record) > min(records.entries, MAX_RECORD_ENTRIES):
+        return False
+    for key, item in record.items():
+        if type(key) is not str or not key.isascii():
+            return False
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() or len(item) > records.text:
+                return False
+        elif kind is bytes:
+            if len(item) > records.text:
+                return False
+        elif kind is int:
+            if not _INT_MIN <= item <= _INT_MAX:
+                return False
+        elif kind is not float and kind is not bool and item is not None:
+            return False
+    return True
 
 
 def _rare_extension(
@@ -476,11 +582,14 @@ def _rare_extension(
 _compiled = native.load("protobase.core.ccodec")
 if _compiled is not None:
     Ref = _compiled.Ref  # type: ignore[misc]  # the same class, compiled: decoding builds it without a call
+    Packed = _compiled.Packed  # type: ignore[misc]  # the same, compiled
     _compiled.configure(
         msgpack.ExtType, _default_for(_compiled.pack), _rare_extension, Decimal, uuid.UUID, _dt.datetime, _dt.date
     )
     pack: Callable[[Any], bytes] = _compiled.pack
-    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, Opaque], Any] = _compiled.unpack
+    unpack: Callable[[bytes | memoryview, bool, Callable[[int, int], Any] | None, Opaque, PlainRecords | None], Any] = (
+        _compiled.unpack
+    )
     storable: Callable[[Any, int], bool] = _compiled.storable
 else:
     pack = pack_python
@@ -516,6 +625,7 @@ def decode(
     frozen: bool = True,
     ref: Callable[[int, int], Any] | None = None,
     opaque_dataclasses: Opaque = False,
+    records: PlainRecords | None = None,
 ) -> Any:
     """Decode bytes made by `encode`.
 
@@ -528,11 +638,13 @@ def decode(
     user dataclasses without ever importing or registering them. A callable
     `opaque_dataclasses` does so too, called first with each such payload (at
     any depth), so a caller checks them in the same pass (the coordinator
-    refuses malformed ones and Refs hidden inside).
+    refuses malformed ones and Refs hidden inside). `records` (with frozen
+    False) keeps the small plain records it describes as Packed, never
+    decoded: a bulk commit's million records cost the coordinator their bytes.
     """
 
     try:
-        return unpack(data, frozen, ref, opaque_dataclasses)
+        return unpack(data, frozen, ref, opaque_dataclasses, records)
     except (CorruptionError, EncodingError):
         raise
     except (

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from protobase.errors import CorruptionError
 from protobase.shm.segment import Segment
@@ -124,24 +124,38 @@ class CommitRing:
 
     # -- producer ----------------------------------------------------------------
 
-    def append(self, lsn: int, flags: int, payload: bytes, wait: Callable[[], None] | None = None) -> None:
+    def append(
+        self, lsn: int, flags: int, payload: bytes | Sequence[bytes], wait: Callable[[], None] | None = None
+    ) -> None:
         """Append one record (split in fragments if large); block while the ring is full.
 
+        A payload given as parts is their concatenation, which is never made:
+        a bulk commit's WAL record is a short header and the 50 MB the client sent.
         `wait()` is called between checks of a full ring (default: a short sleep);
         it may raise to give up, e.g. when the consumer died.
         """
-        view = memoryview(payload)
+        parts = [memoryview(payload)] if isinstance(payload, bytes) else [memoryview(part) for part in payload]
+        left = sum(len(part) for part in parts)
         continuation = 0
         while True:
-            fragment, view = view[: self.max_fragment], view[self.max_fragment :]
-            more = MORE if len(view) else 0
+            fragment: list[memoryview] = []  # the next max_fragment bytes of the parts
+            room = min(left, self.max_fragment)
+            left -= room
+            while room:
+                piece, parts[0] = parts[0][:room], parts[0][room:]
+                fragment.append(piece)
+                room -= len(piece)
+                if not parts[0]:
+                    parts.pop(0)
+            more = MORE if left else 0
             self._append_one(lsn, flags | more | continuation, fragment, wait)
             if not more:
                 return
             continuation = CONT
 
-    def _append_one(self, lsn: int, flags: int, payload: memoryview, wait: Callable[[], None] | None) -> None:
-        size = (_RECORD.size + len(payload) + 7) & ~7
+    def _append_one(self, lsn: int, flags: int, pieces: list[memoryview], wait: Callable[[], None] | None) -> None:
+        length = sum(len(piece) for piece in pieces)
+        size = (_RECORD.size + length + 7) & ~7
         head = self.head
         offset = head % self.capacity
         room_to_end = self.capacity - offset
@@ -155,8 +169,11 @@ class CommitRing:
             head += padding
             offset = 0
         start = DATA_OFFSET + offset
-        _RECORD.pack_into(buf, start, len(payload), flags, lsn)
-        buf[start + _RECORD.size : start + _RECORD.size + len(payload)] = payload
+        _RECORD.pack_into(buf, start, length, flags, lsn)
+        at = start + _RECORD.size
+        for piece in pieces:
+            buf[at : at + len(piece)] = piece
+            at += len(piece)
         self.words[_W_HEAD] = head + size  # publish: the record is whole
 
     # -- consumer ----------------------------------------------------------------

@@ -91,15 +91,16 @@ class FrameReader:
         bodies = []
         start = 0
         buffer = self.buffer
-        while len(buffer) - start >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(buffer, start)
-            if length > self.max_frame:
-                raise ProtocolError(f"peer sent a frame of {length} bytes, over the {self.max_frame}-byte limit")
-            end = start + LENGTH.size + length
-            if len(buffer) < end:
-                break
-            bodies.append(bytes(buffer[start + LENGTH.size : end]))
-            start = end
+        with memoryview(buffer) as view:  # a body is copied once, not sliced then copied (a bulk load's 50 MB)
+            while len(buffer) - start >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(buffer, start)
+                if length > self.max_frame:
+                    raise ProtocolError(f"peer sent a frame of {length} bytes, over the {self.max_frame}-byte limit")
+                end = start + LENGTH.size + length
+                if len(buffer) < end:
+                    break
+                bodies.append(bytes(view[start + LENGTH.size : end]))
+                start = end
         if start:
             del buffer[:start]
         return bodies
