@@ -64,7 +64,16 @@ from protobase.wire.opcodes import (
     OP_SET_DISCARD,
 )
 
-__all__ = ["Commits", "GroupFailed", "Pending", "Request", "parse_ops", "wal_record", "DURABILITY_MODES", "PRUNE_VERSIONS_ABOVE"]
+__all__ = [
+    "Commits",
+    "GroupFailed",
+    "Pending",
+    "Request",
+    "parse_ops",
+    "wal_record",
+    "DURABILITY_MODES",
+    "PRUNE_VERSIONS_ABOVE",
+]
 
 log = logging.getLogger("protobase.coordinator")
 

@@ -51,7 +51,7 @@ from protobase.core.btree import (
     sorted_keys,
 )
 from protobase.core.codec import Packed, PlainRecords, Ref
-from protobase.core.index import IndexedColl, collect_entries, index_entries
+from protobase.core.index import IndexedColl, collect_entries, index_entries, sorted_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
 from protobase.query.fields import MISSING
@@ -375,7 +375,7 @@ class Writer:
 
         if field not in indexes:
             found = collect_entries(self.access.items(target.data), field, self._readable)
-            indexes[field] = self.access.build(SET_LEAF, sorted_keys(found), None)
+            indexes[field] = self.access.build(SET_LEAF, sorted_entries(found), None)
         return IndexedColl(target.data, indexes)
 
     def _as_dict_tree(self, target: Any, path: KeyPath) -> Node | int:
@@ -383,8 +383,9 @@ class Writer:
             if self._leaf_kind(target) == DICT_LEAF:
                 return target
         elif isinstance(target, dict):
-            keys = sorted_keys(target)
-            return self.access.build(DICT_LEAF, keys, [target[key] for key in keys])
+            tree = self._as_tree(target, force=True)
+            assert tree is not None  # forced, and a dict
+            return tree
         raise PathError(f"an index needs a dict of records at {path!r}, found a {type(target).__name__}")
 
     def _open(self, slot: Any) -> Any:

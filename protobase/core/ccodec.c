@@ -8,6 +8,7 @@
  *     unpack(data, frozen, ref, opaque[, records])    codec.unpack_python
  *     Ref(ptr, kind)                                  codec.Ref
  *     Packed(payload)                                 codec.Packed
+ *     packed_get(payload, key, default, unknown)      codec.packed_get_python
  *     freeze(value)                                   frozen.freeze_python
  *     storable(value, depth) -> bool                  the fast path of codec.validate and
  *                                                     client/writeset.check_keys (False: ask them)
@@ -933,6 +934,49 @@ static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
+/* ---- packed_get: one field of a Packed record, nothing else decoded --------------------- */
+
+static PyObject *packed_get(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "packed_get(payload, key, default, unknown) takes bytes and a str");
+        return NULL;
+    }
+    const unsigned char *at = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const unsigned char *end = at + PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t key_length;
+    const char *key = PyUnicode_IS_ASCII(args[1]) ? PyUnicode_AsUTF8AndSize(args[1], &key_length) : NULL;
+    uint64_t count;
+    if (key == NULL || at == end) goto unknown; /* a key no plain record holds, or no map: ask Python */
+    if ((*at & 0xf0) == 0x80) {
+        count = *at++ & 0x0f;
+    } else if (*at == 0xde && end - at >= 3) {
+        count = (uint64_t)at[1] << 8 | at[2];
+        at += 3;
+    } else {
+        goto unknown;
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        int is_text = at < end && ((*at & 0xe0) == 0xa0 || (*at >= 0xd9 && *at <= 0xdb));
+        Py_ssize_t header, length = is_text ? plain_text(at, end, PY_SSIZE_T_MAX, &header) : -1;
+        if (length < 0) goto unknown;
+        const unsigned char *text = at + header;
+        at = text + length;
+        if (at >= end) goto unknown;
+        if (length == key_length && memcmp(text, key, (size_t)length) == 0) {
+            Reader r = {at, end, 0, Py_None, Py_False, Py_False, 0, 0, 0, 0};
+            PyObject *value = read_object(&r, 0);
+            if (value == NULL) PyErr_Clear();
+            return value != NULL ? value : Py_NewRef(args[3]);
+        }
+        Py_ssize_t skip = plain_scalar(at, end, PY_SSIZE_T_MAX);
+        if (skip < 0) goto unknown;
+        at += skip;
+    }
+    return Py_NewRef(args[2]);
+unknown:
+    return Py_NewRef(args[3]);
+}
+
 /* ---- storable: the fast path of codec.validate and the client's key checks ---------------- */
 
 /* codec.MAX_DEPTH, less a margin: a container this deep is left to the Python checks. */
@@ -1108,6 +1152,8 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(ExtType, default, rare_hook, Decimal, UUID, datetime, date): what codec.py defines and uses"},
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
+    {"packed_get", (PyCFunction)(void (*)(void))packed_get, METH_FASTCALL,
+     "packed_get(payload, key, default, unknown): codec.packed_get_python, compiled"},
     {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
      "unpack(data, frozen, ref, opaque_dataclasses[, records]): codec.unpack_python, compiled"},
     {NULL, NULL, 0, NULL},

