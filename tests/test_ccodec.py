@@ -393,3 +393,9 @@ def test_compiled_packed_get_reads_one_field_as_the_oracle_does(record: dict[str
 
 
 LOOSE = codec.PlainRecords(64, 1 << 20, 1 << 20)  # every plain record kept, whatever its size
+
+
+@pytest.mark.parametrize("unpack", [codec.unpack_python, codec.unpack])
+def test_negative_limits_of_records_are_refused(unpack: Any) -> None:
+    with pytest.raises(ValueError, match="limits of records"):
+        unpack(codec.pack_python([[1, [], {"a": 1}]]), False, None, False, codec.PlainRecords(-1, 32, 100))

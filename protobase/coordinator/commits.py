@@ -123,7 +123,7 @@ def parse_ops(ops_bytes: bytes, records: PlainRecords | None = None) -> list[Op]
             kind = type(key)
             if kind is int or (kind is str and key.isascii()):
                 continue  # the usual keys, which check_key accepts as they are: a bulk commit has millions
-            check_key(_unpacked(key), tuple(path))
+            check_key(codec.unpacked(key), tuple(path))
         if code == OP_LIST and not all(
             type(item) is list and len(item) == 3 and item[0] in _LIST_OP_CODES and _is_list_index(item[0], item[1])
             for item in op[2]
@@ -135,7 +135,7 @@ def parse_ops(ops_bytes: bytes, records: PlainRecords | None = None) -> list[Op]
             for element in op[2]:  # (a list, checked above)
                 kind = type(element)
                 if kind is not int and not (kind is str and element.isascii()):
-                    check_key(_unpacked(element), tuple(path))  # an element of a stored set is a key, as a dict's
+                    check_key(codec.unpacked(element), tuple(path))  # an element of a stored set is a key, as a dict's
         if code == OP_INCR and not _is_increment(argument):
             shown = repr(argument)[:40]  # (an int of any size decodes)
             raise ProtocolError(f"malformed request: an increment is a 64-bit int or a finite float, got {shown}")
@@ -147,13 +147,8 @@ def wal_record(seq: int, ops_bytes: bytes) -> list[bytes]:
     return [codec.array_header(2) + codec.pack(seq) + codec.bin_header(len(ops_bytes)), ops_bytes]
 
 
-def _unpacked(value: Any) -> Any:
-    """A Packed as the dict it stands for, so an error names what the client sent."""
-    return codec.decode(value.payload, frozen=False) if type(value) is Packed else value
-
-
 def _type_name(value: Any) -> str:
-    return type(_unpacked(value)).__name__
+    return type(codec.unpacked(value)).__name__  # a Packed is named the dict the client sent
 
 
 def _is_list_index(code: int, index: Any) -> bool:

@@ -19,6 +19,9 @@ limits reads the same.
 Operations arrive from clients as bytes and are data: `decode_ops` refuses
 any internal reference in them (the Ref extension type, which only this
 module writes), so a client can never make the coordinator store a pointer.
+It keeps their small plain records as their bytes (codec.Packed), which
+become atoms as they are, and are decoded only where a later op of the
+commit reads or changes them.
 
 Invariant: nothing here mutates a clean node or a decoded value another
 commit could see; an operation that fails leaves the published root as it
@@ -358,7 +361,7 @@ class Writer:
         if kind is IndexedColl:
             return _TreeReader(self, slot.data)
         if kind is Packed:
-            return _unpacked(slot)
+            return codec.unpacked(slot)
         return slot
 
     def _index_op(self, target: Any, create: bool, field: IndexName, path: KeyPath) -> Any:
@@ -399,7 +402,7 @@ class Writer:
             kind, payload = self.store.atom(slot.ptr)
             return codec.decode(payload, frozen=False, opaque_dataclasses=True)
         if type(slot) is Packed:
-            return _unpacked(slot)  # a record of this commit, written into
+            return codec.unpacked(slot)  # a record of this commit, written into
         return slot
 
     def _container(self, slot: Any, path: KeyPath) -> Any:
@@ -781,12 +784,6 @@ def _drained(steps: Generator[None, None, Any]) -> Any:
             next(steps)
         except StopIteration as done:
             return done.value
-
-
-def _unpacked(record: Packed) -> dict[Any, Any]:
-    """The dict a Packed record stands for, to change or read (a fresh copy each time)."""
-    value: dict[Any, Any] = codec.decode(record.payload, frozen=False)
-    return value
 
 
 def _replace_refs(value: Any, copy: Any) -> Any:

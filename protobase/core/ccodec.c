@@ -915,7 +915,11 @@ static PyObject *unpack(PyObject *module, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t limits[3] = {0, 0, 0};
     int records = nargs == 5 && args[4] != Py_None;
     if (records && !PyArg_ParseTuple(args[4], "nnn:records", &limits[0], &limits[1], &limits[2])) return NULL;
-    if (limits[0] > MAX_RECORD_ENTRIES) limits[0] = MAX_RECORD_ENTRIES;
+    if (limits[0] < 0 || limits[1] < 0 || limits[2] < 0) {
+        PyErr_SetString(PyExc_ValueError, "unpack: the limits of records are counts of entries and bytes, >= 0");
+        return NULL;
+    }
+    if (limits[0] > MAX_RECORD_ENTRIES) limits[0] = MAX_RECORD_ENTRIES; /* plain_record_end's key table */
     if (rare_hook == NULL || frozen_dict == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "ccodec.configure() was not called");
         return NULL;

@@ -35,7 +35,9 @@ decode frozen as their read-only variant (frozen.read_only_dataclass).
 Runs in every process: clients encode the values of their commits and decode
 what they read, the coordinator encodes atoms, recovery decodes the WAL.
 Only the coordinator's writer produces Refs; a client's commit holding one
-is refused (coordinator/writer.py, `decode_ops`).
+is refused (coordinator/writer.py, `decode_ops`). `decode` can keep small
+plain records as their canonical bytes (`Packed`, `PlainRecords`) for the
+coordinator, which stores them without building a dict.
 
 Two implementations of the packing: `pack_python` and `unpack_python` here,
 the oracle and the fallback, and their compiled twins in ccodec.c (with a
@@ -84,6 +86,7 @@ __all__ = [
     "unpack",
     "pack_python",
     "packed_get",
+    "unpacked",
     "packed_get_python",
     "unpack_python",
     "COMPILED",
@@ -529,10 +532,19 @@ def unpack_python(
     `frozen`), the plain records it describes come back as Packed: here by
     encoding the dicts decoded, in C by keeping their bytes, never decoded.
     """
+    if records is not None and min(records) < 0:
+        raise ValueError("unpack: the limits of records are counts of entries and bytes, >= 0")
     value = msgpack.unpackb(data, **_options(frozen, ref, opaque_dataclasses))
     if records is None or frozen:
         return value
     return _packed_records(value, records, 1)
+
+
+def unpacked(value: Any) -> Any:
+    """A Packed as the plain dict it stands for (a fresh one each time); anything else as it is."""
+    if type(value) is Packed:
+        return decode(value.payload, frozen=False)
+    return value
 
 
 def packed_get_python(payload: bytes, key: str, default: Any, unknown: Any) -> Any:
