@@ -23,7 +23,7 @@ from typing import Any
 
 from protobase.errors import EncodingError, format_path
 
-__all__ = ["order_key", "check_key", "check_text", "is_key", "family", "bisect_left", "bisect_right"]
+__all__ = ["KEY_TYPES", "order_key", "check_key", "check_text", "is_key", "family", "bisect_left", "bisect_right"]
 
 
 _RANKS = {
@@ -39,6 +39,7 @@ _RANKS = {
     uuid.UUID: 6,
     tuple: 7,
 }
+KEY_TYPES = frozenset(_RANKS)  # the exact types a key may have
 _AWARE_DATETIME = 8  # aware datetimes are a family of their own, after every other
 
 

@@ -302,6 +302,7 @@ def test_a_flush_names_at_most_write_through_at_most_values(make):
     records = [{"n": i} for i in range(count)]
     root = fixture.writer.apply_all(0, [(OP_SET, ("users",), {})])
     root = fixture.writer.flush(root)
+    fixture.writer.begin()  # a new working root, as Commits starts each group
     root = fixture.writer.apply_all(root, [(OP_SET, ("users", i), record) for i, record in enumerate(records)])
     fixture.writer.flush(root)
     named = [fixture.writer.flat_pointer(record) for record in records]

@@ -392,6 +392,17 @@ def test_drop_index(fast_db: protobase.Database) -> None:
         assert snap.root["users"].where(F.score == 99).plan.estimate == 1
 
 
+def test_dropping_an_index_of_a_collection_without_indexes_keeps_its_records(fast_db: protobase.Database) -> None:
+    """Regression: the collection (a tree, 300 records) was stored as the number of its pointer."""
+    with fast_db.transaction() as tx:
+        tx.root["users"] = {f"u{i}": user(i) for i in range(300)}
+    with fast_db.transaction() as tx:
+        tx.root["users"].drop_index("city")
+    fast_db.check()
+    with fast_db.snapshot() as snap:
+        assert len(snap.root["users"]) == 300 and snap.root["users"]["u7"] == user(7)
+
+
 @pytest.mark.parametrize("count", [3, 100])
 def test_create_index_on_existing_collection(fast_db: protobase.Database, count: int) -> None:
     """Small (one-atom) and tree-backed collections get their index built from the existing records."""

@@ -397,3 +397,137 @@ def test_a_walk_through_indexed_nodes_finds_what_the_first_walk_found(trees: Tre
     for _ in range(2):  # every node now walked through more than once: indexed
         assert [outcome(searcher.lookup, root, key, DICT_LEAF) for key in keys] == first
     assert first == [("ok", (int, i)) for i in range(len(keys))]
+
+
+# ---- replace: a point write on encoded nodes -------------------------------------------------
+
+
+class Appended:
+    """An `append(kind, payload)` that keeps what it is given and hands out pointers of every width."""
+
+    POINTERS = [5, 200, 40_000, 3_000_000_000, 1 << 40 | 8, 7 << 40 | 123_456]
+
+    def __init__(self) -> None:
+        self.atoms: list[tuple[int, bytes]] = []
+
+    def __call__(self, kind: int, payload: bytes) -> int:
+        self.atoms.append((kind, bytes(payload)))
+        return self.POINTERS[(len(self.atoms) - 1) % len(self.POINTERS)]
+
+
+def record(trees: Trees, n: int) -> Ref:
+    return Ref(trees.arena.append(VALUE, codec.encode({"n": n})), VALUE)
+
+
+def nested_trees(trees: Trees) -> tuple[int, dict[Any, list[Any]]]:
+    """An outer dict tree of mixed keys whose values are records, scalars and Refs to inner dict trees."""
+    inner_keys: dict[Any, list[Any]] = {}
+    outer = mixed_keys(300, seed=7)
+    values: list[Any] = []
+    for i, key in enumerate(outer):
+        if i % 3 == 0:
+            keys = mixed_keys(700 if i % 2 else 40, seed=i)
+            inner = [record(trees, j) if j % 2 else j for j in range(len(keys))]
+            ptr = trees.tree(DICT_LEAF, keys, inner)
+            values.append(Ref(ptr, trees.reader.atom(ptr)[0]))
+            inner_keys[key] = keys
+        else:
+            values.append(Ref(trees.arena.append(VALUE, codec.encode({"k": i})), VALUE) if i % 3 == 1 else f"s{i}")
+    return trees.tree(DICT_LEAF, outer, values), inner_keys
+
+
+def expected_payload(trees: Trees, ptr: int, key: Any, entry: Any) -> bytes:
+    """A node's payload with the entry under `key` (a leaf's value, a branch's child) set to `entry`."""
+    kind, payload = trees.reader.atom(ptr)
+    node = search.decode_node(kind, payload, ptr)
+    assert node.keys is not None and node.values is not None
+    if kind == DICT_BRANCH:
+        node.values[bisect_right(node.keys, key)] = entry
+    else:
+        node.values[node.keys.index(key)] = entry
+    return encode_node(node)
+
+
+def test_replace_writes_what_copying_the_nodes_and_encoding_them_writes(trees: Trees) -> None:
+    root, inner_keys = nested_trees(trees)
+    rng = random.Random(3)
+    paths = [(outer, rng.choice(keys)) for outer, keys in inner_keys.items()]
+    paths += [(outer,) for outer in rng.sample(list(inner_keys), 5)]
+    value = Ref(77 << 40 | 64, VALUE)
+    depths = set()
+    for path in paths:
+        results = []
+        for searcher in trees.searchers():
+            appended = Appended()
+            replaced = searcher.replace(root, path, lambda old: codec.pack(value), appended)
+            results.append((replaced, appended.atoms))
+        assert all(result == results[0] for result in results[1:]), path  # the twins agree on everything
+        (new_root, old, retired), atoms = results[0]
+        # The nodes on the way, root first, each with the key that leads through it.
+        on_path = [(ptr, path[0]) for ptr in nodes_on_the_way(trees, root, path[0])]
+        if len(path) == 2:
+            inner = trees.store.access.lookup(root, path[0])
+            on_path += [(ptr, path[1]) for ptr in nodes_on_the_way(trees, inner.ptr, path[1])]
+        assert [ptr for ptr, _ in on_path] == [ptr for ptr, _ in retired]
+        assert [length for _, length in retired] == [len(trees.reader.atom(ptr)[1]) for ptr, _ in on_path]
+        assert old == trees.store.access.lookup(on_path[-1][0], path[-1])
+        # Bottom-up: each atom is its node with one entry changed, to the value or the new node below.
+        entry: Any = value
+        for position in range(len(on_path) - 1, -1, -1):
+            (kind, payload), (ptr, key) = atoms[len(on_path) - 1 - position], on_path[position]
+            assert kind == trees.reader.atom(ptr)[0]
+            assert payload == expected_payload(trees, ptr, key, entry), (path, ptr)
+            written = Appended.POINTERS[(len(on_path) - 1 - position) % len(Appended.POINTERS)]
+            if position > 0:  # the parent holds a pointer (a branch) or a Ref to the tree (a leaf)
+                entry = written if trees.reader.atom(on_path[position - 1][0])[0] == DICT_BRANCH else Ref(written, kind)
+        assert new_root == written
+        depths.add(len(on_path))
+    assert max(depths) >= 4  # branches and leaves of both trees were rewritten
+
+
+def nodes_on_the_way(trees: Trees, root: int, key: Any) -> Iterator[int]:
+    """The pointers of a tree's nodes from its root to the leaf that holds `key`."""
+    ptr = root
+    while True:
+        yield ptr
+        kind, payload = trees.reader.atom(ptr)
+        if kind == DICT_LEAF:
+            return
+        ptr = search.branch_child_python(kind, payload, key)
+
+
+def test_replace_declines_what_it_cannot_write_in_place_and_writes_nothing(trees: Trees) -> None:
+    class Name(str):
+        pass
+
+    root, inner_keys = nested_trees(trees)
+    outer = list(inner_keys)[0]
+    scalar = next(k for k in mixed_keys(300, seed=7) if k not in inner_keys)
+    flat = trees.arena.append(VALUE, codec.encode({"a": 1}))
+    sets = trees.tree(SET_LEAF, ["x", "y"], None)
+    holder = trees.tree(DICT_LEAF, ["flat", "set"], [Ref(flat, VALUE), Ref(sets, SET_LEAF)])
+    declined = [
+        (root, (outer, "no such key")),  # a new key: inserting changes counts and may split
+        (root, ("no such key",)),
+        (root, (scalar, "x")),  # no container below
+        (holder, ("flat", "a")),  # a flat dict: one VALUE atom, rewritten whole
+        (holder, ("set", "x")),  # not a dict tree
+        (root, (Name(outer), "x")),  # not of an exact key type
+        (0, ("a",)),
+        (root, ()),
+    ]
+    for searcher in trees.searchers():
+        for tree, path in declined:
+            appended = Appended()
+            assert searcher.replace(tree, path, lambda old: pytest.fail("asked for an entry"), appended) is None, path
+            assert appended.atoms == []
+
+
+def test_replace_on_a_cycle_is_a_corruption_and_writes_nothing() -> None:
+    first = 1 << 40
+    buffers, (ptr,) = segment_of(atom(DICT_BRANCH, encode_node(Node(DICT_BRANCH, ["m"], [first, first], [1, 1]))))
+    for searcher in searchers_over(buffers):
+        appended = Appended()
+        with pytest.raises(CorruptionError, match="deeper than any tree can be"):
+            searcher.replace(ptr, ("a",), lambda old: b"\x01", appended)
+        assert appended.atoms == []

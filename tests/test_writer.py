@@ -10,6 +10,7 @@ compaction's copy holds the same data in the new generation only.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -331,6 +332,89 @@ def test_records_kept_as_their_bytes_are_stored_byte_for_byte_as_their_dicts_wou
     assert sum(1 for _, score, _ in entries if score == 3) == 20 + sum(
         1 for key, user in read["users"].items() if user.get("score") == 3 and not key.startswith("n")
     )
+
+
+def test_deleting_a_missing_key_of_a_dict_tree_leaves_the_tree_in_its_parent(make):
+    """Regression: an op that changed nothing returned the tree's pointer, which its parent then
+    stored as a number: a raw DELETE of a key already gone made `users` an int, its records lost."""
+    store = make()
+    users = {f"u{i}": {"n": i} for i in range(300)}  # a tree, over flat_dict_entries
+    sets = {"s": set(range(300)), "log": list(range(300))}
+    root = store.commit(0, (OP_SET, ("users",), users), (OP_SET, ("sets",), sets))
+    root = store.commit(root, (OP_DELETE, ("users", "no such user"), None))
+    root = store.commit(root, (OP_DELETE, ("sets", "s", "no such key"), None))
+    root = store.commit(root, (OP_SET_DISCARD, ("sets", "s"), ["no such element"]))
+    root = store.commit(root, (OP_LIST, ("sets", "log"), []))
+    assert store.read(root) == {"users": users, "sets": sets}
+
+
+def test_single_key_updates_written_in_the_nodes_bytes_are_the_atoms_path_copying_writes(make, monkeypatch):
+    # Writer._spliced replaces a present key's value at a path of dict trees in the nodes'
+    # bytes (Searcher.replace); every commit of this mix, one op each, applied that way where it
+    # qualifies and by path copying where not, must write exactly what path copying alone writes,
+    # count the same garbage and name the same values for the client's write-through.
+    rng = random.Random(11)
+    users = {f"u{i:05d}": {"n": i} for i in range(3000)}
+    first = [
+        (OP_SET, ("users",), users),
+        (OP_SET, ("cfg",), {"a": 1}),  # a flat dict: rewritten whole
+        (OP_SET, ("big",), {f"k{i}": {"deep": {"x": i}} for i in range(200)}),
+        (OP_SET, ("counts",), {f"c{i}": i for i in range(100)}),
+    ]
+    commits = []
+    for i in range(300):
+        key = f"u{rng.randrange(3000):05d}"
+        commits.append(
+            rng.choice(
+                [
+                    (OP_SET, ("users", key), {"n": -i, "name": f"x{i}"}),  # spliced
+                    (OP_SET, ("users", key), {"n": -i, "bio": "y" * 300}),  # spliced: a Ref to a long value
+                    (OP_SET, ("users", key), i),  # spliced: a scalar
+                    (OP_SET, ("users", f"new{i}"), {"n": i}),  # a new key: path copying
+                    (OP_DELETE, ("users", key), None),
+                    (OP_SET, ("cfg", "a"), i),  # inside a flat dict: path copying
+                    (OP_SET, ("big", f"k{rng.randrange(200)}", "deep"), {"y": i}),  # spliced, two trees down
+                    (OP_SET, ("users", key, "n"), i),  # below a flat record: path copying
+                    (OP_SET, ("counts", f"c{rng.randrange(100)}"), i),  # spliced
+                    (OP_INCR, ("counts", f"c{rng.randrange(100)}"), rng.choice([1, -2, 0.5])),  # spliced
+                    (OP_INCR, ("counts", f"new{rng.randrange(100)}"), 1),  # a new key: path copying
+                ]
+            )
+        )
+    outcomes = []
+    for splice in (False, True):
+        store = make(flat_dict_entries=16)
+        if not splice:
+            monkeypatch.setattr(store.writer, "_spliced", lambda root, path, code, argument: None)
+        root = store.commit(0, *first)
+        named = []
+        for code, path, argument in commits:
+            store.writer.begin()
+            root = store.commit(root, (code, path, argument))
+            named.append(store.writer.flat_pointer(argument))
+        outcomes.append((store, root, named, store.writer.discarded_bytes))
+        monkeypatch.undo()
+    (copied, copied_root, copied_named, copied_garbage), (spliced, spliced_root, spliced_named, spliced_garbage) = (
+        outcomes
+    )
+    assert spliced_root == copied_root and spliced.arena.used == copied.arena.used
+    used = copied.arena.used
+    assert bytes(spliced.arena.current.buf[:used]) == bytes(copied.arena.current.buf[:used])
+    assert spliced_named == copied_named and sum(1 for ptr in spliced_named if ptr) > 50
+    assert spliced_garbage == copied_garbage
+    assert spliced.read(spliced_root) == copied.read(copied_root)
+
+
+def test_a_value_named_for_write_through_is_named_until_the_next_working_root_begins(make):
+    store = make()
+    root = store.commit(0, (OP_SET, ("users",), {f"u{i}": {"n": i} for i in range(100)}))
+    record = {"n": -1}
+    root = store.writer.apply(root, OP_SET, ("users", "u5"), record)  # spliced: written at once
+    ptr = store.writer.flat_pointer(record)
+    assert ptr is not None and store.writer.flush(root) == root
+    assert store.writer.flat_pointer(record) == ptr  # the flush does not forget it
+    store.writer.begin()
+    assert store.writer.flat_pointer(record) is None
 
 
 def test_decode_ops_returns_plain_data_and_refuses_references_and_garbage():

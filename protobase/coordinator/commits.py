@@ -275,6 +275,7 @@ class Commits:
         if self.durability.failure:
             return [self.failure_reply() for _ in requests]
         group = _Group(self.root, self.seq)
+        self.writer.begin()
         replies: list[Reply | None] = []
         for index, (asker, arguments) in enumerate(requests):
             group.more_to_come = index < len(requests) - 1
@@ -347,8 +348,12 @@ class Commits:
             return reply
         try:
             group.working = self._apply_ops(group.working, ops, paths)
-        except PathError as error:
-            group.working = self._reapply(group)  # undo its first ops: the working root is changed in place
+        except ProtoBaseError as error:
+            # Undo its first ops: the working root is changed in place, and the values they wrote
+            # must not be named to anyone (Writer.begin).
+            group.working = self._reapply(group)
+            if type(error) is not PathError:
+                raise  # refused with its own error (commit_group)
             return error_fields(PathError, f"commit refused: {error}")
         applied = _Applied(asker, group.next_seq, ops, paths, ops_bytes, durability == "sync")
         if group.more_to_come:  # (only later commits of the group look: a bulk commit's million paths need not)
@@ -366,6 +371,7 @@ class Commits:
         place (a list op appends to the list an earlier op of it SET).
         """
         working: Any = self.root
+        self.writer.begin()
         for applied in group.applied:
             applied.ops = parse_ops(applied.ops_bytes, self.writer.records)
             working = self._apply_ops(working, applied.ops, applied.paths)

@@ -6,6 +6,9 @@ paths (`root['users']['alice']['city'] = 'Paris'` is `SET ('users', 'alice',
 copying: containers on the path are copied (tree nodes through TreeWriter,
 small values by decoding their atom), nothing else is touched. `flush` then
 writes the dirty nodes and values bottom-up and returns the new root pointer.
+The commonest op, a SET of a key that exists at a path of dict trees under a
+clean root, skips the decoded nodes: the nodes on its path are written at
+once, with the one entry changed in their bytes (`_spliced`).
 
 Storage rule for a value: scalars sit inline in their parent; a container
 small enough (`flat_dict_entries`, `flat_set_entries`, `flat_list_entries`
@@ -93,6 +96,14 @@ _FLAT_SCALARS = frozenset({int, float, bool, type(None)})
 _PACK_ERRORS = (TypeError, ValueError, OverflowError, UnicodeEncodeError, RecursionError)
 
 
+def _sum(current: Any, n: int | float, key: Any) -> int | float:
+    """An increment's result: the number stored at `key` plus `n`; anything else there is refused."""
+    if type(current) is not int and type(current) is not float:
+        shown = "a container" if type(current) in (Ref, Node, IndexedColl, Packed) else f"{type(current).__name__}"
+        raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
+    return current + n
+
+
 class _ReferenceFromClient(Exception):
     """Raised inside decoding when a client's bytes hold a Ref; `decode_ops` turns it into EncodingError."""
 
@@ -173,7 +184,7 @@ class Writer:
         # The records decode_ops may keep as their bytes: exactly those `write_value` stores as one
         # atom holding what `pack` gives (see _plain_record).
         self.records = PlainRecords(settings.flat_dict_entries, settings.inline_bytes, settings.flat_max_bytes)
-        self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, this flush
+        self.flat_written: dict[int, int] = {}  # {id(value) -> ptr} of one-atom values, since `begin`
         self.refs_made = 0  # Refs produced while inlining, to tell one-atom values apart
         # Encodings of index entries, which every copy of their node repeats; the compiled packer
         # encodes a tuple faster than a memo finds it.
@@ -190,11 +201,49 @@ class Writer:
 
     # -- applying -------------------------------------------------------------
 
+    def begin(self) -> None:
+        """Start a new working root: forget where the last one's values were written (`flat_pointer`).
+
+        Values are written while applying (`_spliced`) as well as by `flush`,
+        so the names are kept from here, not from the flush: a name left from
+        an earlier root could match a new value that reuses its object's id.
+        """
+        self.flat_written.clear()
+
     def apply(self, root: Any, code: int, path: KeyPath, argument: Any) -> Any:
         """Apply one operation to the working root; return the new working root."""
         if not path:
             raise PathError("an operation needs a non-empty key path")
+        if type(root) is int and (code == OP_SET or code == OP_INCR):
+            spliced = self._spliced(root, path, code, argument)
+            if spliced is not None:
+                return spliced
         return self._apply_in(root, path, code, argument)
+
+    def _spliced(self, root: int, path: KeyPath, code: int, argument: Any) -> int | None:
+        """The root after a SET or INCR at `path` written in the nodes' bytes, if the path qualifies; else None.
+
+        The common single-key update, of a key that exists at a path of dict
+        trees under a clean root, needs no decoded node: the searcher copies
+        each node on the path with one entry replaced (Searcher.replace,
+        the same bytes as copying the nodes and encoding them), and the new
+        root is clean at once. Anything else (a new key, a flat dict or an
+        indexed collection on the way) is applied by path copying.
+        """
+
+        def new_entry(old: Any) -> bytes:
+            if code == OP_INCR:
+                return codec.pack(_sum(old, argument, path[-1]))
+            return codec.pack(self.write_value(argument))
+
+        replaced = self.store.searcher.replace(root, path, new_entry, self.arena.append)
+        if replaced is None:
+            return None
+        new_root, old, retired = replaced
+        self.access.discard_value(old)
+        for _, length in retired:
+            self.discarded_bytes += atom_size(length)
+        return new_root
 
     def apply_all(self, root: Any, ops: Iterable[Op]) -> Any:
         """Apply a commit's operations in order; return the new working root.
@@ -297,7 +346,8 @@ class Writer:
         key = path[0]
         if len(path) > 1:
             child = self._container(self._child(container, key, path), path)
-            return self._assign(container, key, self._apply_in(child, path[1:], code, argument), path)
+            changed = self._unchanged(self._apply_in(child, path[1:], code, argument))
+            return self._assign(container, key, changed, path)
         if code == OP_SET:
             return self._assign(container, key, argument, path)
         if code == OP_DELETE:
@@ -311,7 +361,7 @@ class Writer:
             target = self._index_op(target, code == OP_CREATE_INDEX, argument, path)
         else:
             target = self._set_ops(target, argument, code == OP_SET_ADD, path)
-        return self._assign(container, key, target, path)
+        return self._assign(container, key, self._unchanged(target), path)
 
     def _incremented(self, container: Any, key: Any, n: int | float, path: KeyPath) -> int | float:
         """The latest number at `key` plus `n` (OP_INCR): a missing key counts as 0, anything else is refused."""
@@ -319,10 +369,7 @@ class Writer:
             current = self._child(container, key, path)
         except PathError:
             current = 0  # missing (if the container cannot hold `key`, assigning it says so)
-        if type(current) is not int and type(current) is not float:
-            shown = "a container" if type(current) in (Ref, Node, IndexedColl, Packed) else f"{type(current).__name__}"
-            raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
-        return current + n
+        return _sum(current, n, key)
 
     # -- indexed collections ----------------------------------------------------
 
@@ -404,6 +451,16 @@ class Writer:
         if type(slot) is Packed:
             return codec.unpacked(slot)  # a record of this commit, written into
         return slot
+
+    def _unchanged(self, container: Any) -> Any:
+        """A container an op gave back, in a form its parent can hold.
+
+        An op that changes nothing (a delete of a missing key, a drop of an
+        absent index, a discard of a missing element) gives back the clean
+        tree it opened: its pointer, which a parent would store as a number,
+        the records lost. It goes back as its Node.
+        """
+        return self.access.node(container, DICT_LEAF) if type(container) is int else container
 
     def _container(self, slot: Any, path: KeyPath) -> Any:
         """A stored slot opened to be descended into or changed; refused if it holds a number.
@@ -526,7 +583,6 @@ class Writer:
 
     def flush(self, root: Any) -> int:
         """Write everything dirty under the working root; return the root pointer."""
-        self.flat_written.clear()
         return self._flush_tree(root)
 
     def _flush_tree(self, root: Node | int) -> int:

@@ -8,6 +8,9 @@
  *         .lookup(root, key, leaf_kind) -> slot   search.Searcher.lookup
  *         .value(ptr, ref) -> (value, length)     search.Searcher.value (and the value it returns untracked
  *                                                 by the cyclic GC where it cannot be in a cycle: see untrack)
+ *         .replace(root, keys, make_entry, append)
+ *             -> (root, old slot, retired) | None search.Searcher.replace: the nodes on a path of dict trees
+ *                                                 written again with one entry changed, spliced in their bytes
  *
  * The Python functions decode a whole node and bisect it; these read the node's msgpack bytes
  * (btree/node.py's format) in place and build a Python object for the one entry they return, so
@@ -952,6 +955,242 @@ static PyObject *searcher_value(SearcherObject *self, PyObject *const *args, Py_
     return Py_BuildValue("(Nn)", value, length);
 }
 
+/* ---- replace: a point write on encoded nodes ------------------------------------------- */
+
+/* One node on the path replace() rewrites: the entry it changes (a child pointer in a branch, the
+ * value under the key in a leaf) is [start, end) of its payload. */
+typedef struct {
+    uint64_t ptr;
+    int kind;
+    Py_ssize_t length, start, end;
+} Level;
+
+/* Nodes one replace() may rewrite: a path of 16 keys through trees of 8 levels. */
+#define MAX_LEVELS 128
+
+/* The span of the child pointer `k` leads to in a dict branch (scanned or indexed), and the child. */
+static int branch_span(NodeIndex *index, Bytes *b, Key *k, Level *level, uint64_t *child) {
+    const unsigned char *base = b->at;
+    if (index != NULL) {
+        int equal, negative;
+        int64_t i = indexed_bisect(index, b->at, b->end, k, 1, &equal);
+        if (i < 0) return -1;
+        b->at = base + index->offsets[index->keys + i];
+        if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, child) || negative || *child == 0 ||
+            *b->at == 0xc2 || *b->at == 0xc3)
+            return corrupt("a child pointer is not a pointer");
+    } else if ((*child = branch_child_of(b, k)) == 0) /* leaves the reader at the child */
+        return -1;
+    level->start = b->at - base;
+    if (skip_items(b, 1, 0) < 0) return -1;
+    level->end = b->at - base;
+    return 0;
+}
+
+/* The span of the value under `k` in a dict leaf; *equal = 0 when the key is absent. */
+static int leaf_span(NodeIndex *index, Bytes *b, Key *k, Level *level, int *equal) {
+    const unsigned char *base = b->at;
+    if (index != NULL) {
+        int64_t i = indexed_bisect(index, b->at, b->end, k, 0, equal);
+        if (i < 0) return -1;
+        if (!*equal) return 0;
+        b->at = base + index->offsets[index->keys + i];
+    } else {
+        uint64_t count, position, values;
+        if (open_node(b, 2) < 0 || find_key(b, k, &count, &position, equal) < 0) return -1;
+        if (!*equal) return 0;
+        if (skip_items(b, count - position, 0) < 0 || take_array(b, &values) < 0) return -1;
+        if (values != count) return corrupt("has mismatched key, value and size counts");
+        if (skip_items(b, position, 0) < 0) return -1;
+    }
+    level->start = b->at - base;
+    if (skip_items(b, 1, 0) < 0) return -1;
+    level->end = b->at - base;
+    return 0;
+}
+
+/* The tree a leaf entry refers to, if it is a Ref to a dict tree: its pointer, else 0. */
+static uint64_t dict_tree_at(const unsigned char *at, const unsigned char *end) {
+    if (end - at != 10 || at[0] != 0xd7 || at[1] != EXT_REF) return 0;
+    uint64_t word = 0;
+    for (int i = 9; i >= 2; i--) word = (word << 8) | at[i];
+    int kind = (int)(word >> REF_KIND_SHIFT);
+    return kind == DICT_LEAF || kind == DICT_BRANCH ? word & REF_POINTER_MASK : 0;
+}
+
+/* Walk `keys` from `root` through dict trees, recording every node on the way in `levels`; 1 if
+ * the last key is present (*old: its slot, decoded), 0 if the path does not qualify, -1 on error. */
+static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level *levels, int *count, PyObject **old) {
+    Mapping m = {.held = 0};
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    uint64_t ptr = root;
+    int outcome = 1;
+    *count = 0;
+    for (Py_ssize_t j = 0; j < n && outcome == 1; j++) {
+        Key k;
+        int ok = prepare_key(&k, PySequence_Fast_GET_ITEM(keys, j));
+        if (ok <= 0) {
+            Py_XDECREF(k.ordered);
+            outcome = ok;
+            break;
+        }
+        for (int depth = 0;; depth++) {
+            Bytes b;
+            int kind, equal;
+            if (depth > MAX_DEPTH) {
+                outcome = corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
+                break;
+            }
+            if (*count == MAX_LEVELS) {
+                outcome = 0;
+                break;
+            }
+            if (open_atom(self, &m, ptr, &b, &kind) < 0) {
+                outcome = -1;
+                break;
+            }
+            if (kind != DICT_LEAF && kind != DICT_BRANCH) {
+                outcome = corrupt_at(ptr, "not a node of its tree");
+                break;
+            }
+            Level *level = &levels[(*count)++];
+            *level = (Level){.ptr = ptr, .kind = kind, .length = b.end - b.at};
+            const unsigned char *base = b.at;
+            NodeIndex *index = indexed(self, ptr, kind, &b);
+            if (index == NULL && PyErr_Occurred()) {
+                outcome = -1;
+                break;
+            }
+            if (kind == DICT_BRANCH) {
+                int failed = branch_span(index, &b, &k, level, &ptr);
+                give_back(self, index);
+                if (failed) {
+                    outcome = -1;
+                    break;
+                }
+                continue;
+            }
+            int failed = leaf_span(index, &b, &k, level, &equal);
+            give_back(self, index);
+            if (failed)
+                outcome = -1;
+            else if (!equal)
+                outcome = 0;
+            else if (j == n - 1) {
+                Bytes entry = {base + level->start, base + level->end};
+                *old = decode_next(&entry);
+                outcome = *old == NULL ? -1 : 1;
+            } else if ((ptr = dict_tree_at(base + level->start, base + level->end)) == 0)
+                outcome = 0; /* no dict tree below: a value, a flat dict, an indexed collection */
+            break;
+        }
+        Py_XDECREF(k.ordered);
+    }
+    release(&m);
+    return outcome;
+}
+
+/* A child's encoding in its parent: a pointer (msgpack's shortest uint) in a branch, a Ref to the
+ * tree's root node in a leaf. */
+static PyObject *child_entry(uint64_t ptr, int parent_kind, int kind) {
+    unsigned char out[10];
+    Py_ssize_t n;
+    if (parent_kind == DICT_BRANCH) {
+        int width = ptr < 0x80 ? 0 : ptr <= 0xff ? 1 : ptr <= 0xffff ? 2 : ptr <= 0xffffffff ? 4 : 8;
+        if (width == 0) {
+            out[0] = (unsigned char)ptr;
+            n = 1;
+        } else {
+            out[0] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
+            for (int i = 0; i < width; i++) out[1 + i] = (unsigned char)(ptr >> (8 * (width - 1 - i)));
+            n = 1 + width;
+        }
+    } else {
+        uint64_t word = (uint64_t)kind << REF_KIND_SHIFT | ptr;
+        out[0] = 0xd7;
+        out[1] = EXT_REF;
+        for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(word >> (8 * i));
+        n = 10;
+    }
+    return PyBytes_FromStringAndSize((const char *)out, n);
+}
+
+/* Write the levels bottom-up, each with its entry replaced; the new root's pointer, or NULL. */
+static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, PyObject *entry, PyObject *append,
+                               PyObject *retired) {
+    Mapping m = {.held = 0};
+    PyObject *written = NULL;
+    Py_INCREF(entry);
+    for (int i = count - 1; i >= 0; i--) {
+        Level *level = &levels[i];
+        Bytes b;
+        int kind;
+        if (open_atom(self, &m, level->ptr, &b, &kind) < 0) break;
+        if (b.end - b.at != level->length) { /* atoms never change: this one did */
+            corrupt_at(level->ptr, "changed while it was being replaced");
+            break;
+        }
+        Py_ssize_t size = PyBytes_GET_SIZE(entry), tail = level->length - level->end;
+        PyObject *payload = PyBytes_FromStringAndSize(NULL, level->start + size + tail);
+        if (payload != NULL) {
+            char *out = PyBytes_AS_STRING(payload);
+            memcpy(out, b.at, (size_t)level->start);
+            memcpy(out + level->start, PyBytes_AS_STRING(entry), (size_t)size);
+            memcpy(out + level->start + size, b.at + level->end, (size_t)tail);
+        }
+        release(&m); /* append() may map or grow segments: hold none across it */
+        PyObject *args[2] = {PyLong_FromLong(level->kind), payload};
+        Py_CLEAR(written);
+        written = args[0] != NULL && payload != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
+        Py_XDECREF(args[0]);
+        Py_XDECREF(payload);
+        uint64_t ptr;
+        if (written == NULL || take_pointer(written, &ptr) < 0) break;
+        PyObject *was = Py_BuildValue("(Kn)", (unsigned long long)level->ptr, level->length);
+        if (was == NULL) break;
+        PyList_SET_ITEM(retired, i, was);
+        Py_SETREF(entry, i > 0 ? child_entry(ptr, levels[i - 1].kind, level->kind) : NULL);
+        if (i > 0 && entry == NULL) break;
+        if (i == 0) {
+            release(&m);
+            return written;
+        }
+    }
+    release(&m);
+    Py_XDECREF(entry);
+    Py_XDECREF(written);
+    return NULL;
+}
+
+/* replace(root, keys, make_entry, append) -> (new root, old slot, [(ptr, payload length)]) or None;
+ * make_entry(old slot) -> the new value's encoding */
+static PyObject *searcher_replace(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "replace(root, keys, make_entry, append) takes 4 arguments");
+    uint64_t root;
+    if (take_pointer(args[0], &root) < 0) return NULL;
+    PyObject *keys = PySequence_Fast(args[1], "replace: keys must be a sequence");
+    if (keys == NULL) return NULL;
+    Level levels[MAX_LEVELS];
+    int count;
+    PyObject *old = NULL, *result = NULL;
+    int found = root != 0 && PySequence_Fast_GET_SIZE(keys) > 0 ? walk_path(self, root, keys, levels, &count, &old) : 0;
+    Py_DECREF(keys);
+    if (found <= 0) return found < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *entry = PyObject_CallOneArg(args[2], old);
+    if (entry != NULL && !PyBytes_Check(entry)) {
+        PyErr_SetString(PyExc_TypeError, "replace: make_entry(old) must return bytes");
+        Py_CLEAR(entry);
+    }
+    PyObject *retired = entry != NULL ? PyList_New(count) : NULL;
+    PyObject *written = retired != NULL ? splice_levels(self, levels, count, entry, args[3], retired) : NULL;
+    if (written != NULL) result = PyTuple_Pack(3, written, old, retired);
+    Py_XDECREF(written);
+    Py_XDECREF(retired);
+    Py_XDECREF(entry);
+    Py_DECREF(old);
+    return result;
+}
+
 static int searcher_init(SearcherObject *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"buffers", "atom", "fallback", NULL};
     PyObject *buffers, *atom, *fallback;
@@ -996,6 +1235,9 @@ static PyMethodDef searcher_methods[] = {
      "lookup(root, key, leaf_kind) -> the slot under key; KeyError if absent (search.Searcher.lookup)"},
     {"value", (PyCFunction)(void (*)(void))searcher_value, METH_FASTCALL,
      "value(ptr, ref) -> (the VALUE atom at ptr decoded frozen, its payload length) (search.Searcher.value)"},
+    {"replace", (PyCFunction)(void (*)(void))searcher_replace, METH_FASTCALL,
+     "replace(root, keys, make_entry, append) -> (new root, old slot, [(ptr, payload length)]) or None: the "
+     "value at a path of dict trees replaced in the nodes' bytes (search.Searcher.replace)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,7 +4,10 @@ Owns the point lookup of a clean dict or set tree read straight from its
 atoms: `Searcher.lookup(root, key, leaf_kind)` walks branch to leaf and
 returns the slot stored under `key` (a scalar or a Ref; for a set tree the
 key), `Searcher.value(ptr, ref)` decodes one VALUE atom. Nothing is cached
-here: the Store (store.py) decides what to keep.
+here: the Store (store.py) decides what to keep. And the point write the
+coordinator makes most: `Searcher.replace(root, keys, make_entry, append)`
+walks a path of dict trees and writes each node on it again with one entry
+changed, in its bytes (coordinator/writer.py, `Writer._spliced`).
 
 Two implementations, function for function: these pure-Python ones decode a
 node and bisect it (the oracle, and the fallback without a compiler), and
@@ -18,7 +21,8 @@ Runs in every process that reads trees (clients, pool workers, the
 coordinator's Store).
 
 Invariant: both implementations return the same slot (or raise KeyError) for
-every key of keyorder.py's key types on every tree the coordinator writes, and
+every key of keyorder.py's key types on every tree the coordinator writes,
+`replace` writes the payloads that copying the nodes and encoding them gives, and
 neither trusts the bytes: a malformed node, a bad pointer or a walk deeper than
 `MAX_DEPTH` levels (a cycle) is a CorruptionError.
 """
@@ -26,9 +30,11 @@ neither trusts the bytes: a malformed node, a bad pointer or a walk deeper than
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
+
+import msgpack
 
 from protobase import native
 from protobase.core import codec
@@ -36,7 +42,7 @@ from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF
 from protobase.core.btree.node import decode_node
 from protobase.core.frozen import FrozenDict, FrozenList
 from protobase.errors import CorruptionError
-from protobase.keyorder import bisect_left, bisect_right, order_key
+from protobase.keyorder import KEY_TYPES, bisect_left, bisect_right, order_key
 
 __all__ = [
     "MAX_DEPTH",
@@ -53,6 +59,7 @@ __all__ = [
 MAX_DEPTH = 64
 
 _BRANCH_OF_LEAF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH}
+_MAX_LEVELS = 128  # nodes one replace may rewrite (cnode.c's MAX_LEVELS)
 
 Atom = Callable[[int], tuple[int, memoryview]]  # AtomReader.atom: pointer -> (kind, payload)
 Fallback = Callable[[int, Any, int], Any]  # (root, key, leaf_kind) -> slot: the decoded-node lookup
@@ -93,6 +100,22 @@ def _bisect(bisect: Callable[[list[Any], Any], int], keys: list[Any], key: Any) 
         raise CorruptionError("tree node: a stored key is of no key type") from None
 
 
+def _entry_span(payload: memoryview, parts: int, keys: int, i: int) -> tuple[int, int]:
+    """Where entry `i` of a node's second array (a leaf's values, a branch's children) lies in its payload."""
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(payload)
+    if unpacker.read_array_header() != parts or unpacker.read_array_header() != keys:
+        raise CorruptionError("tree node: does not have the node shape")
+    for _ in range(keys):
+        unpacker.skip()
+    unpacker.read_array_header()
+    for _ in range(i):
+        unpacker.skip()
+    start = unpacker.tell()
+    unpacker.skip()
+    return start, unpacker.tell()
+
+
 class SearcherPython:
     """Point lookups in the trees of one process's mapped segments (the oracle of cnode.Searcher).
 
@@ -123,6 +146,77 @@ class SearcherPython:
                 raise CorruptionError(f"tree node {ptr:#x}: not a node of its tree")
             ptr = branch_child_python(kind, payload, key)
         raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
+
+    def replace(
+        self,
+        root: int,
+        keys: Sequence[Any],
+        make_entry: Callable[[Any], bytes],
+        append: Callable[[int, bytes], int],
+    ) -> tuple[int, Any, list[tuple[int, int]]] | None:
+        """Replace the value at the path `keys` of dict trees, in the nodes' bytes; None if it does not qualify.
+
+        It qualifies when every key is of a key type, every container on the
+        path is a dict tree (its leaves hold a Ref to the next) and the last
+        key is present. Then `make_entry(old slot)` gives the new value's encoding, and
+        every node on the path is written again, bottom-up, through
+        `append(kind, payload)`, with one entry changed: the value, then each
+        child's new pointer (in a branch) or Ref (in a leaf). The payloads are
+        byte for byte what copying the nodes and encoding them gives, since
+        nothing else changes. Returns (the new root's pointer, the old slot,
+        [(pointer, payload length)] of each node replaced); nothing is written
+        when it returns None.
+        """
+        found = self._walk(root, keys)
+        if found is None:
+            return None
+        levels, old = found
+        entry = make_entry(old)
+        retired = []
+        for i in range(len(levels) - 1, -1, -1):
+            ptr, kind, payload, start, end = levels[i]
+            written = append(kind, b"".join((payload[:start], entry, payload[end:])))
+            retired.append((ptr, len(payload)))
+            if i > 0:
+                entry = codec.pack(written if levels[i - 1][1] == DICT_BRANCH else codec.Ref(written, kind))
+        retired.reverse()
+        return written, old, retired
+
+    def _walk(self, root: int, keys: Sequence[Any]) -> tuple[list[tuple[int, int, memoryview, int, int]], Any] | None:
+        """replace's walk: each node on the path, (ptr, kind, payload, entry start, entry end), and the old slot."""
+        levels: list[tuple[int, int, memoryview, int, int]] = []
+        ptr, old = root, None
+        if not ptr or not keys:
+            return None
+        for j, key in enumerate(keys):
+            if type(key) not in KEY_TYPES:
+                return None
+            for _ in range(MAX_DEPTH + 1):
+                if len(levels) == _MAX_LEVELS:
+                    return None
+                kind, payload = self.atom(ptr)
+                if kind != DICT_BRANCH and kind != DICT_LEAF:
+                    raise CorruptionError(f"tree node {ptr:#x}: not a node of its tree")
+                node = decode_node(kind, payload, ptr)
+                assert node.keys is not None and node.values is not None, "a dict node"
+                if kind == DICT_BRANCH:
+                    i = _bisect(bisect_right, node.keys, key)
+                    levels.append((ptr, kind, payload, *_entry_span(payload, 3, len(node.keys), i)))
+                    ptr = branch_child_python(kind, payload, key)
+                    continue
+                i = _bisect(bisect_left, node.keys, key)
+                if i == len(node.keys) or node.keys[i] != key:
+                    return None
+                levels.append((ptr, kind, payload, *_entry_span(payload, 2, len(node.keys), i)))
+                old = node.values[i]
+                break
+            else:
+                raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
+            if j < len(keys) - 1:
+                if type(old) is not codec.Ref or old.kind not in (DICT_LEAF, DICT_BRANCH) or not old.ptr:
+                    return None  # no dict tree below: a value, a flat dict, an indexed collection
+                ptr = old.ptr
+        return levels, old
 
     def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
         """(the VALUE atom at `ptr` decoded frozen, Refs in it through `ref`; its payload length)."""
