@@ -1,7 +1,8 @@
 """The coordinator's CPU per single-key commit, in one process: `python -m benchmarks.commitpath`.
 
 What `Commits.commit` costs (parse, validate, apply, flush, log, publish) for
-one SET of a small record into a 100,000-key dict, without the socket, the
+one SET of a small record into a 100,000-key dict (`--indexes 2`: with two
+indexes on its records' fields), without the socket, the
 client or the persistence process: the coordinator's own share of a commit,
 the part the compiled core is moving into C. Its collaborators are stubs that
 keep nothing (a WAL record is encoded, then dropped).
@@ -34,9 +35,16 @@ from protobase.core import codec
 from protobase.core.arena import ArenaWriter, AtomReader
 from protobase.core.store import Store
 from protobase.shm import new_instance_id, sweep
-from protobase.wire.opcodes import OP_SET
+from protobase.wire.opcodes import OP_CREATE_INDEX, OP_SET
 
 RECORDS = 100_000
+
+
+FIELDS = ("city", "score")  # what `--indexes N` indexes
+
+
+def record(n: int, i: int) -> dict[str, Any]:
+    return {"n": n, "city": f"c{i % 50}", "score": i % 100}
 
 
 class _Control:
@@ -77,8 +85,8 @@ class _Asker:
         self.request_id = 0
 
 
-def run(commits: int, rounds: int) -> float:
-    """The best microseconds per commit over `rounds` rounds of `commits` commits."""
+def run(commits: int, rounds: int, indexes: int = 0) -> float:
+    """The best microseconds per commit over `rounds` rounds of `commits` commits (into a collection with `indexes`)."""
     instance = new_instance_id()
     arena = ArenaWriter(instance)
     writer = Writer(arena, Store(AtomReader(instance, writer=arena)))
@@ -98,13 +106,15 @@ def run(commits: int, rounds: int) -> float:
         state.commit(asker, state.seq, False, "async", codec.encode(ops), [])  # type: ignore[arg-type]
 
     try:
-        commit([[OP_SET, ["users"], {f"u{i}": {"n": i} for i in range(RECORDS)}]])
+        commit([[OP_SET, ["users"], {f"u{i}": record(i, i) for i in range(RECORDS)}]])
+        for field in FIELDS[:indexes]:
+            commit([[OP_CREATE_INDEX, ["users"], field]])
         Collector().install()  # as the coordinator does once it is up
         best = float("inf")
         for round_number in range(rounds):
             started = time.perf_counter()
             for i in range(commits):
-                commit([[OP_SET, ["users", f"u{(i * 7919 + round_number) % RECORDS}"], {"n": -i}]])
+                commit([[OP_SET, ["users", f"u{(i * 7919 + round_number) % RECORDS}"], record(-i, i)]])
             best = min(best, (time.perf_counter() - started) / commits * 1e6)
         return best
     finally:
@@ -113,7 +123,7 @@ def run(commits: int, rounds: int) -> float:
         sweep(instance)
 
 
-def instructions_per_commit() -> float:
+def instructions_per_commit(indexes: int) -> float:
     """Instructions per commit under callgrind: two runs, 1,000 commits apart."""
     counts = []
     for commits in (300, 1300):
@@ -130,6 +140,8 @@ def instructions_per_commit() -> float:
                     str(commits),
                     "--rounds",
                     "1",
+                    "--indexes",
+                    str(indexes),
                 ],
                 capture_output=True,
                 text=True,
@@ -147,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commits", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--callgrind", action="store_true", help="instructions per commit (needs valgrind)")
+    parser.add_argument("--indexes", type=int, default=0, choices=range(len(FIELDS) + 1), help="indexed fields")
     args = parser.parse_args(argv)
+    what = f"coordinator, one SET into a {RECORDS:,}-key dict" + (f" with {args.indexes} indexes" if args.indexes else "")
     if args.callgrind:
-        print(f"coordinator, one SET into a {RECORDS:,}-key dict: {instructions_per_commit():,.0f} instructions/commit")
+        print(f"{what}: {instructions_per_commit(args.indexes):,.0f} instructions/commit")
     else:
-        best = run(args.commits, args.rounds)
-        print(f"coordinator, one SET into a {RECORDS:,}-key dict: {best:.1f} us/commit (best of {args.rounds})")
+        best = run(args.commits, args.rounds, args.indexes)
+        print(f"{what}: {best:.1f} us/commit (best of {args.rounds})")
     return 0
 
 
