@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callgrind", action="store_true", help="instructions per commit (needs valgrind)")
     parser.add_argument("--indexes", type=int, default=0, choices=range(len(FIELDS) + 1), help="indexed fields")
     args = parser.parse_args(argv)
-    what = f"coordinator, one SET into a {RECORDS:,}-key dict" + (f" with {args.indexes} indexes" if args.indexes else "")
+    what = f"coordinator, one SET into a {RECORDS:,}-key dict"
+    what += f" with {args.indexes} indexes" if args.indexes else ""
     if args.callgrind:
         print(f"{what}: {instructions_per_commit(args.indexes):,.0f} instructions/commit")
     else:

@@ -31,7 +31,7 @@ from protobase.core.btree import MAX_ENTRIES, Node, TreeWriter, encode_node, sea
 from protobase.core.codec import Ref
 from protobase.core.store import Store
 from protobase.errors import CorruptionError
-from protobase.keyorder import bisect_right, order_key
+from protobase.keyorder import bisect_left, bisect_right, order_key
 from protobase.shm import instance_entries, new_instance_id, sweep
 
 cnode = native.load("protobase.core.cnode") if search.COMPILED else None
@@ -399,7 +399,7 @@ def test_a_walk_through_indexed_nodes_finds_what_the_first_walk_found(trees: Tre
     assert first == [("ok", (int, i)) for i in range(len(keys))]
 
 
-# ---- replace: a point write on encoded nodes -------------------------------------------------
+# ---- splice: a point write on encoded nodes -------------------------------------------------
 
 
 class Appended:
@@ -415,8 +415,21 @@ class Appended:
         return self.POINTERS[(len(self.atoms) - 1) % len(self.POINTERS)]
 
 
+ABSENT = object()  # the old slot splice reports for a new key
+
+
 def record(trees: Trees, n: int) -> Ref:
     return Ref(trees.arena.append(VALUE, codec.encode({"n": n})), VALUE)
+
+
+def grown_tree(trees: Trees, keys: list[Any], values: list[Any], seed: int) -> int:
+    """A dict tree grown key by key in random order, as commits grow one: leaves of every width."""
+    root: Any = 0
+    order = list(range(len(keys)))
+    random.Random(seed).shuffle(order)
+    for i in order:
+        root = trees.writer.assign(root, keys[i], values[i])[0]
+    return trees.writer.flush(root, lambda node: trees.arena.append(node.kind, encode_node(node)), lambda v: v)
 
 
 def nested_trees(trees: Trees) -> tuple[int, dict[Any, list[Any]]]:
@@ -427,62 +440,77 @@ def nested_trees(trees: Trees) -> tuple[int, dict[Any, list[Any]]]:
     for i, key in enumerate(outer):
         if i % 3 == 0:
             keys = mixed_keys(700 if i % 2 else 40, seed=i)
-            inner = [record(trees, j) if j % 2 else j for j in range(len(keys))]
-            ptr = trees.tree(DICT_LEAF, keys, inner)
+            ptr = grown_tree(trees, keys, [record(trees, j) if j % 2 else j for j in range(len(keys))], seed=i)
             values.append(Ref(ptr, trees.reader.atom(ptr)[0]))
             inner_keys[key] = keys
         else:
             values.append(Ref(trees.arena.append(VALUE, codec.encode({"k": i})), VALUE) if i % 3 == 1 else f"s{i}")
-    return trees.tree(DICT_LEAF, outer, values), inner_keys
+    return grown_tree(trees, outer, values, seed=1), inner_keys
 
 
-def expected_payload(trees: Trees, ptr: int, key: Any, entry: Any) -> bytes:
-    """A node's payload with the entry under `key` (a leaf's value, a branch's child) set to `entry`."""
+def expected_payload(trees: Trees, ptr: int, key: Any, entry: Any, new_key: bool) -> bytes:
+    """A node's payload with the entry under `key` (a leaf's value, a branch's child) set to `entry`;
+    for a `new_key`, the key added, with its subtree's size."""
     kind, payload = trees.reader.atom(ptr)
     node = search.decode_node(kind, payload, ptr)
     assert node.keys is not None and node.values is not None
     if kind == DICT_BRANCH:
-        node.values[bisect_right(node.keys, key)] = entry
+        position = bisect_right(node.keys, key)
+        node.values[position] = entry
+        if new_key:
+            assert node.sizes is not None
+            node.sizes[position] += 1
+    elif new_key:
+        position = bisect_left(node.keys, key)
+        node.keys.insert(position, key)
+        node.values.insert(position, entry)
     else:
         node.values[node.keys.index(key)] = entry
     return encode_node(node)
 
 
-def test_replace_writes_what_copying_the_nodes_and_encoding_them_writes(trees: Trees) -> None:
+def test_splice_writes_what_copying_changing_and_encoding_the_nodes_writes(trees: Trees) -> None:
     root, inner_keys = nested_trees(trees)
     rng = random.Random(3)
     paths = [(outer, rng.choice(keys)) for outer, keys in inner_keys.items()]
     paths += [(outer,) for outer in rng.sample(list(inner_keys), 5)]
+    new_keys = [key for key in mixed_keys(400, seed=99) if all(key not in keys for keys in inner_keys.values())]
+    paths += [(outer, rng.choice(new_keys)) for outer in inner_keys]
     value = Ref(77 << 40 | 64, VALUE)
-    depths = set()
+    depths, inserted = set(), 0
     for path in paths:
         results = []
         for searcher in trees.searchers():
             appended = Appended()
-            replaced = searcher.replace(root, path, lambda old: codec.pack(value), appended)
-            results.append((replaced, appended.atoms))
+            spliced = searcher.splice(root, path, lambda old: codec.pack(value), appended, codec.pack, ABSENT)
+            results.append((spliced, appended.atoms))
         assert all(result == results[0] for result in results[1:]), path  # the twins agree on everything
+        if results[0][0] is None:  # a new key whose leaf is full: path copying splits it
+            assert path[-1] in new_keys
+            continue
         (new_root, old, retired), atoms = results[0]
         # The nodes on the way, root first, each with the key that leads through it.
-        on_path = [(ptr, path[0]) for ptr in nodes_on_the_way(trees, root, path[0])]
+        on_path = [(ptr, path[0], len(path) == 1) for ptr in nodes_on_the_way(trees, root, path[0])]
         if len(path) == 2:
             inner = trees.store.access.lookup(root, path[0])
-            on_path += [(ptr, path[1]) for ptr in nodes_on_the_way(trees, inner.ptr, path[1])]
-        assert [ptr for ptr, _ in on_path] == [ptr for ptr, _ in retired]
-        assert [length for _, length in retired] == [len(trees.reader.atom(ptr)[1]) for ptr, _ in on_path]
-        assert old == trees.store.access.lookup(on_path[-1][0], path[-1])
-        # Bottom-up: each atom is its node with one entry changed, to the value or the new node below.
+            on_path += [(ptr, path[1], True) for ptr in nodes_on_the_way(trees, inner.ptr, path[1])]
+        assert [ptr for ptr, _, _ in on_path] == [ptr for ptr, _ in retired]
+        assert [length for _, length in retired] == [len(trees.reader.atom(ptr)[1]) for ptr, _, _ in on_path]
+        new_key = path[-1] in new_keys
+        inserted += new_key
+        assert old is ABSENT if new_key else old == trees.store.access.lookup(on_path[-1][0], path[-1])
+        # Bottom-up: each atom is its node with one entry set, to the value or the new node below.
         entry: Any = value
         for position in range(len(on_path) - 1, -1, -1):
-            (kind, payload), (ptr, key) = atoms[len(on_path) - 1 - position], on_path[position]
+            (kind, payload), (ptr, key, last_tree) = atoms[len(on_path) - 1 - position], on_path[position]
             assert kind == trees.reader.atom(ptr)[0]
-            assert payload == expected_payload(trees, ptr, key, entry), (path, ptr)
+            assert payload == expected_payload(trees, ptr, key, entry, new_key and last_tree), (path, ptr)
             written = Appended.POINTERS[(len(on_path) - 1 - position) % len(Appended.POINTERS)]
             if position > 0:  # the parent holds a pointer (a branch) or a Ref to the tree (a leaf)
                 entry = written if trees.reader.atom(on_path[position - 1][0])[0] == DICT_BRANCH else Ref(written, kind)
         assert new_root == written
         depths.add(len(on_path))
-    assert max(depths) >= 4  # branches and leaves of both trees were rewritten
+    assert max(depths) >= 4 and inserted >= 20  # branches and leaves of both trees, and inserts, were written
 
 
 def nodes_on_the_way(trees: Trees, root: int, key: Any) -> Iterator[int]:
@@ -496,19 +524,20 @@ def nodes_on_the_way(trees: Trees, root: int, key: Any) -> Iterator[int]:
         ptr = search.branch_child_python(kind, payload, key)
 
 
-def test_replace_declines_what_it_cannot_write_in_place_and_writes_nothing(trees: Trees) -> None:
+def test_splice_declines_what_it_cannot_write_in_place_and_writes_nothing(trees: Trees) -> None:
     class Name(str):
         pass
 
     root, inner_keys = nested_trees(trees)
     outer = list(inner_keys)[0]
     scalar = next(k for k in mixed_keys(300, seed=7) if k not in inner_keys)
+    full = trees.tree(DICT_LEAF, [f"k{i:04d}" for i in range(0, 400, 2)], list(range(200)))  # built full
     flat = trees.arena.append(VALUE, codec.encode({"a": 1}))
     sets = trees.tree(SET_LEAF, ["x", "y"], None)
     holder = trees.tree(DICT_LEAF, ["flat", "set"], [Ref(flat, VALUE), Ref(sets, SET_LEAF)])
     declined = [
-        (root, (outer, "no such key")),  # a new key: inserting changes counts and may split
-        (root, ("no such key",)),
+        (full, ("k0101",)),  # a new key in a full leaf: path copying splits it
+        (root, ("no such tree", "x")),
         (root, (scalar, "x")),  # no container below
         (holder, ("flat", "a")),  # a flat dict: one VALUE atom, rewritten whole
         (holder, ("set", "x")),  # not a dict tree
@@ -519,15 +548,15 @@ def test_replace_declines_what_it_cannot_write_in_place_and_writes_nothing(trees
     for searcher in trees.searchers():
         for tree, path in declined:
             appended = Appended()
-            assert searcher.replace(tree, path, lambda old: pytest.fail("asked for an entry"), appended) is None, path
-            assert appended.atoms == []
+            refused = searcher.splice(tree, path, lambda old: pytest.fail("asked"), appended, codec.pack, ABSENT)
+            assert refused is None and appended.atoms == [], path
 
 
-def test_replace_on_a_cycle_is_a_corruption_and_writes_nothing() -> None:
+def test_splice_on_a_cycle_is_a_corruption_and_writes_nothing() -> None:
     first = 1 << 40
     buffers, (ptr,) = segment_of(atom(DICT_BRANCH, encode_node(Node(DICT_BRANCH, ["m"], [first, first], [1, 1]))))
     for searcher in searchers_over(buffers):
         appended = Appended()
         with pytest.raises(CorruptionError, match="deeper than any tree can be"):
-            searcher.replace(ptr, ("a",), lambda old: b"\x01", appended)
+            searcher.splice(ptr, ("a",), lambda old: b"\x01", appended, codec.pack, ABSENT)
         assert appended.atoms == []

@@ -6,9 +6,9 @@ paths (`root['users']['alice']['city'] = 'Paris'` is `SET ('users', 'alice',
 copying: containers on the path are copied (tree nodes through TreeWriter,
 small values by decoding their atom), nothing else is touched. `flush` then
 writes the dirty nodes and values bottom-up and returns the new root pointer.
-The commonest op, a SET of a key that exists at a path of dict trees under a
-clean root, skips the decoded nodes: the nodes on its path are written at
-once, with the one entry changed in their bytes (`_spliced`).
+The commonest op, a SET of one key at a path of dict trees under a clean
+root, skips the decoded nodes: the nodes on its path are written at once,
+with the one entry set in their bytes (`_spliced`).
 
 Storage rule for a value: scalars sit inline in their parent; a container
 small enough (`flat_dict_entries`, `flat_set_entries`, `flat_list_entries`
@@ -223,24 +223,25 @@ class Writer:
     def _spliced(self, root: int, path: KeyPath, code: int, argument: Any) -> int | None:
         """The root after a SET or INCR at `path` written in the nodes' bytes, if the path qualifies; else None.
 
-        The common single-key update, of a key that exists at a path of dict
-        trees under a clean root, needs no decoded node: the searcher copies
-        each node on the path with one entry replaced (Searcher.replace,
-        the same bytes as copying the nodes and encoding them), and the new
-        root is clean at once. Anything else (a new key, a flat dict or an
-        indexed collection on the way) is applied by path copying.
+        The common single-key write, at a path of dict trees under a clean
+        root, needs no decoded node: the searcher copies each node on the
+        path with one entry set (Searcher.splice, the same bytes as copying,
+        changing and encoding the nodes), and the new root is clean at once.
+        Anything else (a new key in a full leaf, a flat dict or an indexed
+        collection on the way) is applied by path copying.
         """
 
         def new_entry(old: Any) -> bytes:
             if code == OP_INCR:
-                return codec.pack(_sum(old, argument, path[-1]))
+                return codec.pack(_sum(0 if old is MISSING else old, argument, path[-1]))
             return codec.pack(self.write_value(argument))
 
-        replaced = self.store.searcher.replace(root, path, new_entry, self.arena.append)
-        if replaced is None:
+        spliced = self.store.searcher.splice(root, path, new_entry, self.arena.append, codec.pack, MISSING)
+        if spliced is None:
             return None
-        new_root, old, retired = replaced
-        self.access.discard_value(old)
+        new_root, old, retired = spliced
+        if old is not MISSING:
+            self.access.discard_value(old)
         for _, length in retired:
             self.discarded_bytes += atom_size(length)
         return new_root

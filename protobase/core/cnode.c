@@ -8,9 +8,9 @@
  *         .lookup(root, key, leaf_kind) -> slot   search.Searcher.lookup
  *         .value(ptr, ref) -> (value, length)     search.Searcher.value (and the value it returns untracked
  *                                                 by the cyclic GC where it cannot be in a cycle: see untrack)
- *         .replace(root, keys, make_entry, append)
- *             -> (root, old slot, retired) | None search.Searcher.replace: the nodes on a path of dict trees
- *                                                 written again with one entry changed, spliced in their bytes
+ *         .splice(root, keys, make_entry, append, pack_key, absent)
+ *             -> (root, old slot, retired) | None search.Searcher.splice: the nodes on a path of dict trees
+ *                                                 written again with one entry set, spliced in their bytes
  *
  * The Python functions decode a whole node and bisect it; these read the node's msgpack bytes
  * (btree/node.py's format) in place and build a Python object for the one entry they return, so
@@ -955,71 +955,83 @@ static PyObject *searcher_value(SearcherObject *self, PyObject *const *args, Py_
     return Py_BuildValue("(Nn)", value, length);
 }
 
-/* ---- replace: a point write on encoded nodes ------------------------------------------- */
+/* ---- splice: a point write on encoded nodes -------------------------------------------- */
 
-/* One node on the path replace() rewrites: the entry it changes (a child pointer in a branch, the
- * value under the key in a leaf) is [start, end) of its payload. */
+#define MAX_ENTRIES 64 /* btree/node.py: entries per leaf; a leaf this full splits on an insert */
+#define MAX_LEVELS 128 /* nodes one splice may rewrite: a path of 16 keys through trees of 8 levels */
+
+/* One node on the path splice() rewrites. */
 typedef struct {
     uint64_t ptr;
     int kind;
-    Py_ssize_t length, start, end;
+    Py_ssize_t length;
+    uint64_t position; /* a branch: the child taken; a leaf: where the key is, or goes */
+    int last_tree;     /* in the tree that holds the last key (an insert changes its counts) */
 } Level;
 
-/* Nodes one replace() may rewrite: a path of 16 keys through trees of 8 levels. */
-#define MAX_LEVELS 128
-
-/* The span of the child pointer `k` leads to in a dict branch (scanned or indexed), and the child. */
-static int branch_span(NodeIndex *index, Bytes *b, Key *k, Level *level, uint64_t *child) {
+/* The child `k` leads to in a dict branch: its position and pointer. */
+static int branch_step(NodeIndex *index, Bytes *b, Key *k, uint64_t *position, uint64_t *child) {
     const unsigned char *base = b->at;
     if (index != NULL) {
-        int equal, negative;
+        int equal;
         int64_t i = indexed_bisect(index, b->at, b->end, k, 1, &equal);
         if (i < 0) return -1;
+        *position = (uint64_t)i;
         b->at = base + index->offsets[index->keys + i];
-        if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, child) || negative || *child == 0 ||
-            *b->at == 0xc2 || *b->at == 0xc3)
-            return corrupt("a child pointer is not a pointer");
-    } else if ((*child = branch_child_of(b, k)) == 0) /* leaves the reader at the child */
-        return -1;
-    level->start = b->at - base;
-    if (skip_items(b, 1, 0) < 0) return -1;
-    level->end = b->at - base;
+    } else {
+        uint64_t count, i = 0, children;
+        if (open_node(b, 3) < 0 || take_array(b, &count) < 0) return -1;
+        for (; i < count; i++) { /* bisect_right: the first separator above the key */
+            int c = compare_next(k, b);
+            if (c == -2) return -1;
+            if (c < 0) break;
+        }
+        if (i < count && skip_items(b, count - i - 1, 0) < 0) return -1;
+        if (take_array(b, &children) < 0) return -1;
+        if (children != count + 1) return corrupt("has mismatched key, value and size counts");
+        if (skip_items(b, i, 0) < 0) return -1;
+        *position = i;
+    }
+    int negative;
+    if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, child) || negative || *child == 0 ||
+        *b->at == 0xc2 || *b->at == 0xc3)
+        return corrupt("a child pointer is not a pointer");
     return 0;
 }
 
-/* The span of the value under `k` in a dict leaf; *equal = 0 when the key is absent. */
-static int leaf_span(NodeIndex *index, Bytes *b, Key *k, Level *level, int *equal) {
+/* Where `k` is (or goes) in a dict leaf, whether it is there, the leaf's width, and the reader left at
+ * the value under it when it is. */
+static int leaf_step(NodeIndex *index, Bytes *b, Key *k, uint64_t *position, int *equal, uint64_t *count) {
     const unsigned char *base = b->at;
     if (index != NULL) {
         int64_t i = indexed_bisect(index, b->at, b->end, k, 0, equal);
         if (i < 0) return -1;
-        if (!*equal) return 0;
-        b->at = base + index->offsets[index->keys + i];
-    } else {
-        uint64_t count, position, values;
-        if (open_node(b, 2) < 0 || find_key(b, k, &count, &position, equal) < 0) return -1;
-        if (!*equal) return 0;
-        if (skip_items(b, count - position, 0) < 0 || take_array(b, &values) < 0) return -1;
-        if (values != count) return corrupt("has mismatched key, value and size counts");
-        if (skip_items(b, position, 0) < 0) return -1;
+        *position = (uint64_t)i;
+        *count = index->keys;
+        if (*equal) b->at = base + index->offsets[index->keys + i];
+        return 0;
     }
-    level->start = b->at - base;
-    if (skip_items(b, 1, 0) < 0) return -1;
-    level->end = b->at - base;
-    return 0;
+    uint64_t values;
+    if (open_node(b, 2) < 0 || find_key(b, k, count, position, equal) < 0) return -1;
+    if (!*equal) return 0;
+    if (skip_items(b, *count - *position, 0) < 0 || take_array(b, &values) < 0) return -1;
+    if (values != *count) return corrupt("has mismatched key, value and size counts");
+    return skip_items(b, *position, 0);
 }
 
 /* The tree a leaf entry refers to, if it is a Ref to a dict tree: its pointer, else 0. */
-static uint64_t dict_tree_at(const unsigned char *at, const unsigned char *end) {
-    if (end - at != 10 || at[0] != 0xd7 || at[1] != EXT_REF) return 0;
+static uint64_t dict_tree_at(Bytes *b) {
+    const unsigned char *at = b->at;
+    if (b->end - at < 10 || at[0] != 0xd7 || at[1] != EXT_REF) return 0;
     uint64_t word = 0;
     for (int i = 9; i >= 2; i--) word = (word << 8) | at[i];
     int kind = (int)(word >> REF_KIND_SHIFT);
     return kind == DICT_LEAF || kind == DICT_BRANCH ? word & REF_POINTER_MASK : 0;
 }
 
-/* Walk `keys` from `root` through dict trees, recording every node on the way in `levels`; 1 if
- * the last key is present (*old: its slot, decoded), 0 if the path does not qualify, -1 on error. */
+/* Walk `keys` from `root` through dict trees, recording every node on the way; 1 if the last key is
+ * present (*old: its slot, decoded), 2 if it is absent from a leaf with room for it, 0 if the path
+ * does not qualify, -1 on error. */
 static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level *levels, int *count, PyObject **old) {
     Mapping m = {.held = 0};
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
@@ -1036,7 +1048,8 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
         }
         for (int depth = 0;; depth++) {
             Bytes b;
-            int kind, equal;
+            int kind, equal = 0;
+            uint64_t width = 0;
             if (depth > MAX_DEPTH) {
                 outcome = corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
                 break;
@@ -1054,33 +1067,25 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
                 break;
             }
             Level *level = &levels[(*count)++];
-            *level = (Level){.ptr = ptr, .kind = kind, .length = b.end - b.at};
-            const unsigned char *base = b.at;
+            *level = (Level){.ptr = ptr, .kind = kind, .length = b.end - b.at, .last_tree = j == n - 1};
             NodeIndex *index = indexed(self, ptr, kind, &b);
             if (index == NULL && PyErr_Occurred()) {
                 outcome = -1;
                 break;
             }
-            if (kind == DICT_BRANCH) {
-                int failed = branch_span(index, &b, &k, level, &ptr);
-                give_back(self, index);
-                if (failed) {
-                    outcome = -1;
-                    break;
-                }
-                continue;
-            }
-            int failed = leaf_span(index, &b, &k, level, &equal);
+            int failed = kind == DICT_BRANCH ? branch_step(index, &b, &k, &level->position, &ptr)
+                                             : leaf_step(index, &b, &k, &level->position, &equal, &width);
             give_back(self, index);
             if (failed)
                 outcome = -1;
+            else if (kind == DICT_BRANCH)
+                continue;
             else if (!equal)
-                outcome = 0;
+                outcome = j == n - 1 && width < MAX_ENTRIES ? 2 : 0; /* a full leaf splits: path copying does it */
             else if (j == n - 1) {
-                Bytes entry = {base + level->start, base + level->end};
-                *old = decode_next(&entry);
+                *old = decode_next(&b);
                 outcome = *old == NULL ? -1 : 1;
-            } else if ((ptr = dict_tree_at(base + level->start, base + level->end)) == 0)
+            } else if ((ptr = dict_tree_at(&b)) == 0)
                 outcome = 0; /* no dict tree below: a value, a flat dict, an indexed collection */
             break;
         }
@@ -1090,54 +1095,137 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
     return outcome;
 }
 
-/* A child's encoding in its parent: a pointer (msgpack's shortest uint) in a branch, a Ref to the
- * tree's root node in a leaf. */
-static PyObject *child_entry(uint64_t ptr, int parent_kind, int kind) {
-    unsigned char out[10];
-    Py_ssize_t n;
-    if (parent_kind == DICT_BRANCH) {
-        int width = ptr < 0x80 ? 0 : ptr <= 0xff ? 1 : ptr <= 0xffff ? 2 : ptr <= 0xffffffff ? 4 : 8;
-        if (width == 0) {
-            out[0] = (unsigned char)ptr;
-            n = 1;
-        } else {
-            out[0] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
-            for (int i = 0; i < width; i++) out[1 + i] = (unsigned char)(ptr >> (8 * (width - 1 - i)));
-            n = 1 + width;
-        }
-    } else {
-        uint64_t word = (uint64_t)kind << REF_KIND_SHIFT | ptr;
-        out[0] = 0xd7;
-        out[1] = EXT_REF;
-        for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(word >> (8 * i));
-        n = 10;
-    }
-    return PyBytes_FromStringAndSize((const char *)out, n);
+/* msgpack's shortest encoding of an unsigned integer (a child pointer, a subtree size, an array header's
+ * count when `array`): its length. */
+static Py_ssize_t encode_uint(unsigned char *out, uint64_t v, int array) {
+    if (array && v <= 15) return out[0] = (unsigned char)(0x90 | v), 1;
+    if (array) return out[0] = 0xdc, out[1] = (unsigned char)(v >> 8), out[2] = (unsigned char)v, 3;
+    int width = v < 0x80 ? 0 : v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffff ? 4 : 8;
+    if (width == 0) return out[0] = (unsigned char)v, 1;
+    out[0] = width == 1 ? 0xcc : width == 2 ? 0xcd : width == 4 ? 0xce : 0xcf;
+    for (int i = 0; i < width; i++) out[1 + i] = (unsigned char)(v >> (8 * (width - 1 - i)));
+    return 1 + width;
 }
 
-/* Write the levels bottom-up, each with its entry replaced; the new root's pointer, or NULL. */
-static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, PyObject *entry, PyObject *append,
-                               PyObject *retired) {
+/* A child's encoding in its parent: a pointer in a branch, a Ref to the tree's root node in a leaf. */
+static PyObject *child_entry(uint64_t ptr, int parent_kind, int kind) {
+    unsigned char out[10];
+    if (parent_kind == DICT_BRANCH) return PyBytes_FromStringAndSize((const char *)out, encode_uint(out, ptr, 0));
+    uint64_t word = (uint64_t)kind << REF_KIND_SHIFT | ptr;
+    out[0] = 0xd7;
+    out[1] = EXT_REF;
+    for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(word >> (8 * i));
+    return PyBytes_FromStringAndSize((const char *)out, 10);
+}
+
+/* One change to a payload: its bytes [start, end) become `size` bytes at `data`. */
+typedef struct {
+    Py_ssize_t start, end, size;
+    const char *data;
+} Edit;
+
+#define MAX_EDITS 4
+
+/* The edits that write `entry` into a node, and, for an insert (`key` not NULL), the key and the
+ * counts: a leaf's two array headers, a branch's subtree size. `numbers` holds the encoded counts. */
+static int plan_edits(Level *level, Bytes *b, PyObject *entry, PyObject *key, Edit *edits, int *count,
+                      unsigned char numbers[3][9]) {
+    const unsigned char *base = b->at;
+    uint64_t n, i = level->position, size;
+    int negative;
+    *count = 0;
+#define SPAN_OF_NEXT(edit) (edit.start = b->at - base, skip_items(b, 1, 0) < 0 ? -1 : (edit.end = b->at - base, 0))
+    if (level->kind == DICT_BRANCH) {
+        uint64_t separators, children, sizes;
+        if (open_node(b, 3) < 0 || take_array(b, &separators) < 0 || skip_items(b, separators, 0) < 0 ||
+            take_array(b, &children) < 0)
+            return -1;
+        if (i >= children) return corrupt("changed while it was being written again");
+        if (skip_items(b, i, 0) < 0) return -1;
+        Edit *child = &edits[(*count)++];
+        if (SPAN_OF_NEXT((*child)) < 0) return -1;
+        child->data = PyBytes_AS_STRING(entry), child->size = PyBytes_GET_SIZE(entry);
+        if (key == NULL) return 0;
+        if (skip_items(b, children - i - 1, 0) < 0 || take_array(b, &sizes) < 0 || sizes != children ||
+            skip_items(b, i, 0) < 0)
+            return corrupt("has mismatched key, value and size counts");
+        if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative)
+            return corrupt("a subtree size is not a count");
+        Edit *grown = &edits[(*count)++];
+        if (SPAN_OF_NEXT((*grown)) < 0) return -1;
+        grown->data = (const char *)numbers[0], grown->size = encode_uint(numbers[0], size + 1, 0);
+        return 0;
+    }
+    Edit *keys_header = &edits[0], *at_key = &edits[1], *values_header = &edits[2], *value = &edits[3];
+    if (open_node(b, 2) < 0) return -1;
+    keys_header->start = b->at - base;
+    if (take_array(b, &n) < 0) return -1;
+    if (i > n) return corrupt("changed while it was being written again");
+    keys_header->end = b->at - base;
+    if (skip_items(b, i, 0) < 0) return -1;
+    at_key->start = at_key->end = b->at - base;
+    if (skip_items(b, n - i, 0) < 0) return -1;
+    values_header->start = b->at - base;
+    uint64_t values;
+    if (take_array(b, &values) < 0 || values != n) return corrupt("has mismatched key, value and size counts");
+    values_header->end = b->at - base;
+    if (skip_items(b, i, 0) < 0) return -1;
+    if (key == NULL) {
+        if (SPAN_OF_NEXT((*value)) < 0) return -1;
+        edits[0] = *value;
+        edits[0].data = PyBytes_AS_STRING(entry), edits[0].size = PyBytes_GET_SIZE(entry);
+        *count = 1;
+        return 0;
+    }
+#undef SPAN_OF_NEXT
+    value->start = value->end = b->at - base;
+    value->data = PyBytes_AS_STRING(entry), value->size = PyBytes_GET_SIZE(entry);
+    at_key->data = PyBytes_AS_STRING(key), at_key->size = PyBytes_GET_SIZE(key);
+    keys_header->data = (const char *)numbers[1], keys_header->size = encode_uint(numbers[1], n + 1, 1);
+    values_header->data = (const char *)numbers[2], values_header->size = encode_uint(numbers[2], n + 1, 1);
+    *count = 4;
+    return 0;
+}
+
+/* The payload at [base, base + length) with the edits (in order, not overlapping) made. */
+static PyObject *edited(const unsigned char *base, Py_ssize_t length, Edit *edits, int count) {
+    Py_ssize_t size = length;
+    for (int e = 0; e < count; e++) size += edits[e].size - (edits[e].end - edits[e].start);
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
+    if (payload == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(payload);
+    Py_ssize_t from = 0;
+    for (int e = 0; e < count; e++) {
+        memcpy(out, base + from, (size_t)(edits[e].start - from));
+        out += edits[e].start - from;
+        memcpy(out, edits[e].data, (size_t)edits[e].size);
+        out += edits[e].size;
+        from = edits[e].end;
+    }
+    memcpy(out, base + from, (size_t)(length - from));
+    return payload;
+}
+
+/* Write the levels bottom-up, each with its edits made; the new root's pointer, or NULL. */
+static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, PyObject *entry, PyObject *key,
+                               PyObject *append, PyObject *retired) {
     Mapping m = {.held = 0};
     PyObject *written = NULL;
     Py_INCREF(entry);
     for (int i = count - 1; i >= 0; i--) {
         Level *level = &levels[i];
         Bytes b;
-        int kind;
+        int kind, edits_made;
+        Edit edits[MAX_EDITS];
+        unsigned char numbers[3][9];
         if (open_atom(self, &m, level->ptr, &b, &kind) < 0) break;
         if (b.end - b.at != level->length) { /* atoms never change: this one did */
-            corrupt_at(level->ptr, "changed while it was being replaced");
+            corrupt_at(level->ptr, "changed while it was being written again");
             break;
         }
-        Py_ssize_t size = PyBytes_GET_SIZE(entry), tail = level->length - level->end;
-        PyObject *payload = PyBytes_FromStringAndSize(NULL, level->start + size + tail);
-        if (payload != NULL) {
-            char *out = PyBytes_AS_STRING(payload);
-            memcpy(out, b.at, (size_t)level->start);
-            memcpy(out + level->start, PyBytes_AS_STRING(entry), (size_t)size);
-            memcpy(out + level->start + size, b.at + level->end, (size_t)tail);
-        }
+        const unsigned char *base = b.at;
+        if (plan_edits(level, &b, entry, level->last_tree ? key : NULL, edits, &edits_made, numbers) < 0) break;
+        PyObject *payload = edited(base, level->length, edits, edits_made);
         release(&m); /* append() may map or grow segments: hold none across it */
         PyObject *args[2] = {PyLong_FromLong(level->kind), payload};
         Py_CLEAR(written);
@@ -1162,32 +1250,47 @@ static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, P
     return NULL;
 }
 
-/* replace(root, keys, make_entry, append) -> (new root, old slot, [(ptr, payload length)]) or None;
- * make_entry(old slot) -> the new value's encoding */
-static PyObject *searcher_replace(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "replace(root, keys, make_entry, append) takes 4 arguments");
+static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const char *what) {
+    PyObject *result = PyObject_CallOneArg(function, argument);
+    if (result != NULL && !PyBytes_Check(result)) {
+        PyErr_Format(PyExc_TypeError, "splice: %s must return bytes", what);
+        Py_CLEAR(result);
+    }
+    return result;
+}
+
+/* splice(root, keys, make_entry, append, pack_key, absent)
+ *     -> (new root, old slot or absent, [(ptr, payload length)]) or None */
+static PyObject *searcher_splice(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6)
+        return PyErr_Format(PyExc_TypeError, "splice(root, keys, make_entry, append, pack_key, absent) takes 6 arguments");
     uint64_t root;
     if (take_pointer(args[0], &root) < 0) return NULL;
-    PyObject *keys = PySequence_Fast(args[1], "replace: keys must be a sequence");
+    PyObject *keys = PySequence_Fast(args[1], "splice: keys must be a sequence");
     if (keys == NULL) return NULL;
     Level levels[MAX_LEVELS];
     int count;
-    PyObject *old = NULL, *result = NULL;
-    int found = root != 0 && PySequence_Fast_GET_SIZE(keys) > 0 ? walk_path(self, root, keys, levels, &count, &old) : 0;
-    Py_DECREF(keys);
-    if (found <= 0) return found < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *entry = PyObject_CallOneArg(args[2], old);
-    if (entry != NULL && !PyBytes_Check(entry)) {
-        PyErr_SetString(PyExc_TypeError, "replace: make_entry(old) must return bytes");
-        Py_CLEAR(entry);
+    PyObject *old = NULL, *key = NULL, *entry = NULL, *retired = NULL, *written = NULL, *result = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    int found = root != 0 && n > 0 ? walk_path(self, root, keys, levels, &count, &old) : 0;
+    if (found <= 0) {
+        Py_DECREF(keys);
+        return found < 0 ? NULL : Py_NewRef(Py_None);
     }
-    PyObject *retired = entry != NULL ? PyList_New(count) : NULL;
-    PyObject *written = retired != NULL ? splice_levels(self, levels, count, entry, args[3], retired) : NULL;
+    if (found == 2) {
+        old = Py_NewRef(args[5]);
+        key = called_for_bytes(args[4], PySequence_Fast_GET_ITEM(keys, n - 1), "pack_key(key)");
+    }
+    if (found == 1 || key != NULL) entry = called_for_bytes(args[2], old, "make_entry(old)");
+    if (entry != NULL) retired = PyList_New(count);
+    if (retired != NULL) written = splice_levels(self, levels, count, entry, key, args[3], retired);
     if (written != NULL) result = PyTuple_Pack(3, written, old, retired);
     Py_XDECREF(written);
     Py_XDECREF(retired);
     Py_XDECREF(entry);
+    Py_XDECREF(key);
     Py_DECREF(old);
+    Py_DECREF(keys);
     return result;
 }
 
@@ -1235,9 +1338,9 @@ static PyMethodDef searcher_methods[] = {
      "lookup(root, key, leaf_kind) -> the slot under key; KeyError if absent (search.Searcher.lookup)"},
     {"value", (PyCFunction)(void (*)(void))searcher_value, METH_FASTCALL,
      "value(ptr, ref) -> (the VALUE atom at ptr decoded frozen, its payload length) (search.Searcher.value)"},
-    {"replace", (PyCFunction)(void (*)(void))searcher_replace, METH_FASTCALL,
-     "replace(root, keys, make_entry, append) -> (new root, old slot, [(ptr, payload length)]) or None: the "
-     "value at a path of dict trees replaced in the nodes' bytes (search.Searcher.replace)"},
+    {"splice", (PyCFunction)(void (*)(void))searcher_splice, METH_FASTCALL,
+     "splice(root, keys, make_entry, append, pack_key, absent) -> (new root, old slot, [(ptr, payload length)]) "
+     "or None: the value at a path of dict trees set in the nodes' bytes (search.Searcher.splice)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,9 +5,9 @@ atoms: `Searcher.lookup(root, key, leaf_kind)` walks branch to leaf and
 returns the slot stored under `key` (a scalar or a Ref; for a set tree the
 key), `Searcher.value(ptr, ref)` decodes one VALUE atom. Nothing is cached
 here: the Store (store.py) decides what to keep. And the point write the
-coordinator makes most: `Searcher.replace(root, keys, make_entry, append)`
+coordinator makes most: `Searcher.splice(root, keys, make_entry, append, pack_key, absent)`
 walks a path of dict trees and writes each node on it again with one entry
-changed, in its bytes (coordinator/writer.py, `Writer._spliced`).
+set, in its bytes (coordinator/writer.py, `Writer._spliced`).
 
 Two implementations, function for function: these pure-Python ones decode a
 node and bisect it (the oracle, and the fallback without a compiler), and
@@ -22,7 +22,7 @@ coordinator's Store).
 
 Invariant: both implementations return the same slot (or raise KeyError) for
 every key of keyorder.py's key types on every tree the coordinator writes,
-`replace` writes the payloads that copying the nodes and encoding them gives, and
+`splice` writes the payloads that copying, changing and encoding the nodes gives, and
 neither trusts the bytes: a malformed node, a bad pointer or a walk deeper than
 `MAX_DEPTH` levels (a cycle) is a CorruptionError.
 """
@@ -34,12 +34,10 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
-import msgpack
-
 from protobase import native
 from protobase.core import codec
 from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF
-from protobase.core.btree.node import decode_node
+from protobase.core.btree.node import MAX_ENTRIES, Node, decode_node, encode_node
 from protobase.core.frozen import FrozenDict, FrozenList
 from protobase.errors import CorruptionError
 from protobase.keyorder import KEY_TYPES, bisect_left, bisect_right, order_key
@@ -59,7 +57,7 @@ __all__ = [
 MAX_DEPTH = 64
 
 _BRANCH_OF_LEAF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH}
-_MAX_LEVELS = 128  # nodes one replace may rewrite (cnode.c's MAX_LEVELS)
+_MAX_LEVELS = 128  # nodes one splice may rewrite (cnode.c's MAX_LEVELS)
 
 Atom = Callable[[int], tuple[int, memoryview]]  # AtomReader.atom: pointer -> (kind, payload)
 Fallback = Callable[[int, Any, int], Any]  # (root, key, leaf_kind) -> slot: the decoded-node lookup
@@ -100,22 +98,6 @@ def _bisect(bisect: Callable[[list[Any], Any], int], keys: list[Any], key: Any) 
         raise CorruptionError("tree node: a stored key is of no key type") from None
 
 
-def _entry_span(payload: memoryview, parts: int, keys: int, i: int) -> tuple[int, int]:
-    """Where entry `i` of a node's second array (a leaf's values, a branch's children) lies in its payload."""
-    unpacker = msgpack.Unpacker()
-    unpacker.feed(payload)
-    if unpacker.read_array_header() != parts or unpacker.read_array_header() != keys:
-        raise CorruptionError("tree node: does not have the node shape")
-    for _ in range(keys):
-        unpacker.skip()
-    unpacker.read_array_header()
-    for _ in range(i):
-        unpacker.skip()
-    start = unpacker.tell()
-    unpacker.skip()
-    return start, unpacker.tell()
-
-
 class SearcherPython:
     """Point lookups in the trees of one process's mapped segments (the oracle of cnode.Searcher).
 
@@ -147,50 +129,72 @@ class SearcherPython:
             ptr = branch_child_python(kind, payload, key)
         raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
 
-    def replace(
+    def splice(
         self,
         root: int,
         keys: Sequence[Any],
         make_entry: Callable[[Any], bytes],
         append: Callable[[int, bytes], int],
+        pack_key: Callable[[Any], bytes],
+        absent: Any,
     ) -> tuple[int, Any, list[tuple[int, int]]] | None:
-        """Replace the value at the path `keys` of dict trees, in the nodes' bytes; None if it does not qualify.
+        """Set the value at the path `keys` of dict trees, in the nodes' bytes; None if it does not qualify.
 
         It qualifies when every key is of a key type, every container on the
-        path is a dict tree (its leaves hold a Ref to the next) and the last
-        key is present. Then `make_entry(old slot)` gives the new value's encoding, and
-        every node on the path is written again, bottom-up, through
-        `append(kind, payload)`, with one entry changed: the value, then each
-        child's new pointer (in a branch) or Ref (in a leaf). The payloads are
-        byte for byte what copying the nodes and encoding them gives, since
-        nothing else changes. Returns (the new root's pointer, the old slot,
-        [(pointer, payload length)] of each node replaced); nothing is written
-        when it returns None.
+        path is a dict tree (its leaves hold a Ref to the next), and the last
+        key is present, or absent from a leaf with room for it (a full one
+        would split). Then `make_entry(old slot, or absent)` gives the new
+        value's encoding, and every node on the path is written again,
+        bottom-up, through `append(kind, payload)`, with one entry set: the
+        value (for a new key, the key too, `pack_key(key)`, and the counts of
+        its tree's nodes), then each child's new pointer (in a branch) or Ref
+        (in a leaf). The payloads are byte for byte what copying the nodes,
+        changing them and encoding them gives, which is what this twin does.
+        Returns (the new root's pointer, the old slot or `absent`,
+        [(pointer, payload length)] of each node replaced); nothing is
+        written when it returns None.
         """
         found = self._walk(root, keys)
         if found is None:
             return None
-        levels, old = found
+        levels, old, present = found
+        if not present:
+            pack_key(keys[-1])  # as the compiled twin asks for it
+            old = absent
         entry = make_entry(old)
         retired = []
         for i in range(len(levels) - 1, -1, -1):
-            ptr, kind, payload, start, end = levels[i]
-            written = append(kind, b"".join((payload[:start], entry, payload[end:])))
-            retired.append((ptr, len(payload)))
+            ptr, node, position, last_tree = levels[i]
+            assert node.keys is not None and node.values is not None and node.ptr is not None
+            copy = Node(node.kind, node.keys[:], node.values[:], None if node.sizes is None else node.sizes[:])
+            assert copy.keys is not None and copy.values is not None
+            value = codec.decode(entry, frozen=False)
+            if last_tree and not present and copy.sizes is not None:
+                copy.sizes[position] += 1
+            if last_tree and not present and copy.sizes is None:
+                copy.keys.insert(position, keys[-1])
+                copy.values.insert(position, value)
+            else:
+                copy.values[position] = value
+            written = append(node.kind, encode_node(copy))
+            retired.append((ptr, len(self.atom(ptr)[1])))
             if i > 0:
-                entry = codec.pack(written if levels[i - 1][1] == DICT_BRANCH else codec.Ref(written, kind))
+                parent_kind = levels[i - 1][1].kind
+                entry = codec.pack(written if parent_kind == DICT_BRANCH else codec.Ref(written, node.kind))
         retired.reverse()
         return written, old, retired
 
-    def _walk(self, root: int, keys: Sequence[Any]) -> tuple[list[tuple[int, int, memoryview, int, int]], Any] | None:
-        """replace's walk: each node on the path, (ptr, kind, payload, entry start, entry end), and the old slot."""
-        levels: list[tuple[int, int, memoryview, int, int]] = []
+    def _walk(self, root: int, keys: Sequence[Any]) -> tuple[list[tuple[int, Node, int, bool]], Any, bool] | None:
+        """splice's walk: each node on the path (ptr, node, position, in the last tree), the old slot, and
+        whether the last key is present."""
+        levels: list[tuple[int, Node, int, bool]] = []
         ptr, old = root, None
         if not ptr or not keys:
             return None
         for j, key in enumerate(keys):
             if type(key) not in KEY_TYPES:
                 return None
+            last_tree = j == len(keys) - 1
             for _ in range(MAX_DEPTH + 1):
                 if len(levels) == _MAX_LEVELS:
                     return None
@@ -200,23 +204,22 @@ class SearcherPython:
                 node = decode_node(kind, payload, ptr)
                 assert node.keys is not None and node.values is not None, "a dict node"
                 if kind == DICT_BRANCH:
-                    i = _bisect(bisect_right, node.keys, key)
-                    levels.append((ptr, kind, payload, *_entry_span(payload, 3, len(node.keys), i)))
+                    levels.append((ptr, node, _bisect(bisect_right, node.keys, key), last_tree))
                     ptr = branch_child_python(kind, payload, key)
                     continue
                 i = _bisect(bisect_left, node.keys, key)
+                levels.append((ptr, node, i, last_tree))
                 if i == len(node.keys) or node.keys[i] != key:
-                    return None
-                levels.append((ptr, kind, payload, *_entry_span(payload, 2, len(node.keys), i)))
+                    return (levels, None, False) if last_tree and len(node.keys) < MAX_ENTRIES else None
                 old = node.values[i]
                 break
             else:
                 raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
-            if j < len(keys) - 1:
+            if not last_tree:
                 if type(old) is not codec.Ref or old.kind not in (DICT_LEAF, DICT_BRANCH) or not old.ptr:
                     return None  # no dict tree below: a value, a flat dict, an indexed collection
                 ptr = old.ptr
-        return levels, old
+        return levels, old, True
 
     def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
         """(the VALUE atom at `ptr` decoded frozen, Refs in it through `ref`; its payload length)."""
