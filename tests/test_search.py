@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from protobase import native
 from protobase.core import codec
 from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF, VALUE, ArenaWriter, AtomReader
-from protobase.core.btree import MAX_ENTRIES, Node, TreeWriter, encode_node, search
+from protobase.core.btree import MAX_ENTRIES, MERGE_BELOW, Node, TreeWriter, encode_node, search
 from protobase.core.codec import Ref
 from protobase.core.store import Store
 from protobase.errors import CorruptionError
@@ -560,3 +560,104 @@ def test_splice_on_a_cycle_is_a_corruption_and_writes_nothing() -> None:
         with pytest.raises(CorruptionError, match="deeper than any tree can be"):
             searcher.splice(ptr, ("a",), lambda old: b"\x01", appended, codec.pack, ABSENT)
         assert appended.atoms == []
+
+
+# ---- splice_set: an index's entries removed and added in its set tree's bytes ---------------------
+
+
+def path_copied(
+    trees: Trees, root: int, keys: list[Any], adding: list[bool]
+) -> tuple[list[tuple[int, bytes]], list[int]]:
+    """What TreeWriter writes removing, then adding, `keys` of the set tree at `root` (through Appended), and
+    the pointers of the nodes it copies."""
+    discarded: list[int] = []
+    writer = TreeWriter(trees.store.node, on_discard=discarded.append)
+    tree: Any = root
+    for key in [key for key, add in zip(keys, adding) if not add]:
+        tree = writer.remove(tree, key, SET_LEAF)[0]
+    for key in [key for key, add in zip(keys, adding) if add]:
+        tree = writer.assign(tree, key, None, SET_LEAF)[0]
+    appended = Appended()
+    writer.flush(tree, lambda node: appended(node.kind, encode_node(node)), lambda v: v)
+    return appended.atoms, discarded
+
+
+def index_tree(trees: Trees, entries: list[Any], seed: int) -> int:
+    """A set tree of index entries grown entry by entry in random order: leaves of every width."""
+    root: Any = 0
+    order = entries[:]
+    random.Random(seed).shuffle(order)
+    for entry in order:
+        root = trees.writer.assign(root, entry, None, SET_LEAF)[0]
+    return trees.writer.flush(root, lambda node: trees.arena.append(node.kind, encode_node(node)), lambda v: v)
+
+
+def test_splice_set_writes_what_removing_and_adding_by_path_copying_writes(trees: Trees) -> None:
+    # Index entries (kind, value, key) of mixed values: tuple keys compared in the nodes' bytes.
+    values = mixed_keys(60, seed=5)
+    entries = canonical([(i % 2, values[i % len(values)], f"r{i:05d}") for i in range(12000)])
+    present, absent = entries[::2], entries[1::2]
+    roots = {"grown": index_tree(trees, present, seed=2), "small": index_tree(trees, present[:40], seed=3)}
+    roots["full"] = trees.tree(SET_LEAF, present, None)  # built full: every insert splits
+    rng = random.Random(8)
+    outcomes: dict[str, int] = {"written": 0, "declined": 0, "several in a leaf": 0, "deepest": 0}
+    for _ in range(400):
+        name = rng.choice(list(roots))
+        pool = present if name != "small" else present[:40]
+        removed = rng.sample(pool, rng.choice([0, 1, 1, 2, 3]))
+        added = rng.sample(absent, rng.choice([0, 1, 1, 2]) or int(not removed))
+        if rng.random() < 0.2 and removed:  # next to a removed entry: the same leaf
+            added.append(absent[bisect_left(absent, removed[0]) % len(absent)])
+        keys = canonical(removed + added)
+        adding = [key in added for key in keys]
+        results = []
+        for searcher in trees.searchers():
+            appended = Appended()
+            dry = searcher.splice_set(roots[name], keys, adding, None, codec.pack)
+            results.append((dry, searcher.splice_set(roots[name], keys, adding, appended, codec.pack), appended.atoms))
+        assert all(result == results[0] for result in results[1:]), (name, keys)  # the twins agree
+        dry, spliced, atoms = results[0]
+        if spliced is None:
+            assert dry is None and atoms == []  # declined: nothing written
+            outcomes["declined"] += 1
+            continue
+        copied_atoms, discarded = path_copied(trees, roots[name], keys, adding)
+        assert atoms == copied_atoms, (name, keys)  # byte for byte, in the order a flush writes
+        new_root, retired = spliced
+        assert dry == (0, retired) and new_root == Appended.POINTERS[(len(atoms) - 1) % len(Appended.POINTERS)]
+        assert sorted(retired) == sorted((ptr, len(trees.reader.atom(ptr)[1])) for ptr in discarded)
+        outcomes["written"] += 1
+        outcomes["several in a leaf"] += sum(kind == SET_LEAF for kind, _ in atoms) < len(keys)
+        outcomes["deepest"] = max(outcomes["deepest"], len(atoms) if len(keys) == 1 else 0)
+    assert outcomes["written"] > 150 and outcomes["declined"] > 40 and outcomes["several in a leaf"] > 10, outcomes
+    assert outcomes["deepest"] >= 3, outcomes  # a root, a branch and a leaf
+
+
+def test_splice_set_declines_what_path_copying_would_restructure_and_refuses_keys_out_of_order(trees: Trees) -> None:
+    entries = [(0, i, f"r{i:04d}") for i in range(0, 2000, 2)]
+    full = trees.tree(SET_LEAF, entries, None)  # leaves of 64
+    leaf = trees.tree(SET_LEAF, entries[:20], None)  # the root is a leaf
+    declined = [
+        (full, [(0, 1, "r0001")], [True]),  # its leaf is full: it splits
+        (full, [entries[5]], [True]),  # already there: path copying changes nothing
+        (full, [(0, 3, "x")], [False]),  # not there: path copying raises
+        (leaf, entries[:20], [False] * 20),  # the root leaf would empty
+        (0, [entries[0]], [False]),  # the empty tree
+        (full, [], []),
+    ]
+    # a leaf at MERGE_BELOW: one more remove would merge it
+    shrunk = trees.tree(SET_LEAF, entries, None)
+    for key in entries[64 : 64 + 64 - MERGE_BELOW]:
+        shrunk = trees.writer.remove(shrunk, key, SET_LEAF)[0]
+    shrunk = trees.writer.flush(shrunk, lambda node: trees.arena.append(node.kind, encode_node(node)), lambda v: v)
+    declined.append((shrunk, [entries[64 + 64 - MERGE_BELOW]], [False]))
+    for searcher in trees.searchers():
+        for root, keys, adding in declined:
+            appended = Appended()
+            assert searcher.splice_set(root, keys, adding, appended, codec.pack) is None, keys
+            assert appended.atoms == []
+        assert searcher.splice_set(shrunk, [entries[0]], [False], None, codec.pack) is not None  # another leaf
+        with pytest.raises(ValueError, match="distinct and in canonical order"):
+            searcher.splice_set(full, [entries[9], entries[3]], [False, False], Appended(), codec.pack)
+        with pytest.raises(ValueError, match="distinct and in canonical order"):
+            searcher.splice_set(full, [entries[3], entries[3]], [False, False], Appended(), codec.pack)

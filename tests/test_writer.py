@@ -349,21 +349,29 @@ def test_deleting_a_missing_key_of_a_dict_tree_leaves_the_tree_in_its_parent(mak
 
 
 def test_single_key_updates_written_in_the_nodes_bytes_are_the_atoms_path_copying_writes(make, monkeypatch):
-    # Writer._spliced replaces a present key's value at a path of dict trees in the nodes'
-    # bytes (Searcher.replace); every commit of this mix, one op each, applied that way where it
-    # qualifies and by path copying where not, must write exactly what path copying alone writes,
-    # count the same garbage and name the same values for the client's write-through.
+    # Writer._spliced sets a key's value at a path of dict trees in the nodes' bytes
+    # (Searcher.splice), through an indexed collection too, its index entries with it; every
+    # commit of this mix, one op each, applied that way where it qualifies and by path copying
+    # where not, must write exactly what path copying alone writes, count the same garbage and
+    # name the same values for the client's write-through.
     rng = random.Random(11)
-    users = {f"u{i:05d}": {"n": i} for i in range(3000)}
-    first = [
-        (OP_SET, ("users",), users),
-        (OP_SET, ("cfg",), {"a": 1}),  # a flat dict: rewritten whole
-        (OP_SET, ("big",), {f"k{i}": {"deep": {"x": i}} for i in range(200)}),
-        (OP_SET, ("counts",), {f"c{i}": i for i in range(100)}),
-    ]
+
+    def first() -> list[tuple[int, tuple[Any, ...], Any]]:  # new objects each time: a commit owns its ops' values
+        return [
+            (OP_SET, ("users",), {f"u{i:05d}": {"n": i} for i in range(3000)}),
+            (OP_SET, ("cfg",), {"a": 1}),  # a flat dict: rewritten whole
+            (OP_SET, ("big",), {f"k{i}": {"deep": {"x": i}} for i in range(200)}),
+            (OP_SET, ("counts",), {f"c{i}": i for i in range(100)}),
+            (OP_SET, ("people",), {f"p{i:04d}": {"city": f"c{i % 7}", "n": i} for i in range(500)}),
+            (OP_CREATE_INDEX, ("people",), "city"),
+            (OP_SET, ("tenants",), {f"t{i}": {f"p{j}": {"city": f"c{j % 3}"} for j in range(40)} for i in range(20)}),
+            (OP_CREATE_INDEX, ("tenants", "t3"), "city"),
+        ]
+
     commits = []
-    for i in range(300):
+    for i in range(400):
         key = f"u{rng.randrange(3000):05d}"
+        person, tenant = rng.randrange(500), rng.randrange(40)
         commits.append(
             rng.choice(
                 [
@@ -378,15 +386,29 @@ def test_single_key_updates_written_in_the_nodes_bytes_are_the_atoms_path_copyin
                     (OP_SET, ("counts", f"c{rng.randrange(100)}"), i),  # spliced
                     (OP_INCR, ("counts", f"c{rng.randrange(100)}"), rng.choice([1, -2, 0.5])),  # spliced
                     (OP_INCR, ("counts", f"new{rng.randrange(100)}"), 1),  # a new key: path copying
+                    # indexed: spliced while the record's city stays, path copying when it moves
+                    (OP_SET, ("people", f"p{person:04d}"), {"city": f"c{person % 7}", "n": -i}),
+                    (OP_SET, ("people", f"p{person:04d}"), {"city": "moved", "n": -i}),
+                    (OP_SET, ("people", f"new{i}"), {"n": i}),  # no city: a new key spliced in
+                    (OP_SET, ("people", f"newc{i}"), {"city": f"c{i % 7}"}),  # a new key and its entry
+                    (OP_SET, ("people", f"p{person:04d}"), {"n": i}),  # its entry removed
+                    (OP_INCR, ("people", f"count{rng.randrange(5)}"), 1),
+                    (OP_DELETE, ("people", f"p{person:04d}"), None),
+                    (OP_SET, ("tenants", "t3", f"p{tenant}"), {"city": f"c{tenant % 3}", "x": i}),
                 ]
             )
         )
     outcomes = []
+    spliced_into_collections: list[tuple[Any, bool]] = []  # (collection, whether its indexes changed)
     for splice in (False, True):
         store = make(flat_dict_entries=16)
         if not splice:
             monkeypatch.setattr(store.writer, "_spliced", lambda root, path, code, argument: None)
-        root = store.commit(0, *first)
+        else:
+            monkeypatch.setattr(
+                store.writer, "_spliced_into_collection", counting(store.writer, spliced_into_collections)
+            )
+        root = store.commit(0, *first())
         named = []
         for code, path, argument in commits:
             store.writer.begin()
@@ -403,6 +425,24 @@ def test_single_key_updates_written_in_the_nodes_bytes_are_the_atoms_path_copyin
     assert spliced_named == copied_named and sum(1 for ptr in spliced_named if ptr) > 50
     assert spliced_garbage == copied_garbage
     assert spliced.read(spliced_root) == copied.read(copied_root)
+    assert {name for name, _ in spliced_into_collections} == {"people", "tenants"}
+    assert len(spliced_into_collections) > 100
+    assert sum(upkept for _, upkept in spliced_into_collections) > 30  # index entries spliced too
+
+
+def counting(writer: Writer, log: list[tuple[Any, bool]]) -> Any:
+    """Writer._spliced_into_collection, logging each collection it writes and whether its indexes changed."""
+    into_collection = writer._spliced_into_collection
+
+    def counted(old: Ref, path: tuple[Any, ...], code: int, argument: Any) -> bytes:
+        entry = into_collection(old, path, code, argument)
+        indexes = [
+            codec.decode(writer.store.atom(ref.ptr)[1], frozen=False)["indexes"] for ref in (old, codec.decode(entry))
+        ]
+        log.append((path[0], indexes[0] != indexes[1]))
+        return entry
+
+    return counted
 
 
 def test_a_value_named_for_write_through_is_named_until_the_next_working_root_begins(make):

@@ -8,7 +8,8 @@ small values by decoding their atom), nothing else is touched. `flush` then
 writes the dirty nodes and values bottom-up and returns the new root pointer.
 The commonest op, a SET of one key at a path of dict trees under a clean
 root, skips the decoded nodes: the nodes on its path are written at once,
-with the one entry set in their bytes (`_spliced`).
+with the one entry set in their bytes (`_spliced`); into an indexed
+collection, the record's index entries are spliced into its index trees too.
 
 Storage rule for a value: scalars sit inline in their parent; a container
 small enough (`flat_dict_entries`, `flat_set_entries`, `flat_list_entries`
@@ -43,7 +44,7 @@ import msgpack
 
 from protobase.coordinator.conflicts import KeyPath
 from protobase.core import codec
-from protobase.core.arena import DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
+from protobase.core.arena import DICT_BRANCH, DICT_LEAF, INDEXED, LIST_LEAF, SET_LEAF, VALUE, ArenaWriter, atom_size
 from protobase.core.btree import (
     BRANCHES,
     LEAF_OF,
@@ -60,6 +61,7 @@ from protobase.core.codec import Packed, PlainRecords, Ref
 from protobase.core.index import IndexedColl, collect_entries, index_entries, sorted_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
+from protobase.keyorder import KEY_TYPES
 from protobase.query.fields import MISSING
 from protobase.query.source import IndexName
 from protobase.settings import DEFAULTS, Settings
@@ -88,6 +90,7 @@ WRITE_THROUGH_AT_MOST = 4096
 Op = tuple[int, KeyPath, Any]  # (op code, key path, argument): one operation, as `apply` takes it
 
 
+_DICT_TREE_KINDS = frozenset({DICT_LEAF, DICT_BRANCH})
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 # Values a record may hold and still be written by `_flat_record`'s fast path (str and bytes: when short).
@@ -102,6 +105,10 @@ def _sum(current: Any, n: int | float, key: Any) -> int | float:
         shown = "a container" if type(current) in (Ref, Node, IndexedColl, Packed) else f"{type(current).__name__}"
         raise PathError(f"cannot increment {shown} at key {key!r}: incr() adds to a number (or a missing key)")
     return current + n
+
+
+class _Declined(Exception):
+    """A splice's entry cannot be written in the nodes' bytes: path copying applies the op (Writer._spliced)."""
 
 
 class _ReferenceFromClient(Exception):
@@ -227,24 +234,110 @@ class Writer:
         root, needs no decoded node: the searcher copies each node on the
         path with one entry set (Searcher.splice, the same bytes as copying,
         changing and encoding the nodes), and the new root is clean at once.
-        Anything else (a new key in a full leaf, a flat dict or an indexed
-        collection on the way) is applied by path copying.
+        A record of an indexed collection is written so too, its index
+        entries with it (`_spliced_into_collection`). Anything else (a new key
+        in a full leaf, a flat dict on the way, an index entry whose leaf
+        would split or merge) is applied by path copying.
         """
 
         def new_entry(old: Any) -> bytes:
-            if code == OP_INCR:
-                return codec.pack(_sum(0 if old is MISSING else old, argument, path[-1]))
-            return codec.pack(self.write_value(argument))
+            return codec.pack(self.write_value(self._updated(code, old, argument, path)))
 
-        spliced = self.store.searcher.splice(root, path, new_entry, self.arena.append, codec.pack, MISSING)
+        def new_collection(old: Any) -> bytes:
+            return self._spliced_into_collection(old, path, code, argument)
+
+        try:
+            spliced = self._splice(root, path, new_entry)
+            if spliced is None and self._collection_holds(root, path):
+                spliced = self._splice(root, path[:-1], new_collection)
+        except _Declined:
+            return None
+        return spliced
+
+    def _splice(self, root: int, path: KeyPath, make_entry: Callable[[Any], bytes]) -> int | None:
+        """Searcher.splice at `path` under `root`, its garbage counted: the new root, or None."""
+        spliced = self.store.searcher.splice(root, path, make_entry, self.arena.append, codec.pack, MISSING)
         if spliced is None:
             return None
         new_root, old, retired = spliced
         if old is not MISSING:
             self.access.discard_value(old)
+        self._count_retired(retired)
+        return new_root
+
+    def _count_retired(self, retired: list[tuple[int, int]]) -> None:
+        """Count the nodes a splice wrote again ([(pointer, payload length)]) as garbage, as `retire` does."""
         for _, length in retired:
             self.discarded_bytes += atom_size(length)
-        return new_root
+
+    @staticmethod
+    def _updated(code: int, old: Any, argument: Any, path: KeyPath) -> Any:
+        """What a spliced SET or INCR puts over the slot `old` (MISSING for a new key), not yet written."""
+        if code == OP_INCR:
+            return _sum(0 if old is MISSING else old, argument, path[-1])
+        return argument
+
+    def _collection_holds(self, root: int, path: KeyPath) -> bool:
+        """Whether `path[:-1]` leads from `root` through dict trees to an indexed collection."""
+        ptr = root
+        for depth, key in enumerate(path[:-1]):
+            if type(key) not in KEY_TYPES or not ptr:
+                return False
+            try:
+                slot = self.store.lookup(ptr, key, DICT_LEAF)
+            except KeyError:
+                return False
+            if type(slot) is not Ref:
+                return False
+            if slot.kind == INDEXED:
+                return depth == len(path) - 2
+            if slot.kind not in _DICT_TREE_KINDS:
+                return False
+            ptr = slot.ptr
+        return False
+
+    def _spliced_into_collection(self, old: Any, path: KeyPath, code: int, argument: Any) -> bytes:
+        """The new Ref of the indexed collection `old` with the record at `path[-1]` spliced into its records.
+
+        The entries of the record's that change are removed from and added to
+        each index in its nodes' bytes (Searcher.splice_set), after a dry run
+        made sure every index qualifies: one that would split or merge a node
+        declines the whole splice (_Declined) before anything is written, and
+        path copying applies the op. The atoms are the ones path copying
+        writes, in its order: the record, the records' tree, each index, then
+        the collection.
+        """
+        collection = _decode_indexed(self.store.atom(old.ptr)[1])
+        key = path[-1]
+        upkeep: dict[IndexName, tuple[int, list[Any], list[bool]]] = {}  # {field -> (root, entries, each added?)}
+
+        def record_entry(record: Any) -> bytes:
+            value = self._updated(code, record, argument, path)
+            before = MISSING if record is MISSING else self._readable(record)
+            after = self._readable(value)
+            for field, root in collection.indexes.items():
+                old_entries = index_entries(before, field, self._readable)
+                new_entries = index_entries(after, field, self._readable)
+                if old_entries == new_entries:
+                    continue
+                entries = sorted_keys([(kind, item, key) for kind, item in old_entries ^ new_entries])
+                adding = [(kind, item) in new_entries for kind, item, _ in entries]
+                if type(root) is not int or not self.store.searcher.splice_set(root, entries, adding, None, codec.pack):
+                    raise _Declined
+                upkeep[field] = (root, entries, adding)
+            return codec.pack(self.write_value(value))
+
+        data = self._splice(collection.data, (key,), record_entry) if type(collection.data) is int else None
+        if data is None:
+            raise _Declined
+        collection.data = data
+        for field, (root, entries, adding) in upkeep.items():
+            spliced = self.store.searcher.splice_set(root, entries, adding, self.arena.append, codec.pack)
+            if spliced is None:  # its dry run qualified it, on the same immutable atoms
+                raise CorruptionError(f"the tree of index {field!r} changed while it was being written")
+            collection.indexes[field], retired = spliced
+            self._count_retired(retired)
+        return codec.pack(Ref(self.arena.append(INDEXED, self._indexed_payload(collection)), INDEXED))
 
     def apply_all(self, root: Any, ops: Iterable[Op]) -> Any:
         """Apply a commit's operations in order; return the new working root.

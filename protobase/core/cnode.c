@@ -11,6 +11,9 @@
  *         .splice(root, keys, make_entry, append, pack_key, absent)
  *             -> (root, old slot, retired) | None search.Searcher.splice: the nodes on a path of dict trees
  *                                                 written again with one entry set, spliced in their bytes
+ *         .splice_set(root, keys, adding, append, pack_key)
+ *             -> (root, retired) | None           search.Searcher.splice_set: keys removed from and added to
+ *                                                 a set tree (an index), spliced in its nodes' bytes
  *
  * The Python functions decode a whole node and bisect it; these read the node's msgpack bytes
  * (btree/node.py's format) in place and build a Python object for the one entry they return, so
@@ -284,8 +287,8 @@ static PyObject *decode_next(Bytes *b) {
 
 /* ---- keys in canonical order ------------------------------------------------------------ */
 
-/* The search key, prepared once per search. */
-typedef struct {
+/* The search key, prepared once per search (release it with release_key). */
+typedef struct Key {
     PyObject *key;
     int rank;
     const char *text; /* str keys: UTF-8 */
@@ -293,8 +296,13 @@ typedef struct {
     int integer;      /* int (or bool) keys that fit 64 bits: their value, as `negative` and `magnitude` */
     int negative;
     uint64_t magnitude;
-    PyObject *ordered; /* keyorder.order_key(key), made when a tuple is first compared */
+    struct Key *items; /* tuple keys whose items are all of key types: each item prepared, compared in C */
+    Py_ssize_t item_count;
+    PyObject *ordered; /* other tuple keys: keyorder.order_key(key), made when first compared */
 } Key;
+
+/* Tuples nested deeper than this are compared by Python (through order_key). */
+#define TUPLE_NEST_LIMIT 16
 
 static int is_aware(PyObject *datetime) {
     PyObject *offset = PyObject_CallMethod(datetime, "utcoffset", NULL);
@@ -322,13 +330,44 @@ static int rank_of(PyObject *o) {
     return RANK_NOT_KEY;
 }
 
+static void release_key(Key *k) {
+    for (Py_ssize_t i = 0; k->items != NULL && i < k->item_count; i++) release_key(&k->items[i]);
+    PyMem_Free(k->items);
+    k->items = NULL;
+    Py_CLEAR(k->ordered);
+}
+
+static int prepare_key_at(Key *k, PyObject *key, int depth);
+
+/* A tuple key's items prepared (k->items), when every one is of an exact key type; -1 on error. */
+static int prepare_items(Key *k, int depth) {
+    Py_ssize_t n = PyTuple_GET_SIZE(k->key);
+    if (depth >= TUPLE_NEST_LIMIT) return 0;
+    Key *items = PyMem_Calloc(n > 0 ? (size_t)n : 1, sizeof(Key));
+    if (items == NULL) return PyErr_NoMemory(), -1;
+    k->items = items;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        k->item_count = i + 1;
+        int ok = prepare_key_at(&items[i], PyTuple_GET_ITEM(k->key, i), depth + 1);
+        if (ok <= 0) {
+            release_key(k); /* an item of no key type: order_key decides, as it does for Python */
+            return ok;
+        }
+    }
+    k->item_count = n;
+    return 0;
+}
+
 /* Prepare `key`; 0 if it is not of an exact key type (the caller falls back), -1 on error. */
-static int prepare_key(Key *k, PyObject *key) {
+static int prepare_key(Key *k, PyObject *key) { return prepare_key_at(k, key, 0); }
+
+static int prepare_key_at(Key *k, PyObject *key, int depth) {
     memset(k, 0, sizeof *k);
     k->key = key;
     k->rank = rank_of(key);
     if (k->rank == -3) return -1;
     if (k->rank == RANK_NOT_KEY) return 0;
+    if (k->rank == RANK_TUPLE && prepare_items(k, depth) < 0) return -1;
     if (k->rank == RANK_STR) {
         k->text = PyUnicode_AsUTF8AndSize(key, &k->text_length);
         if (k->text == NULL) { /* a lone surrogate: no stored key can equal it */
@@ -438,6 +477,30 @@ static int compare_objects(Key *k, PyObject *other, int rank) {
     return result;
 }
 
+static int compare_next(Key *k, Bytes *b);
+
+/* A search tuple with prepared items against the encoded tuple at the reader (an EXT_TUPLE holding
+ * the array of its items), the reader moved past it: item by item, a prefix first, as Python
+ * compares order_key's tuples; -2 with an exception set. */
+static int compare_tuple(Key *k, Bytes *b) {
+    unsigned char tag = *b->at++;
+    uint64_t size;
+    if (tag >= 0xd4 && tag <= 0xd8)
+        size = UINT64_C(1) << (tag - 0xd4);
+    else if (take_number(b, 1 << (tag - 0xc7), &size) < 0)
+        return -2;
+    if (need(b, 1) < 0 || (uint64_t)(b->end - b->at - 1) < size) return corrupt("truncated"), -2;
+    Bytes items = {b->at + 1, b->at + 1 + size};
+    b->at = items.end;
+    uint64_t count;
+    if (take_array(&items, &count) < 0) return -2;
+    for (uint64_t i = 0; i < count && i < (uint64_t)k->item_count; i++) {
+        int c = compare_next(&k->items[i], &items);
+        if (c != 0) return c;
+    }
+    return ((uint64_t)k->item_count > count) - ((uint64_t)k->item_count < count);
+}
+
 /* The search key against the key at the reader: -1, 0 or 1 (key <, ==, > it), the reader moved past
  * it; -2 with an exception set. */
 static int compare_next(Key *k, Bytes *b) {
@@ -466,6 +529,7 @@ static int compare_next(Key *k, Bytes *b) {
         b->at += n;
         return c ? sign(c) : ((size_t)k->text_length > (size_t)n) - ((size_t)k->text_length < (size_t)n);
     }
+    if (rank == RANK_TUPLE && k->items != NULL) return compare_tuple(k, b);
     int negative;
     uint64_t magnitude;
     if (rank == RANK_NUMBER && k->integer && encoded_integer(b->at, b->end, &negative, &magnitude)) {
@@ -603,13 +667,13 @@ static int open_search(const char *name, PyObject *const *args, Py_ssize_t nargs
         return corrupt(branch ? "a dict or set branch was expected" : "a dict or set leaf was expected"), -1;
     int ok = prepare_key(k, args[2]);
     if (ok <= 0) return ok < 0 ? -1 : (PyErr_Format(PyExc_TypeError, "not a key type: %R", Py_TYPE(args[2])), -1);
-    if (open_bytes(args[1], view, b) < 0) return Py_XDECREF(k->ordered), -1;
+    if (open_bytes(args[1], view, b) < 0) return release_key(k), -1;
     return 0;
 }
 
 static void close_search(Key *k, Py_buffer *view) {
     PyBuffer_Release(view);
-    Py_XDECREF(k->ordered);
+    release_key(k);
 }
 
 /* leaf_slot(kind, payload, key) */
@@ -906,7 +970,7 @@ static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py
     int ok = prepare_key(&k, args[1]);
     if (ok < 0) return NULL;
     if (ok == 0) return PyObject_Vectorcall(self->fallback, args, 3, NULL);
-    if (ptr == 0) return key_error(k.key);
+    if (ptr == 0) return release_key(&k), key_error(k.key);
     PyObject *slot = NULL;
     Mapping m = {.held = 0};
     for (int depth = 0;; depth++) {
@@ -934,7 +998,7 @@ static PyObject *searcher_lookup(SearcherObject *self, PyObject *const *args, Py
         ptr = child;
     }
     release(&m);
-    Py_XDECREF(k.ordered);
+    release_key(&k);
     return slot;
 }
 
@@ -1042,7 +1106,7 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
         Key k;
         int ok = prepare_key(&k, PySequence_Fast_GET_ITEM(keys, j));
         if (ok <= 0) {
-            Py_XDECREF(k.ordered);
+            release_key(&k);
             outcome = ok;
             break;
         }
@@ -1089,7 +1153,7 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
                 outcome = 0; /* no dict tree below: a value, a flat dict, an indexed collection */
             break;
         }
-        Py_XDECREF(k.ordered);
+        release_key(&k);
     }
     release(&m);
     return outcome;
@@ -1294,6 +1358,319 @@ static PyObject *searcher_splice(SearcherObject *self, PyObject *const *args, Py
     return result;
 }
 
+/* ---- splice_set: an index's entries added and removed in its set tree's bytes -------------------
+ *
+ * What TreeWriter does to a set tree for a commit's removes, then adds (an index's upkeep), written
+ * in the nodes' bytes when no node splits, merges or empties: every node on the keys' paths is
+ * written once, bottom-up and left to right as a flush writes them, with its keys removed and
+ * inserted (a leaf) or its children's pointers and subtree sizes set (a branch). A plan is made
+ * first and nothing is written unless the whole splice qualifies. */
+
+#define MERGE_BELOW (MAX_ENTRIES / 4) /* btree/node.py: a node this small is merged into a neighbour */
+#define PENDING (-2)                   /* a planned node whose parent is not planned yet */
+
+/* One key of a set splice. */
+typedef struct {
+    Key k;
+    PyObject *packed;  /* an added key's encoding (pack_key), else NULL */
+    int adding;
+    uint64_t position; /* in its leaf: where the key is, or goes */
+} Change;
+
+/* A node the splice writes again. */
+typedef struct {
+    uint64_t ptr;
+    int kind;
+    Py_ssize_t length;
+    Py_ssize_t first, last; /* the changes under it: [first, last) */
+    int parent;             /* its parent's place in the plan; -1 at the root */
+    uint64_t position;      /* its place among its parent's children */
+    int64_t delta;          /* keys added minus keys removed under it */
+    uint64_t written;       /* its new pointer, once written */
+} Touched;
+
+typedef struct {
+    Touched *nodes;
+    int count, capacity;
+} Plan;
+
+static int plan_add(Plan *plan, Touched node) {
+    if (plan->count == plan->capacity) {
+        int capacity = plan->capacity ? 2 * plan->capacity : 16;
+        Touched *grown = PyMem_Realloc(plan->nodes, sizeof(Touched) * (size_t)capacity);
+        if (grown == NULL) return PyErr_NoMemory(), -1;
+        plan->nodes = grown;
+        plan->capacity = capacity;
+    }
+    plan->nodes[plan->count++] = node;
+    return 0;
+}
+
+static int not_in_order(void) {
+    PyErr_SetString(PyExc_ValueError, "splice_set: the keys must be distinct and in canonical order");
+    return -1;
+}
+
+/* A node's width (a leaf's keys, a branch's children), from its array headers. */
+static int node_width(Bytes b, int kind, uint64_t *width) {
+    if (open_node(&b, kind == SET_LEAF ? 1 : 3) < 0 || take_array(&b, width) < 0) return -1;
+    if (kind == SET_BRANCH) *width += 1;
+    return 0;
+}
+
+static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_ssize_t first, Py_ssize_t last,
+                         uint64_t ptr, int is_root, int depth);
+
+/* Plan a leaf: each change's position; 0 if a key to add is there or one to remove is not, or the
+ * leaf would split, go under MERGE_BELOW (it would be merged) or, as the root, empty. */
+static int plan_set_leaf(NodeIndex *index, Bytes b, Change *changes, Py_ssize_t first, Py_ssize_t last, int is_root,
+                         uint64_t width) {
+    uint64_t removed = 0, added = 0, lowest = 0; /* where the next change may be: past a removed key */
+    for (Py_ssize_t j = first; j < last; j++) {
+        Change *c = &changes[j];
+        int equal;
+        uint64_t position, count;
+        if (index != NULL) {
+            int64_t i = indexed_bisect(index, b.at, b.end, &c->k, 0, &equal);
+            if (i < 0) return -1;
+            position = (uint64_t)i;
+        } else {
+            Bytes scan = b;
+            if (open_node(&scan, 1) < 0 || find_key(&scan, &c->k, &count, &position, &equal) < 0) return -1;
+        }
+        if (equal == c->adding) return 0; /* path copying would change nothing, or raise */
+        if (position < lowest) return not_in_order();
+        lowest = position + !c->adding;
+        c->position = position;
+        removed += !c->adding;
+        added += c->adding;
+    }
+    if (removed && !is_root && width - removed < MERGE_BELOW) return 0;
+    if (width - removed + added > MAX_ENTRIES || (is_root && width - removed + added == 0)) return 0;
+    return 1;
+}
+
+/* Plan a branch: the child each change goes to, then each child with changes, left to right; 0 if a
+ * remove goes through it while it could be merged (or, as the root, replaced by its one child). */
+static int plan_set_branch(SearcherObject *self, Plan *plan, NodeIndex *index, Bytes b, Mapping *m, Change *changes,
+                           Py_ssize_t first, Py_ssize_t last, int is_root, uint64_t width, int depth) {
+    Py_ssize_t n = last - first;
+    uint64_t *positions = PyMem_Malloc(sizeof(uint64_t) * 2 * (size_t)n);
+    if (positions == NULL) return PyErr_NoMemory(), -1;
+    uint64_t *children = positions + n;
+    int removing = 0, outcome = 1;
+    for (Py_ssize_t j = 0; j < n && outcome == 1; j++) {
+        Bytes scan = b;
+        removing |= !changes[first + j].adding;
+        if (branch_step(index, &scan, &changes[first + j].k, &positions[j], &children[j]) < 0)
+            outcome = -1;
+        else if (j > 0 && positions[j] < positions[j - 1])
+            outcome = not_in_order();
+    }
+    if (outcome == 1 && removing && (is_root ? width < 2 : width < MERGE_BELOW)) outcome = 0;
+    release(m); /* the children are read next: hold nothing of this node */
+    for (Py_ssize_t j = 0; j < n && outcome == 1;) {
+        Py_ssize_t end = j + 1;
+        while (end < n && positions[end] == positions[j]) end++;
+        outcome = plan_set_node(self, plan, changes, first + j, first + end, children[j], 0, depth + 1);
+        if (outcome == 1) plan->nodes[plan->count - 1].position = positions[j]; /* the child, planned last */
+        j = end;
+    }
+    PyMem_Free(positions);
+    return outcome;
+}
+
+/* Plan the node at `ptr` with the changes [first, last) under it, after its children (post-order). */
+static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_ssize_t first, Py_ssize_t last,
+                         uint64_t ptr, int is_root, int depth) {
+    if (depth > MAX_DEPTH) return corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
+    Mapping m = {.held = 0};
+    Bytes b;
+    int kind, outcome = -1, start = plan->count;
+    uint64_t width;
+    if (open_atom(self, &m, ptr, &b, &kind) < 0) return release(&m), -1;
+    if (kind != SET_LEAF && kind != SET_BRANCH) return release(&m), corrupt_at(ptr, "not a node of its tree");
+    Py_ssize_t length = b.end - b.at;
+    NodeIndex *index = indexed(self, ptr, kind, &b);
+    if ((index != NULL || !PyErr_Occurred()) && node_width(b, kind, &width) == 0) {
+        if (kind == SET_LEAF)
+            outcome = plan_set_leaf(index, b, changes, first, last, is_root, width);
+        else {
+            NodeIndex *held = index;
+            index = NULL;
+            outcome = plan_set_branch(self, plan, held, b, &m, changes, first, last, is_root, width, depth);
+            give_back(self, held);
+        }
+    }
+    give_back(self, index);
+    release(&m);
+    if (outcome != 1) return outcome;
+    int64_t delta = 0;
+    for (Py_ssize_t j = first; j < last; j++) delta += changes[j].adding ? 1 : -1;
+    Touched node = {.ptr = ptr, .kind = kind, .length = length, .first = first, .last = last,
+                    .parent = is_root ? -1 : PENDING, .delta = delta};
+    for (int j = start; j < plan->count; j++)
+        if (plan->nodes[j].parent == PENDING) plan->nodes[j].parent = plan->count; /* its children */
+    return plan_add(plan, node) < 0 ? -1 : 1;
+}
+
+/* A planned leaf's edits: its keys array's header, then each key inserted or removed, in order. */
+static int leaf_edits(Touched *t, Bytes *b, Change *changes, Edit *edits, int *count, unsigned char (*numbers)[9]) {
+    const unsigned char *base = b->at;
+    uint64_t n, at = 0;
+    if (open_node(b, 1) < 0) return -1;
+    Py_ssize_t header = b->at - base;
+    if (take_array(b, &n) < 0) return -1;
+    edits[0] = (Edit){.start = header, .end = b->at - base, .data = (const char *)numbers[0]};
+    edits[0].size = encode_uint(numbers[0], (uint64_t)((int64_t)n + t->delta), 1);
+    *count = 1;
+    for (Py_ssize_t j = t->first; j < t->last; j++) {
+        Change *c = &changes[j];
+        if (c->position > n) return corrupt("changed while it was being written again");
+        if (skip_items(b, c->position - at, 0) < 0) return -1;
+        at = c->position;
+        Edit *e = &edits[(*count)++];
+        e->start = e->end = b->at - base;
+        if (c->adding) {
+            e->data = PyBytes_AS_STRING(c->packed), e->size = PyBytes_GET_SIZE(c->packed);
+            continue;
+        }
+        if (skip_items(b, 1, 0) < 0) return -1;
+        at++;
+        e->end = b->at - base, e->data = "", e->size = 0;
+    }
+    return 0;
+}
+
+/* A planned branch's edits: each changed child's new pointer, then its subtree size; `kids` are the
+ * plan's places of its `count_of_kids` children, left to right. */
+static int branch_edits(Plan *plan, int *kids, int count_of_kids, Bytes *b, Edit *edits, int *count,
+                        unsigned char (*numbers)[9]) {
+    const unsigned char *base = b->at;
+    uint64_t separators, children, sizes, at = 0;
+    if (open_node(b, 3) < 0 || take_array(b, &separators) < 0 || skip_items(b, separators, 0) < 0 ||
+        take_array(b, &children) < 0)
+        return -1;
+    *count = 0;
+    for (int pass = 0; pass < 2; pass++) { /* the children's pointers, then their subtree sizes */
+        for (int j = 0; j < count_of_kids; j++) {
+            Touched *child = &plan->nodes[kids[j]];
+            uint64_t size = 0;
+            int negative;
+            if (pass == 1 && child->delta == 0) continue;
+            if (child->position >= children || child->position < at) return corrupt("changed while it was being written again");
+            if (skip_items(b, child->position - at, 0) < 0) return -1;
+            if (pass == 1 && (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative ||
+                              (int64_t)size + child->delta < 0))
+                return corrupt("a subtree size is not a count");
+            Edit *e = &edits[*count];
+            e->start = b->at - base;
+            if (skip_items(b, 1, 0) < 0) return -1;
+            at = child->position + 1;
+            e->end = b->at - base, e->data = (const char *)numbers[*count];
+            e->size = encode_uint(numbers[*count], pass == 0 ? child->written : (uint64_t)((int64_t)size + child->delta), 0);
+            (*count)++;
+        }
+        if (pass == 0 && (skip_items(b, children - at, 0) < 0 || take_array(b, &sizes) < 0 || sizes != children))
+            return corrupt("has mismatched key, value and size counts");
+        at = 0;
+    }
+    return 0;
+}
+
+/* Write the plan's nodes in order, each with its edits made; 0, or -1 with an exception set. */
+static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObject *append) {
+    for (int i = 0; i < plan->count; i++) {
+        Touched *t = &plan->nodes[i];
+        Mapping m = {.held = 0};
+        Bytes b;
+        int kind, made = 0, failed;
+        Py_ssize_t most = t->kind == SET_LEAF ? 1 + (t->last - t->first) : 2 * (t->last - t->first);
+        Edit *edits = PyMem_Malloc((sizeof(Edit) + 9 + sizeof(int)) * (size_t)most);
+        if (edits == NULL) return PyErr_NoMemory(), -1;
+        int *kids = (int *)(edits + most), count_of_kids = 0;
+        unsigned char (*numbers)[9] = (unsigned char (*)[9])(kids + most);
+        for (int j = 0; j < i; j++)
+            if (plan->nodes[j].parent == i) kids[count_of_kids++] = j;
+        failed = open_atom(self, &m, t->ptr, &b, &kind) < 0;
+        if (!failed && b.end - b.at != t->length) /* atoms never change: this one did */
+            failed = corrupt_at(t->ptr, "changed while it was being written again");
+        const unsigned char *base = b.at;
+        if (!failed)
+            failed = (t->kind == SET_LEAF ? leaf_edits(t, &b, changes, edits, &made, numbers)
+                                          : branch_edits(plan, kids, count_of_kids, &b, edits, &made, numbers)) < 0;
+        PyObject *payload = failed ? NULL : edited(base, t->length, edits, made);
+        release(&m); /* append() may map or grow segments: hold none across it */
+        PyMem_Free(edits);
+        PyObject *args[2] = {payload != NULL ? PyLong_FromLong(t->kind) : NULL, payload};
+        PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
+        Py_XDECREF(args[0]);
+        Py_XDECREF(payload);
+        failed = written == NULL || take_pointer(written, &t->written) < 0;
+        Py_XDECREF(written);
+        if (failed) return -1;
+    }
+    return 0;
+}
+
+/* The keys and their changes prepared (an added key packed); 0 if a key is of no key type. */
+static int prepare_changes(PyObject *keys, PyObject *adding, PyObject *pack_key, Change *changes, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Change *c = &changes[j];
+        int flag = PyObject_IsTrue(PySequence_Fast_GET_ITEM(adding, j));
+        if (flag < 0) return -1;
+        c->adding = flag;
+        int ok = prepare_key(&c->k, PySequence_Fast_GET_ITEM(keys, j));
+        if (ok <= 0) return ok;
+        if (flag && (c->packed = called_for_bytes(pack_key, c->k.key, "pack_key(key)")) == NULL) return -1;
+    }
+    return 1;
+}
+
+/* splice_set(root, keys, adding, append, pack_key) -> (new root, [(ptr, payload length)]) or None;
+ * with append None, a dry run: (0, the same list), or None, writing nothing. */
+static PyObject *searcher_splice_set(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) return PyErr_Format(PyExc_TypeError, "splice_set(root, keys, adding, append, pack_key) takes 5 arguments");
+    uint64_t root;
+    if (take_pointer(args[0], &root) < 0) return NULL;
+    PyObject *keys = PySequence_Fast(args[1], "splice_set: keys must be a sequence"), *adding = NULL, *result = NULL;
+    if (keys != NULL) adding = PySequence_Fast(args[2], "splice_set: adding must be a sequence");
+    if (adding == NULL) return Py_XDECREF(keys), NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    if (PySequence_Fast_GET_SIZE(adding) != n) {
+        PyErr_SetString(PyExc_ValueError, "splice_set: one adding flag per key");
+        n = -1;
+    }
+    Change *changes = n > 0 ? PyMem_Calloc((size_t)n, sizeof(Change)) : NULL;
+    Plan plan = {NULL, 0, 0};
+    int outcome = n < 0 ? -1 : 0;
+    if (n > 0 && changes == NULL)
+        outcome = (PyErr_NoMemory(), -1);
+    else if (n > 0 && root != 0 && (outcome = prepare_changes(keys, adding, args[4], changes, n)) == 1)
+        outcome = plan_set_node(self, &plan, changes, 0, n, root, 1, 0);
+    if (outcome == 1 && args[3] != Py_None) outcome = write_plan(self, &plan, changes, args[3]) < 0 ? -1 : 1;
+    if (outcome == 1) {
+        PyObject *retired = PyList_New(plan.count);
+        for (int i = 0; retired != NULL && i < plan.count; i++) {
+            PyObject *was = Py_BuildValue("(Kn)", (unsigned long long)plan.nodes[i].ptr, plan.nodes[i].length);
+            if (was == NULL) Py_CLEAR(retired);
+            else PyList_SET_ITEM(retired, i, was);
+        }
+        uint64_t written = args[3] != Py_None ? plan.nodes[plan.count - 1].written : 0;
+        result = retired != NULL ? Py_BuildValue("(KN)", (unsigned long long)written, retired) : NULL;
+    } else if (outcome == 0)
+        result = Py_NewRef(Py_None);
+    for (Py_ssize_t j = 0; changes != NULL && j < n; j++) {
+        release_key(&changes[j].k);
+        Py_XDECREF(changes[j].packed);
+    }
+    PyMem_Free(changes);
+    PyMem_Free(plan.nodes);
+    Py_DECREF(keys);
+    Py_DECREF(adding);
+    return result;
+}
+
 static int searcher_init(SearcherObject *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"buffers", "atom", "fallback", NULL};
     PyObject *buffers, *atom, *fallback;
@@ -1341,6 +1718,9 @@ static PyMethodDef searcher_methods[] = {
     {"splice", (PyCFunction)(void (*)(void))searcher_splice, METH_FASTCALL,
      "splice(root, keys, make_entry, append, pack_key, absent) -> (new root, old slot, [(ptr, payload length)]) "
      "or None: the value at a path of dict trees set in the nodes' bytes (search.Searcher.splice)"},
+    {"splice_set", (PyCFunction)(void (*)(void))searcher_splice_set, METH_FASTCALL,
+     "splice_set(root, keys, adding, append, pack_key) -> (new root, [(ptr, payload length)]) or None: keys "
+     "removed from and added to a set tree in the nodes' bytes (search.Searcher.splice_set)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,7 +7,9 @@ key), `Searcher.value(ptr, ref)` decodes one VALUE atom. Nothing is cached
 here: the Store (store.py) decides what to keep. And the point write the
 coordinator makes most: `Searcher.splice(root, keys, make_entry, append, pack_key, absent)`
 walks a path of dict trees and writes each node on it again with one entry
-set, in its bytes (coordinator/writer.py, `Writer._spliced`).
+set, in its bytes (coordinator/writer.py, `Writer._spliced`), and
+`Searcher.splice_set(root, keys, adding, append, pack_key)` removes and adds
+an index's entries in its set tree's bytes, the index upkeep of such a write.
 
 Two implementations, function for function: these pure-Python ones decode a
 node and bisect it (the oracle, and the fallback without a compiler), and
@@ -22,7 +24,7 @@ coordinator's Store).
 
 Invariant: both implementations return the same slot (or raise KeyError) for
 every key of keyorder.py's key types on every tree the coordinator writes,
-`splice` writes the payloads that copying, changing and encoding the nodes gives, and
+`splice` and `splice_set` write the payloads that copying, changing and encoding the nodes gives, and
 neither trusts the bytes: a malformed node, a bad pointer or a walk deeper than
 `MAX_DEPTH` levels (a cycle) is a CorruptionError.
 """
@@ -32,12 +34,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from protobase import native
 from protobase.core import codec
 from protobase.core.arena import DICT_BRANCH, DICT_LEAF, SET_BRANCH, SET_LEAF
-from protobase.core.btree.node import MAX_ENTRIES, Node, decode_node, encode_node
+from protobase.core.btree.node import MAX_ENTRIES, MERGE_BELOW, Node, decode_node, encode_node
 from protobase.core.frozen import FrozenDict, FrozenList
 from protobase.errors import CorruptionError
 from protobase.keyorder import KEY_TYPES, bisect_left, bisect_right, order_key
@@ -221,10 +223,137 @@ class SearcherPython:
                 ptr = old.ptr
         return levels, old, True
 
+    def splice_set(
+        self,
+        root: int,
+        keys: Sequence[Any],
+        adding: Sequence[bool],
+        append: Callable[[int, bytes], int] | None,
+        pack_key: Callable[[Any], bytes],
+    ) -> tuple[int, list[tuple[int, int]]] | None:
+        """Remove and add keys of the set tree at `root` in its nodes' bytes (an index's upkeep), or None.
+
+        `keys` are distinct and in canonical order, `adding[i]` says whether
+        keys[i] is added (it must be absent) or removed (present). It
+        qualifies when TreeWriter, removing them and then adding them, would
+        neither split, merge nor empty a node. Then every node on their paths
+        is written once through `append(kind, payload)`, bottom-up and left to
+        right as a flush writes them, each the payload copying, changing and
+        encoding it gives, which is what this twin does; `pack_key(key)` is
+        asked for each added key first. Returns (the new root's pointer,
+        [(pointer, payload length)] of each node replaced, in that order);
+        with `append` None, nothing is written and the pointer is 0. Nothing is
+        written when it returns None.
+        """
+        if not root or not keys or any(type(key) not in KEY_TYPES for key in keys):
+            return None
+        for key, add in zip(keys, adding, strict=True):
+            if add:
+                pack_key(key)  # as the compiled twin asks for it
+        plan: list[_Planned] = []
+        if self._plan_set(root, keys, adding, True, 0, plan) is None:
+            return None
+        retired = [(planned.ptr, len(self.atom(planned.ptr)[1])) for planned in plan]
+        if append is None:
+            return 0, retired
+        written: list[int] = []
+        for planned in plan:
+            node = planned.node
+            assert node.keys is not None, "a set node"
+            if node.sizes is None:
+                copy = Node(SET_LEAF, _changed_keys(node.keys, planned.keys, planned.adding), None)
+            else:
+                assert node.values is not None, "a branch has children"
+                copy = Node(SET_BRANCH, node.keys, node.values[:], node.sizes[:])
+                for position, place in planned.children:
+                    copy.values[position] = written[place]  # type: ignore[index]
+                    copy.sizes[position] += plan[place].delta  # type: ignore[index]
+            written.append(append(node.kind, encode_node(copy)))
+        return written[-1], retired
+
+    def _plan_set(
+        self,
+        ptr: int,
+        keys: Sequence[Any],
+        adding: Sequence[bool],
+        is_root: bool,
+        depth: int,
+        plan: list[_Planned],
+    ) -> int | None:
+        """splice_set's plan of the node at `ptr` for `keys`, after its children: its place in `plan`, or None."""
+        if depth > MAX_DEPTH:
+            raise CorruptionError(f"tree node {ptr:#x}: the tree is deeper than any tree can be (a cycle)")
+        kind, payload = self.atom(ptr)
+        if kind != SET_BRANCH and kind != SET_LEAF:
+            raise CorruptionError(f"tree node {ptr:#x}: not a node of its tree")
+        node = decode_node(kind, payload, ptr)
+        assert node.keys is not None
+        removing = not all(adding)
+        children: list[tuple[int, int]] = []
+        if kind == SET_LEAF:
+            lowest = 0  # where the next key may be: past a removed one
+            for key, add in zip(keys, adding, strict=True):
+                position = _bisect(bisect_left, node.keys, key)
+                if (position < len(node.keys) and node.keys[position] == key) == add:
+                    return None  # path copying would change nothing, or raise
+                if position < lowest:
+                    raise ValueError("splice_set: the keys must be distinct and in canonical order")
+                lowest = position + (not add)
+            width = len(node.keys) - adding.count(False) + adding.count(True)
+            if removing and not is_root and len(node.keys) - adding.count(False) < MERGE_BELOW:
+                return None
+            if width > MAX_ENTRIES or (is_root and width == 0):
+                return None
+        else:
+            assert node.values is not None
+            positions = [_bisect(bisect_right, node.keys, key) for key in keys]
+            if positions != sorted(positions):
+                raise ValueError("splice_set: the keys must be distinct and in canonical order")
+            if removing and (len(node.values) < 2 if is_root else len(node.values) < MERGE_BELOW):
+                return None
+            start = 0
+            while start < len(keys):
+                end = start + 1
+                while end < len(keys) and positions[end] == positions[start]:
+                    end += 1
+                place = self._plan_set(
+                    node.values[positions[start]], keys[start:end], adding[start:end], False, depth + 1, plan
+                )
+                if place is None:
+                    return None
+                children.append((positions[start], place))
+                start = end
+        plan.append(_Planned(ptr, node, children, adding.count(True) - adding.count(False), keys, adding))
+        return len(plan) - 1
+
     def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
         """(the VALUE atom at `ptr` decoded frozen, Refs in it through `ref`; its payload length)."""
         payload = self.atom(ptr)[1]
         return codec.decode(payload, frozen=True, ref=ref), len(payload)
+
+
+class _Planned(NamedTuple):
+    """A node splice_set writes again: the changes under it, its children's (position, place in the plan)."""
+
+    ptr: int
+    node: Node
+    children: list[tuple[int, int]]
+    delta: int  # keys added minus keys removed under it
+    keys: Sequence[Any]
+    adding: Sequence[bool]
+
+
+def _changed_keys(stored: list[Any], keys: Sequence[Any], adding: Sequence[bool]) -> list[Any]:
+    """A leaf's keys with `keys` removed or added (in canonical order, as splice_set's plan checked)."""
+    changed: list[Any] = []
+    at = 0
+    for key, add in zip(keys, adding, strict=True):
+        position = _bisect(bisect_left, stored, key)
+        changed += stored[at:position]
+        at = position if add else position + 1
+        if add:
+            changed.append(key)
+    return changed + stored[at:]
 
 
 _compiled = native.load("protobase.core.cnode") if codec.COMPILED else None
