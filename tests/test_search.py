@@ -598,9 +598,9 @@ def test_splice_set_writes_what_removing_and_adding_by_path_copying_writes(trees
     entries = canonical([(i % 2, values[i % len(values)], f"r{i:05d}") for i in range(12000)])
     present, absent = entries[::2], entries[1::2]
     roots = {"grown": index_tree(trees, present, seed=2), "small": index_tree(trees, present[:40], seed=3)}
-    roots["full"] = trees.tree(SET_LEAF, present, None)  # built full: every insert splits
+    roots["full"] = trees.tree(SET_LEAF, present, None)  # built full: an insert splits a leaf
     rng = random.Random(8)
-    outcomes: dict[str, int] = {"written": 0, "declined": 0, "several in a leaf": 0, "deepest": 0}
+    outcomes: dict[str, int] = {"written": 0, "declined": 0, "several in a leaf": 0, "split": 0, "deepest": 0}
     for _ in range(400):
         name = rng.choice(list(roots))
         pool = present if name != "small" else present[:40]
@@ -628,17 +628,23 @@ def test_splice_set_writes_what_removing_and_adding_by_path_copying_writes(trees
         assert sorted(retired) == sorted((ptr, len(trees.reader.atom(ptr)[1])) for ptr in discarded)
         outcomes["written"] += 1
         outcomes["several in a leaf"] += sum(kind == SET_LEAF for kind, _ in atoms) < len(keys)
+        outcomes["split"] += len(atoms) > len(retired)  # a leaf written as two
         outcomes["deepest"] = max(outcomes["deepest"], len(atoms) if len(keys) == 1 else 0)
-    assert outcomes["written"] > 150 and outcomes["declined"] > 40 and outcomes["several in a leaf"] > 10, outcomes
+    assert outcomes["written"] > 200 and outcomes["declined"] > 20 and outcomes["several in a leaf"] > 10, outcomes
+    assert outcomes["split"] > 20, outcomes
     assert outcomes["deepest"] >= 3, outcomes  # a root, a branch and a leaf
 
 
 def test_splice_set_declines_what_path_copying_would_restructure_and_refuses_keys_out_of_order(trees: Trees) -> None:
-    entries = [(0, i, f"r{i:04d}") for i in range(0, 2000, 2)]
-    full = trees.tree(SET_LEAF, entries, None)  # leaves of 64
+    entries = [(0, i, f"r{i:05d}") for i in range(0, 2 * MAX_ENTRIES**2, 2)]
+    widest = trees.tree(SET_LEAF, entries, None)  # 64 full leaves under one branch: a split would split it
+    full = trees.tree(SET_LEAF, entries[:2000], None)  # full leaves under a branch with room
     leaf = trees.tree(SET_LEAF, entries[:20], None)  # the root is a leaf
+    root_leaf = trees.tree(SET_LEAF, entries[:MAX_ENTRIES], None)  # a full one: a split grows the tree
     declined = [
-        (full, [(0, 1, "r0001")], [True]),  # its leaf is full: it splits
+        (widest, [(0, 1, "r00001")], [True]),
+        (full, [(0, 1, "r00001"), (0, 3, "r00003")], [True, True]),  # two splits of one leaf
+        (root_leaf, [(0, 1, "r00001")], [True]),
         (full, [entries[5]], [True]),  # already there: path copying changes nothing
         (full, [(0, 3, "x")], [False]),  # not there: path copying raises
         (leaf, entries[:20], [False] * 20),  # the root leaf would empty
@@ -657,6 +663,7 @@ def test_splice_set_declines_what_path_copying_would_restructure_and_refuses_key
             assert searcher.splice_set(root, keys, adding, appended, codec.pack) is None, keys
             assert appended.atoms == []
         assert searcher.splice_set(shrunk, [entries[0]], [False], None, codec.pack) is not None  # another leaf
+        assert searcher.splice_set(full, [(0, 1, "r00001")], [True], None, codec.pack) is not None  # one split
         with pytest.raises(ValueError, match="distinct and in canonical order"):
             searcher.splice_set(full, [entries[9], entries[3]], [False, False], Appended(), codec.pack)
         with pytest.raises(ValueError, match="distinct and in canonical order"):

@@ -1361,13 +1361,16 @@ static PyObject *searcher_splice(SearcherObject *self, PyObject *const *args, Py
 /* ---- splice_set: an index's entries added and removed in its set tree's bytes -------------------
  *
  * What TreeWriter does to a set tree for a commit's removes, then adds (an index's upkeep), written
- * in the nodes' bytes when no node splits, merges or empties: every node on the keys' paths is
- * written once, bottom-up and left to right as a flush writes them, with its keys removed and
- * inserted (a leaf) or its children's pointers and subtree sizes set (a branch). A plan is made
- * first and nothing is written unless the whole splice qualifies. */
+ * in the nodes' bytes when no node merges or empties and only leaves split: every node on the keys'
+ * paths is written once, bottom-up and left to right as a flush writes them, with its keys removed
+ * and inserted (a leaf, written as its two halves when its last add overflows it) or its children's
+ * pointers and subtree sizes set (a branch, and the separator of a child that split inserted). A
+ * plan is made first and nothing is written unless the whole splice qualifies. */
 
 #define MERGE_BELOW (MAX_ENTRIES / 4) /* btree/node.py: a node this small is merged into a neighbour */
 #define PENDING (-2)                   /* a planned node whose parent is not planned yet */
+#define LEFT_HALF ((MAX_ENTRIES + 1) / 2) /* the keys a leaf of MAX_ENTRIES + 1 keeps when it splits */
+#define NUMBER_BYTES 18                /* an edit's encoded numbers: two unsigned integers at most */
 
 /* One key of a set splice. */
 typedef struct {
@@ -1386,7 +1389,10 @@ typedef struct {
     int parent;             /* its parent's place in the plan; -1 at the root */
     uint64_t position;      /* its place among its parent's children */
     int64_t delta;          /* keys added minus keys removed under it */
-    uint64_t written;       /* its new pointer, once written */
+    int split;              /* a leaf written as two halves */
+    uint64_t written;       /* its new pointer (a split leaf's left half), once written */
+    uint64_t right;         /* a split leaf's right half, once written */
+    PyObject *separator;    /* a split leaf's: its right half's first key, encoded */
 } Touched;
 
 typedef struct {
@@ -1421,10 +1427,11 @@ static int node_width(Bytes b, int kind, uint64_t *width) {
 static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_ssize_t first, Py_ssize_t last,
                          uint64_t ptr, int is_root, int depth);
 
-/* Plan a leaf: each change's position; 0 if a key to add is there or one to remove is not, or the
- * leaf would split, go under MERGE_BELOW (it would be merged) or, as the root, empty. */
+/* Plan a leaf: each change's position, and whether it splits (*split: its last add overflows it);
+ * 0 if a key to add is there or one to remove is not, or the leaf would split more than once or
+ * as the root (the tree would grow), go under MERGE_BELOW (it would be merged) or, as the root, empty. */
 static int plan_set_leaf(NodeIndex *index, Bytes b, Change *changes, Py_ssize_t first, Py_ssize_t last, int is_root,
-                         uint64_t width) {
+                         uint64_t width, int *split) {
     uint64_t removed = 0, added = 0, lowest = 0; /* where the next change may be: past a removed key */
     for (Py_ssize_t j = first; j < last; j++) {
         Change *c = &changes[j];
@@ -1445,8 +1452,10 @@ static int plan_set_leaf(NodeIndex *index, Bytes b, Change *changes, Py_ssize_t 
         removed += !c->adding;
         added += c->adding;
     }
+    uint64_t final = width - removed + added;
     if (removed && !is_root && width - removed < MERGE_BELOW) return 0;
-    if (width - removed + added > MAX_ENTRIES || (is_root && width - removed + added == 0)) return 0;
+    if (final > MAX_ENTRIES + 1 || (is_root && (final == 0 || final > MAX_ENTRIES))) return 0;
+    *split = final == MAX_ENTRIES + 1;
     return 1;
 }
 
@@ -1486,7 +1495,7 @@ static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_s
     if (depth > MAX_DEPTH) return corrupt_at(ptr, "the tree is deeper than any tree can be (a cycle)");
     Mapping m = {.held = 0};
     Bytes b;
-    int kind, outcome = -1, start = plan->count;
+    int kind, outcome = -1, start = plan->count, split = 0;
     uint64_t width;
     if (open_atom(self, &m, ptr, &b, &kind) < 0) return release(&m), -1;
     if (kind != SET_LEAF && kind != SET_BRANCH) return release(&m), corrupt_at(ptr, "not a node of its tree");
@@ -1494,7 +1503,7 @@ static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_s
     NodeIndex *index = indexed(self, ptr, kind, &b);
     if ((index != NULL || !PyErr_Occurred()) && node_width(b, kind, &width) == 0) {
         if (kind == SET_LEAF)
-            outcome = plan_set_leaf(index, b, changes, first, last, is_root, width);
+            outcome = plan_set_leaf(index, b, changes, first, last, is_root, width, &split);
         else {
             NodeIndex *held = index;
             index = NULL;
@@ -1505,17 +1514,21 @@ static int plan_set_node(SearcherObject *self, Plan *plan, Change *changes, Py_s
     give_back(self, index);
     release(&m);
     if (outcome != 1) return outcome;
+    uint64_t splits = 0; /* children that split: each one more child here, which must not split it */
+    for (int j = start; j < plan->count; j++) splits += plan->nodes[j].parent == PENDING && plan->nodes[j].split;
+    if (kind == SET_BRANCH && width + splits > MAX_ENTRIES) return 0;
     int64_t delta = 0;
     for (Py_ssize_t j = first; j < last; j++) delta += changes[j].adding ? 1 : -1;
     Touched node = {.ptr = ptr, .kind = kind, .length = length, .first = first, .last = last,
-                    .parent = is_root ? -1 : PENDING, .delta = delta};
+                    .parent = is_root ? -1 : PENDING, .delta = delta, .split = split};
     for (int j = start; j < plan->count; j++)
         if (plan->nodes[j].parent == PENDING) plan->nodes[j].parent = plan->count; /* its children */
     return plan_add(plan, node) < 0 ? -1 : 1;
 }
 
 /* A planned leaf's edits: its keys array's header, then each key inserted or removed, in order. */
-static int leaf_edits(Touched *t, Bytes *b, Change *changes, Edit *edits, int *count, unsigned char (*numbers)[9]) {
+static int leaf_edits(Touched *t, Bytes *b, Change *changes, Edit *edits, int *count,
+                      unsigned char (*numbers)[NUMBER_BYTES]) {
     const unsigned char *base = b->at;
     uint64_t n, at = 0;
     if (open_node(b, 1) < 0) return -1;
@@ -1542,40 +1555,114 @@ static int leaf_edits(Touched *t, Bytes *b, Change *changes, Edit *edits, int *c
     return 0;
 }
 
-/* A planned branch's edits: each changed child's new pointer, then its subtree size; `kids` are the
- * plan's places of its `count_of_kids` children, left to right. */
+/* Move the reader at item *at of an array to item `index` of it. */
+static int skip_to(Bytes *b, uint64_t *at, uint64_t index) {
+    if (index < *at) return corrupt("changed while it was being written again");
+    if (skip_items(b, index - *at, 0) < 0) return -1;
+    *at = index;
+    return 0;
+}
+
+/* An edit replacing the item at the reader (a child pointer, a subtree size) with one or two numbers. */
+static int number_edit(Bytes *b, const unsigned char *base, uint64_t *at, Edit *e, unsigned char *number,
+                       uint64_t first, int two, uint64_t second) {
+    e->start = b->at - base;
+    if (skip_items(b, 1, 0) < 0) return -1;
+    *at += 1;
+    e->end = b->at - base, e->data = (const char *)number;
+    e->size = encode_uint(number, first, 0);
+    if (two) e->size += encode_uint(number + e->size, second, 0);
+    return 0;
+}
+
+/* A planned branch's edits, in the order of its bytes: for each changed child (`kids`, the plan's places
+ * of its `count_of_kids` children, left to right), the separator before it when it split (and the
+ * separators' count), its new pointer (a split leaf's two), then its subtree size (a split leaf's two). */
 static int branch_edits(Plan *plan, int *kids, int count_of_kids, Bytes *b, Edit *edits, int *count,
-                        unsigned char (*numbers)[9]) {
-    const unsigned char *base = b->at;
-    uint64_t separators, children, sizes, at = 0;
-    if (open_node(b, 3) < 0 || take_array(b, &separators) < 0 || skip_items(b, separators, 0) < 0 ||
-        take_array(b, &children) < 0)
-        return -1;
+                        unsigned char (*numbers)[NUMBER_BYTES]) {
+    const unsigned char *base = b->at, *header;
+    uint64_t counts[3], at, splits = 0; /* separators, children, sizes */
     *count = 0;
-    for (int pass = 0; pass < 2; pass++) { /* the children's pointers, then their subtree sizes */
+    for (int j = 0; j < count_of_kids; j++) splits += plan->nodes[kids[j]].split;
+    if (open_node(b, 3) < 0) return -1;
+    for (int part = 0; part < 3; part++) {
+        header = b->at;
+        if (take_array(b, &counts[part]) < 0) return -1;
+        if (part > 0 && counts[part] != counts[0] + 1) return corrupt("has mismatched key, value and size counts");
+        if (splits) {
+            Edit *e = &edits[(*count)++];
+            e->start = header - base, e->end = b->at - base, e->data = (const char *)numbers[*count - 1];
+            e->size = encode_uint(numbers[*count - 1], counts[part] + splits, 1);
+        }
+        at = 0;
         for (int j = 0; j < count_of_kids; j++) {
             Touched *child = &plan->nodes[kids[j]];
-            uint64_t size = 0;
+            uint64_t size;
             int negative;
-            if (pass == 1 && child->delta == 0) continue;
-            if (child->position >= children || child->position < at) return corrupt("changed while it was being written again");
-            if (skip_items(b, child->position - at, 0) < 0) return -1;
-            if (pass == 1 && (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative ||
-                              (int64_t)size + child->delta < 0))
-                return corrupt("a subtree size is not a count");
-            Edit *e = &edits[*count];
-            e->start = b->at - base;
-            if (skip_items(b, 1, 0) < 0) return -1;
-            at = child->position + 1;
-            e->end = b->at - base, e->data = (const char *)numbers[*count];
-            e->size = encode_uint(numbers[*count], pass == 0 ? child->written : (uint64_t)((int64_t)size + child->delta), 0);
-            (*count)++;
+            if (child->position >= counts[0] + 1) return corrupt("changed while it was being written again");
+            if ((part == 0 && !child->split) || (part == 2 && !child->split && child->delta == 0)) continue;
+            if (skip_to(b, &at, child->position) < 0) return -1;
+            Edit *e = &edits[(*count)++];
+            if (part == 0) { /* the right half's first key goes before the separator that followed the leaf */
+                e->start = e->end = b->at - base;
+                e->data = PyBytes_AS_STRING(child->separator), e->size = PyBytes_GET_SIZE(child->separator);
+            } else if (part == 1) {
+                if (number_edit(b, base, &at, e, numbers[*count - 1], child->written, child->split, child->right) < 0)
+                    return -1;
+            } else {
+                if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative ||
+                    (int64_t)size + child->delta < 0)
+                    return corrupt("a subtree size is not a count");
+                uint64_t grown = (uint64_t)((int64_t)size + child->delta);
+                if (child->split && grown != MAX_ENTRIES + 1) return corrupt("changed while it was being written again");
+                if (number_edit(b, base, &at, e, numbers[*count - 1], child->split ? LEFT_HALF : grown, child->split,
+                                MAX_ENTRIES + 1 - LEFT_HALF) < 0)
+                    return -1;
+            }
         }
-        if (pass == 0 && (skip_items(b, children - at, 0) < 0 || take_array(b, &sizes) < 0 || sizes != children))
-            return corrupt("has mismatched key, value and size counts");
-        at = 0;
+        if (skip_to(b, &at, counts[part]) < 0) return -1;
     }
     return 0;
+}
+
+/* A set leaf's payload of the keys [from, to) of `keys` (an edited leaf's keys array, `n` keys), or NULL. */
+static PyObject *leaf_of(const unsigned char *from, const unsigned char *to, uint64_t n) {
+    unsigned char header[4] = {0x91};
+    Py_ssize_t size = 1 + encode_uint(header + 1, n, 1);
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size + (to - from));
+    if (payload == NULL) return NULL;
+    memcpy(PyBytes_AS_STRING(payload), header, (size_t)size);
+    memcpy(PyBytes_AS_STRING(payload) + size, from, (size_t)(to - from));
+    return payload;
+}
+
+/* Split the payload of an edited leaf of MAX_ENTRIES + 1 keys into its halves' payloads, as
+ * TreeWriter._split_child does, and the right half's first key, encoded; -1 with an exception set. */
+static int halves(PyObject *whole, PyObject **left, PyObject **right, PyObject **separator) {
+    Bytes b = {(const unsigned char *)PyBytes_AS_STRING(whole),
+               (const unsigned char *)PyBytes_AS_STRING(whole) + PyBytes_GET_SIZE(whole)};
+    uint64_t n;
+    if (open_node(&b, 1) < 0 || take_array(&b, &n) < 0) return -1;
+    if (n != MAX_ENTRIES + 1) return corrupt("changed while it was being written again");
+    const unsigned char *keys = b.at;
+    if (skip_items(&b, LEFT_HALF, 0) < 0) return -1;
+    const unsigned char *middle = b.at;
+    if (skip_items(&b, 1, 0) < 0) return -1;
+    *separator = PyBytes_FromStringAndSize((const char *)middle, b.at - middle);
+    *left = *separator != NULL ? leaf_of(keys, middle, LEFT_HALF) : NULL;
+    *right = *left != NULL ? leaf_of(middle, b.end, MAX_ENTRIES + 1 - LEFT_HALF) : NULL;
+    return *right != NULL ? 0 : -1;
+}
+
+/* append(kind, payload) -> *ptr; -1 with an exception set. Takes `payload` (NULL: an error already set). */
+static int appended(PyObject *append, int kind, PyObject *payload, uint64_t *ptr) {
+    PyObject *args[2] = {payload != NULL ? PyLong_FromLong(kind) : NULL, payload};
+    PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
+    Py_XDECREF(args[0]);
+    Py_XDECREF(payload);
+    int failed = written == NULL || take_pointer(written, ptr) < 0;
+    Py_XDECREF(written);
+    return failed ? -1 : 0;
 }
 
 /* Write the plan's nodes in order, each with its edits made; 0, or -1 with an exception set. */
@@ -1585,11 +1672,11 @@ static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObjec
         Mapping m = {.held = 0};
         Bytes b;
         int kind, made = 0, failed;
-        Py_ssize_t most = t->kind == SET_LEAF ? 1 + (t->last - t->first) : 2 * (t->last - t->first);
-        Edit *edits = PyMem_Malloc((sizeof(Edit) + 9 + sizeof(int)) * (size_t)most);
+        Py_ssize_t most = 3 + 3 * (t->last - t->first); /* a branch's: three headers, three per child */
+        Edit *edits = PyMem_Malloc((sizeof(Edit) + NUMBER_BYTES + sizeof(int)) * (size_t)most);
         if (edits == NULL) return PyErr_NoMemory(), -1;
         int *kids = (int *)(edits + most), count_of_kids = 0;
-        unsigned char (*numbers)[9] = (unsigned char (*)[9])(kids + most);
+        unsigned char (*numbers)[NUMBER_BYTES] = (unsigned char (*)[NUMBER_BYTES])(kids + most);
         for (int j = 0; j < i; j++)
             if (plan->nodes[j].parent == i) kids[count_of_kids++] = j;
         failed = open_atom(self, &m, t->ptr, &b, &kind) < 0;
@@ -1599,16 +1686,17 @@ static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObjec
         if (!failed)
             failed = (t->kind == SET_LEAF ? leaf_edits(t, &b, changes, edits, &made, numbers)
                                           : branch_edits(plan, kids, count_of_kids, &b, edits, &made, numbers)) < 0;
-        PyObject *payload = failed ? NULL : edited(base, t->length, edits, made);
+        PyObject *payload = failed ? NULL : edited(base, t->length, edits, made), *right = NULL;
         release(&m); /* append() may map or grow segments: hold none across it */
         PyMem_Free(edits);
-        PyObject *args[2] = {payload != NULL ? PyLong_FromLong(t->kind) : NULL, payload};
-        PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
-        Py_XDECREF(args[0]);
-        Py_XDECREF(payload);
-        failed = written == NULL || take_pointer(written, &t->written) < 0;
-        Py_XDECREF(written);
-        if (failed) return -1;
+        if (payload != NULL && t->split) {
+            PyObject *whole = payload;
+            payload = NULL;
+            if (halves(whole, &payload, &right, &t->separator) < 0) Py_CLEAR(payload);
+            Py_DECREF(whole);
+        }
+        if (appended(append, t->kind, payload, &t->written) < 0) return Py_XDECREF(right), -1;
+        if (t->split && appended(append, t->kind, right, &t->right) < 0) return -1;
     }
     return 0;
 }
@@ -1664,6 +1752,7 @@ static PyObject *searcher_splice_set(SearcherObject *self, PyObject *const *args
         release_key(&changes[j].k);
         Py_XDECREF(changes[j].packed);
     }
+    for (int i = 0; i < plan.count; i++) Py_XDECREF(plan.nodes[i].separator);
     PyMem_Free(changes);
     PyMem_Free(plan.nodes);
     Py_DECREF(keys);

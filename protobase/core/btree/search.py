@@ -60,6 +60,7 @@ MAX_DEPTH = 64
 
 _BRANCH_OF_LEAF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH}
 _MAX_LEVELS = 128  # nodes one splice may rewrite (cnode.c's MAX_LEVELS)
+_LEFT_HALF = (MAX_ENTRIES + 1) // 2  # the keys a leaf of MAX_ENTRIES + 1 keeps when it splits (TreeWriter._split_child)
 
 Atom = Callable[[int], tuple[int, memoryview]]  # AtomReader.atom: pointer -> (kind, payload)
 Fallback = Callable[[int, Any, int], Any]  # (root, key, leaf_kind) -> slot: the decoded-node lookup
@@ -236,11 +237,13 @@ class SearcherPython:
         `keys` are distinct and in canonical order, `adding[i]` says whether
         keys[i] is added (it must be absent) or removed (present). It
         qualifies when TreeWriter, removing them and then adding them, would
-        neither split, merge nor empty a node. Then every node on their paths
-        is written once through `append(kind, payload)`, bottom-up and left to
-        right as a flush writes them, each the payload copying, changing and
-        encoding it gives, which is what this twin does; `pack_key(key)` is
-        asked for each added key first. Returns (the new root's pointer,
+        neither merge nor empty a node, nor split anything but a leaf its last
+        add overflows (under a branch with room for one more child). Then
+        every node on their paths is written once through
+        `append(kind, payload)`, bottom-up and left to right as a flush writes
+        them (a split leaf as its two halves), each the payload copying,
+        changing and encoding it gives, which is what this twin does;
+        `pack_key(key)` is asked for each added key first. Returns (the new root's pointer,
         [(pointer, payload length)] of each node replaced, in that order);
         with `append` None, nothing is written and the pointer is 0. Nothing is
         written when it returns None.
@@ -256,20 +259,33 @@ class SearcherPython:
         retired = [(planned.ptr, len(self.atom(planned.ptr)[1])) for planned in plan]
         if append is None:
             return 0, retired
-        written: list[int] = []
+        written: list[tuple[int, tuple[int, Any] | None]] = []  # (pointer, a split leaf's (right half, separator))
         for planned in plan:
             node = planned.node
             assert node.keys is not None, "a set node"
             if node.sizes is None:
-                copy = Node(SET_LEAF, _changed_keys(node.keys, planned.keys, planned.adding), None)
-            else:
-                assert node.values is not None, "a branch has children"
-                copy = Node(SET_BRANCH, node.keys, node.values[:], node.sizes[:])
-                for position, place in planned.children:
-                    copy.values[position] = written[place]  # type: ignore[index]
-                    copy.sizes[position] += plan[place].delta  # type: ignore[index]
-            written.append(append(node.kind, encode_node(copy)))
-        return written[-1], retired
+                keys = _changed_keys(node.keys, planned.keys, planned.adding)
+                if len(keys) <= MAX_ENTRIES:
+                    written.append((append(SET_LEAF, encode_node(Node(SET_LEAF, keys, None))), None))
+                    continue
+                left = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[:_LEFT_HALF], None)))
+                right = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[_LEFT_HALF:], None)))
+                written.append((left, (right, keys[_LEFT_HALF])))
+                continue
+            assert node.values is not None and node.sizes is not None, "a branch"
+            separators, children, sizes = node.keys[:], node.values[:], node.sizes[:]
+            for position, place in reversed(planned.children):  # from the right: positions stay put
+                ptr, split = written[place]
+                children[position] = ptr
+                if split is None:
+                    sizes[position] += plan[place].delta
+                    continue
+                right, separator = split
+                children.insert(position + 1, right)
+                sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
+                separators.insert(position, separator)
+            written.append((append(SET_BRANCH, encode_node(Node(SET_BRANCH, separators, children, sizes))), None))
+        return written[-1][0], retired
 
     def _plan_set(
         self,
@@ -290,6 +306,7 @@ class SearcherPython:
         assert node.keys is not None
         removing = not all(adding)
         children: list[tuple[int, int]] = []
+        split = False
         if kind == SET_LEAF:
             lowest = 0  # where the next key may be: past a removed one
             for key, add in zip(keys, adding, strict=True):
@@ -302,8 +319,9 @@ class SearcherPython:
             width = len(node.keys) - adding.count(False) + adding.count(True)
             if removing and not is_root and len(node.keys) - adding.count(False) < MERGE_BELOW:
                 return None
-            if width > MAX_ENTRIES or (is_root and width == 0):
-                return None
+            if width > MAX_ENTRIES + 1 or (is_root and (width == 0 or width > MAX_ENTRIES)):
+                return None  # it would split more than once, grow the tree, or empty it
+            split = width == MAX_ENTRIES + 1
         else:
             assert node.values is not None
             positions = [_bisect(bisect_right, node.keys, key) for key in keys]
@@ -323,7 +341,9 @@ class SearcherPython:
                     return None
                 children.append((positions[start], place))
                 start = end
-        plan.append(_Planned(ptr, node, children, adding.count(True) - adding.count(False), keys, adding))
+            if len(node.values) + sum(plan[place].split for _, place in children) > MAX_ENTRIES:
+                return None  # its children that split would split it
+        plan.append(_Planned(ptr, node, children, adding.count(True) - adding.count(False), split, keys, adding))
         return len(plan) - 1
 
     def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
@@ -339,6 +359,7 @@ class _Planned(NamedTuple):
     node: Node
     children: list[tuple[int, int]]
     delta: int  # keys added minus keys removed under it
+    split: bool  # a leaf written as two halves
     keys: Sequence[Any]
     adding: Sequence[bool]
 
