@@ -257,35 +257,7 @@ class SearcherPython:
         if self._plan_set(root, keys, adding, True, 0, plan) is None:
             return None
         retired = [(planned.ptr, len(self.atom(planned.ptr)[1])) for planned in plan]
-        if append is None:
-            return 0, retired
-        written: list[tuple[int, tuple[int, Any] | None]] = []  # (pointer, a split leaf's (right half, separator))
-        for planned in plan:
-            node = planned.node
-            assert node.keys is not None, "a set node"
-            if node.sizes is None:
-                keys = _changed_keys(node.keys, planned.keys, planned.adding)
-                if len(keys) <= MAX_ENTRIES:
-                    written.append((append(SET_LEAF, encode_node(Node(SET_LEAF, keys, None))), None))
-                    continue
-                left = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[:_LEFT_HALF], None)))
-                right = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[_LEFT_HALF:], None)))
-                written.append((left, (right, keys[_LEFT_HALF])))
-                continue
-            assert node.values is not None and node.sizes is not None, "a branch"
-            separators, children, sizes = node.keys[:], node.values[:], node.sizes[:]
-            for position, place in reversed(planned.children):  # from the right: positions stay put
-                ptr, split = written[place]
-                children[position] = ptr
-                if split is None:
-                    sizes[position] += plan[place].delta
-                    continue
-                right, separator = split
-                children.insert(position + 1, right)
-                sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
-                separators.insert(position, separator)
-            written.append((append(SET_BRANCH, encode_node(Node(SET_BRANCH, separators, children, sizes))), None))
-        return written[-1][0], retired
+        return (0 if append is None else _write_set_plan(plan, append)), retired
 
     def _plan_set(
         self,
@@ -362,6 +334,37 @@ class _Planned(NamedTuple):
     split: bool  # a leaf written as two halves
     keys: Sequence[Any]
     adding: Sequence[bool]
+
+
+def _write_set_plan(plan: list[_Planned], append: Callable[[int, bytes], int]) -> int:
+    """Write splice_set's plan, node after node (a split leaf as its two halves); the new root's pointer."""
+    written: list[tuple[int, tuple[int, Any] | None]] = []  # (pointer, a split leaf's (right half, separator))
+    for planned in plan:
+        node = planned.node
+        assert node.keys is not None, "a set node"
+        if node.sizes is None:
+            keys = _changed_keys(node.keys, planned.keys, planned.adding)
+            if len(keys) <= MAX_ENTRIES:
+                written.append((append(SET_LEAF, encode_node(Node(SET_LEAF, keys, None))), None))
+                continue
+            left = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[:_LEFT_HALF], None)))
+            right = append(SET_LEAF, encode_node(Node(SET_LEAF, keys[_LEFT_HALF:], None)))
+            written.append((left, (right, keys[_LEFT_HALF])))
+            continue
+        assert node.values is not None and node.sizes is not None, "a branch"
+        separators, children, sizes = node.keys[:], node.values[:], node.sizes[:]
+        for position, place in reversed(planned.children):  # from the right: positions stay put
+            ptr, split = written[place]
+            children[position] = ptr
+            if split is None:
+                sizes[position] += plan[place].delta
+                continue
+            right, separator = split
+            children.insert(position + 1, right)
+            sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
+            separators.insert(position, separator)
+        written.append((append(SET_BRANCH, encode_node(Node(SET_BRANCH, separators, children, sizes))), None))
+    return written[-1][0]
 
 
 def _changed_keys(stored: list[Any], keys: Sequence[Any], adding: Sequence[bool]) -> list[Any]:
