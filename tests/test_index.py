@@ -357,6 +357,36 @@ def test_big_records_and_big_lists(fast_db: protobase.Database) -> None:
         assert set(users.where(F.city == "Lyon").keys()) == {"big"}
 
 
+def test_single_record_writes_keep_big_indexes_as_a_model_says(fast_db: protobase.Database) -> None:
+    # One record a commit into a collection of thousands with indexes several levels deep: the
+    # coordinator splices the record and its changed entries into the trees' bytes (a score
+    # moves, tags come and go: several entries of one index at once, leaves that split).
+    db = fast_db
+    rng = random.Random(4)
+
+    def record(i: int) -> dict:
+        return {"score": rng.randrange(40), "tags": rng.sample(["a", "b", "c", "d", "e"], rng.randrange(4)), "n": i}
+
+    model = {f"u{i:05d}": record(i) for i in range(5000)}
+    with db.transaction() as tx:
+        tx.root["users"] = dict(model)
+        tx.root["users"].create_index("score")
+        tx.root["users"].create_index("tags")
+    for i in range(300):
+        key = rng.choice(list(model)) if i % 4 else f"new{i:04d}"
+        model[key] = record(-i)
+        with db.transaction() as tx:
+            tx.root["users"][key] = model[key]
+    db.check()
+    with db.snapshot() as snap:
+        users = snap.root["users"]
+        for score in (0, 7, 39):
+            assert set(users.where(F.score == score).keys()) == {k for k, r in model.items() if r["score"] == score}
+        for tag in "ae":
+            assert set(users.where(F.tags.contains(tag)).keys()) == {k for k, r in model.items() if tag in r["tags"]}
+        assert {key: dict(record) for key, record in users.items()} == model
+
+
 def test_drop_index(fast_db: protobase.Database) -> None:
     db = fast_db
     with db.transaction() as tx:

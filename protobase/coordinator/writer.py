@@ -90,7 +90,7 @@ WRITE_THROUGH_AT_MOST = 4096
 Op = tuple[int, KeyPath, Any]  # (op code, key path, argument): one operation, as `apply` takes it
 
 
-_DICT_TREE_KINDS = frozenset({DICT_LEAF, DICT_BRANCH})
+_DICT_TREE_KINDS = frozenset({DICT_LEAF, DICT_BRANCH})  # a Ref of these kinds holds a dict tree
 # Leaf values that are already in their stored form (the common case on every flush).
 _STORED_AS_IS = frozenset({Ref, int, float, bool, type(None), Decimal, datetime.datetime, datetime.date, uuid.UUID})
 # Values a record may hold and still be written by `_flat_record`'s fast path (str and bytes: when short).
@@ -236,8 +236,8 @@ class Writer:
         changing and encoding the nodes), and the new root is clean at once.
         A record of an indexed collection is written so too, its index
         entries with it (`_spliced_into_collection`). Anything else (a new key
-        in a full leaf, a flat dict on the way, an index entry whose leaf
-        would split or merge) is applied by path copying.
+        in a full leaf, a flat dict on the way, an index entry whose node
+        would merge, or a branch split) is applied by path copying.
         """
 
         def new_entry(old: Any) -> bytes:
@@ -299,11 +299,11 @@ class Writer:
     def _spliced_into_collection(self, old: Any, path: KeyPath, code: int, argument: Any) -> bytes:
         """The new Ref of the indexed collection `old` with the record at `path[-1]` spliced into its records.
 
-        The entries of the record's that change are removed from and added to
+        The record's index entries that change are removed from and added to
         each index in its nodes' bytes (Searcher.splice_set), after a dry run
-        made sure every index qualifies: one that would split or merge a node
-        declines the whole splice (_Declined) before anything is written, and
-        path copying applies the op. The atoms are the ones path copying
+        made sure every index qualifies: one that would merge a node or split
+        a branch declines the whole splice (_Declined) before anything is
+        written, and path copying applies the op. The atoms are the ones path copying
         writes, in its order: the record, the records' tree, each index, then
         the collection.
         """
