@@ -668,3 +668,35 @@ def test_splice_set_declines_what_path_copying_would_restructure_and_refuses_key
             searcher.splice_set(full, [entries[9], entries[3]], [False, False], Appended(), codec.pack)
         with pytest.raises(ValueError, match="distinct and in canonical order"):
             searcher.splice_set(full, [entries[3], entries[3]], [False, False], Appended(), codec.pack)
+
+
+def test_splice_set_on_damaged_nodes_gives_corruption_errors_never_a_crash() -> None:
+    """A set tree of tuple entries (a branch over two leaves) with bytes flipped, cut or inserted in one node:
+    splice_set answers, declines or says CorruptionError, walked once and again (through the node indexes)."""
+    rng = random.Random(17)
+    entries = [(0, f"c{i % 7}", f"u{i:03d}") for i in range(100)]
+    entries.sort(key=order_key)
+    left, right = entries[:50], entries[50:]
+    leaves = [atom(SET_LEAF, encode_node(Node(SET_LEAF, half, None))) for half in (left, right)]
+    pointers = [1 << 40, 1 << 40 | len(leaves[0])]
+    branch = atom(SET_BRANCH, encode_node(Node(SET_BRANCH, [right[0]], pointers, [50, 50])))
+    outcomes = set()
+    for _ in range(600):
+        atoms = [*leaves, branch]
+        which = rng.randrange(3)
+        raw = bytearray(atoms[which])
+        damaged = _damaged(bytes(raw[4:]), rng)[: len(raw) - 4]  # the header stays whole and true
+        atoms[which] = raw[:4] + damaged + bytes(len(raw) - 4 - len(damaged))
+        buffers, ptrs = segment_of(*atoms)
+        keys = sorted({rng.choice(entries), (0, "c9", f"u{rng.randrange(100):03d}")}, key=order_key)
+        adding = [key not in entries for key in keys]
+        for searcher in searchers_over(buffers):
+            for _ in range(2):
+                try:
+                    searcher.splice_set(ptrs[2], keys, adding, Appended(), codec.pack)
+                    outcomes.add("answered")
+                except CorruptionError:
+                    outcomes.add("corrupt")
+                except ValueError:
+                    outcomes.add("out of order")  # damaged keys read as out of order
+    assert "corrupt" in outcomes and "answered" in outcomes, outcomes
