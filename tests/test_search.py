@@ -433,14 +433,17 @@ def grown_tree(trees: Trees, keys: list[Any], values: list[Any], seed: int) -> i
 
 
 def nested_trees(trees: Trees) -> tuple[int, dict[Any, list[Any]]]:
-    """An outer dict tree of mixed keys whose values are records, scalars and Refs to inner dict trees."""
+    """An outer dict tree of mixed keys whose values are records, scalars and Refs to inner dict trees (some
+    built full)."""
     inner_keys: dict[Any, list[Any]] = {}
     outer = mixed_keys(300, seed=7)
     values: list[Any] = []
     for i, key in enumerate(outer):
         if i % 3 == 0:
             keys = mixed_keys(700 if i % 2 else 40, seed=i)
-            ptr = grown_tree(trees, keys, [record(trees, j) if j % 2 else j for j in range(len(keys))], seed=i)
+            records = [record(trees, j) if j % 2 else j for j in range(len(keys))]
+            # most grown key by key; some built full, as a bulk load builds them (a new key splits a leaf)
+            ptr = trees.tree(DICT_LEAF, keys, records) if i % 9 == 0 else grown_tree(trees, keys, records, seed=i)
             values.append(Ref(ptr, trees.reader.atom(ptr)[0]))
             inner_keys[key] = keys
         else:
@@ -477,7 +480,7 @@ def test_splice_writes_what_copying_changing_and_encoding_the_nodes_writes(trees
     new_keys = [key for key in mixed_keys(400, seed=99) if all(key not in keys for keys in inner_keys.values())]
     paths += [(outer, rng.choice(new_keys)) for outer in inner_keys]
     value = Ref(77 << 40 | 64, VALUE)
-    depths, inserted = set(), 0
+    depths, inserted, splits = set(), 0, 0
     for path in paths:
         results = []
         for searcher in trees.searchers():
@@ -485,8 +488,8 @@ def test_splice_writes_what_copying_changing_and_encoding_the_nodes_writes(trees
             spliced = searcher.splice(root, path, lambda old: codec.pack(value), appended, codec.pack, ABSENT)
             results.append((spliced, appended.atoms))
         assert all(result == results[0] for result in results[1:]), path  # the twins agree on everything
-        if results[0][0] is None:  # a new key whose leaf is full: path copying splits it
-            assert path[-1] in new_keys
+        if results[0][0] is None:  # a new key in a full leaf at its tree's root: path copying grows the tree
+            assert path[-1] in new_keys and len(path) == 2
             continue
         (new_root, old, retired), atoms = results[0]
         # The nodes on the way, root first, each with the key that leads through it.
@@ -499,18 +502,59 @@ def test_splice_writes_what_copying_changing_and_encoding_the_nodes_writes(trees
         new_key = path[-1] in new_keys
         inserted += new_key
         assert old is ABSENT if new_key else old == trees.store.access.lookup(on_path[-1][0], path[-1])
-        # Bottom-up: each atom is its node with one entry set, to the value or the new node below.
+        # Bottom-up: each atom is its node with one entry set, to the value or the new node below; a full
+        # leaf that takes a new key is written as its two halves, and its parent takes both.
+        split = len(atoms) == len(on_path) + 1
+        splits += split
         entry: Any = value
+        written_at = 0  # atoms written so far
+        halves: tuple[int, int, Any] | None = None
         for position in range(len(on_path) - 1, -1, -1):
-            (kind, payload), (ptr, key, last_tree) = atoms[len(on_path) - 1 - position], on_path[position]
+            ptr, key, last_tree = on_path[position]
+            if split and position == len(on_path) - 1:
+                left, right, separator = split_leaf_payloads(trees, ptr, key, value)
+                assert atoms[:2] == [(DICT_LEAF, left), (DICT_LEAF, right)], path
+                halves, written_at = (Appended.POINTERS[0], Appended.POINTERS[1], separator), 2
+                continue
+            kind, payload = atoms[written_at]
             assert kind == trees.reader.atom(ptr)[0]
-            assert payload == expected_payload(trees, ptr, key, entry, new_key and last_tree), (path, ptr)
-            written = Appended.POINTERS[(len(on_path) - 1 - position) % len(Appended.POINTERS)]
+            if halves is not None and position == len(on_path) - 2:
+                assert payload == split_parent_payload(trees, ptr, key, halves), (path, ptr)
+            else:
+                assert payload == expected_payload(trees, ptr, key, entry, new_key and last_tree), (path, ptr)
+            written = Appended.POINTERS[written_at % len(Appended.POINTERS)]
+            written_at += 1
             if position > 0:  # the parent holds a pointer (a branch) or a Ref to the tree (a leaf)
                 entry = written if trees.reader.atom(on_path[position - 1][0])[0] == DICT_BRANCH else Ref(written, kind)
-        assert new_root == written
+        assert new_root == written and written_at == len(atoms)
         depths.add(len(on_path))
     assert max(depths) >= 4 and inserted >= 20  # branches and leaves of both trees, and inserts, were written
+    assert splits >= 3
+
+
+def split_leaf_payloads(trees: Trees, ptr: int, key: Any, value: Any) -> tuple[bytes, bytes, Any]:
+    """A full dict leaf with `key` inserted, as TreeWriter._split_child leaves it: its halves' payloads and
+    the separator."""
+    node = search.decode_node(*trees.reader.atom(ptr), ptr)
+    assert node.keys is not None and node.values is not None
+    position = bisect_left(node.keys, key)
+    node.keys.insert(position, key)
+    node.values.insert(position, value)
+    half = len(node.keys) // 2
+    left, right = (Node(DICT_LEAF, node.keys[a:b], node.values[a:b]) for a, b in ((0, half), (half, None)))
+    return encode_node(left), encode_node(right), node.keys[half]
+
+
+def split_parent_payload(trees: Trees, ptr: int, key: Any, halves: tuple[int, int, Any]) -> bytes:
+    """A dict branch whose child under `key` split into `halves` (left, right, separator)."""
+    node = search.decode_node(*trees.reader.atom(ptr), ptr)
+    assert node.keys is not None and node.values is not None and node.sizes is not None
+    position = bisect_right(node.keys, key)
+    left, right, separator = halves
+    node.values[position : position + 1] = [left, right]
+    node.sizes[position : position + 1] = [MAX_ENTRIES // 2, MAX_ENTRIES // 2 + 1]
+    node.keys.insert(position, separator)
+    return encode_node(node)
 
 
 def nodes_on_the_way(trees: Trees, root: int, key: Any) -> Iterator[int]:
@@ -531,12 +575,15 @@ def test_splice_declines_what_it_cannot_write_in_place_and_writes_nothing(trees:
     root, inner_keys = nested_trees(trees)
     outer = list(inner_keys)[0]
     scalar = next(k for k in mixed_keys(300, seed=7) if k not in inner_keys)
-    full = trees.tree(DICT_LEAF, [f"k{i:04d}" for i in range(0, 400, 2)], list(range(200)))  # built full
+    full_root = trees.tree(DICT_LEAF, [f"k{i:04d}" for i in range(0, 128, 2)], list(range(64)))  # one full leaf
+    widest_keys = [f"k{i:05d}" for i in range(0, 2 * MAX_ENTRIES**2, 2)]
+    widest = trees.tree(DICT_LEAF, widest_keys, list(range(len(widest_keys))))  # 64 full leaves under one branch
     flat = trees.arena.append(VALUE, codec.encode({"a": 1}))
     sets = trees.tree(SET_LEAF, ["x", "y"], None)
     holder = trees.tree(DICT_LEAF, ["flat", "set"], [Ref(flat, VALUE), Ref(sets, SET_LEAF)])
     declined = [
-        (full, ("k0101",)),  # a new key in a full leaf: path copying splits it
+        (full_root, ("k0101",)),  # a new key in a full leaf at the root: path copying grows the tree
+        (widest, ("k00101",)),  # its leaf would split, and its branch with it
         (root, ("no such tree", "x")),
         (root, (scalar, "x")),  # no container below
         (holder, ("flat", "a")),  # a flat dict: one VALUE atom, rewritten whole

@@ -378,7 +378,8 @@ def test_single_key_updates_written_in_the_nodes_bytes_are_the_atoms_path_copyin
                     (OP_SET, ("users", key), {"n": -i, "name": f"x{i}"}),  # spliced
                     (OP_SET, ("users", key), {"n": -i, "bio": "y" * 300}),  # spliced: a Ref to a long value
                     (OP_SET, ("users", key), i),  # spliced: a scalar
-                    (OP_SET, ("users", f"new{i}"), {"n": i}),  # a new key: path copying
+                    (OP_SET, ("users", f"new{i}"), {"n": i}),  # a new key
+                    (OP_SET, ("users", f"{key}x"), {"n": i}),  # a new key anywhere in a full leaf: it splits
                     (OP_DELETE, ("users", key), None),
                     (OP_SET, ("cfg", "a"), i),  # inside a flat dict: path copying
                     (OP_SET, ("big", f"k{rng.randrange(200)}", "deep"), {"y": i}),  # spliced, two trees down

@@ -235,9 +235,10 @@ class Writer:
         path with one entry set (Searcher.splice, the same bytes as copying,
         changing and encoding the nodes), and the new root is clean at once.
         A record of an indexed collection is written so too, its index
-        entries with it (`_spliced_into_collection`). Anything else (a new key
-        in a full leaf, a flat dict on the way, an index entry whose node
-        would merge, or a branch split) is applied by path copying.
+        entries with it (`_spliced_into_collection`); a full leaf that takes
+        a new key is written as its two halves. Anything else (a split of a
+        tree's root or of a branch, a flat dict on the way, an index entry
+        whose node would merge) is applied by path copying.
         """
 
         def new_entry(old: Any) -> bytes:

@@ -1030,17 +1030,19 @@ typedef struct {
     int kind;
     Py_ssize_t length;
     uint64_t position; /* a branch: the child taken; a leaf: where the key is, or goes */
+    uint64_t width;    /* a branch: its children */
     int last_tree;     /* in the tree that holds the last key (an insert changes its counts) */
 } Level;
 
-/* The child `k` leads to in a dict branch: its position and pointer. */
-static int branch_step(NodeIndex *index, Bytes *b, Key *k, uint64_t *position, uint64_t *child) {
+/* The child `k` leads to in a dict (or set) branch: its position and pointer, and the branch's width. */
+static int branch_step(NodeIndex *index, Bytes *b, Key *k, uint64_t *position, uint64_t *child, uint64_t *width) {
     const unsigned char *base = b->at;
     if (index != NULL) {
         int equal;
         int64_t i = indexed_bisect(index, b->at, b->end, k, 1, &equal);
         if (i < 0) return -1;
         *position = (uint64_t)i;
+        *width = index->values;
         b->at = base + index->offsets[index->keys + i];
     } else {
         uint64_t count, i = 0, children;
@@ -1055,6 +1057,7 @@ static int branch_step(NodeIndex *index, Bytes *b, Key *k, uint64_t *position, u
         if (children != count + 1) return corrupt("has mismatched key, value and size counts");
         if (skip_items(b, i, 0) < 0) return -1;
         *position = i;
+        *width = children;
     }
     int negative;
     if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, child) || negative || *child == 0 ||
@@ -1094,8 +1097,8 @@ static uint64_t dict_tree_at(Bytes *b) {
 }
 
 /* Walk `keys` from `root` through dict trees, recording every node on the way; 1 if the last key is
- * present (*old: its slot, decoded), 2 if it is absent from a leaf with room for it, 0 if the path
- * does not qualify, -1 on error. */
+ * present (*old: its slot, decoded), 2 if it is absent from a leaf with room for it, 3 if from a full
+ * leaf that may split, 0 if the path does not qualify, -1 on error. */
 static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level *levels, int *count, PyObject **old) {
     Mapping m = {.held = 0};
     Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
@@ -1137,15 +1140,20 @@ static int walk_path(SearcherObject *self, uint64_t root, PyObject *keys, Level 
                 outcome = -1;
                 break;
             }
-            int failed = kind == DICT_BRANCH ? branch_step(index, &b, &k, &level->position, &ptr)
+            int failed = kind == DICT_BRANCH ? branch_step(index, &b, &k, &level->position, &ptr, &level->width)
                                              : leaf_step(index, &b, &k, &level->position, &equal, &width);
             give_back(self, index);
             if (failed)
                 outcome = -1;
             else if (kind == DICT_BRANCH)
                 continue;
-            else if (!equal)
-                outcome = j == n - 1 && width < MAX_ENTRIES ? 2 : 0; /* a full leaf splits: path copying does it */
+            else if (!equal && j == n - 1 && width < MAX_ENTRIES)
+                outcome = 2;
+            else if (!equal) /* a full leaf splits: under a branch of its tree with room for one more child */
+                outcome = j == n - 1 && width == MAX_ENTRIES && *count >= 2 && levels[*count - 2].last_tree &&
+                                  levels[*count - 2].kind == DICT_BRANCH && levels[*count - 2].width < MAX_ENTRIES
+                              ? 3
+                              : 0;
             else if (j == n - 1) {
                 *old = decode_next(&b);
                 outcome = *old == NULL ? -1 : 1;
@@ -1188,12 +1196,14 @@ typedef struct {
     const char *data;
 } Edit;
 
-#define MAX_EDITS 4
+#define MAX_EDITS 6
+#define LEFT_HALF ((MAX_ENTRIES + 1) / 2) /* the entries a leaf of MAX_ENTRIES + 1 keeps when it splits */
+#define NUMBER_BYTES 18                   /* an edit's encoded numbers: two unsigned integers at most */
 
 /* The edits that write `entry` into a node, and, for an insert (`key` not NULL), the key and the
  * counts: a leaf's two array headers, a branch's subtree size. `numbers` holds the encoded counts. */
 static int plan_edits(Level *level, Bytes *b, PyObject *entry, PyObject *key, Edit *edits, int *count,
-                      unsigned char numbers[3][9]) {
+                      unsigned char (*numbers)[NUMBER_BYTES]) {
     const unsigned char *base = b->at;
     uint64_t n, i = level->position, size;
     int negative;
@@ -1270,49 +1280,29 @@ static PyObject *edited(const unsigned char *base, Py_ssize_t length, Edit *edit
     return payload;
 }
 
-/* Write the levels bottom-up, each with its edits made; the new root's pointer, or NULL. */
-static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, PyObject *entry, PyObject *key,
-                               PyObject *append, PyObject *retired) {
-    Mapping m = {.held = 0};
-    PyObject *written = NULL;
-    Py_INCREF(entry);
-    for (int i = count - 1; i >= 0; i--) {
-        Level *level = &levels[i];
-        Bytes b;
-        int kind, edits_made;
-        Edit edits[MAX_EDITS];
-        unsigned char numbers[3][9];
-        if (open_atom(self, &m, level->ptr, &b, &kind) < 0) break;
-        if (b.end - b.at != level->length) { /* atoms never change: this one did */
-            corrupt_at(level->ptr, "changed while it was being written again");
-            break;
-        }
-        const unsigned char *base = b.at;
-        if (plan_edits(level, &b, entry, level->last_tree ? key : NULL, edits, &edits_made, numbers) < 0) break;
-        PyObject *payload = edited(base, level->length, edits, edits_made);
-        release(&m); /* append() may map or grow segments: hold none across it */
-        PyObject *args[2] = {PyLong_FromLong(level->kind), payload};
-        Py_CLEAR(written);
-        written = args[0] != NULL && payload != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
-        Py_XDECREF(args[0]);
-        Py_XDECREF(payload);
-        uint64_t ptr;
-        if (written == NULL || take_pointer(written, &ptr) < 0) break;
-        PyObject *was = Py_BuildValue("(Kn)", (unsigned long long)level->ptr, level->length);
-        if (was == NULL) break;
-        PyList_SET_ITEM(retired, i, was);
-        Py_SETREF(entry, i > 0 ? child_entry(ptr, levels[i - 1].kind, level->kind) : NULL);
-        if (i > 0 && entry == NULL) break;
-        if (i == 0) {
-            release(&m);
-            return written;
-        }
-    }
-    release(&m);
-    Py_XDECREF(entry);
-    Py_XDECREF(written);
-    return NULL;
+/* An edit replacing the item at the reader (a child pointer, a subtree size) with one or two numbers. */
+static int number_edit(Bytes *b, const unsigned char *base, uint64_t *at, Edit *e, unsigned char *number,
+                       uint64_t first, int two, uint64_t second) {
+    e->start = b->at - base;
+    if (skip_items(b, 1, 0) < 0) return -1;
+    *at += 1;
+    e->end = b->at - base, e->data = (const char *)number;
+    e->size = encode_uint(number, first, 0);
+    if (two) e->size += encode_uint(number + e->size, second, 0);
+    return 0;
 }
+
+/* append(kind, payload) -> *ptr; -1 with an exception set. Takes `payload` (NULL: an error already set). */
+static int appended(PyObject *append, int kind, PyObject *payload, uint64_t *ptr) {
+    PyObject *args[2] = {payload != NULL ? PyLong_FromLong(kind) : NULL, payload};
+    PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
+    Py_XDECREF(args[0]);
+    Py_XDECREF(payload);
+    int failed = written == NULL || take_pointer(written, ptr) < 0;
+    Py_XDECREF(written);
+    return failed ? -1 : 0;
+}
+
 
 static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const char *what) {
     PyObject *result = PyObject_CallOneArg(function, argument);
@@ -1322,6 +1312,169 @@ static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const 
     }
     return result;
 }
+
+/* A dict leaf's payload holding the entries [from, to) of the dict leaf payload [at, end) (*first, when
+ * given: the encoding of its first key); NULL with an exception set. */
+static PyObject *dict_leaf_part(const unsigned char *at, const unsigned char *end, uint64_t from, uint64_t to,
+                                PyObject **first) {
+    Bytes b = {at, end};
+    uint64_t n, values;
+    if (open_node(&b, 2) < 0 || take_array(&b, &n) < 0) return NULL;
+    if (from > to || to > n) return corrupt("changed while it was being written again"), NULL;
+    if (skip_items(&b, from, 0) < 0) return NULL;
+    const unsigned char *keys = b.at;
+    if (skip_items(&b, to - from, 0) < 0) return NULL;
+    const unsigned char *keys_end = b.at;
+    if (skip_items(&b, n - to, 0) < 0 || take_array(&b, &values) < 0) return NULL;
+    if (values != n) return corrupt("has mismatched key, value and size counts"), NULL;
+    if (skip_items(&b, from, 0) < 0) return NULL;
+    const unsigned char *items = b.at;
+    if (skip_items(&b, to - from, 0) < 0) return NULL;
+    if (first != NULL) {
+        Bytes key = {keys, keys_end};
+        if (skip_items(&key, 1, 0) < 0 || (*first = PyBytes_FromStringAndSize((const char *)keys, key.at - keys)) == NULL)
+            return NULL;
+    }
+    unsigned char header[3];
+    Py_ssize_t h = encode_uint(header, to - from, 1), size = 1 + 2 * h + (keys_end - keys) + (b.at - items);
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
+    if (payload == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(payload);
+    *out++ = (char)0x92;
+    memcpy(out, header, (size_t)h), out += h;
+    memcpy(out, keys, (size_t)(keys_end - keys)), out += keys_end - keys;
+    memcpy(out, header, (size_t)h), out += h;
+    memcpy(out, items, (size_t)(b.at - items));
+    return payload;
+}
+
+/* A leaf that splits (splice's outcome 3): what it needs and what it leaves for its parent. */
+typedef struct {
+    int on;
+    PyObject *make_entry, *old; /* the new value's encoding, asked for once the left half is written when the
+                                 * new key goes to the right half (a flush writes the value with its half) */
+    uint64_t left, right;       /* the halves' pointers */
+    PyObject *separator;        /* the right half's first key, encoded */
+} Split;
+
+/* The atom of a level again, its length checked (atoms never change). */
+static int reopen(SearcherObject *self, Mapping *m, Level *level, Bytes *b) {
+    int kind;
+    if (open_atom(self, m, level->ptr, b, &kind) < 0) return -1;
+    if (b->end - b->at != level->length) return corrupt_at(level->ptr, "changed while it was being written again");
+    return 0;
+}
+
+/* Write the full leaf with the new key in it as its two halves, the left first, as
+ * TreeWriter._split_child and a flush write them; *entry NULL: asked for after the left half. */
+static int write_split_leaf(SearcherObject *self, Level *level, PyObject **entry, PyObject *key, Split *split,
+                            PyObject *append) {
+    Mapping m = {.held = 0};
+    Bytes b;
+    int left_written = 0, made;
+    if (reopen(self, &m, level, &b) < 0) return release(&m), -1;
+    if (*entry == NULL) { /* the key goes right of the middle: the left half is the leaf's first entries */
+        PyObject *left = dict_leaf_part(b.at, b.end, 0, LEFT_HALF, NULL);
+        release(&m);
+        if (appended(append, DICT_LEAF, left, &split->left) < 0) return -1;
+        left_written = 1;
+        if ((*entry = called_for_bytes(split->make_entry, split->old, "make_entry(old)")) == NULL) return -1;
+        if (reopen(self, &m, level, &b) < 0) return release(&m), -1;
+    }
+    Edit edits[MAX_EDITS];
+    unsigned char numbers[MAX_EDITS][NUMBER_BYTES];
+    const unsigned char *base = b.at;
+    PyObject *whole = plan_edits(level, &b, *entry, key, edits, &made, numbers) < 0 ? NULL
+                                                                                : edited(base, level->length, edits, made);
+    release(&m);
+    if (whole == NULL) return -1;
+    const unsigned char *at = (const unsigned char *)PyBytes_AS_STRING(whole), *end = at + PyBytes_GET_SIZE(whole);
+    int failed = !left_written && appended(append, DICT_LEAF, dict_leaf_part(at, end, 0, LEFT_HALF, NULL), &split->left) < 0;
+    if (!failed)
+        failed = appended(append, DICT_LEAF, dict_leaf_part(at, end, LEFT_HALF, MAX_ENTRIES + 1, &split->separator),
+                          &split->right) < 0;
+    Py_DECREF(whole);
+    return failed ? -1 : 0;
+}
+
+/* The edits of the branch over a leaf that split, in the order of its bytes: the separator inserted
+ * before the one that followed the leaf, the leaf's pointer replaced by its halves', its subtree size by
+ * theirs, and each array's count one more. */
+static int split_parent_edits(Level *level, Bytes *b, Split *split, Edit *edits, int *count,
+                              unsigned char (*numbers)[NUMBER_BYTES]) {
+    const unsigned char *base = b->at;
+    uint64_t counts[3], p = level->position, at, size;
+    int negative;
+    *count = 0;
+    if (open_node(b, 3) < 0) return -1;
+    for (int part = 0; part < 3; part++) {
+        const unsigned char *header = b->at;
+        if (take_array(b, &counts[part]) < 0) return -1;
+        if ((part > 0 && counts[part] != counts[0] + 1) || p > counts[0])
+            return corrupt("has mismatched key, value and size counts");
+        Edit *e = &edits[(*count)++];
+        e->start = header - base, e->end = b->at - base, e->data = (const char *)numbers[*count - 1];
+        e->size = encode_uint(numbers[*count - 1], counts[part] + 1, 1);
+        if (skip_items(b, p, 0) < 0) return -1;
+        at = p;
+        e = &edits[(*count)++];
+        if (part == 0) {
+            e->start = e->end = b->at - base;
+            e->data = PyBytes_AS_STRING(split->separator), e->size = PyBytes_GET_SIZE(split->separator);
+        } else if (part == 1) {
+            if (number_edit(b, base, &at, e, numbers[*count - 1], split->left, 1, split->right) < 0) return -1;
+        } else {
+            if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative || size != MAX_ENTRIES)
+                return corrupt("a subtree size is not a count");
+            if (number_edit(b, base, &at, e, numbers[*count - 1], LEFT_HALF, 1, MAX_ENTRIES + 1 - LEFT_HALF) < 0)
+                return -1;
+        }
+        if (skip_items(b, counts[part] - at, 0) < 0) return -1;
+    }
+    return 0;
+}
+
+/* Write the levels bottom-up, each with its edits made; the new root's pointer, or NULL. `entry` is
+ * NULL only for a split whose make_entry is asked later (write_split_leaf). */
+static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, PyObject *entry, PyObject *key,
+                               PyObject *append, PyObject *retired, Split *split) {
+    Mapping m = {.held = 0};
+    Py_XINCREF(entry);
+    for (int i = count - 1; i >= 0; i--) {
+        Level *level = &levels[i];
+        Bytes b;
+        int edits_made, failed;
+        Edit edits[MAX_EDITS];
+        unsigned char numbers[MAX_EDITS][NUMBER_BYTES];
+        uint64_t ptr;
+        PyObject *was = Py_BuildValue("(Kn)", (unsigned long long)level->ptr, level->length);
+        if (was == NULL) break;
+        PyList_SET_ITEM(retired, i, was);
+        if (split->on && i == count - 1) { /* the leaf, as two: its parent takes both */
+            if (write_split_leaf(self, level, &entry, key, split, append) < 0) break;
+            continue;
+        }
+        if (reopen(self, &m, level, &b) < 0) break;
+        const unsigned char *base = b.at;
+        if (split->on && i == count - 2)
+            failed = split_parent_edits(level, &b, split, edits, &edits_made, numbers) < 0;
+        else
+            failed = plan_edits(level, &b, entry, level->last_tree ? key : NULL, edits, &edits_made, numbers) < 0;
+        PyObject *payload = failed ? NULL : edited(base, level->length, edits, edits_made);
+        release(&m); /* append() may map or grow segments: hold none across it */
+        if (appended(append, level->kind, payload, &ptr) < 0) break;
+        Py_SETREF(entry, i > 0 ? child_entry(ptr, levels[i - 1].kind, level->kind) : NULL);
+        if (i > 0 && entry == NULL) break;
+        if (i == 0) {
+            release(&m);
+            return PyLong_FromUnsignedLongLong(ptr);
+        }
+    }
+    release(&m);
+    Py_XDECREF(entry);
+    return NULL;
+}
+
 
 /* splice(root, keys, make_entry, append, pack_key, absent)
  *     -> (new root, old slot or absent, [(ptr, payload length)]) or None */
@@ -1341,13 +1494,16 @@ static PyObject *searcher_splice(SearcherObject *self, PyObject *const *args, Py
         Py_DECREF(keys);
         return found < 0 ? NULL : Py_NewRef(Py_None);
     }
-    if (found == 2) {
+    if (found >= 2) {
         old = Py_NewRef(args[5]);
         key = called_for_bytes(args[4], PySequence_Fast_GET_ITEM(keys, n - 1), "pack_key(key)");
     }
-    if (found == 1 || key != NULL) entry = called_for_bytes(args[2], old, "make_entry(old)");
-    if (entry != NULL) retired = PyList_New(count);
-    if (retired != NULL) written = splice_levels(self, levels, count, entry, key, args[3], retired);
+    Split split = {.on = found == 3, .make_entry = args[2], .old = old};
+    int later = found == 3 && levels[count - 1].position >= LEFT_HALF; /* its value is written with the right half */
+    if ((found == 1 || key != NULL) && !later) entry = called_for_bytes(args[2], old, "make_entry(old)");
+    if (entry != NULL || (later && key != NULL)) retired = PyList_New(count);
+    if (retired != NULL) written = splice_levels(self, levels, count, entry, key, args[3], retired, &split);
+    Py_XDECREF(split.separator);
     if (written != NULL) result = PyTuple_Pack(3, written, old, retired);
     Py_XDECREF(written);
     Py_XDECREF(retired);
@@ -1369,8 +1525,6 @@ static PyObject *searcher_splice(SearcherObject *self, PyObject *const *args, Py
 
 #define MERGE_BELOW (MAX_ENTRIES / 4) /* btree/node.py: a node this small is merged into a neighbour */
 #define PENDING (-2)                   /* a planned node whose parent is not planned yet */
-#define LEFT_HALF ((MAX_ENTRIES + 1) / 2) /* the keys a leaf of MAX_ENTRIES + 1 keeps when it splits */
-#define NUMBER_BYTES 18                /* an edit's encoded numbers: two unsigned integers at most */
 
 /* One key of a set splice. */
 typedef struct {
@@ -1471,7 +1625,8 @@ static int plan_set_branch(SearcherObject *self, Plan *plan, NodeIndex *index, B
     for (Py_ssize_t j = 0; j < n && outcome == 1; j++) {
         Bytes scan = b;
         removing |= !changes[first + j].adding;
-        if (branch_step(index, &scan, &changes[first + j].k, &positions[j], &children[j]) < 0)
+        uint64_t ignored;
+        if (branch_step(index, &scan, &changes[first + j].k, &positions[j], &children[j], &ignored) < 0)
             outcome = -1;
         else if (j > 0 && positions[j] < positions[j - 1])
             outcome = not_in_order();
@@ -1563,18 +1718,6 @@ static int skip_to(Bytes *b, uint64_t *at, uint64_t index) {
     return 0;
 }
 
-/* An edit replacing the item at the reader (a child pointer, a subtree size) with one or two numbers. */
-static int number_edit(Bytes *b, const unsigned char *base, uint64_t *at, Edit *e, unsigned char *number,
-                       uint64_t first, int two, uint64_t second) {
-    e->start = b->at - base;
-    if (skip_items(b, 1, 0) < 0) return -1;
-    *at += 1;
-    e->end = b->at - base, e->data = (const char *)number;
-    e->size = encode_uint(number, first, 0);
-    if (two) e->size += encode_uint(number + e->size, second, 0);
-    return 0;
-}
-
 /* A planned branch's edits, in the order of its bytes: for each changed child (`kids`, the plan's places
  * of its `count_of_kids` children, left to right), the separator before it when it split (and the
  * separators' count), its new pointer (a split leaf's two), then its subtree size (a split leaf's two). */
@@ -1652,17 +1795,6 @@ static int halves(PyObject *whole, PyObject **left, PyObject **right, PyObject *
     *left = *separator != NULL ? leaf_of(keys, middle, LEFT_HALF) : NULL;
     *right = *left != NULL ? leaf_of(middle, b.end, MAX_ENTRIES + 1 - LEFT_HALF) : NULL;
     return *right != NULL ? 0 : -1;
-}
-
-/* append(kind, payload) -> *ptr; -1 with an exception set. Takes `payload` (NULL: an error already set). */
-static int appended(PyObject *append, int kind, PyObject *payload, uint64_t *ptr) {
-    PyObject *args[2] = {payload != NULL ? PyLong_FromLong(kind) : NULL, payload};
-    PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
-    Py_XDECREF(args[0]);
-    Py_XDECREF(payload);
-    int failed = written == NULL || take_pointer(written, ptr) < 0;
-    Py_XDECREF(written);
-    return failed ? -1 : 0;
 }
 
 /* Write the plan's nodes in order, each with its edits made; 0, or -1 with an exception set. */

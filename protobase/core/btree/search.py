@@ -60,6 +60,7 @@ MAX_DEPTH = 64
 
 _BRANCH_OF_LEAF = {DICT_LEAF: DICT_BRANCH, SET_LEAF: SET_BRANCH}
 _MAX_LEVELS = 128  # nodes one splice may rewrite (cnode.c's MAX_LEVELS)
+_NO_KEY = object()  # splice's entry sets a value: no key is inserted
 _LEFT_HALF = (MAX_ENTRIES + 1) // 2  # the keys a leaf of MAX_ENTRIES + 1 keeps when it splits (TreeWriter._split_child)
 
 Atom = Callable[[int], tuple[int, memoryview]]  # AtomReader.atom: pointer -> (kind, payload)
@@ -145,9 +146,13 @@ class SearcherPython:
 
         It qualifies when every key is of a key type, every container on the
         path is a dict tree (its leaves hold a Ref to the next), and the last
-        key is present, or absent from a leaf with room for it (a full one
-        would split). Then `make_entry(old slot, or absent)` gives the new
-        value's encoding, and every node on the path is written again,
+        key is present, or absent from a leaf with room for it, or from a full
+        leaf under a branch of its tree with room for one more child: that
+        leaf is written as its two halves, left first, its parent taking both
+        (TreeWriter._split_child). Then `make_entry(old slot, or absent)` gives
+        the new value's encoding (asked once the left half is written when the
+        new key goes right of the middle, as a flush writes the value with its
+        half), and every node on the path is written again,
         bottom-up, through `append(kind, payload)`, with one entry set: the
         value (for a new key, the key too, `pack_key(key)`, and the counts of
         its tree's nodes), then each child's new pointer (in a branch) or Ref
@@ -164,28 +169,72 @@ class SearcherPython:
         if not present:
             pack_key(keys[-1])  # as the compiled twin asks for it
             old = absent
-        entry = make_entry(old)
+        leaf_position = levels[-1][2]
+        split = not present and len(levels[-1][1].keys or ()) == MAX_ENTRIES
+        # A split leaf whose new key goes right of the middle: its left half is written first, as a flush does.
+        entry = make_entry(old) if not split or leaf_position < _LEFT_HALF else None
+        halves: tuple[int, int, Any] | None = None  # a split leaf's (left, right, separator)
         retired = []
         for i in range(len(levels) - 1, -1, -1):
             ptr, node, position, last_tree = levels[i]
             assert node.keys is not None and node.values is not None and node.ptr is not None
+            retired.append((ptr, len(self.atom(ptr)[1])))
             copy = Node(node.kind, node.keys[:], node.values[:], None if node.sizes is None else node.sizes[:])
             assert copy.keys is not None and copy.values is not None
-            value = codec.decode(entry, frozen=False)
-            if last_tree and not present and copy.sizes is not None:
-                copy.sizes[position] += 1
-            if last_tree and not present and copy.sizes is None:
-                copy.keys.insert(position, keys[-1])
-                copy.values.insert(position, value)
+            if split and i == len(levels) - 1:
+                halves = self._split_leaf(copy, keys[-1], position, entry, lambda: make_entry(old), append)
+                continue
+            if halves is not None and i == len(levels) - 2:
+                assert copy.sizes is not None
+                left, right, separator = halves
+                copy.values[position : position + 1] = [left, right]
+                copy.sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
+                copy.keys.insert(position, separator)
             else:
-                copy.values[position] = value
+                self._set_entry(copy, position, entry, keys[-1] if last_tree and not present else _NO_KEY)
             written = append(node.kind, encode_node(copy))
-            retired.append((ptr, len(self.atom(ptr)[1])))
             if i > 0:
                 parent_kind = levels[i - 1][1].kind
                 entry = codec.pack(written if parent_kind == DICT_BRANCH else codec.Ref(written, node.kind))
         retired.reverse()
         return written, old, retired
+
+    @staticmethod
+    def _set_entry(copy: Node, position: int, entry: bytes | None, new_key: Any) -> None:
+        """splice's change to one copied node: the entry at `position` set (for a `new_key`, inserted in a
+        leaf, counted in a branch)."""
+        assert entry is not None and copy.keys is not None and copy.values is not None, "made before, or by a split"
+        value = codec.decode(entry, frozen=False)
+        if new_key is not _NO_KEY and copy.sizes is not None:
+            copy.sizes[position] += 1
+        if new_key is not _NO_KEY and copy.sizes is None:
+            copy.keys.insert(position, new_key)
+            copy.values.insert(position, value)
+        else:
+            copy.values[position] = value
+
+    @staticmethod
+    def _split_leaf(
+        copy: Node,
+        key: Any,
+        position: int,
+        entry: bytes | None,
+        make_entry: Callable[[], bytes],
+        append: Callable[[int, bytes], int],
+    ) -> tuple[int, int, Any]:
+        """splice's full leaf with `key` inserted, written as its two halves (left first, `entry` made after
+        it when None): (left, right, separator), as TreeWriter._split_child and a flush make them."""
+        assert copy.keys is not None and copy.values is not None
+        left = None
+        if entry is None:
+            left = append(DICT_LEAF, encode_node(Node(DICT_LEAF, copy.keys[:_LEFT_HALF], copy.values[:_LEFT_HALF])))
+            entry = make_entry()
+        copy.keys.insert(position, key)
+        copy.values.insert(position, codec.decode(entry, frozen=False))
+        if left is None:
+            left = append(DICT_LEAF, encode_node(Node(DICT_LEAF, copy.keys[:_LEFT_HALF], copy.values[:_LEFT_HALF])))
+        right = append(DICT_LEAF, encode_node(Node(DICT_LEAF, copy.keys[_LEFT_HALF:], copy.values[_LEFT_HALF:])))
+        return left, right, copy.keys[_LEFT_HALF]
 
     def _walk(self, root: int, keys: Sequence[Any]) -> tuple[list[tuple[int, Node, int, bool]], Any, bool] | None:
         """splice's walk: each node on the path (ptr, node, position, in the last tree), the old slot, and
@@ -213,7 +262,7 @@ class SearcherPython:
                 i = _bisect(bisect_left, node.keys, key)
                 levels.append((ptr, node, i, last_tree))
                 if i == len(node.keys) or node.keys[i] != key:
-                    return (levels, None, False) if last_tree and len(node.keys) < MAX_ENTRIES else None
+                    return (levels, None, False) if last_tree and self._has_room(levels) else None
                 old = node.values[i]
                 break
             else:
@@ -317,6 +366,19 @@ class SearcherPython:
                 return None  # its children that split would split it
         plan.append(_Planned(ptr, node, children, adding.count(True) - adding.count(False), split, keys, adding))
         return len(plan) - 1
+
+    @staticmethod
+    def _has_room(levels: list[tuple[int, Node, int, bool]]) -> bool:
+        """Whether a new key fits the leaf at the end of `levels`: it has room, or it splits under a branch
+        of its tree with room for one more child."""
+        leaf = levels[-1][1]
+        assert leaf.keys is not None
+        if len(leaf.keys) < MAX_ENTRIES:
+            return True
+        if len(levels) < 2 or not levels[-2][3] or levels[-2][1].kind != DICT_BRANCH:
+            return False
+        children = levels[-2][1].values
+        return len(leaf.keys) == MAX_ENTRIES and children is not None and len(children) < MAX_ENTRIES
 
     def value(self, ptr: int, ref: Callable[[int, int], Any] | None) -> tuple[Any, int]:
         """(the VALUE atom at `ptr` decoded frozen, Refs in it through `ref`; its payload length)."""
