@@ -169,10 +169,9 @@ class SearcherPython:
         if not present:
             pack_key(keys[-1])  # as the compiled twin asks for it
             old = absent
-        leaf_position = levels[-1][2]
         split = not present and len(levels[-1][1].keys or ()) == MAX_ENTRIES
         # A split leaf whose new key goes right of the middle: its left half is written first, as a flush does.
-        entry = make_entry(old) if not split or leaf_position < _LEFT_HALF else None
+        entry = make_entry(old) if not split or levels[-1][2] < _LEFT_HALF else None
         halves: tuple[int, int, Any] | None = None  # a split leaf's (left, right, separator)
         retired = []
         for i in range(len(levels) - 1, -1, -1):
@@ -185,11 +184,7 @@ class SearcherPython:
                 halves = self._split_leaf(copy, keys[-1], position, entry, lambda: make_entry(old), append)
                 continue
             if halves is not None and i == len(levels) - 2:
-                assert copy.sizes is not None
-                left, right, separator = halves
-                copy.values[position : position + 1] = [left, right]
-                copy.sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
-                copy.keys.insert(position, separator)
+                _take_halves(copy, position, halves)
             else:
                 self._set_entry(copy, position, entry, keys[-1] if last_tree and not present else _NO_KEY)
             written = append(node.kind, encode_node(copy))
@@ -427,6 +422,15 @@ def _write_set_plan(plan: list[_Planned], append: Callable[[int, bytes], int]) -
             separators.insert(position, separator)
         written.append((append(SET_BRANCH, encode_node(Node(SET_BRANCH, separators, children, sizes))), None))
     return written[-1][0]
+
+
+def _take_halves(branch: Node, position: int, halves: tuple[int, int, Any]) -> None:
+    """A copied branch whose child at `position` split into `halves` (left, right, separator)."""
+    assert branch.keys is not None and branch.values is not None and branch.sizes is not None, "a branch"
+    left, right, separator = halves
+    branch.values[position : position + 1] = [left, right]
+    branch.sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
+    branch.keys.insert(position, separator)
 
 
 def _changed_keys(stored: list[Any], keys: Sequence[Any], adding: Sequence[bool]) -> list[Any]:
