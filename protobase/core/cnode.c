@@ -1303,7 +1303,6 @@ static int appended(PyObject *append, int kind, PyObject *payload, uint64_t *ptr
     return failed ? -1 : 0;
 }
 
-
 static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const char *what) {
     PyObject *result = PyObject_CallOneArg(function, argument);
     if (result != NULL && !PyBytes_Check(result)) {
@@ -1474,7 +1473,6 @@ static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, P
     Py_XDECREF(entry);
     return NULL;
 }
-
 
 /* splice(root, keys, make_entry, append, pack_key, absent)
  *     -> (new root, old slot or absent, [(ptr, payload length)]) or None */
