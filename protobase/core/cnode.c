@@ -1312,38 +1312,116 @@ static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const 
     return result;
 }
 
-/* A dict leaf's payload holding the entries [from, to) of the dict leaf payload [at, end) (*first, when
- * given: the encoding of its first key); NULL with an exception set. */
-static PyObject *dict_leaf_part(const unsigned char *at, const unsigned char *end, uint64_t from, uint64_t to,
-                                PyObject **first) {
+
+/* A node the splice writes again. */
+typedef struct {
+    uint64_t ptr;
+    int kind;
+    Py_ssize_t length;
+    Py_ssize_t first, last; /* the changes under it: [first, last) */
+    int parent;             /* its parent's place in the plan; -1 at the root */
+    uint64_t position;      /* its place among its parent's children */
+    int64_t delta;          /* keys added minus keys removed under it */
+    int split;              /* a leaf written as two halves */
+    uint64_t written;       /* its new pointer (a split leaf's left half), once written */
+    uint64_t right;         /* a split leaf's right half, once written */
+    PyObject *separator;    /* a split leaf's: its right half's first key, encoded */
+} Touched;
+
+/* Move the reader at item *at of an array to item `index` of it. */
+static int skip_to(Bytes *b, uint64_t *at, uint64_t index) {
+    if (index < *at) return corrupt("changed while it was being written again");
+    if (skip_items(b, index - *at, 0) < 0) return -1;
+    *at = index;
+    return 0;
+}
+
+/* A branch's edits, in the order of its bytes: for each changed child (`kids`, its `count_of_kids`
+ * changed children, left to right), the separator before it when it split (and the separators'
+ * count), its new pointer (a split leaf's two), then its subtree size (a split leaf's two). */
+static int branch_edits(Touched *const *kids, int count_of_kids, Bytes *b, Edit *edits, int *count,
+                        unsigned char (*numbers)[NUMBER_BYTES]) {
+    const unsigned char *base = b->at, *header;
+    uint64_t counts[3], at, splits = 0; /* separators, children, sizes */
+    *count = 0;
+    for (int j = 0; j < count_of_kids; j++) splits += kids[j]->split;
+    if (open_node(b, 3) < 0) return -1;
+    for (int part = 0; part < 3; part++) {
+        header = b->at;
+        if (take_array(b, &counts[part]) < 0) return -1;
+        if (part > 0 && counts[part] != counts[0] + 1) return corrupt("has mismatched key, value and size counts");
+        if (splits) {
+            Edit *e = &edits[(*count)++];
+            e->start = header - base, e->end = b->at - base, e->data = (const char *)numbers[*count - 1];
+            e->size = encode_uint(numbers[*count - 1], counts[part] + splits, 1);
+        }
+        at = 0;
+        for (int j = 0; j < count_of_kids; j++) {
+            const Touched *child = kids[j];
+            uint64_t size;
+            int negative;
+            if (child->position >= counts[0] + 1) return corrupt("changed while it was being written again");
+            if ((part == 0 && !child->split) || (part == 2 && !child->split && child->delta == 0)) continue;
+            if (skip_to(b, &at, child->position) < 0) return -1;
+            Edit *e = &edits[(*count)++];
+            if (part == 0) { /* the right half's first key goes before the separator that followed the leaf */
+                e->start = e->end = b->at - base;
+                e->data = PyBytes_AS_STRING(child->separator), e->size = PyBytes_GET_SIZE(child->separator);
+            } else if (part == 1) {
+                if (number_edit(b, base, &at, e, numbers[*count - 1], child->written, child->split, child->right) < 0)
+                    return -1;
+            } else {
+                if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative ||
+                    (int64_t)size + child->delta < 0)
+                    return corrupt("a subtree size is not a count");
+                uint64_t grown = (uint64_t)((int64_t)size + child->delta);
+                if (child->split && grown != MAX_ENTRIES + 1) return corrupt("changed while it was being written again");
+                if (number_edit(b, base, &at, e, numbers[*count - 1], child->split ? LEFT_HALF : grown, child->split,
+                                MAX_ENTRIES + 1 - LEFT_HALF) < 0)
+                    return -1;
+            }
+        }
+        if (skip_to(b, &at, counts[part]) < 0) return -1;
+    }
+    return 0;
+}
+
+/* A leaf's payload (a dict or set leaf, `kind`) holding the entries [from, to) of the leaf payload
+ * [at, end) (*first, when given: the encoding of its first key); NULL with an exception set. */
+static PyObject *leaf_part(int kind, const unsigned char *at, const unsigned char *end, uint64_t from, uint64_t to,
+                           PyObject **first) {
+    int arrays = kind == DICT_LEAF ? 2 : 1; /* keys (and values) */
+    const unsigned char *spans[2][2];
     Bytes b = {at, end};
-    uint64_t n, values;
-    if (open_node(&b, 2) < 0 || take_array(&b, &n) < 0) return NULL;
-    if (from > to || to > n) return corrupt("changed while it was being written again"), NULL;
-    if (skip_items(&b, from, 0) < 0) return NULL;
-    const unsigned char *keys = b.at;
-    if (skip_items(&b, to - from, 0) < 0) return NULL;
-    const unsigned char *keys_end = b.at;
-    if (skip_items(&b, n - to, 0) < 0 || take_array(&b, &values) < 0) return NULL;
-    if (values != n) return corrupt("has mismatched key, value and size counts"), NULL;
-    if (skip_items(&b, from, 0) < 0) return NULL;
-    const unsigned char *items = b.at;
-    if (skip_items(&b, to - from, 0) < 0) return NULL;
+    uint64_t n = 0, count;
+    if (open_node(&b, (uint64_t)arrays) < 0) return NULL;
+    for (int a = 0; a < arrays; a++) {
+        if (take_array(&b, &count) < 0) return NULL;
+        if (a > 0 && count != n) return corrupt("has mismatched key, value and size counts"), NULL;
+        n = count;
+        if (from > to || to > n) return corrupt("changed while it was being written again"), NULL;
+        if (skip_items(&b, from, 0) < 0) return NULL;
+        spans[a][0] = b.at;
+        if (skip_items(&b, to - from, 0) < 0) return NULL;
+        spans[a][1] = b.at;
+        if (skip_items(&b, n - to, 0) < 0) return NULL;
+    }
     if (first != NULL) {
-        Bytes key = {keys, keys_end};
-        if (skip_items(&key, 1, 0) < 0 || (*first = PyBytes_FromStringAndSize((const char *)keys, key.at - keys)) == NULL)
-            return NULL;
+        Bytes key = {spans[0][0], spans[0][1]};
+        if (skip_items(&key, 1, 0) < 0) return NULL;
+        if ((*first = PyBytes_FromStringAndSize((const char *)spans[0][0], key.at - spans[0][0])) == NULL) return NULL;
     }
     unsigned char header[3];
-    Py_ssize_t h = encode_uint(header, to - from, 1), size = 1 + 2 * h + (keys_end - keys) + (b.at - items);
+    Py_ssize_t h = encode_uint(header, to - from, 1), size = 1;
+    for (int a = 0; a < arrays; a++) size += h + (spans[a][1] - spans[a][0]);
     PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
     if (payload == NULL) return NULL;
     char *out = PyBytes_AS_STRING(payload);
-    *out++ = (char)0x92;
-    memcpy(out, header, (size_t)h), out += h;
-    memcpy(out, keys, (size_t)(keys_end - keys)), out += keys_end - keys;
-    memcpy(out, header, (size_t)h), out += h;
-    memcpy(out, items, (size_t)(b.at - items));
+    *out++ = (char)(0x90 | arrays);
+    for (int a = 0; a < arrays; a++) {
+        memcpy(out, header, (size_t)h), out += h;
+        memcpy(out, spans[a][0], (size_t)(spans[a][1] - spans[a][0])), out += spans[a][1] - spans[a][0];
+    }
     return payload;
 }
 
@@ -1373,7 +1451,7 @@ static int write_split_leaf(SearcherObject *self, Level *level, PyObject **entry
     int left_written = 0, made;
     if (reopen(self, &m, level, &b) < 0) return release(&m), -1;
     if (*entry == NULL) { /* the key goes right of the middle: the left half is the leaf's first entries */
-        PyObject *left = dict_leaf_part(b.at, b.end, 0, LEFT_HALF, NULL);
+        PyObject *left = leaf_part(DICT_LEAF, b.at, b.end, 0, LEFT_HALF, NULL);
         release(&m);
         if (appended(append, DICT_LEAF, left, &split->left) < 0) return -1;
         left_written = 1;
@@ -1388,50 +1466,15 @@ static int write_split_leaf(SearcherObject *self, Level *level, PyObject **entry
     release(&m);
     if (whole == NULL) return -1;
     const unsigned char *at = (const unsigned char *)PyBytes_AS_STRING(whole), *end = at + PyBytes_GET_SIZE(whole);
-    int failed = !left_written && appended(append, DICT_LEAF, dict_leaf_part(at, end, 0, LEFT_HALF, NULL), &split->left) < 0;
+    int failed = !left_written && appended(append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, 0, LEFT_HALF, NULL),
+                                           &split->left) < 0;
     if (!failed)
-        failed = appended(append, DICT_LEAF, dict_leaf_part(at, end, LEFT_HALF, MAX_ENTRIES + 1, &split->separator),
+        failed = appended(append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, LEFT_HALF, MAX_ENTRIES + 1, &split->separator),
                           &split->right) < 0;
     Py_DECREF(whole);
     return failed ? -1 : 0;
 }
 
-/* The edits of the branch over a leaf that split, in the order of its bytes: the separator inserted
- * before the one that followed the leaf, the leaf's pointer replaced by its halves', its subtree size by
- * theirs, and each array's count one more. */
-static int split_parent_edits(Level *level, Bytes *b, Split *split, Edit *edits, int *count,
-                              unsigned char (*numbers)[NUMBER_BYTES]) {
-    const unsigned char *base = b->at;
-    uint64_t counts[3], p = level->position, at, size;
-    int negative;
-    *count = 0;
-    if (open_node(b, 3) < 0) return -1;
-    for (int part = 0; part < 3; part++) {
-        const unsigned char *header = b->at;
-        if (take_array(b, &counts[part]) < 0) return -1;
-        if ((part > 0 && counts[part] != counts[0] + 1) || p > counts[0])
-            return corrupt("has mismatched key, value and size counts");
-        Edit *e = &edits[(*count)++];
-        e->start = header - base, e->end = b->at - base, e->data = (const char *)numbers[*count - 1];
-        e->size = encode_uint(numbers[*count - 1], counts[part] + 1, 1);
-        if (skip_items(b, p, 0) < 0) return -1;
-        at = p;
-        e = &edits[(*count)++];
-        if (part == 0) {
-            e->start = e->end = b->at - base;
-            e->data = PyBytes_AS_STRING(split->separator), e->size = PyBytes_GET_SIZE(split->separator);
-        } else if (part == 1) {
-            if (number_edit(b, base, &at, e, numbers[*count - 1], split->left, 1, split->right) < 0) return -1;
-        } else {
-            if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative || size != MAX_ENTRIES)
-                return corrupt("a subtree size is not a count");
-            if (number_edit(b, base, &at, e, numbers[*count - 1], LEFT_HALF, 1, MAX_ENTRIES + 1 - LEFT_HALF) < 0)
-                return -1;
-        }
-        if (skip_items(b, counts[part] - at, 0) < 0) return -1;
-    }
-    return 0;
-}
 
 /* Write the levels bottom-up, each with its edits made; the new root's pointer, or NULL. `entry` is
  * NULL only for a split whose make_entry is asked later (write_split_leaf). */
@@ -1455,9 +1498,12 @@ static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, P
         }
         if (reopen(self, &m, level, &b) < 0) break;
         const unsigned char *base = b.at;
-        if (split->on && i == count - 2)
-            failed = split_parent_edits(level, &b, split, edits, &edits_made, numbers) < 0;
-        else
+        if (split->on && i == count - 2) { /* the branch over the leaf that split */
+            Touched leaf = {.position = level->position, .delta = 1, .split = 1, .written = split->left,
+                            .right = split->right, .separator = split->separator};
+            Touched *kids[1] = {&leaf};
+            failed = branch_edits(kids, 1, &b, edits, &edits_made, numbers) < 0;
+        } else
             failed = plan_edits(level, &b, entry, level->last_tree ? key : NULL, edits, &edits_made, numbers) < 0;
         PyObject *payload = failed ? NULL : edited(base, level->length, edits, edits_made);
         release(&m); /* append() may map or grow segments: hold none across it */
@@ -1532,20 +1578,6 @@ typedef struct {
     uint64_t position; /* in its leaf: where the key is, or goes */
 } Change;
 
-/* A node the splice writes again. */
-typedef struct {
-    uint64_t ptr;
-    int kind;
-    Py_ssize_t length;
-    Py_ssize_t first, last; /* the changes under it: [first, last) */
-    int parent;             /* its parent's place in the plan; -1 at the root */
-    uint64_t position;      /* its place among its parent's children */
-    int64_t delta;          /* keys added minus keys removed under it */
-    int split;              /* a leaf written as two halves */
-    uint64_t written;       /* its new pointer (a split leaf's left half), once written */
-    uint64_t right;         /* a split leaf's right half, once written */
-    PyObject *separator;    /* a split leaf's: its right half's first key, encoded */
-} Touched;
 
 typedef struct {
     Touched *nodes;
@@ -1708,92 +1740,7 @@ static int leaf_edits(Touched *t, Bytes *b, Change *changes, Edit *edits, int *c
     return 0;
 }
 
-/* Move the reader at item *at of an array to item `index` of it. */
-static int skip_to(Bytes *b, uint64_t *at, uint64_t index) {
-    if (index < *at) return corrupt("changed while it was being written again");
-    if (skip_items(b, index - *at, 0) < 0) return -1;
-    *at = index;
-    return 0;
-}
 
-/* A planned branch's edits, in the order of its bytes: for each changed child (`kids`, the plan's places
- * of its `count_of_kids` children, left to right), the separator before it when it split (and the
- * separators' count), its new pointer (a split leaf's two), then its subtree size (a split leaf's two). */
-static int branch_edits(Plan *plan, int *kids, int count_of_kids, Bytes *b, Edit *edits, int *count,
-                        unsigned char (*numbers)[NUMBER_BYTES]) {
-    const unsigned char *base = b->at, *header;
-    uint64_t counts[3], at, splits = 0; /* separators, children, sizes */
-    *count = 0;
-    for (int j = 0; j < count_of_kids; j++) splits += plan->nodes[kids[j]].split;
-    if (open_node(b, 3) < 0) return -1;
-    for (int part = 0; part < 3; part++) {
-        header = b->at;
-        if (take_array(b, &counts[part]) < 0) return -1;
-        if (part > 0 && counts[part] != counts[0] + 1) return corrupt("has mismatched key, value and size counts");
-        if (splits) {
-            Edit *e = &edits[(*count)++];
-            e->start = header - base, e->end = b->at - base, e->data = (const char *)numbers[*count - 1];
-            e->size = encode_uint(numbers[*count - 1], counts[part] + splits, 1);
-        }
-        at = 0;
-        for (int j = 0; j < count_of_kids; j++) {
-            Touched *child = &plan->nodes[kids[j]];
-            uint64_t size;
-            int negative;
-            if (child->position >= counts[0] + 1) return corrupt("changed while it was being written again");
-            if ((part == 0 && !child->split) || (part == 2 && !child->split && child->delta == 0)) continue;
-            if (skip_to(b, &at, child->position) < 0) return -1;
-            Edit *e = &edits[(*count)++];
-            if (part == 0) { /* the right half's first key goes before the separator that followed the leaf */
-                e->start = e->end = b->at - base;
-                e->data = PyBytes_AS_STRING(child->separator), e->size = PyBytes_GET_SIZE(child->separator);
-            } else if (part == 1) {
-                if (number_edit(b, base, &at, e, numbers[*count - 1], child->written, child->split, child->right) < 0)
-                    return -1;
-            } else {
-                if (b->at >= b->end || !encoded_integer(b->at, b->end, &negative, &size) || negative ||
-                    (int64_t)size + child->delta < 0)
-                    return corrupt("a subtree size is not a count");
-                uint64_t grown = (uint64_t)((int64_t)size + child->delta);
-                if (child->split && grown != MAX_ENTRIES + 1) return corrupt("changed while it was being written again");
-                if (number_edit(b, base, &at, e, numbers[*count - 1], child->split ? LEFT_HALF : grown, child->split,
-                                MAX_ENTRIES + 1 - LEFT_HALF) < 0)
-                    return -1;
-            }
-        }
-        if (skip_to(b, &at, counts[part]) < 0) return -1;
-    }
-    return 0;
-}
-
-/* A set leaf's payload of the keys [from, to) of `keys` (an edited leaf's keys array, `n` keys), or NULL. */
-static PyObject *leaf_of(const unsigned char *from, const unsigned char *to, uint64_t n) {
-    unsigned char header[4] = {0x91};
-    Py_ssize_t size = 1 + encode_uint(header + 1, n, 1);
-    PyObject *payload = PyBytes_FromStringAndSize(NULL, size + (to - from));
-    if (payload == NULL) return NULL;
-    memcpy(PyBytes_AS_STRING(payload), header, (size_t)size);
-    memcpy(PyBytes_AS_STRING(payload) + size, from, (size_t)(to - from));
-    return payload;
-}
-
-/* Split the payload of an edited leaf of MAX_ENTRIES + 1 keys into its halves' payloads, as
- * TreeWriter._split_child does, and the right half's first key, encoded; -1 with an exception set. */
-static int halves(PyObject *whole, PyObject **left, PyObject **right, PyObject **separator) {
-    Bytes b = {(const unsigned char *)PyBytes_AS_STRING(whole),
-               (const unsigned char *)PyBytes_AS_STRING(whole) + PyBytes_GET_SIZE(whole)};
-    uint64_t n;
-    if (open_node(&b, 1) < 0 || take_array(&b, &n) < 0) return -1;
-    if (n != MAX_ENTRIES + 1) return corrupt("changed while it was being written again");
-    const unsigned char *keys = b.at;
-    if (skip_items(&b, LEFT_HALF, 0) < 0) return -1;
-    const unsigned char *middle = b.at;
-    if (skip_items(&b, 1, 0) < 0) return -1;
-    *separator = PyBytes_FromStringAndSize((const char *)middle, b.at - middle);
-    *left = *separator != NULL ? leaf_of(keys, middle, LEFT_HALF) : NULL;
-    *right = *left != NULL ? leaf_of(middle, b.end, MAX_ENTRIES + 1 - LEFT_HALF) : NULL;
-    return *right != NULL ? 0 : -1;
-}
 
 /* Write the plan's nodes in order, each with its edits made; 0, or -1 with an exception set. */
 static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObject *append) {
@@ -1803,26 +1750,29 @@ static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObjec
         Bytes b;
         int kind, made = 0, failed;
         Py_ssize_t most = 3 + 3 * (t->last - t->first); /* a branch's: three headers, three per child */
-        Edit *edits = PyMem_Malloc((sizeof(Edit) + NUMBER_BYTES + sizeof(int)) * (size_t)most);
+        Edit *edits = PyMem_Malloc((sizeof(Edit) + sizeof(Touched *) + NUMBER_BYTES) * (size_t)most);
         if (edits == NULL) return PyErr_NoMemory(), -1;
-        int *kids = (int *)(edits + most), count_of_kids = 0;
+        Touched **kids = (Touched **)(edits + most);
+        int count_of_kids = 0;
         unsigned char (*numbers)[NUMBER_BYTES] = (unsigned char (*)[NUMBER_BYTES])(kids + most);
         for (int j = 0; j < i; j++)
-            if (plan->nodes[j].parent == i) kids[count_of_kids++] = j;
+            if (plan->nodes[j].parent == i) kids[count_of_kids++] = &plan->nodes[j];
         failed = open_atom(self, &m, t->ptr, &b, &kind) < 0;
         if (!failed && b.end - b.at != t->length) /* atoms never change: this one did */
             failed = corrupt_at(t->ptr, "changed while it was being written again");
         const unsigned char *base = b.at;
         if (!failed)
             failed = (t->kind == SET_LEAF ? leaf_edits(t, &b, changes, edits, &made, numbers)
-                                          : branch_edits(plan, kids, count_of_kids, &b, edits, &made, numbers)) < 0;
+                                          : branch_edits(kids, count_of_kids, &b, edits, &made, numbers)) < 0;
         PyObject *payload = failed ? NULL : edited(base, t->length, edits, made), *right = NULL;
         release(&m); /* append() may map or grow segments: hold none across it */
         PyMem_Free(edits);
-        if (payload != NULL && t->split) {
+        if (payload != NULL && t->split) { /* its halves, as TreeWriter._split_child makes them */
             PyObject *whole = payload;
-            payload = NULL;
-            if (halves(whole, &payload, &right, &t->separator) < 0) Py_CLEAR(payload);
+            const unsigned char *at = (const unsigned char *)PyBytes_AS_STRING(whole), *end = at + PyBytes_GET_SIZE(whole);
+            payload = leaf_part(SET_LEAF, at, end, 0, LEFT_HALF, NULL);
+            right = payload != NULL ? leaf_part(SET_LEAF, at, end, LEFT_HALF, MAX_ENTRIES + 1, &t->separator) : NULL;
+            if (right == NULL) Py_CLEAR(payload);
             Py_DECREF(whole);
         }
         if (appended(append, t->kind, payload, &t->written) < 0) return Py_XDECREF(right), -1;

@@ -409,18 +409,15 @@ def _write_set_plan(plan: list[_Planned], append: Callable[[int, bytes], int]) -
             written.append((left, (right, keys[_LEFT_HALF])))
             continue
         assert node.values is not None and node.sizes is not None, "a branch"
-        separators, children, sizes = node.keys[:], node.values[:], node.sizes[:]
+        copy = Node(SET_BRANCH, node.keys[:], node.values[:], node.sizes[:])
         for position, place in reversed(planned.children):  # from the right: positions stay put
             ptr, split = written[place]
-            children[position] = ptr
-            if split is None:
-                sizes[position] += plan[place].delta
+            if split is not None:
+                _take_halves(copy, position, (ptr, *split))
                 continue
-            right, separator = split
-            children.insert(position + 1, right)
-            sizes[position : position + 1] = [_LEFT_HALF, MAX_ENTRIES + 1 - _LEFT_HALF]
-            separators.insert(position, separator)
-        written.append((append(SET_BRANCH, encode_node(Node(SET_BRANCH, separators, children, sizes))), None))
+            copy.values[position] = ptr  # type: ignore[index]
+            copy.sizes[position] += plan[place].delta  # type: ignore[index]
+        written.append((append(SET_BRANCH, encode_node(copy)), None))
     return written[-1][0]
 
 
