@@ -117,8 +117,9 @@ def _ids(records: list) -> list[int]:
 # -- ProtoBase ----------------------------------------------------------------------------------
 
 
-def load_protobase(path: str, records: dict[str, dict]) -> protobase.Database:
-    db = protobase.open(path, durability="async", shutdown_grace=0.2)
+def load_protobase(path: str, records: dict[str, dict], **options: Any) -> protobase.Database:
+    """The users collection loaded and indexed, by a coordinator started with `options` (of protobase.open)."""
+    db = protobase.open(path, durability="async", shutdown_grace=0.2, **options)
     items = list(records.items())
     for start in range(0, len(items), LOAD_BATCH):
         with db.transaction() as tx:

@@ -33,11 +33,13 @@ STORES = [
     ("lmdb_store", "Lmdb"),
     ("redis_store", "Redis"),
 ]
+WITHOUT_BUSY_POLL = ("protobase_store", "ProtoBaseWithoutBusyPoll")  # with --without-busy-poll
 MODE_NAMES = {
     "ProtoBase": {"relaxed": "async", "durable": "sync"},
     "SQLite WAL": {"relaxed": "synchronous=NORMAL", "durable": "synchronous=FULL"},
     "LMDB": {"relaxed": "sync=False", "durable": "sync=True"},
     "Redis": {"relaxed": "appendfsync everysec", "durable": "appendfsync always"},
+    "ProtoBase, busy_poll=0": {"relaxed": "async", "durable": "sync"},
 }
 TIMEOUT = 600.0
 
@@ -57,13 +59,16 @@ def _round(ref: tuple[str, str], store: Any, mode: str, writers: int, seconds: f
     return result
 
 
-def run(writer_counts: list[int], modes: list[str], rounds: int, seconds: float, records: int) -> int:
+def run(
+    writer_counts: list[int], modes: list[str], rounds: int, seconds: float, records: int, without_busy_poll: bool
+) -> int:
     info = machine()  # the load average before the run
     started: list[tuple[tuple[str, str], Any]] = []
     results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    stores = [*STORES[:1], WITHOUT_BUSY_POLL, *STORES[1:]] if without_busy_poll else STORES
     with temporary_directory("pb-writers-") as tmp:
         try:
-            for ref in STORES:
+            for ref in stores:
                 cls = load_store(*ref)
                 store = cls()
                 why = store.unavailable()
@@ -129,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one round")
     parser.add_argument("--records", type=int, default=20_000, help="records loaded first")
+    parser.add_argument(
+        "--without-busy-poll",
+        action="store_true",
+        help="also ProtoBase with busy_poll=0 (its ratio: what busy polling gains)",
+    )
     args = parser.parse_args(argv)
     print("$", shlex.join(["python", "-m", "benchmarks.writers", *(sys.argv[1:] if argv is None else argv)]))
-    return run(args.writers, args.modes, args.rounds, args.seconds, args.records)
+    return run(args.writers, args.modes, args.rounds, args.seconds, args.records, args.without_busy_poll)
 
 
 if __name__ == "__main__":

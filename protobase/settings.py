@@ -123,6 +123,14 @@ class Settings:
         minimum=0,
         above=True,
     )
+    busy_poll: float = _tunable(
+        0.0005,
+        "longest a waiting process polls for a message before it sleeps, which spares the peer a wake-up "
+        "(protobase/wire/busypoll.py; clients: protobase.open(busy_poll=)); 0 never polls",
+        unit="seconds",
+        minimum=0,
+        maximum=1,
+    )
     lock_wait: float = _tunable(
         30.0,
         "seconds a starting coordinator waits for a stopping one to let go of the directory",
@@ -219,7 +227,9 @@ def _check(value: object, meta: Mapping[str, Any]) -> str | None:
 def _range(meta: Mapping[str, Any]) -> str:
     """The valid values of a tunable in words: 'a number of seconds >= 0', 'a whole number from 1 to 9'."""
     minimum = meta["minimum"]
-    if meta["unit"] == "seconds":
+    if meta["unit"] == "seconds" and meta["maximum"] is not None:
+        what = f"a number of seconds from {minimum} to {meta['maximum']}"
+    elif meta["unit"] == "seconds":
         what = f"a number of seconds {'>' if meta['above'] else '>='} {minimum}"
     elif meta["maximum"] is not None:
         what = f"a whole number from {minimum} to {meta['maximum']}"

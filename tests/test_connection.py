@@ -174,3 +174,30 @@ def test_a_connection_closed_by_the_coordinator_says_so():
         connection.wait_reply(request_id)
     assert connection.broken and not connection.peer_alive()
     connection.close()
+
+
+class InterruptedLook:
+    """A poll object whose first zero-timeout look raises KeyboardInterrupt, as Ctrl-C landing mid-poll would."""
+
+    def __init__(self, poll) -> None:
+        self.poll_object = poll
+        self.interrupted = False
+
+    def poll(self, timeout=None):
+        if timeout == 0 and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return self.poll_object.poll(timeout)
+
+
+def test_an_interrupt_while_busy_polling_for_a_reply_leaves_the_connection_in_step():
+    server, client = socket.socketpair()
+    with server, contextlib.closing(Connection(client, busy_poll=0.01)) as connection:
+        request_id = connection.reserve()
+        connection.send(request_id, ["stats"])
+        connection._poll = InterruptedLook(connection._poll)  # the look the busy poll makes first
+        with pytest.raises(KeyboardInterrupt):
+            connection.wait_reply(request_id)
+        assert connection._poll.interrupted and not connection.broken
+        server.sendall(encode_frame([request_id, "ok", "answer"]))
+        assert connection.wait_reply(request_id, timeout=10) == ["ok", "answer"]

@@ -141,6 +141,24 @@ def test_reader_slots_must_be_a_positive_count(datadir):
         protobase.open(datadir, reader_slots=0)
 
 
+@pytest.mark.parametrize("busy_poll", [0, 0.001])
+def test_busy_poll_configures_the_handle_and_the_coordinator_it_starts(datadir, busy_poll):
+    with open_test_db(datadir, busy_poll=busy_poll, durability="sync") as db:
+        for i in range(20):
+            with db.transaction() as tx:
+                tx.root[i] = i
+        assert db.stats().commits == 20
+        with db.snapshot() as snap:
+            assert dict(snap.root) == {i: i for i in range(20)}
+        # The coordinator took it from its command line and handed it on to its persistence process.
+        (persistence,) = [
+            child
+            for child in psutil.Process(db.coordinator_pid).children()
+            if "protobase.persistence" in child.cmdline()
+        ]
+        assert f"--busy-poll {float(busy_poll)}" in " ".join(persistence.cmdline())
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -152,6 +170,7 @@ def test_reader_slots_must_be_a_positive_count(datadir):
         ("checkpoint_bytes", 1.5, "checkpoint_bytes must be a whole number of bytes >= 0, got 1.5;"),
         ("compact_min_bytes", -5, "compact_min_bytes must be a whole number of bytes >= 0, got -5;"),
         ("shutdown_grace", -1, "shutdown_grace must be a number of seconds >= 0"),
+        ("busy_poll", 2, "busy_poll must be a number of seconds from 0 to 1, got 2; pass e.g. busy_poll=0.0005"),
     ],
 )
 def test_a_bad_coordinator_setting_is_refused_by_open_before_anything_starts(datadir, option, value, message):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from ..durability import INSTANCES, close_and_wait
 from ..queries import load_protobase, pb_query
@@ -14,11 +14,11 @@ MODES = {"durable": "sync", "relaxed": "async"}
 
 
 class ProtoBaseClient(Client):
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path: str, mode: str, **options: Any) -> None:
         import protobase
 
         self.conflict = protobase.ConflictError
-        self.db = protobase.open(path, durability=MODES.get(mode, "async"), shutdown_grace=GRACE)
+        self.db = protobase.open(path, durability=MODES.get(mode, "async"), shutdown_grace=GRACE, **options)
         self.snap = self.db.snapshot()  # readers hold one snapshot: warm reads
         self.users = self.snap.root["users"]
 
@@ -57,15 +57,18 @@ class ProtoBaseClient(Client):
 
 class ProtoBase(Store):
     name = "ProtoBase"
+    directory = "protobase"
     method = 'snap.root["users"][key] on one snapshot (FrozenDict)'
     query_method = "users.where((F.city == X) & (F.score > Y)), indexes city, score and (city, score)"
 
+    OPTIONS: ClassVar[dict[str, Any]] = {}  # of protobase.open, for the coordinator and every client
+
     def start(self, tmp: str) -> None:
-        self.path = os.path.join(tmp, "protobase")
+        self.path = os.path.join(tmp, self.directory)
         self.db = None
 
     def load(self, records: dict[str, dict]) -> None:
-        self.db = load_protobase(self.path, records)  # async loading, then create_index city, score
+        self.db = load_protobase(self.path, records, **self.OPTIONS)  # async loading, then create_index city, score
         INSTANCES.add(self.db.instance_id)
         with self.db.transaction() as tx:  # and the composite index the W5 query can read exactly
             tx.root["users"].create_index("city", "score")
@@ -75,11 +78,11 @@ class ProtoBase(Store):
             tx.root["accounts"] = {f"acct{i}": balance for i in range(accounts)}
 
     def spec(self) -> dict:
-        return {"path": self.path}
+        return {"path": self.path, "options": self.OPTIONS}
 
     @staticmethod
     def connect(spec: dict, mode: str) -> Client:
-        return ProtoBaseClient(spec["path"], mode)
+        return ProtoBaseClient(spec["path"], mode, **spec["options"])
 
     def info(self) -> dict:
         self.db.compact()
@@ -90,3 +93,11 @@ class ProtoBase(Store):
         if self.db is not None:
             close_and_wait(self.db)
             self.db = None
+
+
+class ProtoBaseWithoutBusyPoll(ProtoBase):
+    """ProtoBase with busy polling off in every process (`busy_poll=0`): each message wakes its receiver."""
+
+    name = "ProtoBase, busy_poll=0"
+    directory = "protobase-busy-poll-0"
+    OPTIONS: ClassVar[dict[str, Any]] = {"busy_poll": 0.0}

@@ -4,7 +4,8 @@ Owns one Unix socket of a client process (a Database handle's, or a
 Watcher's) and the state of the stream on it: the next request id, the bytes
 of a reply received in part, and the replies that arrived for requests whose
 caller stopped waiting. Runs in client processes; a Database calls it under
-its lock, one exchange at a time.
+its lock, one exchange at a time. It busy polls for a reply before it sleeps
+on the socket (wire/busypoll.py).
 
 Invariant: the connection is *settled* (every request frame went out whole,
 every byte received is filed: a whole reply parked under its request id, a
@@ -26,6 +27,8 @@ from typing import Any
 
 from protobase.core import codec
 from protobase.errors import CoordinatorError, CorruptionError, ProtoBaseError, ProtocolError
+from protobase.settings import DEFAULTS
+from protobase.wire.busypoll import BusyPoll
 from protobase.wire.error_table import error_from_reply
 from protobase.wire.framing import FrameReader, encode_frame
 from protobase.wire.verbs import PUSH
@@ -47,10 +50,11 @@ class Refusal(CoordinatorError):
 class Connection:
     """Requests and replies over one socket to the coordinator, matched by request id."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, busy_poll: float = DEFAULTS.busy_poll) -> None:
         self._sock = sock  # blocking; we poll before every recv
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
+        self._busy = BusyPoll(busy_poll)  # a reply that comes soon is taken without a wake-up
         self._reader = FrameReader()  # holds a reply frame received in part
         self._chunk = bytearray(RECEIVE_BYTES)  # recv_into target, reused
         self._next_id = 1
@@ -142,7 +146,8 @@ class Connection:
             raise CoordinatorError("this connection to the coordinator is closed")
         # Wait where an interruption costs nothing: no byte has been taken off the socket yet.
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._poll.poll(None if remaining is None else remaining * 1000):
+        timeout = None if remaining is None else remaining * 1000
+        if not self._busy.wait(lambda: self._poll.poll(0), lambda: self._poll.poll(timeout)):
             return False
         self._settled = False  # until what recv_into returns is filed
         try:

@@ -42,7 +42,7 @@ def try_connect(datadir: DataDir) -> socket.socket | None:
 def connect(datadir: DataDir, *, start: bool = True, grace: float = 2.0, **settings: float | None) -> socket.socket:
     """Connect to the coordinator of `datadir`, starting one if none runs and `start`.
 
-    `settings` (compact_min_bytes, checkpoint_bytes, flush_interval, reader_slots) configure a
+    `settings` (compact_min_bytes, checkpoint_bytes, flush_interval, reader_slots, busy_poll) configure a
     coordinator we start; one already running keeps its own.
     """
     sock = try_connect(datadir)

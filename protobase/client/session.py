@@ -49,6 +49,7 @@ from protobase.errors import (
     EncodingError,
     OutcomeUnknownError,
 )
+from protobase.settings import DEFAULTS
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.wire.error_table import error_from_reply
@@ -79,6 +80,7 @@ class Launch:
     checkpoint_bytes: int | None = None
     compact_min_bytes: int | None = None
     reader_slots: int | None = None
+    busy_poll: float | None = None  # this session's (and a started coordinator's); None: the default
 
     def connect(self, datadir: DataDir) -> Connection:
         """A new connection to the coordinator of `datadir`, starting one if allowed."""
@@ -91,7 +93,9 @@ class Launch:
                 checkpoint_bytes=self.checkpoint_bytes,
                 flush_interval=self.flush_interval,
                 reader_slots=self.reader_slots,
-            )
+                busy_poll=self.busy_poll,
+            ),
+            busy_poll=DEFAULTS.busy_poll if self.busy_poll is None else self.busy_poll,
         )
 
 

@@ -70,6 +70,7 @@ class Durability:
         *,
         next_lsn: int,
         flush_interval: float,
+        busy_poll: float = 0.0,
         ring_capacity: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,6 +78,7 @@ class Durability:
         self.instance_id = instance_id
         self.control = control  # where the persistence process publishes the durable LSN
         self.flush_interval = flush_interval
+        self.busy_poll = busy_poll  # the persistence process's, for its doorbell (wire/busypoll.py)
         self.next_lsn = next_lsn  # LSN of the next commit
         self.durable_lsn = next_lsn - 1  # every commit up to here is fsynced
         self.ring = CommitRing.create(
@@ -110,6 +112,8 @@ class Durability:
             str(theirs.fileno()),
             "--flush-interval",
             str(self.flush_interval),
+            "--busy-poll",
+            str(self.busy_poll),
             "--next-lsn",
             str(self.durable_lsn + 1),
             "--last-lsn",

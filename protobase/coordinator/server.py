@@ -3,7 +3,8 @@
 Owns the instance: its control segment, its data segments, the socket, and
 the life of the process from start to stop. One runs per data directory,
 guarded by an flock on `coordinator.lock`. It serves clients over the Unix
-socket in a single-threaded event loop, which is what serialises commits:
+socket in a single-threaded event loop, which is what serialises commits
+(it busy polls for a short, learnt while before it sleeps, wire/busypoll.py):
 `Coordinator` accepts connections, reads their frames and dispatches each
 request to the part that handles it. The commits read in one pass of the
 loop (from every ready socket) are committed as one group at its end, and
@@ -68,6 +69,7 @@ from protobase.errors import CoordinatorError, ProtoBaseError, ProtocolError
 from protobase.settings import DEFAULTS, Settings
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, process_start_time
+from protobase.wire.busypoll import BusyPoll
 from protobase.wire.counters import Counters
 from protobase.wire.error_table import error_fields, error_reply
 from protobase.wire.framing import peer_credentials, send
@@ -90,6 +92,7 @@ class Coordinator:
         self.lock = FileLock(datadir.file("coordinator.lock"))
         self.instance_id = names.new_instance_id()
         self.selector = selectors.DefaultSelector()  # the loop's: listener, clients, persistence socket
+        self.busy_poll = BusyPoll(settings.busy_poll)  # takes a request that comes soon without a wake-up
         self.connections = Connections(
             self.selector,
             self._release_reader,
@@ -178,6 +181,7 @@ class Coordinator:
             control,
             next_lsn=self.recovered.lsn + 1,
             flush_interval=settings.flush_interval,
+            busy_poll=settings.busy_poll,
         )
         self.commits = Commits(
             self.writer,
@@ -249,7 +253,7 @@ class Coordinator:
         try:
             while self.running:
                 step_due = self.reclamation.due_in()  # a compaction in steps goes on while no commit comes
-                for key, _ in self.selector.select(tick if step_due is None else min(tick, step_due)):
+                for key, _ in self._events(tick if step_due is None else min(tick, step_due)):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self.watched_persistence:
@@ -267,6 +271,11 @@ class Coordinator:
             raise
         finally:
             self.stop()
+
+    def _events(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """What is ready: found by a busy poll, else after a sleep of up to `timeout` seconds."""
+        select = self.selector.select
+        return self.busy_poll.wait(lambda: select(0), lambda: select(timeout))
 
     def _request_stop(self) -> None:
         self.running = False

@@ -12,12 +12,13 @@ the coordinator) never exceeds what an fsync of the WAL covered, and the WAL
 holds the ring's records in LSN order, each once, with no gap and nothing of
 another history.
 
-Loop: wait for the doorbell (a byte on the socket shared with the coordinator)
-or `flush_interval`; take every whole record from the ring; append them to the
-WAL file with one write; advance the ring's tail; fsync once for the batch
-when it holds a "sync" commit (or when `flush_interval` has passed since
-unsynced "async" ones were written); publish the durable LSN in the control
-segment and tell the coordinator. That one fsync per batch is group commit.
+Loop: wait for the doorbell (a byte on the socket shared with the coordinator,
+busy polled first: wire/busypoll.py) or `flush_interval`; take every whole
+record from the ring; append them to the WAL file with one write; advance
+the ring's tail; fsync once for the batch when it holds a "sync" commit (or
+when `flush_interval` has passed since unsynced "async" ones were written);
+publish the durable LSN in the control segment and tell the coordinator.
+That one fsync per batch is group commit.
 
 Start-up: the coordinator passes the first LSN it does not hold durable and
 the last LSN it has handed out; the WAL must fit between them (`_open_wal`),
@@ -63,6 +64,7 @@ from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
 from protobase.shm.segment import Segment
+from protobase.wire.busypoll import BusyPoll
 from protobase.wire.framing import send
 
 __all__ = ["Persistence", "EXIT_DISK_FAILURE", "main"]
@@ -83,11 +85,15 @@ class Persistence:
         sock: socket.socket,
         flush_interval: float,
         collector: Collector | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
         self.datadir = datadir
         self.instance_id = instance_id
         self.sock = sock  # doorbell in, reports out
         self.flush_interval = flush_interval
+        self.doorbell = select.poll()  # the socket, looked at without a wait while busy polling
+        self.doorbell.register(sock, select.POLLIN)
+        self.busy_poll = BusyPoll(busy_poll)  # a doorbell that rings soon is heard without a wake-up
         self.lock = FileLock(datadir.file("wal.lock"))
         self._control: ControlBlock | None = None  # attached by run(), once it holds the lock
         self._ring: CommitRing | None = None  # attached by run(), once it holds the lock
@@ -248,8 +254,8 @@ class Persistence:
             if self.ring.head != self.ring.tail:
                 return
             timeout = 1.0
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if ready:
+        doorbell = self.doorbell
+        if self.busy_poll.wait(lambda: doorbell.poll(0), lambda: doorbell.poll(timeout * 1000)):
             try:
                 data = self.sock.recv(4096)
             except OSError:
@@ -378,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--fd", type=int, required=True, help="socket shared with the coordinator")
     parser.add_argument("--flush-interval", type=float, default=0.01)
+    parser.add_argument("--busy-poll", type=float, default=0.0, help="seconds to poll for the doorbell before a sleep")
     parser.add_argument("--next-lsn", type=int, required=True, help="first LSN the coordinator does not hold durable")
     parser.add_argument("--last-lsn", type=int, required=True, help="last LSN the coordinator has handed out")
     parser.add_argument("--log-level", default="WARNING")
@@ -386,5 +393,5 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     datadir = DataDir(os.path.abspath(args.path))
-    persistence = Persistence(datadir, args.instance, sock, args.flush_interval, collector=Collector())
+    persistence = Persistence(datadir, args.instance, sock, args.flush_interval, Collector(), args.busy_poll)
     return persistence.run(args.next_lsn, args.last_lsn)

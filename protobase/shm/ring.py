@@ -134,6 +134,9 @@ class CommitRing:
         `wait()` is called between checks of a full ring (default: a short sleep);
         it may raise to give up, e.g. when the consumer died.
         """
+        if isinstance(payload, bytes) and len(payload) <= self.max_fragment:  # the common case: one fragment
+            self._append_one(lsn, flags, [payload], wait)
+            return
         parts = [memoryview(payload)] if isinstance(payload, bytes) else [memoryview(part) for part in payload]
         left = sum(len(part) for part in parts)
         continuation = 0
@@ -153,7 +156,9 @@ class CommitRing:
                 return
             continuation = CONT
 
-    def _append_one(self, lsn: int, flags: int, pieces: list[memoryview], wait: Callable[[], None] | None) -> None:
+    def _append_one(
+        self, lsn: int, flags: int, pieces: Sequence[bytes | memoryview], wait: Callable[[], None] | None
+    ) -> None:
         length = sum(len(piece) for piece in pieces)
         size = (_RECORD.size + length + 7) & ~7
         head = self.head
