@@ -192,3 +192,18 @@ def test_a_yield_that_let_another_process_run_ends_the_polling(monkeypatch):
     while wait(poll, clock, 0.0001) == 0:
         sleeps += 1
     assert 1 <= sleeps <= 4  # then polling resumes
+
+
+def test_a_wait_with_a_timeout_polls_no_longer_than_it():
+    clock = Clock()
+    poll = poller(clock)
+    assert poll.budget == LIMIT
+    looks = []
+
+    def ready():
+        looks.append(clock.now)
+        clock.now += 0.00001
+        return []
+
+    assert poll.wait(ready, lambda: [], within=0.00005) == []
+    assert len(looks) == pytest.approx(5, abs=1)  # 50 us of looks, 10 us each, not the budget's 1 ms

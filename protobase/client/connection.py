@@ -47,6 +47,11 @@ class Refusal(CoordinatorError):
         self.error = error
 
 
+def _milliseconds_left(deadline: float | None) -> float | None:
+    """Milliseconds until `deadline` (a time.monotonic()), as poll() takes them; None: no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
+
+
 class Connection:
     """Requests and replies over one socket to the coordinator, matched by request id."""
 
@@ -145,9 +150,10 @@ class Connection:
         if self.broken:
             raise CoordinatorError("this connection to the coordinator is closed")
         # Wait where an interruption costs nothing: no byte has been taken off the socket yet.
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        timeout = None if remaining is None else remaining * 1000
-        if not self._busy.wait(lambda: self._poll.poll(0), lambda: self._poll.poll(timeout)):
+        within = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._busy.wait(
+            lambda: self._poll.poll(0), lambda: self._poll.poll(_milliseconds_left(deadline)), within
+        ):
             return False
         self._settled = False  # until what recv_into returns is filed
         try:

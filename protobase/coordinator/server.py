@@ -275,7 +275,7 @@ class Coordinator:
     def _events(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
         """What is ready: found by a busy poll, else after a sleep of up to `timeout` seconds."""
         select = self.selector.select
-        return self.busy_poll.wait(lambda: select(0), lambda: select(timeout))
+        return self.busy_poll.wait(lambda: select(0), lambda: select(timeout), within=timeout)
 
     def _request_stop(self) -> None:
         self.running = False

@@ -255,7 +255,7 @@ class Persistence:
                 return
             timeout = 1.0
         doorbell = self.doorbell
-        if self.busy_poll.wait(lambda: doorbell.poll(0), lambda: doorbell.poll(timeout * 1000)):
+        if self.busy_poll.wait(lambda: doorbell.poll(0), lambda: doorbell.poll(timeout * 1000), within=timeout):
             try:
                 data = self.sock.recv(4096)
             except OSError:

@@ -103,16 +103,18 @@ class BusyPoll:
             return 0.0
         return min(self.limit, 2 * self.recent)
 
-    def wait(self, ready: Callable[[], T], sleep: Callable[[], T]) -> T:
+    def wait(self, ready: Callable[[], T], sleep: Callable[[], T], within: float | None = None) -> T:
         """`ready()` polled until it is true or the budget is spent, then `sleep()`; the first true result.
 
         `ready` must only look (e.g. poll with a zero timeout); `sleep` may
         block. Whatever `sleep` returns is returned, a timeout included.
+        `within` (seconds) bounds the polling for a caller whose wait has a
+        timeout: its `sleep` then waits for what is left of it.
         """
         clock = self.clock
         started = clock()
         contended = False
-        budget = self.budget
+        budget = self.budget if within is None else min(self.budget, within)
         if budget > 0.0:
             end = started + budget
             while True:
