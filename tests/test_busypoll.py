@@ -10,7 +10,7 @@ import os
 import pytest
 
 from protobase.wire import busypoll
-from protobase.wire.busypoll import CLIP, BusyPoll
+from protobase.wire.busypoll import BusyPoll
 
 LIMIT = 0.001  # seconds
 
