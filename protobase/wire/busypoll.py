@@ -108,8 +108,7 @@ class BusyPoll:
 
         `ready` must only look (e.g. poll with a zero timeout); `sleep` may
         block. Whatever `sleep` returns is returned, a timeout included.
-        `within` (seconds) bounds the polling for a caller whose wait has a
-        timeout: its `sleep` then waits for what is left of it.
+        `within` (seconds) bounds the polling, for a wait with a timeout.
         """
         clock = self.clock
         started = clock()
