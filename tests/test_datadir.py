@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 
 import pytest
@@ -249,6 +250,9 @@ def test_reopening_after_close_sees_the_data(datadir):
     with protobase.open(datadir, shutdown_grace=5.0) as db:
         with db.transaction() as tx:
             tx.root["kept"] = {"value": 1}
-    with open_test_db(datadir) as db:  # attaches: the coordinator lingers
+        lingering = db.coordinator_pid
+    with open_test_db(datadir) as db:
+        assert db.coordinator_pid == lingering  # attached: the coordinator lingered
         with db.snapshot() as snap:
             assert snap.root["kept"]["value"] == 1
+    os.kill(lingering, signal.SIGTERM)  # rather than wait out its grace
