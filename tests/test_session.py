@@ -10,6 +10,7 @@ import pytest
 
 from protobase.client.session import Launch, Session
 from protobase.client.snapshot import Snapshot
+from protobase.client.transaction import Transaction
 from protobase.core.datadir import DataDir
 from protobase.errors import (
     ConflictError,
@@ -39,7 +40,7 @@ def commit(session: Session, key: str, value: object) -> int:
         seq = session.await_commit(request)
         request.release()
     finally:
-        session.unpin(base, epoch)
+        session.unpin(base, epoch, os.getpid())
     assert seq is not None
     return seq
 
@@ -54,9 +55,9 @@ def test_the_reader_slot_holds_the_oldest_pin_until_the_last_is_released(session
     commit(session, "a", 1)
     second, _, _ = session.pin()
     assert second > first and held(session) == first
-    session.unpin(first, epoch)
+    session.unpin(first, epoch, os.getpid())
     assert held(session) == second
-    session.unpin(second, epoch)
+    session.unpin(second, epoch, os.getpid())
     assert held(session) is None
 
 
@@ -64,24 +65,24 @@ def test_two_pins_of_one_seq_are_released_one_by_one(session):
     seq, _, epoch = session.pin()
     again, _, _ = session.pin()
     assert again == seq
-    session.unpin(seq, epoch)
+    session.unpin(seq, epoch, os.getpid())
     assert held(session) == seq
-    session.unpin(seq, epoch)
+    session.unpin(seq, epoch, os.getpid())
     assert held(session) is None
 
 
 def test_a_pin_of_another_epoch_is_not_released(session):
     seq, _, epoch = session.pin()
-    session.unpin(seq, epoch - 1)
+    session.unpin(seq, epoch - 1, os.getpid())
     assert held(session) == seq
-    session.unpin(seq, epoch)
+    session.unpin(seq, epoch, os.getpid())
 
 
 def test_a_commit_returns_its_seq_and_its_value_reads_back(session):
     seq = commit(session, "k", {"x": [1, 2]})
     pinned, root, epoch = session.pin()
     assert pinned == seq and root["k"] == {"x": [1, 2]}
-    session.unpin(pinned, epoch)
+    session.unpin(pinned, epoch, os.getpid())
 
 
 def test_a_commit_on_a_stale_snapshot_of_a_written_key_conflicts(session):
@@ -92,7 +93,7 @@ def test_a_commit_on_a_stale_snapshot_of_a_written_key_conflicts(session):
     with pytest.raises(ConflictError):
         session.await_commit(request)
     request.release()
-    session.unpin(base, epoch)
+    session.unpin(base, epoch, os.getpid())
 
 
 def test_a_commit_without_durability_takes_the_session_s(session):
@@ -125,7 +126,7 @@ def test_a_broken_connection_reattaches_to_the_same_instance_keeping_its_pins(se
     assert session.connection is not connection
     assert (session.instance_id, session.epoch) == (instance, epoch)
     assert held(session) == seq  # the pin moved to the new slot
-    session.unpin(seq, epoch)
+    session.unpin(seq, epoch, os.getpid())
     assert held(session) is None
 
 
@@ -140,7 +141,7 @@ def test_a_restarted_coordinator_is_a_new_epoch_and_voids_the_old_pins(session):
     assert session.instance_id != old_instance and session.epoch == epoch + 1
     with pytest.raises(CoordinatorRestartedError, match="restarted while this transaction was open"):
         session.send_commit(request)
-    session.unpin(seq, epoch)  # a pin of the old instance: nothing to release
+    session.unpin(seq, epoch, os.getpid())  # a pin of the old instance: nothing to release
     assert held(session) is None
 
 
@@ -165,12 +166,12 @@ def test_adopting_an_older_pin_of_another_session_lowers_its_slot(datadir, sessi
         seq, adopted, _ = worker.adopt(session.instance_id, older, root.ptr)
         assert seq == older and held(worker) == older
         assert "k" not in adopted  # it reads the older root, not the published one
-        worker.unpin(older, worker_epoch)
+        worker.unpin(older, worker_epoch, os.getpid())
         assert held(worker) == newer
-        worker.unpin(newer, worker_epoch)
+        worker.unpin(newer, worker_epoch, os.getpid())
     finally:
         worker.close()
-    session.unpin(older, epoch)
+    session.unpin(older, epoch, os.getpid())
 
 
 def test_adopt_refuses_a_pin_of_another_coordinator_instance(session):
@@ -193,24 +194,58 @@ def test_without_start_a_session_refuses_a_directory_nobody_serves(datadir):
         Session(DataDir.open(datadir), Launch(start=False))
 
 
-def test_a_forked_child_attaches_with_a_slot_of_its_own(session):
-    seq, _, epoch = session.pin()
+def in_forked_child(body) -> bytes:
+    """Run `body()` in a forked child; what it returns (b"ok", or why not)."""
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: its first use attaches anew
+    if pid == 0:
         try:
-            child_seq, _, child_epoch = session.pin()
-            mine = [reader for reader in session.control.readers() if reader.pid == os.getpid()]
-            ok = child_seq >= seq and len(mine) == 1 and mine[0].snapshot_seq == child_seq
-            session.unpin(child_seq, child_epoch)
-            session.close()
-            os.write(write, b"ok" if ok else b"no")
+            os.write(write, body())
         finally:
             os._exit(0)
     os.close(write)
-    answer = os.read(read, 2)
+    answer = os.read(read, 64)
     os.close(read)
     os.waitpid(pid, 0)
-    assert answer == b"ok"
+    return answer
+
+
+def test_a_forked_child_attaches_with_a_slot_of_its_own(session):
+    seq, _, epoch = session.pin()
+
+    def body() -> bytes:  # the child: its first use attaches anew
+        child_seq, _, child_epoch = session.pin()
+        mine = [reader for reader in session.control.readers() if reader.pid == os.getpid()]
+        ok = child_seq >= seq and len(mine) == 1 and mine[0].snapshot_seq == child_seq
+        session.unpin(child_seq, child_epoch, os.getpid())
+        session.close()
+        return b"ok" if ok else b"no"
+
+    assert in_forked_child(body) == b"ok"
     assert held(session) == seq  # the child's pins and closing never touched ours
-    session.unpin(seq, epoch)
+    session.unpin(seq, epoch, os.getpid())
+
+
+def test_a_forked_child_closing_what_it_inherited_keeps_its_own_pin_of_the_same_seq(session):
+    """Regression: an inherited snapshot (or transaction) closed in a forked child released the child's
+    own pin of that seq, so the coordinator could reclaim what the child's snapshot still read."""
+    inherited = Snapshot(session, *session.pin())
+    transaction = Transaction(session)
+    seq = inherited.seq
+
+    def body() -> bytes:
+        child_snapshot = Snapshot(session, *session.pin())  # attaches anew: a slot of the child's own
+        if child_snapshot.seq != seq:
+            return b"a commit came in between"
+        inherited.close()
+        transaction.abort()
+        if held(session) != seq:
+            return b"released"
+        child_snapshot.close()
+        return b"ok" if held(session) is None else b"kept"
+
+    assert in_forked_child(body) == b"ok"
+    assert held(session) == seq  # the parent's pins are its own
+    transaction.abort()
+    inherited.close()
+    assert held(session) is None

@@ -385,7 +385,7 @@ class Session:
     # -- pinning snapshots ------------------------------------------------------------------
 
     def pin(self) -> Pin:
-        """Take the latest root and pin it in our reader slot; unpin it with `unpin(seq, epoch)`."""
+        """Take the latest root and pin it in our reader slot; unpin it with `unpin(seq, epoch, os.getpid())`."""
         with self.lock:
             self.ensure_attached()
             control = self.control
@@ -424,10 +424,15 @@ class Session:
             self._notice_compaction()
             return seq, self.store.root(root), self.epoch
 
-    def unpin(self, seq: int, epoch: int) -> None:
-        """Release one pin of `seq` taken in `epoch`; the slot then holds the oldest pin left."""
+    def unpin(self, seq: int, epoch: int, pinned_by: int) -> None:
+        """Release one pin of `seq` taken in `epoch` by process `pinned_by`; the slot then holds the oldest pin left.
+
+        A pin another process took is not ours to release: a forked child
+        closing a snapshot it inherited must not release its own pin of the
+        same seq (the parent's pin is in the parent's slot).
+        """
         with self.lock:
-            if self._control is None or os.getpid() != self._pid or epoch != self.epoch:
+            if self._control is None or pinned_by != self._pid or epoch != self.epoch:
                 return  # a pin of the parent process, or of a coordinator instance that is gone
             self._held[seq] -= 1
             if self._held[seq] <= 0:

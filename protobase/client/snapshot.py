@@ -9,6 +9,7 @@ snapshot's pin is its session's (client/session.py), released once on close.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from protobase.core.views import TreeDict
@@ -23,13 +24,14 @@ __all__ = ["Snapshot"]
 class Snapshot:
     """A consistent read-only view; a context manager that releases it."""
 
-    __slots__ = ("_session", "seq", "_root", "_epoch", "_closed", "__weakref__")
+    __slots__ = ("_session", "seq", "_root", "_epoch", "_pinned_by", "_closed", "__weakref__")
 
     def __init__(self, session: Session, seq: int, root: TreeDict, epoch: int) -> None:
         self._session = session
         self.seq = seq  # sequence number of the commit this snapshot shows
         self._root = root  # the root dict at that commit
         self._epoch = epoch  # the handle's epoch when pinned (see Session)
+        self._pinned_by = os.getpid()  # a forked child that inherits the snapshot did not pin it
         self._closed = False
 
     @property
@@ -52,7 +54,7 @@ class Snapshot:
         """Release the snapshot, letting the coordinator reclaim what only it could reach. Idempotent."""
         if not self._closed:
             self._closed = True
-            self._session.unpin(self.seq, self._epoch)
+            self._session.unpin(self.seq, self._epoch, self._pinned_by)
 
     @property
     def closed(self) -> bool:

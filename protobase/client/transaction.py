@@ -27,6 +27,7 @@ once, when the transaction ends (or its commit went out).
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from protobase.client.txvalues import TxDict
@@ -58,6 +59,7 @@ class Transaction:
         self.serializable = isolation == "serializable"
         self.durability = durability  # None: the database handle's default
         self.base_seq, root, self._epoch = session.pin()
+        self._pinned_by = os.getpid()  # a forked child that inherits the transaction did not pin it
         self.seq: int | None = None  # sequence number of the commit, once committed
         self._request: CommitRequest | None = None  # the commit sent, until its answer is recorded
         self._refusal: BaseException | None = None  # why the commit was refused (nothing committed)
@@ -175,7 +177,7 @@ class Transaction:
             # Flag first: an interruption between the two leaks a pin (memory held a
             # while longer), never unpins twice (which could free another snapshot's).
             self._pinned = False
-            self._session.unpin(self.base_seq, self._epoch)  # what it read no longer matters
+            self._session.unpin(self.base_seq, self._epoch, self._pinned_by)  # what it read no longer matters
         if state != "unknown":
             request, self._request = self._request, None
             if request is not None:
