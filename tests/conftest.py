@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -167,6 +167,22 @@ def remove_test_directory(root: str, timeout: float = COORDINATOR_EXIT_TIMEOUT) 
 def data_directories(root: str) -> list[str]:
     """Every directory under `root` that a coordinator served (it holds coordinator.lock)."""
     return [folder for folder, _, files in os.walk(root) if "coordinator.lock" in files]
+
+
+def in_forked_child(body: Callable[[], bytes]) -> bytes:
+    """Run `body()` in a forked child; what it returns (b"ok", or why not)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, body())
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return answer
 
 
 @pytest.fixture(scope="session")

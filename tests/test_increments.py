@@ -21,9 +21,9 @@ import pytest
 import protobase
 from protobase import F
 from protobase.core import codec
-from protobase.errors import ConflictError, PathError
+from protobase.errors import ConflictError, PathError, ProtoBaseError
 from protobase.wire.opcodes import OP_INCR
-from tests.conftest import open_test_db
+from tests.conftest import in_forked_child, open_test_db
 from tests.test_server import connection, request
 
 
@@ -51,6 +51,23 @@ def test_incr_adds_to_a_number_and_counts_a_missing_key_as_zero(stats):
         tx.root["stats"].incr("views", 5)
         tx.root["stats"].incr("ratio", 0.25)
     assert read(stats, "stats") == {"adds": 11, "views": 5, "ratio": 0.75, "name": "shop"}
+
+
+def test_a_forked_child_cannot_commit_the_transaction_it_inherited(stats):
+    """Regression: the child's copy committed too, so the parent's increment counted twice."""
+    tx = stats.transaction()
+    tx.root["stats"].incr("adds")
+
+    def body() -> bytes:
+        try:
+            tx.commit()
+        except ProtoBaseError as error:
+            return b"ok" if "a forked child of it, cannot commit it" in str(error) and tx.state == "aborted" else b"?"
+        return b"committed"
+
+    assert in_forked_child(body) == b"ok"
+    tx.commit()
+    assert read(stats, "stats")["adds"] == 11
 
 
 def test_a_transaction_reads_its_snapshot_plus_its_own_increments(stats):

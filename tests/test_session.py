@@ -21,7 +21,7 @@ from protobase.errors import (
 )
 from protobase.shm import names
 from protobase.wire.opcodes import OP_SET
-from tests.conftest import GRACE
+from tests.conftest import GRACE, in_forked_child
 
 
 @pytest.fixture
@@ -192,22 +192,6 @@ def test_a_closed_session_says_so_and_closing_again_does_nothing(session):
 def test_without_start_a_session_refuses_a_directory_nobody_serves(datadir):
     with pytest.raises(CoordinatorError, match="no coordinator serves"):
         Session(DataDir.open(datadir), Launch(start=False))
-
-
-def in_forked_child(body) -> bytes:
-    """Run `body()` in a forked child; what it returns (b"ok", or why not)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write, body())
-        finally:
-            os._exit(0)
-    os.close(write)
-    answer = os.read(read, 64)
-    os.close(read)
-    os.waitpid(pid, 0)
-    return answer
 
 
 def test_a_forked_child_attaches_with_a_slot_of_its_own(session):

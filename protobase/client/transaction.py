@@ -81,6 +81,7 @@ class Transaction:
         """
         self._writes.check_active()
         try:
+            self._check_own_process()
             ops = self._writes.wire_ops()
             if not ops:
                 self.seq = self.base_seq
@@ -159,6 +160,15 @@ class Transaction:
             self._finish("unknown")
         else:
             self._finish("aborted")
+
+    def _check_own_process(self) -> None:
+        # A forked child holds a copy of its parent's open transactions: were both to commit one,
+        # its writes would go in twice (increments are not validated: both would count).
+        if os.getpid() != self._pinned_by:
+            raise ProtoBaseError(
+                f"this transaction was begun in process {self._pinned_by}; process {os.getpid()}, a forked "
+                f"child of it, cannot commit it (nothing was committed): begin a new transaction in the child"
+            )
 
     def _check_encodable(self, ops: list[Any]) -> None:
         for code, path, argument in ops:
