@@ -11,6 +11,8 @@ from protobase.errors import CorruptionError
 from protobase.shm import names
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
 
+RECORD_HEADER = 16  # length, flags, lsn (ring.py's _RECORD)
+
 
 @pytest.fixture
 def ring_name():
@@ -46,6 +48,21 @@ def test_random_records_arrive_whole_and_in_order_even_larger_than_the_ring_and_
         drain()
         assert received == sent
         assert producer.head == producer.tail
+    finally:
+        producer.unlink()
+        producer.close()
+        consumer.close()
+
+
+def test_parts_that_fit_one_fragment_are_written_as_one_record(ring_name):
+    producer = CommitRing.create(ring_name, 8192)
+    consumer = CommitRing.attach(ring_name)
+    try:
+        producer.append(1, SYNC, [b"header", b"", b"x" * 90])  # a commit's WAL record: header and ops
+        assert producer.head == (RECORD_HEADER + 96 + 7) & ~7  # one record, no fragment header more
+        records, tail = consumer.read()
+        assert [tuple(record) for record in records] == [(1, SYNC, b"header" + b"x" * 90)]
+        consumer.release(tail)
     finally:
         producer.unlink()
         producer.close()

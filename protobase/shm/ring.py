@@ -134,15 +134,16 @@ class CommitRing:
         `wait()` is called between checks of a full ring (default: a short sleep);
         it may raise to give up, e.g. when the consumer died.
         """
-        if isinstance(payload, bytes) and len(payload) <= self.max_fragment:  # the common case: one fragment
-            self._append_one(lsn, flags, [payload], wait)
+        pieces = [payload] if isinstance(payload, bytes) else payload
+        left = sum(len(piece) for piece in pieces)
+        if left <= self.max_fragment:  # the common case (a commit: its header and its ops): one fragment
+            self._append_one(lsn, flags, pieces, wait, left)
             return
-        parts = [memoryview(payload)] if isinstance(payload, bytes) else [memoryview(part) for part in payload]
-        left = sum(len(part) for part in parts)
+        parts = [memoryview(piece) for piece in pieces]
         continuation = 0
         while True:
             fragment: list[memoryview] = []  # the next max_fragment bytes of the parts
-            room = min(left, self.max_fragment)
+            room = size = min(left, self.max_fragment)
             left -= room
             while room:
                 piece, parts[0] = parts[0][:room], parts[0][room:]
@@ -151,15 +152,14 @@ class CommitRing:
                 if not parts[0]:
                     parts.pop(0)
             more = MORE if left else 0
-            self._append_one(lsn, flags | more | continuation, fragment, wait)
+            self._append_one(lsn, flags | more | continuation, fragment, wait, size)
             if not more:
                 return
             continuation = CONT
 
     def _append_one(
-        self, lsn: int, flags: int, pieces: Sequence[bytes | memoryview], wait: Callable[[], None] | None
+        self, lsn: int, flags: int, pieces: Sequence[bytes | memoryview], wait: Callable[[], None] | None, length: int
     ) -> None:
-        length = sum(len(piece) for piece in pieces)
         size = (_RECORD.size + length + 7) & ~7
         head = self.head
         offset = head % self.capacity
