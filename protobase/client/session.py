@@ -28,7 +28,6 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +140,7 @@ class Session:
         self._launch = launch or Launch()
         self._cache_size = cache_size
         self.lock = threading.RLock()  # guards the connection and the pin counts
-        self._held: Counter[int] = Counter()  # {snapshot seq -> open snapshots and transactions on it}
+        self._held: dict[int, int] = {}  # {snapshot seq -> open snapshots and transactions on it}
         self._closed = False
         self._connection: Connection | None = None
         self._control: ControlBlock | None = None
@@ -263,7 +262,7 @@ class Session:
     def after_fork(self) -> None:
         """In a forked child: the parent's socket, slot and pins are the parent's; the next use attaches anew."""
         self.lock = threading.RLock()
-        self._held = Counter()
+        self._held = {}
         if self._connection is not None:
             self._connection.close()  # our copy of the descriptor only: the parent's stays open
             self._connection = None
@@ -398,7 +397,8 @@ class Session:
                 full_fence()
                 if control.read_root()[0] == seq:
                     break
-            self._held[seq] += 1
+            held = self._held
+            held[seq] = held.get(seq, 0) + 1
             self._notice_compaction()
             return seq, self.store.root(root), self.epoch
 
@@ -420,7 +420,8 @@ class Session:
             floor = min(self._held) if self._held else None
             if floor is None or seq < floor:
                 self.control.set_reader_snapshot(self._slot, seq)
-            self._held[seq] += 1
+            held = self._held
+            held[seq] = held.get(seq, 0) + 1
             self._notice_compaction()
             return seq, self.store.root(root), self.epoch
 
@@ -434,9 +435,12 @@ class Session:
         with self.lock:
             if self._control is None or pinned_by != self._pid or epoch != self.epoch:
                 return  # a pin of the parent process, or of a coordinator instance that is gone
-            self._held[seq] -= 1
-            if self._held[seq] <= 0:
-                del self._held[seq]
+            held = self._held
+            count = held.get(seq, 0) - 1  # one store below: interrupted before it, the pin is kept (never lost)
+            if count > 0:
+                held[seq] = count
+            else:
+                held.pop(seq, None)
             if not self._control.closed:
                 self._control.set_reader_snapshot(self._slot, min(self._held) if self._held else None)
 
