@@ -117,6 +117,11 @@ def test_a_failed_operation_leaves_the_root_it_was_applied_to_as_it_was(make):
         store.writer.apply(working, OP_SET, ("big", 500), 1)
     with pytest.raises(PathError, match="^an operation needs a non-empty key path$"):
         store.writer.apply(before, OP_SET, (), 1)
+    # Regression: below the root, the error named only what was left of the path, ('missing', 'x').
+    with pytest.raises(PathError, match=r"^no container at \('d', 'missing', 'x'\): the key is missing$"):
+        store.writer.apply(working, OP_SET, ("d", "missing", "x"), 1)
+    with pytest.raises(PathError, match=r"^list index 9 out of range at \('d', 'k', 9\)$"):
+        store.writer.apply(working, OP_SET, ("d", "k", 9), 1)
     assert store.read(before) == {"d": {"k": [1, 2]}, "big": list(range(300))}
     assert store.read(store.writer.flush(working)) == {"d": {"k": [1, 2], "k2": 3}, "big": list(range(300))}
 

@@ -434,14 +434,19 @@ class Writer:
             indexes[field] = root
         return IndexedColl(data, indexes)
 
-    def _apply_in(self, container: Any, path: KeyPath, code: int, argument: Any) -> Any:
+    def _apply_in(self, container: Any, path: KeyPath, code: int, argument: Any, depth: int = 0) -> Any:
+        """Apply the operation at `path` to `container`, which holds `path[depth]`.
+
+        The whole path goes down with it, so an error names the path the
+        client wrote, not what is left of it.
+        """
         container = self._open(container)
         if type(container) is IndexedColl:
-            return self._apply_indexed(container, path, code, argument)
-        key = path[0]
-        if len(path) > 1:
+            return self._apply_indexed(container, path, code, argument, depth)
+        key = path[depth]
+        if depth + 1 < len(path):
             child = self._container(self._child(container, key, path), path)
-            changed = self._unchanged(self._apply_in(child, path[1:], code, argument))
+            changed = self._unchanged(self._apply_in(child, path, code, argument, depth + 1))
             return self._assign(container, key, changed, path)
         if code == OP_SET:
             return self._assign(container, key, argument, path)
@@ -468,11 +473,13 @@ class Writer:
 
     # -- indexed collections ----------------------------------------------------
 
-    def _apply_indexed(self, collection: IndexedColl, path: KeyPath, code: int, argument: Any) -> IndexedColl:
-        """Apply an operation inside an indexed collection, keeping its indexes in step."""
-        key = path[0]
+    def _apply_indexed(
+        self, collection: IndexedColl, path: KeyPath, code: int, argument: Any, depth: int
+    ) -> IndexedColl:
+        """Apply an operation inside an indexed collection (at `path[depth]`), keeping its indexes in step."""
+        key = path[depth]
         before = self._record_entries(collection, key)
-        updated = IndexedColl(self._apply_in(collection.data, path, code, argument), dict(collection.indexes))
+        updated = IndexedColl(self._apply_in(collection.data, path, code, argument, depth), dict(collection.indexes))
         after = self._record_entries(updated, key)
         for field, root in updated.indexes.items():
             for kind, value in before[field] - after[field]:
