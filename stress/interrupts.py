@@ -139,9 +139,16 @@ class Outcome:
 
 
 def run(
-    seconds: float, clients: int = 3, kill_every: int = 15, seed: int | None = None, base: str | None = None, log=print
+    seconds: float,
+    clients: int = 3,
+    kill_every: int = 15,
+    seed: int | None = None,
+    base: str | None = None,
+    log=print,
+    at_least: int = 0,
 ) -> Outcome:
-    """Interrupt clients for `seconds`; return what the check found."""
+    """Interrupt clients for `seconds`, and on while fewer than `at_least` commits are acknowledged (up to five
+    times as long: a loaded machine commits slower); return what the check found."""
     seed = random.randrange(1 << 30) if seed is None else seed
     rng = random.Random(seed)
     log(f"interrupt test: {seconds}s, {clients} clients, a SIGKILL every {kill_every} signals, seed {seed}")
@@ -161,12 +168,8 @@ def run(
         running[incarnations] = process
         incarnations += 1
 
-    try:
-        with protobase.open(path, shutdown_grace=GRACE) as db, db.transaction() as tx:
-            tx.root["log"] = []
-        for _ in range(clients):
-            start()
-        deadline = time.monotonic() + seconds
+    def interrupt_for(duration: float) -> None:
+        deadline = time.monotonic() + duration
         while time.monotonic() < deadline:
             time.sleep(rng.uniform(0.0005, 0.01))
             incarnation = rng.choice(list(running))
@@ -184,6 +187,17 @@ def run(
             else:
                 os.kill(process.pid, signal.SIGINT)
                 outcome.interrupts += 1
+
+    try:
+        with protobase.open(path, shutdown_grace=GRACE) as db, db.transaction() as tx:
+            tx.root["log"] = []
+        for _ in range(clients):
+            start()
+        interrupt_for(seconds)
+        for _ in range(int(4 * seconds)):
+            if len(_reports(directory, incarnations).acked) >= at_least:
+                break
+            interrupt_for(1.0)
         for process in running.values():
             process.terminate()
             process.join(60)
@@ -210,10 +224,16 @@ def _report(directory: str, incarnation: int) -> str:
     return os.path.join(directory, f"client-{incarnation}")
 
 
-def _check(path: str, directory: str, incarnations: int, outcome: Outcome) -> None:
+def _reports(directory: str, incarnations: int) -> Reports:
+    """What every client incarnation has reported so far."""
     reports = Reports()
     for incarnation in range(incarnations):
         reports.read(incarnation, _report(directory, incarnation))
+    return reports
+
+
+def _check(path: str, directory: str, incarnations: int, outcome: Outcome) -> None:
+    reports = _reports(directory, incarnations)
     with protobase.open(path, shutdown_grace=GRACE) as db:
         with db.snapshot() as snap:
             present = [tuple(entry) for entry in snap.root["log"]]
