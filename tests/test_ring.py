@@ -58,7 +58,7 @@ def test_parts_that_fit_one_fragment_are_written_as_one_record(ring_name):
     producer = CommitRing.create(ring_name, 8192)
     consumer = CommitRing.attach(ring_name)
     try:
-        producer.append(1, SYNC, [b"header", b"", b"x" * 90])  # a commit's WAL record: header and ops
+        assert producer.append(1, SYNC, [b"header", b"", b"x" * 90]) == 96  # a commit's WAL record: header, ops
         assert producer.head == (RECORD_HEADER + 96 + 7) & ~7  # one record, no fragment header more
         records, tail = consumer.read()
         assert [tuple(record) for record in records] == [(1, SYNC, b"header" + b"x" * 90)]

@@ -182,6 +182,11 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def pid(self) -> int:
+        """The process this session's connection, slot and pins belong to (a forked child's own once it forked)."""
+        return self._pid
+
     # -- attaching -----------------------------------------------------------------
 
     def ensure_attached(self) -> None:
@@ -384,7 +389,7 @@ class Session:
     # -- pinning snapshots ------------------------------------------------------------------
 
     def pin(self) -> Pin:
-        """Take the latest root and pin it in our reader slot; unpin it with `unpin(seq, epoch, os.getpid())`."""
+        """Take the latest root and pin it in our reader slot; unpin it with `unpin(seq, epoch, session.pid)`."""
         with self.lock:
             self.ensure_attached()
             control = self.control
@@ -442,7 +447,7 @@ class Session:
             else:
                 held.pop(seq, None)
             if not self._control.closed:
-                self._control.set_reader_snapshot(self._slot, min(self._held) if self._held else None)
+                self._control.set_reader_snapshot(self._slot, min(held) if held else None)
 
     def _notice_compaction(self) -> None:
         """After a compaction moved everything, drop the mappings of the old segments and the views into them.

@@ -9,7 +9,6 @@ snapshot's pin is its session's (client/session.py), released once on close.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 from protobase.core.views import TreeDict
@@ -31,7 +30,7 @@ class Snapshot:
         self.seq = seq  # sequence number of the commit this snapshot shows
         self._root = root  # the root dict at that commit
         self._epoch = epoch  # the handle's epoch when pinned (see Session)
-        self._pinned_by = os.getpid()  # a forked child that inherits the snapshot did not pin it
+        self._pinned_by = session.pid  # a forked child that inherits the snapshot did not pin it
         self._closed = False
 
     @property

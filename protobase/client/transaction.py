@@ -27,7 +27,6 @@ once, when the transaction ends (or its commit went out).
 from __future__ import annotations
 
 import copy
-import os
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from protobase.client.txvalues import TxDict
@@ -59,7 +58,7 @@ class Transaction:
         self.serializable = isolation == "serializable"
         self.durability = durability  # None: the database handle's default
         self.base_seq, root, self._epoch = session.pin()
-        self._pinned_by = os.getpid()  # a forked child that inherits the transaction did not pin it
+        self._pinned_by = session.pid  # a forked child that inherits the transaction did not pin it
         self.seq: int | None = None  # sequence number of the commit, once committed
         self._request: CommitRequest | None = None  # the commit sent, until its answer is recorded
         self._refusal: BaseException | None = None  # why the commit was refused (nothing committed)
@@ -164,9 +163,9 @@ class Transaction:
     def _check_own_process(self) -> None:
         # A forked child holds a copy of its parent's open transactions: were both to commit one,
         # its writes would go in twice (increments are not validated: both would count).
-        if os.getpid() != self._pinned_by:
+        if self._session.pid != self._pinned_by:
             raise ProtoBaseError(
-                f"this transaction was begun in process {self._pinned_by}; process {os.getpid()}, a forked "
+                f"this transaction was begun in process {self._pinned_by}; process {self._session.pid}, a forked "
                 f"child of it, cannot commit it (nothing was committed): begin a new transaction in the child"
             )
 

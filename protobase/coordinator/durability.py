@@ -197,9 +197,8 @@ class Durability:
         """
         self._check_not_failed()
         lsn = self.next_lsn
-        self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
+        self.wal_bytes += self.ring.append(lsn, SYNC if sync else 0, payload, wait=self._wait_for_room)
         self.next_lsn += 1
-        self.wal_bytes += len(payload) if isinstance(payload, bytes) else sum(len(part) for part in payload)
         if sync or self._persistence_may_sleep(lsn) or self.ring.head - self.ring.tail > self.ring.capacity // 2:
             self.doorbell()
         return lsn

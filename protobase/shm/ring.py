@@ -126,8 +126,8 @@ class CommitRing:
 
     def append(
         self, lsn: int, flags: int, payload: bytes | Sequence[bytes], wait: Callable[[], None] | None = None
-    ) -> None:
-        """Append one record (split in fragments if large); block while the ring is full.
+    ) -> int:
+        """Append one record (split in fragments if large); block while the ring is full. Returns its length.
 
         A payload given as parts is their concatenation, which is never made:
         a bulk commit's WAL record is a short header and the 50 MB the client sent.
@@ -138,9 +138,9 @@ class CommitRing:
         left = sum(len(piece) for piece in pieces)
         if left <= self.max_fragment:  # the common case (a commit: its header and its ops): one fragment
             self._append_one(lsn, flags, pieces, wait, left)
-            return
+            return left
         parts = [memoryview(piece) for piece in pieces]
-        continuation = 0
+        total, continuation = left, 0
         while True:
             fragment: list[memoryview] = []  # the next max_fragment bytes of the parts
             room = size = min(left, self.max_fragment)
@@ -154,7 +154,7 @@ class CommitRing:
             more = MORE if left else 0
             self._append_one(lsn, flags | more | continuation, fragment, wait, size)
             if not more:
-                return
+                return total
             continuation = CONT
 
     def _append_one(
