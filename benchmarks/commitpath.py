@@ -14,7 +14,9 @@ keep nothing (a WAL record is encoded, then dropped).
 * `--callgrind`: instructions per commit, repeatable to a fraction of a
   percent where timings move by 20%: the script runs itself twice under
   `valgrind --tool=callgrind` (300 and 1,300 commits) and prints the
-  difference over the 1,000 commits between, so start-up and the load drop out.
+  difference over the 1,000 commits between, so start-up and the load drop out
+  (with PYTHONHASHSEED=0: string hashes, and so dict and set layouts, would
+  otherwise move the count by up to 7%).
 
 It prints; nothing is asserted. Run it on two checkouts to compare them.
 """
@@ -151,6 +153,7 @@ def instructions_per_commit(indexes: int, same_fields: bool) -> float:
                 capture_output=True,
                 text=True,
                 check=True,
+                env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict and set layouts in every run
             )
         found = re.search(r"Collected : (\d+)", out.stderr)
         if found is None:

@@ -18,9 +18,12 @@ from protobase.core.arena import (
     DICT_LEAF,
     FIRST_SEGMENT,
     INDEXED,
+    SET_BRANCH,
     VALUE,
     ArenaWriter,
     AtomReader,
+    Tail,
+    offset_of,
     segment_of,
     write_atoms,
 )
@@ -144,3 +147,68 @@ def test_append_many_places_atoms_where_append_would(arena):
     finally:
         reader.close()
     assert arena_module._write_atoms is (write_atoms if carena is None else carena.write_atoms)
+
+
+# -- Tail: the pure class and its compiled twin (carena.c) write the same bytes ------------------
+
+
+def _appended(tail_type, room: int, used: int, appends: list[tuple[int, bytes]]):
+    """What a tail of `tail_type` attached to `room` bytes (from `used`) does with `appends`."""
+    overflowed: list[tuple[int, bytes]] = []
+
+    def overflow(kind: int, payload: bytes) -> int:
+        overflowed.append((kind, payload))
+        return -len(overflowed)  # no atom of a segment has a negative pointer
+
+    buf = bytearray(b"\xee" * room)
+    tail = tail_type(overflow)
+    tail.attach(memoryview(buf), _BASE, used)
+    pointers = [tail.append(kind, payload) for kind, payload in appends]
+    tail.detach()
+    return pointers, overflowed, tail.used, tail.allocated, bytes(buf)
+
+
+@needs_compiled
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([VALUE, DICT_LEAF, SET_BRANCH, INDEXED]), st.binary(max_size=90)), max_size=40),
+    st.integers(0, 3000),
+    st.integers(0, 12),
+)
+def test_compiled_tail_appends_the_bytes_and_pointers_of_the_oracle(appends, room, used):
+    used = min(used, room) & ~3
+    expected = _appended(Tail, room, used, appends)
+    assert _appended(carena.Tail, room, used, appends) == expected
+    pointers, overflowed, end, allocated, _ = expected
+    assert end - used == allocated == sum((4 + len(p) + 3) & ~3 for (_, p), at in zip(appends, pointers) if at >= 0)
+    assert [append for append, at in zip(appends, pointers) if at < 0] == overflowed  # the ones that did not fit
+
+
+@pytest.mark.parametrize("tail_type", [Tail, getattr(carena, "Tail", None)], ids=["pure", "compiled"])
+def test_a_tail_sends_what_does_not_fit_to_its_overflow_and_refuses_bad_input(tail_type):
+    if tail_type is None:
+        pytest.skip("the compiled core is not in use")
+    sent: list[tuple[int, bytes]] = []
+    tail = tail_type(lambda kind, payload: sent.append((kind, payload)) or 99)
+    assert tail.append(VALUE, b"abc") == 99  # nothing attached: everything overflows
+    buf = bytearray(16)
+    with pytest.raises(ValueError, match="17 bytes used of a 16-byte segment"):
+        tail.attach(memoryview(buf), _BASE, 17)
+    tail.attach(memoryview(buf), _BASE, 4)
+    with pytest.raises(TypeError, match="must be bytes"):
+        tail.append(VALUE, "text")
+    assert buf == bytearray(16) and tail.used == 4  # nothing written
+    assert tail.append(DICT_LEAF, b"12345") == _BASE + 4 and tail.used == 16  # 4 + 5 + 3 bytes of padding
+    assert tail.append(VALUE, b"") == 99 and sent == [(VALUE, b"abc"), (VALUE, b"")]  # a full segment overflows
+    assert tail.allocated == 12
+
+
+def test_the_arena_appends_through_the_compiled_tail_and_lets_its_segment_go(arena):
+    assert type(arena.tail) is (Tail if carena is None else carena.Tail)
+    pointer = arena.append(VALUE, b"payload")
+    buf = arena.current.buf
+    at = offset_of(pointer)
+    assert bytes(buf[at : at + 11]) == (VALUE << 28 | 7).to_bytes(4, "little") + b"payload"
+    arena.close(unlink=True)
+    with pytest.raises(ValueError):  # released: the tail held no export of it, so the segment was unmapped
+        buf[0]

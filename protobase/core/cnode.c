@@ -1292,15 +1292,19 @@ static int number_edit(Bytes *b, const unsigned char *base, uint64_t *at, Edit *
     return 0;
 }
 
-/* append(kind, payload) -> *ptr; -1 with an exception set. Takes `payload` (NULL: an error already set). */
-static int appended(PyObject *append, int kind, PyObject *payload, uint64_t *ptr) {
+/* append(kind, payload) -> *ptr; -1 with an exception set. Takes `payload` (NULL: an error already set).
+ * The node written counts as walked through once: the next commit's path goes through it again (a
+ * root, a hot branch), and bisects it on its first visit instead of comparing keys one by one. */
+static int appended(SearcherObject *self, PyObject *append, int kind, PyObject *payload, uint64_t *ptr) {
     PyObject *args[2] = {payload != NULL ? PyLong_FromLong(kind) : NULL, payload};
     PyObject *written = args[0] != NULL ? PyObject_Vectorcall(append, args, 2, NULL) : NULL;
     Py_XDECREF(args[0]);
     Py_XDECREF(payload);
     int failed = written == NULL || take_pointer(written, ptr) < 0;
     Py_XDECREF(written);
-    return failed ? -1 : 0;
+    if (failed) return -1;
+    if (self != NULL) self->seen[slot_of(*ptr)] = *ptr;
+    return 0;
 }
 
 static PyObject *called_for_bytes(PyObject *function, PyObject *argument, const char *what) {
@@ -1453,7 +1457,7 @@ static int write_split_leaf(SearcherObject *self, Level *level, PyObject **entry
     if (*entry == NULL) { /* the key goes right of the middle: the left half is the leaf's first entries */
         PyObject *left = leaf_part(DICT_LEAF, b.at, b.end, 0, LEFT_HALF, NULL);
         release(&m);
-        if (appended(append, DICT_LEAF, left, &split->left) < 0) return -1;
+        if (appended(NULL, append, DICT_LEAF, left, &split->left) < 0) return -1;
         left_written = 1;
         if ((*entry = called_for_bytes(split->make_entry, split->old, "make_entry(old)")) == NULL) return -1;
         if (reopen(self, &m, level, &b) < 0) return release(&m), -1;
@@ -1466,10 +1470,10 @@ static int write_split_leaf(SearcherObject *self, Level *level, PyObject **entry
     release(&m);
     if (whole == NULL) return -1;
     const unsigned char *at = (const unsigned char *)PyBytes_AS_STRING(whole), *end = at + PyBytes_GET_SIZE(whole);
-    int failed = !left_written && appended(append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, 0, LEFT_HALF, NULL),
+    int failed = !left_written && appended(NULL, append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, 0, LEFT_HALF, NULL),
                                            &split->left) < 0;
     if (!failed)
-        failed = appended(append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, LEFT_HALF, MAX_ENTRIES + 1, &split->separator),
+        failed = appended(NULL, append, DICT_LEAF, leaf_part(DICT_LEAF, at, end, LEFT_HALF, MAX_ENTRIES + 1, &split->separator),
                           &split->right) < 0;
     Py_DECREF(whole);
     return failed ? -1 : 0;
@@ -1507,7 +1511,7 @@ static PyObject *splice_levels(SearcherObject *self, Level *levels, int count, P
             failed = plan_edits(level, &b, entry, level->last_tree ? key : NULL, edits, &edits_made, numbers) < 0;
         PyObject *payload = failed ? NULL : edited(base, level->length, edits, edits_made);
         release(&m); /* append() may map or grow segments: hold none across it */
-        if (appended(append, level->kind, payload, &ptr) < 0) break;
+        if (appended(NULL, append, level->kind, payload, &ptr) < 0) break;
         Py_SETREF(entry, i > 0 ? child_entry(ptr, levels[i - 1].kind, level->kind) : NULL);
         if (i > 0 && entry == NULL) break;
         if (i == 0) {
@@ -1775,8 +1779,8 @@ static int write_plan(SearcherObject *self, Plan *plan, Change *changes, PyObjec
             if (right == NULL) Py_CLEAR(payload);
             Py_DECREF(whole);
         }
-        if (appended(append, t->kind, payload, &t->written) < 0) return Py_XDECREF(right), -1;
-        if (t->split && appended(append, t->kind, right, &t->right) < 0) return -1;
+        if (appended(self, append, t->kind, payload, &t->written) < 0) return Py_XDECREF(right), -1;
+        if (t->split && appended(self, append, t->kind, right, &t->right) < 0) return -1;
     }
     return 0;
 }
