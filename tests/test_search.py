@@ -682,6 +682,31 @@ def test_splice_set_writes_what_removing_and_adding_by_path_copying_writes(trees
     assert outcomes["deepest"] >= 3, outcomes  # a root, a branch and a leaf
 
 
+def test_a_splice_set_after_dry_runs_writes_what_one_without_them_writes(trees: Trees) -> None:
+    """The compiled twin keeps a dry run's plan for the write that follows it: a write of other keys
+    (the same list changed since), or after more dry runs than it keeps, writes what a fresh one does."""
+    entries = [(0, i, f"r{i:05d}") for i in range(0, 8000, 2)]
+    roots = [trees.tree(SET_LEAF, entries[n * 500 : n * 500 + 900], None) for n in range(6)]  # six indexes
+
+    def written(searcher: Any, root: int, keys: list[Any], adding: list[bool]) -> tuple[Any, list[Any]]:
+        appended = Appended()
+        return searcher.splice_set(root, keys, adding, appended, codec.pack), appended.atoms
+
+    oracle = trees.searchers()[0]
+    for searcher in trees.searchers():
+        keys = [entries[n * 500 + 3] for n in range(6)]
+        expected = [written(oracle, root, [key], [False]) for root, key in zip(roots, keys)]
+        for root, key in zip(roots, keys):  # more dry runs than the twin keeps: the first ones are forgotten
+            assert searcher.splice_set(root, [key], [False], None, codec.pack) is not None
+        assert [written(searcher, root, [key], [False]) for root, key in zip(roots, keys)] == expected
+        changing = [keys[0]]
+        assert searcher.splice_set(roots[0], changing, [False], None, codec.pack) is not None
+        changing[0] = (0, 1, "r00001")  # the list the dry run planned now names a key to add
+        assert written(searcher, roots[0], changing, [True]) == written(oracle, roots[0], changing, [True])
+        assert searcher.splice_set(roots[0], [keys[0]], [False], None, codec.pack) is not None
+        assert written(searcher, roots[0], [keys[0]], [True]) == (None, [])  # the flags changed: there already
+
+
 def test_splice_set_declines_what_path_copying_would_restructure_and_refuses_keys_out_of_order(trees: Trees) -> None:
     entries = [(0, i, f"r{i:05d}") for i in range(0, 2 * MAX_ENTRIES**2, 2)]
     widest = trees.tree(SET_LEAF, entries, None)  # 64 full leaves under one branch: a split would split it

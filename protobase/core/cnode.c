@@ -843,6 +843,8 @@ typedef struct {
     PyObject *fallback; /* fallback(root, key, leaf_kind): the decoded-node lookup, for other key types */
     uint64_t seen[INDEX_SLOTS];       /* {slot -> pointer of the node last walked through it once} */
     struct NodeIndex *index[INDEX_SLOTS]; /* {slot -> the index of a node walked through twice}, or NULL */
+    struct DryRun *dry_runs;          /* splice_set's last plans made without writing, or NULL */
+    int next_dry_run;                 /* the slot of dry_runs the next one goes to */
 } SearcherObject;
 
 /* The segment a walk reads, held from one node to the next while they share it (they mostly do). */
@@ -1799,6 +1801,93 @@ static int prepare_changes(PyObject *keys, PyObject *adding, PyObject *pack_key,
     return 1;
 }
 
+/* The plans of the last dry runs that qualified: the write that follows a dry run (Writer's index
+ * upkeep checks every index, then writes each) takes its plan instead of making it again. A plan
+ * only reads immutable atoms, and a root pointer names one tree forever, so a plan stays right for
+ * as long as its arguments are the same; it holds its own references to them. */
+
+#define DRY_RUNS 4 /* an index each, of the collection being written */
+
+typedef struct DryRun {
+    uint64_t root;
+    PyObject *keys, *adding, *pack_key; /* tuples of the keys and flags, and pack_key; NULL: an empty slot */
+    Change *changes;
+    Py_ssize_t n;
+    Plan plan;
+} DryRun;
+
+static void free_changes(Change *changes, Py_ssize_t n, Plan *plan) {
+    for (Py_ssize_t j = 0; changes != NULL && j < n; j++) {
+        release_key(&changes[j].k);
+        Py_XDECREF(changes[j].packed);
+    }
+    for (int i = 0; i < plan->count; i++) Py_XDECREF(plan->nodes[i].separator);
+    PyMem_Free(changes);
+    PyMem_Free(plan->nodes);
+}
+
+static void clear_dry_run(DryRun *run) {
+    if (run->keys == NULL) return;
+    free_changes(run->changes, run->n, &run->plan);
+    Py_CLEAR(run->keys);
+    Py_CLEAR(run->adding);
+    Py_CLEAR(run->pack_key);
+}
+
+static void forget_dry_runs(SearcherObject *self) {
+    for (int i = 0; self->dry_runs != NULL && i < DRY_RUNS; i++) clear_dry_run(&self->dry_runs[i]);
+    PyMem_Free(self->dry_runs);
+    self->dry_runs = NULL;
+}
+
+/* 1 if `sequence` (a fast sequence) holds the items of `tuple`, each equal; -1 on error. */
+static int same_items(PyObject *tuple, PyObject *sequence) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+    if (PySequence_Fast_GET_SIZE(sequence) != n) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int equal = PyObject_RichCompareBool(PyTuple_GET_ITEM(tuple, i), PySequence_Fast_GET_ITEM(sequence, i), Py_EQ);
+        if (equal != 1) return equal;
+    }
+    return 1;
+}
+
+/* The dry run of these arguments, taken out of the table (the caller owns its changes and plan);
+ * 0 if there is none, -1 on error. */
+static int take_dry_run(SearcherObject *self, uint64_t root, PyObject *keys, PyObject *adding, PyObject *pack_key,
+                        DryRun *taken) {
+    for (int i = 0; self->dry_runs != NULL && i < DRY_RUNS; i++) {
+        DryRun *run = &self->dry_runs[i];
+        if (run->keys == NULL || run->root != root || run->pack_key != pack_key) continue;
+        int same = same_items(run->keys, keys);
+        if (same == 1) same = same_items(run->adding, adding);
+        if (same < 0) return -1;
+        if (same == 0) continue;
+        *taken = *run;
+        memset(run, 0, sizeof *run);
+        return 1;
+    }
+    return 0;
+}
+
+/* Keep a qualified dry run's plan for the write that follows it; takes `changes` and `plan`. */
+static void keep_dry_run(SearcherObject *self, uint64_t root, PyObject *keys, PyObject *adding, PyObject *pack_key,
+                         Change *changes, Py_ssize_t n, Plan *plan) {
+    if (self->dry_runs == NULL) self->dry_runs = PyMem_Calloc(DRY_RUNS, sizeof(DryRun));
+    PyObject *key_items = self->dry_runs != NULL ? PySequence_Tuple(keys) : NULL;
+    PyObject *flags = key_items != NULL ? PySequence_Tuple(adding) : NULL;
+    if (flags == NULL) { /* no memory: the write makes its plan again */
+        PyErr_Clear();
+        Py_XDECREF(key_items);
+        free_changes(changes, n, plan);
+        return;
+    }
+    DryRun *run = &self->dry_runs[self->next_dry_run];
+    self->next_dry_run = (self->next_dry_run + 1) % DRY_RUNS;
+    clear_dry_run(run);
+    *run = (DryRun){.root = root, .keys = key_items, .adding = flags, .pack_key = Py_NewRef(pack_key),
+                    .changes = changes, .n = n, .plan = *plan};
+}
+
 /* splice_set(root, keys, adding, append, pack_key) -> (new root, [(ptr, payload length)]) or None;
  * with append None, a dry run: (0, the same list), or None, writing nothing. */
 static PyObject *searcher_splice_set(SearcherObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -1813,14 +1902,19 @@ static PyObject *searcher_splice_set(SearcherObject *self, PyObject *const *args
         PyErr_SetString(PyExc_ValueError, "splice_set: one adding flag per key");
         n = -1;
     }
-    Change *changes = n > 0 ? PyMem_Calloc((size_t)n, sizeof(Change)) : NULL;
-    Plan plan = {NULL, 0, 0};
-    int outcome = n < 0 ? -1 : 0;
-    if (n > 0 && changes == NULL)
-        outcome = (PyErr_NoMemory(), -1);
-    else if (n > 0 && root != 0 && (outcome = prepare_changes(keys, adding, args[4], changes, n)) == 1)
-        outcome = plan_set_node(self, &plan, changes, 0, n, root, 1, 0);
-    if (outcome == 1 && args[3] != Py_None) outcome = write_plan(self, &plan, changes, args[3]) < 0 ? -1 : 1;
+    int writing = args[3] != Py_None;
+    DryRun run = {.keys = NULL};
+    int outcome = n < 0 ? -1 : writing && n > 0 ? take_dry_run(self, root, keys, adding, args[4], &run) : 0;
+    Change *changes = run.changes;
+    Plan plan = run.plan;
+    if (outcome == 0) {
+        changes = n > 0 ? PyMem_Calloc((size_t)n, sizeof(Change)) : NULL;
+        if (n > 0 && changes == NULL)
+            outcome = (PyErr_NoMemory(), -1);
+        else if (n > 0 && root != 0 && (outcome = prepare_changes(keys, adding, args[4], changes, n)) == 1)
+            outcome = plan_set_node(self, &plan, changes, 0, n, root, 1, 0);
+    }
+    if (outcome == 1 && writing) outcome = write_plan(self, &plan, changes, args[3]) < 0 ? -1 : 1;
     if (outcome == 1) {
         PyObject *retired = PyList_New(plan.count);
         for (int i = 0; retired != NULL && i < plan.count; i++) {
@@ -1832,13 +1926,13 @@ static PyObject *searcher_splice_set(SearcherObject *self, PyObject *const *args
         result = retired != NULL ? Py_BuildValue("(KN)", (unsigned long long)written, retired) : NULL;
     } else if (outcome == 0)
         result = Py_NewRef(Py_None);
-    for (Py_ssize_t j = 0; changes != NULL && j < n; j++) {
-        release_key(&changes[j].k);
-        Py_XDECREF(changes[j].packed);
-    }
-    for (int i = 0; i < plan.count; i++) Py_XDECREF(plan.nodes[i].separator);
-    PyMem_Free(changes);
-    PyMem_Free(plan.nodes);
+    Py_XDECREF(run.keys);
+    Py_XDECREF(run.adding);
+    Py_XDECREF(run.pack_key);
+    if (result != NULL && outcome == 1 && !writing)
+        keep_dry_run(self, root, keys, adding, args[4], changes, n, &plan);
+    else
+        free_changes(changes, n, &plan);
     Py_DECREF(keys);
     Py_DECREF(adding);
     return result;
@@ -1866,11 +1960,17 @@ static int searcher_traverse(SearcherObject *self, visitproc visit, void *arg) {
     Py_VISIT(self->buffers);
     Py_VISIT(self->atom);
     Py_VISIT(self->fallback);
+    for (int i = 0; self->dry_runs != NULL && i < DRY_RUNS; i++) {
+        Py_VISIT(self->dry_runs[i].keys);
+        Py_VISIT(self->dry_runs[i].adding);
+        Py_VISIT(self->dry_runs[i].pack_key);
+    }
     return 0;
 }
 
 static int searcher_clear(SearcherObject *self) {
     forget_indexes(self);
+    forget_dry_runs(self);
     Py_CLEAR(self->buffers);
     Py_CLEAR(self->atom);
     Py_CLEAR(self->fallback);
