@@ -4,7 +4,10 @@ Two measurements, each as a ratio in one run (protobase/wire/busypoll.py):
 
 * the wake-up: a one-byte ping-pong over a Unix socketpair between two
   processes, each side sleeping on the socket, then each side busy polling
-  first (the policy of `BusyPoll`), in microseconds per round trip;
+  first (the policy of `BusyPoll`), in microseconds per round trip; and the
+  same ping-pong as a counter in shared memory that each side spins on (no
+  system call at all): the floor of a commit channel in shared memory
+  between two running processes;
 * single-key commits from one client: two databases opened side by side,
   one with `busy_poll=0` (every message wakes its receiver) and one with the
   default, and batches of commits alternated between them, so that the
@@ -17,11 +20,13 @@ Nothing is asserted; everything started is stopped.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import select
 import shlex
 import socket
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from .common import machine, temporary_directory
 
 ROUND_TRIPS = 20_000
+SPIN_TIMEOUT = 10.0  # seconds a shared-memory ping-pong waits for a side that stopped
 
 
 def _round_trips(busy_poll: float) -> float:
@@ -60,6 +66,42 @@ def _round_trips(busy_poll: float) -> float:
     elapsed = time.perf_counter() - started
     os.waitpid(child, 0)
     ours.close()
+    return 1e6 * elapsed / ROUND_TRIPS
+
+
+def _shared_memory_round_trips() -> float:
+    """Microseconds per ping-pong round trip through a shared counter that both processes spin on.
+
+    Each side writes the round's number into its own cache line and spins
+    until the other's holds it. A side whose peer died gives up after
+    SPIN_TIMEOUT seconds (the figure is then meaningless, and says so).
+    """
+    shared = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and MAP_SHARED: the forked child sees the same page
+    ping, pong = 0, 64  # two cache lines, so that neither side's write invalidates what it spins on
+
+    def spin_until(offset: int, value: int) -> None:
+        deadline = time.monotonic() + SPIN_TIMEOUT
+        while struct.unpack_from("Q", shared, offset)[0] != value:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the other side of the shared-memory ping-pong stopped answering")
+
+    child = os.fork()
+    if child == 0:
+        try:
+            for i in range(1, ROUND_TRIPS + 1):
+                spin_until(ping, i)
+                struct.pack_into("Q", shared, pong, i)
+        finally:
+            os._exit(0)
+    started = time.perf_counter()
+    try:
+        for i in range(1, ROUND_TRIPS + 1):
+            struct.pack_into("Q", shared, ping, i)
+            spin_until(pong, i)
+    finally:
+        elapsed = time.perf_counter() - started
+        os.waitpid(child, 0)
+        shared.close()
     return 1e6 * elapsed / ROUND_TRIPS
 
 
@@ -105,6 +147,7 @@ def run(durabilities: list[str], indexes: list[int], batches: int) -> int:
     print(f"{info['date']}; {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, load {info['load']}")
     asleep, polling = _round_trips(0.0), _round_trips(DEFAULTS.busy_poll)
     print(f"\nsocketpair round trip between two processes: {asleep:.1f} us sleeping, {polling:.1f} us busy polling")
+    print(f"shared-memory counter round trip, both sides spinning: {_shared_memory_round_trips():.2f} us")
     print(f"\n| durability | indexes | busy_poll=0, commits/s | busy_poll={DEFAULTS.busy_poll:g} | ratio (quartiles) |")
     print("|---|---:|---:|---:|---|")
     with temporary_directory("pb-busypoll-") as tmp:
