@@ -74,7 +74,7 @@ def _shared_memory_round_trips() -> float:
 
     Each side writes the round's number into its own cache line and spins
     until the other's holds it. A side whose peer died gives up after
-    SPIN_TIMEOUT seconds (the figure is then meaningless, and says so).
+    SPIN_TIMEOUT seconds with a TimeoutError, rather than spin for ever.
     """
     shared = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and MAP_SHARED: the forked child sees the same page
     ping, pong = 0, 64  # two cache lines, so that neither side's write invalidates what it spins on
