@@ -2,8 +2,10 @@
 
 A checkpoint is asked for once the WAL grew by `checkpoint_bytes`, one at a
 time; a backup is a checkpoint into a new, empty directory, answered once
-written. Reports answer the oldest request (ring order), and every request
-in flight pins its seq against reclamation.
+written. A report answers the request whose id it names (in ring order, but
+not always: a request sent again to a restarted persistence process comes
+back after later ones), and every request in flight pins its seq against
+reclamation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Durability:
         self.requests.append(request)
         if request["directory"] is None:
             self.wal_bytes = 0
-        return 0
+        return len(self.requests)  # the request's id
 
 
 class Arena:
@@ -88,7 +90,7 @@ def test_a_checkpoint_is_asked_for_once_the_wal_grew_by_checkpoint_bytes_one_at_
     checkpoints.maybe_checkpoint()
     checkpoints.request()  # the "checkpoint" verb, while one is in flight: nothing more
     assert len(durability.requests) == 1 and checkpoints.checkpoint_in_flight()
-    checkpoints.on_checkpointed("/srv/db/checkpoint-1")
+    checkpoints.on_checkpointed(1, "/srv/db/checkpoint-1")
     assert checkpoints.checkpoints == 1 and not checkpoints.checkpoint_in_flight()
     checkpoints.maybe_checkpoint()
     assert len(durability.requests) == 2
@@ -104,7 +106,7 @@ def test_a_checkpoint_clears_the_change_a_commit_noted_and_a_backup_does_not():
     assert checkpoints.changed_since_checkpoint
 
 
-def test_reports_answer_requests_in_ring_order_and_requests_in_flight_pin_their_seq(tmp_path):
+def test_a_report_answers_the_request_it_names_and_requests_in_flight_pin_their_seq(tmp_path):
     checkpoints, durability, connections = make()
     checkpoints.request(asker="first backup", directory=str(tmp_path / "a"))
     checkpoints.request()
@@ -112,12 +114,16 @@ def test_reports_answer_requests_in_ring_order_and_requests_in_flight_pin_their_
     checkpoints.request(asker="second backup", directory=str(tmp_path / "b"))  # beside a checkpoint: allowed
     assert [request["directory"] for request in durability.requests] == [str(tmp_path / "a"), None, str(tmp_path / "b")]
     assert checkpoints.pinned_seqs() == [10, 10, 11]
-    for written in ("a/checkpoint", "checkpoint", "b/checkpoint"):
-        checkpoints.on_checkpointed(written)
-    checkpoints.on_checkpointed("a report with nothing in flight")  # ignored
+    # The first backup was sent again to a restarted persistence process: it comes back last.
+    checkpoints.on_checkpointed(2, "checkpoint")
+    assert checkpoints.pinned_seqs() == [10, 11] and not checkpoints.checkpoint_in_flight()
+    checkpoints.on_checkpointed(3, "b/checkpoint")
+    checkpoints.on_checkpointed(1, "a/checkpoint")
+    checkpoints.on_checkpointed(1, "a/checkpoint")  # written twice (by a child killed before it left the ring): ignored
+    checkpoints.on_checkpointed(9, "a report of nothing in flight")  # ignored
     assert connections.sent == [
-        ("first backup", ["ok", 10, "a/checkpoint"]),
         ("second backup", ["ok", 11, "b/checkpoint"]),
+        ("first backup", ["ok", 10, "a/checkpoint"]),
     ]
     assert checkpoints.checkpoints == 1 and checkpoints.pinned_seqs() == []
 

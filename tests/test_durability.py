@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +18,9 @@ from protobase.coordinator import durability as durability_module
 from protobase.coordinator.durability import Durability, DurabilityFailed
 from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CoordinatorError, CorruptionError
+from protobase.persistence.checkpoint import checkpoint_files
 from protobase.persistence.process import EXIT_DISK_FAILURE, Persistence
-from protobase.persistence.wal.faults import FAULTS_ENV
+from protobase.persistence.wal.faults import CHECKPOINT_GATE_ENV, FAULTS_ENV
 from protobase.persistence.wal.files import list_wal_files
 from protobase.persistence.wal.reader import WalRecord, read_directory, read_records, scan
 from protobase.persistence.wal.writer import WalWriter
@@ -620,3 +622,96 @@ def test_a_commit_waiting_for_room_in_the_ring_wakes_the_persistence_process(dur
     durability.enqueue(b"x" * (3 * durability.ring.capacity), sync=False)
     assert len(rung_while_full) > 1, "the producer waited for room without waking the consumer"
     wait_until(lambda: durable(2), "the big record to be durable")
+
+
+RELEASE_AFTER = 30.0  # seconds after which a held checkpoint is let go whatever the test found
+
+
+@pytest.fixture
+def checkpoint_gate(datadir, monkeypatch):
+    """A file that holds the checkpoints of the persistence processes started from now on while it exists.
+
+    `released(gate)` removes it on exit, before the processes are stopped
+    (they finish the checkpoint they write before they exit), and at the
+    latest after RELEASE_AFTER seconds: code that waits for a held
+    checkpoint then fails its test instead of hanging it.
+    """
+    gate = os.path.join(os.path.dirname(datadir), "checkpoint-gate")
+    open(gate, "w").close()
+    monkeypatch.setenv(CHECKPOINT_GATE_ENV, gate)
+    yield gate
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(gate)
+
+
+@contextlib.contextmanager
+def released(gate: str) -> Iterator[None]:
+    timer = threading.Timer(RELEASE_AFTER, lambda: os.path.exists(gate) and os.unlink(gate))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(gate)
+
+
+def reported(supervisor: Durability) -> Durability:
+    supervisor.read_reports()  # takes note of durable LSNs and of requests written
+    return supervisor
+
+
+def test_commits_flow_into_the_wal_while_a_checkpoint_is_written(datadir, checkpoint_gate):
+    # The persistence process wrote a checkpoint in its loop: for as long as that took (1-2 s
+    # at 150 MB), it drained nothing, the ring filled and every commit waited for the disk
+    # (benchmarks.compaction: a commit waited 860 ms, 3 ms at p99.9).
+    with started_durability(datadir, ring_capacity=64 << 10) as supervisor, released(checkpoint_gate):
+        supervisor.enqueue(b"before", sync=True)
+        request = supervisor.request_checkpoint(seq=1, root=0, segments=[], next_segment=0)
+        last = [supervisor.enqueue(b"x" * 4096, sync=False) for _ in range(64)][-1]  # four ringfuls
+        wait_until(lambda: reported(supervisor).durable_lsn >= last, "the commits after the request to be durable")
+        assert os.path.exists(checkpoint_gate), "the commits waited for the checkpoint to be written"
+        assert checkpoint_files(datadir) == [] and request in supervisor.controls
+        os.unlink(checkpoint_gate)
+        wait_until(lambda: not reported(supervisor).controls, "the checkpoint to be reported written")
+        assert [lsn for lsn, _ in checkpoint_files(datadir)] == [1]
+        # What came while it was written went to a new WAL file; the file it covers is gone.
+        assert [first for first, _ in list_wal_files(datadir)] == [2]
+        assert [lsn for lsn, _ in read_records(list_wal_files(datadir)[0][1])] == list(range(2, last + 1))
+
+
+def test_a_checkpoint_in_flight_when_its_writer_dies_is_written_by_the_next_persistence_process(
+    datadir, checkpoint_gate
+):
+    # The control record leaves the ring as the checkpoint starts: killed before it is written,
+    # its writer leaves it to no one unless the coordinator sends it again.
+    with started_durability(datadir) as supervisor, released(checkpoint_gate):
+        supervisor.enqueue(b"before", sync=True)
+        request = supervisor.request_checkpoint(seq=1, root=0, segments=[], next_segment=0)
+        wait_until(lambda: supervisor.ring.tail == supervisor.ring.head, "the request to be taken off the ring")
+        kill_persistence(supervisor)
+        assert supervisor.check_child()
+        supervisor.wait_started()
+        assert request in supervisor.controls
+        supervisor.enqueue(b"after", sync=True)
+        os.unlink(checkpoint_gate)
+        wait_until(lambda: not reported(supervisor).controls, "the checkpoint to be reported written")
+        wait_until(lambda: reported(supervisor).durable_lsn >= 2, "the commit after it to be durable")
+        assert [lsn for lsn, _ in checkpoint_files(datadir)] == [1]
+        assert list(read_directory(datadir, 1)) == [(2, b"after")]
+
+
+def test_a_database_commits_and_recovers_while_a_checkpoint_is_held(datadir, checkpoint_gate):
+    with released(checkpoint_gate):
+        with open_test_db(datadir) as db:
+            commit_counter(db, "counter", 0, durability="sync")
+            db.checkpoint()
+            for i in range(1, 1001):  # 8 MB of WAL: twice the commit ring
+                with db.transaction(durability="async") as tx:
+                    tx.root[f"blob{i % 10}"] = "x" * 8192
+                    tx.root["counter"] = {"value": i}
+            assert os.path.exists(checkpoint_gate), "the commits waited for the checkpoint to be written"
+            os.unlink(checkpoint_gate)
+            wait_until(lambda: db.stats().checkpoints == 1, "the checkpoint to be written")
+    assert wait_for_coordinator_exit(datadir)
+    assert read(datadir, "counter") == 1000

@@ -4,7 +4,8 @@ Owns the requests in flight, in the order they went into the commit ring, and
 when to ask for one. Runs in the coordinator process, in its event loop. The
 persistence process writes them (persistence/checkpoint.py) from the shared
 memory segments of the state after the last commit, and reports each one
-done in ring order, so a report always answers the oldest request.
+done, naming the request's id (in ring order, but a request sent again to a
+restarted persistence process may come back later than those after it).
 
 A checkpoint is asked for each time the WAL grew by `checkpoint_bytes` since
 the last (and on a clean stop, server.py), at most one at a time; it lets the
@@ -19,7 +20,6 @@ like a reader's snapshot.
 
 from __future__ import annotations
 
-import collections
 import os
 
 from protobase.coordinator.clients import Asker, Connections
@@ -51,8 +51,8 @@ class Checkpoints:
         self.connections = connections  # to answer backups
         self.checkpoint_bytes = checkpoint_bytes  # WAL bytes that trigger a checkpoint
         # Checkpoints (and backups) asked of the persistence process, in ring order:
-        # [(seq it pins, asker to answer or None)]; their segments must stay alive.
-        self.requests: collections.deque[tuple[int, Asker | None]] = collections.deque()
+        # {request id: (seq it pins, asker to answer or None)}; their segments must stay alive.
+        self.requests: dict[int, tuple[int, Asker | None]] = {}
         self.changed_since_checkpoint = changed  # a commit since the last checkpoint (or replayed at start)
         self.checkpoints = 0  # checkpoints written since start (not backups)
 
@@ -67,7 +67,7 @@ class Checkpoints:
 
     def checkpoint_in_flight(self) -> bool:
         """Whether a checkpoint (not a backup) was asked for and is not written yet."""
-        return any(asker is None for _, asker in self.requests)
+        return any(asker is None for _, asker in self.requests.values())
 
     def request(self, asker: Asker | None = None, directory: str | None = None) -> None:
         """Have the persistence process write the state after the last commit as a checkpoint.
@@ -83,12 +83,12 @@ class Checkpoints:
         assert not root or segment_of(root) >= self.arena.generation_start, (
             f"root {root:#x} lies outside the generation {segments} a checkpoint copies"
         )
-        self.requests.append((seq, asker))
-        if directory is None:
-            self.changed_since_checkpoint = False
-        self.durability.request_checkpoint(
+        request_id = self.durability.request_checkpoint(
             seq=seq, root=root, segments=segments, next_segment=self.arena.next_index, directory=directory
         )
+        self.requests[request_id] = (seq, asker)
+        if directory is None:
+            self.changed_since_checkpoint = False
 
     def backup(self, asker: Asker, destination: str) -> None:
         """Start a hot, consistent backup of the latest commit into a new data directory."""
@@ -99,11 +99,17 @@ class Checkpoints:
             raise CoordinatorError(self.commits.failure_reply()[2])
         self.request(asker, target.path)
 
-    def on_checkpointed(self, checkpoint_file: str) -> None:
-        """The persistence process wrote the oldest request in flight: count it, or answer its asker."""
-        if not self.requests:
+    def on_checkpointed(self, request_id: int, checkpoint_file: str) -> None:
+        """The persistence process wrote request `request_id`: count it, or answer its asker.
+
+        A report of no request in flight is ignored: a persistence process
+        killed after its report and before it took the request off the ring
+        leaves it to its successor, which writes it again.
+        """
+        request = self.requests.pop(request_id, None)
+        if request is None:
             return
-        seq, asker = self.requests.popleft()
+        seq, asker = request
         if asker is None:
             self.checkpoints += 1
         else:
@@ -111,4 +117,4 @@ class Checkpoints:
 
     def pinned_seqs(self) -> list[int]:
         """The seqs whose segments requests in flight still copy."""
-        return [seq for seq, _ in self.requests]
+        return [seq for seq, _ in self.requests.values()]

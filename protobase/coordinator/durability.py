@@ -93,6 +93,10 @@ class Durability:
         self.failure: str | None = None  # why commits can no longer be made durable
         self.wal_bytes = 0  # payload bytes enqueued since the last checkpoint request
         self.syncs = 0  # fdatasyncs the persistence processes reported (one "durable" report each)
+        # Checkpoint and backup requests not yet reported written: {id: (control record, ring position
+        # after it)}, in ring order; those a dead child took off the ring are sent again to its successor.
+        self.controls: dict[int, tuple[bytes, int]] = {}
+        self.next_control_id = 1
 
     # -- the child ----------------------------------------------------------------
 
@@ -175,8 +179,22 @@ class Durability:
         self.restart_times.append(now)
         log.warning("persistence process %d exited with status %s; restarting it", self.process.pid, code)
         self.start()
+        self._resend_controls()
         self.doorbell()
         return True
+
+    def _resend_controls(self) -> None:
+        """Put back on the ring the requests in flight that the dead child had taken off it.
+
+        It writes a checkpoint on a thread after releasing its control record
+        from the ring: killed meanwhile, the request would never be answered
+        (and its segments stay pinned for ever). One still on the ring is read
+        by the new child as it is.
+        """
+        tail = self.ring.tail
+        for request_id, (payload, end) in list(self.controls.items()):
+            if end <= tail:
+                self._append_control(request_id, payload)
 
     def _close_socket(self) -> None:
         # The server unregisters it from its selector when it sees sock is None.
@@ -226,16 +244,18 @@ class Durability:
     def request_checkpoint(
         self, *, seq: int, root: int, segments: list[tuple[int, int]], next_segment: int, directory: str | None = None
     ) -> int:
-        """Ask for a checkpoint of the state after the last enqueued commit; return its LSN.
+        """Ask for a checkpoint of the state after the last enqueued commit; return the request's id.
 
-        With `directory` it is a backup written there; the WAL is not touched.
+        Its report ("checkpointed", read_reports) names that id. With
+        `directory` it is a backup written there; the WAL is not touched.
         Raises DurabilityFailed once the WAL failed: no one would write it.
         """
         self._check_not_failed()
-        lsn = self.next_lsn - 1
+        request_id, self.next_control_id = self.next_control_id, self.next_control_id + 1
         payload = codec.encode(
             {
-                "lsn": lsn,
+                "id": request_id,
+                "lsn": self.next_lsn - 1,
                 "seq": seq,
                 "root": root,
                 "next_segment": next_segment,
@@ -243,12 +263,15 @@ class Durability:
                 "directory": directory,
             }
         )
-        self.ring.append(0, CONTROL, payload, wait=self._wait_for_room)
+        self._append_control(request_id, payload)
         if directory is None:
             self.wal_bytes = 0
-
         self.doorbell()
-        return lsn
+        return request_id
+
+    def _append_control(self, request_id: int, payload: bytes) -> None:
+        self.ring.append(0, CONTROL, payload, wait=self._wait_for_room)
+        self.controls[request_id] = (payload, self.ring.head)
 
     def doorbell(self) -> None:
         if self.sock is None:
@@ -272,7 +295,8 @@ class Durability:
     # -- reports ------------------------------------------------------------------
 
     def read_reports(self) -> list[list[Any]]:
-        """Messages the child sent: ["durable", lsn], ["checkpointed", lsn], ["failed", why], ["started", lsn]."""
+        """Messages the child sent: ["durable", lsn], ["checkpointed", lsn, path, request id], ["failed", why],
+        ["started", lsn]."""
         self._receive()
         messages, self.inbox = self.inbox, []
         return messages
@@ -300,6 +324,8 @@ class Durability:
             if message[0] in ("durable", "started"):  # a starting child syncs what it inherited
                 self.durable_lsn = max(self.durable_lsn, message[1])
                 self.syncs += 1
+            elif message[0] == "checkpointed":
+                self.controls.pop(message[3], None)
             elif message[0] == "failed":
                 self.failure = f"the write-ahead log failed: {message[1]}"
         self.inbox.extend(messages)

@@ -531,7 +531,7 @@ class Coordinator:
     def _on_persistence_report(self) -> None:
         for message in self.durability.read_reports():
             if message[0] == "checkpointed":
-                self.checkpoints.on_checkpointed(message[2])
+                self.checkpoints.on_checkpointed(message[3], message[2])
         self.commits.answer_durable()
         if self.durability.failure:
             self.commits.fail(self.durability.failure)

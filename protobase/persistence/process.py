@@ -30,9 +30,12 @@ us with CorruptionError instead of swallowing new commits.
 The cyclic GC follows protobase/collector.py (installed once the WAL is open)
 when started by `main`, as the coordinator starts it.
 
-Control records in the ring ask for a checkpoint: the WAL is synced first,
-the checkpoint written from the segments the coordinator keeps pinned, then a
-new WAL file is started and the files the checkpoint covers are removed.
+Control records in the ring ask for a checkpoint: the WAL is synced first
+and a new WAL file started, then the checkpoint is written from the segments
+the coordinator keeps pinned, on a thread (checkpointjob.py), while the loop
+goes on draining the ring into the new file; once it is written, the files
+it covers are removed and the coordinator told. One is written at a time, in
+ring order, each report naming its request's id.
 
 Failure: a write or fsync error is never retried (after a failed fsync the
 page cache may have dropped the data). The process reports it, raises the
@@ -51,19 +54,20 @@ import select
 import socket
 import time
 import zlib
+from typing import Any
 
 from protobase.collector import Collector
 from protobase.core import codec
 from protobase.core.datadir import DataDir, FileLock
 from protobase.errors import CorruptionError, WalSyncError, WalWriteError
-from protobase.persistence.checkpoint import checkpoint_files, remove_checkpoints_before, write_checkpoint
+from protobase.persistence.checkpoint import checkpoint_files, remove_checkpoints_before
+from protobase.persistence.checkpointjob import CheckpointJob
 from protobase.persistence.wal.files import fsync_directory, list_wal_files, remove_wal_files_before
 from protobase.persistence.wal.reader import read_records
 from protobase.persistence.wal.writer import WalWriter
 from protobase.shm import names
 from protobase.shm.control import ControlBlock, full_fence
 from protobase.shm.ring import CONTROL, SYNC, CommitRing
-from protobase.shm.segment import Segment
 from protobase.wire.busypoll import BusyPoll
 from protobase.wire.framing import send
 
@@ -91,8 +95,12 @@ class Persistence:
         self.instance_id = instance_id
         self.sock = sock  # doorbell in, reports out
         self.flush_interval = flush_interval
-        self.doorbell = select.poll()  # the socket, looked at without a wait while busy polling
+        # The socket and the checkpoint thread's pipe, looked at without a wait while busy polling.
+        self.doorbell = select.poll()
         self.doorbell.register(sock, select.POLLIN)
+        self.job_ended, self._job_ended_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a byte: the thread ended
+        self.doorbell.register(self.job_ended, select.POLLIN)
+        self.job: CheckpointJob | None = None  # the checkpoint or backup being written
         self.busy_poll = BusyPoll(busy_poll)  # a doorbell that rings soon is heard without a wake-up
         self.lock = FileLock(datadir.file("wal.lock"))
         self._control: ControlBlock | None = None  # attached by run(), once it holds the lock
@@ -130,8 +138,11 @@ class Persistence:
             while not self.coordinator_gone:
                 self._wait()
                 self._drain()
+                if self.job is not None and self.job.done:
+                    self._finish_checkpoint()
             self._drain()  # the coordinator stopped or died: keep what it handed us
             self._sync()
+            self._finish_checkpoint()
             return 0
         except (WalWriteError, WalSyncError, OSError, CorruptionError) as error:
             log.error("write-ahead log failed: %s", error)
@@ -142,6 +153,10 @@ class Persistence:
                 self._sync_written()
             return EXIT_DISK_FAILURE
         finally:
+            if self.job is not None:
+                self.job.thread.join()  # it reads segments and writes a file: not to be cut off by our exit
+            os.close(self.job_ended)
+            os.close(self._job_ended_w)
             if self._writer is not None:
                 self._writer.close()
             self._ring.close()
@@ -255,7 +270,11 @@ class Persistence:
                 return
             timeout = 1.0
         doorbell = self.doorbell
-        if self.busy_poll.wait(lambda: doorbell.poll(0), lambda: doorbell.poll(timeout * 1000), within=timeout):
+        ready = self.busy_poll.wait(lambda: doorbell.poll(0), lambda: doorbell.poll(timeout * 1000), within=timeout)
+        for fd, _ in ready:
+            if fd == self.job_ended:
+                os.read(fd, 64)  # the loop finishes the ended checkpoint
+                continue
             try:
                 data = self.sock.recv(4096)
             except OSError:
@@ -277,7 +296,7 @@ class Persistence:
                 self._append(batch)
                 batch = []
                 self._sync()
-                self._checkpoint(payload)
+                self._start_checkpoint(codec.decode(payload, frozen=False))
                 continue
             if self._already_written(lsn, payload):
                 continue  # written by our predecessor before it died
@@ -325,47 +344,40 @@ class Persistence:
         except (WalSyncError, OSError) as error:
             log.error("could not sync the records written before the failure either: %s", error)
 
-    def _checkpoint(self, payload: bytes) -> None:
-        """Write the checkpoint (or backup) a control record asks for from the segments it names.
+    def _start_checkpoint(self, request: dict[str, Any]) -> None:
+        """Start writing the checkpoint (or backup) a control record asks for; the ring is drained meanwhile.
 
-        For a checkpoint, a new WAL file then starts after its LSN and the
-        WAL files and checkpoints it covers are removed; a backup goes to
-        its own directory and leaves ours untouched.
+        One at a time, so that reports come in ring order: one still being
+        written is finished first. A checkpoint of the WAL's last LSN moves the
+        WAL to a new file first, so that what comes while it is written goes
+        to a file it does not cover. A request the coordinator sent again after
+        our predecessor died with it in flight is older than the WAL: its
+        files stay, and only those it covers whole are removed.
         """
-        request = codec.decode(payload, frozen=False)
+        self._finish_checkpoint()
         lsn = request["lsn"]
-        backup = request.get("directory")  # a backup: written elsewhere, our WAL untouched
-        wanted = request["segments"]  # [[index, used bytes], ...]
-        segments = [(index, Segment.attach(names.data_name(self.instance_id, index))) for index, _ in wanted]
-        try:
-            views = [(index, segment.buf[:used]) for (index, segment), (_, used) in zip(segments, wanted)]
-            started = time.monotonic()
-            path = write_checkpoint(
-                backup or self.datadir.path,
-                lsn=lsn,
-                seq=request["seq"],
-                root=request["root"],
-                next_segment=request["next_segment"],
-                segments=views,
-                fsync_directory=fsync_directory,
-            )
-            del views
-        finally:
-            for _, segment in segments:
-                segment.close()
-        if backup is not None:
-            log.info("backup %s written in %.3fs", path, time.monotonic() - started)
-            self._report(["checkpointed", lsn, path])
-            return
-        if self.writer.last_lsn > lsn:
-            raise AssertionError(f"WAL holds lsn {self.writer.last_lsn} past checkpoint lsn {lsn}")
-        if self.writer.first_lsn != lsn + 1:  # else the current file already starts after the checkpoint
-            self.writer.close()
+        writer = self.writer
+        if request.get("directory") is None and writer.last_lsn == lsn and writer.first_lsn != lsn + 1:
+            writer.close()
             self._writer = WalWriter.create(self.datadir.path, lsn + 1)
-        remove_wal_files_before(self.datadir.path, lsn)
-        remove_checkpoints_before(self.datadir.path, lsn, fsync_directory)
-        log.info("checkpoint %s written in %.3fs", path, time.monotonic() - started)
-        self._report(["checkpointed", lsn, path])
+        self.job = CheckpointJob(self.datadir.path, self.instance_id, request, self._job_ended_w)
+
+    def _finish_checkpoint(self) -> None:
+        """Wait for the checkpoint being written (if any), drop what it covers and report it.
+
+        A checkpoint that could not be written raises its OSError here: the
+        disk failed, as when a WAL write fails.
+        """
+        job, self.job = self.job, None
+        if job is None:
+            return
+        path = job.finish()
+        if job.backup is None:
+            remove_wal_files_before(self.datadir.path, job.lsn)
+            remove_checkpoints_before(self.datadir.path, job.lsn, fsync_directory)
+        kind = "backup" if job.backup else "checkpoint"
+        log.info("%s %s written in %.3fs", kind, path, time.monotonic() - job.started)
+        self._report(["checkpointed", job.lsn, path, job.request.get("id")])
 
     def _report(self, message: list[object]) -> None:
         """Send `message` to the coordinator; once it has gone, note that and send nothing more."""

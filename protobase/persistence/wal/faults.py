@@ -6,7 +6,10 @@ process: a short write then ENOSPC, an EIO from a sync, a slow sync. Tests
 switch them on with `inject_faults` (in this process) or the environment
 variable ``PROTOBASE_WAL_FAULTS`` (read by `apply_env_faults` when a writer
 is made, so that it reaches a separate persistence process). Runs wherever a
-`WalWriter` runs, in practice the persistence process.
+`WalWriter` runs, in practice the persistence process. Also a gate that holds
+every checkpoint before it is written while a file exists
+(``PROTOBASE_CHECKPOINT_GATE``, `hold_checkpoint`): a checkpoint as slow as
+a test needs, ended when the test says.
 
 Invariant: with no fault set (the state of every process that was not told
 otherwise), `pwrite` and `fdatasync` are exactly `os.pwrite` and
@@ -21,9 +24,21 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["FAULTS_ENV", "FaultState", "active", "pwrite", "fdatasync", "inject_faults", "apply_env_faults"]
+__all__ = [
+    "FAULTS_ENV",
+    "CHECKPOINT_GATE_ENV",
+    "FaultState",
+    "active",
+    "pwrite",
+    "fdatasync",
+    "inject_faults",
+    "apply_env_faults",
+    "hold_checkpoint",
+]
 
 FAULTS_ENV = "PROTOBASE_WAL_FAULTS"
+CHECKPOINT_GATE_ENV = "PROTOBASE_CHECKPOINT_GATE"
+GATE_POLL = 0.01  # seconds between looks at the gate file
 
 _ENV_KEYS = ("enospc_after", "fsync_error", "fsync_error_after", "fsync_delay_ms")
 
@@ -125,3 +140,10 @@ def apply_env_faults() -> None:
     if "fsync_delay_ms" in settings:
         active.sync_delay = settings["fsync_delay_ms"] / 1000
     active.env_applied = value
+
+
+def hold_checkpoint() -> None:
+    """Return once the file PROTOBASE_CHECKPOINT_GATE names does not exist (at once when it is unset)."""
+    gate = os.environ.get(CHECKPOINT_GATE_ENV)
+    while gate and os.path.exists(gate):
+        time.sleep(GATE_POLL)
