@@ -144,6 +144,13 @@ class _BoundedCache(Generic[V]):
             del charges[key]
         self.held_bytes = held
 
+    def discard(self, key: int) -> None:
+        """Drop the entry under `key`, if there is one."""
+        charge = self.charges.pop(key, None)
+        if charge is not None:
+            del self.data[key]
+            self.held_bytes -= charge
+
     def clear(self) -> None:
         """Drop every entry (after a compaction unlinked the atoms they came from); counters stay."""
         self.data.clear()

@@ -50,6 +50,8 @@ RECORD_OVERHEAD = 384  # the container, its header and the cache's own entry
 NODE_OVERHEAD = 256
 NODE_ENTRY = 120  # a decoded key and slot of a node, beyond their bytes
 VIEW_CHARGE = 256  # a tree view without its memo
+TREE_VIEWS = tuple(VIEW_OF_LEAF_KIND.values())
+ROOT_MEMO_CARRIED = 64  # entries of a superseded root's memo looked at (`Store.root`): bounded work per commit
 
 
 def charge_of(value: Any) -> int:
@@ -57,6 +59,11 @@ def charge_of(value: Any) -> int:
     if type(value) is Node:
         return NODE_OVERHEAD + 2 * NODE_ENTRY * value.width()
     return VIEW_CHARGE if isinstance(value, TreeDict) else RECORD_OVERHEAD * 2
+
+
+def _cache_key(ref: Ref) -> int:
+    """The object cache's key for what `ref` stands for: a value or collection's pointer, a tree view's -pointer."""
+    return ref.ptr if ref.kind in (VALUE, INDEXED) else -ref.ptr
 
 
 class Store:
@@ -83,6 +90,7 @@ class Store:
         # lookup(root, key, leaf_kind) -> slot: the compiled walk over the atoms' bytes, or the walk over
         # decoded, cached nodes without the compiled core (see the module docstring).
         self.lookup: Any = self.searcher.lookup if search.COMPILED else self.access.lookup
+        self.latest_root: TreeDict | None = None  # the view `root` made last
 
     def atom(self, ptr: int) -> tuple[int, memoryview]:
         """(kind, payload view) of the atom at `ptr`, its header checked once while cached."""
@@ -136,7 +144,7 @@ class Store:
             view = self.objects.get(ref.ptr)
             if view is None:
                 fields = codec.decode(self.atom(ref.ptr)[1], frozen=False)
-                view = self.objects.put(ref.ptr, IndexedTreeDict(self, fields["data"], fields["indexes"]))
+                view = self.objects.put(ref.ptr, IndexedTreeDict(self, fields["data"], fields["indexes"], ref.ptr))
             return view
         return self.view(ref.ptr, ref.kind)
 
@@ -157,9 +165,51 @@ class Store:
                 self.objects.put(-ptr, view)
         return view
 
-    def root(self, ptr: int) -> Any:
-        """The database root (always a dict tree) at `ptr`."""
-        return self.view(ptr, DICT_LEAF)
+    def root(self, ptr: int) -> TreeDict:
+        """The view of the database root (always a dict tree) at `ptr`.
+
+        Kept in a slot of its own, not in the object cache: every commit makes
+        a new root, and cached by pointer, the views of superseded roots and of
+        the collections they had loaded stayed until evicted, garbage that the
+        process's cyclic collector walked in each full collection (a client
+        committing in a loop: 230k tracked objects, collections of 35 ms). When
+        the root changes, `_supersede` carries what the old root's view read
+        over to the new one, and drops the views the new root no longer holds.
+        """
+        latest = self.latest_root
+        if latest is not None and latest.ptr == ptr:
+            return latest
+        view = TreeDict(self, ptr)
+        if latest is not None:
+            self._supersede(latest, view)
+        self.latest_root = view
+        return view
+
+    def _supersede(self, old: TreeDict, new: TreeDict) -> None:
+        """Carry the views and records `old` read over to `new` where `new` holds them too; uncache the rest.
+
+        Only the new root is read: the old one's atoms may be reclaimed once
+        nothing pins it. A view found under its key in the new root is the
+        same cached object; one that is not can be reached only through
+        superseded roots, so it leaves the cache (the snapshots that hold it
+        keep it alive). A root whose memo holds over ROOT_MEMO_CARRIED entries
+        is left alone: its views age out of the cache as any entry does.
+        """
+        read = old.memoised()
+        if len(read) > ROOT_MEMO_CARRIED or not new.ptr:
+            return
+        cached = self.objects.data
+        for key, value in read:
+            try:
+                slot = self.lookup(new.ptr, key, DICT_LEAF)
+            except KeyError:
+                slot = None
+            if type(slot) is Ref and cached.get(_cache_key(slot)) is value:
+                new.memoise(key, value)
+            elif isinstance(value, IndexedTreeDict):
+                self.objects.discard(value.atom)
+            elif isinstance(value, TREE_VIEWS) and value.ptr:
+                self.objects.discard(-value.ptr)
 
     def write_through(self, ptr: int, value: Any) -> None:
         """Cache what this process just wrote at `ptr`, so its next read is a hit."""
@@ -169,3 +219,4 @@ class Store:
         """Empty both caches: their atoms are gone (an abandoned copy), or this store is (a closed session)."""
         self.objects.clear()
         self.bytes.clear()
+        self.latest_root = None

@@ -116,6 +116,14 @@ class TreeDict(Queryable, _TreeView, Mapping[Any, Any]):
         except KeyError:
             return self._load(key)
 
+    def memoised(self) -> list[tuple[Any, Any]]:
+        """The (key, value) pairs read so far, a copy (the Store carries them over to a newer root's view)."""
+        return list(self._memo.items())
+
+    def memoise(self, key: Any, value: Any) -> None:
+        """Take `value` as what `key` holds, as if read (the Store's, for a value it knows this tree holds)."""
+        self._memo[key] = value
+
     def _load(self, key: Any) -> Any:
         """The value at `key`, read from the tree and memoised; KeyError when absent."""
         if not self._ptr:
@@ -192,13 +200,19 @@ class TreeDict(Queryable, _TreeView, Mapping[Any, Any]):
 class IndexedTreeDict(TreeDict):
     """A TreeDict of records with secondary indexes (see index.py); `where` uses them through query_indexes()."""
 
-    __slots__ = ("_indexes", "_postings", "_readers")
+    __slots__ = ("_indexes", "_postings", "_readers", "_atom")
 
-    def __init__(self, store: TreeSource, ptr: int, indexes: dict[IndexName, int]) -> None:
+    def __init__(self, store: TreeSource, ptr: int, indexes: dict[IndexName, int], atom: int = 0) -> None:
         super().__init__(store, ptr)
+        self._atom = atom  # AtomPointer of the collection's own atom (its data and index pointers), 0 if none
         self._indexes = indexes  # {index name -> AtomPointer of its index set tree}
         self._postings: Postings = {}  # {(index name, kind, value) -> keys}: equality searches, memoised
         self._readers: dict[IndexName, IndexReader] | None = None  # query_indexes(), made on first query
+
+    @property
+    def atom(self) -> int:
+        """The AtomPointer of the collection's own atom (where the object cache keeps this view), 0 if none."""
+        return self._atom
 
     @property
     def indexes(self) -> tuple[IndexName, ...]:
