@@ -121,6 +121,7 @@ class Persistence:
         while not self.lock.acquire(blocking=False):
             if time.monotonic() > deadline:
                 log.error("wal.lock is still held after %ss; another persistence process runs", LOCK_WAIT)
+                self._close_pipe()
                 return 1
             time.sleep(0.01)
         self._control = ControlBlock.attach(names.control_name(self.instance_id))
@@ -155,13 +156,16 @@ class Persistence:
         finally:
             if self.job is not None:
                 self.job.thread.join()  # it reads segments and writes a file: not to be cut off by our exit
-            os.close(self.job_ended)
-            os.close(self._job_ended_w)
+            self._close_pipe()
             if self._writer is not None:
                 self._writer.close()
             self._ring.close()
             self._control.close()
             self.lock.release()
+
+    def _close_pipe(self) -> None:
+        os.close(self.job_ended)
+        os.close(self._job_ended_w)
 
     @property
     def control(self) -> ControlBlock:
