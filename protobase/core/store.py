@@ -186,14 +186,15 @@ class Store:
         return view
 
     def _supersede(self, old: TreeDict, new: TreeDict) -> None:
-        """Carry the views and records `old` read over to `new` where `new` holds them too; uncache the rest.
+        """Carry what `old` read over to `new` where `new` holds the same cached object; uncache the views it does not.
 
         Only the new root is read: the old one's atoms may be reclaimed once
-        nothing pins it. A view found under its key in the new root is the
-        same cached object; one that is not can be reached only through
-        superseded roots, so it leaves the cache (the snapshots that hold it
-        keep it alive). A root whose memo holds over ROOT_MEMO_CARRIED entries
-        is left alone: its views age out of the cache as any entry does.
+        nothing pins it. A view not found under its key in the new root can be
+        reached only through superseded roots, so it leaves the cache (the
+        snapshots that hold it keep it alive); a record not carried over ages
+        out as any entry does (its cache key is not known here). A root whose
+        memo holds over ROOT_MEMO_CARRIED entries is left alone: its views age
+        out of the cache as any entry does.
         """
         read = old.memoised()
         if len(read) > ROOT_MEMO_CARRIED or not new.ptr:
