@@ -595,12 +595,40 @@ static PyObject *new_empty(PyObject *type) {
     return instance;
 }
 
+/* A frozen container whose keys and items are all untracked (scalars, strings, Packed
+ * records, containers already untracked) can be part of no reference cycle, so the cyclic
+ * collector need not walk it: CPython untracks such exact dicts and tuples itself, but only
+ * when a collection finds them, and never a subclass. Untracking the records a client caches keeps its full collections short. A
+ * dict that is later given a tracked value is tracked again by CPython; a frozen list
+ * refuses every write. */
+static int holds_only_untracked(PyObject *const *items, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyObject_GC_IsTracked(items[i])) return 0;
+    return 1;
+}
+
+static PyObject *untracked_if_atomic(PyObject *container) {
+    if (container == NULL || !PyObject_GC_IsTracked(container)) return container;
+    if (PyTuple_Check(container) || PyList_Check(container)) {
+        PyObject *const *items = PyTuple_Check(container) ? ((PyTupleObject *)container)->ob_item
+                                                          : ((PyListObject *)container)->ob_item;
+        if (holds_only_untracked(items, Py_SIZE(container))) PyObject_GC_UnTrack(container);
+        return container;
+    }
+    PyObject *key, *value;
+    Py_ssize_t position = 0;
+    while (PyDict_Next(container, &position, &key, &value))
+        if (PyObject_GC_IsTracked(key) || PyObject_GC_IsTracked(value)) return container;
+    PyObject_GC_UnTrack(container);
+    return container;
+}
+
 static PyObject *frozen_list_of(Reader *r, PyObject *plain) {
     if (!r->frozen || plain == NULL) return plain;
     PyObject *frozen = new_empty(frozen_list);
     if (frozen != NULL && PyList_SetSlice(frozen, 0, 0, plain) < 0) Py_CLEAR(frozen);
     Py_DECREF(plain);
-    return frozen;
+    return untracked_if_atomic(frozen);
 }
 
 /* Short ASCII map keys seen lately (record field names, mostly), so decoding a thousand
@@ -752,7 +780,7 @@ static PyObject *read_map(Reader *r, uint64_t n, int depth, const unsigned char 
         Py_DECREF(value);
         if (failed) goto fail;
     }
-    return dict;
+    return r->frozen ? untracked_if_atomic(dict) : dict;
 fail:
     Py_DECREF(dict);
     return NULL;
@@ -804,7 +832,7 @@ static PyObject *read_payload_items(const unsigned char *payload, Py_ssize_t n, 
         PyErr_SetString(PyExc_ValueError, "extra data after an extension's array");
         return NULL;
     }
-    return items;
+    return as_tuple ? untracked_if_atomic(items) : items;
 }
 
 static PyObject *read_ext(Reader *r, int code, Py_ssize_t n, int depth) {
@@ -1088,7 +1116,7 @@ static PyObject *freeze_object(PyObject *value, int depth) {
             if (frozen == NULL || PyDict_SetItem(copy, k, frozen) < 0) Py_CLEAR(copy);
             Py_XDECREF(frozen);
         }
-        return copy;
+        return untracked_if_atomic(copy);
     }
     if (type == &PyList_Type || t == frozen_list || type == &PyTuple_Type) {
         int is_tuple = type == &PyTuple_Type;
@@ -1104,11 +1132,11 @@ static PyObject *freeze_object(PyObject *value, int depth) {
                 PyList_SET_ITEM(items, i, frozen);
             }
         }
-        if (is_tuple || items == NULL) return items;
+        if (is_tuple || items == NULL) return untracked_if_atomic(items);
         PyObject *copy = new_empty(frozen_list);
         if (copy != NULL && PyList_SetSlice(copy, 0, 0, items) < 0) Py_CLEAR(copy);
         Py_DECREF(items);
-        return copy;
+        return untracked_if_atomic(copy);
     }
     if (type == &PySet_Type || type == &PyFrozenSet_Type || t == frozen_set) return PyObject_CallOneArg(frozen_set, value);
     return PyObject_CallOneArg(freeze_hook, value); /* dataclasses, wrappers, other scalars: Python's rules */
