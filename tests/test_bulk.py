@@ -30,6 +30,7 @@ from protobase.core.codec import Ref
 from protobase.keyorder import order_key
 from protobase.settings import Settings
 from protobase.shm import instance_entries, sweep
+from protobase.wire.framing import LARGE_BODY
 from protobase.wire.opcodes import OP_CREATE_INDEX, OP_DELETE, OP_SET, OP_SET_ADD
 from tests.conftest import open_test_db, wait_for_coordinator_exit, wait_until
 from tests.test_btree import MemoryAtoms, no_values
@@ -338,6 +339,18 @@ def test_a_bulk_load_with_indexes_reads_back_and_passes_check(datadir):
             assert len(users) == len(records) and users["user012345"] == records["user012345"]
             hits = sorted(users.where((F.city == "Oslo") & (F.score > 90)).keys())
             assert hits == sorted(k for k, r in records.items() if r["city"] == "Oslo" and r["score"] > 90)
+
+
+def test_a_commit_of_more_than_a_large_body_goes_out_in_pieces_and_commits_whole(datadir):
+    records = bulk_records(60_000, 2)
+    assert len(codec.encode(list(records.items()))) > LARGE_BODY  # its frame is sent and received as a large one
+    with open_test_db(datadir) as db:
+        with db.transaction() as tx:
+            tx.root["users"] = records
+        with db.transaction() as tx:  # the stream is still in step: the next frame is read from its first byte
+            tx.root["after"] = 1
+        with db.snapshot() as snap:
+            assert dict(snap.root["users"].items()) == records and snap.root["after"] == 1
 
 
 def test_a_bulk_merge_into_an_indexed_collection_equals_small_commits(tmp_path):

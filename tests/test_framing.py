@@ -7,8 +7,9 @@ import socket
 
 import pytest
 
+from protobase.core import codec
 from protobase.errors import ProtocolError
-from protobase.wire.framing import LENGTH, FrameReader, encode_frame, peer_credentials, send
+from protobase.wire.framing import LARGE_BODY, LENGTH, FrameReader, encode_frame, frame_pieces, peer_credentials, send
 
 
 def test_a_frame_is_its_body_length_then_its_body():
@@ -45,6 +46,42 @@ def test_a_frame_announcing_more_than_the_limit_is_refused_before_its_body_arriv
 def test_bodies_are_handed_over_undecoded():
     body = encode_frame("not decoded")[LENGTH.size :]
     assert FrameReader().feed_bodies(LENGTH.pack(len(body)) + body) == [body]
+
+
+@pytest.mark.parametrize("items", [1, 15, 16, 300])
+def test_the_pieces_of_a_frame_with_a_large_bytes_item_join_into_its_frame(items):
+    large = os.urandom(LARGE_BODY)
+    message = [7, "commit", *range(items), large, [["a", 1]]]
+    pieces = frame_pieces(message)
+    assert b"".join(pieces) == encode_frame(message)
+    assert any(piece is large for piece in pieces)  # sent from where it is, not copied into the frame
+
+
+def test_a_frame_without_a_large_bytes_item_is_one_piece():
+    message = [7, "commit", os.urandom(LARGE_BODY - 1)]
+    assert frame_pieces(message) == [encode_frame(message)]
+
+
+def test_a_large_body_is_received_into_its_own_buffer_across_any_split():
+    large, small = [1, os.urandom(LARGE_BODY)], [2, "ok"]
+    stream = encode_frame(small) + encode_frame(large) + encode_frame(small)
+    in_header = len(encode_frame(small)) + 2
+    # (cuts, how the large body comes out): one that arrives whole in one read is simply copied out
+    splits = [([in_header, in_header + 1000], memoryview), ([in_header + 100_000], memoryview)]
+    for cuts, kind in [*splits, ([len(stream) - 3], bytes)]:
+        reader, received, start = FrameReader(), [], 0
+        for end in [*cuts, len(stream)]:
+            bodies = reader.feed_bodies(stream[start:end])
+            received += [(type(body), codec.decode(body, frozen=False)) for body in bodies]
+            assert len(reader.buffer) < 1000  # the large body never sits in the growing buffer
+            start = end
+        assert received == [(bytes, small), (kind, large), (bytes, small)] and reader.buffered == 0
+
+
+def test_a_large_body_counts_as_buffered_only_as_far_as_it_arrived():
+    reader = FrameReader()
+    assert reader.feed_bodies(LENGTH.pack(10 * LARGE_BODY) + b"\x00" * 1000) == []
+    assert reader.buffered == 1000  # its mapping is paged in as it is filled
 
 
 def test_send_on_a_non_blocking_socket_gives_up_on_a_peer_that_reads_nothing():

@@ -30,7 +30,7 @@ from protobase.errors import CoordinatorError, CorruptionError, ProtoBaseError, 
 from protobase.settings import DEFAULTS
 from protobase.wire.busypoll import BusyPoll
 from protobase.wire.error_table import error_from_reply
-from protobase.wire.framing import FrameReader, encode_frame
+from protobase.wire.framing import Body, FrameReader, frame_pieces
 from protobase.wire.verbs import PUSH
 
 __all__ = ["Connection", "Refusal", "error_from_reply"]
@@ -91,10 +91,11 @@ class Connection:
 
     def send(self, request_id: int, message: list[Any]) -> None:
         """Send `[request_id, *message]` whole; its reply will carry `request_id`."""
-        frame = encode_frame([request_id, *message])  # raises before anything is sent
+        pieces = frame_pieces([request_id, *message])  # raises before anything is sent
         self._settled = False  # an interrupted sendall leaves part of the frame on the wire
         try:
-            self._sock.sendall(frame)
+            for piece in pieces:
+                self._sock.sendall(piece)
         except OSError:
             self._closed = True
             self._raise_refusal()  # the coordinator may have said why it hung up
@@ -189,7 +190,7 @@ class Connection:
             if push and push[0] == "error":
                 raise Refusal(error_from_reply(push))
 
-    def _file(self, body: bytes) -> None:
+    def _file(self, body: Body) -> None:
         try:
             message = codec.decode(body, frozen=False)
         except CorruptionError as error:

@@ -31,7 +31,7 @@ from typing import Any
 
 from protobase.coordinator.conflicts import KeyPath
 from protobase.errors import ProtocolError
-from protobase.wire.framing import FrameReader, send
+from protobase.wire.framing import Body, FrameReader, send
 from protobase.wire.verbs import PUSH
 
 __all__ = ["Client", "Asker", "Connections"]
@@ -88,7 +88,7 @@ class Connections:
         self.accepted += 1
         return client
 
-    def take_frames(self, client: Client, data: memoryview) -> list[bytes]:
+    def take_frames(self, client: Client, data: memoryview) -> list[Body]:
         """The frames `data` completes; ProtocolError if buffering the rest would pass our memory bounds."""
         before = client.reader.buffered
         try:

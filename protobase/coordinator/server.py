@@ -72,7 +72,7 @@ from protobase.shm.control import ControlBlock, process_start_time
 from protobase.wire.busypoll import BusyPoll
 from protobase.wire.counters import Counters
 from protobase.wire.error_table import error_fields, error_reply
-from protobase.wire.framing import peer_credentials, send
+from protobase.wire.framing import Body, peer_credentials, send
 from protobase.wire.verbs import PUSH, MalformedRequest, parse_request
 
 __all__ = ["Coordinator"]
@@ -431,7 +431,7 @@ class Coordinator:
 
     # -- requests -----------------------------------------------------------------
 
-    def _serve(self, client: Client, body: bytes) -> None:
+    def _serve(self, client: Client, body: Body) -> None:
         """Parse and handle one request, and answer it (now, or later for what waits on the disk)."""
         try:
             request_id, verb, arguments = parse_request(body)

@@ -43,6 +43,7 @@ from typing import Any, Literal, get_args
 
 from protobase.core import codec
 from protobase.errors import CorruptionError, ProtocolError
+from protobase.wire.framing import Body
 
 __all__ = [
     "PUSH",
@@ -82,7 +83,7 @@ class MalformedRequest(ProtocolError):
         self.request_id = request_id  # PUSH when the request had no usable id
 
 
-def parse_request(body: bytes) -> tuple[int, str, list[Any]]:
+def parse_request(body: Body) -> tuple[int, str, list[Any]]:
     """(request id, verb, arguments) of a request body; MalformedRequest if it is not a well-formed request.
 
     The error carries the request id (PUSH when the body has none), so that
