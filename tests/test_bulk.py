@@ -313,6 +313,25 @@ def test_a_flush_names_at_most_write_through_at_most_values(make):
             assert codec.decode(fixture.writer.store.atom(ptr)[1], frozen=False) == record
 
 
+def test_a_load_of_records_kept_as_their_bytes_writes_the_atoms_of_plain_dicts(make):
+    # Past the values a flush names, a leaf of Packed records is written in one call (Writer._write_leaf):
+    # the same atoms, at the same places, as the record-by-record path writes for the dicts they stand for.
+    records = {f"k{i:05d}": {"n": i, "name": f"user{i}"} for i in range(writer_module.WRITE_THROUGH_AT_MOST + 500)}
+    written = []
+    for kept in (True, False):
+        fixture = make()
+        ops = writer_module.decode_ops(
+            codec.encode([[OP_SET, ["users"], records]]), fixture.writer.records if kept else None
+        )
+        assert (type(ops[0][2]["k00000"]) is codec.Packed) is kept
+        root = apply_all(fixture, 0, [(code, tuple(path), argument) for code, path, argument in ops])
+        arena = fixture.arena
+        assert arena.current is not None
+        written.append((root, bytes(arena.current.buf[: arena.used])))
+        assert fixture.read(root) == {"users": records}
+    assert written[0] == written[1]
+
+
 # -- end to end: real coordinator, real persistence process ----------------------------------
 
 

@@ -409,6 +409,19 @@ def test_compiled_packed_get_reads_one_field_as_the_oracle_does(record: dict[str
     assert codec.packed_get(b"\x91\x01", "a", missing, unknown) is unknown  # not a map: the caller decodes
 
 
+@needs_compiled
+def test_compiled_packed_payloads_and_refs_give_what_the_oracle_gives() -> None:
+    records = [codec.Packed(codec.pack_python({"n": i})) for i in range(5)]
+    assert codec.packed_payloads(records) == codec.packed_payloads_python(records) == [r.payload for r in records]
+    for mixed in ([*records, {"n": 5}], [None], [codec.Ref(8, 1)]):
+        assert codec.packed_payloads(mixed) is None and codec.packed_payloads_python(mixed) is None
+    assert codec.packed_payloads([]) == codec.packed_payloads_python([]) == []
+    pointers = [8, 1 << 40, 96]
+    assert codec.refs(pointers, 3) == codec.refs_python(pointers, 3) == [codec.Ref(p, 3) for p in pointers]
+    with pytest.raises(TypeError, match="takes a list"):
+        codec.packed_payloads(tuple(records))
+
+
 LOOSE = codec.PlainRecords(64, 1 << 20, 1 << 20)  # every plain record kept, whatever its size
 
 

@@ -1175,6 +1175,48 @@ static PyObject *configure(PyObject *module, PyObject *args) {
     return keep(args, "OOOOOOO|O:configure", slots, 7);
 }
 
+/* ---- a leaf of Packed records, written as atoms: their payloads, then Refs to them --------- */
+
+/* packed_payloads(values) -> [payload, ...] or None: codec.packed_payloads_python */
+static PyObject *packed_payloads(PyObject *module, PyObject *values) {
+    if (!PyList_CheckExact(values)) {
+        PyErr_Format(PyExc_TypeError, "packed_payloads() takes a list, not %.100s", Py_TYPE(values)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (Py_TYPE(PyList_GET_ITEM(values, i)) != &PackedType) Py_RETURN_NONE;
+    }
+    PyObject *payloads = PyList_New(n);
+    if (payloads == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *payload = ((PackedObject *)PyList_GET_ITEM(values, i))->payload;
+        Py_INCREF(payload);
+        PyList_SET_ITEM(payloads, i, payload);
+    }
+    return payloads;
+}
+
+/* refs(pointers, kind) -> [Ref(ptr, kind), ...]: codec.refs_python */
+static PyObject *refs(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "refs(pointers, kind) takes a list of pointers and a kind");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    PyObject *made = PyList_New(n);
+    if (made == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ref = ref_new_from(PyList_GET_ITEM(args[0], i), args[1]);
+        if (ref == NULL) {
+            Py_DECREF(made);
+            return NULL;
+        }
+        PyList_SET_ITEM(made, i, ref);
+    }
+    return made;
+}
+
 static PyMethodDef methods[] = {
     {"configure_frozen", configure_frozen, METH_VARARGS,
      "configure_frozen(FrozenDict, FrozenList, FrozenSet, freeze_python): the types frozen.py defines"},
@@ -1186,6 +1228,9 @@ static PyMethodDef methods[] = {
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
     {"packed_get", (PyCFunction)(void (*)(void))packed_get, METH_FASTCALL,
      "packed_get(payload, key, default, unknown): codec.packed_get_python, compiled"},
+    {"packed_payloads", packed_payloads, METH_O,
+     "packed_payloads(values) -> list or None: codec.packed_payloads_python, compiled"},
+    {"refs", (PyCFunction)(void (*)(void))refs, METH_FASTCALL, "refs(pointers, kind) -> list: codec.refs_python, compiled"},
     {"unpack", (PyCFunction)(void (*)(void))unpack, METH_FASTCALL,
      "unpack(data, frozen, ref, opaque_dataclasses[, records]): codec.unpack_python, compiled"},
     {NULL, NULL, 0, NULL},

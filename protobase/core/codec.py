@@ -88,6 +88,10 @@ __all__ = [
     "packed_get",
     "unpacked",
     "packed_get_python",
+    "packed_payloads",
+    "packed_payloads_python",
+    "refs",
+    "refs_python",
     "unpack_python",
     "COMPILED",
     "storable",
@@ -558,6 +562,18 @@ def packed_get_python(payload: bytes, key: str, default: Any, unknown: Any) -> A
     return record.get(key, default) if type(record) is dict else unknown
 
 
+def packed_payloads_python(values: list[Any]) -> list[bytes] | None:
+    """The payloads of `values` if every one is a Packed (a bulk load's leaf of records), else None."""
+    if all(type(value) is Packed for value in values):
+        return [value.payload for value in values]
+    return None
+
+
+def refs_python(pointers: list[int], kind: int) -> list[Ref]:
+    """A Ref of `kind` to each of `pointers`, in order."""
+    return [Ref(ptr, kind) for ptr in pointers]
+
+
 def _packed_records(value: Any, records: PlainRecords, depth: int) -> Any:
     """`value` (decoded `depth` containers deep) with every plain record in it a Packed."""
     kind = type(value)
@@ -617,10 +633,14 @@ if _compiled is not None:
     )
     storable: Callable[[Any, int], bool] = _compiled.storable
     packed_get: Callable[[bytes, str, Any, Any], Any] = _compiled.packed_get
+    packed_payloads: Callable[[list[Any]], list[bytes] | None] = _compiled.packed_payloads
+    refs: Callable[[list[int], int], list[Ref]] = _compiled.refs
 else:
     pack = pack_python
     unpack = unpack_python
     packed_get = packed_get_python
+    packed_payloads = packed_payloads_python
+    refs = refs_python
 
     def storable(value: Any, depth: int) -> bool:
         """True only if `value`, to be stored `depth` keys below the root, is plain data that `validate`

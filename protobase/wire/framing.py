@@ -35,8 +35,6 @@ LARGE_BODY = 1 << 20  # bytes of a body received into a buffer of its own size (
 Body = bytes | memoryview
 STALL_TIMEOUT = 10.0  # seconds a non-blocking send waits for a peer that reads nothing
 _PEERCRED = struct.Struct("3i")
-_BIN32 = struct.Struct(">BI")
-_ARRAY16 = struct.Struct(">BH")
 
 
 def encode_frame(message: Any) -> bytes:
@@ -55,22 +53,15 @@ def frame_pieces(message: list[Any]) -> list[bytes]:
     """
     if not any(type(item) is bytes and len(item) >= LARGE_BODY for item in message):
         return [encode_frame(message)]
-    pieces = [_array_header(len(message))]
+    pieces = [codec.array_header(len(message))]
     for item in message:
         if type(item) is bytes and len(item) >= LARGE_BODY:
-            pieces += [_BIN32.pack(0xC6, len(item)), item]  # msgpack's bin 32, what codec.encode writes for it
+            pieces += [codec.bin_header(len(item)), item]
         else:
             pieces.append(codec.encode(item))
     length = sum(map(len, pieces))
     _check_length(length)
     return [LENGTH.pack(length), *pieces]
-
-
-def _array_header(count: int) -> bytes:
-    # msgpack's array header, as codec.encode writes it: fixarray up to 15 items, then array 16.
-    if count <= 15:
-        return bytes([0x90 | count])
-    return _ARRAY16.pack(0xDC, count)
 
 
 def _check_length(length: int) -> None:
