@@ -323,13 +323,32 @@ def test_a_load_of_records_kept_as_their_bytes_writes_the_atoms_of_plain_dicts(m
         ops = writer_module.decode_ops(
             codec.encode([[OP_SET, ["users"], records]]), fixture.writer.records if kept else None
         )
-        assert (type(ops[0][2]["k00000"]) is codec.Packed) is kept
+        if kept:  # in two lists, its records as their bytes
+            assert type(ops[0][2]) is codec.SortedEntries and type(ops[0][2].values[0]) is codec.Packed
+        else:
+            assert type(ops[0][2]) is dict and type(ops[0][2]["k00000"]) is dict
         root = apply_all(fixture, 0, [(code, tuple(path), argument) for code, path, argument in ops])
         arena = fixture.arena
         assert arena.current is not None
         written.append((root, bytes(arena.current.buf[: arena.used])))
         assert fixture.read(root) == {"users": records}
     assert written[0] == written[1]
+
+
+def test_a_large_map_applied_twice_builds_the_same_tree_and_leaves_its_op_as_it_was(make):
+    # A commit is replayed onto a compaction's copy with the ops it was applied with: the tree a
+    # SortedEntries stands for is built afresh each time, and building it changes nothing in the op.
+    records = {f"k{i:05d}": {"n": i} for i in range(3 * MAX_ENTRIES * MAX_ENTRIES)}
+    encoded = codec.encode([[OP_SET, ["users"], records], [OP_SET, ["users", "k00007"], {"n": -7}]])
+    first, second = make(), make()
+    ops = writer_module.decode_ops(encoded, first.writer.records)
+    assert type(ops[0][2]) is codec.SortedEntries
+    as_applied = [(code, tuple(path), argument) for code, path, argument in ops]
+    roots = [apply_all(fixture, 0, as_applied) for fixture in (first, second)]
+    assert ops == writer_module.decode_ops(encoded, first.writer.records)
+    written = [bytes(fixture.arena.current.buf[: fixture.arena.used]) for fixture in (first, second)]
+    assert roots[0] == roots[1] and written[0] == written[1]
+    assert first.read(roots[0]) == {"users": {**records, "k00007": {"n": -7}}}
 
 
 # -- end to end: real coordinator, real persistence process ----------------------------------

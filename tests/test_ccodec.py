@@ -422,6 +422,53 @@ def test_compiled_packed_payloads_and_refs_give_what_the_oracle_gives() -> None:
         codec.packed_payloads(tuple(records))
 
 
+def _map_of(pairs: list[tuple[Any, Any]]) -> bytes:
+    """The msgpack map of `pairs` as given, duplicates and order kept (what a crafted client could send)."""
+    return (
+        b"\xde"
+        + len(pairs).to_bytes(2, "big")
+        + b"".join(codec.pack_python(k) + codec.pack_python(v) for k, v in pairs)
+    )
+
+
+def _op_setting(argument: bytes) -> bytes:
+    return (
+        codec.array_header(1) + codec.array_header(3) + codec.pack_python(1) + codec.pack_python(["users"]) + argument
+    )
+
+
+_BIG = codec.DATA_KEYS_ABOVE + 1
+_IN_ORDER = [(f"k{i:04d}", {"n": i}) for i in range(_BIG)]
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "pairs, kind",
+    [
+        (_IN_ORDER, codec.SortedEntries),
+        (_IN_ORDER[:-1], dict),  # not more than DATA_KEYS_ABOVE entries
+        (_IN_ORDER[1:] + _IN_ORDER[:1], dict),  # a key out of order
+        ([*_IN_ORDER, ("k0000", {"n": -1})], codec.SortedEntries),  # a duplicate: its dict is in order
+        ([*_IN_ORDER[:-1], (7, {"n": 7})], dict),  # a key that is not text
+        ([*_IN_ORDER[:2], ("k0001", {"n": -1}), *_IN_ORDER[2:]], codec.SortedEntries),  # a repeat in place
+    ],
+)
+def test_an_ops_large_map_decodes_as_the_oracle_decodes_it(pairs: list[tuple[Any, Any]], kind: type) -> None:
+    # An op's map argument of more than DATA_KEYS_ABOVE text keys in order is kept as two lists
+    # (codec.SortedEntries); the compiled reader decides it while reading, the oracle on the dict.
+    data = _op_setting(_map_of(pairs))
+    compiled = codec.unpack(data, False, None, False, LOOSE)
+    assert compiled == codec.unpack_python(data, False, None, False, LOOSE)
+    argument = compiled[0][2]
+    assert type(argument) is kind
+    as_dict = {key: codec.unpacked(value) for key, value in codec.unpacked(argument).items()}
+    assert as_dict == codec.unpack_python(data, False, None, False, None)[0][2]  # the dict it stands for
+    if kind is codec.SortedEntries:
+        assert all(type(value) is codec.Packed for value in argument.values)
+    nested = codec.array_header(1) + _op_setting(_map_of(_IN_ORDER))  # one level deeper: a plain dict
+    assert type(codec.unpack(nested, False, None, False, LOOSE)[0][0][2]) is dict
+
+
 LOOSE = codec.PlainRecords(64, 1 << 20, 1 << 20)  # every plain record kept, whatever its size
 
 

@@ -290,6 +290,8 @@ def _packed_in(value: Any) -> int:
     """How many Packed records `value` holds, at any depth."""
     if type(value) is codec.Packed:
         return 1
+    if type(value) is codec.SortedEntries:
+        return sum(_packed_in(item) for item in value.values)
     if isinstance(value, dict):
         return sum(_packed_in(item) for item in value.values())
     if isinstance(value, list):

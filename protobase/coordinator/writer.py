@@ -25,7 +25,9 @@ any internal reference in them (the Ref extension type, which only this
 module writes), so a client can never make the coordinator store a pointer.
 It keeps their small plain records as their bytes (codec.Packed), which
 become atoms as they are, and are decoded only where a later op of the
-commit reads or changes them.
+commit reads or changes them; an op's large map of text keys in order
+arrives as two lists (codec.SortedEntries), from which its tree is built
+without a dict.
 
 Invariant: nothing here mutates a clean node or a decoded value another
 commit could see; an operation that fails leaves the published root as it
@@ -57,7 +59,7 @@ from protobase.core.btree import (
     merge_entries,
     sorted_keys,
 )
-from protobase.core.codec import Packed, PlainRecords, Ref
+from protobase.core.codec import Packed, PlainRecords, Ref, SortedEntries
 from protobase.core.index import IndexedColl, collect_entries, index_entries, sorted_entries
 from protobase.core.store import Store
 from protobase.errors import CorruptionError, EncodingError, PathError
@@ -120,7 +122,9 @@ def decode_ops(ops_bytes: bytes, records: PlainRecords | None = None) -> object:
 
     With `records` (a Writer's `records`), the small plain records in them
     come back as codec.Packed, their bytes, which the writer stores as they
-    are: a bulk load's records are never decoded.
+    are: a bulk load's records are never decoded. An op's map of more than
+    codec.DATA_KEYS_ABOVE text keys in order comes back as a
+    codec.SortedEntries (`Writer._working` turns it into its tree).
 
     The coordinator stores what comes back, so a Ref in it would be a pointer
     the coordinator never wrote: dangling after a compaction, or into any
@@ -221,6 +225,7 @@ class Writer:
         """Apply one operation to the working root; return the new working root."""
         if not path:
             raise PathError("an operation needs a non-empty key path")
+        argument = self._working(argument)
         if type(root) is int and (code == OP_SET or code == OP_INCR):
             spliced = self._spliced(root, path, code, argument)
             if spliced is not None:
@@ -363,6 +368,19 @@ class Writer:
             root = self.apply(root, code, path, argument)
         return self._apply_run(root, run)
 
+    def _working(self, argument: Any) -> Any:
+        """An op's argument as the writer works on it: a SortedEntries (decode_ops) as the tree or dict it stands for.
+
+        Its lists are in canonical order already, so the tree is built from
+        them as they are, without the dict. Built afresh on each call: a
+        commit replayed onto a compaction's copy gets a tree of its own.
+        """
+        if type(argument) is not SortedEntries:
+            return argument
+        if len(argument) > self.flat_limit[dict]:
+            return self.access.build(DICT_LEAF, argument.keys, argument.values)
+        return dict(zip(argument.keys, argument.values))
+
     def _apply_run(self, root: Any, run: list[Op]) -> Any:
         """Apply SETs into one container: merged in one pass when they are many and it is a dict."""
         parent = run[0][1][:-1] if run else ()
@@ -372,7 +390,7 @@ class Writer:
             return root
         batch: dict[Any, Any] = {}  # {key -> value}: the last write wins, the first key object stays
         for _, path, argument in run:
-            batch[path[-1]] = argument
+            batch[path[-1]] = self._working(argument)
         return self._apply_at(root, parent, lambda target: self._merge_into(target, batch))
 
     def _mergeable(self, root: Any, parent: KeyPath) -> bool:

@@ -73,6 +73,7 @@ from protobase.keyorder import check_text
 __all__ = [
     "Ref",
     "Packed",
+    "SortedEntries",
     "PlainRecords",
     "encode",
     "decode",
@@ -162,6 +163,34 @@ class Packed:
         return f"Packed({self.payload!r})"
 
 
+class SortedEntries:
+    """A large map of a commit's ops whose keys are text in increasing order, as two lists (`decode` with records).
+
+    An op's argument (`RECORDS_FROM_DEPTH`) of more than `DATA_KEYS_ABOVE`
+    entries, such as a bulk load's records, decodes to one: the writer builds
+    its tree from the lists as they are (already in canonical order), and no
+    dict of a million keys is built and torn down on the way. Stands for the
+    dict `dict(zip(keys, values))`; not hashable, like it.
+    """
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: list[str], values: list[Any]) -> None:
+        self.keys = keys
+        self.values = values
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SortedEntries) and other.keys == self.keys and other.values == self.values
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __repr__(self) -> str:
+        return f"SortedEntries(<{len(self.keys)} entries>)"
+
+
 class PlainRecords(NamedTuple):
     """Which maps `decode` keeps as their bytes (a Packed): the small plain records the writer stores as one atom.
 
@@ -180,6 +209,8 @@ class PlainRecords(NamedTuple):
 
 #: In a commit's ops ([[code, path, argument], ...]), an op's argument and what it holds.
 RECORDS_FROM_DEPTH = 3
+#: The entries above which an op's map argument may decode to a SortedEntries (ccodec.c: DATA_KEYS_ABOVE).
+DATA_KEYS_ABOVE = 256
 #: The most entries of a record `decode` keeps as a Packed (the compiled core compares keys pairwise).
 MAX_RECORD_ENTRIES = 64
 
@@ -534,7 +565,8 @@ def unpack_python(
     Raises ValueError, TypeError and the like for bytes it did not make
     (`decode` turns them into a CorruptionError). With `records` (and not
     `frozen`), the plain records it describes come back as Packed: here by
-    encoding the dicts decoded, in C by keeping their bytes, never decoded.
+    encoding the dicts decoded, in C by keeping their bytes, never decoded;
+    and an op's large map of text keys in order as SortedEntries.
     """
     if records is not None and min(records) < 0:
         raise ValueError("unpack: the limits of records are counts of entries and bytes, >= 0")
@@ -545,9 +577,11 @@ def unpack_python(
 
 
 def unpacked(value: Any) -> Any:
-    """A Packed as the plain dict it stands for (a fresh one each time); anything else as it is."""
+    """A Packed or a SortedEntries as the plain dict it stands for (a fresh one each time); anything else as it is."""
     if type(value) is Packed:
         return decode(value.payload, frozen=False)
+    if type(value) is SortedEntries:
+        return dict(zip(value.keys, value.values))
     return value
 
 
@@ -585,11 +619,23 @@ def _packed_records(value: Any, records: PlainRecords, depth: int) -> Any:
         for key, item in value.items():
             if type(item) is dict or type(item) is list:
                 value[key] = _packed_records(item, records, depth + 1)
+        if depth == RECORDS_FROM_DEPTH and len(value) > DATA_KEYS_ABOVE and _in_text_order(value):
+            return SortedEntries(list(value), list(value.values()))
     elif kind is list:
         for position, item in enumerate(value):
             if type(item) is dict or type(item) is list:
                 value[position] = _packed_records(item, records, depth + 1)
     return value
+
+
+def _in_text_order(mapping: dict[Any, Any]) -> bool:
+    """Whether every key of `mapping` is a str, each greater than the one before it."""
+    previous: str | None = None
+    for key in mapping:
+        if type(key) is not str or (previous is not None and not previous < key):
+            return False
+        previous = key
+    return True
 
 
 def _is_plain_record(record: dict[Any, Any], records: PlainRecords) -> bool:
@@ -624,6 +670,7 @@ _compiled = native.load("protobase.core.ccodec")
 if _compiled is not None:
     Ref = _compiled.Ref  # type: ignore[misc]  # the same class, compiled: decoding builds it without a call
     Packed = _compiled.Packed  # type: ignore[misc]  # the same, compiled
+    SortedEntries = _compiled.SortedEntries  # type: ignore[misc]  # the same, compiled
     _compiled.configure(
         msgpack.ExtType, _default_for(_compiled.pack), _rare_extension, Decimal, uuid.UUID, _dt.datetime, _dt.date
     )
@@ -687,7 +734,8 @@ def decode(
     any depth), so a caller checks them in the same pass (the coordinator
     refuses malformed ones and Refs hidden inside). `records` (with frozen
     False) keeps the small plain records it describes as Packed, never
-    decoded: a bulk commit's million records cost the coordinator their bytes.
+    decoded: a bulk commit's million records cost the coordinator their bytes;
+    and an op's large map of text keys in order comes back as SortedEntries.
     """
 
     try:
