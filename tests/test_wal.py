@@ -435,6 +435,38 @@ def test_enospc_mid_record_cuts_back_to_the_last_good_record(tmp_path):
     assert list(read_records(writer.path)) == [(1, b"one"), (2, b"two"), (3, b"three")]
 
 
+def test_a_payload_given_as_parts_is_written_as_the_whole_would_be(tmp_path):
+    # A large ring record comes as its fragments; the writer takes them as they are, never joined:
+    # the same records, of the same sizes, as the joined payload (each file has a salt of its own).
+    large = os.urandom(writer_module.WRITE_AS_IS + 10)
+    parts = [large[:7], large[7 : writer_module.WRITE_AS_IS + 8], b"", large[writer_module.WRITE_AS_IS + 8 :]]
+    written = []
+    for name, batch in (("whole", [b"one", large, b"two"]), ("parts", [b"one", parts, b"two"])):
+        (tmp_path / name).mkdir()
+        with WalWriter.create(str(tmp_path / name), 1) as writer:
+            assert writer.append_many(batch) == 3
+            writer.sync()
+            size = writer.size
+        written.append((size, list(read_records(os.path.join(tmp_path, name, wal_file_name(1))))))
+    assert written[0] == written[1] and written[1][1] == [(1, b"one"), (2, large), (3, b"two")]
+
+
+def test_a_write_failing_inside_a_large_part_cuts_the_batch_back(tmp_path):
+    writer = WalWriter.create(str(tmp_path), 1)
+    writer.append(b"one")
+    writer.sync()
+    good_size = writer.size
+    large = os.urandom(writer_module.WRITE_AS_IS + 100)  # large[5:] is written as it is
+    with inject_faults(write_fail_after_bytes=writer_module.WRITE_AS_IS // 2):  # inside that write
+        with pytest.raises(WalWriteError, match="cannot write 2 record"):
+            writer.append_many([b"two", [large[:5], large[5:]]])
+    assert os.path.getsize(writer.path) == good_size == writer.size
+    assert writer.append_many([[large[:5], large[5:]]]) == 2
+    writer.sync()
+    writer.close()
+    assert list(read_records(writer.path)) == [(1, b"one"), (2, large)]
+
+
 def test_enospc_while_creating_leaves_no_file(tmp_path):
     with inject_faults(write_fail_after_bytes=10):
         with pytest.raises(WalWriteError, match="cannot create WAL file") as caught:

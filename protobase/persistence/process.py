@@ -243,7 +243,7 @@ class Persistence:
             f"are missing; the database must stop and recover (`protobase recover`)"
         )
 
-    def _already_written(self, lsn: int, payload: bytes) -> bool:
+    def _already_written(self, lsn: int, payload: bytes | list[bytes]) -> bool:
         """True if the ring record `lsn` is in the WAL already (we skip it); CorruptionError if another record is.
 
         Below the first LSN the coordinator did not hold durable, a record is
@@ -254,7 +254,7 @@ class Persistence:
         if lsn > self.writer.last_lsn:
             return False
         expected = self.inherited.pop(lsn, None)
-        if expected is not None and expected != zlib.crc32(payload):
+        if expected is not None and expected != zlib.crc32(_joined(payload)):
             raise CorruptionError(
                 f"WAL file {self.writer.path} holds a record {lsn} that is not the commit {lsn} being written: the "
                 f"WAL belongs to another history; the database must stop and recover (`protobase recover`)"
@@ -293,14 +293,14 @@ class Persistence:
         what comes before it is written and synced first.
         """
         records, tail = self.ring.read()
-        batch: list[bytes] = []
+        batch: list[bytes | list[bytes]] = []
         sync_needed = False
         for lsn, flags, payload in records:
             if flags & CONTROL:
                 self._append(batch)
                 batch = []
                 self._sync()
-                self._start_checkpoint(codec.decode(payload, frozen=False))
+                self._start_checkpoint(codec.decode(_joined(payload), frozen=False))
                 continue
             if self._already_written(lsn, payload):
                 continue  # written by our predecessor before it died
@@ -317,7 +317,7 @@ class Persistence:
         if sync_needed or overdue:
             self._sync()
 
-    def _append(self, batch: list[bytes]) -> None:
+    def _append(self, batch: list[bytes | list[bytes]]) -> None:
         """Write `batch` to the WAL (not yet durable); remember since when something waits for its fsync."""
         if batch:
             self.writer.append_many(batch)
@@ -391,6 +391,11 @@ class Persistence:
             send(self.sock, message)
         except OSError:
             self.coordinator_gone = True
+
+
+def _joined(payload: bytes | list[bytes]) -> bytes:
+    """A ring record's payload whole (a record that came in fragments is a list of them; rare here)."""
+    return payload if isinstance(payload, bytes) else b"".join(payload)
 
 
 def main(argv: list[str] | None = None) -> int:

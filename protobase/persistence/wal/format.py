@@ -61,9 +61,14 @@ MAX_LSN = (1 << 64) - 1
 SALT = struct.Struct("<Q")  # the salt as the crc covers it: 8 bytes LE
 
 
-def record_crc(salt: int, header_rest: memoryview | bytes, payload: memoryview | bytes) -> int:
-    """crc32 of salt (8 bytes LE) + header bytes 4..24 + payload."""
-    return zlib.crc32(payload, zlib.crc32(header_rest, zlib.crc32(SALT.pack(salt))))
+def record_crc(salt: int, header_rest: memoryview | bytes, payload: memoryview | bytes | list[bytes]) -> int:
+    """crc32 of salt (8 bytes LE) + header bytes 4..24 + payload (whole, or its parts in order)."""
+    crc = zlib.crc32(header_rest, zlib.crc32(SALT.pack(salt)))
+    if not isinstance(payload, list):
+        return zlib.crc32(payload, crc)
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    return crc
 
 
 def record_at(data: memoryview, offset: int, salt: int) -> tuple[int, int, int] | None:

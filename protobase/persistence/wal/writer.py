@@ -28,6 +28,7 @@ import contextlib
 import errno
 import os
 import struct
+from collections.abc import Sequence
 
 from protobase.errors import CorruptionError, DatabaseClosedError, WalError, WalSyncError, WalWriteError
 from protobase.persistence.wal import faults
@@ -49,6 +50,7 @@ from protobase.persistence.wal.reader import RECOVER_HINT, scan
 __all__ = ["PREALLOCATE_BYTES", "WalWriter"]
 
 PREALLOCATE_BYTES = 1 << 20  # a writer grows its file by this many zeros at a time
+WRITE_AS_IS = 64 << 10  # bytes of a record's part written from where it is, not copied into the batch's write
 
 
 class WalWriter:
@@ -205,29 +207,33 @@ class WalWriter:
         """
         return self.append_many([payload])
 
-    def append_many(self, payloads: list[bytes]) -> int:
+    def append_many(self, payloads: Sequence[bytes | list[bytes]]) -> int:
         """Write several records with one write (group commit); return the last lsn.
 
-        All or nothing: on a write error none of the batch stays in the file.
-        An empty list writes nothing and returns `last_lsn`.
+        A payload may be given as its parts (the fragments a large record
+        came through the commit ring in), which are never joined: a part of
+        `WRITE_AS_IS` bytes or more is written from where it is. All or
+        nothing: on a write error none of the batch stays in the file. An
+        empty list writes nothing and returns `last_lsn`.
         """
         fd = self._usable_fd()
         if not payloads:
             return self.last_lsn
-        chunks = []
+        chunks: list[bytes] = []
         offset, lsn, prev = self._size, self._next_lsn, self._last_offset
         for payload in payloads:
-            length = len(payload)
+            parts = payload if isinstance(payload, list) else [payload]
+            length = sum(map(len, parts))
             if length > MAX_PAYLOAD:
                 raise ValueError(f"WAL record payload of {length} bytes is over the {MAX_PAYLOAD}-byte limit")
             if lsn > MAX_LSN:
                 raise ValueError(f"WAL lsn {lsn} does not fit in 64 bits")
             rest = RECORD_HEADER.pack(0, length, lsn, self._salt if prev is None else prev)[4:]
-            chunks += [struct.pack("<I", record_crc(self._salt, rest, payload)), rest, payload]
+            chunks += [struct.pack("<I", record_crc(self._salt, rest, parts)), rest, *parts]
             prev, offset, lsn = offset, offset + RECORD_HEADER_SIZE + length, lsn + 1
         self._preallocate(fd, offset)
         try:
-            _write_all(fd, b"".join(chunks), self._size)
+            _write_chunks(fd, chunks, self._size)
         except OSError as error:
             self._cut_back(fd, error, len(payloads))
         self._size, self._next_lsn, self._last_offset = offset, lsn, prev
@@ -315,6 +321,23 @@ class WalWriter:
         message = f"{what}; the file was cut back to lsn {self.last_lsn}"
         hint = "; free disk space and retry" if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise WalWriteError(message + hint, error.errno) from error
+
+
+def _write_chunks(fd: int, chunks: list[bytes], offset: int) -> None:
+    """Write `chunks` back to back from `offset`: the small ones joined into one write, the large ones as they are."""
+    small: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) < WRITE_AS_IS:
+            small.append(chunk)
+            continue
+        if small:
+            joined = b"".join(small)
+            _write_all(fd, joined, offset)
+            offset, small = offset + len(joined), []
+        _write_all(fd, chunk, offset)
+        offset += len(chunk)
+    if small:
+        _write_all(fd, b"".join(small), offset)
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
