@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 import protobase
 from protobase import F
+from protobase.core import codec
+from protobase.core import index as index_module
 from protobase.core.btree import sorted_keys
-from protobase.core.index import collect_entries, sorted_entries
+from protobase.core.index import VALUE_ENTRY, collect_entries, index_entries, sorted_entries
 from protobase.query import (
     AndMerge,
     FilterPlan,
@@ -660,3 +662,40 @@ def test_an_index_builds_its_entries_in_the_order_sorted_keys_gives(records: dic
     in_key_order = [(key, records[key]) for key in sorted_keys(records)]
     found = collect_entries(in_key_order, "f", lambda value: value)
     assert sorted_entries(found) == sorted_keys(found)
+
+
+@pytest.mark.skipif(not codec.COMPILED, reason="the compiled core is not loaded")
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 50),
+            st.fixed_dictionaries({}, optional={"f": field_values, "g": field_values}),
+            st.sampled_from(["dict", "packed", "other"]),
+        ),
+        max_size=30,
+    )
+)
+def test_compiled_simple_entries_are_the_oracles(rows: list[tuple[int, dict[str, Any], str]]) -> None:
+    # An index build reads a plain dict's or a Packed record's field in C and leaves every other
+    # record to the general path, in order: the same entries, in the same order, as the oracle.
+    def stored(record: dict[str, Any], kind: str) -> Any:
+        return codec.Packed(codec.pack(record)) if kind == "packed" else [record] if kind == "other" else record
+
+    pairs = [(key, stored(record, kind)) for key, record, kind in rows]
+
+    def general(key: Any, record: Any) -> list[tuple[int, Any, Any]]:
+        readable = codec.unpacked(record[0] if type(record) is list else record)
+        return [(kind, value, key) for kind, value in index_entries(readable, "f")]
+
+    compiled = index_module.collect_simple_entries(iter(pairs), "f", VALUE_ENTRY, general)
+    assert compiled == index_module.collect_simple_entries_python(pairs, "f", VALUE_ENTRY, general)
+    assert compiled == [entry for key, record in pairs for entry in general(key, record)]
+
+
+def test_an_error_of_the_general_path_reaches_the_index_build() -> None:
+    def general(key: Any, record: Any) -> list[tuple[int, Any, Any]]:
+        raise ValueError(f"cannot read {key}")
+
+    with pytest.raises(ValueError, match="cannot read 2"):
+        index_module.collect_simple_entries([(1, {"f": "x"}), (2, {"f": [1]})], "f", VALUE_ENTRY, general)

@@ -10,6 +10,7 @@
  *     Packed(payload)                                 codec.Packed
  *     SortedEntries(keys, values)                     codec.SortedEntries
  *     packed_get(payload, key, default, unknown)      codec.packed_get_python
+ *     collect_simple_entries(pairs, field, ...)       index.collect_simple_entries_python
  *     freeze(value)                                   frozen.freeze_python
  *     storable(value, depth) -> bool                  the fast path of codec.validate and
  *                                                     client/writeset.check_keys (False: ask them)
@@ -1321,6 +1322,64 @@ static PyObject *configure(PyObject *module, PyObject *args) {
     return keep(args, "OOOOOOO|O:configure", slots, 7);
 }
 
+/* ---- collect_simple_entries: an index build's entries, the common records read here -------- */
+
+/* The str or int `field` of a plain dict or a Packed record (a new reference), or NULL without an
+ * exception when the record is another kind, lacks the field or holds something else there. */
+static PyObject *simple_field(PyObject *module, PyObject *record, PyObject *field) {
+    PyObject *value = NULL;
+    if (Py_TYPE(record) == &PackedType) {
+        PyObject *call[4] = {((PackedObject *)record)->payload, field, Py_None, Py_None};
+        value = packed_get(module, call, 4);
+    } else if (PyDict_CheckExact(record)) {
+        value = PyDict_GetItemWithError(record, field);
+        Py_XINCREF(value);
+    }
+    if (value != NULL && !PyUnicode_CheckExact(value) && !PyLong_CheckExact(value)) Py_CLEAR(value);
+    return value;
+}
+
+/* collect_simple_entries(pairs, field, value_entry, general) -> list: index.collect_simple_entries_python */
+static PyObject *collect_simple_entries(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyUnicode_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "collect_simple_entries(pairs, field, value_entry, general) takes a str field");
+        return NULL;
+    }
+    PyObject *iterator = PyObject_GetIter(args[0]), *found = PyList_New(0), *pair;
+    if (iterator == NULL || found == NULL) goto fail;
+    while ((pair = PyIter_Next(iterator)) != NULL) {
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            Py_DECREF(pair);
+            PyErr_SetString(PyExc_TypeError, "collect_simple_entries: pairs are (key, record) tuples");
+            goto fail;
+        }
+        PyObject *key = PyTuple_GET_ITEM(pair, 0), *record = PyTuple_GET_ITEM(pair, 1);
+        PyObject *value = simple_field(module, record, args[1]);
+        int failed;
+        if (value != NULL) {
+            PyObject *entry = PyTuple_Pack(3, args[2], value, key);
+            failed = entry == NULL || PyList_Append(found, entry) < 0;
+            Py_XDECREF(entry);
+            Py_DECREF(value);
+        } else if (PyErr_Occurred()) {
+            failed = 1;
+        } else { /* the general path names this record's entries */
+            PyObject *more = PyObject_CallFunctionObjArgs(args[3], key, record, NULL);
+            failed = more == NULL || PyList_SetSlice(found, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, more) < 0;
+            Py_XDECREF(more);
+        }
+        Py_DECREF(pair);
+        if (failed) goto fail;
+    }
+    if (PyErr_Occurred()) goto fail;
+    Py_DECREF(iterator);
+    return found;
+fail:
+    Py_XDECREF(iterator);
+    Py_XDECREF(found);
+    return NULL;
+}
+
 /* ---- a leaf of Packed records, written as atoms: their payloads, then Refs to them --------- */
 
 /* packed_payloads(values) -> [payload, ...] or None: codec.packed_payloads_python */
@@ -1374,6 +1433,8 @@ static PyMethodDef methods[] = {
     {"pack", pack, METH_O, "pack(value) -> bytes: codec.pack_python, compiled"},
     {"packed_get", (PyCFunction)(void (*)(void))packed_get, METH_FASTCALL,
      "packed_get(payload, key, default, unknown): codec.packed_get_python, compiled"},
+    {"collect_simple_entries", (PyCFunction)(void (*)(void))collect_simple_entries, METH_FASTCALL,
+     "collect_simple_entries(pairs, field, value_entry, general) -> list: index.collect_simple_entries_python"},
     {"packed_payloads", packed_payloads, METH_O,
      "packed_payloads(values) -> list or None: codec.packed_payloads_python, compiled"},
     {"refs", (PyCFunction)(void (*)(void))refs, METH_FASTCALL, "refs(pointers, kind) -> list: codec.refs_python, compiled"},

@@ -34,6 +34,7 @@ import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from protobase import native
 from protobase.core.arena import SET_LEAF
 from protobase.core.btree import Node, TreeAccess, sorted_keys
 from protobase.core.codec import Packed, packed_get
@@ -48,6 +49,8 @@ __all__ = [
     "entries",
     "index_entries",
     "collect_entries",
+    "collect_simple_entries",
+    "collect_simple_entries_python",
     "scan_between",
     "scan_equal",
     "scan_range",
@@ -281,22 +284,37 @@ def collect_entries(
     one, as for `index_entries`. The same entries as `index_entries` of each
     record, a million records faster: a plain dict (or a Packed record, read
     in its bytes) whose one-segment field holds a str or an int costs one
-    lookup and one tuple here.
+    lookup and one tuple (`collect_simple_entries`, compiled).
     """
+
+    def general(key: Any, record: Any) -> list[tuple[int, Any, Any]]:
+        return [(kind, value, key) for kind, value in index_entries(resolve(record), field, resolve)]
+
+    if isinstance(field, str) and "." not in field:
+        return collect_simple_entries(records, field, VALUE_ENTRY, general)
+    return [entry for key, record in records for entry in general(key, record)]
+
+
+def collect_simple_entries_python(
+    records: Iterable[tuple[Any, Any]],
+    field: str,
+    value_entry: int,
+    general: Callable[[Any, Any], list[tuple[int, Any, Any]]],
+) -> list[tuple[int, Any, Any]]:
+    """`collect_entries` for a one-segment `field`: `(value_entry, value, key)` for each dict or Packed record
+    whose `field` holds a str or an int, what `general(key, record)` lists for any other, in order."""
     found: list[tuple[int, Any, Any]] = []
-    simple = field if isinstance(field, str) and "." not in field else None  # a one-segment field's name
     for key, record in records:
-        if simple is not None:
-            if type(record) is dict:
-                value = record.get(simple, MISSING)
-            elif type(record) is Packed:  # (None when it cannot tell: the general path below reads the record)
-                value = packed_get(record.payload, simple, MISSING, None)
-            else:
-                value = None
-            if type(value) is str or type(value) is int:
-                found.append((VALUE_ENTRY, value, key))
-                continue
-        found.extend((kind, value, key) for kind, value in index_entries(resolve(record), field, resolve))
+        if type(record) is dict:
+            value = record.get(field)
+        elif type(record) is Packed:  # (None when it cannot tell: the general path reads the record)
+            value = packed_get(record.payload, field, None, None)
+        else:
+            value = None
+        if type(value) is str or type(value) is int:
+            found.append((value_entry, value, key))
+        else:
+            found.extend(general(key, record))
     return found
 
 
@@ -315,6 +333,12 @@ def sorted_entries(found: list[tuple[int, Any, Any]]) -> list[tuple[int, Any, An
 
 
 _VALUE_OF_ENTRY = operator.itemgetter(1)
+
+
+_compiled = native.load("protobase.core.ccodec")
+collect_simple_entries: Callable[
+    [Iterable[tuple[Any, Any]], str, int, Callable[[Any, Any], list[tuple[int, Any, Any]]]], list[tuple[int, Any, Any]]
+] = collect_simple_entries_python if _compiled is None else _compiled.collect_simple_entries
 
 
 def _entry_bound(value_key: OrderKey) -> OrderKey:

@@ -193,9 +193,10 @@ class CommitRing:
         Call `release(tail)` once they are safely written. Fragments of a record
         larger than the ring are copied into this consumer's memory and their
         room released at once, or a record bigger than the ring could never
-        complete; its payload is the list of them. A consumer that starts in the middle of such a record (its
-        predecessor died holding the first fragments) cannot rebuild it and
-        raises CorruptionError: the database must stop and recover.
+        complete; its payload is the list of them. A consumer that starts in
+        the middle of such a record (its predecessor died holding the first
+        fragments) cannot rebuild it and raises CorruptionError: the database
+        must stop and recover.
         """
         records: list[RingRecord] = []
         position, head = self.tail, self.head
