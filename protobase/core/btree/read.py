@@ -12,7 +12,7 @@ a clean node stays safe to share between every snapshot of a process.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Any
 
 from protobase.core.arena import DICT_LEAF, LIST_LEAF
@@ -126,10 +126,12 @@ class TreeAccess:
             offset += size
 
     def items(self, root: Slot, leaf_kind: int = DICT_LEAF) -> Iterator[tuple[Any, Any]]:
-        """(key, stored value) pairs of a dict tree in key order."""
-        for leaf in self.leaves(root, leaf_kind):
-            assert leaf.keys is not None and leaf.values is not None, "a dict leaf"
-            yield from zip(leaf.keys, leaf.values)
+        """(key, stored value) pairs of a dict tree in key order.
+
+        Chained leaf by leaf, so no Python frame resumes per pair: an index
+        build walks a million (0.2 s through a generator).
+        """
+        return chain.from_iterable(map(_pairs, self.leaves(root, leaf_kind)))
 
     def keys(self, root: Slot, leaf_kind: int) -> Iterator[Any]:
         """Keys of a dict or set tree in order."""
@@ -146,3 +148,9 @@ class TreeAccess:
     def check_tree(self, root: Slot, leaf_kind: int, visit_value: Callable[[Any], None]) -> int:
         """Verify every invariant of the tree at `root`; return its entry count (see check.py)."""
         return check_tree(self.node, root, leaf_kind, visit_value)
+
+
+def _pairs(leaf: Node) -> Iterator[tuple[Any, Any]]:
+    """The (key, value) pairs of a dict leaf."""
+    assert leaf.keys is not None and leaf.values is not None, "a dict leaf"
+    return zip(leaf.keys, leaf.values)
