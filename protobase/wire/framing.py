@@ -53,15 +53,19 @@ def frame_pieces(message: list[Any]) -> list[bytes]:
     """
     if not any(type(item) is bytes and len(item) >= LARGE_BODY for item in message):
         return [encode_frame(message)]
-    pieces = [codec.array_header(len(message))]
+    pieces: list[bytes] = []
+    run = [codec.array_header(len(message))]  # encodings of the items between large ones: one piece
     for item in message:
         if type(item) is bytes and len(item) >= LARGE_BODY:
-            pieces += [codec.bin_header(len(item)), item]
+            pieces += [b"".join([*run, codec.bin_header(len(item))]), item]
+            run = []
         else:
-            pieces.append(codec.encode(item))
+            run.append(codec.encode(item))
+    pieces.append(b"".join(run))
     length = sum(map(len, pieces))
     _check_length(length)
-    return [LENGTH.pack(length), *pieces]
+    pieces[0] = LENGTH.pack(length) + pieces[0]
+    return pieces
 
 
 def _check_length(length: int) -> None:
