@@ -483,6 +483,27 @@ def test_update_records_what_assigning_each_key_records(db):
         assert len(snap.root["a"]) == 301 and snap.root["a"] == snap.root["b"]
 
 
+def test_update_commits_what_it_was_given_then_and_keeps_the_order_of_writes(db):
+    from protobase import F
+
+    records = {f"u{i}": {"n": i, "city": "X"} for i in range(2_000)}
+    with db.transaction() as tx:
+        tx.root["users"] = {}
+    with db.transaction() as tx:
+        users = tx.root["users"]
+        users["u0"] = {"n": -1, "city": "Y"}  # set before: the update overrides it
+        users.update(records)
+        users["u1"] = {"n": -2, "city": "Y"}  # set after: it overrides the update
+        records["late"] = {"n": 0, "city": "X"}  # changing the dict given changes nothing of the commit
+        del records["u2"]
+        assert sorted(users.where(F.city == "Y").keys()) == ["u1"]  # queries in the transaction see it
+        assert len(users.where(F.city == "X").keys()) == 1_999
+    with db.snapshot() as snap:
+        users = snap.root["users"]
+        assert len(users) == 2_000 and "late" not in users and users["u2"] == {"n": 2, "city": "X"}
+        assert users["u0"] == {"n": 0, "city": "X"} and users["u1"] == {"n": -2, "city": "Y"}
+
+
 def test_update_with_a_value_that_cannot_be_stored_names_it_and_records_nothing(db):
     from protobase import EncodingError
 

@@ -141,14 +141,15 @@ class TxDict(MutableMapping[Any, Any]):
 
         The way to write many records at once (`users.update(records)`): the
         values are checked in one walk of the compiled core and recorded as
-        one SET each without the per-key work of `self[key] = value`; the
-        coordinator merges such a run of SETs into the collection in one pass.
+        one entry (`WriteSet.record_sets`), whose SETs are listed at commit;
+        the coordinator merges such a run of SETs into the collection in one
+        pass. Changing `other` afterwards changes nothing of what commits.
         A value that cannot be stored raises EncodingError naming its key, and
         then nothing of this update is recorded.
         """
         writes = self._writes
         writes.check_active()
-        items = other if type(other) is dict and not kwargs else dict(other, **kwargs)
+        items = other.copy() if type(other) is dict and not kwargs else dict(other, **kwargs)  # ours from here
         if not codec.storable(items, len(self._path)):
             for key, value in items.items():  # the per-key checks name what cannot be stored
                 check_key(key, self._path + (key,))
