@@ -49,6 +49,29 @@ def test_keys_written_below_a_mapping_count_writes_inside_its_records_but_not_in
     assert writes.keys_written_below(()) == {"users", "carts"}
 
 
+def test_the_sets_of_an_update_are_one_entry_listed_in_its_place():
+    writes = WriteSet(serializable=False)
+    writes.record(("users", "a"), OP_SET, 0)
+    writes.record_sets(("users",), {"a": 1, "b": 2})
+    writes.record(("users", "b"), OP_SET, 3)
+    writes.record_sets(("users",), {"c": 4})
+    writes.record(("other", "x"), OP_SET, 5)
+    assert writes.wire_ops() == [
+        [OP_SET, ["users", "a"], 0],
+        [OP_SET, ["users", "a"], 1],
+        [OP_SET, ["users", "b"], 2],
+        [OP_SET, ["users", "b"], 3],
+        [OP_SET, ["users", "c"], 4],
+        [OP_SET, ["other", "x"], 5],
+    ]
+    assert writes.keys_written_below(("users",)) == {"a", "b", "c"}
+    assert writes.keys_written_below(()) == {"users", "other"}
+    writes.state = "committed"
+    writes.release()
+    assert writes.keys_written_below(()) == {"users", "other"}
+    assert writes.keys_written_below(("users",)) == {"a", "b"}  # an update's keys went with its values
+
+
 def test_reads_are_kept_only_when_serializable():
     snapshot, serializable = WriteSet(serializable=False), WriteSet(serializable=True)
     for writes in (snapshot, serializable):

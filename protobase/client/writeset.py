@@ -141,7 +141,7 @@ class WriteSet:
         for key, (_, op_path, argument) in self.ops.items():
             if key and key[0] is MERGE_OP:
                 if op_path == path:
-                    found.update(argument)  # the keys `record_sets` set
+                    found.update(argument or ())  # the keys `record_sets` set (none once released)
                     continue
                 key = op_path
             if key and key[0] is not INDEX_OP and len(key) > depth and key[:depth] == path:
