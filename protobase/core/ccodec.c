@@ -1345,8 +1345,8 @@ static PyObject *collect_simple_entries(PyObject *module, PyObject *const *args,
         PyErr_SetString(PyExc_TypeError, "collect_simple_entries(pairs, field, value_entry, general) takes a str field");
         return NULL;
     }
-    PyObject *iterator = PyObject_GetIter(args[0]), *found = PyList_New(0), *pair;
-    if (iterator == NULL || found == NULL) goto fail;
+    PyObject *iterator = PyObject_GetIter(args[0]), *found = iterator == NULL ? NULL : PyList_New(0), *pair;
+    if (found == NULL) goto fail;
     while ((pair = PyIter_Next(iterator)) != NULL) {
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
             Py_DECREF(pair);
