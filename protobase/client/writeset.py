@@ -137,7 +137,7 @@ class WriteSet:
     def keys_written_below(self, path: tuple[Any, ...]) -> set[Any]:
         """The keys of the mapping at `path` that an op was recorded at, or inside."""
         depth = len(path)
-        found = set()
+        found: set[Any] = set()
         for key, (_, op_path, argument) in self.ops.items():
             if key and key[0] is MERGE_OP:
                 if op_path == path:
