@@ -391,6 +391,24 @@ def test_a_commit_of_more_than_a_large_body_goes_out_in_pieces_and_commits_whole
             assert dict(snap.root["users"].items()) == records and snap.root["after"] == 1
 
 
+def test_a_record_of_many_fields_set_into_an_indexed_collection_is_indexed_and_reads_back(datadir):
+    # A record of more than 256 text fields in order reaches the writer as two lists (SortedEntries),
+    # inside an indexed collection: its index entries are those of the dict it stands for.
+    from protobase import F
+
+    wide = {f"a{i:03d}": i for i in range(300)} | {"city": "Oslo"}  # keys in order: "a299" < "city"
+    with open_test_db(datadir) as db:
+        with db.transaction() as tx:
+            tx.root["users"] = {"a": {"city": "Nice"}}
+            tx.root["users"].create_index("city")
+        with db.transaction() as tx:
+            tx.root["users"]["wide"] = wide
+        db.check()
+        with db.snapshot() as snap:
+            users = snap.root["users"]
+            assert users["wide"] == wide and sorted(users.where(F.city == "Oslo").keys()) == ["wide"]
+
+
 def test_a_bulk_merge_into_an_indexed_collection_equals_small_commits(tmp_path):
     from protobase import F
 
