@@ -672,9 +672,9 @@ static PyObject *new_empty(PyObject *type) {
 /* A frozen container whose keys and items are all untracked (scalars, strings, Packed
  * records, containers already untracked) can be part of no reference cycle, so the cyclic
  * collector need not walk it: CPython untracks such exact dicts and tuples itself, but only
- * when a collection finds them, and never a subclass. Untracking the records a client caches keeps its full collections short. A
- * dict that is later given a tracked value is tracked again by CPython; a frozen list
- * refuses every write. */
+ * when a collection finds them, and never a subclass. Untracking the records a client
+ * caches keeps its full collections short. A dict that is later given a tracked value is
+ * tracked again by CPython; a frozen list refuses every write. */
 static int holds_only_untracked(PyObject *const *items, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++)
         if (PyObject_GC_IsTracked(items[i])) return 0;
